@@ -1,0 +1,1 @@
+"""rackboot appliance: configuration, composition root, events, boot profiles, CLI."""

@@ -1,0 +1,328 @@
+"""The appliance configuration: one YAML file, validated once into typed, frozen options."""
+from __future__ import annotations
+
+import ipaddress
+from dataclasses import dataclass, field
+from pathlib import Path
+from typing import Any, Callable
+
+from appliance.errors import ConfigError
+from appliance.inventory import Inventory, load_inventory
+from appliance.yamlsource import Located, load_yaml_mapping
+
+DHCP_MODES = ("authoritative", "proxy", "off")
+UNKNOWN_MAC_POLICIES = ("ignore", "discovery")
+DNS_UNKNOWN_POLICIES = ("refuse", "forward")
+
+
+@dataclass(frozen=True)
+class DhcpConfig:
+    """DHCP responder options."""
+
+    mode: str = "authoritative"
+    port: int = 67
+    client_port: int = 68
+    proxy_port: int = 4011
+    lease_time: int = 3600
+    pool: tuple[ipaddress.IPv4Address, ipaddress.IPv4Address] | None = None
+    router: ipaddress.IPv4Address | None = None
+    dns_servers: tuple[ipaddress.IPv4Address, ...] = ()
+    unknown_macs: str = "ignore"
+    router_advertisements: bool = True
+    broadcast_replies: bool = False
+
+
+@dataclass(frozen=True)
+class TftpConfig:
+    """TFTP server options."""
+
+    port: int = 69
+    root: Path = Path("/var/lib/rackboot/tftp")
+    max_blksize: int = 1468
+    max_windowsize: int = 64
+    timeout: float = 1.0
+    retries: int = 6
+    max_sessions: int = 4096
+
+
+@dataclass(frozen=True)
+class HttpConfig:
+    """HTTP server options (iPXE scripts, files, API)."""
+
+    port: int = 8080
+    files: Path = Path("/var/lib/rackboot/files")
+
+
+@dataclass(frozen=True)
+class DnsConfig:
+    """DNS responder options."""
+
+    domain: str = "cluster.test"
+    port: int = 53
+    ttl: int = 60
+    unknown: str = "refuse"
+    upstream: tuple[tuple[str, int], ...] = ()
+
+
+@dataclass(frozen=True)
+class BootConfig:
+    """Network boot programs and the profile given to nodes that have none."""
+
+    ipxe_dir: Path = Path("/usr/lib/ipxe")
+    bios_nbp: str = "undionly.kpxe"
+    uefi_nbp: str = "snponly.efi"
+    arm64_nbp: str | None = None
+    default_profile: str = "none"
+
+
+@dataclass(frozen=True)
+class ApplianceConfig:
+    """Everything the appliance needs, validated once."""
+
+    interface: str
+    address: ipaddress.IPv4Interface
+    state_dir: Path
+    inventory: Inventory
+    dhcp: DhcpConfig = field(default_factory=DhcpConfig)
+    tftp: TftpConfig = field(default_factory=TftpConfig)
+    http: HttpConfig = field(default_factory=HttpConfig)
+    dns: DnsConfig = field(default_factory=DnsConfig)
+    boot: BootConfig = field(default_factory=BootConfig)
+    source: str = ""
+
+    @property
+    def ip(self) -> ipaddress.IPv4Address:
+        """The appliance's own address on the node-facing interface."""
+        return self.address.ip
+
+    @property
+    def http_base(self) -> str:
+        """The base URL nodes use to reach the HTTP server."""
+        return f"http://{self.address.ip}:{self.http.port}"
+
+
+class _Reader:
+    """Collects problems while reading typed values out of a Located mapping."""
+
+    def __init__(self, loc: Located, problems: list[str], allowed: tuple[str, ...]) -> None:
+        self.loc = loc
+        self.problems = problems
+        for key in loc.keys():
+            if key not in allowed:
+                problems.append(f"{loc.at(key)}: {loc.name(key)}: unknown key (expected one of: {', '.join(allowed)})")
+
+    def get(self, key: str, default: Any, convert: Callable[[Any], Any], what: str) -> Any:
+        """Return the converted value of key, or default; record a problem when conversion fails."""
+        if not self.loc.has(key) or self.loc.raw(key) is None:
+            return default
+        raw = self.loc.raw(key)
+        try:
+            return convert(raw)
+        except (ValueError, TypeError) as exc:
+            detail = f" ({exc})" if str(exc) else ""
+            self.problems.append(f"{self.loc.at(key)}: {self.loc.name(key)}: expected {what}, got {raw!r}{detail}")
+            return default
+
+    def choice(self, key: str, default: str, choices: tuple[str, ...]) -> str:
+        """Return a value that must be one of choices."""
+        def conv(v: Any) -> str:
+            if str(v) not in choices:
+                raise ValueError("")
+            return str(v)
+        return self.get(key, default, conv, "one of " + " | ".join(choices))
+
+    def port(self, key: str, default: int) -> int:
+        """Return a TCP/UDP port number."""
+        def conv(v: Any) -> int:
+            if isinstance(v, bool) or int(v) != v or not 0 <= int(v) <= 65535:
+                raise ValueError("")
+            return int(v)
+        return self.get(key, default, conv, "a port number 0-65535")
+
+    def positive(self, key: str, default: Any, kind: type = int) -> Any:
+        """Return a positive number."""
+        def conv(v: Any) -> Any:
+            if isinstance(v, bool) or kind(v) <= 0:
+                raise ValueError("")
+            return kind(v)
+        return self.get(key, default, conv, f"a positive {kind.__name__}")
+
+    def boolean(self, key: str, default: bool) -> bool:
+        """Return a boolean."""
+        def conv(v: Any) -> bool:
+            if not isinstance(v, bool):
+                raise ValueError("")
+            return v
+        return self.get(key, default, conv, "true or false")
+
+
+def _pool(v: Any) -> tuple[ipaddress.IPv4Address, ipaddress.IPv4Address]:
+    first, _, last = str(v).partition("-")
+    a, b = ipaddress.IPv4Address(first.strip()), ipaddress.IPv4Address(last.strip())
+    if b < a:
+        raise ValueError("the range ends before it starts")
+    return (a, b)
+
+
+def _upstream(v: Any) -> tuple[tuple[str, int], ...]:
+    items = v if isinstance(v, list) else [v]
+    out = []
+    for item in items:
+        host, _, port = str(item).rpartition(":") if str(item).count(":") == 1 else (str(item), "", "53")
+        ipaddress.ip_address(host)
+        out.append((host, int(port)))
+    return tuple(out)
+
+
+def load_config(path: str | Path) -> ApplianceConfig:
+    """Load the appliance config and its inventory; raise ConfigError listing every problem with file:line."""
+    path = Path(path)
+    root = load_yaml_mapping(path)
+    problems: list[str] = []
+    top = _Reader(root, problems, ("interface", "address", "state_dir", "http_port", "dhcp", "tftp", "http", "dns", "boot", "inventory"))
+    for required in ("interface", "address", "inventory"):
+        if not root.has(required):
+            problems.append(f"{root.where}: {required}: missing (required)")
+    interface = top.get("interface", "", lambda v: _nonempty(str(v)), "an interface name")
+    address = top.get("address", ipaddress.IPv4Interface("0.0.0.0/32"), _iface, "an IPv4 address with prefix, like 10.77.0.1/24")
+    state_dir = top.get("state_dir", Path("/var/lib/rackboot"), lambda v: (path.parent / str(v)).resolve(), "a directory")
+    http_port = top.port("http_port", 8080)
+
+    dhcp = DhcpConfig()
+    if (d := _child(root, "dhcp", problems)) is not None:
+        r = _Reader(d, problems, ("mode", "port", "client_port", "proxy_port", "lease_time", "pool", "router", "dns_servers", "unknown_macs", "router_advertisements", "broadcast_replies"))
+        dhcp = DhcpConfig(
+            mode=r.choice("mode", "authoritative", DHCP_MODES),
+            port=r.port("port", 67),
+            client_port=r.port("client_port", 68),
+            proxy_port=r.port("proxy_port", 4011),
+            lease_time=r.positive("lease_time", 3600),
+            pool=r.get("pool", None, _pool, "an address range like 10.77.0.100-10.77.0.199"),
+            router=r.get("router", None, ipaddress.IPv4Address, "an IPv4 address"),
+            dns_servers=r.get("dns_servers", (), lambda v: tuple(ipaddress.IPv4Address(x) for x in (v if isinstance(v, list) else [v])), "a list of IPv4 addresses"),
+            unknown_macs=r.choice("unknown_macs", "ignore", UNKNOWN_MAC_POLICIES),
+            router_advertisements=r.boolean("router_advertisements", True),
+            broadcast_replies=r.boolean("broadcast_replies", False),
+        )
+        if dhcp.pool and address.ip.packed != b"\0\0\0\0":
+            for end in dhcp.pool:
+                if end not in address.network:
+                    problems.append(f"{d.at('pool')}: dhcp.pool: {end} is outside {address.network}")
+
+    tftp = TftpConfig(root=state_dir / "tftp")
+    if (t := _child(root, "tftp", problems)) is not None:
+        r = _Reader(t, problems, ("port", "root", "max_blksize", "max_windowsize", "timeout", "retries", "max_sessions"))
+        tftp = TftpConfig(
+            port=r.port("port", 69),
+            root=r.get("root", state_dir / "tftp", lambda v: (path.parent / str(v)).resolve(), "a directory"),
+            max_blksize=r.get("max_blksize", 1468, lambda v: _int_range(v, 8, 65464), "an integer 8-65464 (RFC 2348)"),
+            max_windowsize=r.get("max_windowsize", 64, lambda v: _int_range(v, 1, 65535), "an integer 1-65535 (RFC 7440)"),
+            timeout=r.positive("timeout", 1.0, float),
+            retries=r.positive("retries", 6),
+            max_sessions=r.positive("max_sessions", 4096),
+        )
+
+    http = HttpConfig(port=http_port, files=state_dir / "files")
+    if (h := _child(root, "http", problems)) is not None:
+        r = _Reader(h, problems, ("files",))
+        http = HttpConfig(port=http_port, files=r.get("files", state_dir / "files", lambda v: (path.parent / str(v)).resolve(), "a directory"))
+
+    dns = DnsConfig()
+    if (n := _child(root, "dns", problems)) is not None:
+        r = _Reader(n, problems, ("domain", "port", "ttl", "unknown", "upstream"))
+        dns = DnsConfig(
+            domain=r.get("domain", "cluster.test", lambda v: _nonempty(str(v).strip(".").lower()), "a domain name"),
+            port=r.port("port", 53),
+            ttl=r.positive("ttl", 60),
+            unknown=r.choice("unknown", "refuse", DNS_UNKNOWN_POLICIES),
+            upstream=r.get("upstream", (), _upstream, "a list of upstream resolvers (ADDR or ADDR:PORT)"),
+        )
+        if dns.unknown == "forward" and not dns.upstream:
+            problems.append(f"{n.at('unknown')}: dns.unknown: 'forward' needs dns.upstream")
+
+    boot = BootConfig()
+    if (b := _child(root, "boot", problems)) is not None:
+        r = _Reader(b, problems, ("ipxe_dir", "bios_nbp", "uefi_nbp", "arm64_nbp", "default_profile"))
+        boot = BootConfig(
+            ipxe_dir=r.get("ipxe_dir", Path("/usr/lib/ipxe"), lambda v: (path.parent / str(v)).resolve(), "a directory"),
+            bios_nbp=r.get("bios_nbp", "undionly.kpxe", str, "a file name"),
+            uefi_nbp=r.get("uefi_nbp", "snponly.efi", str, "a file name"),
+            arm64_nbp=r.get("arm64_nbp", None, str, "a file name"),
+            default_profile=r.choice("default_profile", "none", ("none", "local", "discovery")),
+        )
+
+    inventory: Inventory | None = None
+    inv_name = root.raw("inventory")
+    if inv_name:
+        inv_path = path.parent / str(inv_name)
+        if not inv_path.is_file():
+            problems.append(f"{root.at('inventory')}: inventory: no such file {inv_path}")
+        else:
+            try:
+                inventory = load_inventory(inv_path)
+            except ConfigError as exc:
+                problems.extend(exc.problems)
+    if inventory is not None and address.ip.packed != b"\0\0\0\0":
+        for node in inventory.nodes:
+            if node.ip == address.ip:
+                problems.append(f"{inventory.source}: node {node.name} has the appliance's own address {node.ip}")
+            if dhcp.pool and dhcp.pool[0] <= node.ip <= dhcp.pool[1]:
+                problems.append(f"{inventory.source}: node {node.name}: {node.ip} lies inside the dynamic pool")
+    if problems or inventory is None:
+        raise ConfigError(problems or [f"{path}: no inventory"])
+    return ApplianceConfig(
+        interface=interface, address=address, state_dir=state_dir, inventory=inventory,
+        dhcp=dhcp, tftp=tftp, http=http, dns=dns, boot=boot, source=str(path),
+    )
+
+
+def _child(root: Located, key: str, problems: list[str]) -> Located | None:
+    try:
+        return root.child(key)
+    except ConfigError as exc:
+        problems.extend(exc.problems)
+        return None
+
+
+def _nonempty(s: str) -> str:
+    if not s:
+        raise ValueError("empty")
+    return s
+
+
+def _iface(v: Any) -> ipaddress.IPv4Interface:
+    if "/" not in str(v):
+        raise ValueError("a prefix length is required")
+    return ipaddress.IPv4Interface(str(v))
+
+
+def _int_range(v: Any, lo: int, hi: int) -> int:
+    if isinstance(v, bool) or int(v) != v or not lo <= int(v) <= hi:
+        raise ValueError("")
+    return int(v)
+
+
+def summarize(config: ApplianceConfig) -> str:
+    """Return a human summary of a validated config, as check-config prints it."""
+    inv = config.inventory
+    racks: dict[str, int] = {}
+    for n in inv.nodes:
+        racks[n.rack or "-"] = racks.get(n.rack or "-", 0) + 1
+    with_bmc = sum(1 for n in inv.nodes if n.bmc is not None)
+    from ClusterShell.NodeSet import NodeSet
+
+    lines = [
+        f"config    {config.source}: OK",
+        f"interface {config.interface} address {config.address}",
+        f"state     {config.state_dir}",
+        f"dhcp      mode={config.dhcp.mode} port={config.dhcp.port}"
+        + (f" pool={config.dhcp.pool[0]}-{config.dhcp.pool[1]}" if config.dhcp.pool else "")
+        + f" unknown_macs={config.dhcp.unknown_macs} ra={'on' if config.dhcp.router_advertisements else 'off'}",
+        f"tftp      port={config.tftp.port} root={config.tftp.root} blksize<={config.tftp.max_blksize} windowsize<={config.tftp.max_windowsize}",
+        f"http      {config.http_base}/ files={config.http.files}",
+        f"dns       domain={config.dns.domain} port={config.dns.port} unknown={config.dns.unknown}",
+        f"inventory {inv.source}: {len(inv)} nodes {NodeSet.fromlist([n.name for n in inv.nodes])}",
+        "racks     " + ", ".join(f"{k}: {v}" for k, v in sorted(racks.items())),
+        f"bmcs      {with_bmc}/{len(inv)} nodes have a BMC",
+    ]
+    return "\n".join(lines)

@@ -1,0 +1,124 @@
+"""One in-process stream of what the boot services observed, per MAC, with bounded fan-out."""
+from __future__ import annotations
+
+import asyncio
+import time
+from collections import deque
+from dataclasses import dataclass, field
+from enum import StrEnum
+from typing import AsyncIterator
+
+
+class EventKind(StrEnum):
+    """What a boot service saw a node do."""
+
+    DHCP_DISCOVER = "dhcp_discover"
+    DHCP_OFFER = "dhcp_offer"
+    DHCP_REQUEST = "dhcp_request"
+    DHCP_ACK = "dhcp_ack"
+    DHCP_NAK = "dhcp_nak"
+    DHCP_DECLINE = "dhcp_decline"
+    DHCP_RELEASE = "dhcp_release"
+    DHCP_INFORM = "dhcp_inform"
+    PROXY_OFFER = "proxy_offer"
+    TFTP_REQUEST = "tftp_request"
+    NBP_SENT = "nbp_sent"
+    TFTP_SENT = "tftp_sent"
+    TFTP_FAILED = "tftp_failed"
+    SCRIPT_FETCHED = "script_fetched"
+    KERNEL_FETCHED = "kernel_fetched"
+    INITRD_FETCHED = "initrd_fetched"
+    FILE_FETCHED = "file_fetched"
+    CALLBACK = "callback"
+    PROFILE_SET = "profile_set"
+
+
+@dataclass(frozen=True)
+class NodeEvent:
+    """One observation: which MAC, what happened, when, and details (file name, address, ...)."""
+
+    mac: str
+    kind: EventKind
+    ts: float = field(default_factory=time.time)
+    detail: dict[str, str] = field(default_factory=dict)
+
+    def to_json(self) -> dict[str, object]:
+        """Return a JSON-ready dict."""
+        return {"mac": self.mac, "kind": str(self.kind), "ts": self.ts, "detail": dict(self.detail)}
+
+
+class Subscription:
+    """A bounded queue of events for one consumer; when it is full the oldest event is dropped and counted."""
+
+    def __init__(self, bus: "EventBus", maxsize: int) -> None:
+        self._bus = bus
+        self._queue: asyncio.Queue[NodeEvent] = asyncio.Queue(maxsize)
+        self.dropped = 0
+
+    def _offer(self, event: NodeEvent) -> None:
+        if self._queue.full():
+            self._queue.get_nowait()
+            self.dropped += 1
+        self._queue.put_nowait(event)
+
+    async def get(self) -> NodeEvent:
+        """Wait for the next event."""
+        return await self._queue.get()
+
+    def get_nowait(self) -> NodeEvent | None:
+        """Return the next event if one is queued."""
+        try:
+            return self._queue.get_nowait()
+        except asyncio.QueueEmpty:
+            return None
+
+    def close(self) -> None:
+        """Stop receiving events."""
+        self._bus._subs.discard(self)
+
+    def __enter__(self) -> "Subscription":
+        return self
+
+    def __exit__(self, *exc: object) -> None:
+        self.close()
+
+    def __aiter__(self) -> AsyncIterator[NodeEvent]:
+        return self._iter()
+
+    async def _iter(self) -> AsyncIterator[NodeEvent]:
+        while True:
+            yield await self._queue.get()
+
+
+class EventBus:
+    """Publishes node events to subscribers and keeps the last events of each MAC."""
+
+    def __init__(self, history: int = 32) -> None:
+        self._history = history
+        self._last: dict[str, deque[NodeEvent]] = {}
+        self._subs: set[Subscription] = set()
+        self.published = 0
+
+    def publish(self, mac: str, kind: EventKind, **detail: object) -> NodeEvent:
+        """Record and fan out one event; never blocks."""
+        event = NodeEvent(mac=mac.lower(), kind=kind, detail={k: str(v) for k, v in detail.items()})
+        self._last.setdefault(event.mac, deque(maxlen=self._history)).append(event)
+        self.published += 1
+        for sub in list(self._subs):
+            sub._offer(event)
+        return event
+
+    def subscribe(self, maxsize: int = 10000) -> Subscription:
+        """Return a new subscription; use it as a context manager to close it."""
+        sub = Subscription(self, maxsize)
+        self._subs.add(sub)
+        return sub
+
+    def last(self, mac: str, n: int | None = None) -> list[NodeEvent]:
+        """Return the last events seen for a MAC, oldest first."""
+        events = list(self._last.get(mac.lower(), ()))
+        return events if n is None else events[-n:]
+
+    def macs(self) -> list[str]:
+        """Return every MAC that has events."""
+        return list(self._last)

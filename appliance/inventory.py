@@ -1,0 +1,213 @@
+"""The node inventory: nodes, their MACs, addresses, BMCs and placement, loaded from YAML with folded ranges."""
+from __future__ import annotations
+
+import ipaddress
+import re
+from dataclasses import dataclass, field
+from pathlib import Path
+
+from ClusterShell.NodeSet import NodeSetParseError, expand
+
+from appliance.errors import ConfigError
+from appliance.yamlsource import Located, load_yaml_mapping
+
+_MAC_RE = re.compile(r"^[0-9a-f]{2}([:-]?[0-9a-f]{2}){5}$")
+BMC_DRIVERS = ("ipmi", "fake", "ssh", "none")
+
+
+def normalize_mac(text: str) -> str:
+    """Return a MAC as lower-case colon-separated hex; raise ValueError when it is not one."""
+    t = str(text).strip().lower()
+    if not _MAC_RE.match(t):
+        raise ValueError(f"not a MAC address: {text!r}")
+    hexdigits = t.replace(":", "").replace("-", "")
+    return ":".join(hexdigits[i : i + 2] for i in range(0, 12, 2))
+
+
+def mac_add(mac: str, n: int) -> str:
+    """Return the MAC n positions after mac (for folded node entries)."""
+    value = int(mac.replace(":", ""), 16) + n
+    if value >= 1 << 48:
+        raise ValueError(f"MAC range overflows after {mac}")
+    h = f"{value:012x}"
+    return ":".join(h[i : i + 2] for i in range(0, 12, 2))
+
+
+@dataclass(frozen=True)
+class BmcSpec:
+    """How to reach a node's BMC; credentials live in a file, never inline."""
+
+    driver: str
+    address: str
+    port: int = 623
+    credentials_file: Path | None = None
+
+    def credentials(self) -> tuple[str, str]:
+        """Read (username, password) from the credentials file."""
+        if self.credentials_file is None:
+            return ("", "")
+        loc = load_yaml_mapping(self.credentials_file)
+        return (str(loc.raw("username", "")), str(loc.raw("password", "")))
+
+
+@dataclass(frozen=True)
+class Node:
+    """One node of the inventory."""
+
+    name: str
+    mac: str
+    ip: ipaddress.IPv4Address
+    rack: str = ""
+    switch: str = ""
+    disk: str = ""
+    tags: tuple[str, ...] = ()
+    bmc: BmcSpec | None = None
+
+
+@dataclass(frozen=True)
+class Inventory:
+    """All nodes, indexed by name, MAC and IP."""
+
+    nodes: tuple[Node, ...]
+    source: str = ""
+    by_name: dict[str, Node] = field(default_factory=dict, compare=False, repr=False)
+    by_mac: dict[str, Node] = field(default_factory=dict, compare=False, repr=False)
+    by_ip: dict[ipaddress.IPv4Address, Node] = field(default_factory=dict, compare=False, repr=False)
+
+    def __post_init__(self) -> None:
+        for n in self.nodes:
+            self.by_name[n.name] = n
+            self.by_mac[n.mac] = n
+            self.by_ip[n.ip] = n
+
+    def __len__(self) -> int:
+        return len(self.nodes)
+
+    def select(self, nodeset: str) -> list[Node]:
+        """Return the nodes named by a folded node set (e.g. node-[1-40]); raise ConfigError on unknown names."""
+        try:
+            names = expand(nodeset)
+        except NodeSetParseError as exc:
+            raise ConfigError([f"bad node set {nodeset!r}: {exc}"]) from exc
+        unknown = [n for n in names if n not in self.by_name]
+        if unknown:
+            raise ConfigError([f"unknown nodes: {', '.join(unknown[:10])}"])
+        return [self.by_name[n] for n in names]
+
+
+def _expand_field(entry: Located, key: str, count: int, problems: list[str]) -> list[str] | None:
+    """Expand a folded value to count items, or to one start value that the caller increments per node."""
+    value = entry.raw(key)
+    if value is None:
+        return None
+    if isinstance(value, list):
+        items = [str(v) for v in value]
+    else:
+        try:
+            items = expand(str(value)) if "[" in str(value) else [str(value)]
+        except NodeSetParseError as exc:
+            problems.append(f"{entry.at(key)}: {entry.name(key)}: bad range {value!r}: {exc}")
+            return None
+    if len(items) not in (1, count):
+        problems.append(f"{entry.at(key)}: {entry.name(key)}: {len(items)} values for {count} nodes")
+        return None
+    return items
+
+
+def load_inventory(path: Path) -> Inventory:
+    """Load and validate the node inventory; raise ConfigError listing every problem with file:line."""
+    root = load_yaml_mapping(path)
+    problems: list[str] = []
+    nodes: list[Node] = []
+    seen_names: dict[str, str] = {}
+    seen_macs: dict[str, str] = {}
+    seen_ips: dict[ipaddress.IPv4Address, str] = {}
+    for key in root.keys():
+        if key not in ("nodes", "defaults"):
+            problems.append(f"{root.at(key)}: unknown key {key!r} (expected: nodes)")
+    entries = root.children("nodes")
+    if not entries:
+        problems.append(f"{root.where}: no nodes defined (expected a 'nodes:' list)")
+    for entry in entries:
+        for key in entry.keys():
+            if key not in ("name", "mac", "ip", "rack", "switch", "disk", "tags", "bmc"):
+                problems.append(f"{entry.at(key)}: {entry.name(key)}: unknown key")
+        raw_name = entry.raw("name")
+        if not raw_name:
+            problems.append(f"{entry.where}: {entry.name('name')}: missing")
+            continue
+        try:
+            names = expand(str(raw_name))
+        except NodeSetParseError as exc:
+            problems.append(f"{entry.at('name')}: {entry.name('name')}: bad node set {raw_name!r}: {exc}")
+            continue
+        count = len(names)
+        macs = _expand_field(entry, "mac", count, problems)
+        ips = _expand_field(entry, "ip", count, problems)
+        if entry.raw("mac") is None:
+            problems.append(f"{entry.where}: {entry.name('mac')}: missing")
+        if entry.raw("ip") is None:
+            problems.append(f"{entry.where}: {entry.name('ip')}: missing")
+        if macs is None or ips is None:
+            continue
+        bmc_loc = entry.child("bmc")
+        bmc_addrs: list[str] | None = None
+        if bmc_loc is not None:
+            bmc_addrs = _expand_field(bmc_loc, "address", count, problems)
+            driver = str(bmc_loc.raw("driver", "ipmi"))
+            if driver not in BMC_DRIVERS:
+                problems.append(f"{bmc_loc.at('driver')}: {bmc_loc.name('driver')}: unknown driver {driver!r} (expected one of {', '.join(BMC_DRIVERS)})")
+            if bmc_loc.has("password") or bmc_loc.has("username"):
+                problems.append(f"{bmc_loc.where}: {bmc_loc.name('password')}: credentials must be in a file named by 'credentials', not inline")
+            cred = bmc_loc.raw("credentials")
+            cred_path = (path.parent / str(cred)) if cred else None
+            if cred_path is not None and not cred_path.is_file():
+                problems.append(f"{bmc_loc.at('credentials')}: {bmc_loc.name('credentials')}: no such file {cred_path}")
+        tags_raw = entry.raw("tags", [])
+        tags = tuple(str(t) for t in (tags_raw if isinstance(tags_raw, list) else [tags_raw]))
+        for i, name in enumerate(names):
+            try:
+                mac = normalize_mac(macs[i]) if len(macs) == count else mac_add(normalize_mac(macs[0]), i)
+            except ValueError as exc:
+                problems.append(f"{entry.at('mac')}: {entry.name('mac')}: {exc}")
+                break
+            try:
+                ip = ipaddress.IPv4Address(ips[i]) if len(ips) == count else ipaddress.IPv4Address(ips[0]) + i
+            except ValueError as exc:
+                problems.append(f"{entry.at('ip')}: {entry.name('ip')}: {exc}")
+                break
+            bmc = None
+            if bmc_loc is not None and bmc_addrs:
+                try:
+                    addr = bmc_addrs[i] if len(bmc_addrs) == count else str(ipaddress.IPv4Address(bmc_addrs[0]) + i)
+                except ValueError as exc:
+                    problems.append(f"{bmc_loc.at('address')}: {bmc_loc.name('address')}: {exc}")
+                    break
+                cred = bmc_loc.raw("credentials")
+                bmc = BmcSpec(
+                    driver=str(bmc_loc.raw("driver", "ipmi")),
+                    address=addr,
+                    port=int(bmc_loc.raw("port", 623)),
+                    credentials_file=(path.parent / str(cred)) if cred else None,
+                )
+            where = str(entry.at("name"))
+            for table, value, what in ((seen_names, name, "name"), (seen_macs, mac, "MAC"), (seen_ips, ip, "IP")):
+                if value in table:
+                    problems.append(f"{where}: duplicate {what} {value} (first at {table[value]})")
+                else:
+                    table[value] = where
+            nodes.append(
+                Node(
+                    name=name,
+                    mac=mac,
+                    ip=ip,
+                    rack=str(entry.raw("rack", "")),
+                    switch=str(entry.raw("switch", entry.raw("rack", ""))),
+                    disk=str(entry.raw("disk", "")),
+                    tags=tags,
+                    bmc=bmc,
+                )
+            )
+    if problems:
+        raise ConfigError(problems)
+    return Inventory(nodes=tuple(nodes), source=str(path))
