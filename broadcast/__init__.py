@@ -1,0 +1,1 @@
+"""Broadcast of images, deploy agent and tree remote execution (later issues)."""

@@ -1,0 +1,17 @@
+"""iPXE: chainload targets, per-MAC script URLs and script rendering."""
+from __future__ import annotations
+
+
+def mac_slug(mac: str) -> str:
+    """Return a MAC in the form used in URLs: lower-case, dash-separated (52-54-00-77-00-01)."""
+    return mac.lower().replace(":", "-")
+
+
+def script_path(mac: str) -> str:
+    """Return the HTTP path of a node's per-MAC iPXE script; DHCP hands it to iPXE, HTTP serves it."""
+    return f"/boot/{mac_slug(mac)}.ipxe"
+
+
+def nbp_path(name: str) -> str:
+    """Return the HTTP path of an iPXE binary (UEFI HTTP boot fetches the NBP over HTTP)."""
+    return f"/nbp/{name}"

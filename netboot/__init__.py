@@ -1,0 +1,1 @@
+"""Boot-protocol services: DHCP, TFTP, HTTP/iPXE, DNS and IPv6 router advertisements."""

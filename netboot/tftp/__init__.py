@@ -1,0 +1,1 @@
+"""TFTP: codec, sans-io sender sessions, asyncio transport."""
