@@ -1,0 +1,128 @@
+"""The `rackboot` command: serve the appliance, check a config, show nodes, drive the vm-testbed and the demo."""
+from __future__ import annotations
+
+import argparse
+import asyncio
+import json
+import logging
+import os
+import sys
+import time
+import urllib.error
+import urllib.request
+
+from appliance.config import load_config, summarize
+from appliance.errors import BindError, ConfigError
+
+
+def _cmd_serve(args: argparse.Namespace) -> int:
+    from appliance.app import serve_forever
+
+    try:
+        config = load_config(args.config)
+    except ConfigError as exc:
+        _print_problems(exc)
+        return 1
+    try:
+        asyncio.run(serve_forever(config))
+    except BindError as exc:
+        print(f"rackboot: cannot serve: {exc}", file=sys.stderr)
+        return 1
+    return 0
+
+
+def _cmd_check_config(args: argparse.Namespace) -> int:
+    try:
+        config = load_config(args.config)
+    except ConfigError as exc:
+        _print_problems(exc)
+        return 1
+    print(summarize(config))
+    return 0
+
+
+def _print_problems(exc: ConfigError) -> None:
+    print(f"rackboot: invalid configuration ({len(exc.problems)} problem{'s' if len(exc.problems) != 1 else ''}):", file=sys.stderr)
+    for p in exc.problems:
+        print(f"  {p}", file=sys.stderr)
+
+
+def _server_url(args: argparse.Namespace) -> str:
+    if args.server:
+        return args.server.rstrip("/")
+    if os.environ.get("RACKBOOT_SERVER"):
+        return os.environ["RACKBOOT_SERVER"].rstrip("/")
+    if args.config:
+        return load_config(args.config).http_base
+    return "http://127.0.0.1:8080"
+
+
+def _cmd_nodes(args: argparse.Namespace) -> int:
+    url = _server_url(args) + "/api/v1/nodes"
+    try:
+        with urllib.request.urlopen(url, timeout=10) as resp:
+            nodes = json.load(resp)
+    except (urllib.error.URLError, OSError) as exc:
+        print(f"rackboot: cannot reach the appliance at {url}: {exc}", file=sys.stderr)
+        return 1
+    if args.json:
+        print(json.dumps(nodes, indent=2))
+        return 0
+    from rich.console import Console
+    from rich.table import Table
+
+    table = Table(title="nodes")
+    for col in ("name", "mac", "ip", "rack", "profile", "last events"):
+        table.add_column(col)
+    now = time.time()
+    for n in nodes.get("nodes", nodes) if isinstance(nodes, dict) else nodes:
+        events = n.get("events", [])[-args.events :]
+        evtext = ", ".join(f"{e['kind']} ({now - e['ts']:.0f}s ago)" for e in events) or "-"
+        profile = n.get("profile", {}) or {}
+        table.add_row(n["name"], n["mac"], n["ip"], n.get("rack", ""), str(profile.get("kind", "")), evtext)
+    Console(width=200).print(table)
+    return 0
+
+
+def build_parser() -> argparse.ArgumentParser:
+    """Build the argument parser of every rackboot subcommand."""
+    parser = argparse.ArgumentParser(prog="rackboot", description=__doc__)
+    parser.add_argument("-v", "--verbose", action="count", default=0, help="more logging (-vv for debug)")
+    sub = parser.add_subparsers(dest="command", required=True)
+
+    p = sub.add_parser("serve", help="run the appliance (DHCP, TFTP, HTTP/iPXE, DNS) on the configured interface")
+    p.add_argument("--config", "-c", required=True, help="the appliance config (rackboot.yaml)")
+    p.set_defaults(func=_cmd_serve)
+
+    p = sub.add_parser("check-config", help="validate the config and the node inventory, print a summary")
+    p.add_argument("--config", "-c", required=True)
+    p.set_defaults(func=_cmd_check_config)
+
+    p = sub.add_parser("nodes", help="show each node's boot profile and last boot events")
+    p.add_argument("--server", help="appliance URL (default: $RACKBOOT_SERVER or from --config)")
+    p.add_argument("--config", "-c", help="read the appliance URL from this config")
+    p.add_argument("--events", type=int, default=4, help="how many last events to show per node")
+    p.add_argument("--json", action="store_true")
+    p.set_defaults(func=_cmd_nodes)
+
+    try:
+        from vmtestbed.cli import register as register_testbed
+    except ImportError:  # the testbed is optional at run time
+        register_testbed = None
+    if register_testbed is not None:
+        register_testbed(sub)
+    return parser
+
+
+def main(argv: list[str] | None = None) -> int:
+    """Entry point of the rackboot console script."""
+    args = build_parser().parse_args(argv)
+    level = logging.WARNING - 10 * args.verbose if args.verbose else logging.WARNING
+    if args.command == "serve":
+        level = logging.DEBUG if args.verbose > 1 else logging.INFO
+    logging.basicConfig(level=level, format="%(asctime)s %(levelname)s %(name)s: %(message)s")
+    return int(args.func(args) or 0)
+
+
+if __name__ == "__main__":
+    sys.exit(main())
