@@ -1,0 +1,150 @@
+"""Config and inventory validation: the issue's minimal config works as written; errors name file and line."""
+from __future__ import annotations
+
+import ipaddress
+import textwrap
+from pathlib import Path
+
+import pytest
+
+from appliance.cli import main
+from appliance.config import load_config
+from appliance.errors import ConfigError
+from appliance.inventory import load_inventory, mac_add, normalize_mac
+
+MINIMAL_CONFIG = """\
+# rackboot.yaml
+interface: rb0              # the interface that faces the nodes; its address must already be configured
+address: 10.77.0.1/24
+state_dir: /var/lib/rackboot
+http_port: 8080
+dhcp:
+  mode: authoritative       # authoritative | proxy | off
+dns:
+  domain: cluster.test
+inventory: nodes.yaml       # relative to this file
+"""
+
+MINIMAL_NODES = """\
+# nodes.yaml
+nodes:
+  - name: node-1
+    mac: "52:54:00:77:00:01"
+    ip: 10.77.0.11
+    rack: r1
+  - name: node-2
+    mac: "52:54:00:77:00:02"
+    ip: 10.77.0.12
+    rack: r1
+"""
+
+
+def write(tmp_path: Path, config: str, nodes: str, **extra: str) -> Path:
+    (tmp_path / "rackboot.yaml").write_text(textwrap.dedent(config))
+    (tmp_path / "nodes.yaml").write_text(textwrap.dedent(nodes))
+    for name, text in extra.items():
+        (tmp_path / name).write_text(textwrap.dedent(text))
+    return tmp_path / "rackboot.yaml"
+
+
+def problems_of(path: Path) -> list[str]:
+    with pytest.raises(ConfigError) as info:
+        load_config(path)
+    return info.value.problems
+
+
+def test_minimal_config_from_the_issue_loads_as_written(tmp_path: Path) -> None:
+    cfg = load_config(write(tmp_path, MINIMAL_CONFIG, MINIMAL_NODES))
+    assert cfg.interface == "rb0"
+    assert cfg.address == ipaddress.IPv4Interface("10.77.0.1/24")
+    assert cfg.http.port == 8080 and cfg.http_base == "http://10.77.0.1:8080"
+    assert cfg.dhcp.mode == "authoritative" and cfg.dns.domain == "cluster.test"
+    assert [n.name for n in cfg.inventory.nodes] == ["node-1", "node-2"]
+    assert cfg.inventory.by_mac["52:54:00:77:00:02"].ip == ipaddress.IPv4Address("10.77.0.12")
+    assert cfg.tftp.root == Path("/var/lib/rackboot/tftp")
+
+
+def test_folded_ranges_expand_names_ips_macs_and_bmcs(tmp_path: Path) -> None:
+    nodes = """\
+    nodes:
+      - name: node-[1-40]
+        mac: "52:54:00:77:00:fe"
+        ip: 10.77.0.[11-50]
+        rack: r2
+        bmc: {driver: ipmi, address: 10.78.0.11, credentials: bmc.yaml}
+    """
+    cfg = load_config(write(tmp_path, MINIMAL_CONFIG, nodes, **{"bmc.yaml": "username: admin\npassword: secret\n"}))
+    inv = cfg.inventory
+    assert len(inv) == 40
+    n40 = inv.by_name["node-40"]
+    assert n40.ip == ipaddress.IPv4Address("10.77.0.50")
+    assert n40.mac == "52:54:00:77:01:25"  # 0xfe + 39 carries into the next byte
+    assert n40.bmc is not None and n40.bmc.address == "10.78.0.50"
+    assert n40.bmc.credentials() == ("admin", "secret")
+    assert [n.name for n in inv.select("node-[2-3,40]")] == ["node-2", "node-3", "node-40"]
+
+
+def test_errors_name_file_line_and_key(tmp_path: Path) -> None:
+    config = MINIMAL_CONFIG.replace("mode: authoritative", "mode: bogus\n  colour: red").replace("10.77.0.1/24", "10.77.0.1")
+    problems = problems_of(write(tmp_path, config, MINIMAL_NODES))
+    text = "\n".join(problems)
+    assert f"{tmp_path}/rackboot.yaml:3: address:" in text
+    assert f"{tmp_path}/rackboot.yaml:7: dhcp.mode: expected one of authoritative | proxy | off, got 'bogus'" in text
+    assert f"{tmp_path}/rackboot.yaml:8: dhcp.colour: unknown key" in text
+
+
+def test_inventory_duplicates_and_bad_values_are_reported_with_lines(tmp_path: Path) -> None:
+    nodes = """\
+    nodes:
+      - name: node-1
+        mac: "52:54:00:77:00:01"
+        ip: 10.77.0.11
+      - name: node-1
+        mac: "52:54:00:77:00:01"
+        ip: 10.77.0.300
+      - name: node-3
+        mac: "zz:54:00:77:00:01"
+        ip: 10.77.0.13
+        bmc: {driver: ipmi, address: 10.78.0.1, password: hunter2}
+    """
+    problems = problems_of(write(tmp_path, MINIMAL_CONFIG, nodes))
+    text = "\n".join(problems)
+    assert f"{tmp_path}/nodes.yaml:7: nodes[1].ip:" in text
+    assert f"{tmp_path}/nodes.yaml:9: nodes[2].mac: not a MAC address" in text
+    assert "credentials must be in a file" in text
+    nodes_dup = MINIMAL_NODES.replace("52:54:00:77:00:02", "52:54:00:77:00:01")
+    assert any("duplicate MAC 52:54:00:77:00:01" in p for p in problems_of(write(tmp_path, MINIMAL_CONFIG, nodes_dup)))
+
+
+def test_yaml_syntax_error_and_missing_inventory(tmp_path: Path) -> None:
+    assert problems_of(write(tmp_path, "interface: [rb0\n", MINIMAL_NODES))[0].startswith(f"{tmp_path}/rackboot.yaml:")
+    config = MINIMAL_CONFIG.replace("nodes.yaml", "missing.yaml")
+    assert any("no such file" in p and ":10:" in p for p in problems_of(write(tmp_path, config, MINIMAL_NODES)))
+
+
+def test_range_count_mismatch(tmp_path: Path) -> None:
+    nodes = "nodes:\n  - name: node-[1-4]\n    mac: '52:54:00:77:00:01'\n    ip: 10.77.0.[11-13]\n"
+    assert any("3 values for 4 nodes" in p for p in problems_of(write(tmp_path, MINIMAL_CONFIG, nodes)))
+
+
+def test_mac_helpers() -> None:
+    assert normalize_mac("52-54-00-AA-bb-01") == "52:54:00:aa:bb:01"
+    assert mac_add("52:54:00:00:00:ff", 1) == "52:54:00:00:01:00"
+    with pytest.raises(ValueError):
+        normalize_mac("52:54:00")
+
+
+def test_check_config_cli_exit_status(tmp_path: Path, capsys: pytest.CaptureFixture[str]) -> None:
+    path = write(tmp_path, MINIMAL_CONFIG, MINIMAL_NODES)
+    assert main(["check-config", "--config", str(path)]) == 0
+    out = capsys.readouterr().out
+    assert "2 nodes node-[1-2]" in out and "mode=authoritative" in out
+    bad = write(tmp_path, MINIMAL_CONFIG.replace("8080", "80800"), MINIMAL_NODES)
+    assert main(["check-config", "--config", str(bad)]) == 1
+    assert "rackboot.yaml:5: http_port: expected a port number" in capsys.readouterr().err
+
+
+def test_inventory_without_nodes(tmp_path: Path) -> None:
+    (tmp_path / "n.yaml").write_text("nodes: []\n")
+    with pytest.raises(ConfigError, match="no nodes defined"):
+        load_inventory(tmp_path / "n.yaml")
