@@ -1,0 +1,16 @@
+"""Errors of the broadcast package (all under appliance.errors.RackbootError)."""
+from __future__ import annotations
+
+from appliance.errors import RackbootError
+
+
+class ImageError(RackbootError):
+    """An image stream could not be decompressed, written or verified (corrupt, truncated, mismatch, I/O)."""
+
+
+class ProtocolError(RackbootError):
+    """A peer broke the broadcast or tree-exec protocol (bad handshake, unexpected message)."""
+
+
+class AgentError(RackbootError):
+    """A deploy-agent operation failed (partitioning, post-install, kexec, callback)."""
