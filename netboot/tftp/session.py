@@ -1,0 +1,191 @@
+"""The sender side of one TFTP read transfer as a sans-io state machine.
+
+Packets and timer ticks go in; datagrams to send and the next deadline come out. No sockets, no clock:
+the caller passes `now` (any monotonic seconds) and sends what is returned.
+"""
+from __future__ import annotations
+
+from dataclasses import dataclass
+from enum import Enum
+from typing import Mapping
+
+from netboot.tftp.codec import Ack, Error, Packet, encode_data, encode_oack
+
+# RFC 2348 sec. 2: valid blksize values; RFC 7440 sec. 3: valid windowsize values; RFC 2349 sec. 2: timeout.
+BLKSIZE_RANGE = (8, 65464)
+WINDOWSIZE_RANGE = (1, 65535)
+TIMEOUT_RANGE = (1, 255)
+DEFAULT_BLKSIZE = 512  # RFC 1350
+BACKOFF_CAP = 8  # retransmission waits double per retry up to this many times the base timeout
+
+
+@dataclass(frozen=True)
+class SessionLimits:
+    """Server-side bounds for a transfer (from TftpConfig)."""
+
+    max_blksize: int = 1468
+    max_windowsize: int = 64
+    timeout: float = 1.0
+    retries: int = 6
+
+
+@dataclass(frozen=True)
+class Negotiated:
+    """What a transfer runs with, and the options to echo in the OACK (empty: no OACK)."""
+
+    blksize: int
+    windowsize: int
+    timeout: float
+    oack: dict[str, str]
+
+
+def _int_option(value: str, lo: int, hi: int | None = None) -> int | None:
+    try:
+        n = int(value.strip())
+    except ValueError:
+        return None
+    if n < lo or (hi is not None and n > hi):
+        return None
+    return n
+
+
+def negotiate(requested: Mapping[str, str], size: int, limits: SessionLimits) -> Negotiated:
+    """Decide the transfer parameters from the client's options; unknown or invalid options are ignored (RFC 2347)."""
+    blksize, windowsize, timeout = DEFAULT_BLKSIZE, 1, limits.timeout
+    oack: dict[str, str] = {}
+    for name, value in requested.items():
+        if name == "blksize":
+            # RFC 2348: values above 65464 are out of range; the server may answer with a smaller one.
+            n = _int_option(value, BLKSIZE_RANGE[0])
+            if n is not None:
+                blksize = min(n, BLKSIZE_RANGE[1], limits.max_blksize)
+                oack["blksize"] = str(blksize)
+        elif name == "tsize":
+            # RFC 2349 sec. 3: in a read request the client sends 0 and the server answers the size.
+            if _int_option(value, 0) is not None:
+                oack["tsize"] = str(size)
+        elif name == "timeout":
+            # RFC 2349 sec. 2: the server accepts the value as is, or leaves the option out.
+            n = _int_option(value, *TIMEOUT_RANGE)
+            if n is not None:
+                timeout = float(n)
+                oack["timeout"] = str(n)
+        elif name == "windowsize":
+            # RFC 7440 sec. 3: the server may answer with a smaller window.
+            n = _int_option(value, *WINDOWSIZE_RANGE)
+            if n is not None:
+                windowsize = min(n, limits.max_windowsize)
+                oack["windowsize"] = str(windowsize)
+    return Negotiated(blksize=blksize, windowsize=windowsize, timeout=timeout, oack=oack)
+
+
+class Outcome(Enum):
+    """How a transfer ended."""
+
+    SENT = "sent"  # the client acknowledged the last block
+    FAILED = "failed"  # retries exhausted, or the client sent an ERROR during the data phase
+    ABORTED = "aborted"  # the client answered the OACK with an ERROR (e.g. OVMF's tsize probe, error 8)
+
+
+class ReadSession:
+    """Sends one file to one client: OACK handshake, windowed DATA, retransmission with backoff.
+
+    Blocks are numbered internally with unbounded sequence numbers (block 0 is the OACK); the wire
+    carries them modulo 2**16, so files larger than 65535 blocks roll over to block 0.
+    """
+
+    def __init__(self, data: bytes, requested: Mapping[str, str], limits: SessionLimits) -> None:
+        self.data = memoryview(data)
+        self.size = len(data)
+        self.limits = limits
+        self.params = negotiate(requested, self.size, limits)
+        self.blksize = self.params.blksize
+        self.windowsize = self.params.windowsize
+        # The last block is short; when the size is a multiple of blksize it is empty (RFC 1350 sec. 6).
+        self.last_block = self.size // self.blksize + 1
+        self._base = 0 if self.params.oack else 1  # lowest unacknowledged block
+        self._next = self._base  # next block not yet sent in this window
+        self._retry = 0
+        self.deadline: float | None = None
+        self.outcome: Outcome | None = None
+        self.reason = ""
+        self.retransmitted = 0
+        self.duplicate_acks = 0
+        self.datagrams_sent = 0
+
+    @property
+    def finished(self) -> bool:
+        """True once the transfer ended, whatever the outcome."""
+        return self.outcome is not None
+
+    @property
+    def acked_blocks(self) -> int:
+        """How many DATA blocks the client acknowledged so far."""
+        return max(self._base - 1, 0)
+
+    def start(self, now: float) -> list[bytes]:
+        """Return the first datagrams: the OACK when options were accepted, else the first window of DATA."""
+        return self._send_window(now)
+
+    def _block(self, seq: int) -> bytes:
+        if seq == 0:
+            return encode_oack(self.params.oack)
+        off = (seq - 1) * self.blksize
+        return encode_data(seq, self.data[off : off + self.blksize])
+
+    def _wait(self) -> float:
+        return self.params.timeout * min(2**self._retry, BACKOFF_CAP)
+
+    def _send_window(self, now: float) -> list[bytes]:
+        # RFC 7440 sec. 4: a window of up to windowsize blocks goes out back to back; the OACK travels alone.
+        end = 1 if self._base == 0 else min(self._base + self.windowsize, self.last_block + 1)
+        out = [self._block(seq) for seq in range(self._base, end)]
+        self._next = end
+        self.deadline = now + self._wait()
+        self.datagrams_sent += len(out)
+        return out
+
+    def _finish(self, outcome: Outcome, reason: str = "") -> list[bytes]:
+        self.outcome = outcome
+        self.reason = reason
+        self.deadline = None
+        return []
+
+    def receive(self, packet: Packet, now: float) -> list[bytes]:
+        """Feed one packet from the client's TID; return datagrams to send."""
+        if self.outcome is not None:
+            return []
+        if isinstance(packet, Error):
+            if self._base == 0:
+                # RFC 2347: the client may refuse the OACK with an ERROR; OVMF does so (error 8) to end
+                # its tsize probe. It is a normal end, not a failure, and needs no answer.
+                return self._finish(Outcome.ABORTED, f"client ended after OACK: error {packet.code} {packet.message}".strip())
+            return self._finish(Outcome.FAILED, f"client sent error {packet.code}: {packet.message}")
+        if not isinstance(packet, Ack):
+            return []
+        highest = self._next - 1
+        # Map the 16-bit block number onto the highest sequence number sent that carries it.
+        seq = highest - ((highest - packet.block) & 0xFFFF)
+        if seq < self._base:
+            # An ACK for what was already acknowledged: never resend on it (RFC 1350's Sorcerer's
+            # Apprentice bug); the retransmission timer alone recovers lost DATA.
+            self.duplicate_acks += 1
+            return []
+        # RFC 7440 sec. 4: an ACK for a block inside the window acknowledges up to that block; the next
+        # window starts right after it (resending blocks the receiver dropped after a gap).
+        self._base = seq + 1
+        self._retry = 0
+        if self._base > self.last_block:
+            return self._finish(Outcome.SENT)
+        return self._send_window(now)
+
+    def tick(self, now: float) -> list[bytes]:
+        """Advance the clock; on an expired deadline retransmit the window with backoff, or give up."""
+        if self.deadline is None or now < self.deadline:
+            return []
+        self._retry += 1
+        if self._retry > self.limits.retries:
+            return self._finish(Outcome.FAILED, f"timeout: no ACK after {self.limits.retries} retransmissions of block {self._base & 0xFFFF}")
+        out = self._send_window(now)
+        self.retransmitted += len(out)
+        return out
