@@ -1,0 +1,381 @@
+"""The TFTP service: a thin asyncio transport around the codec, the file store and one ReadSession per transfer.
+
+Requests arrive on config.tftp.port; every transfer gets its own ephemeral socket (its TID, RFC 1350 sec. 4).
+"""
+from __future__ import annotations
+
+import asyncio
+import errno
+import ipaddress
+import logging
+import resource
+import socket
+from dataclasses import dataclass, field
+from typing import Callable
+
+from appliance.config import ApplianceConfig
+from appliance.errors import BindError, MalformedPacket
+from appliance.events import EventBus, EventKind
+from netboot.tftp.codec import ErrorCode, ReadRequest, WriteRequest, decode, encode_error
+from netboot.tftp.files import FileCache, FileStore, TftpFile, TftpFileError, VirtualFiles
+from netboot.tftp.session import Outcome, ReadSession, SessionLimits
+
+log = logging.getLogger("rackboot.tftp")
+
+MacForIp = Callable[[ipaddress.IPv4Address], "str | None"]
+Address = tuple[str, int]
+MODES = ("octet", "netascii")
+_COUNTERS = (
+    "received", "sent", "dropped_malformed", "dropped_wrong_tid", "dropped_busy", "dropped_unexpected",
+    "requests", "duplicate_requests", "write_refused", "bad_mode", "not_found", "access_denied",
+    "transfers_sent", "transfers_failed", "transfers_aborted", "retransmitted", "duplicate_acks", "bytes_sent",
+)
+
+
+def raise_nofile_limit() -> int:
+    """Raise the RLIMIT_NOFILE soft limit to the hard limit (one socket per transfer); return the new soft limit."""
+    soft, hard = resource.getrlimit(resource.RLIMIT_NOFILE)
+    target = hard if hard != resource.RLIM_INFINITY else max(soft, 1 << 20)
+    if soft != resource.RLIM_INFINITY and soft < target:
+        try:
+            resource.setrlimit(resource.RLIMIT_NOFILE, (target, hard))
+            return target
+        except (ValueError, OSError) as exc:
+            log.warning("tftp: cannot raise RLIMIT_NOFILE from %d to %d: %s", soft, target, exc)
+    return soft
+
+
+def _format_options(options: dict[str, str]) -> str:
+    return " ".join(f"{k}={v}" for k, v in options.items())
+
+
+@dataclass(eq=False)
+class _Transfer:
+    """One client TID's transfer, from its RRQ until it ends (the file may still be loading)."""
+
+    client: Address
+    request: ReadRequest
+    mac: str | None
+    task: asyncio.Task[None] | None = None
+    endpoint: "_TransferEndpoint | None" = None
+    file: TftpFile | None = None
+    closed: bool = field(default=False)
+
+
+class _RequestEndpoint(asyncio.DatagramProtocol):
+    """The well-known port: hands every datagram to the service."""
+
+    def __init__(self, service: "TftpService") -> None:
+        self.service = service
+
+    def datagram_received(self, data: bytes, addr: Address) -> None:
+        self.service._on_request(data, addr)
+
+    def error_received(self, exc: Exception) -> None:
+        log.debug("tftp: request socket error: %s", exc)
+
+
+class _TransferEndpoint(asyncio.DatagramProtocol):
+    """One transfer's socket: feeds the client's datagrams and timer ticks to its ReadSession."""
+
+    def __init__(self, service: "TftpService", transfer: _Transfer, session: ReadSession) -> None:
+        self.service = service
+        self.transfer = transfer
+        self.client = transfer.client
+        self.session = session
+        self.loop = asyncio.get_running_loop()
+        self.transport: asyncio.DatagramTransport | None = None
+        self.timer: asyncio.TimerHandle | None = None
+
+    def connection_made(self, transport: asyncio.BaseTransport) -> None:
+        self.transport = transport  # type: ignore[assignment]
+
+    def send(self, datagrams: list[bytes]) -> None:
+        """Send datagrams to the client and re-arm the retransmission timer."""
+        if self.transport is None:
+            return
+        for d in datagrams:
+            self.transport.sendto(d, self.client)
+        self.service._counters["sent"] += len(datagrams)
+        if self.session.finished:
+            self.service._finish(self.transfer)
+            return
+        deadline = self.session.deadline
+        if deadline is None:
+            return
+        if self.timer is not None:
+            if self.timer.when() <= deadline:
+                return  # fires early, sees the later deadline, re-arms
+            self.timer.cancel()
+        self.timer = self.loop.call_at(deadline, self._on_timer)
+
+    def _on_timer(self) -> None:
+        when = self.timer.when() if self.timer is not None else 0.0
+        self.timer = None
+        self.send(self.session.tick(max(self.loop.time(), when)))
+
+    def datagram_received(self, data: bytes, addr: Address) -> None:
+        counters = self.service._counters
+        counters["received"] += 1
+        if addr != self.client:
+            # RFC 1350 sec. 4: a packet from a wrong TID gets ERROR 5 and does not disturb the transfer.
+            counters["dropped_wrong_tid"] += 1
+            if self.transport is not None:
+                self.transport.sendto(encode_error(ErrorCode.UNKNOWN_TID, "unknown transfer ID"), addr)
+                counters["sent"] += 1
+            return
+        try:
+            packet = decode(data)
+        except MalformedPacket as exc:
+            counters["dropped_malformed"] += 1
+            log.debug("tftp: malformed datagram from %s:%d: %s", addr[0], addr[1], exc)
+            return
+        self.send(self.session.receive(packet, self.loop.time()))
+
+    def error_received(self, exc: Exception) -> None:
+        log.debug("tftp: transfer socket error for %s:%d: %s", self.client[0], self.client[1], exc)
+
+    def close(self) -> None:
+        """Stop the timer and release the socket."""
+        if self.timer is not None:
+            self.timer.cancel()
+            self.timer = None
+        if self.transport is not None:
+            self.transport.close()
+            self.transport = None
+
+
+class TftpService:
+    """RFC 1350 read-only TFTP with RFC 2347/2348/2349/7440 options, for NBPs and per-MAC virtual files."""
+
+    name = "tftp"
+
+    def __init__(
+        self,
+        config: ApplianceConfig,
+        events: EventBus,
+        mac_for_ip: MacForIp,
+        virtual: VirtualFiles | None = None,
+        cache_bytes: int = 512 << 20,
+    ) -> None:
+        self.config = config
+        self.events = events
+        self.mac_for_ip = mac_for_ip
+        boot = config.boot
+        self.files = FileStore(
+            root=config.tftp.root,
+            ipxe_dir=boot.ipxe_dir,
+            nbp_names=tuple(n for n in (boot.bios_nbp, boot.uefi_nbp, boot.arm64_nbp) if n),
+            virtual=virtual,
+            cache=FileCache(cache_bytes),
+        )
+        self.limits = SessionLimits(
+            max_blksize=config.tftp.max_blksize,
+            max_windowsize=config.tftp.max_windowsize,
+            timeout=config.tftp.timeout,
+            retries=config.tftp.retries,
+        )
+        self._host = str(config.ip)
+        self._transport: asyncio.DatagramTransport | None = None
+        self._transfers: dict[Address, _Transfer] = {}
+        self._counters: dict[str, int] = dict.fromkeys(_COUNTERS, 0)
+
+    @property
+    def address(self) -> Address:
+        """The bound (host, port) of the request socket (useful when the configured port is 0)."""
+        if self._transport is None:
+            raise RuntimeError("tftp: not started")
+        host, port = self._transport.get_extra_info("sockname")[:2]
+        return (host, port)
+
+    async def start(self) -> None:
+        """Bind the request socket on (config.ip, config.tftp.port); raise BindError with the reason on failure."""
+        if self._transport is not None:
+            return
+        limit = raise_nofile_limit()
+        port = self.config.tftp.port
+        sock = socket.socket(socket.AF_INET, socket.SOCK_DGRAM)
+        try:
+            sock.setblocking(False)
+            try:
+                sock.setsockopt(socket.SOL_SOCKET, socket.SO_RCVBUF, 1 << 20)  # request bursts of a boot storm
+            except OSError:
+                pass
+            sock.bind((self._host, port))
+        except OSError as exc:
+            sock.close()
+            hint = {
+                errno.EADDRINUSE: " (port already in use: is another TFTP server such as tftpd-hpa running?)",
+                errno.EADDRNOTAVAIL: f" (address not configured on any interface: is {self.config.interface} up with {self.config.address}?)",
+                errno.EACCES: " (ports below 1024 need root or CAP_NET_BIND_SERVICE)",
+            }.get(exc.errno or 0, "")
+            raise BindError(f"tftp: cannot bind UDP {self._host}:{port}: {exc.strerror or exc}{hint}") from exc
+        loop = asyncio.get_running_loop()
+        transport, _ = await loop.create_datagram_endpoint(lambda: _RequestEndpoint(self), sock=sock)
+        self._transport = transport
+        log.info("tftp: serving %s on %s:%d (file descriptor limit %d)", self.config.tftp.root, *self.address, limit)
+
+    async def serve(self) -> None:
+        """Serve until cancelled (datagrams are handled by the endpoints' callbacks)."""
+        if self._transport is None:
+            raise RuntimeError("tftp: serve() before start()")
+        await asyncio.get_running_loop().create_future()
+
+    async def close(self) -> None:
+        """Abort every transfer and release every socket; safe to call twice."""
+        tasks = [t.task for t in self._transfers.values() if t.task is not None and not t.task.done()]
+        for transfer in list(self._transfers.values()):
+            self._drop(transfer)
+        if tasks:
+            await asyncio.gather(*tasks, return_exceptions=True)
+        if self._transport is not None:
+            self._transport.close()
+            self._transport = None
+
+    def stats(self) -> dict[str, int]:
+        """Return counters: datagrams, drops, requests, transfers, retransmissions, cache."""
+        cache = self.files.cache
+        return dict(self._counters) | {
+            "transfers_active": len(self._transfers),
+            "cache_hits": cache.hits,
+            "cache_misses": cache.misses,
+            "cache_bytes": cache.bytes,
+        }
+
+    # -- request socket -------------------------------------------------------------------------
+
+    def _publish(self, mac: str | None, kind: EventKind, **detail: object) -> None:
+        if mac:
+            self.events.publish(mac, kind, **detail)
+
+    def _reply_error(self, addr: Address, code: int, message: str) -> None:
+        if self._transport is not None:
+            self._transport.sendto(encode_error(code, message), addr)
+            self._counters["sent"] += 1
+
+    def _lookup_mac(self, host: str) -> str | None:
+        try:
+            return self.mac_for_ip(ipaddress.IPv4Address(host))
+        except Exception:  # a failing lookup must not cost the transfer
+            log.exception("tftp: mac_for_ip(%s) failed", host)
+            return None
+
+    def _on_request(self, data: bytes, addr: Address) -> None:
+        counters = self._counters
+        counters["received"] += 1
+        try:
+            packet = decode(data)
+        except MalformedPacket as exc:
+            counters["dropped_malformed"] += 1
+            log.debug("tftp: malformed request from %s:%d: %s", addr[0], addr[1], exc)
+            return
+        if isinstance(packet, WriteRequest):
+            counters["write_refused"] += 1
+            self._reply_error(addr, ErrorCode.ACCESS_VIOLATION, "write requests are not accepted")
+            self._publish(self._lookup_mac(addr[0]), EventKind.TFTP_FAILED, path=packet.filename, reason="write request refused")
+            return
+        if not isinstance(packet, ReadRequest):
+            counters["dropped_unexpected"] += 1
+            return
+        counters["requests"] += 1
+        existing = self._transfers.get(addr)
+        if existing is not None:
+            if existing.request == packet:
+                # The client repeated its RRQ because our first answer was late or lost; the
+                # transfer's own timer retransmits that answer.
+                counters["duplicate_requests"] += 1
+                return
+            self._drop(existing)  # the client restarted with another request from the same port
+        if len(self._transfers) >= self.config.tftp.max_sessions:
+            # Drop rather than refuse: the client retries its RRQ, where an ERROR would make it give up.
+            counters["dropped_busy"] += 1
+            return
+        if packet.mode not in MODES:
+            counters["bad_mode"] += 1
+            self._reply_error(addr, ErrorCode.ILLEGAL_OPERATION, f"unsupported transfer mode {packet.mode!r}")
+            return
+        mac = self._lookup_mac(addr[0])
+        self._publish(mac, EventKind.TFTP_REQUEST, path=packet.filename, options=_format_options(packet.options), mode=packet.mode)
+        transfer = _Transfer(client=addr, request=packet, mac=mac)
+        self._transfers[addr] = transfer
+        transfer.task = asyncio.get_running_loop().create_task(self._open(transfer))
+
+    async def _open(self, transfer: _Transfer) -> None:
+        """Find the file, open the transfer's socket and send the first datagrams."""
+        request, addr = transfer.request, transfer.client
+        try:
+            try:
+                file = await self.files.open(transfer.mac, request.filename, netascii=request.mode == "netascii")
+            except TftpFileError as exc:
+                self._counters["not_found" if exc.code == ErrorCode.FILE_NOT_FOUND else "access_denied"] += 1
+                self._reply_error(addr, exc.code, str(exc))
+                self._forget(transfer)
+                self._publish(transfer.mac, EventKind.TFTP_FAILED, path=request.filename, reason=str(exc))
+                return
+            if transfer.closed:
+                return
+            transfer.file = file
+            session = ReadSession(file.data, request.options, self.limits)
+            endpoint = _TransferEndpoint(self, transfer, session)
+            sock = socket.socket(socket.AF_INET, socket.SOCK_DGRAM)
+            try:
+                sock.setblocking(False)
+                sock.bind((self._host, 0))
+            except OSError:
+                sock.close()
+                raise
+            loop = asyncio.get_running_loop()
+            await loop.create_datagram_endpoint(lambda: endpoint, sock=sock)
+            transfer.endpoint = endpoint
+            if transfer.closed:
+                endpoint.close()
+                return
+            endpoint.send(session.start(loop.time()))
+        except asyncio.CancelledError:
+            raise
+        except OSError as exc:
+            # Out of file descriptors or ports: behave as when busy, the client will retry.
+            self._counters["dropped_busy"] += 1
+            log.warning("tftp: cannot open a transfer socket for %s:%d: %s", addr[0], addr[1], exc)
+            self._forget(transfer)
+        except Exception as exc:
+            log.exception("tftp: transfer of %r to %s:%d failed", request.filename, addr[0], addr[1])
+            self._reply_error(addr, ErrorCode.NOT_DEFINED, "internal server error")
+            self._forget(transfer)
+            self._publish(transfer.mac, EventKind.TFTP_FAILED, path=request.filename, reason=f"internal error: {exc}")
+
+    def _forget(self, transfer: _Transfer) -> None:
+        transfer.closed = True
+        if self._transfers.get(transfer.client) is transfer:
+            del self._transfers[transfer.client]
+        if transfer.endpoint is not None:
+            transfer.endpoint.close()
+
+    def _drop(self, transfer: _Transfer) -> None:
+        """End a transfer without an outcome (superseded, or the service closes)."""
+        if transfer.task is not None and not transfer.task.done():
+            transfer.task.cancel()
+        self._forget(transfer)
+
+    def _finish(self, transfer: _Transfer) -> None:
+        """Account for a transfer whose session ended, publish its outcome, release its socket."""
+        if transfer.closed or transfer.endpoint is None:
+            return
+        session = transfer.endpoint.session
+        self._forget(transfer)
+        counters = self._counters
+        counters["retransmitted"] += session.retransmitted
+        counters["duplicate_acks"] += session.duplicate_acks
+        file = transfer.file
+        path = file.name if file is not None else transfer.request.filename
+        if session.outcome is Outcome.SENT:
+            counters["transfers_sent"] += 1
+            counters["bytes_sent"] += session.size
+            kind = EventKind.NBP_SENT if file is not None and file.is_nbp else EventKind.TFTP_SENT
+            self._publish(transfer.mac, kind, path=path, bytes=session.size, blksize=session.blksize, windowsize=session.windowsize)
+        elif session.outcome is Outcome.ABORTED:
+            counters["transfers_aborted"] += 1  # e.g. OVMF's tsize probe: not a failure
+        else:
+            counters["transfers_failed"] += 1
+            log.info("tftp: %s to %s:%d failed: %s", path, transfer.client[0], transfer.client[1], session.reason)
+            self._publish(transfer.mac, EventKind.TFTP_FAILED, path=path, reason=session.reason)
