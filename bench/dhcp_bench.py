@@ -1,0 +1,381 @@
+#!/usr/bin/env python3
+"""DHCP benchmark: Kea's perfdhcp against rackboot, kea-dhcp4 and dnsmasq, one server at a time, same run.
+
+Topology (made with vmtestbed.netns.Lab, removed on success, failure and Ctrl-C):
+
+    [PREFIX-srv] s0 10.99.0.1/16  ==veth==  c0 10.99.0.2/16 [PREFIX-cli]
+     the server under test                    perfdhcp -l 10.99.0.2 (a relay: giaddr 10.99.0.2, port 67)
+
+Every server gets the same /16 subnet, the same dynamic pool (10.99.1.0-10.99.255.250), the same
+lease time and persists its leases in a temporary directory (rackboot: SQLite, Kea: memfile CSV,
+dnsmasq: its lease file). Each probe starts the server fresh, runs perfdhcp for --period seconds
+at a fixed rate of DORA exchanges, then stops the server. For each server the highest rate with
+under --max-drop % of exchanges unanswered is found by doubling the rate, then bisecting.
+Latency is compared at one fixed rate every server sustains (--latency-rate). Repeats interleave
+the servers (A B C, A B C, ...) so the machine's noise hits them alike; figures are medians.
+
+Run (as root, after ./setup.sh --bench):  .venv/bin/python bench/dhcp_bench.py
+"""
+from __future__ import annotations
+
+import argparse
+import json
+import math
+import os
+import re
+import subprocess
+import sys
+import tempfile
+import time
+from dataclasses import asdict, dataclass, field
+from pathlib import Path
+from typing import Any
+
+sys.path.insert(0, str(Path(__file__).resolve().parent))
+from measure import (  # noqa: E402
+    cpu_seconds, exit_cleanly_on_sigterm, fmt, machine_load, markdown_table, median, rackboot_executable,
+    require_root_and_tools, say, stop, udp_port_bound, wait_until, write_json,
+)
+from vmtestbed.netns import Lab, unique_prefix  # noqa: E402
+
+SERVER_IP = "10.99.0.1"
+CLIENT_IP = "10.99.0.2"
+PREFIXLEN = 16
+POOL = ("10.99.1.0", "10.99.255.250")
+LEASE_TIME = 3600
+SERVERS = ("rackboot", "kea", "dnsmasq")
+
+
+@dataclass
+class Probe:
+    """One perfdhcp run at a fixed rate against a freshly started server."""
+
+    server: str
+    rate: int
+    period: float
+    discovers: int = 0
+    offers: int = 0
+    requests: int = 0
+    acks: int = 0
+    do_avg_ms: float | None = None
+    do_max_ms: float | None = None
+    ra_avg_ms: float | None = None
+    ra_max_ms: float | None = None
+    exit_status: int = 0
+    server_cpu_s: float | None = None
+    load1: float | None = None
+    busy_pct: float | None = None
+    error: str = ""
+
+    @property
+    def drop_pct(self) -> float:
+        """Share of started exchanges that never got their ACK."""
+        return 100.0 if self.discovers == 0 else 100.0 * (1 - self.acks / self.discovers)
+
+    @property
+    def leases_per_s(self) -> float:
+        """ACKs received per second of test."""
+        return self.acks / self.period
+
+    @property
+    def cpu_us_per_lease(self) -> float | None:
+        """Server CPU time per completed exchange (robust to other load on the machine)."""
+        return None if self.server_cpu_s is None or self.acks == 0 else 1e6 * self.server_cpu_s / self.acks
+
+    def passed(self, max_drop: float) -> bool:
+        """Under max_drop % unanswered and at least 90 % of the asked rate really completed."""
+        return not self.error and self.drop_pct < max_drop and self.leases_per_s >= 0.9 * self.rate
+
+
+@dataclass
+class Search:
+    """The rate search of one server in one repeat."""
+
+    server: str
+    repeat: int
+    latency_probe: Probe | None = None
+    probes: list[Probe] = field(default_factory=list)
+
+    def best(self, max_drop: float) -> Probe | None:
+        """The passing probe with the most leases per second."""
+        candidates = self.probes + ([self.latency_probe] if self.latency_probe else [])
+        ok = [p for p in candidates if p.passed(max_drop)]
+        return max(ok, key=lambda p: p.leases_per_s) if ok else None
+
+
+def parse_perfdhcp(text: str, probe: Probe) -> None:
+    """Fill a probe from perfdhcp's final report (two sections: DISCOVER-OFFER and REQUEST-ACK)."""
+    sections = re.split(r"\*\*\*Statistics for: ", text)
+    for sec in sections[1:]:
+        kind = sec.split("*", 1)[0].strip()
+        sent = _int(r"sent packets: (\d+)", sec)
+        received = _int(r"received packets: (\d+)", sec)
+        avg = _float(r"avg delay: ([\d.]+) ms", sec)
+        mx = _float(r"max delay: ([\d.]+) ms", sec)
+        if kind == "DISCOVER-OFFER":
+            probe.discovers, probe.offers, probe.do_avg_ms, probe.do_max_ms = sent, received, avg, mx
+        elif kind == "REQUEST-ACK":
+            probe.requests, probe.acks, probe.ra_avg_ms, probe.ra_max_ms = sent, received, avg, mx
+
+
+def _int(pattern: str, text: str) -> int:
+    m = re.search(pattern, text)
+    return int(m.group(1)) if m else 0
+
+
+def _float(pattern: str, text: str) -> float | None:
+    m = re.search(pattern, text)
+    return float(m.group(1)) if m else None
+
+
+class ServerUnderTest:
+    """Starts one DHCP server in the server namespace with the common pool, in its own temp directory."""
+
+    def __init__(self, kind: str, lab: Lab, ns: str, ifname: str, rackboot: str) -> None:
+        self.kind = kind
+        self.lab = lab
+        self.ns = ns
+        self.ifname = ifname
+        self.rackboot = rackboot
+        self.proc: subprocess.Popen[bytes] | None = None
+        self._tmp: tempfile.TemporaryDirectory[str] | None = None
+        self.log: Path | None = None
+
+    def __enter__(self) -> "ServerUnderTest":
+        self._tmp = tempfile.TemporaryDirectory(prefix=f"rackboot-bench-{self.kind}-")
+        tmp = Path(self._tmp.name)
+        self.log = tmp / "server.log"
+        argv, env, ready = getattr(self, f"_{self.kind}")(tmp)
+        with open(self.log, "wb") as log:
+            self.proc = self.lab.popen(self.ns, argv, stdout=log, stderr=subprocess.STDOUT, env=env)
+        wait_until(ready, self.proc, self.kind, self.log)
+        return self
+
+    def __exit__(self, *exc: object) -> None:
+        if self.proc is not None:
+            stop(self.proc)
+        if self._tmp is not None:
+            self._tmp.cleanup()
+
+    def alive(self) -> bool:
+        """True while the server process runs."""
+        return self.proc is not None and self.proc.poll() is None
+
+    def _rackboot(self, tmp: Path) -> tuple[list[str], dict[str, str], Any]:
+        (tmp / "tftp").mkdir()
+        (tmp / "files").mkdir()
+        (tmp / "nodes.yaml").write_text(
+            # One reserved node outside the pool: the benchmark clients all come from the pool.
+            'nodes:\n  - name: node-1\n    mac: "52:54:00:99:00:01"\n    ip: 10.99.0.11\n'
+        )
+        (tmp / "rackboot.yaml").write_text(
+            f"interface: {self.ifname}\naddress: {SERVER_IP}/{PREFIXLEN}\nstate_dir: {tmp / 'state'}\n"
+            f"http_port: 8080\ninventory: nodes.yaml\n"
+            f"dhcp:\n  mode: authoritative\n  pool: {POOL[0]}-{POOL[1]}\n  lease_time: {LEASE_TIME}\n"
+            f"  router_advertisements: false\n"
+            f"tftp:\n  root: {tmp / 'tftp'}\nhttp:\n  files: {tmp / 'files'}\n"
+            f"dns:\n  domain: bench.test\n"
+        )
+        ready_file = tmp / "state" / "serve.ready"
+        return [self.rackboot, "serve", "--config", str(tmp / "rackboot.yaml")], dict(os.environ), ready_file.exists
+
+    def _kea(self, tmp: Path) -> tuple[list[str], dict[str, str], Any]:
+        conf = {"Dhcp4": {
+            # UDP sockets: every benchmark exchange is relayed (perfdhcp sets giaddr), no raw socket needed.
+            "interfaces-config": {"interfaces": [f"{self.ifname}/{SERVER_IP}"], "dhcp-socket-type": "udp"},
+            "lease-database": {"type": "memfile", "persist": True, "name": str(tmp / "leases.csv"), "lfc-interval": 0},
+            "valid-lifetime": LEASE_TIME,
+            "subnet4": [{"id": 1, "subnet": f"10.99.0.0/{PREFIXLEN}", "pools": [{"pool": f"{POOL[0]} - {POOL[1]}"}]}],
+            "loggers": [{"name": "kea-dhcp4", "output_options": [{"output": "stdout"}], "severity": "WARN"}],
+        }}
+        (tmp / "kea.json").write_text(json.dumps(conf, indent=1))
+        # Kea's lock and pid files go to the temp dir, never to /run/kea.
+        env = dict(os.environ, KEA_LOCKFILE_DIR=str(tmp), KEA_PIDFILE_DIR=str(tmp), KEA_LOGGER_DESTINATION="stdout")
+        return ["kea-dhcp4", "-c", str(tmp / "kea.json")], env, lambda: udp_port_bound(self.lab, self.ns, 67)
+
+    def _dnsmasq(self, tmp: Path) -> tuple[list[str], dict[str, str], Any]:
+        argv = [
+            "dnsmasq", "--no-daemon", "--conf-file=/dev/null", "--port=0",
+            f"--interface={self.ifname}", "--bind-interfaces",
+            f"--dhcp-range={POOL[0]},{POOL[1]},255.255.0.0,{LEASE_TIME}",
+            f"--dhcp-leasefile={tmp / 'leases'}", "--dhcp-lease-max=100000",
+            # No ICMP probe before each new offer: it holds every new client ~3 s here, and the other
+            # servers do not probe either. No per-packet logging (Kea logs at WARN, rackboot at INFO).
+            "--no-ping", "--quiet-dhcp", f"--pid-file={tmp / 'dnsmasq.pid'}",
+        ]
+        return argv, dict(os.environ), lambda: udp_port_bound(self.lab, self.ns, 67)
+
+
+def run_probe(lab: Lab, server_ns: str, client_ns: str, kind: str, rackboot: str, rate: int, args: argparse.Namespace) -> Probe:
+    """Start the server fresh, run perfdhcp at one rate, stop the server; return what perfdhcp saw."""
+    probe = Probe(server=kind, rate=rate, period=args.period)
+    load = machine_load(0.5)
+    probe.load1, probe.busy_pct = load["load1"], load["busy_pct"]
+    try:
+        with ServerUnderTest(kind, lab, server_ns, "s0", rackboot) as srv:
+            assert srv.proc is not None
+            cpu0 = cpu_seconds(srv.proc.pid)
+            argv = ["perfdhcp", "-4", "-l", CLIENT_IP, "-r", str(rate), "-R", str(args.clients),
+                    "-p", str(args.period), SERVER_IP]
+            out = lab.run(client_ns, argv, timeout=args.period + 60)
+            probe.exit_status = out.returncode
+            if srv.alive():
+                probe.server_cpu_s = cpu_seconds(srv.proc.pid) - cpu0
+            else:
+                probe.error = f"server exited with status {srv.proc.returncode} during the run"
+            # Status 3: some exchanges unanswered (not a crash); anything else but 0 is a perfdhcp failure.
+            if out.returncode not in (0, 3):
+                probe.error = probe.error or f"perfdhcp exit {out.returncode}: {out.stderr.strip()[-300:]}"
+            parse_perfdhcp(out.stdout, probe)
+            if probe.error and srv.log is not None:
+                probe.error += " | server log: " + " / ".join(srv.log.read_text(errors="replace").splitlines()[-5:])
+    except RuntimeError as exc:
+        probe.error = str(exc)
+    verdict = "pass" if probe.passed(args.max_drop) else "FAIL"
+    say(f"  {kind:9s} rate {rate:6d}/s: {probe.leases_per_s:8.1f} leases/s, drop {probe.drop_pct:5.2f} %, "
+        f"DO avg {fmt(probe.do_avg_ms, 2)} ms, RA avg {fmt(probe.ra_avg_ms, 2)} ms, "
+        f"server CPU {fmt(probe.cpu_us_per_lease)} us/lease, load {probe.load1} busy {probe.busy_pct} % -> {verdict}"
+        + (f" [{probe.error[-700:]}]" if probe.error else ""))
+    return probe
+
+
+def search_rate(lab: Lab, server_ns: str, client_ns: str, kind: str, rackboot: str, repeat: int, args: argparse.Namespace) -> Search:
+    """Latency probe at the common rate, then double the rate until a probe fails, then bisect (geometric)."""
+    search = Search(server=kind, repeat=repeat)
+    search.latency_probe = run_probe(lab, server_ns, client_ns, kind, rackboot, args.latency_rate, args)
+    if search.latency_probe.acks == 0:
+        say(f"  {kind}: does not answer at all, skipping its rate search")
+        return search
+    lo, hi = 0, 0
+    rate = args.start_rate
+    while lo == 0 or hi == 0:
+        probe = run_probe(lab, server_ns, client_ns, kind, rackboot, rate, args)
+        search.probes.append(probe)
+        if probe.passed(args.max_drop):
+            lo = rate
+            if hi == 0 and rate * 2 > args.max_rate:
+                return search  # passed up to --max-rate
+            rate = rate * 2 if hi == 0 else rate
+        else:
+            hi = rate
+            if lo == 0 and rate // 2 < 10:
+                return search  # fails even at 10 exchanges/s
+            rate = rate // 2 if lo == 0 else rate
+        if lo and hi:
+            break
+    while hi / lo > 1 + args.precision:
+        mid = int(round(math.sqrt(lo * hi)))
+        if mid in (lo, hi):
+            break
+        probe = run_probe(lab, server_ns, client_ns, kind, rackboot, mid, args)
+        search.probes.append(probe)
+        if probe.passed(args.max_drop):
+            lo = mid
+        else:
+            hi = mid
+    return search
+
+
+def report(searches: list[Search], args: argparse.Namespace, loads: list[dict[str, Any]]) -> str:
+    """Markdown: per server the median best rate, latency at the common rate, CPU per lease, ratios."""
+    rows = []
+    med: dict[str, dict[str, float | None]] = {}
+    for kind in args.servers:
+        mine = [s for s in searches if s.server == kind]
+        bests = [s.best(args.max_drop) for s in mine]
+        lat = [s.latency_probe for s in mine if s.latency_probe is not None and s.latency_probe.passed(args.max_drop)]
+        m = {
+            "rate": median([b.leases_per_s for b in bests if b is not None]),
+            "runs": [round(b.leases_per_s) if b else None for b in bests],
+            "do_best": median([b.do_avg_ms for b in bests if b is not None and b.do_avg_ms is not None]),
+            "ra_best": median([b.ra_avg_ms for b in bests if b is not None and b.ra_avg_ms is not None]),
+            "do_lat": median([p.do_avg_ms for p in lat if p.do_avg_ms is not None]),
+            "ra_lat": median([p.ra_avg_ms for p in lat if p.ra_avg_ms is not None]),
+            "do_lat_max": median([p.do_max_ms for p in lat if p.do_max_ms is not None]),
+            "ra_lat_max": median([p.ra_max_ms for p in lat if p.ra_max_ms is not None]),
+            "cpu": median([p.cpu_us_per_lease for p in lat if p.cpu_us_per_lease is not None]),
+        }
+        med[kind] = m  # type: ignore[assignment]
+    base = med.get("rackboot", {}).get("rate")
+    for kind in args.servers:
+        m = med[kind]
+        ratio = (base / m["rate"]) if base and m["rate"] and kind != "rackboot" else None
+        rows.append([
+            kind, fmt(m["rate"]), " / ".join("-" if r is None else str(r) for r in m["runs"]),  # type: ignore[union-attr]
+            fmt(m["do_best"], 2) + " / " + fmt(m["ra_best"], 2),
+            fmt(m["do_lat"], 2) + " / " + fmt(m["ra_lat"], 2),
+            fmt(m["do_lat_max"], 1) + " / " + fmt(m["ra_lat_max"], 1),
+            fmt(m["cpu"]),
+            "-" if kind == "rackboot" else (fmt(ratio, 2) if ratio is not None else "-"),
+        ])
+    headers = ["server", "leases/s at <{}% drop (median)".format(args.max_drop), "per repeat",
+               "avg DO / RA ms at that rate", f"avg DO / RA ms at {args.latency_rate}/s",
+               f"max DO / RA ms at {args.latency_rate}/s", f"server CPU us/lease at {args.latency_rate}/s",
+               "rackboot / this server"]
+    loads_txt = "; ".join(f"{l['when']}: load {l['load1']:.2f} {l['load5']:.2f} {l['load15']:.2f}, CPUs {l['busy_pct']} % busy" for l in loads)
+    return "\n".join([
+        f"perfdhcp -4 -l {CLIENT_IP} -r RATE -R {args.clients} -p {args.period} {SERVER_IP}; "
+        f"{args.repeats} repeats, servers interleaved; pool {POOL[0]}-{POOL[1]}.",
+        f"Machine: {loads_txt}.",
+        "",
+        markdown_table(headers, rows),
+    ])
+
+
+def main(argv: list[str] | None = None) -> int:
+    """Run the DHCP benchmark and print a markdown report."""
+    ap = argparse.ArgumentParser(description=__doc__.split("\n\n")[0])
+    ap.add_argument("--servers", default=",".join(SERVERS), help="comma-separated, from: " + ", ".join(SERVERS))
+    ap.add_argument("--repeats", type=int, default=3)
+    ap.add_argument("--period", type=int, default=10, help="seconds of perfdhcp traffic per probe")
+    ap.add_argument("--clients", type=int, default=20000, help="perfdhcp -R: simulated clients (distinct MACs)")
+    ap.add_argument("--start-rate", type=int, default=250, help="first rate of the search (exchanges/s)")
+    ap.add_argument("--max-rate", type=int, default=16000)
+    ap.add_argument("--precision", type=float, default=0.1, help="stop bisecting when hi/lo < 1 + this")
+    ap.add_argument("--max-drop", type=float, default=1.0, help="percent of unanswered exchanges a passing rate may have")
+    ap.add_argument("--latency-rate", type=int, default=200, help="the common rate at which latencies are compared")
+    ap.add_argument("--rackboot", default=None, help="rackboot executable (default: the one next to this Python)")
+    ap.add_argument("--json", help="also write every probe as JSON to this file")
+    args = ap.parse_args(argv)
+    args.servers = [s.strip() for s in args.servers.split(",") if s.strip()]
+    unknown = set(args.servers) - set(SERVERS)
+    if unknown:
+        ap.error(f"unknown servers: {', '.join(sorted(unknown))}")
+    tools = ["perfdhcp", "ss"] + [{"kea": "kea-dhcp4", "dnsmasq": "dnsmasq"}[s] for s in args.servers if s != "rackboot"]
+    require_root_and_tools(tools)
+    rackboot = args.rackboot or (rackboot_executable() if "rackboot" in args.servers else "")
+    exit_cleanly_on_sigterm()
+
+    loads = [dict(machine_load(), when="start")]
+    say(f"machine at start: {loads[0]['uptime']} (CPUs {loads[0]['busy_pct']} % busy)")
+    searches: list[Search] = []
+    with Lab(unique_prefix("bench")) as lab:
+        server_ns, client_ns = lab.ns("srv"), lab.ns("cli")
+        lab.veth(server_ns, "s0", client_ns, "c0")
+        lab.addr(server_ns, "s0", f"{SERVER_IP}/{PREFIXLEN}")
+        lab.addr(client_ns, "c0", f"{CLIENT_IP}/{PREFIXLEN}")
+        say(f"namespaces {server_ns} (server) and {client_ns} (perfdhcp)")
+        for repeat in range(1, args.repeats + 1):
+            for kind in args.servers:
+                say(f"repeat {repeat}/{args.repeats}: {kind}")
+                searches.append(search_rate(lab, server_ns, client_ns, kind, rackboot, repeat, args))
+            loads.append(dict(machine_load(), when=f"after repeat {repeat}"))
+    text = report(searches, args, loads)
+    print(text)
+    write_json(args.json, {
+        "args": vars(args), "loads": loads,
+        "searches": [{"server": s.server, "repeat": s.repeat,
+                      "latency_probe": asdict(s.latency_probe) if s.latency_probe else None,
+                      "probes": [asdict(p) | {"drop_pct": p.drop_pct, "leases_per_s": p.leases_per_s} for p in s.probes]}
+                     for s in searches],
+        "report": text,
+    })
+    return 0
+
+
+if __name__ == "__main__":
+    try:
+        sys.exit(main())
+    except KeyboardInterrupt:
+        say("interrupted; namespaces and servers removed")
+        sys.exit(130)
