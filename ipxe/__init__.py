@@ -15,3 +15,13 @@ def script_path(mac: str) -> str:
 def nbp_path(name: str) -> str:
     """Return the HTTP path of an iPXE binary (UEFI HTTP boot fetches the NBP over HTTP)."""
     return f"/nbp/{name}"
+
+
+def callback_path(mac: str) -> str:
+    """Return the HTTP path a node's scripts and deploy environment report progress to."""
+    return f"/callback/{mac_slug(mac)}"
+
+
+def files_path(relative: str) -> str:
+    """Return the HTTP path of a file under the HTTP files root."""
+    return f"/files/{relative.lstrip('/')}"
