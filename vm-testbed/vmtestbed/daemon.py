@@ -1,0 +1,154 @@
+"""The node daemon: every virtual node and BMC of a testbed in one asyncio process, with a control socket.
+
+`rackboot testbed up` starts it in the testbed's BMC namespace (`python -m vmtestbed.daemon STATE_DIR`);
+it writes STATE_DIR/daemon.ready once every BMC is bound, and answers JSON requests, one per line, on
+the Unix socket STATE_DIR/control.sock (vmtestbed.control is the client).
+"""
+from __future__ import annotations
+
+import argparse
+import asyncio
+import json
+import logging
+import os
+import resource
+import signal
+import sys
+import time
+from concurrent.futures import ThreadPoolExecutor
+from pathlib import Path
+from typing import Any
+
+from vmtestbed.appliance_files import BMC_USER, bmc_password
+from vmtestbed.bmc import BmcFarm
+from vmtestbed.faults import assign_faults, parse_faults, parse_post_delay
+from vmtestbed.firmware import FirmwareSettings, VirtualNode, write_disk_identity
+from vmtestbed.plan import TestbedPlan
+
+log = logging.getLogger("rackboot.testbed.daemon")
+CONTROL_SOCKET = "control.sock"
+READY_FILE = "daemon.ready"
+PLAN_FILE = "plan.json"
+
+
+def disk_path(state_dir: Path, node: str) -> Path:
+    """Where a node's sparse virtual disk lives."""
+    return state_dir / "disks" / f"{node}.img"
+
+
+def rss_bytes() -> int:
+    """Return this process's resident memory."""
+    with open("/proc/self/statm") as f:
+        return int(f.read().split()[1]) * os.sysconf("SC_PAGE_SIZE")
+
+
+class NodeDaemon:
+    """Owns the nodes, their BMCs and the control socket."""
+
+    def __init__(self, state_dir: Path) -> None:
+        self.state_dir = state_dir
+        self.plan = TestbedPlan.load(state_dir / PLAN_FILE)
+        self.nodes: dict[str, VirtualNode] = {}
+        self.farm: BmcFarm | None = None
+        self.started = time.time()
+        self._stop = asyncio.Event()
+
+    async def run(self) -> None:
+        """Create nodes and BMCs, serve the control socket until SIGTERM, then power everything off."""
+        loop = asyncio.get_running_loop()
+        plan = self.plan
+        faults = assign_faults(parse_faults(plan.faults), [n.name for n in plan.node_list], plan.seed)
+        settings = FirmwareSettings(appliance_url=plan.appliance_url, post=parse_post_delay(plan.post_s), seed=plan.seed)
+        pool = ThreadPoolExecutor(max_workers=2, thread_name_prefix="netlink")
+        for n in plan.node_list:
+            self.nodes[n.name] = VirtualNode(n, faults[n.name], disk_path(self.state_dir, n.name), settings, pool)
+        self.farm = BmcFarm(loop)
+        users = {BMC_USER: bmc_password(plan)}
+        for n in plan.node_list:
+            if not faults[n.name].bmc_dead:
+                self.farm.add(self.nodes[n.name], n.bmc_ip, users, faults[n.name].bmc_slow_s)
+        self.farm.wake()
+        sock_path = self.state_dir / CONTROL_SOCKET
+        sock_path.unlink(missing_ok=True)
+        server = await asyncio.start_unix_server(self._client, path=str(sock_path), limit=1 << 20)
+        for sig in (signal.SIGTERM, signal.SIGINT):
+            loop.add_signal_handler(sig, self._stop.set)
+        (self.state_dir / READY_FILE).write_text(f"{os.getpid()}\n")
+        log.info("%d nodes, %d BMCs ready (%.1f MB)", len(self.nodes), len(self.farm.bmcs), rss_bytes() / 1e6)
+        try:
+            await self._stop.wait()
+        finally:
+            server.close()
+            for node in self.nodes.values():
+                node.power_off()
+            self.farm.close()
+            await asyncio.sleep(0.2)
+            pool.shutdown(wait=False, cancel_futures=True)
+
+    async def _client(self, reader: asyncio.StreamReader, writer: asyncio.StreamWriter) -> None:
+        try:
+            while line := await reader.readline():
+                try:
+                    reply = self.handle(json.loads(line))
+                except (ValueError, KeyError, TypeError) as exc:
+                    reply = {"ok": False, "error": f"{exc.__class__.__name__}: {exc}"}
+                writer.write(json.dumps(reply).encode() + b"\n")
+                await writer.drain()
+        except (ConnectionError, asyncio.IncompleteReadError):
+            pass
+        finally:
+            writer.close()
+
+    def _select(self, names: Any) -> list[VirtualNode]:
+        if names in (None, "all"):
+            return list(self.nodes.values())
+        return [self.nodes[n] for n in names]
+
+    def handle(self, req: dict[str, Any]) -> dict[str, Any]:
+        """Answer one control request."""
+        op = req.get("op")
+        if op == "status":
+            nodes = [n.status() for n in self._select(req.get("nodes"))]
+            if not req.get("history"):
+                for s in nodes:
+                    s.pop("history")
+            return {"ok": True, "name": self.plan.name, "pid": os.getpid(), "rss": rss_bytes(), "uptime": time.time() - self.started,
+                    "bmcs": len(self.farm.bmcs) if self.farm else 0, "nodes": nodes}
+        if op == "power":
+            action = req["action"]
+            done = {}
+            for node in self._select(req.get("nodes")):
+                fn = {"on": node.power_on, "off": node.power_off, "reset": node.reset}[action]
+                done[node.name] = fn()
+            return {"ok": True, "changed": done}
+        if op == "bootdev":
+            for node in self._select(req.get("nodes")):
+                node.set_boot_device(req["device"], bool(req.get("persistent")))
+            return {"ok": True}
+        if op == "write-disk":
+            write_disk_identity(self.nodes[req["node"]].disk, dict(req["identity"]))
+            return {"ok": True}
+        if op == "ping":
+            return {"ok": True, "pid": os.getpid()}
+        return {"ok": False, "error": f"unknown op {op!r}"}
+
+
+def main(argv: list[str] | None = None) -> int:
+    """Entry point: python -m vmtestbed.daemon STATE_DIR."""
+    parser = argparse.ArgumentParser(prog="vmtestbed.daemon")
+    parser.add_argument("state_dir", type=Path)
+    parser.add_argument("-v", "--verbose", action="store_true")
+    args = parser.parse_args(argv)
+    logging.basicConfig(level=logging.DEBUG if args.verbose else logging.INFO, format="%(asctime)s %(levelname)s %(name)s: %(message)s")
+    soft, hard = resource.getrlimit(resource.RLIMIT_NOFILE)
+    want = max(soft, 65536)
+    try:
+        resource.setrlimit(resource.RLIMIT_NOFILE, (want, max(hard, want)))
+    except (ValueError, OSError):
+        resource.setrlimit(resource.RLIMIT_NOFILE, (hard, hard))
+    asyncio.run(NodeDaemon(args.state_dir).run())
+    return 0
+
+
+if __name__ == "__main__":
+    sys.exit(main())

@@ -1,0 +1,178 @@
+"""A testbed's life: up (network, files, node daemon), status, exec, down (also after a crash).
+
+Everything a testbed makes is found again from its name: namespaces are named rbt-NAME-*, its state,
+generated files and disks live in /run/rackboot-testbed/NAME/. The plan and state are written to disk
+before anything is created, so `down` removes a half-built or crashed testbed as well.
+"""
+from __future__ import annotations
+
+import json
+import os
+import shutil
+import signal
+import subprocess
+import sys
+import time
+from dataclasses import dataclass
+from pathlib import Path
+from typing import Any, Callable
+
+from vmtestbed.appliance_files import ApplianceFiles, write_appliance_files
+from vmtestbed.daemon import PLAN_FILE, READY_FILE, disk_path, rss_bytes
+from vmtestbed.plan import STATE_ROOT, TestbedPlan, validate_name
+from vmtestbed.topology import build, destroy, existing_namespaces
+
+STATE_FILE = "state.json"
+DISK_BYTES = 8 << 30  # sparse: nothing is allocated until written
+
+
+class TestbedError(Exception):
+    """A testbed cannot be built, found or reached."""
+
+
+@dataclass(frozen=True)
+class UpResult:
+    """What `up` made and how long it took."""
+
+    plan: TestbedPlan
+    files: ApplianceFiles
+    daemon_pid: int
+    network_s: float
+    total_s: float
+
+
+def state_dir(name: str) -> Path:
+    """Where the testbed NAME keeps its state."""
+    return STATE_ROOT / validate_name(name)
+
+
+def read_state(name: str) -> dict[str, Any]:
+    """Return the recorded state of a testbed (empty when none)."""
+    try:
+        return dict(json.loads((state_dir(name) / STATE_FILE).read_text()))
+    except (OSError, ValueError):
+        return {}
+
+
+def write_state(plan: TestbedPlan, **changes: Any) -> None:
+    """Update the recorded state of a testbed (atomically)."""
+    path = plan.state_dir / STATE_FILE
+    state = read_state(plan.name) or {"name": plan.name, "prefix": plan.prefix, "created": time.time()}
+    state.update(changes)
+    tmp = path.with_suffix(".tmp")
+    tmp.write_text(json.dumps(state, indent=1))
+    tmp.replace(path)
+
+
+def load_plan(name: str) -> TestbedPlan:
+    """Return the plan of an existing testbed; raise TestbedError when there is none."""
+    try:
+        return TestbedPlan.load(state_dir(name) / PLAN_FILE)
+    except OSError as exc:
+        raise TestbedError(f"no testbed named {name!r} (no {state_dir(name) / PLAN_FILE})") from exc
+
+
+def up(plan: TestbedPlan, say: Callable[[str], None] = lambda _m: None, daemon_args: tuple[str, ...] = ()) -> UpResult:
+    """Build the testbed and start its node daemon; on any failure (or Ctrl-C) remove what was made."""
+    t0 = time.monotonic()
+    sd = plan.state_dir
+    if sd.exists() or existing_namespaces(plan.prefix):
+        raise TestbedError(f"testbed {plan.name!r} already exists: `rackboot testbed down --name {plan.name}` first")
+    sd.mkdir(parents=True)
+    try:
+        plan.save(sd / PLAN_FILE)
+        write_state(plan, phase="building")
+        network_s = build(plan, progress=say)
+        say(f"network: {len(plan.namespaces)} namespaces in {network_s:.1f}s")
+        files = write_appliance_files(plan, sd / "appliance")
+        (sd / "disks").mkdir()
+        for n in plan.node_list:
+            with disk_path(sd, n.name).open("wb") as f:
+                f.truncate(DISK_BYTES)
+        log = (sd / "daemon.log").open("ab")
+        proc = subprocess.Popen(
+            ["ip", "netns", "exec", plan.bmc_ns, sys.executable, "-m", "vmtestbed.daemon", str(sd), *daemon_args],
+            stdin=subprocess.DEVNULL, stdout=log, stderr=subprocess.STDOUT, start_new_session=True,
+        )
+        log.close()
+        write_state(plan, phase="starting", daemon_pid=proc.pid)
+        deadline = time.monotonic() + 60 + plan.nodes * 0.05
+        while not (sd / READY_FILE).exists():
+            if proc.poll() is not None:
+                raise TestbedError(f"the node daemon exited with status {proc.returncode}; see {sd / 'daemon.log'}")
+            if time.monotonic() > deadline:
+                raise TestbedError(f"the node daemon did not get ready in time; see {sd / 'daemon.log'}")
+            time.sleep(0.05)
+        write_state(plan, phase="up", config=str(files.config), inventory=str(files.inventory))
+    except BaseException:
+        down(plan.name)
+        raise
+    return UpResult(plan=plan, files=files, daemon_pid=proc.pid, network_s=network_s, total_s=time.monotonic() - t0)
+
+
+def _alive(pid: int) -> bool:
+    try:
+        os.kill(pid, 0)
+    except ProcessLookupError:
+        return False
+    except PermissionError:
+        return True
+    return True
+
+
+def down(name: str) -> list[str]:
+    """Stop every process of the testbed, remove its namespaces (and so every link) and its state; return the namespaces removed."""
+    validate_name(name)
+    sd = STATE_ROOT / name
+    state = read_state(name)
+    prefix = str(state.get("prefix") or f"rbt-{name}-")
+    # Processes recorded by pid: stop them first so that nothing restarts a boot while the network goes.
+    for key in ("appliance_pid", "daemon_pid"):
+        pid = state.get(key)
+        if isinstance(pid, int) and pid > 1 and _alive(pid) and _belongs(pid, prefix, sd):
+            try:
+                os.kill(pid, signal.SIGTERM)
+            except ProcessLookupError:
+                pass
+    # Then everything inside the namespaces (recorded or not), then the namespaces themselves.
+    removed = destroy(prefix)
+    if sd.exists():
+        shutil.rmtree(sd, ignore_errors=True)
+    return removed
+
+
+def _belongs(pid: int, prefix: str, sd: Path) -> bool:
+    """Tell whether pid is one of this testbed's processes (guards against a recycled pid)."""
+    try:
+        cmdline = Path(f"/proc/{pid}/cmdline").read_bytes().replace(b"\0", b" ").decode("utf-8", "replace")
+    except OSError:
+        return False
+    return str(sd) in cmdline or prefix in cmdline
+
+
+def exec_in(name: str, target: str, argv: list[str]) -> None:
+    """Replace this process with argv running inside a testbed namespace (a node name, appliance, fabric or bmc)."""
+    plan = load_plan(name)
+    special = {"appliance": plan.appliance_ns, "fabric": plan.fabric_ns, "bmc": plan.bmc_ns}
+    if target in special:
+        ns = special[target]
+    else:
+        try:
+            ns = plan.node(target).namespace
+        except KeyError:
+            raise TestbedError(f"testbed {name}: no node {target!r} (nodes are node-1..node-{plan.nodes}; also appliance, fabric, bmc)") from None
+    if not argv:
+        argv = [os.environ.get("SHELL", "/bin/sh")]
+    os.execvp("ip", ["ip", "netns", "exec", ns, *argv])
+
+
+def list_testbeds() -> list[str]:
+    """Return the names of the testbeds with state on this machine."""
+    if not STATE_ROOT.is_dir():
+        return []
+    return sorted(p.name for p in STATE_ROOT.iterdir() if p.is_dir())
+
+
+def self_rss() -> int:
+    """Resident memory of this process (for the scale benchmark)."""
+    return rss_bytes()
