@@ -9,7 +9,9 @@ around here, in one place (install_many_bmc_support):
   - its I/O thread only watches the sockets that existed when it last woke: the farm wakes it with a
     datagram shorter than 4 bytes (which pyghmi discards) after adding BMCs (field notes).
 The base class ignores the persistent and EFI bits of the boot flags; VirtualBmc keeps them (IPMI 2.0
-table 28-14, boot option parameter 5).
+table 28-14, boot option parameter 5). pyghmi's server answers every RMCP+ open session request with
+cipher suite 3 whatever was proposed; pyghmi's own client proposes SHA-256 first and cannot use that
+answer, so a proposal other than suite 3 is refused (status 0x11) and the client falls back to SHA-1.
 """
 from __future__ import annotations
 
@@ -21,6 +23,7 @@ import threading
 from typing import Any, Callable
 
 import pyghmi.ipmi.bmc as pyghmi_bmc
+import pyghmi.ipmi.private.serversession as serversession
 import pyghmi.ipmi.private.session as ipmisession
 
 from vmtestbed.firmware import VirtualNode
@@ -114,6 +117,22 @@ def install_many_bmc_support() -> None:
     _installed = True
 
 
+RMCP_NO_CIPHER_SUITE_MATCH = 0x11  # IPMI 2.0 table 13-15
+
+
+class _CipherSuite3Session(serversession.ServerSession):
+    """A server session that refuses proposals other than cipher suite 3 instead of ignoring them."""
+
+    def create_open_session_response(self, request: bytearray) -> bytearray:
+        """Answer an RMCP+ Open Session Request (IPMI 2.0 sec. 13.17): suite 3 or a refusal."""
+        req = bytearray(request)
+        # Algorithms proposed (table 13-16): authentication at byte 12, integrity at 20, confidentiality at 28.
+        if len(req) >= 32 and (req[12], req[20], req[28]) != (1, 1, 1):
+            self.clientsessionid = req[4:8]
+            return bytearray([req[0], RMCP_NO_CIPHER_SUITE_MATCH, 0, 0]) + req[4:8]
+        return super().create_open_session_response(request)
+
+
 class VirtualBmc(pyghmi_bmc.Bmc):
     """The BMC of one virtual node; IPMI handlers run on pyghmi's thread and act on the node in its event loop."""
 
@@ -124,6 +143,15 @@ class VirtualBmc(pyghmi_bmc.Bmc):
         self.loop = loop
         self.slow_s = slow_s
         self.commands = 0
+
+    def sessionless_data(self, data: bytes, sockaddr: Any) -> None:
+        """Open RMCP+ sessions with _CipherSuite3Session; everything else as pyghmi does."""
+        d = bytearray(data)
+        # RMCP (byte 0 = 6, class IPMI 0x07), auth type 6 = RMCP+, payload type 16 = open session request.
+        if len(d) >= 22 and d[0] == 6 and d[2:4] == b"\xff\x07" and d[4] == 6 and d[5] == 16:
+            _CipherSuite3Session(self.authdata, self.kg, sockaddr, self.serversocket, d[16:], self.uuid, bmc=self)
+            return
+        super().sessionless_data(data, sockaddr)
 
     def _on_loop(self, fn: Callable[[], Any]) -> Any:
         """Run fn in the nodes' event loop and wait for its result (so `power on; power status` agree)."""

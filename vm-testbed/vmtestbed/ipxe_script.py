@@ -75,6 +75,14 @@ class _Boot(Exception):
         self.outcome = outcome
 
 
+class _Replace(Exception):
+    """`chain --replace` of a script: the running script stack is replaced by the new one."""
+
+    def __init__(self, image: Image) -> None:
+        super().__init__(image.uri)
+        self.image = image
+
+
 @dataclass
 class Interpreter:
     """One iPXE instance: settings, image list and the script stack."""
@@ -88,12 +96,16 @@ class Interpreter:
 
     async def run_script(self, data: bytes, uri: str) -> Outcome:
         """Run a script image to its end; return how the boot ends."""
-        try:
-            await self._execute(data.decode("utf-8", "replace"), uri, depth=0)
-        except _Boot as boot:
-            return boot.outcome
-        # A script that runs off its end without booting returns to iPXE, which returns to the firmware.
-        return Outcome("local", error="script ended without booting")
+        while True:
+            try:
+                await self._execute(data.decode("utf-8", "replace"), uri, depth=0)
+            except _Boot as boot:
+                return boot.outcome
+            except _Replace as replace:
+                data, uri = replace.image.data, replace.image.uri
+                continue
+            # A script that runs off its end without booting returns to iPXE, which returns to the firmware.
+            return Outcome("local", error="script ended without booting")
 
     def expand(self, text: str) -> str:
         """Expand ${name} and ${name:type} settings (unset ones expand to nothing)."""
@@ -279,10 +291,9 @@ class Interpreter:
 
     async def _exec_image(self, image: Image, depth: int, replace: bool, lineno: int) -> tuple[bool, str | None]:
         if image.is_script:
-            await self._execute(image.data.decode("utf-8", "replace"), image.uri, depth + 1)
             if replace:
-                # A replacing script that returns ends its caller as well.
-                raise _Boot(Outcome("local", error="script ended without booting", line=lineno))
+                raise _Replace(image)
+            await self._execute(image.data.decode("utf-8", "replace"), image.uri, depth + 1)
             return True, None
         initrds = tuple(im for im in self.images if im is not image and not im.is_script)
         raise _Boot(Outcome("kernel", kernel=image, initrds=initrds, cmdline=image.args, line=lineno))
