@@ -1,0 +1,162 @@
+"""Watching one node boot, as a state table with a deadline per wait state (pure: events and ticks in).
+
+A reboot is only as good as what the boot services see next: DHCP from the firmware, the NBP over TFTP,
+the per-MAC script, kernel and initrd, then the callback of what booted. Each stage has its own short
+deadline, so a node that never sends DHCP after a reset, or loops fetching its NBP, is known in seconds.
+"""
+from __future__ import annotations
+
+from dataclasses import dataclass, field
+from enum import StrEnum
+
+from appliance.deploy.workflow import BootDeadlines
+from appliance.events import EventKind, NodeEvent
+
+
+class Stage(StrEnum):
+    """Where a booting node is."""
+
+    RESETTING = "resetting"    # reset issued; waiting for the firmware's DHCP
+    FIRMWARE = "firmware"      # DHCP seen; waiting for the per-MAC script
+    LOADING = "loading"        # deploy script fetched; waiting for kernel and initrd
+    STARTING = "starting"      # kernel and initrd fetched; waiting for the deploy agent's callback
+    LOCAL_BOOT = "local_boot"  # local-boot script fetched; waiting for the installed system's callback
+    KEXECING = "kexecing"      # kexec issued; waiting for the callback
+    UP = "up"                  # the expected system called back with the right token
+    STUCK = "stuck"            # a deadline passed; reason says where
+
+
+class Trigger(StrEnum):
+    """What the boot services reported, reduced to what moves a boot forward."""
+
+    FIRMWARE_DHCP = "firmware_dhcp"
+    NBP = "nbp"
+    SCRIPT = "script"
+    KERNEL = "kernel"
+    INITRD = "initrd"
+    CALLBACK = "callback"
+
+
+DEPLOY = "deploy"        # target: the deploy environment (RAM-disk system with the agent)
+INSTALLED = "installed"  # target: the installed system on local disk
+
+# (stage, trigger) -> next stage. Targets that differ are spelled out; anything absent is ignored.
+TRANSITIONS: dict[tuple[Stage, Trigger], Stage | dict[str, Stage]] = {
+    (Stage.RESETTING, Trigger.FIRMWARE_DHCP): Stage.FIRMWARE,
+    (Stage.RESETTING, Trigger.NBP): Stage.FIRMWARE,
+    (Stage.RESETTING, Trigger.SCRIPT): {DEPLOY: Stage.LOADING, INSTALLED: Stage.LOCAL_BOOT},
+    (Stage.FIRMWARE, Trigger.SCRIPT): {DEPLOY: Stage.LOADING, INSTALLED: Stage.LOCAL_BOOT},
+    (Stage.LOADING, Trigger.INITRD): Stage.STARTING,
+    # A node that shows up in firmware again after its script rebooted on its own: start over, counted.
+    (Stage.LOADING, Trigger.FIRMWARE_DHCP): Stage.FIRMWARE,
+    (Stage.STARTING, Trigger.FIRMWARE_DHCP): Stage.FIRMWARE,
+    (Stage.LOCAL_BOOT, Trigger.FIRMWARE_DHCP): Stage.FIRMWARE,
+    (Stage.KEXECING, Trigger.FIRMWARE_DHCP): Stage.FIRMWARE,
+}
+for _stage in (Stage.RESETTING, Stage.FIRMWARE, Stage.LOADING, Stage.STARTING, Stage.LOCAL_BOOT, Stage.KEXECING):
+    TRANSITIONS[(_stage, Trigger.CALLBACK)] = Stage.UP
+
+# How long each wait state may last, by BootDeadlines field.
+DEADLINE_OF: dict[Stage, str] = {
+    Stage.RESETTING: "dhcp_after_reset",
+    Stage.FIRMWARE: "script_after_dhcp",
+    Stage.LOADING: "kernel_after_script",
+    Stage.STARTING: "agent_after_kernel",
+    Stage.LOCAL_BOOT: "os_after_script",
+    Stage.KEXECING: "kexec_callback",
+}
+
+STUCK_REASON: dict[Stage, str] = {
+    Stage.RESETTING: "no DHCP within {d:.0f}s after the {how}",
+    Stage.FIRMWARE: "stuck in firmware: DHCP seen but no iPXE script within {d:.0f}s",
+    Stage.LOADING: "iPXE script fetched but kernel/initrd not fetched within {d:.0f}s",
+    Stage.STARTING: "kernel and initrd loaded but the deploy agent did not call back within {d:.0f}s",
+    Stage.LOCAL_BOOT: "local boot started but the installed system did not call back within {d:.0f}s",
+    Stage.KEXECING: "no callback within {d:.0f}s after kexec",
+}
+
+
+def trigger_of(event: NodeEvent) -> Trigger | None:
+    """Map a boot-service event to a trigger; DHCP from an OS's own client (not PXE/iPXE) is not firmware."""
+    kind = event.kind
+    if kind in (EventKind.DHCP_DISCOVER, EventKind.DHCP_REQUEST):
+        d = event.detail
+        vendor = d.get("vendor_class", d.get("vendor", ""))
+        user = d.get("user_class", "")
+        arch = d.get("arch", "")
+        if vendor.startswith(("PXEClient", "HTTPClient")) or "iPXE" in user or (arch not in ("", "None")):
+            return Trigger.FIRMWARE_DHCP
+        return None
+    return {
+        EventKind.NBP_SENT: Trigger.NBP,
+        EventKind.SCRIPT_FETCHED: Trigger.SCRIPT,
+        EventKind.KERNEL_FETCHED: Trigger.KERNEL,
+        EventKind.INITRD_FETCHED: Trigger.INITRD,
+    }.get(kind)
+
+
+@dataclass
+class BootWatch:
+    """One node's boot towards a target, with the current stage, its deadline and what was seen."""
+
+    target: str
+    deadlines: BootDeadlines
+    how: str = "reset"
+    stage: Stage = Stage.RESETTING
+    since: float = 0.0
+    deadline: float = 0.0
+    nbp_count: int = 0
+    boots: int = 0
+    reason: str = ""
+    history: list[tuple[str, float]] = field(default_factory=list)
+
+    def start(self, now: float, how: str = "reset") -> None:
+        """Begin watching: after a reset (firmware boot) or a kexec (straight to the callback)."""
+        self.how = how
+        self.nbp_count = 0
+        self.reason = ""
+        self._enter(Stage.KEXECING if how == "kexec" else Stage.RESETTING, now)
+
+    def _enter(self, stage: Stage, now: float) -> None:
+        if stage is Stage.FIRMWARE and self.stage is not Stage.FIRMWARE:
+            self.boots += 1
+        self.stage = stage
+        self.since = now
+        key = DEADLINE_OF.get(stage)
+        self.deadline = now + getattr(self.deadlines, key) if key else float("inf")
+        self.history.append((stage.value, now))
+
+    @property
+    def done(self) -> bool:
+        """True once the node is up or stuck."""
+        return self.stage in (Stage.UP, Stage.STUCK)
+
+    def on_trigger(self, trigger: Trigger, now: float) -> bool:
+        """Apply one trigger; return True when the stage changed."""
+        if self.done:
+            return False
+        if trigger is Trigger.NBP:
+            self.nbp_count += 1
+            if self.nbp_count >= self.deadlines.nbp_loop_limit and self.stage in (Stage.RESETTING, Stage.FIRMWARE):
+                self.reason = f"loops fetching its boot file: NBP sent {self.nbp_count} times without the iPXE script"
+                self._enter(Stage.STUCK, now)
+                return True
+        nxt = TRANSITIONS.get((self.stage, trigger))
+        if isinstance(nxt, dict):
+            nxt = nxt[self.target]
+        if nxt is None or nxt is self.stage:
+            return False
+        if nxt is Stage.FIRMWARE and self.stage is not Stage.RESETTING:
+            # DHCP from firmware again: the node rebooted by itself in the middle of a boot
+            self.nbp_count = 0
+        self._enter(nxt, now)
+        return True
+
+    def on_tick(self, now: float) -> bool:
+        """Check the deadline; return True when the node just became stuck."""
+        if self.done or now < self.deadline:
+            return False
+        d = self.deadline - self.since
+        self.reason = STUCK_REASON[self.stage].format(d=d, how=f"{self.how}")
+        self._enter(Stage.STUCK, now)
+        return True

@@ -1,0 +1,140 @@
+"""Power drivers: one interface (on/off/reset/cycle/status, next boot device), a real IPMI one and a fake.
+
+pyghmi blocks, so IPMI calls run in a bounded thread pool, at most `per_bmc` at once per BMC, with
+retries and backoff: BMCs are known to fail under bursts of calls.
+"""
+from __future__ import annotations
+
+import asyncio
+import logging
+import random
+from concurrent.futures import ThreadPoolExecutor
+from typing import Callable, Protocol
+
+from appliance.errors import RackbootError
+from appliance.inventory import Node
+
+log = logging.getLogger("rackboot.power")
+
+POWER_OPS = ("on", "off", "reset", "cycle", "status")
+
+
+class PowerError(RackbootError):
+    """A BMC did not do what was asked (unreachable, refused, timed out)."""
+
+
+class PowerDriver(Protocol):
+    """What the controller needs from a node's BMC."""
+
+    async def power(self, node: Node, op: str) -> str:
+        """Apply on/off/reset/cycle, or read the state; return 'on' or 'off' (the state after the op)."""
+
+    async def set_boot_device(self, node: Node, device: str, persistent: bool = False) -> None:
+        """Set the next boot device ('network' or 'disk'), for the next boot only unless persistent."""
+
+
+class IpmiPower:
+    """IPMI over LAN (RMCP+) through pyghmi, behind a thread pool with per-BMC bounded concurrency."""
+
+    def __init__(self, per_bmc: int = 1, threads: int = 32, retries: int = 3, timeout: float = 20.0) -> None:
+        self._pool = ThreadPoolExecutor(max_workers=threads, thread_name_prefix="ipmi")
+        self._per_bmc = per_bmc
+        self._sems: dict[tuple[str, int], asyncio.Semaphore] = {}
+        self._retries = retries
+        self._timeout = timeout
+
+    def _sem(self, node: Node) -> asyncio.Semaphore:
+        assert node.bmc is not None
+        key = (node.bmc.address, node.bmc.port)
+        if key not in self._sems:
+            self._sems[key] = asyncio.Semaphore(self._per_bmc)
+        return self._sems[key]
+
+    async def _call(self, node: Node, what: str, fn: Callable[..., object]) -> object:
+        if node.bmc is None:
+            raise PowerError(f"{node.name}: no BMC in the inventory")
+        bmc = node.bmc
+        user, password = bmc.credentials()
+
+        def run() -> object:
+            from pyghmi.ipmi.command import Command
+
+            cmd = Command(bmc=bmc.address, userid=user, password=password, port=bmc.port, keepalive=False)
+            try:
+                return fn(cmd)
+            finally:
+                try:
+                    cmd.ipmi_session.logout()
+                except Exception:  # noqa: BLE001 - logout of a dead session
+                    pass
+
+        loop = asyncio.get_running_loop()
+        delay = 0.5
+        last: Exception | None = None
+        async with self._sem(node):
+            for attempt in range(self._retries + 1):
+                try:
+                    return await asyncio.wait_for(loop.run_in_executor(self._pool, run), self._timeout)
+                except Exception as exc:  # noqa: BLE001 - pyghmi raises bare exceptions
+                    last = exc
+                    log.debug("%s: %s failed (attempt %d): %s", node.name, what, attempt + 1, exc)
+                    if attempt < self._retries:
+                        await asyncio.sleep(delay * (1 + random.random()))
+                        delay *= 2
+        raise PowerError(f"{node.name}: BMC {bmc.address}:{bmc.port} {what} failed after {self._retries + 1} tries: {last or 'timeout'}")
+
+    async def power(self, node: Node, op: str) -> str:
+        """Apply or read the power state through IPMI."""
+        if op not in POWER_OPS:
+            raise ValueError(f"unknown power op {op!r}")
+        if op == "status":
+            result = await self._call(node, "power status", lambda c: c.get_power())
+        else:
+            state = {"cycle": "boot"}.get(op, op)
+            result = await self._call(node, f"power {op}", lambda c: c.set_power(state, wait=False))
+        if isinstance(result, dict):
+            if "error" in result:
+                raise PowerError(f"{node.name}: BMC answered {result['error']}")
+            got = result.get("powerstate") or ("on" if op in ("on", "reset", "cycle") else "off")
+            return str(got)
+        return "on" if op in ("on", "reset", "cycle") else "off"
+
+    async def set_boot_device(self, node: Node, device: str, persistent: bool = False) -> None:
+        """Set the next boot device through IPMI (chassis bootdev)."""
+        dev = {"network": "network", "pxe": "network", "disk": "hd", "hd": "hd"}[device]
+        await self._call(node, f"bootdev {dev}", lambda c: c.set_bootdev(dev, persist=persistent))
+
+    def close(self) -> None:
+        """Stop the thread pool."""
+        self._pool.shutdown(wait=False, cancel_futures=True)
+
+
+class FakePower:
+    """An in-memory BMC per node for unit tests: records calls and runs a hook on every power change."""
+
+    def __init__(self, on_change: Callable[[Node, str], None] | None = None, dead: set[str] | None = None) -> None:
+        self.state: dict[str, str] = {}
+        self.boot_device: dict[str, tuple[str, bool]] = {}
+        self.calls: list[tuple[str, str]] = []
+        self.on_change = on_change
+        self.dead = dead or set()
+
+    async def power(self, node: Node, op: str) -> str:
+        """Record the op and apply it to the fake state."""
+        self.calls.append((node.name, op))
+        if node.name in self.dead:
+            raise PowerError(f"{node.name}: BMC does not answer")
+        if op == "status":
+            return self.state.get(node.name, "off")
+        new = "off" if op == "off" else "on"
+        self.state[node.name] = new
+        if self.on_change is not None:
+            self.on_change(node, op)
+        return new
+
+    async def set_boot_device(self, node: Node, device: str, persistent: bool = False) -> None:
+        """Record the boot device."""
+        self.calls.append((node.name, f"bootdev {device}"))
+        if node.name in self.dead:
+            raise PowerError(f"{node.name}: BMC does not answer")
+        self.boot_device[node.name] = (device, persistent)

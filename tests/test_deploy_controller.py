@@ -1,0 +1,212 @@
+"""The deployment state machine with fake drivers: escalation, fallbacks, failures with step and reason."""
+from __future__ import annotations
+
+import asyncio
+import ipaddress
+import re
+from dataclasses import replace
+from pathlib import Path
+
+import pytest
+
+from appliance.auth import NodeTokens
+from appliance.catalog import Catalog, Environment
+from appliance.deploy.bootwatch import DEPLOY, BootWatch, Stage, Trigger
+from appliance.deploy.controller import Controller, ControllerDeps, OverlapError
+from appliance.deploy.drivers import FakeDeploy
+from appliance.deploy.power import FakePower
+from appliance.deploy.store import DeploymentStore
+from appliance.deploy.workflow import BootDeadlines, default_workflow, parse_steps
+from appliance.events import EventBus, EventKind
+from appliance.inventory import BmcSpec, Inventory, Node
+from appliance.profiles import BootProfile, ProfileStore
+from appliance.statedb import open_state_db
+
+FAST = BootDeadlines(dhcp_after_reset=0.4, script_after_dhcp=0.4, kernel_after_script=0.4, agent_after_kernel=0.4,
+                     os_after_script=0.4, kexec_callback=0.4, nbp_loop_limit=3)
+
+
+class FakeCluster:
+    """Plays the nodes: on power-on/reset/kexec, publishes the boot events their profile leads to."""
+
+    def __init__(self, deps: ControllerDeps) -> None:
+        self.deps = deps
+        self.never_boot: set[str] = set()     # nodes that never come back from a reboot
+        self.nbp_loop: set[str] = set()       # nodes that loop fetching their NBP
+        self.wrong_env: set[str] = set()      # nodes whose installed system is something else
+        self.tasks: list[asyncio.Task[None]] = []
+
+    def on_power(self, node: Node, op: str) -> None:
+        if op in ("on", "reset", "cycle", "soft", "kexec"):
+            self.tasks.append(asyncio.get_running_loop().create_task(self._boot(node, kexec=op == "kexec")))
+
+    async def _boot(self, node: Node, kexec: bool) -> None:
+        ev = self.deps.events
+        await asyncio.sleep(0.02)
+        if node.name in self.never_boot:
+            return
+        profile = self.deps.profiles.get(node.mac)
+        if not kexec:
+            ev.publish(node.mac, EventKind.DHCP_DISCOVER, arch="0", vendor_class="PXEClient:Arch:00000:UNDI:002001")
+            ev.publish(node.mac, EventKind.NBP_SENT, path="undionly.kpxe")
+            if node.name in self.nbp_loop:
+                for _ in range(5):
+                    await asyncio.sleep(0.01)
+                    ev.publish(node.mac, EventKind.NBP_SENT, path="undionly.kpxe")
+                return
+            ev.publish(node.mac, EventKind.DHCP_DISCOVER, arch="0", user_class="iPXE")
+            ev.publish(node.mac, EventKind.SCRIPT_FETCHED, profile=profile.kind)
+        if profile.kind == "deploy":
+            ev.publish(node.mac, EventKind.KERNEL_FETCHED)
+            ev.publish(node.mac, EventKind.INITRD_FETCHED)
+            # The deploy environment's own DHCP client: not firmware, must not restart the boot watch.
+            ev.publish(node.mac, EventKind.DHCP_DISCOVER, vendor_class="rackboot-deploy")
+            token = re.search(r"rackboot.token=(\S+)", profile.cmdline).group(1)  # type: ignore[union-attr]
+            ev.publish(node.mac, EventKind.CALLBACK, stage="deploy", token=token)
+        else:
+            env = "other:1" if node.name in self.wrong_env else profile.env
+            ev.publish(node.mac, EventKind.CALLBACK, stage="installed", env=env, token=self.deps.tokens.token_of(node.mac) or "")
+
+
+def make_nodes(n: int, bmc: bool = True) -> Inventory:
+    return Inventory(tuple(
+        Node(name=f"node-{i}", mac=f"52:54:00:77:00:{i:02x}", ip=ipaddress.IPv4Address(f"10.77.0.{10 + i}"), rack=f"r{1 + (i - 1) // 4}",
+             bmc=BmcSpec("fake", f"10.78.0.{10 + i}") if bmc else None)
+        for i in range(1, n + 1)
+    ))
+
+
+@pytest.fixture
+def world(tmp_path: Path):  # type: ignore[no-untyped-def]
+    db = open_state_db(tmp_path / "state.db")
+    inventory = make_nodes(8)
+    power = FakePower()
+    agent = FakeDeploy()
+    catalog = Catalog(db, tmp_path / "images")
+    img = tmp_path / "img.tar"
+    img.write_bytes(b"x" * 1000)
+    env = catalog.add(Environment(name="debian12", version=1, owner="admin", visibility="public"), img)
+    deps = ControllerDeps(
+        inventory=inventory, profiles=ProfileStore(db, BootProfile()), events=EventBus(), tokens=NodeTokens(),
+        store=DeploymentStore(db), catalog=catalog, power=power, agent=agent, http_base="http://10.77.0.1:8080",
+        deploy_profile=BootProfile(kind="deploy", kernel="deploy/vmlinuz", initrds=("deploy/initrd.img",), cmdline="console=ttyS0"),
+        power_off_wait=0.01,
+    )
+    cluster = FakeCluster(deps)
+    power.on_change = cluster.on_power
+    agent.on_reboot = cluster.on_power
+    controller = Controller(deps, lambda method, kexec: replace(default_workflow(method, kexec), deadlines=FAST))
+    return controller, deps, cluster, env, power, agent
+
+
+async def run_deployment(controller: Controller, nodes: list[Node], env: Environment, **kw: object) -> dict:
+    serve = asyncio.create_task(controller.serve())
+    try:
+        dep = controller.start(nodes, env, "admin", **kw)  # type: ignore[arg-type]
+        return await asyncio.wait_for(controller.tasks[dep.id], 30)
+    finally:
+        serve.cancel()
+
+
+async def test_all_nodes_deploy_through_three_steps(world) -> None:  # type: ignore[no-untyped-def]
+    controller, deps, cluster, env, power, agent = world
+    nodes = list(deps.inventory.nodes)
+    result = await run_deployment(controller, nodes, env)
+    assert result["status"] == "done", result["ko"]
+    assert result["ok_nodeset"] == "node-[1-8]"
+    # soft reboot first (the fake agent answers), kexec into the new system, bootdev set for hard reboots only
+    assert ("soft_reboot", "node-1") in agent.calls and ("kexec", "node-1") in agent.calls
+    assert ("broadcast:chain", "node-8") in agent.calls and ("post_install", "node-8") in agent.calls
+    assert deps.profiles.get(nodes[0].mac).kind == "local"
+    stored = deps.store.get(result["id"])
+    assert stored["status"] == "done" and {n["state"] for n in stored["nodes"]} == {"done"}
+    steps = {(s["node"], s["step"]) for s in deps.store.steps(result["id"])}
+    assert ("node-3", "BroadcastEnv") in steps and ("node-3", "BootNewEnv") in steps
+
+
+async def test_unreachable_node_escalates_to_hard_then_very_hard(world) -> None:  # type: ignore[no-untyped-def]
+    controller, deps, cluster, env, power, agent = world
+    agent.no_ssh = {"node-2"}               # no SSH: soft reboot impossible, go to IPMI
+    cluster.never_boot = {"node-3"}         # never comes back from any reboot
+    nodes = list(deps.inventory.nodes)[:4]
+    result = await run_deployment(controller, nodes, env)
+    ko = {k["node"]: k for k in result["ko"]}
+    assert set(result["ok"]) == {"node-1", "node-2", "node-4"}
+    assert ("soft_reboot", "node-2") in agent.calls and ("node-2", "bootdev network") in power.calls
+    assert ("node-2", "on") in power.calls  # it was off: a hard reboot powers it on
+    assert ko["node-3"]["step"] == "SetDeploymentEnv"
+    assert "no DHCP within 0s after the very hard reboot" in ko["node-3"]["reason"]
+    # the last implementation (hard_reboot) gives the reason; the earlier one (reboot, from soft) is in the notes
+    assert ko["node-3"]["impl"] == "hard_reboot"
+    assert ko["node-3"]["reason"] == "no DHCP within 0s after the hard reboot; no DHCP within 0s after the very hard reboot"
+    node3 = next(n for n in result["nodes"] if n["node"] == "node-3")
+    assert node3["notes"][0].startswith("SetDeploymentEnv/reboot: no DHCP within 0s after the soft reboot")
+    assert ("node-3", "off") in power.calls  # very hard = off then on
+
+
+async def test_dead_bmc_and_firmware_loop_are_reported_precisely(world) -> None:  # type: ignore[no-untyped-def]
+    controller, deps, cluster, env, power, agent = world
+    power.dead = {"node-1"}
+    cluster.nbp_loop = {"node-2"}
+    result = await run_deployment(controller, list(deps.inventory.nodes)[:3], env,
+                                  workflow=replace(parse_steps("SetDeploymentEnv|hard_reboot:0:30"), deadlines=FAST))
+    ko = {k["node"]: k for k in result["ko"]}
+    assert "BMC does not answer" in ko["node-1"]["reason"] and ko["node-1"]["step"] == "SetDeploymentEnv"
+    assert "loops fetching its boot file" in ko["node-2"]["reason"]
+    assert result["ok"] == ["node-3"]
+
+
+async def test_broadcast_falls_back_and_wrong_system_is_caught(world) -> None:  # type: ignore[no-untyped-def]
+    controller, deps, cluster, env, power, agent = world
+    agent.fail = {("broadcast:chain", "node-1"): "chain: stalled", ("broadcast:chain", "node-2"): "chain: died",
+                  ("broadcast:tree", "node-2"): "tree: died", ("broadcast:star", "node-2"): "star: connection refused"}
+    cluster.wrong_env = {"node-3"}
+    result = await run_deployment(controller, list(deps.inventory.nodes)[:4], env)
+    ko = {k["node"]: k for k in result["ko"]}
+    assert "node-1" in result["ok"]  # chain failed, tree succeeded
+    assert ko["node-2"] == {"node": "node-2", "step": "BroadcastEnv", "impl": "star", "reason": "star: connection refused"}
+    assert ko["node-3"]["step"] == "BootNewEnv" and "booted 'other:1'" in ko["node-3"]["reason"]
+    node1 = next(n for n in result["nodes"] if n["node"] == "node-1")
+    assert node1["notes"] == ["BroadcastEnv/chain: chain: stalled"]
+
+
+async def test_overlap_refused_unless_forced_and_wrong_token_ignored(world) -> None:  # type: ignore[no-untyped-def]
+    controller, deps, cluster, env, power, agent = world
+    cluster.never_boot = {"node-1", "node-2"}
+    serve = asyncio.create_task(controller.serve())
+    try:
+        first = controller.start(list(deps.inventory.nodes)[:2], env, "admin")
+        with pytest.raises(OverlapError, match=r"node-2 already in deployment"):
+            controller.start([deps.inventory.by_name["node-2"]], env, "admin")
+        await asyncio.sleep(0.1)
+        # a node (or anyone) reporting with a token that is not this node's: refused, counted
+        deps.events.publish(deps.inventory.by_name["node-1"].mac, EventKind.CALLBACK, stage="deploy", token="forged")
+        await asyncio.sleep(0.05)
+        assert first.bad_tokens == 1
+        assert controller.cancel(first.id)
+        with pytest.raises(asyncio.CancelledError):
+            await controller.tasks[first.id]
+        assert first.status == "cancelled" and first.result()["ko"][0]["reason"] == "deployment cancelled"
+        assert controller.busy(["node-1", "node-2"]) == {}
+    finally:
+        serve.cancel()
+
+
+def test_bootwatch_table() -> None:
+    w = BootWatch(DEPLOY, FAST)
+    w.start(0.0)
+    assert w.stage is Stage.RESETTING and w.deadline == pytest.approx(0.4)
+    assert w.on_trigger(Trigger.FIRMWARE_DHCP, 0.1) and w.stage is Stage.FIRMWARE
+    assert not w.on_trigger(Trigger.KERNEL, 0.15)  # not expected in firmware: ignored
+    assert w.on_trigger(Trigger.SCRIPT, 0.2) and w.stage is Stage.LOADING
+    assert w.on_trigger(Trigger.INITRD, 0.3) and w.stage is Stage.STARTING
+    assert w.on_tick(0.3 + 0.5) and w.stage is Stage.STUCK
+    assert "deploy agent did not call back" in w.reason
+
+
+def test_parse_steps() -> None:
+    wf = parse_steps("BroadcastEnv|star:1:900,chain:0:60&BootNewEnv|hard_reboot")
+    assert [i.name for i in wf.steps[1].implementations] == ["star", "chain"]
+    assert wf.steps[1].implementations[0].retries == 1 and wf.steps[1].implementations[0].timeout == 900
+    with pytest.raises(ValueError, match="no implementation 'warp'"):
+        parse_steps("BroadcastEnv|warp")
