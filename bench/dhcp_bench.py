@@ -82,9 +82,13 @@ class Probe:
         """Server CPU time per completed exchange (robust to other load on the machine)."""
         return None if self.server_cpu_s is None or self.acks == 0 else 1e6 * self.server_cpu_s / self.acks
 
-    def passed(self, max_drop: float) -> bool:
-        """Under max_drop % unanswered and at least 90 % of the asked rate really completed."""
-        return not self.error and self.drop_pct < max_drop and self.leases_per_s >= 0.9 * self.rate
+    def passed(self, max_drop: float, max_delay_ms: float = 0.0) -> bool:
+        """Under max_drop % unanswered, at least 90 % of the asked rate completed (and, if set, avg delays under max_delay_ms)."""
+        if self.error or self.drop_pct >= max_drop or self.leases_per_s < 0.9 * self.rate:
+            return False
+        if max_delay_ms > 0:
+            return max(self.do_avg_ms or 0.0, self.ra_avg_ms or 0.0) < max_delay_ms
+        return True
 
 
 @dataclass
@@ -96,10 +100,10 @@ class Search:
     latency_probe: Probe | None = None
     probes: list[Probe] = field(default_factory=list)
 
-    def best(self, max_drop: float) -> Probe | None:
+    def best(self, max_drop: float, max_delay_ms: float = 0.0) -> Probe | None:
         """The passing probe with the most leases per second."""
         candidates = self.probes + ([self.latency_probe] if self.latency_probe else [])
-        ok = [p for p in candidates if p.passed(max_drop)]
+        ok = [p for p in candidates if p.passed(max_drop, max_delay_ms)]
         return max(ok, key=lambda p: p.leases_per_s) if ok else None
 
 
@@ -231,7 +235,7 @@ def run_probe(lab: Lab, server_ns: str, client_ns: str, kind: str, rackboot: str
                 probe.error += " | server log: " + " / ".join(srv.log.read_text(errors="replace").splitlines()[-5:])
     except RuntimeError as exc:
         probe.error = str(exc)
-    verdict = "pass" if probe.passed(args.max_drop) else "FAIL"
+    verdict = "pass" if probe.passed(args.max_drop, args.max_delay_ms) else "FAIL"
     say(f"  {kind:9s} rate {rate:6d}/s: {probe.leases_per_s:8.1f} leases/s, drop {probe.drop_pct:5.2f} %, "
         f"DO avg {fmt(probe.do_avg_ms, 2)} ms, RA avg {fmt(probe.ra_avg_ms, 2)} ms, "
         f"server CPU {fmt(probe.cpu_us_per_lease)} us/lease, load {probe.load1} busy {probe.busy_pct} % -> {verdict}"
@@ -251,7 +255,7 @@ def search_rate(lab: Lab, server_ns: str, client_ns: str, kind: str, rackboot: s
     while lo == 0 or hi == 0:
         probe = run_probe(lab, server_ns, client_ns, kind, rackboot, rate, args)
         search.probes.append(probe)
-        if probe.passed(args.max_drop):
+        if probe.passed(args.max_drop, args.max_delay_ms):
             lo = rate
             if hi == 0 and rate * 2 > args.max_rate:
                 return search  # passed up to --max-rate
@@ -269,11 +273,55 @@ def search_rate(lab: Lab, server_ns: str, client_ns: str, kind: str, rackboot: s
             break
         probe = run_probe(lab, server_ns, client_ns, kind, rackboot, mid, args)
         search.probes.append(probe)
-        if probe.passed(args.max_drop):
+        if probe.passed(args.max_drop, args.max_delay_ms):
             lo = mid
         else:
             hi = mid
     return search
+
+
+def profile_rackboot(lab: Lab, server_ns: str, client_ns: str, rackboot: str, args: argparse.Namespace) -> str:
+    """Run one rackboot probe at --profile-rate with py-spy sampling the server; return the hottest functions."""
+    import shutil
+    from collections import Counter
+
+    pyspy = str(Path(sys.executable).with_name("py-spy")) if Path(sys.executable).with_name("py-spy").exists() else shutil.which("py-spy")
+    if pyspy is None:
+        return "(no profile: py-spy is not installed; `.venv/bin/pip install py-spy`)"
+    out_file = Path(args.profile_out).resolve()
+    probe = Probe(server="rackboot", rate=args.profile_rate, period=args.period)
+    with ServerUnderTest("rackboot", lab, server_ns, "s0", rackboot) as srv:
+        assert srv.proc is not None
+        # py-spy reads the process's memory from the root namespace: no network involved.
+        spy = subprocess.Popen([pyspy, "record", "-p", str(srv.proc.pid), "-d", str(args.period + 1), "-r", "250",
+                                "-f", "raw", "-o", str(out_file), "--nonblocking"],
+                               stdout=subprocess.DEVNULL, stderr=subprocess.PIPE)
+        try:
+            out = lab.run(client_ns, ["perfdhcp", "-4", "-l", CLIENT_IP, "-r", str(args.profile_rate), "-R", str(args.clients),
+                                      "-p", str(args.period), SERVER_IP], timeout=args.period + 60)
+            parse_perfdhcp(out.stdout, probe)
+            spy.wait(timeout=args.period + 30)
+        finally:
+            stop(spy)
+    if not out_file.exists():
+        return f"(no profile: py-spy wrote nothing: {spy.stderr.read().decode(errors='replace')[-300:] if spy.stderr else ''})"
+    own: Counter[str] = Counter()
+    inclusive: Counter[str] = Counter()
+    total = 0
+    for line in out_file.read_text().splitlines():
+        stack, _, count = line.rpartition(" ")
+        n = int(count)
+        total += n
+        frames = [re.sub(r":\d+\)$", ")", f) for f in stack.split(";")]  # per function, not per line
+        own[frames[-1]] += n
+        for f in set(frames):
+            inclusive[f] += n
+    lines = [f"py-spy at {args.profile_rate}/s: {probe.leases_per_s:.0f} leases/s, drop {probe.drop_pct:.2f} %, "
+             f"{total} samples, raw stacks in {out_file}", "", "| own time | function |", "| --- | --- |"]
+    lines += [f"| {100 * n / total:.1f} % | `{f}` |" for f, n in own.most_common(15)]
+    lines += ["", "| inclusive | function |", "| --- | --- |"]
+    lines += [f"| {100 * n / total:.1f} % | `{f}` |" for f, n in inclusive.most_common(30) if 100 * n / total < 99]
+    return "\n".join(lines)
 
 
 def report(searches: list[Search], args: argparse.Namespace, loads: list[dict[str, Any]]) -> str:
@@ -282,11 +330,12 @@ def report(searches: list[Search], args: argparse.Namespace, loads: list[dict[st
     med: dict[str, dict[str, float | None]] = {}
     for kind in args.servers:
         mine = [s for s in searches if s.server == kind]
-        bests = [s.best(args.max_drop) for s in mine]
-        lat = [s.latency_probe for s in mine if s.latency_probe is not None and s.latency_probe.passed(args.max_drop)]
+        bests = [s.best(args.max_drop, args.max_delay_ms) for s in mine]
+        lat = [s.latency_probe for s in mine if s.latency_probe is not None and s.latency_probe.passed(args.max_drop, args.max_delay_ms)]
         m = {
             "rate": median([b.leases_per_s for b in bests if b is not None]),
             "runs": [round(b.leases_per_s) if b else None for b in bests],
+            "cpu_best": median([b.cpu_us_per_lease for b in bests if b is not None and b.cpu_us_per_lease is not None]),
             "do_best": median([b.do_avg_ms for b in bests if b is not None and b.do_avg_ms is not None]),
             "ra_best": median([b.ra_avg_ms for b in bests if b is not None and b.ra_avg_ms is not None]),
             "do_lat": median([p.do_avg_ms for p in lat if p.do_avg_ms is not None]),
@@ -303,13 +352,15 @@ def report(searches: list[Search], args: argparse.Namespace, loads: list[dict[st
         rows.append([
             kind, fmt(m["rate"]), " / ".join("-" if r is None else str(r) for r in m["runs"]),  # type: ignore[union-attr]
             fmt(m["do_best"], 2) + " / " + fmt(m["ra_best"], 2),
+            fmt(m["cpu_best"]),
             fmt(m["do_lat"], 2) + " / " + fmt(m["ra_lat"], 2),
             fmt(m["do_lat_max"], 1) + " / " + fmt(m["ra_lat_max"], 1),
             fmt(m["cpu"]),
             "-" if kind == "rackboot" else (fmt(ratio, 2) if ratio is not None else "-"),
         ])
-    headers = ["server", "leases/s at <{}% drop (median)".format(args.max_drop), "per repeat",
-               "avg DO / RA ms at that rate", f"avg DO / RA ms at {args.latency_rate}/s",
+    criterion = f"<{args.max_drop}% drop" + (f", avg delay <{args.max_delay_ms} ms" if args.max_delay_ms > 0 else "")
+    headers = ["server", f"leases/s at {criterion} (median)", "per repeat",
+               "avg DO / RA ms at that rate", "server CPU us/lease at that rate", f"avg DO / RA ms at {args.latency_rate}/s",
                f"max DO / RA ms at {args.latency_rate}/s", f"server CPU us/lease at {args.latency_rate}/s",
                "rackboot / this server"]
     loads_txt = "; ".join(f"{l['when']}: load {l['load1']:.2f} {l['load5']:.2f} {l['load15']:.2f}, CPUs {l['busy_pct']} % busy" for l in loads)
@@ -333,7 +384,12 @@ def main(argv: list[str] | None = None) -> int:
     ap.add_argument("--max-rate", type=int, default=16000)
     ap.add_argument("--precision", type=float, default=0.1, help="stop bisecting when hi/lo < 1 + this")
     ap.add_argument("--max-drop", type=float, default=1.0, help="percent of unanswered exchanges a passing rate may have")
+    ap.add_argument("--max-delay-ms", type=float, default=0.0,
+                    help="also require avg DISCOVER-OFFER and REQUEST-ACK delays under this (0: no latency bound)")
     ap.add_argument("--latency-rate", type=int, default=200, help="the common rate at which latencies are compared")
+    ap.add_argument("--profile-rate", type=int, default=0,
+                    help="after the searches, profile rackboot with py-spy during one probe at this rate (0: no profile)")
+    ap.add_argument("--profile-out", default="dhcp-profile.txt", help="where py-spy's raw (collapsed) stacks go")
     ap.add_argument("--rackboot", default=None, help="rackboot executable (default: the one next to this Python)")
     ap.add_argument("--json", help="also write every probe as JSON to this file")
     args = ap.parse_args(argv)
@@ -360,7 +416,8 @@ def main(argv: list[str] | None = None) -> int:
                 say(f"repeat {repeat}/{args.repeats}: {kind}")
                 searches.append(search_rate(lab, server_ns, client_ns, kind, rackboot, repeat, args))
             loads.append(dict(machine_load(), when=f"after repeat {repeat}"))
-    text = report(searches, args, loads)
+        profile = profile_rackboot(lab, server_ns, client_ns, rackboot, args) if args.profile_rate and rackboot else ""
+    text = report(searches, args, loads) + ("\n\n" + profile if profile else "")
     print(text)
     write_json(args.json, {
         "args": vars(args), "loads": loads,
