@@ -110,6 +110,37 @@ def up(plan: TestbedPlan, say: Callable[[str], None] = lambda _m: None, daemon_a
     return UpResult(plan=plan, files=files, daemon_pid=proc.pid, network_s=network_s, total_s=time.monotonic() - t0)
 
 
+def start_appliance(plan: TestbedPlan, files: ApplianceFiles, timeout: float = 30.0) -> subprocess.Popen[bytes]:
+    """Run `rackboot serve` in the testbed's appliance namespace; return once it is bound (serve.ready).
+
+    Its pid is recorded, so `down` stops it; its log is STATE_DIR/appliance.log.
+    """
+    sd = plan.state_dir
+    (files.state_dir / "serve.ready").unlink(missing_ok=True)
+    log = (sd / "appliance.log").open("ab")
+    proc = subprocess.Popen(
+        ["ip", "netns", "exec", plan.appliance_ns, sys.executable, "-m", "appliance.cli", "serve", "--config", str(files.config)],
+        stdin=subprocess.DEVNULL, stdout=log, stderr=subprocess.STDOUT, start_new_session=True,
+    )
+    log.close()
+    write_state(plan, appliance_pid=proc.pid)
+    deadline = time.monotonic() + timeout
+    while not (files.state_dir / "serve.ready").exists():
+        if proc.poll() is not None:
+            raise TestbedError(f"the appliance exited with status {proc.returncode}: {_tail(sd / 'appliance.log')}")
+        if time.monotonic() > deadline:
+            raise TestbedError(f"the appliance did not get ready in {timeout:.0f} s: {_tail(sd / 'appliance.log')}")
+        time.sleep(0.05)
+    return proc
+
+
+def _tail(path: Path, lines: int = 5) -> str:
+    try:
+        return " | ".join(path.read_text(errors="replace").splitlines()[-lines:])
+    except OSError:
+        return "(no log)"
+
+
 def _alive(pid: int) -> bool:
     try:
         os.kill(pid, 0)
