@@ -210,3 +210,23 @@ def test_parse_steps() -> None:
     assert wf.steps[1].implementations[0].retries == 1 and wf.steps[1].implementations[0].timeout == 900
     with pytest.raises(ValueError, match="no implementation 'warp'"):
         parse_steps("BroadcastEnv|warp")
+
+
+async def test_reboot_to_deploy_and_plain_reboot(world) -> None:  # type: ignore[no-untyped-def]
+    controller, deps, cluster, env, power, agent = world
+    agent.no_ssh = {"node-1", "node-2"}
+    cluster.never_boot = {"node-2"}
+    serve = asyncio.create_task(controller.serve())
+    try:
+        nodes = [deps.inventory.by_name[n] for n in ("node-1", "node-2")]
+        results = await asyncio.wait_for(controller.reboot(nodes, "deploy", "soft", "admin"), 20)
+        by = {r["node"]: r for r in results}
+        assert by["node-1"]["ok"] and by["node-1"]["stage"] == "up"
+        assert not by["node-2"]["ok"] and "no DHCP within" in by["node-2"]["reason"]
+        plain = await asyncio.wait_for(controller.reboot([deps.inventory.by_name["node-3"]], "", "hard", "admin"), 20)
+        assert plain[0]["ok"] and ("soft_reboot", "node-3") not in agent.calls
+        assert controller.busy(["node-1", "node-2", "node-3"]) == {}
+        with pytest.raises(ValueError):
+            await controller.reboot(nodes, "", "gentle", "admin")
+    finally:
+        serve.cancel()

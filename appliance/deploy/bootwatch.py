@@ -39,13 +39,14 @@ class Trigger(StrEnum):
 
 DEPLOY = "deploy"        # target: the deploy environment (RAM-disk system with the agent)
 INSTALLED = "installed"  # target: the installed system on local disk
+NETBOOT = "netboot"      # target: just back in network boot (the per-MAC script fetched), for plain reboots
 
 # (stage, trigger) -> next stage. Targets that differ are spelled out; anything absent is ignored.
 TRANSITIONS: dict[tuple[Stage, Trigger], Stage | dict[str, Stage]] = {
     (Stage.RESETTING, Trigger.FIRMWARE_DHCP): Stage.FIRMWARE,
     (Stage.RESETTING, Trigger.NBP): Stage.FIRMWARE,
-    (Stage.RESETTING, Trigger.SCRIPT): {DEPLOY: Stage.LOADING, INSTALLED: Stage.LOCAL_BOOT},
-    (Stage.FIRMWARE, Trigger.SCRIPT): {DEPLOY: Stage.LOADING, INSTALLED: Stage.LOCAL_BOOT},
+    (Stage.RESETTING, Trigger.SCRIPT): {DEPLOY: Stage.LOADING, INSTALLED: Stage.LOCAL_BOOT, NETBOOT: Stage.UP},
+    (Stage.FIRMWARE, Trigger.SCRIPT): {DEPLOY: Stage.LOADING, INSTALLED: Stage.LOCAL_BOOT, NETBOOT: Stage.UP},
     (Stage.LOADING, Trigger.INITRD): Stage.STARTING,
     # A node that shows up in firmware again after its script rebooted on its own: start over, counted.
     (Stage.LOADING, Trigger.FIRMWARE_DHCP): Stage.FIRMWARE,

@@ -19,7 +19,7 @@ from ClusterShell.NodeSet import NodeSet
 
 from appliance.auth import NodeTokens
 from appliance.catalog import Catalog, Environment
-from appliance.deploy.bootwatch import DEPLOY, INSTALLED, BootWatch, Stage, Trigger, trigger_of
+from appliance.deploy.bootwatch import DEPLOY, INSTALLED, NETBOOT, BootWatch, Stage, Trigger, trigger_of
 from appliance.deploy.drivers import DeployDriver, DeployError
 from appliance.deploy.power import PowerDriver, PowerError
 from appliance.deploy.store import DeploymentStore
@@ -38,7 +38,8 @@ LADDERS: dict[str, tuple[str, ...]] = {
     "very_hard_reboot": ("very_hard",),
 }
 # Callback stages that mean "the expected system is up".
-CALLBACK_STAGES = {DEPLOY: ("deploy", "agent"), INSTALLED: ("installed", "os")}
+CALLBACK_STAGES = {DEPLOY: ("deploy", "agent"), INSTALLED: ("installed", "os"), NETBOOT: ()}
+REBOOT_LEVELS = {"soft": LADDERS["reboot"], "hard": LADDERS["hard_reboot"], "very_hard": LADDERS["very_hard_reboot"]}
 
 
 class OverlapError(RackbootError):
@@ -466,6 +467,43 @@ class Controller:
         task.add_done_callback(lambda t, d=dep: self._finished(d))
         self.tasks[dep_id] = task
         return dep
+
+    async def reboot(self, nodes: list[Node], to: str, level: str, user: str, force: bool = False) -> list[dict[str, Any]]:
+        """Reboot nodes (optionally into 'deploy', 'local' or an environment) from a level up; wait until each is back."""
+        if level not in REBOOT_LEVELS:
+            raise ValueError(f"level must be one of {', '.join(REBOOT_LEVELS)}")
+        env = self.deps.catalog.get(to) if to not in ("", "deploy", "local") else Environment(name="reboot", version=1, owner=user)
+        names = [n.name for n in nodes]
+        overlap = self.busy(names)
+        if overlap and not force:
+            raise OverlapError(f"{NodeSet.fromlist(list(overlap))} already in deployment(s) {', '.join(sorted(set(overlap.values())))}")
+        dep_id = time.strftime("r%Y%m%d-%H%M%S-") + secrets.token_hex(2)
+        dep = Deployment(dep_id, nodes, env, user, self.workflow_factory("chain", False), self.deps)
+        self.deployments[dep_id] = dep
+        for n in names:
+            self._busy[n] = dep_id
+        ticker = asyncio.create_task(dep._ticker())
+
+        async def one(run: NodeRun) -> dict[str, Any]:
+            target = NETBOOT
+            if to == "deploy":
+                self.deps.profiles.set(run.node.mac, dep._deploy_profile(run))
+                target = DEPLOY
+            elif to == "local":
+                self.deps.profiles.set(run.node.mac, BootProfile(kind="local"))
+            elif to:
+                self.deps.profiles.set(run.node.mac, dep._installed_profile(run))
+            why = await dep._boot(run, target, REBOOT_LEVELS[level])
+            return {"node": run.node.name, "ok": why is None, "reason": why or "", "stage": run.watch.stage.value if run.watch else ""}
+
+        try:
+            return list(await asyncio.gather(*(one(r) for r in dep.runs.values())))
+        finally:
+            ticker.cancel()
+            self._finished(dep)
+            for r in dep.runs.values():
+                self.deps.tokens.revoke(r.node.mac, dep_id)
+            del self.deployments[dep_id]
 
     def _finished(self, dep: Deployment) -> None:
         for name in dep.runs:
