@@ -51,6 +51,9 @@ class HttpConfig:
 
     port: int = 8080
     files: Path = Path("/var/lib/rackboot/files")
+    tls_cert: Path | None = None
+    tls_key: Path | None = None
+    tls_port: int = 8443
 
 
 @dataclass(frozen=True)
@@ -76,6 +79,20 @@ class BootConfig:
 
 
 @dataclass(frozen=True)
+class DeployConfig:
+    """The deploy environment (RAM-disk system with the agent) and how the controller drives nodes."""
+
+    kernel: str = "deploy/vmlinuz"
+    initrds: tuple[str, ...] = ("deploy/initrd.img",)
+    cmdline: str = "console=ttyS0"
+    ssh_key: Path = Path("/var/lib/rackboot/deploy_key")
+    ssh_port: int = 22
+    reboot_window: int = 100
+    bmc_concurrency: int = 1
+    deadlines: dict[str, float] = field(default_factory=dict)
+
+
+@dataclass(frozen=True)
 class ApplianceConfig:
     """Everything the appliance needs, validated once."""
 
@@ -88,6 +105,7 @@ class ApplianceConfig:
     http: HttpConfig = field(default_factory=HttpConfig)
     dns: DnsConfig = field(default_factory=DnsConfig)
     boot: BootConfig = field(default_factory=BootConfig)
+    deploy: DeployConfig = field(default_factory=DeployConfig)
     source: str = ""
 
     @property
@@ -179,7 +197,7 @@ def load_config(path: str | Path) -> ApplianceConfig:
     path = Path(path)
     root = load_yaml_mapping(path)
     problems: list[str] = []
-    top = _Reader(root, problems, ("interface", "address", "state_dir", "http_port", "dhcp", "tftp", "http", "dns", "boot", "inventory"))
+    top = _Reader(root, problems, ("interface", "address", "state_dir", "http_port", "dhcp", "tftp", "http", "dns", "boot", "deploy", "inventory"))
     for required in ("interface", "address", "inventory"):
         if not root.has(required):
             problems.append(f"{root.where}: {required}: missing (required)")
@@ -224,8 +242,20 @@ def load_config(path: str | Path) -> ApplianceConfig:
 
     http = HttpConfig(port=http_port, files=state_dir / "files")
     if (h := _child(root, "http", problems)) is not None:
-        r = _Reader(h, problems, ("files",))
-        http = HttpConfig(port=http_port, files=r.get("files", state_dir / "files", lambda v: (path.parent / str(v)).resolve(), "a directory"))
+        r = _Reader(h, problems, ("files", "tls_cert", "tls_key", "tls_port"))
+        a_file = lambda v: (path.parent / str(v)).resolve()  # noqa: E731
+        http = HttpConfig(
+            port=http_port,
+            files=r.get("files", state_dir / "files", a_file, "a directory"),
+            tls_cert=r.get("tls_cert", None, a_file, "a PEM file"),
+            tls_key=r.get("tls_key", None, a_file, "a PEM file"),
+            tls_port=r.port("tls_port", 8443),
+        )
+        if (http.tls_cert is None) != (http.tls_key is None):
+            problems.append(f"{h.where}: http: tls_cert and tls_key go together")
+        for key, value in (("tls_cert", http.tls_cert), ("tls_key", http.tls_key)):
+            if value is not None and not value.is_file():
+                problems.append(f"{h.at(key)}: http.{key}: no such file {value}")
 
     dns = DnsConfig()
     if (n := _child(root, "dns", problems)) is not None:
@@ -251,6 +281,27 @@ def load_config(path: str | Path) -> ApplianceConfig:
             default_profile=r.choice("default_profile", "none", ("none", "local", "discovery")),
         )
 
+    deploy = DeployConfig(ssh_key=state_dir / "deploy_key")
+    if (dp := _child(root, "deploy", problems)) is not None:
+        from appliance.deploy.workflow import BootDeadlines
+
+        deadline_keys = tuple(k for k in BootDeadlines.__dataclass_fields__ if k != "nbp_loop_limit")
+        r = _Reader(dp, problems, ("kernel", "initrds", "cmdline", "ssh_key", "ssh_port", "reboot_window", "bmc_concurrency", "deadlines"))
+        deadlines: dict[str, float] = {}
+        if (dl := _child(dp, "deadlines", problems)) is not None:
+            rd = _Reader(dl, problems, deadline_keys)
+            deadlines = {k: rd.positive(k, 0.0, float) for k in dl.keys() if k in deadline_keys}
+        deploy = DeployConfig(
+            kernel=r.get("kernel", "deploy/vmlinuz", str, "a path under http.files or a URL"),
+            initrds=r.get("initrds", ("deploy/initrd.img",), lambda v: tuple(str(x) for x in (v if isinstance(v, list) else [v])), "a list of paths"),
+            cmdline=r.get("cmdline", "console=ttyS0", str, "a kernel command line"),
+            ssh_key=r.get("ssh_key", state_dir / "deploy_key", lambda v: (path.parent / str(v)).resolve(), "a private key file"),
+            ssh_port=r.port("ssh_port", 22),
+            reboot_window=r.positive("reboot_window", 100),
+            bmc_concurrency=r.positive("bmc_concurrency", 1),
+            deadlines=deadlines,
+        )
+
     inventory: Inventory | None = None
     inv_name = root.raw("inventory")
     if inv_name:
@@ -272,7 +323,7 @@ def load_config(path: str | Path) -> ApplianceConfig:
         raise ConfigError(problems or [f"{path}: no inventory"])
     return ApplianceConfig(
         interface=interface, address=address, state_dir=state_dir, inventory=inventory,
-        dhcp=dhcp, tftp=tftp, http=http, dns=dns, boot=boot, source=str(path),
+        dhcp=dhcp, tftp=tftp, http=http, dns=dns, boot=boot, deploy=deploy, source=str(path),
     )
 
 

@@ -12,7 +12,7 @@ from appliance.errors import ConfigError
 from appliance.yamlsource import Located, load_yaml_mapping
 
 _MAC_RE = re.compile(r"^[0-9a-f]{2}([:-]?[0-9a-f]{2}){5}$")
-BMC_DRIVERS = ("ipmi", "fake", "ssh", "none")
+BMC_DRIVERS = ("ipmi", "ssh", "none")
 
 
 def normalize_mac(text: str) -> str:

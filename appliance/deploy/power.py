@@ -138,3 +138,24 @@ class FakePower:
         if node.name in self.dead:
             raise PowerError(f"{node.name}: BMC does not answer")
         self.boot_device[node.name] = (device, persistent)
+
+
+class PowerByDriver:
+    """Routes each node to the power driver its inventory entry names (ipmi today; ssh and none have no BMC)."""
+
+    def __init__(self, drivers: dict[str, PowerDriver]) -> None:
+        self._drivers = drivers
+
+    def _for(self, node: Node) -> PowerDriver:
+        driver = node.bmc.driver if node.bmc else "none"
+        if driver not in self._drivers:
+            raise PowerError(f"{node.name}: no BMC power control (bmc driver {driver!r})")
+        return self._drivers[driver]
+
+    async def power(self, node: Node, op: str) -> str:
+        """Apply or read the power state with the node's driver."""
+        return await self._for(node).power(node, op)
+
+    async def set_boot_device(self, node: Node, device: str, persistent: bool = False) -> None:
+        """Set the next boot device with the node's driver."""
+        await self._for(node).set_boot_device(node, device, persistent)
