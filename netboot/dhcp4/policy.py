@@ -1,0 +1,437 @@
+"""Pure DHCPv4 decisions: a decoded request, the inventory and the lease table in, a reply (or none) out.
+
+No sockets, no clock, no event bus: `DhcpPolicy.handle()` returns a `Decision` carrying the encoded
+reply, where to send it and the node events to publish; the transport does the I/O. Option bytes
+that do not depend on the request are encoded once at construction.
+"""
+from __future__ import annotations
+
+import ipaddress
+import logging
+import socket
+from dataclasses import dataclass, field
+
+import ipxe
+from appliance.config import ApplianceConfig
+from appliance.events import EventKind
+from netboot.dhcp4 import options as o
+from netboot.dhcp4.codec import BOOTREPLY, BOOTREQUEST, BROADCAST_FLAG, ZERO_IP, DhcpPacket, encode_reply
+from netboot.dhcp4.leases import LeaseTable, int_to_ip, ip_to_int
+
+log = logging.getLogger("rackboot.dhcp")
+
+VIA_DHCP = "dhcp"   # the request came in on the DHCP server port (67)
+VIA_PXE = "pxe"     # the request came in on the PXE boot server port (4011), proxy mode only
+BROADCAST_IP = "255.255.255.255"
+
+# Architectures (RFC 4578 2.1) booted over TFTP, and over HTTP (UEFI HTTP boot), by NBP role.
+_TFTP_ARCHES = {o.ARCH_BIOS: "bios", o.ARCH_EFI_IA32: "uefi", o.ARCH_EFI_BC: "uefi", o.ARCH_EFI_X64: "uefi",
+                o.ARCH_EFI_ARM64: "arm64"}
+_HTTP_ARCHES = {o.ARCH_HTTP_IA32: "uefi", o.ARCH_HTTP_X64: "uefi", o.ARCH_HTTP_ARM64: "arm64"}
+_MT = {t: bytes((o.MESSAGE_TYPE, 1, t)) for t in o.MESSAGE_NAMES}
+
+
+@dataclass(frozen=True, slots=True)
+class Destination:
+    """Where a reply goes; mac set means unicast to a client without an address at that hardware address."""
+
+    ip: str
+    port: int
+    mac: bytes | None = None
+
+    @property
+    def broadcast(self) -> bool:
+        """True for the limited broadcast address."""
+        return self.ip == BROADCAST_IP
+
+
+@dataclass(frozen=True, slots=True)
+class Reply:
+    """An encoded reply and its destination."""
+
+    data: bytes
+    dest: Destination
+    message_type: int
+
+
+@dataclass(slots=True)
+class Decision:
+    """What to do about one request: a reply or None, node events to publish, and why a request was ignored
+    (empty when no reply is the normal answer, as for DECLINE and RELEASE)."""
+
+    reply: Reply | None = None
+    events: list[tuple[EventKind, dict[str, object]]] = field(default_factory=list)
+    ignored: str = ""
+
+
+@dataclass(frozen=True, slots=True)
+class BootAnswer:
+    """The boot part of a reply: header 'file' and 'siaddr', encoded options, and what it is (for events)."""
+
+    file: bytes
+    siaddr: bytes
+    options: bytes
+    target: str
+    kind: str
+
+
+class DhcpPolicy:
+    """Decides replies for authoritative and proxy mode from one validated config and the lease table."""
+
+    def __init__(self, config: ApplianceConfig, leases: LeaseTable) -> None:
+        dhcp = config.dhcp
+        self.mode = dhcp.mode
+        self.leases = leases
+        self.lease_time = dhcp.lease_time
+        self.server_port = dhcp.port
+        self.client_port = dhcp.client_port
+        self.broadcast_replies = dhcp.broadcast_replies
+        self.discovery = dhcp.unknown_macs == "discovery"
+        self.network = config.address.network
+        self.sid = config.ip.packed
+        self.http_base = config.http_base
+        self.boot = config.boot
+        self._nodes = {n.mac: n for n in config.inventory.nodes}
+        self._node_ip = {n.mac: n.ip.packed for n in config.inventory.nodes}
+        self._hostname_tlv = {n.mac: o.text_option(o.HOST_NAME, n.name) for n in config.inventory.nodes}
+        self._broadcast_dest = Destination(BROADCAST_IP, dhcp.client_port)
+        sid_tlv = o.tlv(o.SERVER_ID, self.sid)
+        network_tlvs = (
+            o.tlv(o.SUBNET_MASK, self.network.netmask.packed)
+            + o.tlv(o.BROADCAST_ADDRESS, self.network.broadcast_address.packed)
+            + (o.tlv(o.ROUTER, dhcp.router.packed) if dhcp.router else b"")
+            + o.ip_option(o.DNS_SERVERS, [a.packed for a in (dhcp.dns_servers or (config.ip,))])
+            + o.text_option(o.DOMAIN_NAME, config.dns.domain)
+        )
+        # RFC 2131 4.3.1 / RFC 2132 9.11: T1 = 0.5 * lease, T2 = 0.875 * lease.
+        lease_tlvs = (o.u32_option(o.LEASE_TIME, dhcp.lease_time)
+                      + o.u32_option(o.RENEWAL_TIME, dhcp.lease_time // 2)
+                      + o.u32_option(o.REBINDING_TIME, dhcp.lease_time * 7 // 8))
+        self._sid_tlv = sid_tlv
+        self._lease_opts = sid_tlv + lease_tlvs + network_tlvs
+        self._inform_opts = sid_tlv + network_tlvs
+        self._tftp_server_tlv = o.text_option(o.TFTP_SERVER_NAME, str(config.ip))
+        self._no_pxedhcp_tlv = o.tlv(o.IPXE_ENCAP, o.tlv(o.IPXE_NO_PXEDHCP, b"\x01"))
+        self._boot_cache: dict[tuple[str, str, bool], BootAnswer | None] = {}
+        self._ipxe_cache: dict[tuple[str, bool], BootAnswer] = {}  # inventory MACs only: bounded
+        self._quiet_until = 0.0
+
+    # ------------------------------------------------------------------ entry point
+
+    def handle(self, req: DhcpPacket, now: float, via: str = VIA_DHCP,
+               source: tuple[str, int] | None = None) -> Decision:
+        """Decide the reply to one decoded request received at `now` (epoch seconds)."""
+        if req.op != BOOTREQUEST:
+            return Decision(ignored="not a BOOTREQUEST")
+        mt = req.message_type
+        if mt is None:
+            return Decision(ignored="plain BOOTP (no message type)")
+        if req.htype != 1 or req.hlen != 6:
+            return Decision(ignored="not an Ethernet client")
+        if self.mode == "proxy":
+            return self._proxy(req, mt, via, source)
+        if via != VIA_DHCP:
+            return Decision(ignored="PXE port request in authoritative mode")
+        mac = req.mac
+        if mac in self._nodes:
+            return self._reserved(req, mt, mac, now)
+        return self._pooled(req, mt, mac, now)
+
+    # ------------------------------------------------------------------ authoritative: inventory nodes
+
+    def _reserved(self, req: DhcpPacket, mt: int, mac: str, now: float) -> Decision:
+        """Answer a node of the inventory with its reservation (RFC 2131 4.3)."""
+        ip = self._node_ip[mac]
+        extra = self._hostname_tlv[mac]
+        if mt == o.DISCOVER:
+            boot = self._boot_for(req, mac, proxy=False)
+            reply = self._lease_reply(req, o.OFFER, ip, extra, boot)
+            return Decision(reply, [(EventKind.DHCP_DISCOVER, _detail(req)),
+                                    (EventKind.DHCP_OFFER, _result(ip, boot))])
+        if mt == o.REQUEST:
+            events: list[tuple[EventKind, dict[str, object]]] = [(EventKind.DHCP_REQUEST, _detail(req))]
+            sid = req.option_ip(o.SERVER_ID)
+            if sid is not None and sid != self.sid:
+                return Decision(None, events, "client chose another server")
+            wanted = req.option_ip(o.REQUESTED_IP) or (req.ciaddr if req.ciaddr != ZERO_IP else None)
+            if wanted is None:
+                return Decision(None, events, "REQUEST without an address")
+            if wanted != ip:
+                events.append((EventKind.DHCP_NAK, {"ip": _ntoa(wanted), "reason": f"reserved address is {_ntoa(ip)}"}))
+                return Decision(self._nak(req, f"address reserved for this client is {_ntoa(ip)}"), events)
+            boot = self._boot_for(req, mac, proxy=False)
+            events.append((EventKind.DHCP_ACK, _result(ip, boot)))
+            return Decision(self._lease_reply(req, o.ACK, ip, extra, boot), events)
+        if mt == o.INFORM:
+            return self._inform(req, extra)
+        if mt == o.DECLINE:
+            wanted = req.option_ip(o.REQUESTED_IP) or ip
+            log.warning("dhcp: %s declined its reserved address %s: another host uses it", mac, _ntoa(wanted))
+            return Decision(None, [(EventKind.DHCP_DECLINE, {"ip": _ntoa(wanted)})])
+        if mt == o.RELEASE:
+            return Decision(None, [(EventKind.DHCP_RELEASE, {"ip": _ntoa(req.ciaddr)})])
+        return Decision(ignored=f"message type {mt}")
+
+    # ------------------------------------------------------------------ authoritative: the dynamic pool
+
+    def _pooled(self, req: DhcpPacket, mt: int, mac: str, now: float) -> Decision:
+        """Answer a MAC outside the inventory from the dynamic pool (if any)."""
+        leases = self.leases
+        if not leases.has_pool:
+            if mt == o.DISCOVER:
+                return Decision(None, [(EventKind.DHCP_DISCOVER, _detail(req, known=False))], "unknown MAC and no pool")
+            return Decision(ignored="unknown MAC and no pool")
+        if mt == o.DISCOVER:
+            requested = req.option_ip(o.REQUESTED_IP)
+            value = leases.offer(mac, ip_to_int(requested) if requested else None, now)
+            events: list[tuple[EventKind, dict[str, object]]] = [(EventKind.DHCP_DISCOVER, _detail(req, known=False))]
+            if value is None:
+                if now >= self._quiet_until:  # one warning per minute, not one per DISCOVER
+                    log.warning("dhcp: pool exhausted, no address for %s (and maybe others)", mac)
+                    self._quiet_until = now + 60
+                return Decision(None, events, "pool exhausted")
+            ip = int_to_ip(value)
+            boot = self._boot_for(req, mac, proxy=False) if self.discovery else None
+            events.append((EventKind.DHCP_OFFER, _result(ip, boot)))
+            return Decision(self._lease_reply(req, o.OFFER, ip, b"", boot), events)
+        if mt == o.REQUEST:
+            events = [(EventKind.DHCP_REQUEST, _detail(req, known=False))]
+            sid = req.option_ip(o.SERVER_ID)
+            if sid is not None and sid != self.sid:
+                leases.forget_offer(mac)
+                return Decision(None, events, "client chose another server")
+            wanted = req.option_ip(o.REQUESTED_IP) or (req.ciaddr if req.ciaddr != ZERO_IP else None)
+            if wanted is None:
+                return Decision(None, events, "REQUEST without an address")
+            value = ip_to_int(wanted)
+            known = leases.lease_for(mac) is not None
+            if leases.bind(mac, value, now, self.lease_time):
+                boot = self._boot_for(req, mac, proxy=False) if self.discovery else None
+                events.append((EventKind.DHCP_ACK, _result(wanted, boot)))
+                return Decision(self._lease_reply(req, o.ACK, wanted, b"", boot), events)
+            # RFC 2131 4.3.2: NAK what we are authoritative for (our offer, a client we know, our pool,
+            # an address from another network); stay silent about other addresses of clients we do not know.
+            ours = (sid is not None or known or leases.first <= value <= leases.last
+                    or (req.giaddr == ZERO_IP and ipaddress.IPv4Address(value) not in self.network))
+            if not ours:
+                return Decision(None, events, "REQUEST for an address outside the pool from an unknown client")
+            events.append((EventKind.DHCP_NAK, {"ip": _ntoa(wanted), "reason": "address not available"}))
+            return Decision(self._nak(req, "requested address not available"), events)
+        if mt == o.INFORM:
+            return self._inform(req, b"")
+        if mt == o.DECLINE:
+            wanted = req.option_ip(o.REQUESTED_IP)
+            sid = req.option_ip(o.SERVER_ID)
+            if wanted is None or (sid is not None and sid != self.sid):
+                return Decision(ignored="DECLINE not for us")
+            leases.decline(mac, ip_to_int(wanted), now)
+            log.warning("dhcp: %s declined %s: another host uses it; held back for a while", mac, _ntoa(wanted))
+            return Decision(None, [(EventKind.DHCP_DECLINE, {"ip": _ntoa(wanted)})])
+        if mt == o.RELEASE:
+            sid = req.option_ip(o.SERVER_ID)
+            if sid is not None and sid != self.sid:
+                return Decision(ignored="RELEASE not for us")
+            leases.release(mac, ip_to_int(req.ciaddr), now)
+            return Decision(None, [(EventKind.DHCP_RELEASE, {"ip": _ntoa(req.ciaddr)})])
+        return Decision(ignored=f"message type {mt}")
+
+    # ------------------------------------------------------------------ proxy mode (PXE 2.1 ProxyDHCP)
+
+    def _proxy(self, req: DhcpPacket, mt: int, via: str, source: tuple[str, int] | None) -> Decision:
+        """Answer PXE clients only, without addresses: an OFFER on port 67, an ACK on port 4011."""
+        mac = req.mac
+        if mac not in self._nodes and not self.discovery:
+            return Decision(ignored="unknown MAC")
+        vc = req.vendor_class
+        if not (vc.startswith(b"PXEClient") or vc.startswith(b"HTTPClient")):
+            return Decision(ignored="not a PXE client")
+        if via == VIA_DHCP and mt == o.DISCOVER:
+            reply_type = o.OFFER
+        elif via == VIA_PXE and mt in (o.REQUEST, o.INFORM):
+            reply_type = o.ACK
+        else:
+            return Decision(ignored=f"proxy mode ignores message type {mt} on the {via} port")
+        events: list[tuple[EventKind, dict[str, object]]] = [
+            (EventKind.DHCP_DISCOVER if mt == o.DISCOVER else EventKind.DHCP_REQUEST, _detail(req))]
+        boot = self._boot_for(req, mac, proxy=True)
+        if boot is None:
+            return Decision(None, events, "no boot file for this client")
+        boot_opts = boot.options
+        if via == VIA_PXE and boot.kind != "http":
+            # PXE 2.1 2.2.4: the boot server echoes the requested boot item (sub-option 71).
+            item = o.parse_suboptions(req.options.get(o.VENDOR_SPECIFIC, b"")).get(o.PXE_BOOT_ITEM)
+            if item is not None and len(item) == 4:
+                boot_opts = boot_opts.replace(_PXE_VENDOR_TLV, _pxe_vendor_tlv(item))
+        opts = _MT[reply_type] + self._sid_tlv + boot_opts + self._echoed(req)
+        data = encode_reply(BOOTREPLY, req.htype, req.hlen, req.xid, req.flags, req.ciaddr, ZERO_IP, boot.siaddr,
+                            req.giaddr, req.chaddr, b"", boot.file, opts)
+        if via == VIA_PXE and source is not None:
+            dest = Destination(source[0], source[1])  # PXE 2.1: the boot server answers the request's source
+        elif req.giaddr != ZERO_IP:
+            dest = Destination(_ntoa(req.giaddr), self.server_port)
+        elif req.ciaddr != ZERO_IP:
+            dest = Destination(_ntoa(req.ciaddr), self.client_port)
+        else:
+            dest = self._broadcast_dest  # no yiaddr in a proxy offer: broadcast it
+        detail: dict[str, object] = {"file": boot.target, "boot": boot.kind, "port": via}
+        events.append((EventKind.PROXY_OFFER, detail))
+        return Decision(Reply(data, dest, reply_type), events)
+
+    # ------------------------------------------------------------------ boot file selection
+
+    def _boot_for(self, req: DhcpPacket, mac: str, proxy: bool) -> BootAnswer | None:
+        """Pick the boot answer for a client: iPXE script, UEFI HTTP URL, TFTP NBP by arch, or None."""
+        if req.is_ipxe:
+            answer = self._ipxe_cache.get((mac, proxy))
+            if answer is None:
+                url = self.http_base + ipxe.script_path(mac)
+                extra = _PXECLIENT_TLV if proxy else self._no_pxedhcp_tlv  # iPXE takes a proxy offer only with 60
+                opts = o.text_option(o.BOOTFILE_NAME, url) + extra
+                answer = BootAnswer(_file_field(url), self.sid, opts, url, "ipxe")
+                if mac in self._nodes:
+                    self._ipxe_cache[(mac, proxy)] = answer
+            return answer
+        vc = req.vendor_class
+        if vc.startswith(b"HTTPClient"):
+            key = ("http", _arch_key(req.client_arch, vc, _HTTP_ARCHES, o.ARCH_HTTP_X64), proxy)
+        elif vc.startswith(b"PXEClient"):
+            key = ("tftp", _arch_key(req.client_arch, vc, _TFTP_ARCHES, o.ARCH_BIOS), proxy)
+        else:
+            return None  # not a network-boot client (an installed OS, a deploy environment)
+        if key not in self._boot_cache:
+            self._boot_cache[key] = self._make_boot(*key)
+        return self._boot_cache[key]
+
+    def _make_boot(self, transport: str, role: str, proxy: bool) -> BootAnswer | None:
+        """Build the (cacheable) answer for one transport and NBP role."""
+        nbp = {"bios": self.boot.bios_nbp, "uefi": self.boot.uefi_nbp, "arm64": self.boot.arm64_nbp}.get(role)
+        if not nbp:
+            return None
+        if transport == "http":
+            # UEFI HTTP boot (UEFI 2.5+ 24.7): the offer must carry vendor class HTTPClient and a URL.
+            url = self.http_base + ipxe.nbp_path(nbp)
+            opts = o.text_option(o.VENDOR_CLASS, "HTTPClient") + o.text_option(o.BOOTFILE_NAME, url)
+            return BootAnswer(_file_field(url), self.sid, opts, url, "http")
+        # PXE 2.1: vendor class PXEClient and option 43 with discovery control 8 (boot the file in this offer,
+        # no boot server discovery); next-server in siaddr and option 66, the file in 'file' and option 67.
+        opts = _PXECLIENT_TLV + _PXE_VENDOR_TLV + self._tftp_server_tlv + o.text_option(o.BOOTFILE_NAME, nbp)
+        return BootAnswer(_file_field(nbp), self.sid, opts, nbp, role)
+
+    # ------------------------------------------------------------------ reply construction
+
+    def _echoed(self, req: DhcpPacket) -> bytes:
+        """Options echoed from the request: UUID (PXE), client id (RFC 6842), relay info last (RFC 3046 2.2)."""
+        opts = req.options
+        if o.CLIENT_UUID not in opts and o.CLIENT_ID not in opts and o.RELAY_AGENT_INFO not in opts:
+            return b""
+        out = b""
+        for code in (o.CLIENT_UUID, o.CLIENT_ID, o.RELAY_AGENT_INFO):
+            value = opts.get(code)
+            if value is not None:
+                out += o.tlv(code, value)
+        return out
+
+    def _lease_reply(self, req: DhcpPacket, mt: int, ip: bytes, extra: bytes, boot: BootAnswer | None) -> Reply:
+        """Encode an OFFER or ACK of `ip` with the lease options, host name and boot answer."""
+        opts = _MT[mt] + self._lease_opts + extra
+        if boot is not None:
+            opts += boot.options
+            siaddr, file = boot.siaddr, boot.file
+        else:
+            siaddr, file = ZERO_IP, b""
+        opts += self._echoed(req)
+        # RFC 2131 table 3: ciaddr is 0 in an OFFER and the request's ciaddr in an ACK.
+        ciaddr = req.ciaddr if mt == o.ACK else ZERO_IP
+        data = encode_reply(BOOTREPLY, req.htype, req.hlen, req.xid, req.flags, ciaddr, ip, siaddr, req.giaddr,
+                            req.chaddr, b"", file, opts)
+        return Reply(data, self._destination(req, ip), mt)
+
+    def _inform(self, req: DhcpPacket, extra: bytes) -> Decision:
+        """RFC 2131 4.3.5: an ACK with configuration but no lease and no yiaddr, sent to ciaddr."""
+        opts = _MT[o.ACK] + self._inform_opts + extra + self._echoed(req)
+        data = encode_reply(BOOTREPLY, req.htype, req.hlen, req.xid, req.flags, req.ciaddr, ZERO_IP, ZERO_IP,
+                            req.giaddr, req.chaddr, b"", b"", opts)
+        return Decision(Reply(data, self._destination(req, ZERO_IP), o.ACK),
+                        [(EventKind.DHCP_INFORM, {"ip": _ntoa(req.ciaddr)} | _detail(req))])
+
+    def _nak(self, req: DhcpPacket, message: str) -> Reply:
+        """Encode a NAK (RFC 2131 table 3: only type, server id and a message; no addresses)."""
+        opts = _MT[o.NAK] + self._sid_tlv + o.text_option(o.MESSAGE, message) + self._echoed(req)
+        flags = req.flags
+        if req.giaddr != ZERO_IP:
+            flags |= BROADCAST_FLAG  # RFC 2131 4.3.2: a relayed NAK asks the relay to broadcast it
+            dest = Destination(_ntoa(req.giaddr), self.server_port)
+        else:
+            dest = self._broadcast_dest  # RFC 2131 4.1: with giaddr 0 a NAK is always broadcast
+        data = encode_reply(BOOTREPLY, req.htype, req.hlen, req.xid, flags, ZERO_IP, ZERO_IP, ZERO_IP, req.giaddr,
+                            req.chaddr, b"", b"", opts)
+        return Reply(data, dest, o.NAK)
+
+    def _destination(self, req: DhcpPacket, yiaddr: bytes) -> Destination:
+        """RFC 2131 4.1: giaddr -> relay port 67; ciaddr -> unicast; broadcast flag -> broadcast; else chaddr."""
+        if req.giaddr != ZERO_IP:
+            return Destination(_ntoa(req.giaddr), self.server_port)
+        if req.ciaddr != ZERO_IP:
+            return Destination(_ntoa(req.ciaddr), self.client_port)
+        if req.flags & BROADCAST_FLAG or self.broadcast_replies or yiaddr == ZERO_IP:
+            return self._broadcast_dest
+        return Destination(_ntoa(yiaddr), self.client_port, req.chaddr[:6])
+
+
+# PXE 2.1 table 2-1: vendor class "PXEClient" in replies marks a PXE-aware server.
+_PXECLIENT_TLV = o.text_option(o.VENDOR_CLASS, "PXEClient")
+
+
+def _pxe_vendor_tlv(boot_item: bytes | None = None) -> bytes:
+    """Option 43 for PXE clients: discovery control 8 = boot the file of this offer, no discovery (PXE 2.1 2.4.2)."""
+    inner = bytes((o.PXE_DISCOVERY_CONTROL, 1, 8))
+    if boot_item is not None:
+        inner += bytes((o.PXE_BOOT_ITEM, 4)) + boot_item
+    return o.tlv(o.VENDOR_SPECIFIC, inner + bytes((o.END,)))
+
+
+_PXE_VENDOR_TLV = _pxe_vendor_tlv()
+
+
+def _arch_key(arch: int | None, vendor_class: bytes, table: dict[int, str], default: int) -> str:
+    """Map option 93, or the Arch field of the vendor class ('PXEClient:Arch:00007:...'), to an NBP role."""
+    if arch is None:
+        parts = vendor_class.split(b":")
+        arch = int(parts[2]) if len(parts) > 2 and parts[1] == b"Arch" and parts[2].isdigit() else default
+    return table.get(arch, "none")
+
+
+def _file_field(name: str) -> bytes:
+    """The BOOTP 'file' field holds at most 127 bytes plus NUL; longer names go in option 67 only."""
+    raw = name.encode("ascii", "replace")
+    return raw if len(raw) < 128 else b""
+
+
+def _ntoa(packed: bytes) -> str:
+    return socket.inet_ntoa(packed)
+
+
+def _detail(req: DhcpPacket, known: bool = True) -> dict[str, object]:
+    """Event details of a request: arch, vendor class, user class, relay, and whether the MAC is known."""
+    detail: dict[str, object] = {}
+    arch = req.client_arch
+    if arch is not None:
+        detail["arch"] = arch
+    vc = req.vendor_class
+    if vc:
+        detail["vendor_class"] = vc.decode("latin-1")
+    uc = req.user_class
+    if uc:
+        detail["user_class"] = uc.decode("latin-1")
+    if req.giaddr != ZERO_IP:
+        detail["giaddr"] = _ntoa(req.giaddr)
+    if not known:
+        detail["known"] = "no"
+    return detail
+
+
+def _result(ip: bytes, boot: BootAnswer | None) -> dict[str, object]:
+    """Event details of an OFFER/ACK: the address and the boot file or URL handed out."""
+    if boot is None:
+        return {"ip": _ntoa(ip)}
+    return {"ip": _ntoa(ip), "file": boot.target, "boot": boot.kind}
