@@ -1,0 +1,261 @@
+"""The DHCPv4 service: a thin asyncio transport around the codec and the policy.
+
+One UDP socket bound to the appliance interface on the DHCP port (and, in proxy mode, one on the
+PXE port 4011). Replies go where RFC 2131 4.1 says; a reply to a client that has no address yet and
+did not ask for broadcast is sent as a link-layer frame to its chaddr through an AF_PACKET socket
+(as ISC dhcpd does with LPF), falling back to broadcast when that is impossible.
+"""
+from __future__ import annotations
+
+import asyncio
+import errno
+import ipaddress
+import logging
+import socket
+import sqlite3
+import time
+
+from appliance.config import ApplianceConfig
+from appliance.errors import BindError, MalformedPacket
+from appliance.events import EventBus
+from netboot.dhcp4 import options as o
+from netboot.dhcp4.codec import decode, ipv4_udp_packet
+from netboot.dhcp4.leases import LeaseTable
+from netboot.dhcp4.policy import BROADCAST_IP, VIA_DHCP, VIA_PXE, DhcpPolicy, Reply
+from netboot.ra import ARPHRD_ETHER, interface_hardware
+
+log = logging.getLogger("rackboot.dhcp")
+
+FLUSH_INTERVAL_S = 0.25    # write-behind period of lease rows
+FLUSH_BATCH = 2048         # flush at once when this many rows wait
+RECEIVE_BUFFER = 4 << 20   # absorbs bursts (perfdhcp, a rack powering on)
+_SO_RCVBUFFORCE = 33        # <asm/socket.h>: SO_RCVBUF above rmem_max, for CAP_NET_ADMIN
+_ETH_P_IP = 0x0800
+_COUNTERS = ("received", "sent", "dropped_malformed", "ignored", "errors", "send_errors", "offers", "acks",
+             "naks", "proxy_replies", "relayed", "broadcast", "unicast_chaddr", "lease_write_errors")
+_REPLY_COUNTER = {o.OFFER: "offers", o.ACK: "acks", o.NAK: "naks"}
+
+
+class _DhcpProtocol(asyncio.DatagramProtocol):
+    """Hands every datagram of one socket to the service, tagged with the port it came in on."""
+
+    def __init__(self, service: "DhcpService", via: str) -> None:
+        self.service = service
+        self.via = via
+        self.transport: asyncio.DatagramTransport | None = None
+        self.closed: asyncio.Future[None] = asyncio.get_running_loop().create_future()
+
+    def connection_lost(self, exc: Exception | None) -> None:
+        if not self.closed.done():
+            self.closed.set_result(None)
+
+    def connection_made(self, transport: asyncio.BaseTransport) -> None:
+        self.transport = transport  # type: ignore[assignment]
+
+    def datagram_received(self, data: bytes, addr: tuple[str, int]) -> None:
+        assert self.transport is not None
+        self.service.datagram_received(data, addr, self.via, self.transport)
+
+    def error_received(self, exc: Exception) -> None:
+        self.service.counters["send_errors"] += 1
+        log.debug("dhcp: socket error %s", exc)
+
+
+class DhcpService:
+    """DHCPv4 server (authoritative or proxyDHCP) on the appliance interface; keeps the Service contract."""
+
+    name = "dhcp"
+
+    def __init__(self, config: ApplianceConfig, events: EventBus, db: sqlite3.Connection | None) -> None:
+        self.config = config
+        self.events = events
+        network = config.address.network
+        reserved = [n.ip for n in config.inventory.nodes] + [config.ip, network.network_address, network.broadcast_address]
+        self.leases = LeaseTable(db, config.dhcp.pool, reserved)
+        self.policy = DhcpPolicy(config, self.leases)
+        self.counters: dict[str, int] = dict.fromkeys(_COUNTERS, 0)
+        self._transports: list[tuple[asyncio.DatagramTransport, _DhcpProtocol]] = []
+        self._raw: socket.socket | None = None
+        self._sid = config.ip.packed
+        self._closed = False
+
+    # ------------------------------------------------------------------ Service contract
+
+    async def start(self) -> None:
+        """Bind the DHCP port (and 4011 in proxy mode) on the interface; raise BindError when impossible."""
+        dhcp = self.config.dhcp
+        if dhcp.mode == "off":
+            return
+        loop = asyncio.get_running_loop()
+        ports = [(dhcp.port, VIA_DHCP)]
+        if dhcp.mode == "proxy":
+            ports.append((dhcp.proxy_port, VIA_PXE))
+        try:
+            for port, via in ports:
+                sock = _bind_udp(self.config.interface, port)
+                transport, protocol = await loop.create_datagram_endpoint(lambda via=via: _DhcpProtocol(self, via), sock=sock)
+                self._transports.append((transport, protocol))  # type: ignore[arg-type]
+        except BaseException:
+            await self.close()
+            raise
+        if not dhcp.broadcast_replies and dhcp.mode == "authoritative":
+            self._raw = _open_packet_socket(self.config.interface)
+        log.info("dhcp: %s on %s ports %s%s", dhcp.mode, self.config.interface, ", ".join(str(p) for p, _ in ports),
+                 f", pool {dhcp.pool[0]}-{dhcp.pool[1]}" if dhcp.pool else "")
+
+    async def serve(self) -> None:
+        """Write lease rows behind, a few times a second, until cancelled."""
+        try:
+            while True:
+                await asyncio.sleep(FLUSH_INTERVAL_S)
+                self._flush()
+        finally:
+            self._flush()
+
+    async def close(self) -> None:
+        """Close the sockets and write pending lease rows; safe to call twice."""
+        transports, self._transports = self._transports, []
+        for transport, _ in transports:
+            transport.close()
+        for _, protocol in transports:
+            await protocol.closed  # the socket is really closed: a restart can bind the port again
+        if self._raw is not None:
+            self._raw.close()
+            self._raw = None
+        if not self._closed:
+            self._closed = True
+            self._flush()
+
+    def stats(self) -> dict[str, int]:
+        """Return the counters plus lease table sizes."""
+        return dict(self.counters, leases=len(self.leases), lease_rows_pending=self.leases.dirty)
+
+    def mac_for_ip(self, addr: ipaddress.IPv4Address) -> str | None:
+        """Return the MAC holding a dynamic lease on addr, or None."""
+        return self.leases.mac_for_ip(int(addr))
+
+    # ------------------------------------------------------------------ hot path
+
+    def datagram_received(self, data: bytes, addr: tuple[str, int], via: str, transport: asyncio.DatagramTransport) -> None:
+        """Decode, decide, publish events and send the reply of one datagram; never raises."""
+        counters = self.counters
+        counters["received"] += 1
+        try:
+            req = decode(data)
+        except MalformedPacket as exc:
+            counters["dropped_malformed"] += 1
+            if log.isEnabledFor(logging.DEBUG):
+                log.debug("dhcp: dropped malformed datagram from %s:%d: %s", addr[0], addr[1], exc)
+            return
+        try:
+            decision = self.policy.handle(req, time.time(), via, addr)
+            if decision.events:
+                mac = req.mac
+                publish = self.events.publish
+                for kind, detail in decision.events:
+                    publish(mac, kind, **detail)
+            reply = decision.reply
+            if reply is None:
+                if decision.ignored:
+                    counters["ignored"] += 1
+                if log.isEnabledFor(logging.DEBUG):
+                    log.debug("dhcp: no reply to %s from %s: %s", req, addr[0], decision.ignored)
+            else:
+                self._send(reply, transport, via)
+        except Exception:  # one bad request must not stop the service
+            counters["errors"] += 1
+            log.exception("dhcp: error handling a request from %s:%d", addr[0], addr[1])
+        if self.leases.dirty >= FLUSH_BATCH:
+            self._flush()
+
+    def _send(self, reply: Reply, transport: asyncio.DatagramTransport, via: str) -> None:
+        """Send one reply where its destination says (RFC 2131 4.1)."""
+        counters = self.counters
+        dest = reply.dest
+        if via == VIA_PXE or self.config.dhcp.mode == "proxy":
+            counters["proxy_replies"] += 1
+        else:
+            counters[_REPLY_COUNTER.get(reply.message_type, "acks")] += 1
+        if dest.mac is not None:
+            raw = self._raw
+            if raw is not None:
+                frame = ipv4_udp_packet(self._sid, socket.inet_aton(dest.ip), self.config.dhcp.port, dest.port, reply.data)
+                try:
+                    raw.sendto(frame, (self.config.interface, _ETH_P_IP, 0, 0, dest.mac))
+                    counters["sent"] += 1
+                    counters["unicast_chaddr"] += 1
+                    return
+                except OSError as exc:
+                    counters["send_errors"] += 1
+                    log.debug("dhcp: link-layer unicast to %s failed (%s); broadcasting", dest.mac.hex(":"), exc)
+            target: tuple[str, int] = (BROADCAST_IP, dest.port)
+        else:
+            target = (dest.ip, dest.port)
+        if target[0] == BROADCAST_IP:
+            counters["broadcast"] += 1
+        elif dest.port == self.config.dhcp.port and via == VIA_DHCP:
+            counters["relayed"] += 1
+        transport.sendto(reply.data, target)
+        counters["sent"] += 1
+
+    def _flush(self) -> None:
+        """Write pending lease rows; a failure is logged and retried at the next flush."""
+        if not self.leases.dirty:
+            return
+        try:
+            self.leases.flush()
+        except (sqlite3.Error, sqlite3.ProgrammingError) as exc:
+            self.counters["lease_write_errors"] += 1
+            log.warning("dhcp: cannot write leases (%s); will retry", exc)
+
+
+def _bind_udp(interface: str, port: int) -> socket.socket:
+    """Return a UDP socket bound to port on one interface only (SO_BINDTODEVICE), broadcast-capable."""
+    try:
+        socket.if_nametoindex(interface)
+    except OSError:
+        raise BindError(f"dhcp: interface {interface!r} does not exist") from None
+    sock = socket.socket(socket.AF_INET, socket.SOCK_DGRAM)
+    try:
+        sock.setsockopt(socket.SOL_SOCKET, socket.SO_BINDTODEVICE, interface.encode())
+        sock.setsockopt(socket.SOL_SOCKET, socket.SO_BROADCAST, 1)
+        try:
+            sock.setsockopt(socket.SOL_SOCKET, _SO_RCVBUFFORCE, RECEIVE_BUFFER)
+        except OSError:
+            sock.setsockopt(socket.SOL_SOCKET, socket.SO_RCVBUF, RECEIVE_BUFFER)
+        # Requests are broadcasts (and unicasts to our address): bind the wildcard, restricted to the device.
+        sock.bind(("0.0.0.0", port))
+    except PermissionError:
+        sock.close()
+        raise BindError(f"dhcp: no permission to bind UDP port {port} on {interface} "
+                        "(run as root, or grant CAP_NET_BIND_SERVICE and CAP_NET_RAW)") from None
+    except OSError as exc:
+        sock.close()
+        if exc.errno == errno.EADDRINUSE:
+            raise BindError(f"dhcp: UDP port {port} on {interface} is already taken (another DHCP server running?)") from None
+        if exc.errno == errno.ENODEV:
+            raise BindError(f"dhcp: interface {interface!r} does not exist") from None
+        raise BindError(f"dhcp: cannot bind UDP port {port} on {interface}: {exc.strerror}") from None
+    sock.setblocking(False)
+    return sock
+
+
+def _open_packet_socket(interface: str) -> socket.socket | None:
+    """Return a send-only AF_PACKET socket for unicast to chaddr, or None (non-Ethernet, no permission)."""
+    try:
+        sock = socket.socket(socket.AF_PACKET, socket.SOCK_DGRAM, 0)  # protocol 0: it receives nothing
+    except OSError as exc:
+        log.warning("dhcp: no packet socket (%s): replies to clients without an address will be broadcast", exc)
+        return None
+    try:
+        hwtype, _ = interface_hardware(sock, interface)
+    except OSError as exc:
+        sock.close()
+        log.warning("dhcp: cannot read the hardware type of %s (%s): broadcasting replies", interface, exc)
+        return None
+    if hwtype != ARPHRD_ETHER:
+        sock.close()
+        log.info("dhcp: %s is not Ethernet: replies to clients without an address will be broadcast", interface)
+        return None
+    sock.setblocking(False)
+    return sock

@@ -1,0 +1,363 @@
+"""DhcpService over real sockets: loopback ('lo', high ports) and, where replies need a link layer,
+a Lab namespace pair with real clients (busybox udhcpc, ISC dhclient, Kea perfdhcp)."""
+from __future__ import annotations
+
+import asyncio
+import contextlib
+import ipaddress
+import os
+import shutil
+import socket
+import sqlite3
+from pathlib import Path
+from typing import Any, AsyncIterator, Iterator
+
+import pytest
+from pyroute2 import NetNS
+from scapy.layers.dhcp import BOOTP
+from scapy.layers.inet import IP, UDP
+from scapy.layers.l2 import Ether
+
+from appliance.config import ApplianceConfig
+from appliance.errors import BindError
+from appliance.events import EventBus, EventKind
+from appliance.statedb import open_state_db
+from netboot.dhcp4.server import DhcpService
+from test_dhcp_policy import BIOS_VC, NODE1_IP, NODE1_MAC, STRANGER, make_config, opts_of, pool, pxe_options, request_bytes
+from vmtestbed.netns import Lab, entered, socket_in
+
+REPLY_TIMEOUT = 3.0
+
+
+def free_udp_port() -> int:
+    """A currently free UDP port on 127.0.0.1 (tests run beside other contributors' tests)."""
+    with socket.socket(socket.AF_INET, socket.SOCK_DGRAM) as s:
+        s.bind(("127.0.0.1", 0))
+        return int(s.getsockname()[1])
+
+
+def lo_config(tmp_path: Path, **dhcp: Any) -> ApplianceConfig:
+    """A config on 'lo' with high ports; node-1 at 127.0.0.11."""
+    dhcp.setdefault("port", free_udp_port())
+    dhcp.setdefault("client_port", free_udp_port())
+    return make_config(address="127.0.0.1/8", interface="lo", state_dir=tmp_path,
+                       nodes=(("node-1", NODE1_MAC, "127.0.0.11"),), **dhcp)
+
+
+@contextlib.asynccontextmanager
+async def serving(service: DhcpService, ns: str | None = None) -> AsyncIterator[DhcpService]:
+    """Start (inside a namespace if given), serve in a task, and always close."""
+    if ns is None:
+        await service.start()
+    else:
+        with entered(ns):
+            await service.start()
+    task = asyncio.create_task(service.serve())
+    try:
+        yield service
+    finally:
+        task.cancel()
+        with contextlib.suppress(asyncio.CancelledError):
+            await task
+        await service.close()
+
+
+def lo_client(port: int) -> socket.socket:
+    """A client socket on the 'lo' device only: receives unicast and the broadcast replies on lo."""
+    s = socket.socket(socket.AF_INET, socket.SOCK_DGRAM)
+    s.setsockopt(socket.SOL_SOCKET, socket.SO_BINDTODEVICE, b"lo")
+    s.setsockopt(socket.SOL_SOCKET, socket.SO_BROADCAST, 1)
+    s.bind(("0.0.0.0", port))
+    s.setblocking(False)
+    return s
+
+
+async def recv_reply(sock: socket.socket, xid: int) -> tuple[bytes, tuple[str, int]]:
+    """Wait for the reply with this xid (duplicates and other traffic skipped)."""
+    loop = asyncio.get_running_loop()
+    async with asyncio.timeout(REPLY_TIMEOUT):
+        while True:
+            data, addr = await loop.sock_recvfrom(sock, 4096)
+            if len(data) >= 240 and BOOTP(data).xid == xid:
+                return data, addr
+
+
+# ---------------------------------------------------------------- loopback
+
+
+async def test_discover_request_ack_over_loopback(tmp_path: Path) -> None:
+    config = lo_config(tmp_path)
+    events = EventBus()
+    service = DhcpService(config, events, open_state_db(tmp_path / "state.db"))
+    async with serving(service):
+        with lo_client(config.dhcp.client_port) as client:
+            client.sendto(request_bytes(NODE1_MAC, "discover", xid=1, flags=0x8000, options=pxe_options(0, BIOS_VC)),
+                          ("127.0.0.1", config.dhcp.port))
+            data, _ = await recv_reply(client, 1)
+            assert opts_of(data)["message-type"] == 2
+            assert BOOTP(data).yiaddr == "127.0.0.11"
+            assert BOOTP(data).file.rstrip(b"\0") == b"undionly.kpxe"
+            client.sendto(request_bytes(NODE1_MAC, "request", xid=2, flags=0x8000,
+                                        options=[("requested_addr", "127.0.0.11"), ("server_id", "127.0.0.1")]),
+                          ("127.0.0.1", config.dhcp.port))
+            data, _ = await recv_reply(client, 2)
+            assert opts_of(data)["message-type"] == 5
+    stats = service.stats()
+    assert stats["received"] == 2 and stats["offers"] == 1 and stats["acks"] == 1 and stats["broadcast"] == 2
+    assert [e.kind for e in events.last(NODE1_MAC)] == [EventKind.DHCP_DISCOVER, EventKind.DHCP_OFFER,
+                                                        EventKind.DHCP_REQUEST, EventKind.DHCP_ACK]
+
+
+async def test_malformed_datagram_dropped_and_counted_service_keeps_answering(tmp_path: Path) -> None:
+    config = lo_config(tmp_path)
+    service = DhcpService(config, EventBus(), None)
+    async with serving(service):
+        with lo_client(config.dhcp.client_port) as client:
+            good = request_bytes(NODE1_MAC, "discover", xid=7, flags=0x8000)
+            for junk in (b"", b"\x01" * 10, good[:236] + b"XXXX" + good[240:], good[:240] + bytes([60, 250, 1])):
+                client.sendto(junk, ("127.0.0.1", config.dhcp.port))
+            client.sendto(good, ("127.0.0.1", config.dhcp.port))
+            data, _ = await recv_reply(client, 7)
+            assert BOOTP(data).yiaddr == "127.0.0.11"
+    assert service.stats()["dropped_malformed"] == 4
+    assert service.stats()["received"] == 5
+    assert service.stats()["ignored"] == 0
+
+
+async def test_inform_answered_by_unicast_to_ciaddr(tmp_path: Path) -> None:
+    config = lo_config(tmp_path)
+    service = DhcpService(config, EventBus(), None)
+    async with serving(service):
+        with lo_client(config.dhcp.client_port) as client:
+            client.sendto(request_bytes(NODE1_MAC, "inform", xid=9, ciaddr="127.0.0.1"), ("127.0.0.1", config.dhcp.port))
+            data, addr = await recv_reply(client, 9)
+            assert opts_of(data)["message-type"] == 5 and BOOTP(data).ciaddr == "127.0.0.1"
+
+
+async def test_flags_zero_on_non_ethernet_interface_falls_back_to_broadcast(tmp_path: Path) -> None:
+    config = lo_config(tmp_path)
+    service = DhcpService(config, EventBus(), None)
+    async with serving(service):
+        with lo_client(config.dhcp.client_port) as client:
+            client.sendto(request_bytes(NODE1_MAC, "discover", xid=11, flags=0), ("127.0.0.1", config.dhcp.port))
+            data, _ = await recv_reply(client, 11)
+            assert BOOTP(data).yiaddr == "127.0.0.11"
+    assert service.stats()["broadcast"] == 1 and service.stats()["unicast_chaddr"] == 0
+
+
+async def test_proxy_mode_answers_on_both_ports(tmp_path: Path) -> None:
+    config = lo_config(tmp_path, mode="proxy", proxy_port=free_udp_port())
+    service = DhcpService(config, EventBus(), None)
+    async with serving(service):
+        with lo_client(config.dhcp.client_port) as client:
+            client.sendto(request_bytes(NODE1_MAC, "discover", xid=21, options=pxe_options(0, BIOS_VC)),
+                          ("127.0.0.1", config.dhcp.port))
+            data, _ = await recv_reply(client, 21)
+            assert BOOTP(data).yiaddr == "0.0.0.0" and opts_of(data)["vendor_class_id"] == b"PXEClient"
+            client.sendto(request_bytes(NODE1_MAC, "request", xid=22, ciaddr="127.0.0.1", options=pxe_options(0, BIOS_VC)),
+                          ("127.0.0.1", config.dhcp.proxy_port))
+            data, addr = await recv_reply(client, 22)
+            assert opts_of(data)["message-type"] == 5 and BOOTP(data).file.rstrip(b"\0") == b"undionly.kpxe"
+            assert addr[1] == config.dhcp.proxy_port
+    assert service.stats()["proxy_replies"] == 2
+
+
+async def test_pool_lease_survives_service_restart(tmp_path: Path) -> None:
+    config = lo_config(tmp_path, pool=pool("127.0.1.1", "127.0.1.20"))
+    for round_ in range(2):
+        db = open_state_db(tmp_path / "state.db")
+        service = DhcpService(config, EventBus(), db)
+        async with serving(service):
+            with lo_client(config.dhcp.client_port) as client:
+                client.sendto(request_bytes(STRANGER, "discover", xid=30 + round_, flags=0x8000), ("127.0.0.1", config.dhcp.port))
+                data, _ = await recv_reply(client, 30 + round_)
+                assert BOOTP(data).yiaddr == "127.0.1.1"
+                if round_ == 0:
+                    client.sendto(request_bytes(STRANGER, "request", xid=40, flags=0x8000,
+                                                options=[("requested_addr", "127.0.1.1"), ("server_id", "127.0.0.1")]),
+                                  ("127.0.0.1", config.dhcp.port))
+                    await recv_reply(client, 40)
+                else:
+                    assert service.mac_for_ip(ipaddress.IPv4Address("127.0.1.1")) == STRANGER
+        db.close()
+    rows = sqlite3.connect(str(tmp_path / "state.db")).execute("SELECT mac, ip FROM dhcp4_leases").fetchall()
+    assert rows == [(STRANGER, "127.0.1.1")]
+
+
+async def test_bind_errors_are_clear(tmp_path: Path) -> None:
+    config = lo_config(tmp_path)
+    with socket.socket(socket.AF_INET, socket.SOCK_DGRAM) as squatter:
+        squatter.bind(("127.0.0.1", config.dhcp.port))
+        service = DhcpService(config, EventBus(), None)
+        with pytest.raises(BindError, match="already taken"):
+            await service.start()
+        await service.close()
+    missing = make_config(interface="rbnosuch0", port=free_udp_port())
+    service = DhcpService(missing, EventBus(), None)
+    with pytest.raises(BindError, match="does not exist"):
+        await service.start()
+    await service.close()
+
+
+# ---------------------------------------------------------------- namespaces: link layer and real clients
+
+SERVER_IF, CLIENT_IF = "rb0", "eth0"
+
+
+@pytest.fixture
+def pair() -> Iterator[tuple[Lab, str, str]]:
+    """Two namespaces joined by a veth: srv (rb0 10.77.0.1/24) and cli (eth0 with node-1's MAC, no address)."""
+    if os.geteuid() != 0:
+        pytest.skip("needs root for network namespaces")
+    with Lab() as lab:
+        srv, cli = lab.ns("srv"), lab.ns("cli")
+        lab.veth(srv, SERVER_IF, cli, CLIENT_IF)
+        lab.addr(srv, SERVER_IF, "10.77.0.1/24")
+        with NetNS(cli) as ipr:
+            idx = ipr.link_lookup(ifname=CLIENT_IF)[0]
+            ipr.link("set", index=idx, state="down")
+            ipr.link("set", index=idx, address=NODE1_MAC)
+            ipr.link("set", index=idx, state="up")
+        yield lab, srv, cli
+
+
+async def run_in(ns: str, *argv: str, timeout: float = 30) -> tuple[int, str]:
+    """Run a command inside a namespace without blocking the event loop."""
+    proc = await asyncio.create_subprocess_exec("ip", "netns", "exec", ns, *argv, stdout=asyncio.subprocess.PIPE,
+                                                stderr=asyncio.subprocess.STDOUT)
+    try:
+        async with asyncio.timeout(timeout):
+            out, _ = await proc.communicate()
+    except TimeoutError:
+        proc.kill()
+        out, _ = await proc.communicate()
+        return -1, out.decode(errors="replace")
+    return proc.returncode or 0, out.decode(errors="replace")
+
+
+def env_file(path: Path) -> dict[str, str]:
+    out = {}
+    for line in path.read_text().splitlines():
+        key, sep, value = line.partition("=")
+        if sep:
+            out[key] = value.strip("'")
+    return out
+
+
+@pytest.mark.netns
+async def test_reply_unicast_to_chaddr_without_broadcast_flag(pair: tuple[Lab, str, str], tmp_path: Path) -> None:
+    lab, srv, cli = pair
+    service = DhcpService(make_config(interface=SERVER_IF), EventBus(), None)
+    loop = asyncio.get_running_loop()
+    async with serving(service, srv):
+        capture = socket_in(cli, socket.AF_PACKET, socket.SOCK_RAW, socket.htons(0x0800))
+        client = socket_in(cli, socket.AF_INET, socket.SOCK_DGRAM)
+        with capture, client:
+            capture.bind((CLIENT_IF, 0))
+            capture.setblocking(False)
+            client.setsockopt(socket.SOL_SOCKET, socket.SO_BINDTODEVICE, CLIENT_IF.encode())
+            client.setsockopt(socket.SOL_SOCKET, socket.SO_BROADCAST, 1)
+            client.bind(("0.0.0.0", 68))
+            client.sendto(request_bytes(NODE1_MAC, "discover", xid=0x51, flags=0), ("255.255.255.255", 67))
+            async with asyncio.timeout(REPLY_TIMEOUT):
+                while True:
+                    frame = Ether(await loop.sock_recv(capture, 4096))
+                    if UDP in frame and frame[UDP].dport == 68 and BOOTP in frame and frame[BOOTP].op == 2:
+                        break
+    assert frame.dst == NODE1_MAC  # a link-layer unicast to chaddr, not a broadcast
+    assert (frame[IP].src, frame[IP].dst, frame[UDP].sport) == ("10.77.0.1", NODE1_IP, 67)
+    assert frame[BOOTP].yiaddr == NODE1_IP and frame[BOOTP].xid == 0x51
+    check = IP(bytes(frame[IP]))
+    del check.chksum
+    del check[UDP].chksum
+    check = IP(bytes(check))
+    assert (frame[IP].chksum, frame[UDP].chksum) == (check.chksum, check[UDP].chksum)
+    assert service.stats()["unicast_chaddr"] == 1
+
+
+@pytest.mark.netns
+async def test_udhcpc_gets_its_reservation(pair: tuple[Lab, str, str], tmp_path: Path) -> None:
+    if shutil.which("udhcpc") is None:
+        pytest.skip("busybox udhcpc not installed")
+    lab, srv, cli = pair
+    script = tmp_path / "udhcpc.sh"
+    script.write_text(f"#!/bin/sh\n[ \"$1\" = bound ] && env > {tmp_path}/udhcpc.env\nexit 0\n")
+    script.chmod(0o755)
+    service = DhcpService(make_config(interface=SERVER_IF), EventBus(), None)
+    async with serving(service, srv):
+        rc, out = await run_in(cli, "udhcpc", "-f", "-q", "-n", "-t", "3", "-T", "1", "-i", CLIENT_IF, "-s", str(script))
+    assert rc == 0, out
+    env = env_file(tmp_path / "udhcpc.env")
+    assert env["ip"] == NODE1_IP
+    assert env["subnet"] == "255.255.255.0"
+    assert env["hostname"] == "node-1"
+    assert env["domain"] == "cluster.test"
+    assert env["serverid"] == "10.77.0.1"
+    assert env["lease"] == "3600"
+    assert service.stats()["unicast_chaddr"] >= 1  # udhcpc sends flags=0
+
+
+@pytest.mark.netns
+async def test_dhclient_gets_its_reservation(pair: tuple[Lab, str, str], tmp_path: Path) -> None:
+    if shutil.which("dhclient") is None:
+        pytest.skip("ISC dhclient not installed")
+    lab, srv, cli = pair
+    script = tmp_path / "dhclient.sh"
+    script.write_text(f"#!/bin/sh\ncase \"$reason\" in BOUND|REBOOT) env > {tmp_path}/dhclient.env;; esac\nexit 0\n")
+    script.chmod(0o755)
+    pidfile = tmp_path / "dhclient.pid"
+    service = DhcpService(make_config(interface=SERVER_IF), EventBus(), None)
+    async with serving(service, srv):
+        rc, out = await run_in(cli, "dhclient", "-4", "-1", "-v", "-sf", str(script), "-lf", str(tmp_path / "dhclient.leases"),
+                               "-pf", str(pidfile), CLIENT_IF)
+        with contextlib.suppress(FileNotFoundError, ValueError, ProcessLookupError):
+            os.kill(int(pidfile.read_text().strip()), 15)  # dhclient stays in the background after binding
+    assert rc == 0, out
+    env = env_file(tmp_path / "dhclient.env")
+    assert env["new_ip_address"] == NODE1_IP
+    assert env["new_subnet_mask"] == "255.255.255.0"
+    assert env["new_host_name"] == "node-1"
+    assert env["new_domain_name"] == "cluster.test"
+    assert env["new_dhcp_server_identifier"] == "10.77.0.1"
+
+
+@pytest.mark.netns
+async def test_relayed_request_answered_to_giaddr_port_67(pair: tuple[Lab, str, str], tmp_path: Path) -> None:
+    lab, srv, cli = pair
+    await asyncio.to_thread(lab.addr, cli, CLIENT_IF, "10.77.0.2/24")  # pyroute2 runs its own loop
+    service = DhcpService(make_config(interface=SERVER_IF, pool=pool("10.77.0.100", "10.77.0.199")), EventBus(), None)
+    loop = asyncio.get_running_loop()
+    agent = b"\x01\x06rack-1"
+    async with serving(service, srv):
+        relay = socket_in(cli, socket.AF_INET, socket.SOCK_DGRAM)
+        with relay:
+            relay.bind(("10.77.0.2", 67))
+            relay.setblocking(False)
+            relay.sendto(request_bytes(STRANGER, "discover", xid=0x61, giaddr="10.77.0.2",
+                                       options=[("relay_agent_information", agent)]), ("10.77.0.1", 67))
+            async with asyncio.timeout(REPLY_TIMEOUT):
+                data, addr = await loop.sock_recvfrom(relay, 4096)
+    assert addr == ("10.77.0.1", 67)
+    assert BOOTP(data).yiaddr == "10.77.0.100" and BOOTP(data).giaddr == "10.77.0.2"
+    assert opts_of(data)["relay_agent_information"] == agent
+    assert service.stats()["relayed"] == 1
+
+
+@pytest.mark.netns
+async def test_perfdhcp_gets_pool_leases_through_its_relay_behaviour(pair: tuple[Lab, str, str], tmp_path: Path) -> None:
+    if shutil.which("perfdhcp") is None:
+        pytest.skip("Kea perfdhcp not installed")
+    lab, srv, cli = pair
+    await asyncio.to_thread(lab.addr, cli, CLIENT_IF, "10.77.0.2/24")  # pyroute2 runs its own loop
+    config = make_config(interface=SERVER_IF, state_dir=tmp_path, pool=pool("10.77.0.100", "10.77.0.250"))
+    db = open_state_db(tmp_path / "state.db")
+    service = DhcpService(config, EventBus(), db)
+    async with serving(service, srv):
+        # 100 four-way exchanges with random MACs; a functional check, the rate is measured in bench/.
+        # -W: wait 0.5 s after the last request, or perfdhcp exits before the last OFFER and counts it lost.
+        rc, out = await run_in(cli, "perfdhcp", "-4", "-l", "10.77.0.2", "-r", "400", "-n", "100", "-R", "100",
+                               "-W", "500000", "10.77.0.1")
+    assert rc == 0, (service.stats(), out)
+    assert service.stats()["acks"] == 100
+    assert db.execute("SELECT count(*) FROM dhcp4_leases").fetchone()[0] == 100
+    db.close()
