@@ -5,7 +5,6 @@ import argparse
 import asyncio
 import json
 import logging
-import os
 import sys
 import time
 import urllib.error
@@ -47,20 +46,14 @@ def _print_problems(exc: ConfigError) -> None:
         print(f"  {p}", file=sys.stderr)
 
 
-def _server_url(args: argparse.Namespace) -> str:
-    if args.server:
-        return args.server.rstrip("/")
-    if os.environ.get("RACKBOOT_SERVER"):
-        return os.environ["RACKBOOT_SERVER"].rstrip("/")
-    if args.config:
-        return load_config(args.config).http_base
-    return "http://127.0.0.1:8080"
-
-
 def _cmd_nodes(args: argparse.Namespace) -> int:
-    url = _server_url(args) + "/api/v1/nodes"
+    from appliance.client import resolve_endpoint
+
+    server, token = resolve_endpoint(args)
+    url = server + "/api/v1/nodes"
+    request = urllib.request.Request(url, headers={"Authorization": f"Bearer {token}"} if token else {})
     try:
-        with urllib.request.urlopen(url, timeout=10) as resp:
+        with urllib.request.urlopen(request, timeout=10) as resp:
             nodes = json.load(resp)
     except (urllib.error.URLError, OSError) as exc:
         print(f"rackboot: cannot reach the appliance at {url}: {exc}", file=sys.stderr)
@@ -99,12 +92,16 @@ def build_parser() -> argparse.ArgumentParser:
     p.set_defaults(func=_cmd_check_config)
 
     p = sub.add_parser("nodes", help="show each node's boot profile and last boot events")
-    p.add_argument("--server", help="appliance URL (default: $RACKBOOT_SERVER or from --config)")
-    p.add_argument("--config", "-c", help="read the appliance URL from this config")
+    p.add_argument("--server", help="appliance URL (default: $RACKBOOT_SERVER, client.yaml, or from --config)")
+    p.add_argument("--token", help="API token (default: $RACKBOOT_TOKEN, client.yaml, or STATE_DIR/admin.token)")
+    p.add_argument("--config", "-c", help="the appliance config, for its URL and admin token")
     p.add_argument("--events", type=int, default=4, help="how many last events to show per node")
     p.add_argument("--json", action="store_true")
     p.set_defaults(func=_cmd_nodes)
 
+    from appliance.client import register as register_client
+
+    register_client(sub)
     try:
         from vmtestbed.cli import register as register_testbed
     except ImportError:  # the testbed is optional at run time

@@ -93,8 +93,11 @@ class Subscription:
 class EventBus:
     """Publishes node events to subscribers and keeps the last events of each MAC."""
 
-    def __init__(self, history: int = 32) -> None:
+    def __init__(self, history: int = 32, max_macs: int = 65536) -> None:
         self._history = history
+        self._max_macs = max_macs
+        # insertion-ordered: the MAC heard from longest ago is dropped first, so random MACs (perfdhcp, a
+        # hostile segment) cannot grow the history without bound
         self._last: dict[str, deque[NodeEvent]] = {}
         self._subs: set[Subscription] = set()
         self.published = 0
@@ -102,7 +105,13 @@ class EventBus:
     def publish(self, mac: str, kind: EventKind, **detail: object) -> NodeEvent:
         """Record and fan out one event; never blocks."""
         event = NodeEvent(mac=mac.lower(), kind=kind, detail={k: str(v) for k, v in detail.items()})
-        self._last.setdefault(event.mac, deque(maxlen=self._history)).append(event)
+        history = self._last.pop(event.mac, None)
+        if history is None:
+            history = deque(maxlen=self._history)
+            if len(self._last) >= self._max_macs:
+                del self._last[next(iter(self._last))]
+        self._last[event.mac] = history
+        history.append(event)
         self.published += 1
         for sub in list(self._subs):
             sub._offer(event)

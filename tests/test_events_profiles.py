@@ -49,3 +49,12 @@ def test_profile_validation() -> None:
     with pytest.raises(ValueError):
         BootProfile(kind="warp")
     assert BootProfile.from_json(BootProfile(kind="local").to_json()) == BootProfile(kind="local")
+
+
+def test_history_keeps_a_bounded_number_of_macs() -> None:
+    bus = EventBus(max_macs=3)
+    for i in range(5):
+        bus.publish(f"52:54:00:00:00:{i:02x}", EventKind.DHCP_DISCOVER)
+    bus.publish("52:54:00:00:00:02", EventKind.DHCP_REQUEST)  # heard again: now the most recent
+    bus.publish("52:54:00:00:00:05", EventKind.DHCP_DISCOVER)
+    assert bus.macs() == ["52:54:00:00:00:04", "52:54:00:00:00:02", "52:54:00:00:00:05"]

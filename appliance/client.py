@@ -1,0 +1,323 @@
+"""The CLI side of the REST API: `rackboot deploy|reboot|power|env|stats|user|deployments|cancel`.
+
+Server URL and token come from flags, then RACKBOOT_SERVER / RACKBOOT_TOKEN, then ~/.config/rackboot/client.yaml
+(`server:`, `token:`), then the appliance config given with --config (its URL, and STATE_DIR/admin.token when
+readable, i.e. when run as root on the appliance).
+"""
+from __future__ import annotations
+
+import argparse
+import asyncio
+import json
+import os
+import sys
+from pathlib import Path
+from typing import Any
+
+import aiohttp
+import yaml
+
+EXIT_OK, EXIT_ERROR, EXIT_SOME_FAILED = 0, 1, 2
+
+
+class ClientError(Exception):
+    """The API answered with an error, or could not be reached."""
+
+
+def resolve_endpoint(args: argparse.Namespace) -> tuple[str, str]:
+    """Return (server URL, token) from flags, environment, client config or appliance config."""
+    server, token = getattr(args, "server", None), getattr(args, "token", None)
+    server = server or os.environ.get("RACKBOOT_SERVER")
+    token = token or os.environ.get("RACKBOOT_TOKEN")
+    client_cfg = Path(os.environ.get("RACKBOOT_CLIENT_CONFIG", Path.home() / ".config/rackboot/client.yaml"))
+    if (not server or not token) and client_cfg.is_file():
+        data = yaml.safe_load(client_cfg.read_text()) or {}
+        server = server or data.get("server")
+        token = token or data.get("token")
+    if (not server or not token) and getattr(args, "config", None):
+        from appliance.config import load_config
+
+        cfg = load_config(args.config)
+        server = server or cfg.http_base
+        admin = cfg.state_dir / "admin.token"
+        if not token and os.access(admin, os.R_OK):
+            token = admin.read_text().strip()
+    return (server or "http://127.0.0.1:8080").rstrip("/"), token or ""
+
+
+class Api:
+    """A small async client of /api/v1."""
+
+    def __init__(self, server: str, token: str) -> None:
+        self.server = server
+        self.headers = {"Authorization": f"Bearer {token}"} if token else {}
+        self.session = aiohttp.ClientSession(headers=self.headers, timeout=aiohttp.ClientTimeout(total=None, sock_connect=10))
+
+    async def __aenter__(self) -> "Api":
+        return self
+
+    async def __aexit__(self, *exc: object) -> None:
+        await self.session.close()
+
+    async def call(self, method: str, path: str, **kw: Any) -> Any:
+        """Call the API; raise ClientError with the server's message on an error status."""
+        try:
+            async with self.session.request(method, self.server + path, **kw) as resp:
+                text = await resp.text()
+                data = json.loads(text) if resp.content_type == "application/json" else text
+                if resp.status >= 400:
+                    msg = data.get("error", text) if isinstance(data, dict) else text
+                    raise ClientError(f"{resp.status}: {msg}")
+                return data
+        except aiohttp.ClientError as exc:
+            raise ClientError(f"cannot reach the appliance at {self.server}: {exc}") from exc
+
+    async def stream(self, path: str) -> Any:
+        """Yield JSON lines of a streaming endpoint."""
+        async with self.session.get(self.server + path) as resp:
+            if resp.status >= 400:
+                raise ClientError(f"{resp.status}: {await resp.text()}")
+            async for line in resp.content:
+                if line.strip():
+                    yield json.loads(line)
+
+
+def _print_report(result: dict[str, Any], args: argparse.Namespace) -> int:
+    from rich.console import Console
+    from rich.table import Table
+
+    ok, ko = result["ok"], result["ko"]
+    if getattr(args, "ok_file", None):
+        Path(args.ok_file).write_text("".join(n + "\n" for n in ok))
+    if getattr(args, "ko_file", None):
+        Path(args.ko_file).write_text("".join(k["node"] + "\n" for k in ko))
+    if args.json:
+        print(json.dumps(result, indent=2))
+    else:
+        console = Console(width=160)
+        if ko:
+            table = Table(title=f"deployment {result['id']}: failed nodes")
+            for col in ("nodes", "step", "impl", "reason"):
+                table.add_column(col)
+            grouped: dict[tuple[str, str, str], list[str]] = {}
+            for k in ko:
+                grouped.setdefault((k["step"], k["impl"], k["reason"]), []).append(k["node"])
+            from ClusterShell.NodeSet import NodeSet
+
+            for (step, impl, reason), names in grouped.items():
+                table.add_row(str(NodeSet.fromlist(names)), step, impl, reason)
+            console.print(table)
+        print(f"ok: {result['ok_nodeset'] or '-'}")
+        print(f"ko: {result['ko_nodeset'] or '-'}")
+        print(f"deployed {len(ok)}/{len(ok) + len(ko)} nodes ({result['env']}, {result['status']})")
+    return EXIT_OK if not ko else EXIT_SOME_FAILED
+
+
+async def _deploy(args: argparse.Namespace, api: Api) -> int:
+    body = {"nodes": args.machines, "env": args.env, "broadcast": args.broadcast, "force": args.force}
+    if args.steps:
+        body["steps"] = args.steps
+    dep = await api.call("POST", "/api/v1/deployments", json=body)
+    if not args.json:
+        print(f"deployment {dep['id']}: {dep['env']} on {len(dep['nodes'])} nodes", file=sys.stderr)
+    if args.no_wait:
+        print(dep["id"])
+        return EXIT_OK
+    result = None
+    async for entry in api.stream(f"/api/v1/deployments/{dep['id']}/events"):
+        if entry.get("what") == "result":
+            result = entry["result"]
+        elif args.verbose and not args.json:
+            detail = " ".join(f"{k}={v}" for k, v in entry.items() if k not in ("ts", "node", "what") and v)
+            print(f"  {entry.get('node') or '*':12} {entry['what']:14} {detail}", file=sys.stderr)
+    if result is None:
+        result = await api.call("GET", f"/api/v1/deployments/{dep['id']}")
+    return _print_report(result, args)
+
+
+async def _reboot(args: argparse.Namespace, api: Api) -> int:
+    out = await api.call("POST", "/api/v1/reboot", json={"nodes": args.machines, "to": args.to or "", "level": args.level, "force": args.force})
+    return _results(out["results"], args, lambda r: r.get("reason") or r.get("stage", ""))
+
+
+async def _power(args: argparse.Namespace, api: Api) -> int:
+    out = await api.call("POST", "/api/v1/power", json={"nodes": args.machines, "op": args.op, "force": args.force})
+    return _results(out["results"], args, lambda r: r.get("state") or r.get("error", ""))
+
+
+def _results(results: list[dict[str, Any]], args: argparse.Namespace, text: Any) -> int:
+    from ClusterShell.NodeSet import NodeSet
+
+    if args.json:
+        print(json.dumps(results, indent=2))
+    else:
+        grouped: dict[tuple[bool, str], list[str]] = {}
+        for r in results:
+            grouped.setdefault((r["ok"], text(r)), []).append(r["node"])
+        for (ok, msg), names in sorted(grouped.items(), key=lambda kv: (kv[0][0], kv[0][1])):
+            print(f"{NodeSet.fromlist(names)}: {'ok' if ok else 'FAILED'} {msg}".rstrip())
+    return EXIT_OK if all(r["ok"] for r in results) else EXIT_SOME_FAILED
+
+
+async def _env(args: argparse.Namespace, api: Api) -> int:
+    if args.env_cmd == "list":
+        envs = (await api.call("GET", "/api/v1/environments"))["environments"]
+        if args.json:
+            print(json.dumps(envs, indent=2))
+        for e in envs if not args.json else []:
+            print(f"{e['name']}:{e['version']:<4} {e['owner']:10} {e['visibility']:8} {e['image_kind']}/{e['compression']:5} {e['size']:>12}  {e['description']}")
+        return EXIT_OK
+    if args.env_cmd == "show":
+        print(json.dumps(await api.call("GET", f"/api/v1/environments/{args.ref}"), indent=2))
+        return EXIT_OK
+    if args.env_cmd == "rm":
+        print((await api.call("DELETE", f"/api/v1/environments/{args.ref}"))["removed"], "removed")
+        return EXIT_OK
+    desc = Path(args.file)
+    data = yaml.safe_load(desc.read_text()) or {}
+    form = aiohttp.FormData()
+    form.add_field("description", desc.read_bytes(), filename=desc.name, content_type="application/yaml")
+    image = (data.get("image") or {}).get("file")
+    handle = None
+    if image:
+        path = (desc.parent / image).resolve()
+        if not path.is_file():
+            raise ClientError(f"{desc}: image file {path} not found")
+        handle = open(path, "rb")
+        form.add_field("image", handle, filename=path.name, content_type="application/octet-stream")
+    try:
+        env = await api.call("POST", "/api/v1/environments", data=form)
+    finally:
+        if handle:
+            handle.close()
+    print(f"added {env['name']}:{env['version']} sha256={env['sha256']} size={env['size']}")
+    return EXIT_OK
+
+
+async def _stats(args: argparse.Namespace, api: Api) -> int:
+    query = f"?deployment={args.deployment}" if args.deployment else ""
+    if args.csv:
+        print(await api.call("GET", "/api/v1/stats" + (query + "&" if query else "?") + "format=csv"), end="")
+        return EXIT_OK
+    data = await api.call("GET", "/api/v1/stats" + query)
+    if args.json:
+        print(json.dumps(data, indent=2))
+        return EXIT_OK
+    for step, s in data["summary"].items():
+        print(f"{step:18} attempts={s['attempts']:<5} failures={s['failures']:<5} total={s['total_s']:.1f}s max={s['max_s']:.1f}s")
+    return EXIT_OK
+
+
+async def _user(args: argparse.Namespace, api: Api) -> int:
+    if args.user_cmd == "list":
+        print(json.dumps((await api.call("GET", "/api/v1/users"))["users"], indent=2))
+    elif args.user_cmd == "add":
+        out = await api.call("POST", "/api/v1/users", json={"name": args.name, "admin": args.admin})
+        print(out["token"])
+    elif args.user_cmd == "rm":
+        await api.call("DELETE", f"/api/v1/users/{args.name}")
+    else:
+        await api.call("POST", f"/api/v1/users/{args.name}/rights", json={"nodes": args.machines, "perms": args.rights.split(",")})
+    return EXIT_OK
+
+
+async def _deployments(args: argparse.Namespace, api: Api) -> int:
+    if args.id:
+        print(json.dumps(await api.call("GET", f"/api/v1/deployments/{args.id}"), indent=2))
+        return EXIT_OK
+    for d in (await api.call("GET", "/api/v1/deployments"))["deployments"]:
+        print(f"{d['id']:26} {d['status']:10} {d['env']:16} {d['node_count']:>5} nodes  {d['user']}")
+    return EXIT_OK
+
+
+async def _cancel(args: argparse.Namespace, api: Api) -> int:
+    await api.call("DELETE", f"/api/v1/deployments/{args.id}")
+    print(f"{args.id} cancelled")
+    return EXIT_OK
+
+
+def _run(fn: Any) -> Any:
+    def cmd(args: argparse.Namespace) -> int:
+        server, token = resolve_endpoint(args)
+
+        async def go() -> int:
+            async with Api(server, token) as api:
+                return int(await fn(args, api))
+
+        try:
+            return asyncio.run(go())
+        except ClientError as exc:
+            print(f"rackboot: {exc}", file=sys.stderr)
+            return EXIT_ERROR
+    return cmd
+
+
+def register(sub: Any) -> None:
+    """Add the API client subcommands to the rackboot parser."""
+    def common(p: argparse.ArgumentParser) -> argparse.ArgumentParser:
+        p.add_argument("--server", help="appliance URL (default: $RACKBOOT_SERVER, client.yaml, or from --config)")
+        p.add_argument("--token", help="API token (default: $RACKBOOT_TOKEN, client.yaml, or STATE_DIR/admin.token)")
+        p.add_argument("--config", "-c", help="the appliance config, for its URL and admin token")
+        p.add_argument("--json", action="store_true", help="machine-readable output")
+        return p
+
+    p = common(sub.add_parser("deploy", help="deploy an environment on nodes (exit 0: all ok, 2: some failed)"))
+    p.add_argument("-m", "--machines", required=True, help="node set, e.g. node-[1-40]")
+    p.add_argument("-e", "--env", required=True, help="ENV or ENV:VERSION")
+    p.add_argument("--broadcast", choices=("chain", "tree", "star"), default="chain")
+    p.add_argument("-o", "--ok-file", help="write the nodes that succeeded here")
+    p.add_argument("-n", "--ko-file", help="write the nodes that failed here")
+    p.add_argument("--force", action="store_true", help="take nodes from a running deployment")
+    p.add_argument("--steps", help="override implementations, e.g. 'BroadcastEnv|star:1:900'")
+    p.add_argument("--no-wait", action="store_true", help="print the deployment id and return")
+    p.set_defaults(func=_run(_deploy))
+
+    p = common(sub.add_parser("reboot", help="reboot nodes, optionally into deploy, local or an environment"))
+    p.add_argument("-m", "--machines", required=True)
+    p.add_argument("--to", help="deploy | local | ENV[:VERSION]")
+    p.add_argument("--level", choices=("soft", "hard", "very_hard"), default="soft")
+    p.add_argument("--force", action="store_true")
+    p.set_defaults(func=_run(_reboot))
+
+    p = common(sub.add_parser("power", help="power nodes on, off, reset, cycle or read their status"))
+    p.add_argument("-m", "--machines", required=True)
+    p.add_argument("op", choices=("on", "off", "reset", "cycle", "status"))
+    p.add_argument("--force", action="store_true")
+    p.set_defaults(func=_run(_power))
+
+    p = common(sub.add_parser("env", help="the environment catalog"))
+    esub = p.add_subparsers(dest="env_cmd", required=True)
+    esub.add_parser("list")
+    e = esub.add_parser("add")
+    e.add_argument("file", help="environment description (YAML)")
+    for name in ("show", "rm"):
+        e = esub.add_parser(name)
+        e.add_argument("ref", help="NAME or NAME:VERSION")
+    p.set_defaults(func=_run(_env))
+
+    p = common(sub.add_parser("stats", help="durations, retries and errors per deployment, node and step"))
+    p.add_argument("--deployment")
+    p.add_argument("--csv", action="store_true")
+    p.set_defaults(func=_run(_stats))
+
+    p = common(sub.add_parser("user", help="users and rights (admin)"))
+    usub = p.add_subparsers(dest="user_cmd", required=True)
+    usub.add_parser("list")
+    u = usub.add_parser("add")
+    u.add_argument("name")
+    u.add_argument("--admin", action="store_true")
+    u = usub.add_parser("rm")
+    u.add_argument("name")
+    u = usub.add_parser("grant")
+    u.add_argument("name")
+    u.add_argument("-m", "--machines", required=True)
+    u.add_argument("--rights", default="deploy,reboot,power", help="comma-separated: deploy,reboot,power,console")
+    p.set_defaults(func=_run(_user))
+
+    p = common(sub.add_parser("deployments", help="list deployments, or show one"))
+    p.add_argument("id", nargs="?")
+    p.set_defaults(func=_run(_deployments))
+
+    p = common(sub.add_parser("cancel", help="cancel a running deployment"))
+    p.add_argument("id")
+    p.set_defaults(func=_run(_cancel))
