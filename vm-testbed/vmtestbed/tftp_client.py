@@ -110,11 +110,16 @@ async def _transfer(
     in_window = 0
     last_ack: bytes | None = None
     attempts = 0
+    loop = asyncio.get_running_loop()
+    # The retransmission timer runs from the last progress, not the last packet: a server resending a
+    # window we already have must not keep us from timing out and re-sending our ACK.
+    deadline = loop.time() + settings.timeout
     while True:
         try:
-            data, addr = await asyncio.wait_for(proto.queue.get(), settings.timeout * (1 + attempts))
+            data, addr = await asyncio.wait_for(proto.queue.get(), max(0.0, deadline - loop.time()))
         except TimeoutError:
             attempts += 1
+            deadline = loop.time() + settings.timeout * (1 + attempts)
             if attempts > settings.retries:
                 raise FetchError(f"tftp://{server}/{filename}: timed out after {attempts - 1} retransmissions") from None
             st.retransmits += 1
@@ -162,6 +167,7 @@ async def _transfer(
             last_ack = codec.encode_ack(0)
             send(last_ack, tid)
             attempts = 0
+            deadline = loop.time() + settings.timeout
             continue
         if not isinstance(packet, codec.Data):
             continue
@@ -173,6 +179,7 @@ async def _transfer(
             expected += 1
             in_window += 1
             attempts = 0
+            deadline = loop.time() + settings.timeout
             last = len(packet.payload) < blksize
             if last or in_window >= window:
                 last_ack = codec.encode_ack(packet.block)
@@ -189,4 +196,9 @@ async def _transfer(
                 last_ack = codec.encode_ack((expected - 1) & 0xFFFF)
                 send(last_ack, tid)
                 in_window = 0
-        # else: a duplicate of a block already received (a retransmitted window): ignore it.
+        elif last_ack is not None and codec.encode_ack(packet.block) == last_ack:
+            # The server resent its window up to the block we acknowledged: our ACK was lost. Acknowledge
+            # again, once per resent window (the window's last block), not once per duplicate, so that a
+            # server answering every ACK cannot start the Sorcerer's Apprentice syndrome (RFC 1123 4.2.3.1).
+            send(last_ack, tid)
+        # else: another duplicate of a block already received: ignore it.
