@@ -1,0 +1,254 @@
+"""Chain, tree and star broadcast over real loopback sockets (127.0.0.x), many relays in one process."""
+from __future__ import annotations
+
+import asyncio
+import hashlib
+import os
+from pathlib import Path
+from typing import AsyncIterator, Callable
+
+import pytest
+import zstandard
+from aiohttp import web
+
+from appliance.errors import MalformedPacket
+from broadcast.chain import ChainParams, Receiver
+from broadcast.image import SinkSpec
+from broadcast.methods import BroadcastJob, broadcast_with_fallback, run_broadcast
+from broadcast.topology import Subtree, Target, build_forest, order_chain
+from broadcast.wire import decode, encode, open_connection
+
+pytestmark = pytest.mark.timeout(60)
+PAYLOAD_SIZE = 8 << 20
+
+
+@pytest.fixture(scope="module")
+def payload() -> bytes:
+    """8 MiB that compresses a little (random blocks and runs)."""
+    rnd = os.urandom(1 << 20)
+    return b"".join(rnd if i % 2 else bytes(1 << 20) for i in range(8))
+
+
+@pytest.fixture
+def image(tmp_path: Path, payload: bytes) -> tuple[Path, str]:
+    path = tmp_path / "image.raw.zst"
+    path.write_bytes(zstandard.ZstdCompressor(level=1).compress(payload))
+    return path, hashlib.sha256(path.read_bytes()).hexdigest()
+
+
+class Cluster:
+    """n receivers on 127.0.0.2.. with raw sinks in tmp_path; arm() records the session."""
+
+    def __init__(self, tmp_path: Path, n: int, racks: int = 1) -> None:
+        self.tmp = tmp_path
+        self.receivers = [Receiver(f"node-{i + 1}", f"127.0.0.{i + 2}") for i in range(n)]
+        self.racks = racks
+        self.session = ""
+        self.armed = asyncio.Event()
+        self.fail_arm: set[str] = set()
+
+    async def __aenter__(self) -> "Cluster":
+        for r in self.receivers:
+            await r.start()
+        return self
+
+    async def __aexit__(self, *exc: object) -> None:
+        for r in self.receivers:
+            await r.close()
+
+    def __getitem__(self, name: str) -> Receiver:
+        return next(r for r in self.receivers if r.name == name)
+
+    @property
+    def targets(self) -> list[Target]:
+        return [Target(r.name, r.host, r.port, rack=f"r{i % self.racks}", switch=f"s{i % self.racks}")
+                for i, r in enumerate(self.receivers)]
+
+    async def arm(self, t: Target, session: str, token: str) -> None:
+        if t.name in self.fail_arm:
+            self.fail_arm.discard(t.name)
+            raise OSError("ssh: connection refused")
+        self[t.name].arm(session, token, SinkSpec(kind="raw", compression="zstd", target=str(self.tmp / f"{t.name}.disk")))
+        self.session = session
+        self.armed.set()
+
+    def disk(self, name: str) -> bytes:
+        return (self.tmp / f"{name}.disk").read_bytes()
+
+    async def when_progress(self, name: str, at_least: int, action: Callable[[Receiver], None]) -> None:
+        await self.armed.wait()
+        r = self[name]
+        while r.progress(self.session) < at_least:
+            await asyncio.sleep(0.005)
+        action(r)
+
+
+def job(image: tuple[Path, str], **params: float) -> BroadcastJob:
+    return BroadcastJob(image=image[0], sha256=image[1], deadline=40,
+                        params=ChainParams(stall_timeout=1.0, connect_timeout=2.0, ack_interval=0.05, chunk=64 * 1024,
+                                           window=2 << 20, **params))  # type: ignore[arg-type]
+
+
+def check_survivors(result, cluster: Cluster, payload: bytes, image: tuple[Path, str], dead: set[str]) -> None:
+    assert set(result.nodes) == {r.name for r in cluster.receivers}
+    assert set(result.failed) == dead, {n: result.nodes[n].reason for n in result.failed}
+    for name in result.ok:
+        r = result.nodes[name]
+        assert r.sha256 == image[1] and r.bytes_received == image[0].stat().st_size
+        assert r.written_sha256 == hashlib.sha256(payload).hexdigest()
+        assert cluster.disk(name) == payload
+
+
+async def test_chain_all_nodes(tmp_path: Path, image: tuple[Path, str], payload: bytes) -> None:
+    async with Cluster(tmp_path, 6) as c:
+        result = await run_broadcast(job(image), c.targets, "chain", c.arm)
+    check_survivors(result, c, payload, image, set())
+    assert result.method == "chain" and result.size == image[0].stat().st_size
+    assert all(r.reported_by == r.name and r.durations["total"] >= 0 for r in result.nodes.values())
+
+
+async def test_chain_node_killed_mid_stream_is_bypassed(tmp_path: Path, image: tuple[Path, str], payload: bytes) -> None:
+    size = image[0].stat().st_size
+    async with Cluster(tmp_path, 7) as c:
+        killer = asyncio.create_task(c.when_progress("node-4", size // 4, Receiver.kill))
+        result = await run_broadcast(job(image, source_rate=size), c.targets, "chain", c.arm)  # ~1 s of stream
+        await killer
+    check_survivors(result, c, payload, image, {"node-4"})
+    dead = result.nodes["node-4"]
+    assert dead.reported_by == "node-3" and dead.reason.startswith("connection lost at offset")
+
+
+async def test_chain_stalled_node_is_bypassed(tmp_path: Path, image: tuple[Path, str], payload: bytes) -> None:
+    size = image[0].stat().st_size
+    async with Cluster(tmp_path, 5) as c:
+        freezer = asyncio.create_task(c.when_progress("node-2", size // 4, Receiver.freeze))
+        result = await run_broadcast(job(image, source_rate=size), c.targets, "chain", c.arm)
+        await freezer
+    check_survivors(result, c, payload, image, {"node-2"})
+    assert result.nodes["node-2"].reported_by == "node-1"
+    assert result.nodes["node-2"].reason.startswith("stalled")
+
+
+async def test_chain_first_node_and_two_consecutive_nodes_killed(tmp_path: Path, image: tuple[Path, str], payload: bytes) -> None:
+    size = image[0].stat().st_size
+    async with Cluster(tmp_path, 8) as c:
+        kills = [asyncio.create_task(c.when_progress(n, size // 3, Receiver.kill)) for n in ("node-1", "node-5", "node-6")]
+        result = await run_broadcast(job(image, source_rate=size), c.targets, "chain", c.arm)
+        await asyncio.gather(*kills)
+    check_survivors(result, c, payload, image, {"node-1", "node-5", "node-6"})
+    assert result.nodes["node-1"].reported_by == "@source"
+
+
+async def test_tree_inner_node_killed_children_adopted(tmp_path: Path, image: tuple[Path, str], payload: bytes) -> None:
+    size = image[0].stat().st_size
+    async with Cluster(tmp_path, 9) as c:
+        forest = build_forest(c.targets, 2)
+        inner = forest[0].children()[0].name  # has children of its own
+        assert forest[0].children()[0].children()
+        killer = asyncio.create_task(c.when_progress(inner, size // 4, Receiver.kill))
+        j = job(image, source_rate=size)
+        result = await run_broadcast(BroadcastJob(**{**j.__dict__, "fanout": 2}), c.targets, "tree", c.arm)
+        await killer
+    check_survivors(result, c, payload, image, {inner})
+    assert result.method == "tree"
+
+
+async def test_dead_node_before_start_and_refused_arm(tmp_path: Path, image: tuple[Path, str], payload: bytes) -> None:
+    async with Cluster(tmp_path, 5) as c:
+        c["node-2"].kill()  # powered off: connection refused
+        c.fail_arm.add("node-4")
+        result = await run_broadcast(job(image), c.targets, "chain", c.arm)
+    check_survivors(result, c, payload, image, {"node-2", "node-4"})
+    assert result.nodes["node-2"].reason.startswith("unreachable")
+    assert result.nodes["node-4"].reason == "arm failed: ssh: connection refused"
+
+
+@pytest.fixture
+async def http_image(image: tuple[Path, str]) -> AsyncIterator[str]:
+    async def serve(request: web.Request) -> web.FileResponse:
+        return web.FileResponse(image[0])
+
+    app = web.Application()
+    app.router.add_get("/images/img.zst", serve)
+    runner = web.AppRunner(app)
+    await runner.setup()
+    site = web.TCPSite(runner, "127.0.0.1", 0)
+    await site.start()
+    port = site._server.sockets[0].getsockname()[1]  # type: ignore[union-attr]
+    yield f"http://127.0.0.1:{port}/images/img.zst"
+    await runner.cleanup()
+
+
+async def test_star_with_concurrency_limit_and_dead_node(tmp_path: Path, image: tuple[Path, str], payload: bytes,
+                                                        http_image: str) -> None:
+    async with Cluster(tmp_path, 5) as c:
+        c["node-3"].kill()
+        j = BroadcastJob(**{**job(image).__dict__, "url": http_image, "concurrency": 2})
+        result = await run_broadcast(j, c.targets, "star", c.arm)
+    check_survivors(result, c, payload, image, {"node-3"})
+    assert result.nodes["node-3"].reason.startswith("unreachable")
+
+
+async def test_fallback_chain_then_star(tmp_path: Path, image: tuple[Path, str], payload: bytes, http_image: str) -> None:
+    async with Cluster(tmp_path, 4) as c:
+        c.fail_arm.add("node-2")  # only the first attempt fails for it
+        j = BroadcastJob(**{**job(image).__dict__, "url": http_image})
+        result = await broadcast_with_fallback(j, c.targets, ("chain", "star"), c.arm)
+    check_survivors(result, c, payload, image, set())
+    assert result.method == "chain+star"
+    assert result.nodes["node-2"].notes == ["chain: arm failed: ssh: connection refused"]
+
+
+async def test_wrong_token_and_malformed_hello_refused(tmp_path: Path) -> None:
+    r = Receiver("node-1", "127.0.0.2")
+    await r.start()
+    r.arm("s1", "secret", SinkSpec(kind="discard", compression="none"))
+    try:
+        conn = await open_connection(r.host, r.port, 2.0)
+        await conn.send("hello", v=1, session="s1", token="guess", ancestors=[], tree=[["node-1", "127.0.0.2", r.port, 1]],
+                        size=10, sha256=None, report=["127.0.0.1", 9], params={}, **{"from": "x"})
+        assert (await conn.recv()) == {"type": "error", "reason": "unknown session or bad token"}
+        conn.close()
+        conn = await open_connection(r.host, r.port, 2.0)
+        await conn.send("hello", v=1, session="s1", token="secret", ancestors=[], tree=[["node-9", "127.0.0.2", r.port, 1]],
+                        size=10, sha256=None, report=["127.0.0.1", 9], params={}, **{"from": "x"})
+        reply = await conn.recv()
+        assert reply is not None and reply["type"] == "error" and "node-9" in reply["reason"]
+        conn.close()
+        conn = await open_connection(r.host, r.port, 2.0)
+        await asyncio.get_running_loop().sock_sendall(conn.sock, b"\x80\x03pickle?\n")
+        assert await conn.recv() is None
+        assert r.stats()["refused"] == 1 and r.stats()["dropped_malformed"] == 2
+    finally:
+        await r.close()
+
+
+def test_wire_schema() -> None:
+    assert decode(encode("ready", offset=5).rstrip(b"\n")) == {"type": "ready", "offset": 5}
+    for bad in (b"[1]", b'{"type":"ready"}', b'{"type":"ready","offset":"5"}', b'{"type":"ready","offset":true}',
+                b'{"type":"ready","offset":1,"x":2}', b'{"type":"nope"}', b"\xff"):
+        with pytest.raises(MalformedPacket):
+            decode(bad)
+    with pytest.raises(MalformedPacket):
+        Subtree.from_json([["a", "h", 1, 2], ["b", "h", 1, 2]])  # b's subtree overflows a's
+
+
+def test_order_chain_crosses_each_switch_once() -> None:
+    nodes = [Target(f"n{i}", "h", 1, rack=f"r{i % 4}", switch=f"s{i % 2}") for i in range(12)]
+    ordered = order_chain(nodes)
+    switches = [n.switch for n in ordered]
+    assert sum(1 for a, b in zip(switches, switches[1:]) if a != b) == 1
+    racks = [n.rack for n in ordered]
+    assert sum(1 for a, b in zip(racks, racks[1:]) if a != b) == 3
+    assert [n.name for n in ordered][:3] == ["n0", "n4", "n8"]  # inventory order kept inside a rack
+
+
+def test_forest_shapes() -> None:
+    ts = [Target(f"n{i}", "h", 1) for i in range(10)]
+    chain = build_forest(ts, 1)
+    assert len(chain) == 1 and chain[0].depth() == 9 and chain[0].names() == [t.name for t in ts]
+    tree = build_forest(ts, 3)
+    assert sum(len(t) for t in tree) == 10 and len(tree) == 3
+    assert all(len(t.children()) <= 3 for t in tree)
+    long_chain = build_forest([Target(f"n{i}", "h", 1) for i in range(5000)], 1)[0]
+    assert Subtree.from_json(long_chain.to_json()).depth() == 4999  # no recursion limit
