@@ -1,0 +1,540 @@
+"""The deploy agent: what runs in each node's deploy environment, and the client the appliance drives it with.
+
+A `DeployAgent` owns, for one node, an SSH server (asyncssh; only the keys in `authorized_keys`, i.e. the
+appliance's deploy key, are accepted) and a broadcast `Receiver`, both bound to the node's address. When
+it is up it calls back to the appliance (`POST {callback_base}/callback/{mac}` with its one-time token).
+Over SSH it runs arbitrary shell commands (so pdsh and clush work against it) and a small set of agent
+operations, each `rackboot-agent OP` with one JSON request on stdin and one JSON reply on stdout
+(exit status 0 when ok):
+
+    status | partition | arm | wait-receive | verify | postinstall | kexec | texec (JSON lines, see texec.py)
+
+Nothing is global: the vm-testbed runs many agents in one process, each with its own config, sockets
+(opened inside the node's namespace through listen_factory / socket_factory), disk file and work dir.
+"""
+from __future__ import annotations
+
+import asyncio
+import json
+import logging
+import os
+import shlex
+import shutil
+from dataclasses import dataclass
+from pathlib import Path
+from typing import Any, Awaitable, Callable, Mapping, Sequence
+
+import aiohttp
+import asyncssh
+
+from appliance.errors import BindError
+from broadcast.chain import ListenFactory, Receiver, SocketFactory, _err
+from broadcast.disk import PartitionSpec, format_partitions, partition_disk
+from broadcast.errors import AgentError, ImageError
+from broadcast.image import SinkSpec, sha256_file
+
+log = logging.getLogger("rackboot.agent")
+
+KexecHook = Callable[[str, str | None, str], Awaitable[None]]  # kernel, initrd, cmdline
+AGENT_COMMAND = "rackboot-agent"
+MAX_REQUEST = 4 << 20
+
+
+@dataclass(frozen=True)
+class AgentConfig:
+    """Everything one agent needs; plain data (the hooks are constructor arguments of DeployAgent)."""
+
+    name: str
+    mac: str
+    host: str  # the node's address: SSH and the broadcast receiver bind here
+    callback_base: str | None = None  # e.g. http://10.77.0.1:8080 ; None: no callback
+    token: str = ""  # the one-time token from the kernel command line
+    ssh_port: int = 22
+    data_port: int = 7070
+    authorized_keys: tuple[str, ...] = ()  # OpenSSH public key lines (the appliance's deploy key)
+    host_key: str | None = None  # private key file; None: an ephemeral ed25519 key
+    tree_key: str | None = None  # private key file this agent uses to open the next tree-exec level
+    disk: str = ""  # the disk to deploy onto (block device, or the sparse file of a virtual node)
+    workdir: str = "/run/rackboot"  # scripts, mount points, extracted roots
+    shell: tuple[str, ...] = ("/bin/sh", "-c")
+    shell_prefix: tuple[str, ...] = ()  # e.g. ("ip", "netns", "exec", NS) in the vm-testbed
+    env: tuple[tuple[str, str], ...] = ()  # extra environment for commands and scripts
+
+    @classmethod
+    def from_cmdline(cls, cmdline: str, **overrides: Any) -> "AgentConfig":
+        """Read rackboot.{name,mac,ip,callback,token,disk} from a kernel command line (e.g. /proc/cmdline)."""
+        opts = {}
+        for word in shlex.split(cmdline):
+            key, _, value = word.partition("=")
+            if key.startswith("rackboot."):
+                opts[key[len("rackboot."):]] = value
+        missing = [k for k in ("name", "mac", "ip") if k not in opts and k not in overrides and {"ip": "host"}.get(k) not in overrides]
+        if missing:
+            raise AgentError(f"kernel command line lacks rackboot.{', rackboot.'.join(missing)}")
+        base = {"name": opts.get("name"), "mac": opts.get("mac"), "host": opts.get("ip"),
+                "callback_base": opts.get("callback"), "token": opts.get("token", ""), "disk": opts.get("disk", "")}
+        base.update(overrides)
+        return cls(**{k: v for k, v in base.items() if v is not None})
+
+
+def _require(req: Any, **types: type | tuple[type, ...]) -> dict[str, Any]:
+    """Check a request object has the given fields with the given types; raise AgentError."""
+    if not isinstance(req, dict):
+        raise AgentError("request: expected a JSON object")
+    for name, t in types.items():
+        if name not in req:
+            raise AgentError(f"request: missing {name!r}")
+        if isinstance(req[name], bool) and t is not bool and (not isinstance(t, tuple) or bool not in t):
+            raise AgentError(f"request: {name!r} has the wrong type")
+        if not isinstance(req[name], t):
+            raise AgentError(f"request: {name!r} has the wrong type")
+    return req
+
+
+class DeployAgent:
+    """One node's agent: SSH server, broadcast receiver, callback, disk and boot operations."""
+
+    def __init__(self, config: AgentConfig, *, kexec_hook: KexecHook | None = None,
+                 listen_factory: ListenFactory | None = None, socket_factory: SocketFactory | None = None) -> None:
+        self.config = config
+        self.kexec_hook = kexec_hook
+        self.listen_factory = listen_factory
+        self.socket_factory = socket_factory
+        self.receiver = Receiver(config.name, config.host, config.data_port, listen_factory=listen_factory,
+                                 socket_factory=socket_factory)
+        self.state = "starting"
+        self._acceptor: asyncssh.SSHAcceptor | None = None
+        self._tree_key: asyncssh.SSHKey | None = None
+        self._tasks: set[asyncio.Task[Any]] = set()
+        self.layout: list[dict[str, Any]] = []
+        self.counters = {"ssh_sessions": 0, "agent_ops": 0, "shell_commands": 0, "op_errors": 0}
+
+    # -- lifecycle
+    async def start(self) -> None:
+        """Bind the receiver and the SSH server (raise BindError when the address or port is unusable)."""
+        cfg = self.config
+        if not cfg.authorized_keys:
+            raise AgentError(f"agent {cfg.name}: no authorized key (the appliance's deploy key is required)")
+        Path(cfg.workdir).mkdir(parents=True, exist_ok=True)
+        host_key = asyncssh.read_private_key(cfg.host_key) if cfg.host_key else asyncssh.generate_private_key("ssh-ed25519")
+        if cfg.tree_key:
+            self._tree_key = asyncssh.read_private_key(cfg.tree_key)
+        await self.receiver.start()
+        try:
+            kwargs: dict[str, Any] = dict(
+                server_host_keys=[host_key],
+                authorized_client_keys=asyncssh.import_authorized_keys("\n".join(cfg.authorized_keys) + "\n"),
+                process_factory=self._process, encoding=None, allow_scp=False, agent_forwarding=False,
+                x11_forwarding=False, password_auth=False, kbdint_auth=False, keepalive_interval=15,
+            )
+            if self.listen_factory is not None:
+                self._acceptor = await asyncssh.listen(sock=self.listen_factory(cfg.host, cfg.ssh_port), **kwargs)
+            else:
+                self._acceptor = await asyncssh.listen(cfg.host, cfg.ssh_port, reuse_address=True, **kwargs)
+        except OSError as exc:
+            await self.receiver.close()
+            raise BindError(f"agent {cfg.name}: cannot listen for SSH on {cfg.host}:{cfg.ssh_port}: {exc.strerror}") from exc
+        self.state = "up"
+
+    @property
+    def ssh_port(self) -> int:
+        """The SSH port actually bound (useful with port 0 in tests)."""
+        assert self._acceptor is not None
+        return int(self._acceptor.get_port())
+
+    async def callback(self, event: str = "agent_up", attempts: int = 6, **detail: Any) -> bool:
+        """POST {callback_base}/callback/{mac} with the one-time token; retry with backoff; True when accepted."""
+        cfg = self.config
+        if not cfg.callback_base:
+            return False
+        url = f"{cfg.callback_base.rstrip('/')}/callback/{cfg.mac}"
+        body = {"token": cfg.token, "event": event, "name": cfg.name, "mac": cfg.mac, "ip": cfg.host,
+                "ssh_port": self.ssh_port if self._acceptor else cfg.ssh_port, "data_port": self.receiver.port, **detail}
+        connector = aiohttp.TCPConnector(socket_factory=self.socket_factory) if self.socket_factory else aiohttp.TCPConnector()
+        timeout = aiohttp.ClientTimeout(total=10)
+        async with aiohttp.ClientSession(connector=connector, timeout=timeout) as http:
+            for attempt in range(attempts):
+                try:
+                    async with http.post(url, json=body) as resp:
+                        if 200 <= resp.status < 300:
+                            return True
+                        if resp.status in (400, 401, 403, 404):  # refused: retrying will not help
+                            log.warning("%s: callback refused: HTTP %d", cfg.name, resp.status)
+                            return False
+                except (aiohttp.ClientError, asyncio.TimeoutError, OSError) as exc:
+                    log.info("%s: callback attempt %d failed: %s", cfg.name, attempt + 1, _err(exc))
+                await asyncio.sleep(min(8.0, 0.25 * 2**attempt))
+        return False
+
+    async def serve(self) -> None:
+        """Start, call back, and serve until cancelled (what the deploy environment's init runs)."""
+        await self.start()
+        try:
+            await self.callback()
+            await asyncio.Event().wait()
+        finally:
+            await self.close()
+
+    async def close(self) -> None:
+        """Stop the SSH server, the receiver and every running operation."""
+        if self._acceptor is not None:
+            self._acceptor.close()
+            await self._acceptor.wait_closed()
+            self._acceptor = None
+        for t in list(self._tasks):
+            t.cancel()
+        await self.receiver.close()
+        self.state = "closed"
+
+    def _spawn(self, coro: Awaitable[Any]) -> None:
+        task = asyncio.ensure_future(coro)
+        self._tasks.add(task)
+        task.add_done_callback(self._tasks.discard)
+
+    # -- SSH
+    async def _process(self, process: asyncssh.SSHServerProcess[bytes]) -> None:
+        self.counters["ssh_sessions"] += 1
+        command = process.command
+        try:
+            if not command:
+                process.stderr.write(b"rackboot deploy agent: no interactive shell; pass a command\n")
+                process.exit(1)
+                return
+            argv = shlex.split(command)
+            if argv and argv[0] == AGENT_COMMAND:
+                await self._agent_op(process, argv[1:])
+            else:
+                status = await self._shell(process, command)
+                process.exit(status)
+        except (asyncssh.BreakReceived, asyncssh.SignalReceived, asyncssh.TerminalSizeChanged, BrokenPipeError,
+                ConnectionError, asyncssh.DisconnectError):
+            process.exit(255)
+
+    def _env(self) -> dict[str, str]:
+        cfg = self.config
+        return {**os.environ, "RACKBOOT_NODE": cfg.name, "RACKBOOT_MAC": cfg.mac, "RACKBOOT_DISK": cfg.disk,
+                "RACKBOOT_WORKDIR": cfg.workdir, **dict(cfg.env)}
+
+    async def _shell(self, process: asyncssh.SSHServerProcess[bytes], command: str) -> int:
+        """Run an arbitrary command through the shell, piping the SSH channel's stdin/stdout/stderr."""
+        self.counters["shell_commands"] += 1
+        cfg = self.config
+        proc = await asyncio.create_subprocess_exec(*cfg.shell_prefix, *cfg.shell, command, stdin=asyncio.subprocess.PIPE,
+                                                    stdout=asyncio.subprocess.PIPE, stderr=asyncio.subprocess.PIPE,
+                                                    env=self._env(), cwd=cfg.workdir, start_new_session=True)
+        assert proc.stdin and proc.stdout and proc.stderr
+
+        async def pump_in() -> None:
+            try:
+                while data := await process.stdin.read(65536):
+                    proc.stdin.write(data)  # type: ignore[union-attr]
+                    await proc.stdin.drain()  # type: ignore[union-attr]
+            except (BrokenPipeError, ConnectionError, asyncssh.Error):
+                pass
+            finally:
+                proc.stdin.close()  # type: ignore[union-attr]
+
+        async def pump_out(src: asyncio.StreamReader, dst: asyncssh.SSHWriter[bytes]) -> None:
+            while data := await src.read(65536):
+                dst.write(data)
+                await dst.drain()
+
+        feeder = asyncio.create_task(pump_in())
+        try:
+            await asyncio.gather(pump_out(proc.stdout, process.stdout), pump_out(proc.stderr, process.stderr))
+            return await proc.wait()
+        finally:
+            feeder.cancel()
+            if proc.returncode is None:
+                _kill_group(proc)
+                await proc.wait()
+
+    async def _agent_op(self, process: asyncssh.SSHServerProcess[bytes], argv: list[str]) -> None:
+        self.counters["agent_ops"] += 1
+        op = argv[0] if argv else ""
+        if op == "texec":
+            from broadcast.texec import serve_texec
+
+            await serve_texec(self, process)
+            return
+        handler = {
+            "status": self.op_status, "partition": self.op_partition, "arm": self.op_arm,
+            "wait-receive": self.op_wait_receive, "verify": self.op_verify, "postinstall": self.op_postinstall,
+            "kexec": self.op_kexec,
+        }.get(op)
+        try:
+            raw = await _read_request(process)  # read the request first: the client is still sending it
+            if handler is None:
+                raise AgentError(f"unknown agent operation {op!r}")
+            try:
+                req = json.loads(raw) if raw.strip() else {}
+            except ValueError as exc:
+                raise AgentError(f"request is not JSON: {exc}") from exc
+            reply = await handler(req)
+            process.stdout.write(json.dumps(reply).encode() + b"\n")
+            process.exit(0)
+        except (AgentError, ImageError) as exc:
+            self.counters["op_errors"] += 1
+            process.stdout.write(json.dumps({"error": str(exc)}).encode() + b"\n")
+            process.exit(1)
+
+    # -- operations (callable in-process too)
+    async def op_status(self, req: Any = None) -> dict[str, Any]:
+        """Who and where this agent is, and what it is doing."""
+        cfg = self.config
+        return {"name": cfg.name, "mac": cfg.mac, "ip": cfg.host, "state": self.state, "disk": cfg.disk,
+                "data_port": self.receiver.port, "sessions": sorted(self.receiver.relays), "layout": self.layout,
+                "stats": {**self.counters, **{f"receiver_{k}": v for k, v in self.receiver.stats().items()}}}
+
+    async def op_partition(self, req: Any) -> dict[str, Any]:
+        """{parts: [PartitionSpec...], label: gpt|dos, format: bool} -> {partitions: [...], formatted: [...]}."""
+        _require(req, parts=list)
+        label = req.get("label", "gpt")
+        disk = req.get("disk") or self.config.disk
+        if not disk:
+            raise AgentError("no disk configured")
+        specs = [PartitionSpec.from_json(p) for p in req["parts"]]
+        self.state = "partitioning"
+        parts = await partition_disk(disk, specs, label)
+        formatted = await format_partitions(disk, parts) if req.get("format", True) else []
+        self.layout = [p.to_json() for p in parts]
+        self.state = "partitioned"
+        return {"disk": disk, "partitions": self.layout, "formatted": formatted}
+
+    async def op_arm(self, req: Any) -> dict[str, Any]:
+        """{session, token, sink: SinkSpec} -> {data_port}: expect a broadcast session."""
+        _require(req, session=str, token=str, sink=dict)
+        sink = SinkSpec.from_json(req["sink"])
+        if sink.kind == "tar":
+            Path(sink.target).mkdir(parents=True, exist_ok=True)
+        self.receiver.arm(req["session"], req["token"], sink)
+        self.state = "receiving"
+        return {"data_port": self.receiver.port}
+
+    async def op_wait_receive(self, req: Any) -> dict[str, Any]:
+        """{session, timeout} -> this node's NodeResult for the session."""
+        _require(req, session=str)
+        timeout = req.get("timeout")
+        try:
+            result = await self.receiver.wait_result(req["session"], float(timeout) if timeout else None)
+        except asyncio.TimeoutError as exc:
+            raise AgentError(f"no result for session {req['session']} within {timeout} s") from exc
+        self.state = "received" if result.ok else "receive_failed"
+        return result.to_json()
+
+    async def op_verify(self, req: Any) -> dict[str, Any]:
+        """{path, sha256, offset?, length?} -> re-read what is on disk and compare checksums."""
+        _require(req, path=str, sha256=str)
+        digest = await asyncio.to_thread(sha256_file, req["path"], int(req.get("offset", 0)), req.get("length"))
+        return {"sha256": digest, "ok": digest == req["sha256"].lower()}
+
+    async def op_postinstall(self, req: Any) -> dict[str, Any]:
+        """{scripts: [{name, content, timeout?}], root, env?} -> run each in order, stop at the first failure."""
+        _require(req, scripts=list, root=str)
+        cfg = self.config
+        sdir = Path(cfg.workdir) / "scripts"
+        sdir.mkdir(parents=True, exist_ok=True)
+        env = {**self._env(), "RACKBOOT_ROOT": req["root"]}
+        extra = req.get("env", {})
+        if not isinstance(extra, dict) or not all(isinstance(k, str) and isinstance(v, str) for k, v in extra.items()):
+            raise AgentError("request: 'env' must map strings to strings")
+        env.update(extra)
+        self.state = "postinstall"
+        results = []
+        for i, script in enumerate(req["scripts"]):
+            _require(script, name=str, content=str)
+            name = os.path.basename(script["name"]) or f"script-{i}"
+            path = sdir / f"{i:02d}-{name}"
+            path.write_text(script["content"])
+            path.chmod(0o755)
+            proc = await asyncio.create_subprocess_exec(*cfg.shell_prefix, str(path), stdout=asyncio.subprocess.PIPE,
+                                                        stderr=asyncio.subprocess.PIPE, env=env, cwd=req["root"],
+                                                        start_new_session=True)
+            timed_out = False
+            try:
+                out, err = await asyncio.wait_for(proc.communicate(), float(script.get("timeout", 600)))
+            except asyncio.TimeoutError:
+                timed_out = True
+                _kill_group(proc)
+                out, err = await proc.communicate()
+            results.append({"name": name, "status": proc.returncode, "timed_out": timed_out,
+                            "stdout": out[-4096:].decode(errors="replace"), "stderr": err[-4096:].decode(errors="replace")})
+            if timed_out or proc.returncode != 0:
+                self.state = "postinstall_failed"
+                return {"ok": False, "scripts": results}
+        self.state = "installed"
+        return {"ok": True, "scripts": results}
+
+    async def op_kexec(self, req: Any) -> dict[str, Any]:
+        """{kernel, initrd?, cmdline?, root?} -> load now, reply, then jump (real kexec, or the testbed's hook)."""
+        _require(req, kernel=str)
+        root = req.get("root") or "/"
+        kernel = str(Path(root) / req["kernel"].lstrip("/"))
+        initrd = str(Path(root) / req["initrd"].lstrip("/")) if req.get("initrd") else None
+        cmdline = str(req.get("cmdline", ""))
+        for path in [kernel] + ([initrd] if initrd else []):
+            if not os.path.isfile(path):
+                raise AgentError(f"kexec: no such file {path}")
+        if self.kexec_hook is not None:
+            hook = self.kexec_hook
+            self.state = "kexec"
+            self._spawn(self._later(0.2, hook(kernel, initrd, cmdline)))
+            return {"ok": True, "via": "hook"}
+        tool = shutil.which("kexec")
+        if tool is None:
+            raise AgentError("kexec is not available on this system (and no hook is set)")
+        argv = [tool, "-l", kernel, f"--append={cmdline}"] + ([f"--initrd={initrd}"] if initrd else [])
+        proc = await asyncio.create_subprocess_exec(*argv, stdout=asyncio.subprocess.PIPE, stderr=asyncio.subprocess.PIPE)
+        _, err = await proc.communicate()
+        if proc.returncode != 0:
+            raise AgentError(f"kexec -l failed: {err.decode(errors='replace').strip()}")
+        self.state = "kexec"
+        self._spawn(self._later(0.5, _exec_kexec(tool)))
+        return {"ok": True, "via": "kexec"}
+
+    @staticmethod
+    async def _later(delay: float, coro: Awaitable[None]) -> None:
+        await asyncio.sleep(delay)  # let the SSH reply reach the appliance first
+        await coro
+
+
+async def _read_request(process: asyncssh.SSHServerProcess[bytes]) -> bytes:
+    """Read stdin to EOF (one JSON document), at most MAX_REQUEST bytes."""
+    buf = bytearray()
+    while data := await process.stdin.read(65536):
+        buf += data
+        if len(buf) > MAX_REQUEST:
+            raise AgentError(f"request larger than {MAX_REQUEST} bytes")
+    return bytes(buf)
+
+
+async def _exec_kexec(tool: str) -> None:
+    os.sync()
+    proc = await asyncio.create_subprocess_exec(tool, "-e")
+    await proc.wait()
+
+
+def _kill_group(proc: asyncio.subprocess.Process) -> None:
+    try:
+        os.killpg(proc.pid, 9)
+    except (ProcessLookupError, PermissionError):
+        try:
+            proc.kill()
+        except ProcessLookupError:
+            pass
+
+
+# ---------------------------------------------------------------------------------------------------
+# Appliance side.
+
+
+@dataclass
+class CommandResult:
+    """The outcome of one command over SSH."""
+
+    status: int | None
+    stdout: str
+    stderr: str
+
+
+class AgentClient:
+    """The appliance's SSH client to one deploy agent (deploy key; the agent's host key is ephemeral)."""
+
+    def __init__(self, host: str, port: int, client_key: asyncssh.SSHKey | str, *, username: str = "root",
+                 connect_timeout: float = 10.0, socket_factory: SocketFactory | None = None) -> None:
+        self.host = host
+        self.port = port
+        self.client_key = asyncssh.read_private_key(client_key) if isinstance(client_key, str) else client_key
+        self.username = username
+        self.connect_timeout = connect_timeout
+        self.socket_factory = socket_factory
+        self._conn: asyncssh.SSHClientConnection | None = None
+
+    async def connect(self) -> "AgentClient":
+        """Open the SSH connection (raise OSError / asyncssh.Error / TimeoutError on failure)."""
+        self._conn = await ssh_connect(self.host, self.port, self.client_key, username=self.username,
+                                       timeout=self.connect_timeout, socket_factory=self.socket_factory)
+        return self
+
+    async def __aenter__(self) -> "AgentClient":
+        return await self.connect()
+
+    async def __aexit__(self, *exc: object) -> None:
+        await self.close()
+
+    async def close(self) -> None:
+        """Close the SSH connection."""
+        if self._conn is not None:
+            self._conn.close()
+            await self._conn.wait_closed()
+            self._conn = None
+
+    async def run(self, command: str, timeout: float | None = None, stdin: bytes | None = None) -> CommandResult:
+        """Run a shell command on the node."""
+        assert self._conn is not None, "connect() first"
+        r = await self._conn.run(command, input=stdin, timeout=timeout, encoding=None, check=False)
+        out = r.stdout if isinstance(r.stdout, bytes) else (r.stdout or "").encode()
+        err = r.stderr if isinstance(r.stderr, bytes) else (r.stderr or "").encode()
+        return CommandResult(r.exit_status, out.decode(errors="replace"), err.decode(errors="replace"))
+
+    async def call(self, op: str, timeout: float | None = None, **request: Any) -> dict[str, Any]:
+        """Run one agent operation; return its reply; raise AgentError with the agent's message on failure."""
+        r = await self.run(f"{AGENT_COMMAND} {op}", timeout=timeout, stdin=json.dumps(request).encode())
+        try:
+            reply = json.loads(r.stdout)
+        except ValueError as exc:
+            raise AgentError(f"{op}: no JSON reply (exit {r.status}): {r.stderr.strip() or r.stdout[:200]}") from exc
+        if r.status != 0 or not isinstance(reply, dict) or "error" in reply:
+            raise AgentError(f"{op}: {reply.get('error') if isinstance(reply, dict) else reply}")
+        return reply
+
+    async def arm_receive(self, session: str, token: str, sink: SinkSpec) -> int:
+        """Arm the node's receiver for a broadcast session; return its data port."""
+        return int((await self.call("arm", session=session, token=token, sink=sink.to_json()))["data_port"])
+
+    async def partition(self, parts: Sequence[PartitionSpec], label: str = "gpt", format: bool = True) -> dict[str, Any]:
+        """Write the partition table (and filesystems) on the node's disk."""
+        return await self.call("partition", parts=[p.__dict__ for p in parts], label=label, format=format)
+
+    async def wait_receive(self, session: str, timeout: float | None = None) -> dict[str, Any]:
+        """Wait for the node's own result of a broadcast session."""
+        return await self.call("wait-receive", session=session, timeout=timeout)
+
+    async def postinstall(self, scripts: Sequence[Mapping[str, Any]], root: str, env: Mapping[str, str] | None = None) -> dict[str, Any]:
+        """Run post-install scripts on the node."""
+        return await self.call("postinstall", scripts=list(scripts), root=root, env=dict(env or {}))
+
+    async def kexec(self, kernel: str, initrd: str | None = None, cmdline: str = "", root: str | None = None) -> dict[str, Any]:
+        """Load the installed kernel and jump into it."""
+        return await self.call("kexec", kernel=kernel, initrd=initrd, cmdline=cmdline, root=root)
+
+
+async def ssh_connect(host: str, port: int, key: asyncssh.SSHKey, *, username: str = "root", timeout: float = 10.0,
+                      socket_factory: SocketFactory | None = None) -> asyncssh.SSHClientConnection:
+    """Open an SSH connection to an agent with a private key (host keys are not checked: deploy environments
+    generate theirs at boot; the deploy key authenticates the appliance, the network is the cluster's)."""
+    kwargs: dict[str, Any] = dict(username=username, client_keys=[key], known_hosts=None, agent_path=None,
+                                  connect_timeout=timeout, login_timeout=timeout, preferred_auth="publickey", config=None)
+    if socket_factory is not None:
+        import socket as _socket
+
+        sock = socket_factory((_socket.AF_INET, _socket.SOCK_STREAM, _socket.IPPROTO_TCP, "", (host, port)))
+        sock.setblocking(False)
+        try:
+            await asyncio.wait_for(asyncio.get_running_loop().sock_connect(sock, (host, port)), timeout)
+        except BaseException:
+            sock.close()
+            raise
+        return await asyncio.wait_for(asyncssh.connect(sock=sock, **kwargs), timeout)
+    return await asyncio.wait_for(asyncssh.connect(host, port, **kwargs), timeout)
+
+
+def ssh_arm(client_key: asyncssh.SSHKey | str, ssh_port: int | Callable[[Any], int],
+            sink_for: Callable[[Any], SinkSpec], socket_factory: SocketFactory | None = None) -> Callable[[Any, str, str], Awaitable[None]]:
+    """Return an `arm(target, session, token)` for run_broadcast that arms each node over SSH."""
+    async def arm(target: Any, session: str, token: str) -> None:
+        port = ssh_port(target) if callable(ssh_port) else ssh_port
+        async with AgentClient(target.host, port, client_key, socket_factory=socket_factory) as client:
+            await client.arm_receive(session, token, sink_for(target))
+    return arm
+
