@@ -116,7 +116,11 @@ async def _transfer(
     deadline = loop.time() + settings.timeout
     while True:
         try:
-            data, addr = await asyncio.wait_for(proto.queue.get(), max(0.0, deadline - loop.time()))
+            # Queued datagrams first: wait_for() with an expired timeout would not even look at the queue.
+            if proto.queue.empty():
+                data, addr = await asyncio.wait_for(proto.queue.get(), max(0.0, deadline - loop.time()))
+            else:
+                data, addr = proto.queue.get_nowait()
         except TimeoutError:
             attempts += 1
             deadline = loop.time() + settings.timeout * (1 + attempts)
@@ -124,9 +128,12 @@ async def _transfer(
                 raise FetchError(f"tftp://{server}/{filename}: timed out after {attempts - 1} retransmissions") from None
             st.retransmits += 1
             # RFC 1350 sec. 2: the side waiting retransmits its last packet; before any reply that is the RRQ.
+            # Inside a window the ACK names the last block received in order (RFC 7440 sec. 4), which may be
+            # past the last ACK sent: the server then resends only what is missing.
             if tid is None:
                 send(rrq, (server, port))
             elif last_ack is not None:
+                last_ack = codec.encode_ack((expected - 1) & 0xFFFF)
                 send(last_ack, tid)
             in_window = 0
             continue
@@ -196,9 +203,11 @@ async def _transfer(
                 last_ack = codec.encode_ack((expected - 1) & 0xFFFF)
                 send(last_ack, tid)
                 in_window = 0
-        elif last_ack is not None and codec.encode_ack(packet.block) == last_ack:
-            # The server resent its window up to the block we acknowledged: our ACK was lost. Acknowledge
-            # again, once per resent window (the window's last block), not once per duplicate, so that a
-            # server answering every ACK cannot start the Sorcerer's Apprentice syndrome (RFC 1123 4.2.3.1).
+        elif last_ack is not None and packet.block == (expected - 1) & 0xFFFF:
+            # The server resends a window holding the last block we have: our ACK was lost. Acknowledge it
+            # again, once per resent window (on that one block), not once per duplicate, so that a server
+            # answering every ACK cannot start the Sorcerer's Apprentice syndrome (RFC 1123 sec. 4.2.3.1).
+            last_ack = codec.encode_ack(packet.block)
             send(last_ack, tid)
+            in_window = 0
         # else: another duplicate of a block already received: ignore it.
