@@ -2,7 +2,9 @@
 
 A `DeployAgent` owns, for one node, an SSH server (asyncssh; only the keys in `authorized_keys`, i.e. the
 appliance's deploy key, are accepted) and a broadcast `Receiver`, both bound to the node's address. When
-it is up it calls back to the appliance (`POST {callback_base}/callback/{mac}` with its one-time token).
+it is up it calls back to the appliance: `POST` to the callback URL its kernel command line names
+(`rackboot.callback=`, rendered by ipxe.script as BASE/callback/MAC), JSON {token, stage: agent_up, status,
+name, ip, ssh_port, data_port}.
 Over SSH it runs arbitrary shell commands (so pdsh and clush work against it) and a small set of agent
 operations, each `rackboot-agent OP` with one JSON request on stdin and one JSON reply on stdout
 (exit status 0 when ok):
@@ -47,7 +49,7 @@ class AgentConfig:
     name: str
     mac: str
     host: str  # the node's address: SSH and the broadcast receiver bind here
-    callback_base: str | None = None  # e.g. http://10.77.0.1:8080 ; None: no callback
+    callback_url: str | None = None  # the full URL, as ipxe.script renders {callback}: http://10.77.0.1:8080/callback/52-54-00-77-00-01
     token: str = ""  # the one-time token from the kernel command line
     ssh_port: int = 22
     data_port: int = 7070
@@ -72,7 +74,7 @@ class AgentConfig:
         if missing:
             raise AgentError(f"kernel command line lacks rackboot.{', rackboot.'.join(missing)}")
         base = {"name": opts.get("name"), "mac": opts.get("mac"), "host": opts.get("ip"),
-                "callback_base": opts.get("callback"), "token": opts.get("token", ""), "disk": opts.get("disk", "")}
+                "callback_url": opts.get("callback"), "token": opts.get("token", ""), "disk": opts.get("disk", "")}
         base.update(overrides)
         return cls(**{k: v for k, v in base.items() if v is not None})
 
@@ -143,12 +145,12 @@ class DeployAgent:
         return int(self._acceptor.get_port())
 
     async def callback(self, event: str = "agent_up", attempts: int = 6, **detail: Any) -> bool:
-        """POST {callback_base}/callback/{mac} with the one-time token; retry with backoff; True when accepted."""
+        """POST the callback URL ({token, stage, status, ...}); retry with backoff; True when accepted."""
         cfg = self.config
-        if not cfg.callback_base:
+        if not cfg.callback_url:
             return False
-        url = f"{cfg.callback_base.rstrip('/')}/callback/{cfg.mac}"
-        body = {"token": cfg.token, "event": event, "name": cfg.name, "mac": cfg.mac, "ip": cfg.host,
+        url = cfg.callback_url
+        body = {"token": cfg.token, "stage": event, "status": "ok", "name": cfg.name, "ip": cfg.host,
                 "ssh_port": self.ssh_port if self._acceptor else cfg.ssh_port, "data_port": self.receiver.port, **detail}
         connector = aiohttp.TCPConnector(socket_factory=self.socket_factory) if self.socket_factory else aiohttp.TCPConnector()
         timeout = aiohttp.ClientTimeout(total=10)

@@ -24,6 +24,7 @@ from broadcast.image import SinkSpec
 from broadcast.methods import BroadcastJob, run_broadcast
 from broadcast.chain import ChainParams
 from broadcast.topology import Target
+from ipxe import callback_path
 
 pytestmark = pytest.mark.timeout(60)
 
@@ -84,13 +85,13 @@ async def test_callback_with_token(agent: DeployAgent) -> None:
     port = site._server.sockets[0].getsockname()[1]  # type: ignore[union-attr]
     try:
         cfg = agent.config
-        agent.config = AgentConfig(**{**cfg.__dict__, "callback_base": f"http://127.0.0.1:{port}"})
+        agent.config = AgentConfig(**{**cfg.__dict__, "callback_url": f"http://127.0.0.1:{port}{callback_path(cfg.mac)}"})
         assert await agent.callback()
     finally:
         await runner.cleanup()
     mac, body = seen[0]
-    assert mac == "52:54:00:77:00:01"
-    assert body["token"] == "t0ken" and body["event"] == "agent_up" and body["ssh_port"] == agent.ssh_port
+    assert mac == "52-54-00-77-00-01"  # ipxe.callback_path's form
+    assert body["token"] == "t0ken" and body["stage"] == "agent_up" and body["ssh_port"] == agent.ssh_port
     assert body["data_port"] == agent.receiver.port
 
 
@@ -176,8 +177,9 @@ async def test_verify_reads_back_what_is_on_disk(agent: DeployAgent, deploy_key:
 
 def test_config_from_kernel_cmdline() -> None:
     cfg = AgentConfig.from_cmdline("quiet rackboot.name=node-7 rackboot.mac=52:54:00:77:00:07 rackboot.ip=10.77.0.17 "
-                                   "rackboot.callback=http://10.77.0.1:8080 rackboot.token=abc rackboot.disk=/dev/vda",
+                                   "rackboot.callback=http://10.77.0.1:8080/callback/52-54-00-77-00-07 rackboot.token=abc rackboot.disk=/dev/vda",
                                    authorized_keys=("ssh-ed25519 AAAA",))
-    assert (cfg.name, cfg.host, cfg.callback_base, cfg.token, cfg.disk) == ("node-7", "10.77.0.17", "http://10.77.0.1:8080", "abc", "/dev/vda")
+    assert (cfg.name, cfg.host, cfg.token, cfg.disk) == ("node-7", "10.77.0.17", "abc", "/dev/vda")
+    assert cfg.callback_url == "http://10.77.0.1:8080/callback/52-54-00-77-00-07"
     with pytest.raises(AgentError, match="rackboot.mac"):
         AgentConfig.from_cmdline("rackboot.name=x rackboot.ip=1.2.3.4")
