@@ -502,13 +502,15 @@ class VirtualNode:
         if lease is None:
             self._set("halted", "deploy environment: no DHCP answer")
             await asyncio.Event().wait()
-        base = _callback_base(outcome.cmdline, kernel.uri) or self.settings.appliance_url
+        args = _rackboot_args(outcome.cmdline)
+        url = args.get("callback") or _callback_url(kernel.uri, self.mac) or _callback_url(self.settings.appliance_url, self.mac)
         payload = {
-            "event": "deploy_env_up", "stage": "deploy", "node": self.name, "ip": self.ip,
+            "stage": "deploy", "status": "ok", "message": "deploy environment placeholder up",
+            "token": args.get("token", ""), "name": self.name, "ip": self.ip,
             "kernel": kernel.uri, "kernel_bytes": len(kernel.data), "initrds": [i.uri for i in outcome.initrds],
             "cmdline": outcome.cmdline, "boot_s": round(time.monotonic() - self._boot_t0, 3),
         }
-        await self._callback(base, payload)
+        await self._callback(url, payload)
         await self._serve_ssh()
         self._set("running", "deploy environment")
         await asyncio.Event().wait()
@@ -526,18 +528,17 @@ class VirtualNode:
         if lease is None:
             self._set("halted", "installed system: no DHCP answer")
             await asyncio.Event().wait()
-        payload = {"event": "installed_up", "stage": "installed", "node": self.name, "ip": self.ip, "image": identity,
-                   "boot_s": round(time.monotonic() - self._boot_t0, 3)}
-        await self._callback(identity.get("callback") or self.settings.appliance_url, payload)
+        payload = {"stage": "installed", "status": "ok", "message": f"installed system up: {identity.get('image', '?')}",
+                   "name": self.name, "ip": self.ip, "image": identity, "boot_s": round(time.monotonic() - self._boot_t0, 3)}
+        await self._callback(identity.get("callback") or _callback_url(self.settings.appliance_url, self.mac), payload)
         await self._serve_ssh()
         self._set("running", f"installed system: {identity.get('image', '?')}")
         await asyncio.Event().wait()
         return "halt"
 
-    async def _callback(self, base: str, payload: dict[str, Any]) -> None:
-        """POST /callback/<mac> to the appliance, retrying like a deploy agent does."""
-        self._set("callback", base)
-        url = base.rstrip("/") + f"/callback/{mac_slug(self.mac)}"
+    async def _callback(self, url: str, payload: dict[str, Any]) -> None:
+        """POST the callback URL (the appliance's /callback/<mac>), retrying like a deploy agent does."""
+        self._set("callback", url)
         session = self._http_session()
         delay = 1.0
         for _ in range(6):
@@ -574,13 +575,19 @@ def _netmask(prefixlen: int) -> str:
     return socket.inet_ntoa(((0xFFFFFFFF << (32 - prefixlen)) & 0xFFFFFFFF).to_bytes(4, "big"))
 
 
-def _callback_base(cmdline: str, kernel_uri: str) -> str | None:
-    """Where the deploy environment calls back: rackboot.callback= on the command line, else the kernel's server."""
-    for arg in cmdline.split():
-        if arg.startswith("rackboot.callback="):
-            url = arg.split("=", 1)[1]
-            return url.split("/callback/")[0] if "/callback/" in url else url
-    parsed = urllib.parse.urlsplit(kernel_uri)
-    if parsed.scheme in ("http", "https") and parsed.netloc:
-        return f"{parsed.scheme}://{parsed.netloc}"
-    return None
+def _rackboot_args(cmdline: str) -> dict[str, str]:
+    """Return the rackboot.KEY=VALUE words of a kernel command line (callback, token, ... as broadcast.agent reads them)."""
+    out = {}
+    for word in cmdline.split():
+        key, eq, value = word.partition("=")
+        if eq and key.startswith("rackboot."):
+            out[key[len("rackboot."):]] = value
+    return out
+
+
+def _callback_url(base: str, mac: str) -> str | None:
+    """The appliance's callback URL for a MAC, on the server that served base (a URL)."""
+    parsed = urllib.parse.urlsplit(base)
+    if parsed.scheme not in ("http", "https") or not parsed.netloc:
+        return None
+    return f"{parsed.scheme}://{parsed.netloc}/callback/{mac_slug(mac)}"
