@@ -76,8 +76,9 @@ class ChainParams:
         if set(data) - set(names):
             raise MalformedPacket(f"params: unknown keys {sorted(set(data) - set(names))}")
         for k, v in data.items():
-            if isinstance(v, bool) or not isinstance(v, (int, float)) or v < 0:
-                raise MalformedPacket(f"params: {k} must be a non-negative number")
+            kind = (int,) if names[k] in ("int", int) else (int, float)
+            if isinstance(v, bool) or not isinstance(v, kind) or v < 0:
+                raise MalformedPacket(f"params: {k} must be a non-negative {'integer' if kind == (int,) else 'number'}")
         p = cls(**data)
         if p.chunk < 1 or p.window < p.chunk or p.resume_depth < 1 or p.stall_timeout <= 0:
             raise MalformedPacket("params: out of range")

@@ -231,6 +231,10 @@ def test_wire_schema() -> None:
             decode(bad)
     with pytest.raises(MalformedPacket):
         Subtree.from_json([["a", "h", 1, 2], ["b", "h", 1, 2]])  # b's subtree overflows a's
+    for bad_params in ({"chunk": 1.5}, {"window": -1}, {"resume_depth": 0}, {"pickle": 1}, {"stall_timeout": True}):
+        with pytest.raises(MalformedPacket):
+            ChainParams.from_json(bad_params)
+    assert ChainParams.from_json(ChainParams(stall_timeout=2).to_json()).stall_timeout == 2
 
 
 def test_order_chain_crosses_each_switch_once() -> None:
