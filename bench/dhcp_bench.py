@@ -1,7 +1,7 @@
 #!/usr/bin/env python3
 """DHCP benchmark: Kea's perfdhcp against rackboot, kea-dhcp4 and dnsmasq, one server at a time, same run.
 
-Topology (made with vmtestbed.netns.Lab, removed on success, failure and Ctrl-C):
+Topology (made with vmtestbed.netns.Lab through measure.NamespacePair, removed on success, failure, Ctrl-C):
 
     [PREFIX-srv] s0 10.99.0.1/16  ==veth==  c0 10.99.0.2/16 [PREFIX-cli]
      the server under test                    perfdhcp -l 10.99.0.2 (a relay: giaddr 10.99.0.2, port 67)
@@ -12,7 +12,7 @@ dnsmasq: its lease file). Each probe starts the server fresh, runs perfdhcp for 
 at a fixed rate of DORA exchanges, then stops the server. For each server the highest rate with
 under --max-drop % of exchanges unanswered is found by doubling the rate, then bisecting.
 Latency is compared at one fixed rate every server sustains (--latency-rate). Repeats interleave
-the servers (A B C, A B C, ...) so the machine's noise hits them alike; figures are medians.
+the servers (A B C, C B A, ...) so the machine's noise hits them alike; figures are medians.
 
 Run (as root, after ./setup.sh --bench):  .venv/bin/python bench/dhcp_bench.py
 """
@@ -33,10 +33,10 @@ from typing import Any
 
 sys.path.insert(0, str(Path(__file__).resolve().parent))
 from measure import (  # noqa: E402
-    cpu_seconds, exit_cleanly_on_sigterm, fmt, machine_load, markdown_table, median, rackboot_executable,
-    require_root_and_tools, say, stop, udp_port_bound, wait_until, write_json,
+    code_description, cpu_seconds, exit_cleanly_on_sigterm, fmt, machine_load, markdown_table, median, rackboot_command,
+    NamespacePair, require_root_and_tools, say, stop, udp_port_bound, wait_until, write_json,
 )
-from vmtestbed.netns import Lab, unique_prefix  # noqa: E402
+from vmtestbed.netns import Lab  # noqa: E402
 
 SERVER_IP = "10.99.0.1"
 CLIENT_IP = "10.99.0.2"
@@ -135,7 +135,7 @@ def _float(pattern: str, text: str) -> float | None:
 class ServerUnderTest:
     """Starts one DHCP server in the server namespace with the common pool, in its own temp directory."""
 
-    def __init__(self, kind: str, lab: Lab, ns: str, ifname: str, rackboot: str) -> None:
+    def __init__(self, kind: str, lab: Lab, ns: str, ifname: str, rackboot: list[str]) -> None:
         self.kind = kind
         self.lab = lab
         self.ns = ns
@@ -181,7 +181,7 @@ class ServerUnderTest:
             f"dns:\n  domain: bench.test\n"
         )
         ready_file = tmp / "state" / "serve.ready"
-        return [self.rackboot, "serve", "--config", str(tmp / "rackboot.yaml")], dict(os.environ), ready_file.exists
+        return [*self.rackboot, "serve", "--config", str(tmp / "rackboot.yaml")], dict(os.environ), ready_file.exists
 
     def _kea(self, tmp: Path) -> tuple[list[str], dict[str, str], Any]:
         conf = {"Dhcp4": {
@@ -210,9 +210,11 @@ class ServerUnderTest:
         return argv, dict(os.environ), lambda: udp_port_bound(self.lab, self.ns, 67)
 
 
-def run_probe(lab: Lab, server_ns: str, client_ns: str, kind: str, rackboot: str, rate: int, args: argparse.Namespace) -> Probe:
+def run_probe(pair: NamespacePair, kind: str, rackboot: list[str], rate: int, args: argparse.Namespace) -> Probe:
     """Start the server fresh, run perfdhcp at one rate, stop the server; return what perfdhcp saw."""
     probe = Probe(server=kind, rate=rate, period=args.period)
+    lab = pair.ensure()
+    server_ns, client_ns = pair.server, pair.client
     load = machine_load(0.5)
     probe.load1, probe.busy_pct = load["load1"], load["busy_pct"]
     try:
@@ -231,6 +233,8 @@ def run_probe(lab: Lab, server_ns: str, client_ns: str, kind: str, rackboot: str
             if out.returncode not in (0, 3):
                 probe.error = probe.error or f"perfdhcp exit {out.returncode}: {out.stderr.strip()[-300:]}"
             parse_perfdhcp(out.stdout, probe)
+            if not pair.intact():
+                probe.error = probe.error or "the namespaces vanished during the probe (removed by someone else?)"
             if probe.error and srv.log is not None:
                 probe.error += " | server log: " + " / ".join(srv.log.read_text(errors="replace").splitlines()[-5:])
     except RuntimeError as exc:
@@ -243,17 +247,17 @@ def run_probe(lab: Lab, server_ns: str, client_ns: str, kind: str, rackboot: str
     return probe
 
 
-def search_rate(lab: Lab, server_ns: str, client_ns: str, kind: str, rackboot: str, repeat: int, args: argparse.Namespace) -> Search:
+def search_rate(pair: NamespacePair, kind: str, rackboot: list[str], repeat: int, args: argparse.Namespace) -> Search:
     """Latency probe at the common rate, then double the rate until a probe fails, then bisect (geometric)."""
     search = Search(server=kind, repeat=repeat)
-    search.latency_probe = run_probe(lab, server_ns, client_ns, kind, rackboot, args.latency_rate, args)
+    search.latency_probe = run_probe(pair, kind, rackboot, args.latency_rate, args)
     if search.latency_probe.acks == 0:
         say(f"  {kind}: does not answer at all, skipping its rate search")
         return search
     lo, hi = 0, 0
     rate = args.start_rate
     while lo == 0 or hi == 0:
-        probe = run_probe(lab, server_ns, client_ns, kind, rackboot, rate, args)
+        probe = run_probe(pair, kind, rackboot, rate, args)
         search.probes.append(probe)
         if probe.passed(args.max_drop, args.max_delay_ms):
             lo = rate
@@ -271,7 +275,7 @@ def search_rate(lab: Lab, server_ns: str, client_ns: str, kind: str, rackboot: s
         mid = int(round(math.sqrt(lo * hi)))
         if mid in (lo, hi):
             break
-        probe = run_probe(lab, server_ns, client_ns, kind, rackboot, mid, args)
+        probe = run_probe(pair, kind, rackboot, mid, args)
         search.probes.append(probe)
         if probe.passed(args.max_drop, args.max_delay_ms):
             lo = mid
@@ -280,8 +284,10 @@ def search_rate(lab: Lab, server_ns: str, client_ns: str, kind: str, rackboot: s
     return search
 
 
-def profile_rackboot(lab: Lab, server_ns: str, client_ns: str, rackboot: str, args: argparse.Namespace) -> str:
+def profile_rackboot(pair: NamespacePair, rackboot: list[str], args: argparse.Namespace) -> str:
     """Run one rackboot probe at --profile-rate with py-spy sampling the server; return the hottest functions."""
+    lab = pair.ensure()
+    server_ns, client_ns = pair.server, pair.client
     import shutil
     from collections import Counter
 
@@ -368,6 +374,7 @@ def report(searches: list[Search], args: argparse.Namespace, loads: list[dict[st
         f"perfdhcp -4 -l {CLIENT_IP} -r RATE -R {args.clients} -p {args.period} {SERVER_IP}; "
         f"{args.repeats} repeats, servers interleaved; pool {POOL[0]}-{POOL[1]}.",
         f"Machine: {loads_txt}.",
+        f"rackboot: {code_description(args.rackboot_commit)}.",
         "",
         markdown_table(headers, rows),
     ])
@@ -391,6 +398,8 @@ def main(argv: list[str] | None = None) -> int:
                     help="after the searches, profile rackboot with py-spy during one probe at this rate (0: no profile)")
     ap.add_argument("--profile-out", default="dhcp-profile.txt", help="where py-spy's raw (collapsed) stacks go")
     ap.add_argument("--rackboot", default=None, help="rackboot executable (default: the one next to this Python)")
+    ap.add_argument("--rackboot-commit", default=None,
+                    help="measure this git commit of rackboot (exported to a temp dir) instead of the installed checkout")
     ap.add_argument("--json", help="also write every probe as JSON to this file")
     args = ap.parse_args(argv)
     args.servers = [s.strip() for s in args.servers.split(",") if s.strip()]
@@ -399,25 +408,27 @@ def main(argv: list[str] | None = None) -> int:
         ap.error(f"unknown servers: {', '.join(sorted(unknown))}")
     tools = ["perfdhcp", "ss"] + [{"kea": "kea-dhcp4", "dnsmasq": "dnsmasq"}[s] for s in args.servers if s != "rackboot"]
     require_root_and_tools(tools)
-    rackboot = args.rackboot or (rackboot_executable() if "rackboot" in args.servers else "")
     exit_cleanly_on_sigterm()
+    code_dir = tempfile.TemporaryDirectory(prefix="rackboot-bench-code-")
+    rackboot = rackboot_command(args.rackboot, args.rackboot_commit, Path(code_dir.name)) if "rackboot" in args.servers else []
 
     loads = [dict(machine_load(), when="start")]
     say(f"machine at start: {loads[0]['uptime']} (CPUs {loads[0]['busy_pct']} % busy)")
     searches: list[Search] = []
-    with Lab(unique_prefix("bench")) as lab:
-        server_ns, client_ns = lab.ns("srv"), lab.ns("cli")
-        lab.veth(server_ns, "s0", client_ns, "c0")
-        lab.addr(server_ns, "s0", f"{SERVER_IP}/{PREFIXLEN}")
-        lab.addr(client_ns, "c0", f"{CLIENT_IP}/{PREFIXLEN}")
-        say(f"namespaces {server_ns} (server) and {client_ns} (perfdhcp)")
+    with NamespacePair(f"{SERVER_IP}/{PREFIXLEN}", f"{CLIENT_IP}/{PREFIXLEN}") as pair:
+        say(f"namespaces {pair.server} (server) and {pair.client} (perfdhcp)")
         for repeat in range(1, args.repeats + 1):
-            for kind in args.servers:
+            order = args.servers if repeat % 2 else list(reversed(args.servers))
+            for kind in order:
                 say(f"repeat {repeat}/{args.repeats}: {kind}")
-                searches.append(search_rate(lab, server_ns, client_ns, kind, rackboot, repeat, args))
+                searches.append(search_rate(pair, kind, rackboot, repeat, args))
             loads.append(dict(machine_load(), when=f"after repeat {repeat}"))
-        profile = profile_rackboot(lab, server_ns, client_ns, rackboot, args) if args.profile_rate and rackboot else ""
+        profile = profile_rackboot(pair, rackboot, args) if args.profile_rate and rackboot else ""
+        rebuilt = pair.rebuilt
+    code_dir.cleanup()
     text = report(searches, args, loads) + ("\n\n" + profile if profile else "")
+    if rebuilt:
+        text += f"\n\nThe namespace pair vanished and was rebuilt {rebuilt} time(s) during the run (not by this script)."
     print(text)
     write_json(args.json, {
         "args": vars(args), "loads": loads,

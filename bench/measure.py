@@ -15,7 +15,7 @@ import time
 from pathlib import Path
 from typing import Any, Iterable, Sequence
 
-from vmtestbed.netns import Lab
+from vmtestbed.netns import Lab, unique_prefix
 
 
 def machine_load(sample_s: float = 1.0) -> dict[str, Any]:
@@ -34,11 +34,80 @@ def machine_load(sample_s: float = 1.0) -> dict[str, Any]:
     return {"load1": load1, "load5": load5, "load15": load15, "busy_pct": round(busy, 1), "uptime": uptime, "cpus": os.cpu_count()}
 
 
+def code_version() -> str:
+    """Return the git commit the benchmark measures, flagging uncommitted changes under appliance/ or netboot/."""
+    repo = Path(__file__).resolve().parent.parent
+    try:
+        head = subprocess.run(["git", "-C", str(repo), "rev-parse", "--short", "HEAD"], capture_output=True, text=True, check=True).stdout.strip()
+        dirty = subprocess.run(["git", "-C", str(repo), "status", "--porcelain", "--", "appliance", "netboot"],
+                               capture_output=True, text=True).stdout.strip()
+    except (OSError, subprocess.CalledProcessError):
+        return "unknown (not a git checkout)"
+    return head + (f" + uncommitted changes in {len(dirty.splitlines())} file(s) of appliance/, netboot/" if dirty else "")
+
+
 def cpu_seconds(pid: int) -> float:
     """Return the CPU time (user + system, including reaped children) a process has used so far."""
     fields = Path(f"/proc/{pid}/stat").read_text().rsplit(")", 1)[1].split()
     # fields[11:15] are utime, stime, cutime, cstime (proc(5) fields 14-17), in clock ticks.
     return sum(int(x) for x in fields[11:15]) / os.sysconf("SC_CLK_TCK")
+
+
+class NamespacePair:
+    """Two namespaces (server, client) joined by one veth, rebuilt under a new prefix if they vanish.
+
+    On this shared machine other people's clean-ups have been seen deleting namespaces they did not
+    make; ensure() checks the pair before each measurement and rebuilds it (counted in `rebuilt`).
+    """
+
+    def __init__(self, server_cidr: str, client_cidr: str) -> None:
+        self.server_cidr, self.client_cidr = server_cidr, client_cidr
+        self.lab: Lab | None = None
+        self.server = self.client = ""
+        self.rebuilt = 0
+
+    def _build(self) -> None:
+        last: Exception | None = None
+        for _ in range(3):
+            self.lab = Lab(unique_prefix("bench"))
+            try:
+                self.server, self.client = self.lab.ns("srv"), self.lab.ns("cli")
+                self.lab.veth(self.server, "s0", self.client, "c0")
+                self.lab.addr(self.server, "s0", self.server_cidr)
+                self.lab.addr(self.client, "c0", self.client_cidr)
+                if self.intact():
+                    return
+                last = RuntimeError("the namespaces vanished while being built")
+            except (OSError, IndexError) as exc:
+                last = exc
+            self.lab.close()
+        raise RuntimeError(f"cannot build the namespace pair: {last!r}")
+
+    def intact(self) -> bool:
+        """True when both namespaces still exist with their veth ends and addresses."""
+        for ns, ifname, cidr in ((self.server, "s0", self.server_cidr), (self.client, "c0", self.client_cidr)):
+            out = subprocess.run(["ip", "-n", ns, "-o", "-4", "addr", "show", "dev", ifname], capture_output=True, text=True)
+            if out.returncode != 0 or cidr not in out.stdout:
+                return False
+        return True
+
+    def ensure(self) -> Lab:
+        """Return the lab, rebuilding the pair first if it is no longer intact."""
+        assert self.lab is not None
+        if not self.intact():
+            say(f"  namespaces {self.server}/{self.client} vanished (removed by someone else?): rebuilding")
+            self.lab.close()
+            self.rebuilt += 1
+            self._build()
+        return self.lab
+
+    def __enter__(self) -> "NamespacePair":
+        self._build()
+        return self
+
+    def __exit__(self, *exc: object) -> None:
+        if self.lab is not None:
+            self.lab.close()
 
 
 def udp_port_bound(lab: Lab, ns: str, port: int) -> bool:
@@ -97,17 +166,41 @@ def require_root_and_tools(tools: Iterable[str]) -> None:
         sys.exit(f"missing programs: {', '.join(missing)} (run ./setup.sh --bench)")
 
 
-def rackboot_executable() -> str:
-    """Return the rackboot console script of the Python running this benchmark (.venv/bin/rackboot)."""
+def rackboot_command(executable: str | None, commit: str | None, workdir: Path) -> list[str]:
+    """Return the argv prefix that runs rackboot.
+
+    With a commit: that commit of this repository, exported (`git archive`) into workdir and run
+    with this Python, so other people's uncommitted edits in the checkout are not measured.
+    Otherwise the given executable, or the rackboot console script next to this Python (.venv/bin/rackboot).
+    """
+    if commit:
+        repo = Path(__file__).resolve().parent.parent
+        archive = subprocess.run(["git", "-C", str(repo), "archive", "--format=tar", commit], capture_output=True)
+        if archive.returncode != 0:
+            sys.exit(f"cannot export commit {commit}: {archive.stderr.decode(errors='replace').strip()}")
+        subprocess.run(["tar", "-x", "-C", str(workdir)], input=archive.stdout, check=True)
+        path = os.pathsep.join([str(workdir), str(workdir / "vm-testbed")])
+        return ["env", f"PYTHONPATH={path}", sys.executable, "-P", "-m", "appliance.cli"]  # -P: not the cwd's checkout
+    if executable:
+        return [executable]
     candidate = Path(sys.executable).with_name("rackboot")
     if candidate.exists():
-        return str(candidate)
+        return [str(candidate)]
     import shutil
 
     found = shutil.which("rackboot")
     if found is None:
         sys.exit("rackboot is not installed next to this Python (run ./setup.sh --bench, then use .venv/bin/python)")
-    return found
+    return [found]
+
+
+def code_description(commit: str | None) -> str:
+    """Describe what rackboot code is measured."""
+    if commit:
+        repo = Path(__file__).resolve().parent.parent
+        full = subprocess.run(["git", "-C", str(repo), "rev-parse", "--short", commit], capture_output=True, text=True).stdout.strip()
+        return f"commit {full} (exported, run with {Path(sys.executable).name} -m appliance.cli)"
+    return code_version()
 
 
 def median(values: Sequence[float]) -> float | None:

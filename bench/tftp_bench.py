@@ -1,7 +1,7 @@
 #!/usr/bin/env python3
 """TFTP benchmark: one 30 MiB file, then 200 concurrent 1 MiB fetches, rackboot vs tftpd-hpa, same client (atftp).
 
-Topology (made with vmtestbed.netns.Lab, removed on success, failure and Ctrl-C):
+Topology (made with vmtestbed.netns.Lab through measure.NamespacePair, removed on success, failure, Ctrl-C):
 
     [PREFIX-srv] s0 10.98.0.1/24  ==veth==  c0 10.98.0.2/24 [PREFIX-cli]
      rackboot serve / in.tftpd -L             atftp processes, started by this script re-run
@@ -35,10 +35,10 @@ from typing import Any
 
 sys.path.insert(0, str(Path(__file__).resolve().parent))
 from measure import (  # noqa: E402
-    cpu_seconds, exit_cleanly_on_sigterm, fmt, machine_load, markdown_table, median, rackboot_executable,
-    require_root_and_tools, say, stop, udp_port_bound, wait_until, write_json,
+    code_description, cpu_seconds, exit_cleanly_on_sigterm, fmt, machine_load, markdown_table, median, rackboot_command,
+    NamespacePair, require_root_and_tools, say, stop, udp_port_bound, wait_until, write_json,
 )
-from vmtestbed.netns import Lab, unique_prefix  # noqa: E402
+from vmtestbed.netns import Lab  # noqa: E402
 
 SERVER_IP = "10.98.0.1"
 CLIENT_IP = "10.98.0.2"
@@ -98,7 +98,7 @@ def fetch_in_namespace(args: argparse.Namespace) -> int:
 class TftpServer:
     """rackboot serve (DHCP off) or in.tftpd in the server namespace, serving ROOT."""
 
-    def __init__(self, kind: str, lab: Lab, ns: str, root: Path, rackboot: str) -> None:
+    def __init__(self, kind: str, lab: Lab, ns: str, root: Path, rackboot: list[str]) -> None:
         self.kind, self.lab, self.ns, self.root, self.rackboot = kind, lab, ns, root, rackboot
         self.proc: subprocess.Popen[bytes] | None = None
         self._tmp: tempfile.TemporaryDirectory[str] | None = None
@@ -115,7 +115,7 @@ class TftpServer:
                 f"inventory: nodes.yaml\ndhcp:\n  mode: 'off'\n  router_advertisements: false\n"
                 f"tftp:\n  root: {self.root}\nhttp:\n  files: {tmp / 'files'}\ndns:\n  domain: bench.test\n"
             )
-            argv = [self.rackboot, "serve", "--config", str(tmp / "rackboot.yaml")]
+            argv = [*self.rackboot, "serve", "--config", str(tmp / "rackboot.yaml")]
             ready = (tmp / "state" / "serve.ready").exists
         else:
             # -L: foreground listener; -s: chroot to ROOT; runs transfers as user nobody.
@@ -208,6 +208,7 @@ def report(timings: list[Timing], args: argparse.Namespace, loads: list[dict[str
         f"atftp --option ... -g; {args.repeats} repeats, server order alternating; "
         "speed-up = tftpd-hpa median time / this variant's median time, same blksize (>1: rackboot faster).",
         f"Machine: {loads_txt}.",
+        f"rackboot: {code_description(args.rackboot_commit)}.",
         "",
         markdown_table(headers, rows),
     ])
@@ -222,6 +223,8 @@ def main(argv: list[str] | None = None) -> int:
                     help="comma-separated, from: " + ", ".join(VARIANTS))
     ap.add_argument("--timeout", type=float, default=600, help="give up on one timed fetch set after this many seconds")
     ap.add_argument("--rackboot", default=None, help="rackboot executable (default: the one next to this Python)")
+    ap.add_argument("--rackboot-commit", default=None,
+                    help="measure this git commit of rackboot (exported to a temp dir) instead of the installed checkout")
     ap.add_argument("--json", help="also write every timing as JSON to this file")
     # Internal: what the script runs inside the client namespace.
     ap.add_argument("--fetch", action="store_true", help=argparse.SUPPRESS)
@@ -239,13 +242,15 @@ def main(argv: list[str] | None = None) -> int:
         ap.error(f"unknown variants: {unknown}")
     kinds = sorted({VARIANTS[v][0] for v in args.variants}, reverse=True)  # tftpd-hpa first, then rackboot
     require_root_and_tools(["atftp", "ss"] + (["in.tftpd"] if "tftpd-hpa" in kinds else []))
-    rackboot = args.rackboot or (rackboot_executable() if "rackboot" in kinds else "")
     exit_cleanly_on_sigterm()
+    code_dir = tempfile.TemporaryDirectory(prefix="rackboot-bench-code-")
+    rackboot = rackboot_command(args.rackboot, args.rackboot_commit, Path(code_dir.name)) if "rackboot" in kinds else []
 
     loads = [dict(machine_load(), when="start")]
     say(f"machine at start: {loads[0]['uptime']} (CPUs {loads[0]['busy_pct']} % busy)")
     timings: list[Timing] = []
-    with Lab(unique_prefix("bench")) as lab, tempfile.TemporaryDirectory(prefix="rackboot-bench-tftp-") as tmpname, \
+    with NamespacePair(f"{SERVER_IP}/24", f"{CLIENT_IP}/24") as pair, \
+            tempfile.TemporaryDirectory(prefix="rackboot-bench-tftp-") as tmpname, \
             tempfile.TemporaryDirectory(prefix="rackboot-bench-tftp-out-", dir="/dev/shm" if os.path.isdir("/dev/shm") else None) as outname:
         tmp = Path(tmpname)
         tmp.chmod(0o755)  # in.tftpd serves as user nobody
@@ -258,16 +263,14 @@ def main(argv: list[str] | None = None) -> int:
             (root / name).chmod(0o644)
             digests[name] = sha256(root / name)
         out = Path(outname)
-        server_ns, client_ns = lab.ns("srv"), lab.ns("cli")
-        lab.veth(server_ns, "s0", client_ns, "c0")
-        lab.addr(server_ns, "s0", f"{SERVER_IP}/24")
-        lab.addr(client_ns, "c0", f"{CLIENT_IP}/24")
-        say(f"namespaces {server_ns} (server) and {client_ns} (atftp)")
+        say(f"namespaces {pair.server} (server) and {pair.client} (atftp)")
         for repeat in range(1, args.repeats + 1):
             order = kinds if repeat % 2 else list(reversed(kinds))
             for kind in order:
                 say(f"repeat {repeat}/{args.repeats}: {kind}")
-                with TftpServer(kind, lab, server_ns, root, rackboot) as server:
+                lab = pair.ensure()
+                client_ns = pair.client
+                with TftpServer(kind, lab, pair.server, root, rackboot) as server:
                     for name, size in (BIG, SMALL):  # warm-up, untimed
                         timed_fetch(lab, client_ns, server, (name, size), digests[name], 1, ("blksize 1468",), out / "warm", args.timeout)
                     for variant in [v for v in args.variants if VARIANTS[v][0] == kind]:
@@ -276,13 +279,19 @@ def main(argv: list[str] | None = None) -> int:
                             load = machine_load(0.5)
                             secs, ok, failed, cpu, error = timed_fetch(
                                 lab, client_ns, server, file, digests[file[0]], count, options, out / "got", args.timeout)
+                            if not pair.intact():
+                                error = error or "the namespaces vanished during the fetch (removed by someone else?)"
                             t = Timing(variant, test, repeat, secs, ok, failed, cpu, load["load1"], load["busy_pct"], error)
                             timings.append(t)
                             say(f"  {variant:38s} {test:4s}: {fmt(secs, 2)} s, {ok} ok, {failed} failed, "
                                 f"server CPU {fmt(cpu, 2)} s, load {t.load1} busy {t.busy_pct} %"
                                 + (f" [{error[:300]}]" if error else ""))
             loads.append(dict(machine_load(), when=f"after repeat {repeat}"))
+        rebuilt = pair.rebuilt
+    code_dir.cleanup()
     text = report(timings, args, loads)
+    if rebuilt:
+        text += f"\n\nThe namespace pair vanished and was rebuilt {rebuilt} time(s) during the run (not by this script)."
     print(text)
     write_json(args.json, {"args": vars(args), "loads": loads, "timings": [asdict(t) for t in timings], "report": text})
     return 0
