@@ -29,6 +29,8 @@ from appliance.inventory import Inventory, Node
 log = logging.getLogger("rackboot.api")
 Handler = Callable[[web.Request], Awaitable[web.StreamResponse]]
 OPEN_PATHS = ("/api/v1/health", "/api/v1/openapi.json")
+# Callback stages that claim progress in a deployment: they need the node's one-time token.
+CLAIMED_STAGES = ("deploy", "agent", "agent_up", "installed", "os")
 
 
 def _error(status: int, message: str) -> web.Response:
@@ -39,13 +41,14 @@ class Api:
     """Adds the REST API and the auth middleware to an aiohttp application."""
 
     def __init__(self, app: web.Application, inventory: Inventory, users: Users, tokens: NodeTokens,
-                 catalog: Catalog, controller: Controller, stage_dir: Path) -> None:
+                 catalog: Catalog, controller: Controller, stage_dir: Path, shares: Any = None) -> None:
         self.inventory = inventory
         self.users = users
         self.tokens = tokens
         self.catalog = catalog
         self.controller = controller
         self.stage_dir = stage_dir
+        self.shares = shares
         app.middlewares.append(self._auth_middleware)
         r = app.router
         r.add_get("/api/v1/openapi.json", self._openapi)
@@ -66,7 +69,7 @@ class Api:
         r.add_delete("/api/v1/users/{name}", self._user_rm)
         r.add_post("/api/v1/users/{name}/rights", self._grant)
         r.add_get("/api/v1/stats", self._stats)
-        r.add_get("/images/{deployment}/{node}", self._image)
+        r.add_get("/images/{token}", self._image)
 
     # -- auth ---------------------------------------------------------------------------------------
 
@@ -96,7 +99,7 @@ class Api:
                 return  # the handler answers 400 and counts it
         else:
             body = dict(request.query)
-        if not isinstance(body, dict) or body.get("stage") not in ("deploy", "agent", "installed", "os"):
+        if not isinstance(body, dict) or body.get("stage") not in CLAIMED_STAGES:
             return
         mac = request.match_info.get("mac", "").replace("-", ":").lower()
         if self.tokens.check(mac, body.get("token")) is None:
@@ -338,15 +341,11 @@ class Api:
         return web.json_response({"steps": rows, "summary": summary})
 
     async def _image(self, request: web.Request) -> web.StreamResponse:
-        """A node downloads its deployment's image (star broadcast) with its one-time token."""
-        dep_id, name = request.match_info["deployment"], request.match_info["node"]
-        node = self.inventory.by_name.get(name)
-        if node is None or self.tokens.check(node.mac, request.query.get("token")) != dep_id:
-            return _error(403, "wrong or missing one-time token")
-        dep = self.controller.deployments.get(dep_id)
-        if dep is None:
-            return _error(404, "no such running deployment")
-        return web.FileResponse(self.catalog.image_file(dep.env), chunk_size=256 * 1024)
+        """Nodes download the image of a running broadcast (star) behind that attempt's random token."""
+        path = self.shares.get(request.match_info["token"]) if self.shares is not None else None
+        if path is None:
+            return _error(403, "no image behind this token")
+        return web.FileResponse(path, chunk_size=256 * 1024)
 
 
 def _op(summary: str, body: dict[str, Any] | None = None, params: list[dict[str, Any]] | None = None) -> dict[str, Any]:

@@ -22,7 +22,7 @@ class Appliance:
     def __init__(self, config: ApplianceConfig) -> None:
         from netboot.dhcp4.server import DhcpService
         from netboot.dns import DnsService
-        from netboot.http import HttpService
+        from netboot.http import DEFAULT_DISCOVERY_PROFILE, HttpService
         from netboot.ra import RouterAdvertiser
         from netboot.tftp.server import TftpService
 
@@ -30,17 +30,52 @@ class Appliance:
         self.events = EventBus()
         config.state_dir.mkdir(parents=True, exist_ok=True)
         self.db = open_state_db(config.state_dir / "rackboot.db")
-        self.profiles = ProfileStore(self.db, BootProfile(kind=config.boot.default_profile) if config.boot.default_profile != "discovery" else BootProfile())
+        self.profiles = ProfileStore(self.db, DEFAULT_DISCOVERY_PROFILE if config.boot.default_profile == "discovery" else BootProfile(kind=config.boot.default_profile))
         self.dhcp = DhcpService(config, self.events, self.db)
         self.tftp = TftpService(config, self.events, mac_for_ip=self.mac_for_ip)
         self.http = HttpService(config, self.events, self.profiles, mac_for_ip=self.mac_for_ip)
         self.dns = DnsService(config)
+        self._build_controller(config)
         self.services: list[Service] = [self.tftp, self.http, self.dns]
         if config.dhcp.mode != "off":
             self.services.insert(0, self.dhcp)
         if config.dhcp.router_advertisements:
             self.services.append(RouterAdvertiser(config))
         self._stop = asyncio.Event()
+
+    def _build_controller(self, config: ApplianceConfig) -> None:
+        """The deployment controller, the catalog, users and rights, and the REST API on the HTTP server."""
+        from dataclasses import replace
+
+        from appliance.api import Api
+        from appliance.auth import NodeTokens, Users
+        from appliance.catalog import Catalog
+        from appliance.deploy.agent_driver import AgentDeployDriver
+        from appliance.deploy.controller import Controller, ControllerDeps
+        from appliance.deploy.power import IpmiPower, PowerByDriver
+        from appliance.deploy.store import DeploymentStore
+        from appliance.deploy.workflow import BootDeadlines, default_workflow
+
+        self.users = Users(self.db)
+        self.users.ensure_admin(config.state_dir / "admin.token")
+        self.tokens = NodeTokens()
+        self.catalog = Catalog(self.db, config.state_dir / "images")
+        self.store = DeploymentStore(self.db)
+        self.store.mark_interrupted()
+        self.ipmi = IpmiPower(per_bmc=config.deploy.bmc_concurrency)
+        self.agent = AgentDeployDriver(config, self.tokens)
+        deadlines = replace(BootDeadlines(), **config.deploy.deadlines)
+        d = config.deploy
+        deps = ControllerDeps(
+            inventory=config.inventory, profiles=self.profiles, events=self.events, tokens=self.tokens, store=self.store,
+            catalog=self.catalog, power=PowerByDriver({"ipmi": self.ipmi}), agent=self.agent, http_base=config.http_base,
+            deploy_profile=BootProfile(kind="deploy", kernel=d.kernel, initrds=d.initrds, cmdline=d.cmdline, env="deploy"),
+        )
+        self.controller = Controller(
+            deps, lambda method, kexec: replace(default_workflow(method, kexec), deadlines=deadlines,
+                                                reboot_window=d.reboot_window, bmc_concurrency=d.bmc_concurrency))
+        self.api = Api(self.http.app, config.inventory, self.users, self.tokens, self.catalog, self.controller,
+                       config.state_dir / "upload", self.agent.shares)
 
     def mac_for_ip(self, ip: ipaddress.IPv4Address | str) -> str | None:
         """Return the MAC behind a node address (inventory first, then dynamic leases)."""
@@ -72,12 +107,15 @@ class Appliance:
         try:
             async with asyncio.TaskGroup() as tg:
                 tasks = [tg.create_task(s.serve(), name=s.name) for s in self.services]
+                tasks.append(tg.create_task(self.controller.serve(), name="controller"))
                 await self._stop.wait()
                 for t in tasks:
                     t.cancel()
         finally:
+            await self.controller.close()
             for service in reversed(self.services):
                 await service.close()
+            self.ipmi.close()
             self.db.close()
 
     def stats(self) -> dict[str, dict[str, int]]:

@@ -38,7 +38,7 @@ LADDERS: dict[str, tuple[str, ...]] = {
     "very_hard_reboot": ("very_hard",),
 }
 # Callback stages that mean "the expected system is up".
-CALLBACK_STAGES = {DEPLOY: ("deploy", "agent"), INSTALLED: ("installed", "os"), NETBOOT: ()}
+CALLBACK_STAGES = {DEPLOY: ("deploy", "agent", "agent_up"), INSTALLED: ("installed", "os"), NETBOOT: ()}
 REBOOT_LEVELS = {"soft": LADDERS["reboot"], "hard": LADDERS["hard_reboot"], "very_hard": LADDERS["very_hard_reboot"]}
 
 
@@ -171,6 +171,8 @@ class Deployment:
                 self._note(run, "callback_refused", reason="wrong or missing one-time token")
                 return
             run.reported = dict(event.detail)
+            if run.watch.target == DEPLOY:
+                self.deps.agent.agent_up(run.node, run.reported)
             changed = run.watch.on_trigger(Trigger.CALLBACK, now)
         else:
             trig = trigger_of(event)

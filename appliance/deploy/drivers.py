@@ -28,6 +28,9 @@ class BroadcastOutcome:
 class DeployDriver(Protocol):
     """Remote operations on nodes running the deploy agent (or, for soft reboots, any reachable system)."""
 
+    def agent_up(self, node: Node, detail: dict[str, str]) -> None:
+        """Note a node's agent callback (where its SSH and data ports are)."""
+
     async def prepare_disk(self, node: Node, env: Environment) -> None:
         """Partition and format the node's disk for env; raise DeployError on failure."""
 
@@ -53,6 +56,10 @@ class FakeDeploy:
         self.no_ssh = no_ssh or set()  # nodes whose current system cannot be reached for a soft reboot
         self.calls: list[tuple[str, str]] = []
         self.on_reboot = on_reboot
+
+    def agent_up(self, node: Node, detail: dict[str, str]) -> None:
+        """Record the callback."""
+        self.calls.append(("agent_up", node.name))
 
     def _maybe_fail(self, op: str, node: Node) -> None:
         self.calls.append((op, node.name))

@@ -1,0 +1,209 @@
+"""The real deploy driver: the controller's remote steps on the nodes' deploy agents, over SSH (broadcast/).
+
+Partitioning, the image broadcast (chain, tree or star through broadcast.methods), post-install, kexec and
+soft reboots. Each agent reports its SSH and data ports in its callback; the controller passes that on
+through agent_up(). The appliance's deploy key is generated at first start (STATE_DIR/deploy_key, with
+deploy_key.pub for the deploy environment's authorized_keys).
+"""
+from __future__ import annotations
+
+import asyncio
+import json
+import logging
+import re
+import secrets
+import shlex
+from pathlib import Path
+from typing import Any
+
+import asyncssh
+
+from appliance.catalog import Environment, Partition
+from appliance.deploy.drivers import BroadcastOutcome, DeployError
+from appliance.inventory import Node
+from broadcast.agent import AgentClient, ssh_arm
+from broadcast.chain import ChainParams
+from broadcast.disk import PartitionSpec
+from broadcast.errors import AgentError
+from broadcast.image import SinkSpec
+from broadcast.methods import BroadcastJob, run_broadcast
+from broadcast.topology import Target
+
+log = logging.getLogger("rackboot.agent_driver")
+
+_SIZE = re.compile(r"^(\d+)\s*([KMGT]?)i?B?$", re.IGNORECASE)
+_MIB = {"": 1 / (1 << 20), "K": 1 / 1024, "M": 1, "G": 1024, "T": 1 << 20}
+# partition type by filesystem
+_TYPE_OF = {"swap": "swap", "vfat": "efi"}
+
+
+def partition_specs(layout: tuple[Partition, ...]) -> list[PartitionSpec]:
+    """Turn a catalog disk layout (sizes like 512M, 20G, rest) into the agent's partition specs."""
+    specs = []
+    for p in layout:
+        if p.size.lower() == "rest":
+            size = None
+        else:
+            m = _SIZE.match(p.size.strip())
+            if not m:
+                raise DeployError(f"partition {p.name}: bad size {p.size!r}")
+            size = max(1, int(int(m.group(1)) * _MIB[m.group(2).upper()]))
+        fs = None if p.fs in ("", "none") else p.fs
+        specs.append(PartitionSpec(size_mib=size, type=_TYPE_OF.get(p.fs, "linux"), fs=fs, label=p.name))
+    return specs
+
+
+def load_or_create_key(path: Path) -> asyncssh.SSHKey:
+    """Read the appliance's deploy key, creating it (ed25519, mode 0600, with .pub beside) on first use."""
+    if path.is_file():
+        return asyncssh.read_private_key(str(path))
+    key = asyncssh.generate_private_key("ssh-ed25519", comment="rackboot-deploy")
+    path.parent.mkdir(parents=True, exist_ok=True)
+    path.touch(mode=0o600)
+    key.write_private_key(str(path))
+    key.write_public_key(str(path) + ".pub")
+    return key
+
+
+class ImageShares:
+    """Images offered over HTTP for one broadcast attempt (star), each behind a random token."""
+
+    def __init__(self) -> None:
+        self._by_token: dict[str, Path] = {}
+
+    def add(self, path: Path) -> str:
+        """Offer a file; return its token."""
+        token = secrets.token_urlsafe(18)
+        self._by_token[token] = path
+        return token
+
+    def get(self, token: str) -> Path | None:
+        """Return the file behind a token, if it is still offered."""
+        return self._by_token.get(token)
+
+    def remove(self, token: str) -> None:
+        """Stop offering a file."""
+        self._by_token.pop(token, None)
+
+
+class AgentDeployDriver:
+    """DeployDriver over SSH to broadcast.agent.DeployAgent on every node."""
+
+    def __init__(self, config: Any, tokens: Any, *, key: asyncssh.SSHKey | None = None,
+                 params: ChainParams | None = None, connect_timeout: float = 10.0) -> None:
+        self.config = config
+        self.tokens = tokens
+        self.key = key or load_or_create_key(config.deploy.ssh_key)
+        self.params = params or ChainParams()
+        self.connect_timeout = connect_timeout
+        self.shares = ImageShares()
+        self._ports: dict[str, tuple[int, int]] = {}   # mac -> (ssh port, data port), from callbacks
+        self._roots: dict[str, str] = {}               # mac -> where the deploy partition is mounted on the node
+        self._layouts: dict[str, list[dict[str, Any]]] = {}
+
+    def agent_up(self, node: Node, detail: dict[str, str]) -> None:
+        """Record where a node's agent listens (from its callback)."""
+        try:
+            self._ports[node.mac] = (int(detail.get("ssh_port", self.config.deploy.ssh_port)), int(detail.get("data_port", 7070)))
+        except ValueError:
+            self._ports[node.mac] = (self.config.deploy.ssh_port, 7070)
+
+    def _client(self, node: Node) -> AgentClient:
+        port = self._ports.get(node.mac, (self.config.deploy.ssh_port, 7070))[0]
+        return AgentClient(str(node.ip), port, self.key, connect_timeout=self.connect_timeout)
+
+    async def _with_client(self, node: Node, what: str, fn: Any) -> Any:
+        try:
+            async with self._client(node) as client:
+                return await fn(client)
+        except AgentError as exc:
+            raise DeployError(f"{what}: {exc}") from exc
+        except (OSError, asyncssh.Error, asyncio.TimeoutError) as exc:
+            raise DeployError(f"{what}: cannot reach the agent at {node.ip}: {exc or type(exc).__name__}") from exc
+
+    async def prepare_disk(self, node: Node, env: Environment) -> None:
+        """Partition and format the node's disk, then mount the deploy partition (on a real block device)."""
+        specs = partition_specs(env.layout)
+        names = [p.name for p in env.layout]
+        index = names.index(env.deploy_partition) if env.deploy_partition in names else len(names) - 1
+
+        async def go(client: AgentClient) -> None:
+            reply = await client.partition(specs, label="gpt", format=True)
+            parts = reply["partitions"]
+            self._layouts[node.mac] = parts
+            device = parts[index]["device"] if index < len(parts) else ""
+            mount = f"mount {shlex.quote(device)} \"$R\" && " if device else ""
+            r = await client.run(f'R="$RACKBOOT_WORKDIR/root"; mkdir -p "$R" && {mount}echo "$R"', timeout=120)
+            if r.status != 0:
+                raise DeployError(f"mounting the deploy partition failed: {r.stderr.strip()}")
+            self._roots[node.mac] = r.stdout.strip().splitlines()[-1]
+
+        await self._with_client(node, "disk preparation", go)
+
+    def _sink_for(self, env: Environment, by_name: dict[str, Node]) -> Any:
+        def sink(target: Target) -> SinkSpec:
+            node = by_name[target.name]
+            if env.image_kind == "tar":
+                return SinkSpec(kind="tar", compression=env.compression, target=self._roots.get(node.mac, "/run/rackboot/root"),
+                                expected_sha256=env.sha256 or None, expected_size=env.size or None)
+            parts = self._layouts.get(node.mac, [])
+            names = [p.name for p in env.layout]
+            i = names.index(env.deploy_partition) if env.deploy_partition in names else 0
+            part = parts[i] if i < len(parts) else {"device": "", "start": 0}
+            disk = env.target_disk or node.disk
+            target = part["device"] or disk or "$RACKBOOT_DISK"
+            return SinkSpec(kind="raw", compression=env.compression, target=target, offset=0 if part["device"] else int(part["start"]),
+                            expected_sha256=env.sha256 or None, expected_size=env.size or None)
+        return sink
+
+    async def broadcast(self, method: str, nodes: list[Node], env: Environment, image: Path) -> BroadcastOutcome:
+        """Broadcast the image with run_broadcast; every node's agent is armed over SSH first."""
+        by_name = {n.name: n for n in nodes}
+        targets = [Target.from_node(n, self._ports.get(n.mac, (0, 7070))[1]) for n in nodes]
+        share = self.shares.add(image)
+        arm = ssh_arm(self.key, lambda t: self._ports.get(by_name[t.name].mac, (self.config.deploy.ssh_port, 0))[0],
+                      self._sink_for(env, by_name))
+        job = BroadcastJob(image=image, sha256=env.sha256 or None, url=f"{self.config.http_base}/images/{share}",
+                           params=self.params, report_host=str(self.config.ip))
+        try:
+            result = await run_broadcast(job, targets, method=method, arm=arm)
+        except (OSError, ValueError) as exc:
+            raise DeployError(str(exc)) from exc
+        finally:
+            self.shares.remove(share)
+        return BroadcastOutcome(method, {name: (r.ok, r.reason) for name, r in result.nodes.items()}, result.seconds,
+                                {"result": result.to_json()})
+
+    async def post_install(self, node: Node, env: Environment) -> None:
+        """Run the environment's post-install scripts, then stamp the installed system with its identity."""
+        root = self._roots.get(node.mac, "/run/rackboot/root")
+        scripts = [{"name": f"post-{i}", "content": s if s.startswith("#!") else f"#!/bin/sh\nset -e\n{s}\n"}
+                   for i, s in enumerate(env.postinstall)]
+        stamp = {"env": env.ref, "sha256": env.sha256, "token": self.tokens.token_of(node.mac) or "",
+                 "callback": self.config.http_base + f"/callback/{node.mac.replace(':', '-')}"}
+        # The installed system reads this file at boot and calls back with its identity and the node's token.
+        scripts.append({"name": "rackboot-stamp", "content": "#!/bin/sh\nset -e\nmkdir -p \"$RACKBOOT_ROOT/etc/rackboot\"\n"
+                        f"cat > \"$RACKBOOT_ROOT/etc/rackboot/deployed.json\" <<'EOF'\n{json.dumps(stamp)}\nEOF\n"})
+
+        async def go(client: AgentClient) -> None:
+            reply = await client.postinstall(scripts, root, env={"RACKBOOT_ENV": env.ref})
+            if not reply.get("ok"):
+                bad = next((s for s in reply.get("scripts", []) if s.get("status") != 0 or s.get("timed_out")), {})
+                raise DeployError(f"script {bad.get('name')} exited {bad.get('status')}: {str(bad.get('stderr', '')).strip()[-300:]}")
+
+        await self._with_client(node, "post-install", go)
+
+    async def kexec(self, node: Node, env: Environment) -> None:
+        """Jump into the installed kernel (the environment's boot kernel, or /vmlinuz of the installed root)."""
+        root = self._roots.get(node.mac, "/run/rackboot/root")
+        kernel = env.kernel or "/vmlinuz"
+        initrd = env.initrd or ("/initrd.img" if not env.kernel else None)
+        cmdline = env.cmdline or "root=LABEL=root ro"
+        await self._with_client(node, "kexec", lambda c: c.kexec(kernel, initrd, cmdline, root=root))
+
+    async def soft_reboot(self, node: Node) -> None:
+        """`reboot` over SSH (the deploy agent, or an installed system that accepts the deploy key)."""
+        async def go(client: AgentClient) -> None:
+            await client.run("(sleep 1; reboot) >/dev/null 2>&1 &", timeout=15)
+
+        await self._with_client(node, "soft reboot", go)
