@@ -101,11 +101,22 @@ class E2eAppliance:
 
     def api_nodes(self) -> list[dict[str, Any]]:
         """GET /api/v1/nodes from inside the appliance namespace; return the list of nodes."""
-        done = self.run(self.ns, ["curl", "-sS", "--fail", "--max-time", "5", f"{self.url}/api/v1/nodes"], timeout=10)
+        done = self.run(self.ns, ["curl", "-sS", "--fail", "--max-time", "5", *self.auth_header(), f"{self.url}/api/v1/nodes"], timeout=10)
         if done.returncode != 0:
             self.assert_alive()
             raise AssertionError(f"GET /api/v1/nodes failed ({done.returncode}): {done.stderr}")
         return self.nodes_of(json.loads(done.stdout))
+
+    def auth_header(self) -> list[str]:
+        """curl arguments carrying the appliance's admin token, when it wrote one."""
+        token = self.state_dir / "admin.token"
+        return ["-H", f"Authorization: Bearer {token.read_text().strip()}"] if token.is_file() else []
+
+    def cli_env(self) -> dict[str, str]:
+        """Environment for running the rackboot CLI: no endpoint or token from the caller's environment or home."""
+        env = {k: v for k, v in os.environ.items() if not k.startswith("RACKBOOT_")}
+        env["RACKBOOT_CLIENT_CONFIG"] = str(self.workdir / "no-client.yaml")
+        return env
 
     def events_of(self, mac: str) -> list[dict[str, Any]]:
         """Return the boot events the appliance reports for a MAC (oldest first)."""

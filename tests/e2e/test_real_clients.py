@@ -190,7 +190,10 @@ def test_rackboot_nodes_shows_client_events(appliance: E2eAppliance) -> None:
     done = appliance.run(http_node.ns, ["curl", "-sS", "--fail", "--max-time", "10", appliance.url + script_path(http_node.mac)])
     assert done.returncode == 0, done.stderr
 
-    done = appliance.run(http_node.ns, [*appliance.rackboot_command(), "nodes", "--server", appliance.url, "--json"])
+    # --config only supplies the admin token (if the API wants one); the URL is the one nodes use.
+    done = appliance.lab.run(http_node.ns, [*appliance.rackboot_command(), "nodes", "--server", appliance.url,
+                                            "--config", str(appliance.config_path), "--json"],
+                             timeout=30, env=appliance.cli_env())
     assert done.returncode == 0, done.stderr
     nodes = {n["name"]: n for n in appliance.nodes_of(json.loads(done.stdout))}
     assert set(nodes) >= {f"node-{i}" for i in range(1, 6)}

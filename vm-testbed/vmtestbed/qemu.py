@@ -196,6 +196,8 @@ class QemuVm:
             "-m", str(self.memory_mb),
             "-smp", "1",
             "-uuid", self.uuid,
+            # No default VGA, floppy, CD-ROM or parallel port: nothing for the firmware to try before the NIC.
+            "-nodefaults",
             # -nographic makes SeaBIOS print on the serial port; serial goes to a file, no monitor on stdio.
             "-nographic",
             "-serial", f"file:{self.serial_log}",
