@@ -38,7 +38,7 @@ CLIENT_NODES = ("node-1", "node-2", "node-3")
 STATIC_NODES = ("node-3",)
 READY_TIMEOUT_S = 30.0
 
-TOOLS = ("ip", "udhcpc", "dhclient", "tftp", "atftp", "curl", "dig", "tcpdump")
+TOOLS = ("ip", "udhcpc", "dhclient", "tftp", "atftp", "curl", "dig", "ping", "tcpdump")
 
 
 @dataclass(frozen=True)
