@@ -22,13 +22,14 @@ from appliance.auth import AuthError, NodeTokens, User, Users
 from appliance.catalog import Catalog, CatalogError, parse_environment_file
 from appliance.deploy.controller import Controller, OverlapError
 from appliance.deploy.power import POWER_OPS, PowerError
-from appliance.deploy.workflow import parse_steps, default_workflow
+from appliance.deploy.workflow import parse_steps
 from appliance.errors import ConfigError
 from appliance.inventory import Inventory, Node
 
 log = logging.getLogger("rackboot.api")
 Handler = Callable[[web.Request], Awaitable[web.StreamResponse]]
 OPEN_PATHS = ("/api/v1/health", "/api/v1/openapi.json")
+USER_KEY = web.RequestKey("user", User)
 # Callback stages that claim progress in a deployment: they need the node's one-time token.
 CLAIMED_STAGES = ("deploy", "agent", "agent_up", "installed", "os")
 
@@ -81,7 +82,7 @@ class Api:
                 header = request.headers.get("Authorization", "")
                 token = header[7:].strip() if header.lower().startswith("bearer ") else request.query.get("token")
                 user = self.users.authenticate(token)
-                request["user"] = user
+                request[USER_KEY] = user
                 if request.method == "PUT" and path.endswith("/profile"):
                     self.users.check(user, "deploy", [request.match_info.get("name", "")])
             elif path.startswith("/callback/"):
@@ -106,7 +107,7 @@ class Api:
             raise AuthError(f"callback for {mac}: wrong or missing one-time token", 403)
 
     def _user(self, request: web.Request) -> User:
-        return request["user"]  # type: ignore[no-any-return]
+        return request[USER_KEY]
 
     def _nodes_of(self, spec: str) -> list[Node]:
         try:
@@ -143,7 +144,7 @@ class Api:
             return _error(404, str(exc))
         method = str(body.get("broadcast", "chain"))
         try:
-            workflow = default_workflow(method, env.kexec)
+            workflow = self.controller.workflow_factory(method, env.kexec)
             if body.get("steps"):
                 workflow = parse_steps(str(body["steps"]), workflow)
         except ValueError as exc:
