@@ -70,6 +70,7 @@ class Api:
         r.add_delete("/api/v1/users/{name}", self._user_rm)
         r.add_post("/api/v1/users/{name}/rights", self._grant)
         r.add_get("/api/v1/stats", self._stats)
+        r.add_post("/api/v1/exec", self._exec)
         r.add_get("/images/{token}", self._image)
 
     # -- auth ---------------------------------------------------------------------------------------
@@ -289,6 +290,21 @@ class Api:
             return _error(400, str(exc))
         return web.json_response({"level": level, "to": to, "results": results})
 
+    async def _exec(self, request: web.Request) -> web.Response:
+        """Run a command on nodes through the agents' tree; needs the 'console' right on every node."""
+        user = self._user(request)
+        body = await self._json(request)
+        nodes = self._nodes_of(str(body.get("nodes", "")))
+        self.users.check(user, "console", [n.name for n in nodes])
+        command = str(body.get("command", ""))
+        if not command:
+            return _error(400, "command required")
+        agent = self.controller.deps.agent
+        if not hasattr(agent, "exec"):
+            return _error(501, "this appliance's deploy driver cannot run commands")
+        result = await agent.exec(nodes, command, fanout=int(body.get("fanout", 16)), timeout=float(body.get("timeout", 60)))
+        return web.json_response({**result.to_json(), "grouped": [[names, r.to_json()] for names, r in result.grouped()]})
+
     async def _users(self, request: web.Request) -> web.Response:
         if not self._user(request).admin:
             return _error(403, "only admins list users")
@@ -391,6 +407,8 @@ OPENAPI: dict[str, Any] = {
         "/api/v1/nodes/{name}/profile": {"put": _op("switch a node's boot profile", {"kind": _S, "kernel": _S, "cmdline": _S}, [_PATH("name")])},
         "/api/v1/power": {"post": _op("power on/off/reset/cycle/status", {"nodes": _S, "op": _S, "force": _B})},
         "/api/v1/reboot": {"post": _op("reboot nodes (to deploy, local or an environment)", {"nodes": _S, "to": _S, "level": _S, "force": _B})},
+        "/api/v1/exec": {"post": _op("run a command on nodes through the agents' tree (right: console)",
+                                     {"nodes": _S, "command": _S, "fanout": {"type": "integer"}, "timeout": {"type": "number"}})},
         "/api/v1/users": {"get": _op("users and rights (admin)"), "post": _op("add a user (admin); returns its token", {"name": _S, "admin": _B})},
         "/api/v1/users/{name}": {"delete": _op("remove a user (admin)", params=[_PATH("name")])},
         "/api/v1/users/{name}/rights": {"post": _op("grant rights on a node set (admin)", {"nodes": _S, "perms": {"type": "array", "items": _S}}, [_PATH("name")])},

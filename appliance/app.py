@@ -4,6 +4,7 @@ from __future__ import annotations
 import asyncio
 import ipaddress
 import logging
+import os
 import signal
 from pathlib import Path
 
@@ -32,7 +33,7 @@ class Appliance:
         self.db = open_state_db(config.state_dir / "rackboot.db")
         self.profiles = ProfileStore(self.db, DEFAULT_DISCOVERY_PROFILE if config.boot.default_profile == "discovery" else BootProfile(kind=config.boot.default_profile))
         self.dhcp = DhcpService(config, self.events, self.db)
-        self.tftp = TftpService(config, self.events, mac_for_ip=self.mac_for_ip)
+        self.tftp = TftpService(config, self.events, mac_for_ip=self.mac_for_ip, virtual=self.tftp_virtual_file)
         self.http = HttpService(config, self.events, self.profiles, mac_for_ip=self.mac_for_ip)
         self.dns = DnsService(config)
         self._build_controller(config)
@@ -85,6 +86,16 @@ class Appliance:
             return node.mac
         return self.dhcp.mac_for_ip(addr)
 
+    def tftp_virtual_file(self, mac: str | None, path: str) -> bytes | None:
+        """Per-MAC files rendered on the fly for TFTP: `boot.ipxe`, the node's current iPXE script (for
+        firmware whose iPXE is told to fetch its script over TFTP)."""
+        if mac is None or path != "boot.ipxe":
+            return None
+        from ipxe.script import render_script
+
+        node = self.config.inventory.by_mac.get(mac)
+        return render_script(self.profiles.get(mac), node, mac, self.config.http_base).encode()
+
     async def start(self) -> None:
         """Bind every socket before serving anything; on failure close what was bound and re-raise."""
         started: list[Service] = []
@@ -125,10 +136,15 @@ class Appliance:
 
 async def serve_forever(config: ApplianceConfig) -> None:
     """Build the appliance, bind, serve until SIGTERM or SIGINT."""
+    ready = Path(config.state_dir / "serve.ready")
+    ready.unlink(missing_ok=True)
     app = Appliance(config)
     await app.start()
     loop = asyncio.get_running_loop()
     for sig in (signal.SIGTERM, signal.SIGINT):
         loop.add_signal_handler(sig, app.stop)
-    Path(config.state_dir / "serve.ready").write_text("ready\n")
-    await app.run()
+    ready.write_text(f"{os.getpid()}\n")
+    try:
+        await app.run()
+    finally:
+        ready.unlink(missing_ok=True)

@@ -221,6 +221,24 @@ async def _user(args: argparse.Namespace, api: Api) -> int:
     return EXIT_OK
 
 
+async def _exec(args: argparse.Namespace, api: Api) -> int:
+    command = " ".join(args.cmd[1:] if args.cmd and args.cmd[0] == "--" else args.cmd)
+    out = await api.call("POST", "/api/v1/exec", json={"nodes": args.machines, "command": command, "fanout": args.fanout,
+                                                      "timeout": args.timeout})
+    if args.json:
+        print(json.dumps(out, indent=2))
+    else:
+        for names, r in out["grouped"]:
+            head = f"---------------- {names} ----------------"
+            status = "timed out" if r["timed_out"] else (r["error"] or f"exit {r['status']}")
+            print(f"{head}\n{status}")
+            if r["stdout"]:
+                print(r["stdout"], end="" if r["stdout"].endswith("\n") else "\n")
+            if r["stderr"]:
+                print(r["stderr"], end="" if r["stderr"].endswith("\n") else "\n", file=sys.stderr)
+    return EXIT_OK if not out.get("failed") else EXIT_SOME_FAILED
+
+
 async def _deployments(args: argparse.Namespace, api: Api) -> int:
     if args.id:
         print(json.dumps(await api.call("GET", f"/api/v1/deployments/{args.id}"), indent=2))
@@ -313,6 +331,13 @@ def register(sub: Any) -> None:
     u.add_argument("-m", "--machines", required=True)
     u.add_argument("--rights", default="deploy,reboot,power", help="comma-separated: deploy,reboot,power,console")
     p.set_defaults(func=_run(_user))
+
+    p = common(sub.add_parser("exec", help="run a command on nodes through a tree of deploy agents (grouped output)"))
+    p.add_argument("-m", "--machines", required=True)
+    p.add_argument("--fanout", type=int, default=16)
+    p.add_argument("--timeout", type=float, default=60.0, help="per-node command timeout (s)")
+    p.add_argument("cmd", nargs=argparse.REMAINDER, help="-- COMMAND ...")
+    p.set_defaults(func=_run(_exec))
 
     p = common(sub.add_parser("deployments", help="list deployments, or show one"))
     p.add_argument("id", nargs="?")

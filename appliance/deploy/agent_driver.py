@@ -201,6 +201,13 @@ class AgentDeployDriver:
         cmdline = env.cmdline or "root=LABEL=root ro"
         await self._with_client(node, "kexec", lambda c: c.kexec(kernel, initrd, cmdline, root=root))
 
+    async def exec(self, nodes: list[Node], command: str, fanout: int = 16, timeout: float = 60.0) -> Any:
+        """Run a command on nodes through a tree of deploy agents (TakTuk-like); per-node results, grouped."""
+        from broadcast.texec import tree_exec
+
+        targets = [Target.from_node(n, self._ports.get(n.mac, (self.config.deploy.ssh_port, 0))[0]) for n in nodes]
+        return await tree_exec(command, targets, self.key, fanout=fanout, timeout=timeout)
+
     async def soft_reboot(self, node: Node) -> None:
         """`reboot` over SSH (the deploy agent, or an installed system that accepts the deploy key)."""
         async def go(client: AgentClient) -> None:

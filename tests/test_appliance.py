@@ -1,0 +1,97 @@
+"""The composition root: every socket bound before serving, clear failures, clean stop on SIGTERM."""
+from __future__ import annotations
+
+import os
+import signal
+import socket
+import subprocess
+import sys
+import textwrap
+import time
+from pathlib import Path
+
+import pytest
+
+from appliance.app import Appliance
+from appliance.config import load_config
+from appliance.errors import BindError
+
+
+def free_port(kind: int = socket.SOCK_DGRAM) -> int:
+    with socket.socket(socket.AF_INET, kind) as s:
+        s.bind(("127.0.0.1", 0))
+        return int(s.getsockname()[1])
+
+
+def write_config(tmp_path: Path, tftp_port: int, dhcp: str = "mode: 'off'", interface: str = "lo") -> Path:
+    (tmp_path / "nodes.yaml").write_text("nodes:\n  - {name: node-1, mac: '52:54:00:77:00:01', ip: 127.0.0.11}\n")
+    (tmp_path / "rackboot.yaml").write_text(textwrap.dedent(f"""\
+        interface: {interface}
+        address: 127.0.0.1/8
+        state_dir: {tmp_path / 'state'}
+        http_port: {free_port(socket.SOCK_STREAM)}
+        dhcp: {{{dhcp}, router_advertisements: false}}
+        tftp: {{port: {tftp_port}}}
+        dns: {{domain: cluster.test, port: {free_port()}}}
+        inventory: nodes.yaml
+        """))
+    return tmp_path / "rackboot.yaml"
+
+
+async def test_appliance_binds_everything_and_serves_per_mac_tftp_file(tmp_path: Path) -> None:
+    app = Appliance(load_config(write_config(tmp_path, free_port())))
+    await app.start()
+    try:
+        assert [s.name for s in app.services] == ["tftp", "http", "dns"]
+        script = app.tftp_virtual_file("52:54:00:77:00:01", "boot.ipxe")
+        assert script is not None and script.startswith(b"#!ipxe")
+        assert app.tftp_virtual_file(None, "boot.ipxe") is None
+        assert app.mac_for_ip("127.0.0.11") == "52:54:00:77:00:01"
+        assert (tmp_path / "state" / "admin.token").stat().st_mode & 0o777 == 0o600
+        assert (tmp_path / "state" / "deploy_key.pub").read_text().startswith("ssh-ed25519 ")
+    finally:
+        app.stop()
+        await app.run()
+
+
+async def test_port_taken_fails_fast_and_releases_what_was_bound(tmp_path: Path) -> None:
+    with socket.socket(socket.AF_INET, socket.SOCK_DGRAM) as squatter:
+        squatter.bind(("127.0.0.1", 0))
+        app = Appliance(load_config(write_config(tmp_path, squatter.getsockname()[1])))
+        with pytest.raises(BindError, match=r"tftp: cannot bind UDP 127\.0\.0\.1:\d+: .*in use"):
+            await app.start()
+
+
+async def test_missing_interface_is_a_clear_error(tmp_path: Path) -> None:
+    # DHCP binds to the configured device only; a device that does not exist is refused before any packet.
+    config = load_config(write_config(tmp_path, free_port(), dhcp=f"mode: authoritative, port: {free_port()}", interface="rbnope0"))
+    with pytest.raises(BindError, match="rbnope0"):
+        await Appliance(config).start()
+
+
+def test_serve_stops_cleanly_on_sigterm(tmp_path: Path) -> None:
+    config = write_config(tmp_path, free_port())
+    proc = subprocess.Popen([sys.executable, "-m", "appliance.cli", "serve", "--config", str(config)],
+                            stdout=subprocess.PIPE, stderr=subprocess.STDOUT, text=True)
+    try:
+        deadline = time.monotonic() + 30
+        while not (tmp_path / "state" / "serve.ready").exists():
+            assert proc.poll() is None, proc.stdout.read() if proc.stdout else ""
+            assert time.monotonic() < deadline, "serve did not become ready"
+            time.sleep(0.1)
+        os.kill(proc.pid, signal.SIGTERM)
+        assert proc.wait(timeout=15) == 0
+    finally:
+        if proc.poll() is None:
+            proc.kill()
+            proc.wait()
+
+
+def test_serve_reports_a_taken_port_and_exits_1(tmp_path: Path) -> None:
+    with socket.socket(socket.AF_INET, socket.SOCK_DGRAM) as squatter:
+        squatter.bind(("127.0.0.1", 0))
+        config = write_config(tmp_path, squatter.getsockname()[1])
+        done = subprocess.run([sys.executable, "-m", "appliance.cli", "serve", "--config", str(config)],
+                              capture_output=True, text=True, timeout=60)
+    assert done.returncode == 1
+    assert "cannot serve: tftp: cannot bind UDP 127.0.0.1" in done.stderr
