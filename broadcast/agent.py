@@ -38,6 +38,7 @@ from broadcast.image import SinkSpec, sha256_file
 log = logging.getLogger("rackboot.agent")
 
 KexecHook = Callable[[str, str | None, str], Awaitable[None]]  # kernel, initrd, cmdline
+RebootHook = Callable[[], Awaitable[None]]
 AGENT_COMMAND = "rackboot-agent"
 MAX_REQUEST = 4 << 20
 
@@ -96,10 +97,12 @@ def _require(req: Any, **types: type | tuple[type, ...]) -> dict[str, Any]:
 class DeployAgent:
     """One node's agent: SSH server, broadcast receiver, callback, disk and boot operations."""
 
-    def __init__(self, config: AgentConfig, *, kexec_hook: KexecHook | None = None,
+    def __init__(self, config: AgentConfig, *, kexec_hook: KexecHook | None = None, reboot_hook: RebootHook | None = None,
                  listen_factory: ListenFactory | None = None, socket_factory: SocketFactory | None = None) -> None:
         self.config = config
         self.kexec_hook = kexec_hook
+        # A virtual node (vm-testbed) must never run the host's `reboot`: it passes a hook that resets itself.
+        self.reboot_hook = reboot_hook
         self.listen_factory = listen_factory
         self.socket_factory = socket_factory
         self.receiver = Receiver(config.name, config.host, config.data_port, listen_factory=listen_factory,
@@ -262,7 +265,7 @@ class DeployAgent:
         handler = {
             "status": self.op_status, "partition": self.op_partition, "arm": self.op_arm,
             "wait-receive": self.op_wait_receive, "verify": self.op_verify, "postinstall": self.op_postinstall,
-            "kexec": self.op_kexec,
+            "kexec": self.op_kexec, "reboot": self.op_reboot,
         }.get(op)
         try:
             raw = await _read_request(process)  # read the request first: the client is still sending it
@@ -394,6 +397,18 @@ class DeployAgent:
         self._spawn(self._later(0.5, _exec_kexec(tool)))
         return {"ok": True, "via": "kexec"}
 
+    async def op_reboot(self, req: Any = None) -> dict[str, Any]:
+        """{} -> reply, then reboot (the testbed's hook, or the system's `reboot`)."""
+        self.state = "rebooting"
+        if self.reboot_hook is not None:
+            self._spawn(self._later(0.2, self.reboot_hook()))
+            return {"ok": True, "via": "hook"}
+        tool = shutil.which("reboot")
+        if tool is None:
+            raise AgentError("no reboot command on this system (and no hook is set)")
+        self._spawn(self._later(0.5, _exec_reboot(tool)))
+        return {"ok": True, "via": "reboot"}
+
     @staticmethod
     async def _later(delay: float, coro: Awaitable[None]) -> None:
         await asyncio.sleep(delay)  # let the SSH reply reach the appliance first
@@ -413,6 +428,12 @@ async def _read_request(process: asyncssh.SSHServerProcess[bytes]) -> bytes:
 async def _exec_kexec(tool: str) -> None:
     os.sync()
     proc = await asyncio.create_subprocess_exec(tool, "-e")
+    await proc.wait()
+
+
+async def _exec_reboot(tool: str) -> None:
+    os.sync()
+    proc = await asyncio.create_subprocess_exec(tool)
     await proc.wait()
 
 
@@ -509,6 +530,10 @@ class AgentClient:
     async def kexec(self, kernel: str, initrd: str | None = None, cmdline: str = "", root: str | None = None) -> dict[str, Any]:
         """Load the installed kernel and jump into it."""
         return await self.call("kexec", kernel=kernel, initrd=initrd, cmdline=cmdline, root=root)
+
+    async def reboot(self) -> dict[str, Any]:
+        """Reboot the node (soft reboot); the reply comes before the reboot."""
+        return await self.call("reboot", timeout=15)
 
 
 async def ssh_connect(host: str, port: int, key: asyncssh.SSHKey, *, username: str = "root", timeout: float = 10.0,

@@ -182,6 +182,29 @@ async def _settle(disk: str) -> None:
                 pass
 
 
+SWAP_PAGE = 4096
+
+
+def write_swap_header(disk: str, start: int, size: int, label: str = "") -> None:
+    """Write a version-1 swap header (what mkswap writes) into a partition of a disk file.
+
+    Layout of union swap_header (linux/swap.h): 1024 boot bytes, then u32 version = 1, u32 last_page,
+    u32 nr_badpages, 16-byte UUID, 16-byte label; the magic "SWAPSPACE2" ends the first page.
+    """
+    import struct
+    import uuid
+
+    pages = size // SWAP_PAGE
+    if pages < 10:
+        raise AgentError(f"swap partition of {size} bytes is too small")
+    header = struct.pack("<III16s16s", 1, pages - 1, 0, uuid.uuid4().bytes, label.encode()[:16])
+    with open(disk, "r+b") as f:
+        f.seek(start + 1024)
+        f.write(header)
+        f.seek(start + SWAP_PAGE - 10)
+        f.write(b"SWAPSPACE2")
+
+
 async def format_partitions(disk: str, parts: Sequence[Partition]) -> list[str]:
     """Create each partition's filesystem (mkfs on block devices, mke2fs -E offset= inside a disk file)."""
     done = []
@@ -197,8 +220,12 @@ async def format_partitions(disk: str, parts: Sequence[Partition]) -> list[str]:
                 argv = [f"mkfs.{p.fs}", p.device] + (["-f"] if p.fs == "xfs" else [])
         elif p.fs.startswith("ext"):
             argv = [f"mkfs.{p.fs}", "-F", "-q", "-E", f"offset={p.start}", disk, f"{p.size // 1024}k"]
+        elif p.fs == "swap":
+            write_swap_header(disk, p.start, p.size)  # mkswap has no offset option
+            done.append(f"swap@{p.start}")
+            continue
         else:
-            raise AgentError(f"{p.fs} inside a disk file is not supported (only ext2/3/4 take an offset)")
+            raise AgentError(f"{p.fs} inside a disk file is not supported (ext2/3/4 and swap are)")
         if shutil.which(argv[0]) is None:
             raise AgentError(f"{argv[0]} is not installed")
         await _run(argv, timeout=600)

@@ -209,8 +209,5 @@ class AgentDeployDriver:
         return await tree_exec(command, targets, self.key, fanout=fanout, timeout=timeout)
 
     async def soft_reboot(self, node: Node) -> None:
-        """`reboot` over SSH (the deploy agent, or an installed system that accepts the deploy key)."""
-        async def go(client: AgentClient) -> None:
-            await client.run("(sleep 1; reboot) >/dev/null 2>&1 &", timeout=15)
-
-        await self._with_client(node, "soft reboot", go)
+        """Reboot over SSH through the agent's reboot operation (the deploy agent, or an installed system running it)."""
+        await self._with_client(node, "soft reboot", lambda c: c.reboot())

@@ -1,0 +1,112 @@
+"""The controller's deploy driver against real deploy agents over SSH on loopback (two nodes, one process)."""
+from __future__ import annotations
+
+import asyncio
+import hashlib
+import ipaddress
+import json
+from pathlib import Path
+from typing import Any, AsyncIterator
+
+import asyncssh
+import pytest
+
+from appliance.auth import NodeTokens
+from appliance.catalog import Environment, Partition
+from appliance.config import ApplianceConfig, DeployConfig
+from appliance.deploy.agent_driver import AgentDeployDriver, load_or_create_key, partition_specs
+from appliance.deploy.drivers import DeployError
+from appliance.inventory import Inventory, Node
+from broadcast.agent import AgentConfig, DeployAgent
+from test_agent_deploy import rootfs_tar_gz
+
+
+@pytest.fixture
+async def cluster(tmp_path: Path) -> AsyncIterator[dict[str, Any]]:
+    key = load_or_create_key(tmp_path / "state" / "deploy_key")
+    assert (tmp_path / "state" / "deploy_key.pub").is_file()
+    nodes = [Node(name=f"node-{i}", mac=f"52:54:00:77:00:0{i}", ip=ipaddress.IPv4Address(f"127.0.0.{10 + i}"), rack="r1")
+             for i in (1, 2)]
+    config = ApplianceConfig(interface="lo", address=ipaddress.IPv4Interface("127.0.0.1/8"), state_dir=tmp_path / "state",
+                             inventory=Inventory(tuple(nodes)), deploy=DeployConfig(ssh_key=tmp_path / "state" / "deploy_key"))
+    tokens = NodeTokens()
+    driver = AgentDeployDriver(config, tokens)
+    events: list[tuple[str, str]] = []
+    agents = []
+    for n in nodes:
+        disk = tmp_path / f"{n.name}.disk"
+        with open(disk, "wb") as f:
+            f.truncate(96 << 20)
+
+        async def kexec(kernel: str, initrd: str | None, cmdline: str, name: str = n.name) -> None:
+            events.append((name, f"kexec {Path(kernel).name}"))
+
+        async def reboot(name: str = n.name) -> None:
+            events.append((name, "reboot"))
+
+        agent = DeployAgent(AgentConfig(name=n.name, mac=n.mac, host=str(n.ip), ssh_port=0, data_port=0, disk=str(disk),
+                                        authorized_keys=(key.export_public_key().decode(),), workdir=str(tmp_path / n.name)),
+                            kexec_hook=kexec, reboot_hook=reboot)
+        await agent.start()
+        agents.append(agent)
+        tokens.issue(n.mac, "d1")
+        driver.agent_up(n, {"ssh_port": str(agent.ssh_port), "data_port": str(agent.receiver.port)})
+    yield {"driver": driver, "nodes": nodes, "agents": agents, "events": events, "tmp": tmp_path}
+    for a in agents:
+        await a.close()
+
+
+def environment(tmp_path: Path) -> tuple[Environment, Path]:
+    image = tmp_path / "rootfs.tar.gz"
+    image.write_bytes(rootfs_tar_gz())
+    env = Environment(name="tiny", version=2, owner="admin", image_kind="tar", compression="gzip",
+                      sha256=hashlib.sha256(image.read_bytes()).hexdigest(), size=image.stat().st_size,
+                      layout=(Partition("swap", "8M", "swap"), Partition("root", "rest", "ext4", "/")),
+                      postinstall=("echo $RACKBOOT_ENV > $RACKBOOT_ROOT/etc/deployed-env",), kernel="/boot/vmlinuz", initrd="/boot/initrd.img")
+    return env, image
+
+
+async def test_partition_broadcast_postinstall_kexec_reboot_and_exec(cluster: dict[str, Any]) -> None:
+    driver, nodes, tmp = cluster["driver"], cluster["nodes"], cluster["tmp"]
+    env, image = environment(tmp)
+    for n in nodes:
+        await driver.prepare_disk(n, env)
+    outcome = await asyncio.wait_for(driver.broadcast("chain", nodes, env, image), 60)
+    assert outcome.nodes == {"node-1": (True, ""), "node-2": (True, "")}
+    for n in nodes:
+        await driver.post_install(n, env)
+        root = tmp / n.name / "root"
+        assert (root / "etc/os-release").read_text() == "ID=test\n"
+        assert (root / "etc/deployed-env").read_text() == "tiny:2\n"
+        stamp = json.loads((root / "etc/rackboot/deployed.json").read_text())
+        assert stamp["env"] == "tiny:2" and stamp["sha256"] == env.sha256 and stamp["token"]
+        assert stamp["callback"].endswith("/callback/" + n.mac.replace(":", "-"))
+    await driver.kexec(nodes[0], env)
+    await driver.soft_reboot(nodes[1])
+    result = await driver.exec(nodes, "cat /proc/sys/kernel/ostype")
+    assert result.ok == ["node-1", "node-2"] and result.grouped()[0][0] == "node-[1-2]"
+    for _ in range(50):
+        if len(cluster["events"]) == 2:
+            break
+        await asyncio.sleep(0.05)
+    assert sorted(cluster["events"]) == [("node-1", "kexec vmlinuz"), ("node-2", "reboot")]
+
+
+async def test_failures_become_deploy_errors(cluster: dict[str, Any]) -> None:
+    driver, nodes, tmp = cluster["driver"], cluster["nodes"], cluster["tmp"]
+    env, image = environment(tmp)
+    bad = Environment(**{**env.__dict__, "postinstall": ("echo broken >&2; exit 7",)})
+    await driver.prepare_disk(nodes[0], env)
+    with pytest.raises(DeployError, match=r"^script post-0 exited 7: broken$"):
+        await driver.post_install(nodes[0], bad)
+    ghost = Node(name="node-9", mac="52:54:00:77:00:09", ip=ipaddress.IPv4Address("127.0.0.99"))
+    with pytest.raises(DeployError, match="cannot reach the agent at 127.0.0.99"):
+        await driver.soft_reboot(ghost)
+
+
+def test_partition_sizes() -> None:
+    specs = partition_specs((Partition("efi", "512M", "vfat"), Partition("swap", "2G", "swap"), Partition("root", "rest", "ext4")))
+    assert [(s.size_mib, s.type, s.fs, s.label) for s in specs] == [(512, "efi", "vfat", "efi"), (2048, "swap", "swap", "swap"),
+                                                                     (None, "linux", "ext4", "root")]
+    with pytest.raises(DeployError):
+        partition_specs((Partition("x", "lots"),))
