@@ -25,8 +25,6 @@ import os
 import re
 import subprocess
 import sys
-import tempfile
-import time
 from dataclasses import asdict, dataclass, field
 from pathlib import Path
 from typing import Any
@@ -34,7 +32,7 @@ from typing import Any
 sys.path.insert(0, str(Path(__file__).resolve().parent))
 from measure import (  # noqa: E402
     code_description, cpu_seconds, exit_cleanly_on_sigterm, fmt, machine_load, markdown_table, median, rackboot_command,
-    NamespacePair, require_root_and_tools, say, stop, udp_port_bound, wait_until, write_json,
+    NamespacePair, ScratchDir, require_root_and_tools, resolve_commit, say, stop, udp_port_bound, wait_until, write_json,
 )
 from vmtestbed.netns import Lab  # noqa: E402
 
@@ -142,11 +140,11 @@ class ServerUnderTest:
         self.ifname = ifname
         self.rackboot = rackboot
         self.proc: subprocess.Popen[bytes] | None = None
-        self._tmp: tempfile.TemporaryDirectory[str] | None = None
+        self._tmp: ScratchDir | None = None
         self.log: Path | None = None
 
     def __enter__(self) -> "ServerUnderTest":
-        self._tmp = tempfile.TemporaryDirectory(prefix=f"rackboot-bench-{self.kind}-")
+        self._tmp = ScratchDir(prefix=f"rackboot-bench-{self.kind}-")
         tmp = Path(self._tmp.name)
         self.log = tmp / "server.log"
         argv, env, ready = getattr(self, f"_{self.kind}")(tmp)
@@ -409,8 +407,17 @@ def main(argv: list[str] | None = None) -> int:
     tools = ["perfdhcp", "ss"] + [{"kea": "kea-dhcp4", "dnsmasq": "dnsmasq"}[s] for s in args.servers if s != "rackboot"]
     require_root_and_tools(tools)
     exit_cleanly_on_sigterm()
-    code_dir = tempfile.TemporaryDirectory(prefix="rackboot-bench-code-")
-    rackboot = rackboot_command(args.rackboot, args.rackboot_commit, Path(code_dir.name)) if "rackboot" in args.servers else []
+    args.rackboot_commit = resolve_commit(args.rackboot_commit)
+    code_dir = ScratchDir(prefix="rackboot-bench-code-")
+    try:
+        rackboot = rackboot_command(args.rackboot, args.rackboot_commit, Path(code_dir.name)) if "rackboot" in args.servers else []
+        return measure_and_report(args, rackboot)
+    finally:
+        code_dir.cleanup()
+
+
+def measure_and_report(args: argparse.Namespace, rackboot: list[str]) -> int:
+    """Build the namespaces, run every measurement, print the report."""
 
     loads = [dict(machine_load(), when="start")]
     say(f"machine at start: {loads[0]['uptime']} (CPUs {loads[0]['busy_pct']} % busy)")
@@ -425,7 +432,6 @@ def main(argv: list[str] | None = None) -> int:
             loads.append(dict(machine_load(), when=f"after repeat {repeat}"))
         profile = profile_rackboot(pair, rackboot, args) if args.profile_rate and rackboot else ""
         rebuilt = pair.rebuilt
-    code_dir.cleanup()
     text = report(searches, args, loads) + ("\n\n" + profile if profile else "")
     if rebuilt:
         text += f"\n\nThe namespace pair vanished and was rebuilt {rebuilt} time(s) during the run (not by this script)."

@@ -18,6 +18,34 @@ from typing import Any, Iterable, Sequence
 from vmtestbed.netns import Lab, unique_prefix
 
 
+class ScratchDir:
+    """A temporary directory removed by cleanup() or at the end of a with block, only by the process that made it.
+
+    Not tempfile.TemporaryDirectory: its exit-time finalizer also runs in children that pyroute2
+    forks and that exit through the interpreter, which removed our directories mid-run.
+    """
+
+    def __init__(self, prefix: str, dir: str | None = None) -> None:
+        import tempfile
+
+        self.name = tempfile.mkdtemp(prefix=prefix, dir=dir)
+        self._owner = os.getpid()
+
+    def cleanup(self) -> None:
+        """Remove the directory (a no-op in any other process, and the second time)."""
+        import shutil
+
+        if os.getpid() == self._owner and self.name:
+            shutil.rmtree(self.name, ignore_errors=True)
+            self.name = ""
+
+    def __enter__(self) -> str:
+        return self.name
+
+    def __exit__(self, *exc: object) -> None:
+        self.cleanup()
+
+
 def machine_load(sample_s: float = 1.0) -> dict[str, Any]:
     """Return the load averages, the `uptime` line and how busy the CPUs were over the last sample_s seconds."""
     def cpu_times() -> tuple[int, int]:
@@ -192,6 +220,17 @@ def rackboot_command(executable: str | None, commit: str | None, workdir: Path) 
     if found is None:
         sys.exit("rackboot is not installed next to this Python (run ./setup.sh --bench, then use .venv/bin/python)")
     return [found]
+
+
+def resolve_commit(rev: str | None) -> str | None:
+    """Return the full hash of a revision of this repository now (so a moving HEAD is pinned), or None."""
+    if not rev:
+        return None
+    repo = Path(__file__).resolve().parent.parent
+    out = subprocess.run(["git", "-C", str(repo), "rev-parse", "--verify", f"{rev}^{{commit}}"], capture_output=True, text=True)
+    if out.returncode != 0:
+        sys.exit(f"unknown commit {rev!r}: {out.stderr.strip()}")
+    return out.stdout.strip()
 
 
 def code_description(commit: str | None) -> str:

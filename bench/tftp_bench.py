@@ -27,7 +27,6 @@ import random
 import shutil
 import subprocess
 import sys
-import tempfile
 import time
 from dataclasses import asdict, dataclass
 from pathlib import Path
@@ -36,7 +35,7 @@ from typing import Any
 sys.path.insert(0, str(Path(__file__).resolve().parent))
 from measure import (  # noqa: E402
     code_description, cpu_seconds, exit_cleanly_on_sigterm, fmt, machine_load, markdown_table, median, rackboot_command,
-    NamespacePair, require_root_and_tools, say, stop, udp_port_bound, wait_until, write_json,
+    NamespacePair, ScratchDir, require_root_and_tools, resolve_commit, say, stop, udp_port_bound, wait_until, write_json,
 )
 from vmtestbed.netns import Lab  # noqa: E402
 
@@ -101,10 +100,10 @@ class TftpServer:
     def __init__(self, kind: str, lab: Lab, ns: str, root: Path, rackboot: list[str]) -> None:
         self.kind, self.lab, self.ns, self.root, self.rackboot = kind, lab, ns, root, rackboot
         self.proc: subprocess.Popen[bytes] | None = None
-        self._tmp: tempfile.TemporaryDirectory[str] | None = None
+        self._tmp: ScratchDir | None = None
 
     def __enter__(self) -> "TftpServer":
-        self._tmp = tempfile.TemporaryDirectory(prefix=f"rackboot-bench-{self.kind}-")
+        self._tmp = ScratchDir(prefix=f"rackboot-bench-{self.kind}-")
         tmp = Path(self._tmp.name)
         log = tmp / "server.log"
         if self.kind == "rackboot":
@@ -243,15 +242,25 @@ def main(argv: list[str] | None = None) -> int:
     kinds = sorted({VARIANTS[v][0] for v in args.variants}, reverse=True)  # tftpd-hpa first, then rackboot
     require_root_and_tools(["atftp", "ss"] + (["in.tftpd"] if "tftpd-hpa" in kinds else []))
     exit_cleanly_on_sigterm()
-    code_dir = tempfile.TemporaryDirectory(prefix="rackboot-bench-code-")
-    rackboot = rackboot_command(args.rackboot, args.rackboot_commit, Path(code_dir.name)) if "rackboot" in kinds else []
+    args.rackboot_commit = resolve_commit(args.rackboot_commit)
+    code_dir = ScratchDir(prefix="rackboot-bench-code-")
+    try:
+        rackboot = rackboot_command(args.rackboot, args.rackboot_commit, Path(code_dir.name)) if "rackboot" in kinds else []
+        return measure_and_report(args, rackboot)
+    finally:
+        code_dir.cleanup()
+
+
+def measure_and_report(args: argparse.Namespace, rackboot: list[str]) -> int:
+    """Build the namespaces, run every measurement, print the report."""
+    kinds = sorted({VARIANTS[v][0] for v in args.variants}, reverse=True)
 
     loads = [dict(machine_load(), when="start")]
     say(f"machine at start: {loads[0]['uptime']} (CPUs {loads[0]['busy_pct']} % busy)")
     timings: list[Timing] = []
     with NamespacePair(f"{SERVER_IP}/24", f"{CLIENT_IP}/24") as pair, \
-            tempfile.TemporaryDirectory(prefix="rackboot-bench-tftp-") as tmpname, \
-            tempfile.TemporaryDirectory(prefix="rackboot-bench-tftp-out-", dir="/dev/shm" if os.path.isdir("/dev/shm") else None) as outname:
+            ScratchDir(prefix="rackboot-bench-tftp-") as tmpname, \
+            ScratchDir(prefix="rackboot-bench-tftp-out-", dir="/dev/shm" if os.path.isdir("/dev/shm") else None) as outname:
         tmp = Path(tmpname)
         tmp.chmod(0o755)  # in.tftpd serves as user nobody
         root = tmp / "root"
@@ -288,7 +297,6 @@ def main(argv: list[str] | None = None) -> int:
                                 + (f" [{error[:300]}]" if error else ""))
             loads.append(dict(machine_load(), when=f"after repeat {repeat}"))
         rebuilt = pair.rebuilt
-    code_dir.cleanup()
     text = report(timings, args, loads)
     if rebuilt:
         text += f"\n\nThe namespace pair vanished and was rebuilt {rebuilt} time(s) during the run (not by this script)."
