@@ -13,16 +13,14 @@ from __future__ import annotations
 import argparse
 import json
 import secrets
+import signal
 import sys
 import time
-from concurrent.futures import ThreadPoolExecutor
 from pathlib import Path
 
-from vmtestbed.appliance_files import BMC_USER, bmc_password
 from vmtestbed.control import Control
-from vmtestbed.netns import entered
 from vmtestbed.plan import make_plan
-from vmtestbed.testbed import down, start_appliance, up
+from vmtestbed.testbed import down, ipmi_power, start_appliance, up
 from vmtestbed.topology import existing_namespaces
 
 
@@ -33,21 +31,6 @@ def mem_used() -> int:
         key, value = line.split(":", 1)
         info[key] = int(value.split()[0]) * 1024
     return info["MemTotal"] - info["MemAvailable"]
-
-
-def power_on_all(plan) -> float:  # type: ignore[no-untyped-def]
-    """Power every node on over IPMI from the appliance's namespace; return the seconds it took."""
-    from pyghmi.ipmi import command
-
-    password = bmc_password(plan)
-    t0 = time.monotonic()
-
-    def one(ip: str) -> None:
-        command.Command(bmc=ip, userid=BMC_USER, password=password).set_power("on", wait=False)
-
-    with entered(plan.appliance_ns), ThreadPoolExecutor(8) as pool:
-        list(pool.map(one, [n.bmc_ip for n in plan.node_list]))
-    return time.monotonic() - t0
 
 
 def measure(nodes: int, racks: int, boot: bool, link_mbit: int) -> dict[str, object]:
@@ -68,7 +51,9 @@ def measure(nodes: int, racks: int, boot: bool, link_mbit: int) -> dict[str, obj
         if boot:
             start_appliance(plan, result.files)
             t_on = time.monotonic()
-            out["ipmi_power_on_s"] = round(power_on_all(plan), 1)
+            powered = ipmi_power(plan, "on")
+            out["ipmi_power_on_s"] = round(time.monotonic() - t_on, 1)
+            out["ipmi_ok"] = sum(powered.values())
             deadline = time.monotonic() + 600
             with Control(plan.state_dir) as ctl:
                 while time.monotonic() < deadline:
@@ -88,8 +73,13 @@ def measure(nodes: int, racks: int, boot: bool, link_mbit: int) -> dict[str, obj
     return out
 
 
+def _interrupted(signum: int, frame: object) -> None:
+    raise KeyboardInterrupt
+
+
 def main() -> int:
-    """Run the measurements given on the command line."""
+    """Run the measurements given on the command line (SIGTERM too tears the testbed down)."""
+    signal.signal(signal.SIGTERM, _interrupted)
     parser = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
     parser.add_argument("--nodes", type=int, nargs="+", default=[100])
     parser.add_argument("--racks", type=int, default=0, help="default: one rack per 500 nodes, at least 2")

@@ -1,8 +1,10 @@
 """Virtual BMCs: pyghmi's IPMI-over-LAN server (RMCP+, lanplus), one per node, thousands in one process.
 
 Each BMC listens on its own management address, port 623, and drives its node's power and next boot
-device. pyghmi keeps its I/O in module-level state served by one thread; three of its limits are worked
+device. pyghmi keeps its I/O in module-level state served by one thread; four of its limits are worked
 around here, in one place (install_many_bmc_support):
+  - its threads flip the shared sockets between blocking and non-blocking mode, so the I/O thread can
+    end up blocked in recvfrom on a quiet socket and every BMC goes silent: reads use MSG_DONTWAIT;
   - its I/O thread calls select(), which cannot watch descriptors above 1023: a poll(2) stand-in;
   - it keys server sessions by client address and local *port*, so one client socket talking to two
     BMCs (pyghmi's client shares sockets) would mix their sessions: the key becomes (local address, port);
@@ -16,9 +18,9 @@ answer, so a proposal other than suite 3 is refused (status 0x11) and the client
 from __future__ import annotations
 
 import asyncio
-import concurrent.futures
 import logging
 import select as _select
+import socket
 import threading
 from typing import Any, Callable
 
@@ -98,6 +100,28 @@ def _io_graball(mysockets: list[Any], iowaiters: dict[Any, Any]) -> list[Any]:
     return sockaddrs
 
 
+def _io_recvfrom(sock: Any, size: int) -> tuple[bytes, Any] | None:
+    """pyghmi's session._io_recvfrom without switching the socket to non-blocking mode.
+
+    pyghmi flips the shared socket's blocking mode: setblocking(0) before each read in the I/O
+    thread, setblocking(1) before each send in the dispatcher. When a send lands between the two,
+    the I/O thread blocks in recvfrom on a quiet BMC socket and every BMC of the process goes silent.
+    MSG_DONTWAIT makes each read non-blocking by itself.
+    """
+    try:
+        return sock.recvfrom(size, socket.MSG_DONTWAIT)
+    except OSError:
+        return None
+
+
+def _io_sendto(sock: Any, packet: bytes, sockaddr: Any) -> None:
+    """pyghmi's session._io_sendto without touching the socket's blocking mode (see _io_recvfrom)."""
+    try:
+        sock.sendto(packet, sockaddr)
+    except Exception:  # as pyghmi: a datagram that cannot be sent is lost, the peer retransmits
+        pass
+
+
 def _session_key(sock: Any) -> Any:
     """The key of a BMC's sessions: (address, port) of its socket; pyghmi uses the port alone."""
     name = sock.getsockname()
@@ -114,6 +138,8 @@ def install_many_bmc_support() -> None:
         return
     ipmisession.select = _poll_select
     ipmisession._io_graball = _io_graball
+    ipmisession._io_recvfrom = _io_recvfrom
+    ipmisession._io_sendto = _io_sendto
     _installed = True
 
 
@@ -132,6 +158,14 @@ class _CipherSuite3Session(serversession.ServerSession):
             return bytearray([req[0], RMCP_NO_CIPHER_SUITE_MATCH, 0, 0]) + req[4:8]
         return super().create_open_session_response(request)
 
+    def sessionless_data(self, data: bytes, sockaddr: Any) -> None:
+        """A packet queued for this session after its client address was dropped: hand it to the BMC.
+
+        pyghmi's process_pktqueue calls this on the session when the session's entry went away between
+        its I/O thread queueing the packet and the dispatcher handling it; ServerSession has no such method.
+        """
+        self.bmc.sessionless_data(data, sockaddr)
+
 
 class VirtualBmc(pyghmi_bmc.Bmc):
     """The BMC of one virtual node; IPMI handlers run on pyghmi's thread and act on the node in its event loop."""
@@ -143,6 +177,7 @@ class VirtualBmc(pyghmi_bmc.Bmc):
         self.loop = loop
         self.slow_s = slow_s
         self.commands = 0
+        self._pending: str | None = None
 
     def sessionless_data(self, data: bytes, sockaddr: Any) -> None:
         """Open RMCP+ sessions with _CipherSuite3Session; everything else as pyghmi does."""
@@ -153,18 +188,22 @@ class VirtualBmc(pyghmi_bmc.Bmc):
             return
         super().sessionless_data(data, sockaddr)
 
-    def _on_loop(self, fn: Callable[[], Any]) -> Any:
-        """Run fn in the nodes' event loop and wait for its result (so `power on; power status` agree)."""
-        future: concurrent.futures.Future[Any] = concurrent.futures.Future()
+    def _request(self, fn: Callable[[], Any], expect: str | None = None) -> None:
+        """Hand a power action to the nodes' event loop without waiting for it.
 
-        def call() -> None:
+        The BMC answers at once, as a real one does, however busy the loop is; until the loop has acted,
+        power status reports the state asked for (`power on; power status` says on).
+        """
+        self._pending = expect
+
+        def apply() -> None:
             try:
-                future.set_result(fn())
-            except BaseException as exc:  # handed back to the IPMI thread
-                future.set_exception(exc)
+                fn()
+            finally:
+                if self._pending == expect:
+                    self._pending = None
 
-        self.loop.call_soon_threadsafe(call)
-        return future.result(timeout=10)
+        self.loop.call_soon_threadsafe(apply)
 
     def handle_raw_request(self, request: dict[str, Any], session: Any) -> None:
         """Count, delay when the BMC is slow (fault), then dispatch like pyghmi's Bmc."""
@@ -175,17 +214,17 @@ class VirtualBmc(pyghmi_bmc.Bmc):
         super().handle_raw_request(request, session)
 
     def get_power_state(self) -> str:
-        """Chassis power: on or off."""
-        return self.node.power
+        """Chassis power: on or off (or what was just asked for, until the node has acted)."""
+        return self._pending or self.node.power
 
     def power_on(self) -> int:
         """Power on (no-op when on)."""
-        self._on_loop(self.node.power_on)
+        self._request(self.node.power_on, "on")
         return CC_OK
 
     def power_off(self) -> int:
         """Hard power off."""
-        self._on_loop(self.node.power_off)
+        self._request(self.node.power_off, "off")
         return CC_OK
 
     def power_shutdown(self) -> int:
@@ -194,18 +233,21 @@ class VirtualBmc(pyghmi_bmc.Bmc):
 
     def power_reset(self) -> int:
         """Hard reset; refused when the node is off, like real BMCs."""
-        return CC_OK if self._on_loop(self.node.reset) else CC_NOT_IN_PRESENT_STATE
+        if self.get_power_state() == "off":
+            return CC_NOT_IN_PRESENT_STATE
+        self._request(self.node.reset)
+        return CC_OK
 
     def power_cycle(self) -> int:
         """Power off, then on again one second later; refused when the node is off."""
-        if self.node.power == "off":
+        if self.get_power_state() == "off":
             return CC_NOT_IN_PRESENT_STATE
 
         def cycle() -> None:
             self.node.power_off()
             self.loop.call_later(1.0, self.node.power_on)
 
-        self._on_loop(cycle)
+        self._request(cycle)
         return CC_OK
 
     def pulse_diag(self) -> int:
@@ -244,7 +286,7 @@ class VirtualBmc(pyghmi_bmc.Bmc):
             return
         if not valid:
             device, persistent = "default", False
-        self._on_loop(lambda: self.node.set_boot_device(device, persistent))
+        self.node.set_boot_device(device, persistent)  # two attribute writes: safe from this thread
         session.send_ipmi_response()
 
 

@@ -18,14 +18,13 @@ import time
 import urllib.error
 import urllib.request
 from collections import Counter
-from concurrent.futures import ThreadPoolExecutor
 from typing import Any
 
-from vmtestbed.appliance_files import BMC_USER, bmc_password, write_sample_environment
+from vmtestbed.appliance_files import write_sample_environment
 from vmtestbed.control import Control
 from vmtestbed.netns import entered
 from vmtestbed.plan import TestbedPlan, make_plan
-from vmtestbed.testbed import TestbedError, down, start_appliance, up
+from vmtestbed.testbed import TestbedError, down, ipmi_power, start_appliance, up
 
 # What the appliance must have seen from a node for each step of the report (appliance.events kinds).
 STEPS = (
@@ -86,8 +85,8 @@ def _demo(plan: TestbedPlan, args: argparse.Namespace) -> int:
             _http(plan, "PUT", f"/api/v1/nodes/{n.name}/profile", profile)
         print(f"  {plan.nodes} nodes given the deploy profile of the sample environment ({profile['kernel']}, {profile['initrds'][0]})", flush=True)
         t_on = time.time()
-        powered = _power_on_all(plan)
-        print(f"  IPMI (lanplus): {powered}/{plan.nodes} nodes powered on", flush=True)
+        powered = sum(ipmi_power(plan, "on").values())
+        print(f"  IPMI (ipmitool -I lanplus): {powered}/{plan.nodes} nodes powered on", flush=True)
         timeout = args.timeout or 90 + plan.nodes / 4
         nodes = _watch(plan, timeout, t_on)
         api = _http(plan, "GET", "/api/v1/nodes?events=64")
@@ -103,26 +102,6 @@ def _http(plan: TestbedPlan, method: str, path: str, body: Any = None) -> Any:
             return json.load(resp)
     except (urllib.error.URLError, OSError) as exc:
         raise TestbedError(f"appliance API {method} {path}: {exc}") from exc
-
-
-def _power_on_all(plan: TestbedPlan) -> int:
-    """Power every node on through its BMC with pyghmi's IPMI client (sockets opened in this namespace)."""
-    from pyghmi.ipmi import command
-
-    password = bmc_password(plan)
-
-    def one(bmc_ip: str) -> bool:
-        for _ in range(3):
-            try:
-                cmd = command.Command(bmc=bmc_ip, userid=BMC_USER, password=password)
-                cmd.set_power("on", wait=False)
-                return True
-            except Exception:  # pyghmi raises bare exceptions for timeouts and refusals
-                time.sleep(0.5)
-        return False
-
-    with ThreadPoolExecutor(max_workers=8) as pool:
-        return sum(pool.map(one, [n.bmc_ip for n in plan.node_list]))
 
 
 def _watch(plan: TestbedPlan, timeout: float, t_on: float) -> list[dict[str, Any]]:

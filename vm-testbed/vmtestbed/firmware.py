@@ -64,6 +64,7 @@ class FirmwareSettings:
     os_boot_s: float = 1.0
     tftp: TftpSettings = field(default_factory=TftpSettings)
     nbp_attempts: int = 3
+    boot_retry_s: float = 20.0   # 0: halt at "no bootable device", like a BIOS without boot retry
     seed: int = 0
 
 
@@ -203,6 +204,11 @@ class VirtualNode:
         if self.faults.die_stage and self.faults.die_stage == stage and self.power == "on":
             raise _Died(f"fault: dies at {stage}")
 
+    def _note(self, detail: str, what: str = "note") -> None:
+        """Record what went wrong (or a detail of the stage) without changing the stage."""
+        self.detail = detail
+        self.history.append((time.time(), what, detail))
+
     def status(self) -> dict[str, Any]:
         """Return the node's state as JSON-ready data."""
         return {
@@ -257,9 +263,13 @@ class VirtualNode:
             result = await (self._netboot() if dev == "net" else self._localboot())
             if result != "next":
                 return result
-        self._set("halted", "no bootable device")
-        await asyncio.Event().wait()
-        return "halt"
+        if self.settings.boot_retry_s <= 0:
+            self._set("halted", "no bootable device")
+            await asyncio.Event().wait()
+        # Server BIOSes retry the boot order after a pause ("boot retry") rather than stopping for good.
+        self._set("no-boot", f"no bootable device, retrying the boot in {self.settings.boot_retry_s:g}s")
+        await asyncio.sleep(self.settings.boot_retry_s)
+        return "reboot"
 
     def _die_now(self, boot: int) -> None:
         if self.power == "on" and self.boots == boot and self._task is not None:
@@ -286,17 +296,17 @@ class VirtualNode:
             if lease is None:
                 break  # PXE-E51: no offers after the whole schedule: next boot device
             if not lease.bootfile:
-                self.detail = "PXE-E53: no boot filename received"
+                self._note("PXE-E53: no boot filename received")
                 break
             self._set("tftp", f"{lease.next_server}:{lease.bootfile}")
             try:
                 nbp = await self._tftp(lease, uefi=arch == 7)
                 break
             except FetchError as exc:
-                self.detail = f"PXE-E32: {exc}"
+                self._note(f"PXE-E32: {exc}")
                 nbp = b""
         if lease is None or not nbp:
-            self.history.append((time.time(), "netboot-failed", self.detail))
+            self._note("PXE-E51: no DHCP or proxyDHCP offers were received" if lease is None else self.detail, "netboot-failed")
             return "next"
         return await self._ipxe(arch, chained=0)
 
@@ -310,7 +320,7 @@ class VirtualNode:
             settings = TftpSettings(**{**settings.__dict__, "blksize": min(settings.blksize, 1456)})
         data = await tftp_get(self.net.udp_socket(lease.ip), lease.next_server, lease.bootfile, settings, drop=self._drop, stats=stats)
         self.counters["tftp_retransmits"] += stats.retransmits
-        self.detail = f"{lease.bootfile}: {len(data)} bytes, blksize {stats.blksize}, windowsize {stats.windowsize}"
+        self._note(f"{lease.bootfile}: {len(data)} bytes, blksize {stats.blksize}, windowsize {stats.windowsize}", "nbp")
         return data
 
     async def _ipxe(self, arch: int, chained: int) -> str:
@@ -318,7 +328,7 @@ class VirtualNode:
         self._set("ipxe", "DHCP as iPXE")
         lease = await self._dhcp(wire.pxe_client_options(arch, self.uuid.bytes_le, ipxe=True), IPXE_DHCP_TIMEOUTS)
         if lease is None:
-            self.detail = "iPXE: no DHCP answer (No configuration methods succeeded)"
+            self._note("iPXE: no DHCP answer (No configuration methods succeeded)")
             return "next"
         self._interpreter_settings = {
             "mac": self.mac, "net0/mac": self.mac, "ip": lease.ip, "netmask": _netmask(lease.prefixlen),
@@ -329,14 +339,14 @@ class VirtualNode:
         }
         bootfile = lease.bootfile
         if not bootfile:
-            self.detail = "iPXE: no filename in the DHCP answer"
+            self._note("iPXE: no filename in the DHCP answer")
             return "next"
         uri = bootfile if "://" in bootfile else f"tftp://{lease.next_server}/{bootfile}"
         self._set("script", uri)
         try:
             data = await self.fetch(uri, "script")
         except FetchError as exc:
-            self.detail = f"iPXE: {exc}"
+            self._note(f"iPXE: {exc}")
             return "next"
         if not data.lstrip().startswith(SCRIPT_MAGIC):
             # The server handed iPXE a binary again instead of its script: real iPXE chainloads it forever.
@@ -358,8 +368,7 @@ class VirtualNode:
         if outcome.kind == "halt":
             self._set("halted", f"iPXE: {outcome.error}")
             await asyncio.Event().wait()
-        self.detail = f"iPXE script failed: {outcome.error}"
-        self.history.append((time.time(), "script-failed", outcome.error))
+        self._note(f"iPXE script failed: {outcome.error}", "script-failed")
         return "next"
 
     # ---- ScriptHost: what the iPXE interpreter asks of the firmware ------------------------------
@@ -395,7 +404,9 @@ class VirtualNode:
         return await self._dhcp(wire.pxe_client_options(arch, self.uuid.bytes_le, ipxe=True), IPXE_DHCP_TIMEOUTS) is not None
 
     def echo(self, text: str) -> None:
-        """Keep what the script printed in the node's history."""
+        """Keep what the script printed in the node's history (a message repeated by a polling script once)."""
+        if self.history and self.history[-1][1:] == ("echo", text[:200]):
+            return
         self.history.append((time.time(), "echo", text[:200]))
 
     def _http_session(self) -> aiohttp.ClientSession:
@@ -520,7 +531,7 @@ class VirtualNode:
         self._set("local", f"disk {self.disk.name}")
         identity = await asyncio.get_running_loop().run_in_executor(None, read_disk_identity, self.disk)
         if identity is None:
-            self.detail = "no operating system on the disk"
+            self._note("no operating system on the disk")
             return "next"
         self._set("os", f"installed system: {identity.get('image', '?')}")
         await asyncio.sleep(self.settings.os_boot_s)
