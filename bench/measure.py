@@ -103,13 +103,30 @@ class NamespacePair:
                 self.lab.veth(self.server, "s0", self.client, "c0")
                 self.lab.addr(self.server, "s0", self.server_cidr)
                 self.lab.addr(self.client, "c0", self.client_cidr)
+                self._pin_neighbours()
                 if self.intact():
                     return
                 last = RuntimeError("the namespaces vanished while being built")
-            except (OSError, IndexError) as exc:
+            except (OSError, IndexError, subprocess.CalledProcessError) as exc:
                 last = exc
             self.lab.close()
         raise RuntimeError(f"cannot build the namespace pair: {last!r}")
+
+    def _pin_neighbours(self) -> None:
+        """Add permanent ARP entries for the two ends.
+
+        The kernel's ARP table is shared by all namespaces; when someone else's testbed holds more
+        than gc_thresh3 (1024) entries, resolving a new neighbour fails with ENOBUFS ("No buffer
+        space available"). Permanent entries are exempt from that limit.
+        """
+        ends = ((self.server, "s0", self.server_cidr), (self.client, "c0", self.client_cidr))
+        macs = {}
+        for ns, ifname, _ in ends:
+            out = subprocess.run(["ip", "-n", ns, "-o", "link", "show", "dev", ifname], capture_output=True, text=True, check=True)
+            macs[ns] = out.stdout.split("link/ether", 1)[1].split()[0]
+        for (ns, ifname, _), (peer, _, peer_cidr) in zip(ends, reversed(ends)):
+            subprocess.run(["ip", "-n", ns, "neigh", "replace", peer_cidr.split("/")[0], "lladdr", macs[peer],
+                            "dev", ifname, "nud", "permanent"], check=True, capture_output=True)
 
     def intact(self) -> bool:
         """True when both namespaces still exist with their veth ends and addresses."""
