@@ -353,6 +353,8 @@ def report(searches: list[Search], args: argparse.Namespace, loads: list[dict[st
     for kind in args.servers:
         m = med[kind]
         ratio = (base / m["rate"]) if base and m["rate"] and kind != "rackboot" else None
+        # Same-repeat ratios: both servers measured minutes apart, under the same background load.
+        paired = [r / p for r, p in zip(med.get("rackboot", {}).get("runs") or [], m["runs"]) if r and p]  # type: ignore[arg-type]
         rows.append([
             kind, fmt(m["rate"]), " / ".join("-" if r is None else str(r) for r in m["runs"]),  # type: ignore[union-attr]
             fmt(m["do_best"], 2) + " / " + fmt(m["ra_best"], 2),
@@ -360,7 +362,8 @@ def report(searches: list[Search], args: argparse.Namespace, loads: list[dict[st
             fmt(m["do_lat"], 2) + " / " + fmt(m["ra_lat"], 2),
             fmt(m["do_lat_max"], 1) + " / " + fmt(m["ra_lat_max"], 1),
             fmt(m["cpu"]),
-            "-" if kind == "rackboot" else (fmt(ratio, 2) if ratio is not None else "-"),
+            "-" if kind == "rackboot" else (fmt(ratio, 2) if ratio is not None else "-")
+            + ("" if kind == "rackboot" or not paired else f" (same repeat: {' / '.join(f'{x:.2f}' for x in paired)})"),
         ])
     criterion = f"<{args.max_drop}% drop" + (f", avg delay <{args.max_delay_ms} ms" if args.max_delay_ms > 0 else "")
     headers = ["server", f"leases/s at {criterion} (median)", "per repeat",
@@ -368,6 +371,21 @@ def report(searches: list[Search], args: argparse.Namespace, loads: list[dict[st
                f"max DO / RA ms at {args.latency_rate}/s", f"server CPU us/lease at {args.latency_rate}/s",
                "rackboot / this server"]
     loads_txt = "; ".join(f"{l['when']}: load {l['load1']:.2f} {l['load5']:.2f} {l['load15']:.2f}, CPUs {l['busy_pct']} % busy" for l in loads)
+    # Latency against load: the doubling ladder every search climbs (until it fails), medians over repeats.
+    ladder = sorted({p.rate for s in searches for p in s.probes + ([s.latency_probe] if s.latency_probe else [])
+                     if p.rate == args.latency_rate or (p.rate / args.start_rate).is_integer()
+                     and math.log2(p.rate / args.start_rate).is_integer()})
+    lat_rows = []
+    for rate in ladder:
+        row = [f"{rate}/s"]
+        for kind in args.servers:
+            ps = [p for s in searches if s.server == kind for p in s.probes + ([s.latency_probe] if s.latency_probe else []) if p.rate == rate]
+            if not ps:
+                row.append("-")
+                continue
+            row.append(f"{fmt(median([p.do_avg_ms for p in ps]), 2)} / {fmt(median([p.ra_avg_ms for p in ps]), 2)} ms, "
+                       f"drop {fmt(median([p.drop_pct for p in ps]), 2)} %")
+        lat_rows.append(row)
     return "\n".join([
         f"perfdhcp -4 -l {CLIENT_IP} -r RATE -R {args.clients} -p {args.period} {SERVER_IP}; "
         f"{args.repeats} repeats, servers interleaved; pool {POOL[0]}-{POOL[1]}.",
@@ -375,6 +393,10 @@ def report(searches: list[Search], args: argparse.Namespace, loads: list[dict[st
         f"rackboot: {code_description(args.rackboot_commit)}.",
         "",
         markdown_table(headers, rows),
+        "",
+        "Average DISCOVER-OFFER / REQUEST-ACK delay and drops by offered rate (medians over the repeats that probed it):",
+        "",
+        markdown_table(["offered rate", *args.servers], lat_rows),
     ])
 
 
