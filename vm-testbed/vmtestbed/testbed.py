@@ -23,6 +23,8 @@ from vmtestbed.plan import STATE_ROOT, TestbedPlan, validate_name
 from vmtestbed.topology import build, destroy, existing_namespaces
 
 STATE_FILE = "state.json"
+NEIGH_SYSCTL = Path("/proc/sys/net/ipv4/neigh/default")
+NEIGH_SAVED = STATE_ROOT / "neigh-thresholds.json"
 DISK_BYTES = 8 << 30  # sparse: nothing is allocated until written
 
 
@@ -72,6 +74,46 @@ def load_plan(name: str) -> TestbedPlan:
         raise TestbedError(f"no testbed named {name!r} (no {state_dir(name) / PLAN_FILE})") from exc
 
 
+def neighbour_entries_needed(plan: TestbedPlan) -> int:
+    """ARP entries a booted testbed holds: the appliance's for every node and BMC, each node's for the appliance."""
+    return 3 * plan.nodes + 256
+
+
+def ensure_neighbour_table(needed: int, say: Callable[[str], None] = lambda _m: None) -> None:
+    """Raise the kernel's neighbour (ARP) table limits when a testbed needs more entries than they allow.
+
+    The limits (net.ipv4.neigh.default.gc_thresh1/2/3) are global: every namespace's entries count
+    against the same table, and the sysctls exist only in the root namespace. With the default 1024,
+    a testbed of a few hundred booted nodes overflows it and new neighbours fail ("neighbour table
+    overflow"): packets to them are dropped. The old values are saved and put back by `down` of the
+    last testbed.
+    """
+    current = int((NEIGH_SYSCTL / "gc_thresh3").read_text())
+    if current >= needed:
+        return
+    STATE_ROOT.mkdir(parents=True, exist_ok=True)
+    if not NEIGH_SAVED.exists():
+        saved = {k: int((NEIGH_SYSCTL / k).read_text()) for k in ("gc_thresh1", "gc_thresh2", "gc_thresh3")}
+        NEIGH_SAVED.write_text(json.dumps(saved))
+    for key, value in (("gc_thresh3", needed), ("gc_thresh2", needed // 2), ("gc_thresh1", needed // 8)):
+        if int((NEIGH_SYSCTL / key).read_text()) < value:
+            (NEIGH_SYSCTL / key).write_text(str(value))
+    say(f"kernel neighbour table limit raised from {current} to {needed} entries (net.ipv4.neigh.default.gc_thresh3; restored by the last down)")
+
+
+def restore_neighbour_table() -> None:
+    """Put back the neighbour table limits saved by ensure_neighbour_table (once no testbed is left)."""
+    if not NEIGH_SAVED.exists() or list_testbeds():
+        return
+    try:
+        saved = json.loads(NEIGH_SAVED.read_text())
+        for key in ("gc_thresh1", "gc_thresh2", "gc_thresh3"):  # lowest first: thresh1 <= thresh2 <= thresh3 holds throughout
+            (NEIGH_SYSCTL / key).write_text(str(int(saved[key])))
+    except (OSError, ValueError, KeyError):
+        pass
+    NEIGH_SAVED.unlink(missing_ok=True)
+
+
 def up(plan: TestbedPlan, say: Callable[[str], None] = lambda _m: None, daemon_args: tuple[str, ...] = ()) -> UpResult:
     """Build the testbed and start its node daemon; on any failure (or Ctrl-C) remove what was made."""
     t0 = time.monotonic()
@@ -82,6 +124,7 @@ def up(plan: TestbedPlan, say: Callable[[str], None] = lambda _m: None, daemon_a
     try:
         plan.save(sd / PLAN_FILE)
         write_state(plan, phase="building")
+        ensure_neighbour_table(neighbour_entries_needed(plan), say)
         network_s = build(plan, progress=say)
         say(f"network: {len(plan.namespaces)} namespaces in {network_s:.1f}s")
         files = write_appliance_files(plan, sd / "appliance")
@@ -202,6 +245,7 @@ def down(name: str) -> list[str]:
     removed = destroy(prefix)
     if sd.exists():
         shutil.rmtree(sd, ignore_errors=True)
+    restore_neighbour_table()
     return removed
 
 
