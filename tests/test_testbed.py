@@ -19,7 +19,7 @@ from vmtestbed.appliance_files import BMC_USER, bmc_password
 from vmtestbed.control import Control
 from vmtestbed.netns import entered
 from vmtestbed.plan import make_plan
-from vmtestbed.testbed import down, start_appliance, up
+from vmtestbed.testbed import admin_token, down, start_appliance, up
 from vmtestbed.topology import existing_namespaces
 
 pytestmark = pytest.mark.netns
@@ -108,8 +108,9 @@ def test_testbed_boots_every_node_to_its_script_and_leaves_nothing_behind() -> N
         import json
         import urllib.request
 
+        request = urllib.request.Request(f"{plan.appliance_url}/api/v1/nodes?events=32", headers={"Authorization": f"Bearer {admin_token(plan)}"})
         with entered(plan.appliance_ns):
-            with urllib.request.urlopen(f"{plan.appliance_url}/api/v1/nodes?events=32", timeout=30) as resp:
+            with urllib.request.urlopen(request, timeout=30) as resp:
                 api = json.load(resp)
         for node in api["nodes"]:
             kinds = [e["kind"] for e in node["events"]]

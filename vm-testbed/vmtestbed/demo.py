@@ -24,7 +24,7 @@ from vmtestbed.appliance_files import write_sample_environment
 from vmtestbed.control import Control
 from vmtestbed.netns import entered
 from vmtestbed.plan import TestbedPlan, make_plan
-from vmtestbed.testbed import TestbedError, down, ipmi_power, start_appliance, up
+from vmtestbed.testbed import TestbedError, admin_token, down, ipmi_power, start_appliance, up
 
 # What the appliance must have seen from a node for each step of the report (appliance.events kinds).
 STEPS = (
@@ -34,7 +34,7 @@ STEPS = (
     ("per-MAC iPXE script", "script_fetched", None),
     ("kernel", "kernel_fetched", None),
     ("initrd", "initrd_fetched", None),
-    ("deploy env callback", "callback", lambda d: d.get("stage") == "deploy"),
+    ("deploy env callback", "callback", lambda d: d.get("stage") == "deploy_env"),
 )
 
 
@@ -96,7 +96,11 @@ def _demo(plan: TestbedPlan, args: argparse.Namespace) -> int:
 def _http(plan: TestbedPlan, method: str, path: str, body: Any = None) -> Any:
     """Call the appliance's API (the caller's thread is inside the appliance namespace)."""
     data = json.dumps(body).encode() if body is not None else None
-    req = urllib.request.Request(plan.appliance_url + path, data=data, method=method, headers={"Content-Type": "application/json"})
+    headers = {"Content-Type": "application/json"}
+    token = admin_token(plan)
+    if token:
+        headers["Authorization"] = f"Bearer {token}"
+    req = urllib.request.Request(plan.appliance_url + path, data=data, method=method, headers=headers)
     try:
         with urllib.request.urlopen(req, timeout=30) as resp:
             return json.load(resp)
@@ -133,7 +137,7 @@ def _report(plan: TestbedPlan, nodes: list[dict[str, Any]], api: dict[str, Any],
         for label, kind, pred in STEPS:
             if any(e["kind"] == kind and (pred is None or pred(e.get("detail", {}))) for e in events):
                 reached[label] += 1
-        callbacks = [e for e in events if e["kind"] == "callback" and e.get("detail", {}).get("stage") == "deploy"]
+        callbacks = [e for e in events if e["kind"] == "callback" and e.get("detail", {}).get("stage") == "deploy_env"]
         if node["stage"] == "running" and callbacks:
             booted += 1
             boot_times.append(callbacks[0]["ts"] - t_on)

@@ -515,8 +515,10 @@ class VirtualNode:
             await asyncio.Event().wait()
         args = _rackboot_args(outcome.cmdline)
         url = args.get("callback") or _callback_url(kernel.uri, self.mac) or _callback_url(self.settings.appliance_url, self.mac)
+        # "deploy_env", not a stage the appliance reserves for token holders (deploy, agent_up, installed...):
+        # the placeholder is not the deploy agent the controller waits for.
         payload = {
-            "stage": "deploy", "status": "ok", "message": "deploy environment placeholder up",
+            "stage": "deploy_env", "status": "ok", "message": "deploy environment placeholder up",
             "token": args.get("token", ""), "name": self.name, "ip": self.ip,
             "kernel": kernel.uri, "kernel_bytes": len(kernel.data), "initrds": [i.uri for i in outcome.initrds],
             "cmdline": outcome.cmdline, "boot_s": round(time.monotonic() - self._boot_t0, 3),
@@ -539,7 +541,9 @@ class VirtualNode:
         if lease is None:
             self._set("halted", "installed system: no DHCP answer")
             await asyncio.Event().wait()
-        payload = {"stage": "installed", "status": "ok", "message": f"installed system up: {identity.get('image', '?')}",
+        # An image written by a deployment may carry that node's one-time token: then it claims "installed".
+        payload = {"stage": "installed" if identity.get("token") else "installed_system", "status": "ok",
+                   "message": f"installed system up: {identity.get('image', '?')}", "token": str(identity.get("token", "")),
                    "name": self.name, "ip": self.ip, "image": identity, "boot_s": round(time.monotonic() - self._boot_t0, 3)}
         await self._callback(identity.get("callback") or _callback_url(self.settings.appliance_url, self.mac), payload)
         await self._serve_ssh()
@@ -560,6 +564,8 @@ class VirtualNode:
                         self.counters["callbacks"] += 1
                         return
                     self.detail = f"callback: HTTP {resp.status}"
+                    if resp.status in (400, 401, 403, 404):  # refused: retrying will not help (as broadcast.agent)
+                        break
             except (aiohttp.ClientError, asyncio.TimeoutError, OSError) as exc:
                 self.detail = f"callback: {exc}"
             await asyncio.sleep(delay)

@@ -210,6 +210,14 @@ def ipmi_power(plan: TestbedPlan, action: str, nodes: list[str] | None = None, p
     return {n.name: ok for n, ok in zip(targets, results)}
 
 
+def admin_token(plan: TestbedPlan) -> str:
+    """The appliance's admin API token (it writes STATE_DIR/admin.token on first start), or "" before that."""
+    try:
+        return (plan.state_dir / "appliance" / "state" / "admin.token").read_text().strip()
+    except OSError:
+        return ""
+
+
 def _tail(path: Path, lines: int = 5) -> str:
     try:
         return " | ".join(path.read_text(errors="replace").splitlines()[-lines:])
