@@ -23,7 +23,7 @@ done
 # sfdisk and mkfs.ext4 for the deploy agent (also on the testbed's file-backed disks).
 pkgs=(ipxe iproute2 busybox-static ipmitool nftables fdisk e2fsprogs ca-certificates python3 python3-venv python3-dev gcc)
 # Tests: the real clients and firmware the end-to-end tier drives.
-[ $want_test = 1 ] && pkgs+=(udhcpc isc-dhcp-client tftp-hpa atftp bind9-dnsutils curl iputils-ping tcpdump
+[ $want_test = 1 ] && pkgs+=(udhcpc isc-dhcp-client tftp-hpa atftp bind9-dnsutils curl iputils-ping tcpdump openssl
                              qemu-system-x86 ipxe-qemu ovmf)
 # Benchmarks: the peers we measure against in the same run.
 [ $want_bench = 1 ] && pkgs+=(kea-admin kea-dhcp4-server dnsmasq-base tftpd-hpa udpcast pdsh clustershell)

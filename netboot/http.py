@@ -129,6 +129,19 @@ class HttpService:
                 " (is another server using the port, or is the address not configured on "
                 f"{self._config.interface}?)"
             ) from exc
+        http = self._config.http
+        if http.tls_cert is not None and http.tls_key is not None:
+            # Optional HTTPS for the API and operators; nodes keep plain HTTP (iPXE has no CA for our certificate).
+            import ssl
+
+            context = ssl.create_default_context(ssl.Purpose.CLIENT_AUTH)
+            try:
+                context.load_cert_chain(str(http.tls_cert), str(http.tls_key))
+                await web.TCPSite(runner, str(self._config.ip), http.tls_port, ssl_context=context, backlog=LISTEN_BACKLOG).start()
+            except (OSError, ssl.SSLError) as exc:
+                await runner.cleanup()
+                raise BindError(f"http: cannot serve HTTPS on {self._config.ip}:{http.tls_port}: {exc}") from exc
+            log.info("http: serving https://%s:%d/", self._config.ip, http.tls_port)
         self._runner = runner
         log.info("http: serving %s/ (files %s)", self._base_url, self._files_root)
 

@@ -95,3 +95,27 @@ def test_serve_reports_a_taken_port_and_exits_1(tmp_path: Path) -> None:
                               capture_output=True, text=True, timeout=60)
     assert done.returncode == 1
     assert "cannot serve: tftp: cannot bind UDP 127.0.0.1" in done.stderr
+
+
+async def test_optional_https_site_serves_the_api(tmp_path: Path) -> None:
+    import ssl
+
+    import aiohttp
+
+    cert, key = tmp_path / "cert.pem", tmp_path / "key.pem"
+    subprocess.run(["openssl", "req", "-x509", "-newkey", "rsa:2048", "-nodes", "-subj", "/CN=rackboot.test", "-days", "1",
+                    "-keyout", str(key), "-out", str(cert)], check=True, capture_output=True)
+    path = write_config(tmp_path, free_port())
+    tls_port = free_port(socket.SOCK_STREAM)
+    path.write_text(path.read_text() + f"http: {{tls_cert: cert.pem, tls_key: key.pem, tls_port: {tls_port}}}\n")
+    app = Appliance(load_config(path))
+    await app.start()
+    try:
+        context = ssl.create_default_context(cafile=str(cert))
+        context.check_hostname = False
+        async with aiohttp.ClientSession() as session:
+            async with session.get(f"https://127.0.0.1:{tls_port}/api/v1/health", ssl=context) as resp:
+                assert resp.status == 200 and (await resp.json())["status"] == "ok"
+    finally:
+        app.stop()
+        await app.run()
