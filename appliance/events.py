@@ -6,7 +6,7 @@ import time
 from collections import deque
 from dataclasses import dataclass, field
 from enum import StrEnum
-from typing import AsyncIterator
+from typing import AsyncIterator, Callable
 
 
 class EventKind(StrEnum):
@@ -50,12 +50,15 @@ class NodeEvent:
 class Subscription:
     """A bounded queue of events for one consumer; when it is full the oldest event is dropped and counted."""
 
-    def __init__(self, bus: "EventBus", maxsize: int) -> None:
+    def __init__(self, bus: "EventBus", maxsize: int, accept: Callable[[NodeEvent], bool] | None = None) -> None:
         self._bus = bus
+        self.accept = accept
         self._queue: asyncio.Queue[NodeEvent] = asyncio.Queue(maxsize)
         self.dropped = 0
 
     def _offer(self, event: NodeEvent) -> None:
+        if self.accept is not None and not self.accept(event):
+            return
         if self._queue.full():
             self._queue.get_nowait()
             self.dropped += 1
@@ -117,9 +120,9 @@ class EventBus:
             sub._offer(event)
         return event
 
-    def subscribe(self, maxsize: int = 10000) -> Subscription:
-        """Return a new subscription; use it as a context manager to close it."""
-        sub = Subscription(self, maxsize)
+    def subscribe(self, maxsize: int = 10000, accept: Callable[[NodeEvent], bool] | None = None) -> Subscription:
+        """Return a new subscription (only events `accept` takes, when given); use it as a context manager."""
+        sub = Subscription(self, maxsize, accept)
         self._subs.add(sub)
         return sub
 

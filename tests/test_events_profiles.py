@@ -58,3 +58,13 @@ def test_history_keeps_a_bounded_number_of_macs() -> None:
     bus.publish("52:54:00:00:00:02", EventKind.DHCP_REQUEST)  # heard again: now the most recent
     bus.publish("52:54:00:00:00:05", EventKind.DHCP_DISCOVER)
     assert bus.macs() == ["52:54:00:00:00:04", "52:54:00:00:00:02", "52:54:00:00:00:05"]
+
+
+async def test_subscription_filter_queues_only_accepted_events() -> None:
+    bus = EventBus()
+    with bus.subscribe(accept=lambda e: e.mac == "52:54:00:00:00:01") as sub:
+        bus.publish("52:54:00:00:00:02", EventKind.DHCP_DISCOVER)
+        bus.publish("52:54:00:00:00:01", EventKind.DHCP_ACK)
+        assert (await sub.get()).kind is EventKind.DHCP_ACK
+        assert sub.get_nowait() is None
+    assert len(bus.last("52:54:00:00:00:02")) == 1  # history keeps everything

@@ -522,7 +522,15 @@ class Controller:
 
     async def serve(self) -> None:
         """Route boot-service events to the deployments their MACs belong to, until cancelled."""
-        with self.deps.events.subscribe(maxsize=100000) as sub:
+        # Only MACs of nodes in a running deployment wake the controller: pool clients and idle nodes
+        # (most DHCP traffic under load) are filtered before they are queued.
+        by_mac = self.deps.inventory.by_mac
+
+        def watched(event: NodeEvent) -> bool:
+            node = by_mac.get(event.mac)
+            return node is not None and node.name in self._busy
+
+        with self.deps.events.subscribe(maxsize=100000, accept=watched) as sub:
             async for event in sub:
                 for dep_id in {self._busy.get(r) for r in self._names_of(event.mac)} - {None}:
                     self.deployments[dep_id].on_event(event)  # type: ignore[index]
