@@ -132,8 +132,10 @@ class AgentDeployDriver:
             parts = reply["partitions"]
             self._layouts[node.mac] = parts
             device = parts[index]["device"] if index < len(parts) else ""
-            mount = f"mount {shlex.quote(device)} \"$R\" && " if device else ""
-            r = await client.run(f'R="$RACKBOOT_WORKDIR/root"; mkdir -p "$R" && {mount}echo "$R"', timeout=120)
+            # A block-device partition is mounted there; a file-backed disk (vm-testbed) has no mountable
+            # device, so the directory stands for the fresh filesystem and is emptied like mkfs would.
+            mount = f'mkdir -p "$R" && mount {shlex.quote(device)} "$R"' if device else 'rm -rf "$R" && mkdir -p "$R"'
+            r = await client.run(f'R="$RACKBOOT_WORKDIR/root"; {mount} && echo "$R"', timeout=120)
             if r.status != 0:
                 raise DeployError(f"mounting the deploy partition failed: {r.stderr.strip()}")
             self._roots[node.mac] = r.stdout.strip().splitlines()[-1]
@@ -182,8 +184,14 @@ class AgentDeployDriver:
         stamp = {"env": env.ref, "sha256": env.sha256, "token": self.tokens.token_of(node.mac) or "",
                  "callback": self.config.http_base + f"/callback/{node.mac.replace(':', '-')}"}
         # The installed system reads this file at boot and calls back with its identity and the node's token.
+        # Root's authorized_keys gets the deploy key (as Kadeploy does), so the appliance can soft-reboot the
+        # installed system and run commands on it.
+        pub = self.key.export_public_key().decode().strip()
         scripts.append({"name": "rackboot-stamp", "content": "#!/bin/sh\nset -e\nmkdir -p \"$RACKBOOT_ROOT/etc/rackboot\"\n"
-                        f"cat > \"$RACKBOOT_ROOT/etc/rackboot/deployed.json\" <<'EOF'\n{json.dumps(stamp)}\nEOF\n"})
+                        f"cat > \"$RACKBOOT_ROOT/etc/rackboot/deployed.json\" <<'EOF'\n{json.dumps(stamp)}\nEOF\n"
+                        "mkdir -p -m 700 \"$RACKBOOT_ROOT/root/.ssh\"\n"
+                        f"grep -qxF '{pub}' \"$RACKBOOT_ROOT/root/.ssh/authorized_keys\" 2>/dev/null || "
+                        f"echo '{pub}' >> \"$RACKBOOT_ROOT/root/.ssh/authorized_keys\"\n"})
 
         async def go(client: AgentClient) -> None:
             reply = await client.postinstall(scripts, root, env={"RACKBOOT_ENV": env.ref})

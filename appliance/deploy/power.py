@@ -9,7 +9,7 @@ import asyncio
 import logging
 import random
 from concurrent.futures import ThreadPoolExecutor
-from typing import Callable, Protocol
+from typing import Any, Callable, Protocol
 
 from appliance.errors import RackbootError
 from appliance.inventory import Node
@@ -38,8 +38,11 @@ class IpmiPower:
 
     def __init__(self, per_bmc: int = 1, threads: int = 32, retries: int = 3, timeout: float = 20.0) -> None:
         self._pool = ThreadPoolExecutor(max_workers=threads, thread_name_prefix="ipmi")
-        self._per_bmc = per_bmc
+        if per_bmc != 1:
+            log.warning("IPMI: one call per BMC at a time (pyghmi sessions are not safe for concurrent use); bmc_concurrency %d ignored", per_bmc)
+        self._per_bmc = 1
         self._sems: dict[tuple[str, int], asyncio.Semaphore] = {}
+        self._commands: dict[tuple[str, int], Any] = {}  # pyghmi Command per BMC
         self._retries = retries
         self._timeout = timeout
 
@@ -55,18 +58,22 @@ class IpmiPower:
             raise PowerError(f"{node.name}: no BMC in the inventory")
         bmc = node.bmc
         user, password = bmc.credentials()
+        key = (bmc.address, bmc.port)
 
         def run() -> object:
             from pyghmi.ipmi.command import Command
 
-            cmd = Command(bmc=bmc.address, userid=user, password=password, port=bmc.port, keepalive=False)
+            # One long-lived session per BMC, used by one call at a time (the per-BMC semaphore): pyghmi
+            # caches sessions per BMC, and a Command made after logging out of the cached one fails
+            # ("'<' not supported between ... 'NoneType'"); two threads on one BMC's session hang.
+            cmd = self._commands.get(key)
+            if cmd is None:
+                cmd = self._commands[key] = Command(bmc=bmc.address, userid=user, password=password, port=bmc.port, keepalive=True)
             try:
                 return fn(cmd)
-            finally:
-                try:
-                    cmd.ipmi_session.logout()
-                except Exception:  # noqa: BLE001 - logout of a dead session
-                    pass
+            except Exception:
+                self._commands.pop(key, None)
+                raise
 
         loop = asyncio.get_running_loop()
         delay = 0.5

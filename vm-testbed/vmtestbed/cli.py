@@ -42,14 +42,16 @@ def register(sub: "argparse._SubParsersAction[argparse.ArgumentParser]") -> None
     p.add_argument("--name", required=True)
     p.set_defaults(func=_cmd_down)
 
-    p = sub.add_parser("demo", help="testbed + appliance: power nodes on over IPMI, watch them boot, tear down")
+    p = sub.add_parser("demo", help="testbed + appliance: deploy a sample environment on every virtual node, report, tear down")
     p.add_argument("--nodes", type=int, default=16)
     p.add_argument("--racks", type=int, default=2)
     p.add_argument("--post-s", default="0.5-2")
     p.add_argument("--faults", default="")
     p.add_argument("--seed", type=int, default=0)
     p.add_argument("--firmware", default="bios", choices=("bios", "uefi", "mixed"))
-    p.add_argument("--timeout", type=float, default=0.0, help="seconds to wait for the boots (default: 90 + nodes/4)")
+    p.add_argument("--broadcast", default="chain", choices=("chain", "tree", "star"), help="how the image reaches the nodes")
+    p.add_argument("--image-mib", type=int, default=8, help="payload of the sample image, in MiB")
+    p.add_argument("--timeout", type=float, default=0.0, help="seconds to wait for the deployment (default: 180 + nodes/2)")
     p.add_argument("--keep", action="store_true", help="leave the testbed up at the end (for debugging)")
     p.set_defaults(func=_cmd_demo)
 

@@ -24,7 +24,7 @@ from typing import Any
 from vmtestbed.appliance_files import BMC_USER, bmc_password
 from vmtestbed.bmc import BmcFarm
 from vmtestbed.faults import assign_faults, parse_faults, parse_post_delay
-from vmtestbed.firmware import FirmwareSettings, VirtualNode, write_disk_identity
+from vmtestbed.firmware import FirmwareSettings, VirtualNode
 from vmtestbed.plan import TestbedPlan
 
 log = logging.getLogger("rackboot.testbed.daemon")
@@ -36,6 +36,11 @@ PLAN_FILE = "plan.json"
 def disk_path(state_dir: Path, node: str) -> Path:
     """Where a node's sparse virtual disk lives."""
     return state_dir / "disks" / f"{node}.img"
+
+
+def node_workdir(state_dir: Path, node: str) -> Path:
+    """A node's deploy-agent work dir (its root/ stands for the deploy partition's files)."""
+    return state_dir / "nodes" / node
 
 
 def rss_bytes() -> int:
@@ -76,7 +81,7 @@ class NodeDaemon:
         settings = FirmwareSettings(appliance_url=plan.appliance_url, post=parse_post_delay(plan.post_s), seed=plan.seed)
         pool = ThreadPoolExecutor(max_workers=2, thread_name_prefix="netlink")
         for n in plan.node_list:
-            self.nodes[n.name] = VirtualNode(n, faults[n.name], disk_path(self.state_dir, n.name), settings, pool)
+            self.nodes[n.name] = VirtualNode(n, faults[n.name], disk_path(self.state_dir, n.name), node_workdir(self.state_dir, n.name), settings, pool)
         self.farm = BmcFarm(loop)
         users = {BMC_USER: bmc_password(plan)}
         for n in plan.node_list:
@@ -145,9 +150,6 @@ class NodeDaemon:
         if op == "bootdev":
             for node in self._select(req.get("nodes")):
                 node.set_boot_device(req["device"], bool(req.get("persistent")))
-            return {"ok": True}
-        if op == "write-disk":
-            write_disk_identity(self.nodes[req["node"]].disk, dict(req["identity"]))
             return {"ok": True}
         if op == "ping":
             return {"ok": True, "pid": os.getpid()}

@@ -6,9 +6,13 @@ On power-on the node waits out its POST, then does what real firmware does, pack
            the NBP is fetched over TFTP (blksize/windowsize, OVMF's size probe for UEFI nodes);
   iPXE     a second DHCP with user class "iPXE" (option 77), its per-MAC script over HTTP, interpreted
            (vmtestbed.ipxe_script), kernel and initrd downloaded over HTTP;
-  OS       a booted kernel is the deploy environment (a placeholder that calls back to the appliance);
-           a local boot (sanboot/exit) reads the node's sparse disk and the installed system calls back
-           with the identity of the image it finds there. Both answer on port 22 with an SSH banner.
+  OS       a booted kernel is the deploy environment: the keys come out of the initrd it downloaded
+           (vmtestbed.deploy_env) and the real deploy agent (broadcast.agent.DeployAgent) runs with the
+           node's sockets, its sparse disk and its work dir, calls back with its one-time token and takes
+           the appliance's SSH commands; its kexec and reboot hooks restart this node, never the host.
+           A local boot (sanboot/exit, or a kexec) finds what a deployment installed (the deploy
+           partition's files, kept in the work dir as ROOT/etc/rackboot/deployed.json tells) and the
+           installed system calls back with the environment it runs and the node's token.
 Failures fall through like real firmware: timeouts and retries, then the next boot device, then a halt.
 """
 from __future__ import annotations
@@ -30,7 +34,11 @@ from typing import Any
 import aiohttp
 
 from ipxe import mac_slug
+from appliance.errors import BindError
+from broadcast.agent import AgentConfig, DeployAgent
+from broadcast.errors import AgentError
 from vmtestbed import wire
+from vmtestbed.deploy_env import DeployKeys, InitrdError, read_deploy_keys
 from vmtestbed.faults import NodeFaults, draw_post_delay
 from vmtestbed.ipxe_script import FetchError, Interpreter, Outcome, SCRIPT_MAGIC
 from vmtestbed.nodenet import NodeNetwork
@@ -39,8 +47,9 @@ from vmtestbed.tftp_client import TftpSettings, TransferStats, tftp_get
 
 log = logging.getLogger("rackboot.testbed.node")
 
-DISK_MAGIC = b"RACKBOOT-IMAGE v1\n"
-DISK_HEADER_SIZE = 4096
+DEPLOYED_STAMP = "etc/rackboot/deployed.json"  # written by the appliance's post-install (agent_driver)
+AGENT_SSH_PORT = 22
+AGENT_DATA_PORT = 7070
 USER_AGENT = "iPXE/1.0.0+ (rackboot vm-testbed)"
 
 # DHCP retransmission schedules (seconds to wait for each attempt).
@@ -81,39 +90,37 @@ class Lease:
     router: str | None
 
 
-def read_disk_identity(path: Path) -> dict[str, Any] | None:
-    """Return the identity of the image on a virtual disk, or None when the disk holds none."""
+def installed_identity(root: Path) -> dict[str, Any] | None:
+    """Return what a deployment stamped into the installed root ({env, sha256, token, callback}), or None."""
     try:
-        with path.open("rb") as f:
-            head = f.read(DISK_HEADER_SIZE)
+        data = json.loads((root / DEPLOYED_STAMP).read_text())
     except OSError:
         return None
-    if not head.startswith(DISK_MAGIC):
-        return None
+    except ValueError:
+        return {"env": "unreadable"}
+    return dict(data) if isinstance(data, dict) else {"env": "unreadable"}
+
+
+def installed_authorized_keys(root: Path) -> tuple[str, ...]:
+    """Return the keys root's SSH accepts in the installed system (root/.ssh/authorized_keys)."""
     try:
-        return dict(json.loads(head[len(DISK_MAGIC) :].split(b"\0", 1)[0].decode()))
-    except (ValueError, UnicodeDecodeError):
-        return {"image": "unreadable"}
-
-
-def write_disk_identity(path: Path, identity: dict[str, Any]) -> None:
-    """Write an image identity at the start of a virtual disk (what an installer leaves behind)."""
-    body = DISK_MAGIC + json.dumps(identity).encode()
-    if len(body) > DISK_HEADER_SIZE:
-        raise ValueError("identity too large for the disk header")
-    with path.open("r+b") as f:
-        f.write(body + b"\0" * (DISK_HEADER_SIZE - len(body)))
+        text = (root / "root/.ssh/authorized_keys").read_text()
+    except OSError:
+        return ()
+    return tuple(line for line in text.splitlines() if line.strip() and not line.startswith("#"))
 
 
 class VirtualNode:
     """One virtual node: powered by its BMC, booting through the appliance, observable by status()."""
 
-    def __init__(self, plan: NodePlan, faults: NodeFaults, disk: Path, settings: FirmwareSettings, netlink_pool: ThreadPoolExecutor) -> None:
+    def __init__(self, plan: NodePlan, faults: NodeFaults, disk: Path, workdir: Path, settings: FirmwareSettings,
+                 netlink_pool: ThreadPoolExecutor) -> None:
         self.plan = plan
         self.name = plan.name
         self.mac = plan.mac
         self.faults = faults
         self.disk = disk
+        self.workdir = workdir  # the agent's work dir; workdir/root stands for the deploy partition's files
         self.settings = settings
         self.net = NodeNetwork(plan.namespace, "eth0", netlink_pool)
         self.uuid = uuidlib.uuid5(uuidlib.NAMESPACE_URL, f"rackboot-testbed:{plan.namespace}")
@@ -133,6 +140,7 @@ class VirtualNode:
         self._task: asyncio.Task[None] | None = None
         self._http: aiohttp.ClientSession | None = None
         self._ssh: asyncio.AbstractServer | None = None
+        self._agent: DeployAgent | None = None
         self._cleanup: asyncio.Task[None] | None = None
         self._boot_t0 = 0.0
         self._interpreter_settings: dict[str, str] = {}
@@ -169,9 +177,9 @@ class VirtualNode:
         self.bootdev = device
         self.bootdev_persistent = persistent
 
-    def _start(self) -> None:
+    def _start(self, kexec: bool = False) -> None:
         loop = asyncio.get_running_loop()
-        self._task = loop.create_task(self._run(), name=f"boot-{self.name}")
+        self._task = loop.create_task(self._run(kexec), name=f"boot-{self.name}")
 
     def _stop(self) -> None:
         if self._task is not None:
@@ -184,6 +192,9 @@ class VirtualNode:
         if self._ssh is not None:
             self._ssh.close()
             self._ssh = None
+        if self._agent is not None:
+            agent, self._agent = self._agent, None
+            asyncio.get_running_loop().create_task(agent.close())
         if self._http is not None:
             http, self._http = self._http, None
             asyncio.get_running_loop().create_task(http.close())
@@ -221,13 +232,14 @@ class VirtualNode:
 
     # ---- the boot --------------------------------------------------------------------------------
 
-    async def _run(self) -> None:
+    async def _run(self, kexec: bool = False) -> None:
         try:
             while True:
                 if self._cleanup is not None:
                     await self._cleanup
                     self._cleanup = None
-                outcome = await self._boot_once()
+                outcome = await (self._kexec_boot() if kexec else self._boot_once())
+                kexec = False
                 if outcome != "reboot":
                     return
                 self._release()
@@ -507,6 +519,11 @@ class VirtualNode:
         kernel = outcome.kernel
         assert kernel is not None
         self._set("os", f"deploy environment: {kernel.name} {outcome.cmdline}".strip())
+        try:
+            keys = read_deploy_keys(i.data for i in outcome.initrds)
+        except InitrdError as exc:
+            self._set("halted", f"kernel panic: {exc}")
+            await asyncio.Event().wait()
         await asyncio.sleep(self.settings.kernel_boot_s)
         # A deploy environment's own DHCP client names itself, so the server hands it no boot file (field notes).
         lease = await self._dhcp(wire.os_client_options("rackboot-deploy"), OS_DHCP_TIMEOUTS)
@@ -514,41 +531,96 @@ class VirtualNode:
             self._set("halted", "deploy environment: no DHCP answer")
             await asyncio.Event().wait()
         args = _rackboot_args(outcome.cmdline)
-        url = args.get("callback") or _callback_url(kernel.uri, self.mac) or _callback_url(self.settings.appliance_url, self.mac)
-        # "deploy_env", not a stage the appliance reserves for token holders (deploy, agent_up, installed...):
-        # the placeholder is not the deploy agent the controller waits for.
-        payload = {
-            "stage": "deploy_env", "status": "ok", "message": "deploy environment placeholder up",
-            "token": args.get("token", ""), "name": self.name, "ip": self.ip,
-            "kernel": kernel.uri, "kernel_bytes": len(kernel.data), "initrds": [i.uri for i in outcome.initrds],
-            "cmdline": outcome.cmdline, "boot_s": round(time.monotonic() - self._boot_t0, 3),
-        }
-        await self._callback(url, payload)
-        await self._serve_ssh()
-        self._set("running", "deploy environment")
-        await asyncio.Event().wait()
+        url = args.get("callback") or _callback_url(kernel.uri, self.mac) or _callback_url(self.settings.appliance_url, self.mac) or ""
+        await self._run_agent(keys, url, args.get("token", ""), "agent_up", "deploy agent",
+                              kernel=kernel.uri, boot_s=round(time.monotonic() - self._boot_t0, 3))
         return "halt"
+
+    async def _run_agent(self, keys: DeployKeys, callback: str, token: str, stage: str, what: str, **detail: Any) -> None:
+        """Start the deploy agent on this node's sockets, call back with stage, then serve until the node stops."""
+        tree_key = None
+        if keys.tree_key:
+            path = self.workdir / "tree_key"
+            path.parent.mkdir(parents=True, exist_ok=True)
+            path.touch(mode=0o600)
+            path.write_bytes(keys.tree_key)
+            tree_key = str(path)
+        assert self.ip is not None
+        config = AgentConfig(name=self.name, mac=self.mac, host=self.ip, callback_url=callback or None, token=token,
+                             ssh_port=AGENT_SSH_PORT, data_port=AGENT_DATA_PORT, authorized_keys=keys.authorized_keys,
+                             tree_key=tree_key, disk=str(self.disk), workdir=str(self.workdir),
+                             shell_prefix=("ip", "netns", "exec", self.plan.namespace))
+        agent = DeployAgent(config, kexec_hook=self._kexec_hook, reboot_hook=self._reboot_hook,
+                            listen_factory=lambda host, port: self.net.listen_socket(port, host),
+                            socket_factory=lambda ai: self.net.stream_socket(ai[0], ai[1], ai[2]))
+        try:
+            await agent.start()
+        except (BindError, AgentError) as exc:
+            await agent.close()
+            self._set("halted", f"{what}: {exc}")
+            await asyncio.Event().wait()
+        self._agent = agent
+        self._set("callback", callback)
+        if await agent.callback(stage, **detail):
+            self.counters["callbacks"] += 1
+        else:
+            self.history.append((time.time(), "callback-failed", f"{stage}: refused or unreachable"))
+        self._set("running", what)
+        await asyncio.Event().wait()
+
+    async def _kexec_hook(self, kernel: str, initrd: str | None, cmdline: str) -> None:
+        """The agent's kexec: this node jumps into the installed system without going through its firmware."""
+        asyncio.get_running_loop().call_soon(self._jump, True)
+
+    async def _reboot_hook(self) -> None:
+        """The agent's `reboot`: a warm reboot of this node through its firmware (never the host's)."""
+        asyncio.get_running_loop().call_soon(self._jump, False)
+
+    def _jump(self, kexec: bool) -> None:
+        if self.power != "on":
+            return
+        self._stop()
+        self._start(kexec=kexec)
+
+    async def _kexec_boot(self) -> str:
+        self.boots += 1
+        self._boot_t0 = time.monotonic()
+        if self.faults.noreturn:
+            self._set("dead", "fault: never came back from the kexec")
+            await asyncio.Event().wait()
+        self._set("kexec", "into the installed kernel")
+        return await self._installed_system()
 
     async def _localboot(self) -> str:
         self._set("local", f"disk {self.disk.name}")
-        identity = await asyncio.get_running_loop().run_in_executor(None, read_disk_identity, self.disk)
+        return await self._installed_system()
+
+    async def _installed_system(self) -> str:
+        root = self.workdir / "root"
+        identity = await asyncio.get_running_loop().run_in_executor(None, installed_identity, root)
         if identity is None:
             self._note("no operating system on the disk")
             return "next"
-        self._set("os", f"installed system: {identity.get('image', '?')}")
+        env = str(identity.get("env", "?"))
+        self._set("os", f"installed system: {env}")
         await asyncio.sleep(self.settings.os_boot_s)
         lease = await self._dhcp(wire.os_client_options("rackboot-installed"), OS_DHCP_TIMEOUTS)
         if lease is None:
             self._set("halted", "installed system: no DHCP answer")
             await asyncio.Event().wait()
-        # An image written by a deployment may carry that node's one-time token: then it claims "installed".
-        payload = {"stage": "installed" if identity.get("token") else "installed_system", "status": "ok",
-                   "message": f"installed system up: {identity.get('image', '?')}", "token": str(identity.get("token", "")),
-                   "name": self.name, "ip": self.ip, "image": identity, "boot_s": round(time.monotonic() - self._boot_t0, 3)}
-        await self._callback(identity.get("callback") or _callback_url(self.settings.appliance_url, self.mac), payload)
-        await self._serve_ssh()
-        self._set("running", f"installed system: {identity.get('image', '?')}")
-        await asyncio.Event().wait()
+        # Its sshd takes the keys the post-install put in root's authorized_keys (the appliance's deploy key),
+        # so the appliance can soft-reboot it and run commands; it reports the environment it runs.
+        keys = DeployKeys(authorized_keys=installed_authorized_keys(root), tree_key=None)
+        detail = {"env": env, "sha256": str(identity.get("sha256", "")), "boot_s": round(time.monotonic() - self._boot_t0, 3)}
+        callback = str(identity.get("callback") or _callback_url(self.settings.appliance_url, self.mac) or "")
+        if keys.authorized_keys:
+            await self._run_agent(keys, callback, str(identity.get("token", "")), "installed", f"installed system: {env}", **detail)
+        else:
+            await self._callback(callback, {"stage": "installed", "status": "ok", "token": str(identity.get("token", "")),
+                                            "name": self.name, "ip": self.ip, **detail})
+            await self._serve_ssh()
+            self._set("running", f"installed system: {env}")
+            await asyncio.Event().wait()
         return "halt"
 
     async def _callback(self, url: str, payload: dict[str, Any]) -> None:

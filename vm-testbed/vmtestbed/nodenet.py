@@ -78,12 +78,12 @@ class NodeNetwork:
         sock.setblocking(False)
         return sock
 
-    def listen_socket(self, port: int) -> socket.socket:
-        """Open a listening TCP socket on every address of the node (its SSH port)."""
+    def listen_socket(self, port: int, host: str = "0.0.0.0") -> socket.socket:
+        """Open a listening TCP socket in the namespace (the agent's SSH and data ports)."""
         sock = socket_in(self._fd, socket.AF_INET, socket.SOCK_STREAM)
         sock.setsockopt(socket.SOL_SOCKET, socket.SO_REUSEADDR, 1)
-        sock.bind(("0.0.0.0", port))
-        sock.listen(16)
+        sock.bind((host, port))
+        sock.listen(128)
         sock.setblocking(False)
         return sock
 
