@@ -21,7 +21,7 @@ done
 
 # Runtime: iPXE binaries to chainload, netlink/tc/nft for the testbed, ipmitool for BMCs,
 # sfdisk and mkfs.ext4 for the deploy agent (also on the testbed's file-backed disks).
-pkgs=(ipxe iproute2 busybox-static ipmitool nftables fdisk e2fsprogs ca-certificates python3 python3-venv python3-dev gcc)
+pkgs=(ipxe iproute2 busybox-static ipmitool nftables fdisk e2fsprogs libarchive13 ca-certificates python3 python3-venv python3-dev gcc)
 # Tests: the real clients and firmware the end-to-end tier drives.
 [ $want_test = 1 ] && pkgs+=(udhcpc isc-dhcp-client tftp-hpa atftp bind9-dnsutils curl iputils-ping tcpdump openssl
                              qemu-system-x86 ipxe-qemu ovmf)
