@@ -145,8 +145,9 @@ async def test_deployment_lifecycle_events_stats_and_node_tokens(api) -> None:  
                 lines.append(__import__("json").loads(raw))
     result = lines[-1]["result"]
     assert result["ok_nodeset"] == "node-[1-2]"
-    assert result["ko"] == [{"node": "node-3", "step": "SetDeploymentEnv", "impl": "hard_reboot",
-                             "reason": "no DHCP within 0s after the hard reboot; no DHCP within 0s after the very hard reboot"}]
+    assert result["ko"] == [{"node": "node-3", "step": "SetDeploymentEnv", "impl": "reboot",
+                             "reason": "no DHCP within 0s after the soft reboot; no DHCP within 0s after the hard reboot; "
+                                       "no DHCP within 0s after the very hard reboot"}]
     assert any(entry.get("what") == "escalate" for entry in lines)
     status, stored = await client.call("GET", f"/api/v1/deployments/{dep['id']}", admin)
     assert stored["status"] == "partial"

@@ -21,7 +21,8 @@ class Stage(StrEnum):
     LOADING = "loading"        # deploy script fetched; waiting for kernel and initrd
     STARTING = "starting"      # kernel and initrd fetched; waiting for the deploy agent's callback
     LOCAL_BOOT = "local_boot"  # local-boot script fetched; waiting for the installed system's callback
-    KEXECING = "kexecing"      # kexec issued; waiting for the callback
+    KEXECING = "kexecing"      # kexec issued; waiting for the new kernel's DHCP or callback
+    OS_STARTING = "os_starting"  # the booted system's own DHCP client seen; waiting for its callback
     UP = "up"                  # the expected system called back with the right token
     STUCK = "stuck"            # a deadline passed; reason says where
 
@@ -35,6 +36,7 @@ class Trigger(StrEnum):
     KERNEL = "kernel"
     INITRD = "initrd"
     CALLBACK = "callback"
+    OS_DHCP = "os_dhcp"  # DHCP from a booted system's own client (not PXE/iPXE)
 
 
 DEPLOY = "deploy"        # target: the deploy environment (RAM-disk system with the agent)
@@ -53,8 +55,12 @@ TRANSITIONS: dict[tuple[Stage, Trigger], Stage | dict[str, Stage]] = {
     (Stage.STARTING, Trigger.FIRMWARE_DHCP): Stage.FIRMWARE,
     (Stage.LOCAL_BOOT, Trigger.FIRMWARE_DHCP): Stage.FIRMWARE,
     (Stage.KEXECING, Trigger.FIRMWARE_DHCP): Stage.FIRMWARE,
+    (Stage.OS_STARTING, Trigger.FIRMWARE_DHCP): Stage.FIRMWARE,
+    # The kexec'd kernel or the locally booted system is on the network: it has its own deadline to call back.
+    (Stage.KEXECING, Trigger.OS_DHCP): Stage.OS_STARTING,
+    (Stage.LOCAL_BOOT, Trigger.OS_DHCP): Stage.OS_STARTING,
 }
-for _stage in (Stage.RESETTING, Stage.FIRMWARE, Stage.LOADING, Stage.STARTING, Stage.LOCAL_BOOT, Stage.KEXECING):
+for _stage in (Stage.RESETTING, Stage.FIRMWARE, Stage.LOADING, Stage.STARTING, Stage.LOCAL_BOOT, Stage.KEXECING, Stage.OS_STARTING):
     TRANSITIONS[(_stage, Trigger.CALLBACK)] = Stage.UP
 
 # How long each wait state may last, by BootDeadlines field.
@@ -64,7 +70,8 @@ DEADLINE_OF: dict[Stage, str] = {
     Stage.LOADING: "kernel_after_script",
     Stage.STARTING: "agent_after_kernel",
     Stage.LOCAL_BOOT: "os_after_script",
-    Stage.KEXECING: "kexec_callback",
+    Stage.KEXECING: "kexec_alive",
+    Stage.OS_STARTING: "callback_after_os_dhcp",
 }
 
 STUCK_REASON: dict[Stage, str] = {
@@ -73,12 +80,13 @@ STUCK_REASON: dict[Stage, str] = {
     Stage.LOADING: "iPXE script fetched but kernel/initrd not fetched within {d:.0f}s",
     Stage.STARTING: "kernel and initrd loaded but the deploy agent did not call back within {d:.0f}s",
     Stage.LOCAL_BOOT: "local boot started but the installed system did not call back within {d:.0f}s",
-    Stage.KEXECING: "no callback within {d:.0f}s after kexec",
+    Stage.KEXECING: "no DHCP nor callback within {d:.0f}s after the kexec: the new kernel did not come up",
+    Stage.OS_STARTING: "the booted system sent DHCP but did not call back within {d:.0f}s",
 }
 
 
 def trigger_of(event: NodeEvent) -> Trigger | None:
-    """Map a boot-service event to a trigger; DHCP from an OS's own client (not PXE/iPXE) is not firmware."""
+    """Map a boot-service event to a trigger; DHCP from an OS's own client (not PXE/iPXE) is OS_DHCP, not firmware."""
     kind = event.kind
     if kind in (EventKind.DHCP_DISCOVER, EventKind.DHCP_REQUEST):
         d = event.detail
@@ -87,7 +95,7 @@ def trigger_of(event: NodeEvent) -> Trigger | None:
         arch = d.get("arch", "")
         if vendor.startswith(("PXEClient", "HTTPClient")) or "iPXE" in user or (arch not in ("", "None")):
             return Trigger.FIRMWARE_DHCP
-        return None
+        return Trigger.OS_DHCP
     return {
         EventKind.NBP_SENT: Trigger.NBP,
         EventKind.SCRIPT_FETCHED: Trigger.SCRIPT,

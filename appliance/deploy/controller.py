@@ -12,7 +12,6 @@ import logging
 import secrets
 import time
 from dataclasses import dataclass, field
-from pathlib import Path
 from typing import Any, Callable
 
 from ClusterShell.NodeSet import NodeSet
@@ -21,7 +20,7 @@ from appliance.auth import NodeTokens
 from appliance.catalog import Catalog, Environment
 from appliance.deploy.bootwatch import DEPLOY, INSTALLED, NETBOOT, BootWatch, Stage, Trigger, trigger_of
 from appliance.deploy.drivers import DeployDriver, DeployError
-from appliance.deploy.power import PowerDriver, PowerError
+from appliance.deploy.power import BmcUnreachable, PowerDriver, PowerError
 from appliance.deploy.store import DeploymentStore
 from appliance.deploy.workflow import Implementation, MacroStep, Workflow
 from appliance.errors import RackbootError
@@ -44,6 +43,12 @@ REBOOT_LEVELS = {"soft": LADDERS["reboot"], "hard": LADDERS["hard_reboot"], "ver
 
 class OverlapError(RackbootError):
     """Nodes are already part of a running deployment."""
+
+
+class Hopeless(Exception):
+    """Nothing else can work for this node in this deployment: its BMC does not answer, or it showed no
+    sign of life after a power cycle. The node fails the step at once, without the remaining
+    implementations and retries, so the healthy nodes do not wait for it."""
 
 
 @dataclass
@@ -217,6 +222,8 @@ class Deployment:
                     # Where the driver supports it, the next boot goes to the network whatever the installed
                     # OS did to the boot order, so the appliance keeps control of the node.
                     await self.deps.power.set_boot_device(node, "network", persistent=False)
+                except BmcUnreachable:
+                    raise
                 except PowerError as exc:
                     run.notes.append(f"bootdev network not set: {exc}")
                 if level == "hard":
@@ -226,13 +233,24 @@ class Deployment:
                     await self.deps.power.power(node, "off")
                     await asyncio.sleep(self.deps.power_off_wait)
                     await self.deps.power.power(node, "on")
+            except BmcUnreachable as exc:
+                raise Hopeless(f"{level} reboot failed: {exc}") from exc
             except PowerError as exc:
                 return f"{level} reboot failed: {exc}"
         return None
 
     async def _boot(self, run: NodeRun, target: str, levels: tuple[str, ...], kexec: bool = False) -> str | None:
-        """Bring a node to target (deploy env or installed system), climbing reboot levels; None when up."""
+        """Bring a node to target (deploy env or installed system), climbing reboot levels; None when up.
+
+        Raise Hopeless when the BMC does not answer or the node stays silent after a power cycle.
+        """
         reasons: list[str] = []
+        try:
+            return await self._climb(run, target, levels, kexec, reasons)
+        except Hopeless as exc:
+            raise Hopeless("; ".join([*reasons, str(exc)])) from None
+
+    async def _climb(self, run: NodeRun, target: str, levels: tuple[str, ...], kexec: bool, reasons: list[str]) -> str | None:
         attempts = (("kexec",) if kexec else ()) + levels
         for level in attempts:
             if level == "kexec":
@@ -259,6 +277,9 @@ class Deployment:
             watch = await self._wait_boot(run)
             if watch.stage is Stage.UP:
                 return None
+            if level == "very_hard" and watch.stage is Stage.STUCK and watch.boots == 0:
+                # Power cut and restored, and not one DHCP packet: no other reboot will do better.
+                raise Hopeless(watch.reason)
             reasons.append(watch.reason)
             self._note(run, "escalate", level=level, reason=watch.reason)
         return "; ".join(reasons) if reasons else "no way to reboot"
@@ -317,6 +338,7 @@ class Deployment:
                 break
             timeout = impl.timeout_for(len(runs))
             failures: dict[str, str] = {}
+            hopeless: set[str] = set()
 
             async def attempt(run: NodeRun) -> None:
                 for n in range(impl.retries + 1):
@@ -325,6 +347,9 @@ class Deployment:
                     try:
                         async with asyncio.timeout(timeout):
                             why = await body(run, impl)
+                    except Hopeless as exc:
+                        why = str(exc)
+                        hopeless.add(run.node.name)
                     except TimeoutError:
                         why = f"{step.name}/{impl.name} timed out after {timeout:.0f}s" + (f" ({run.watch.stage.value})" if run.watch else "")
                     run.watch = None
@@ -334,6 +359,9 @@ class Deployment:
                         failures.pop(run.node.name, None)
                         return
                     failures[run.node.name] = why
+                    if run.node.name in hopeless:
+                        self._note(run, "impl_failed", step=step.name, impl=impl.name, reason=why)
+                        return
                     self._note(run, "retry" if n < impl.retries else "impl_failed", step=step.name, impl=impl.name, reason=why)
 
             async with asyncio.TaskGroup() as tg:
@@ -342,11 +370,11 @@ class Deployment:
             last_impl = impl is step.implementations[-1]
             still = [r for r in pending if r.node.name in failures]
             for r in still:
-                if last_impl:
+                if last_impl or r.node.name in hopeless:
                     self._fail(r, step.name, impl.name, failures[r.node.name])
                 else:
                     r.notes.append(f"{step.name}/{impl.name}: {failures[r.node.name]}")
-            pending = still
+            pending = [r for r in still if r.node.name not in hopeless]
 
     async def _broadcast_step(self, step: MacroStep, runs: list[NodeRun]) -> None:
         """Broadcast the image with each method in turn to the nodes the previous one failed."""
@@ -495,7 +523,10 @@ class Controller:
                 self.deps.profiles.set(run.node.mac, BootProfile(kind="local"))
             elif to:
                 self.deps.profiles.set(run.node.mac, dep._installed_profile(run))
-            why = await dep._boot(run, target, REBOOT_LEVELS[level])
+            try:
+                why = await dep._boot(run, target, REBOOT_LEVELS[level])
+            except Hopeless as exc:
+                why = str(exc)
             return {"node": run.node.name, "ok": why is None, "reason": why or "", "stage": run.watch.stage.value if run.watch else ""}
 
         try:

@@ -23,6 +23,14 @@ class PowerError(RackbootError):
     """A BMC did not do what was asked (unreachable, refused, timed out)."""
 
 
+class BmcUnreachable(PowerError):
+    """The BMC does not answer at all: no other call to it will do better in this deployment."""
+
+
+# pyghmi's words for "nobody answered" (as opposed to a BMC that answered with an error).
+_UNREACHABLE = ("no longer connected", "timeout", "timed out", "unable to establish", "unreachable", "no route")
+
+
 class PowerDriver(Protocol):
     """What the controller needs from a node's BMC."""
 
@@ -78,17 +86,24 @@ class IpmiPower:
         loop = asyncio.get_running_loop()
         delay = 0.5
         last: Exception | None = None
+        tries = self._retries + 1
         async with self._sem(node):
-            for attempt in range(self._retries + 1):
+            attempt = 0
+            while attempt < tries:
+                attempt += 1
                 try:
                     return await asyncio.wait_for(loop.run_in_executor(self._pool, run), self._timeout)
                 except Exception as exc:  # noqa: BLE001 - pyghmi raises bare exceptions
                     last = exc
-                    log.debug("%s: %s failed (attempt %d): %s", node.name, what, attempt + 1, exc)
-                    if attempt < self._retries:
+                    log.debug("%s: %s failed (attempt %d): %s", node.name, what, attempt, exc)
+                    if _is_unreachable(exc):
+                        # Silence is retried once (a BMC may drop a burst); busy or erroring BMCs get every retry.
+                        tries = min(tries, 2)
+                    if attempt < tries:
                         await asyncio.sleep(delay * (1 + random.random()))
                         delay *= 2
-        raise PowerError(f"{node.name}: BMC {bmc.address}:{bmc.port} {what} failed after {self._retries + 1} tries: {last or 'timeout'}")
+        message = f"{node.name}: BMC {bmc.address}:{bmc.port} {what} failed after {attempt} tries: {last or 'timeout'}"
+        raise (BmcUnreachable if last is None or _is_unreachable(last) else PowerError)(message)
 
     async def power(self, node: Node, op: str) -> str:
         """Apply or read the power state through IPMI."""
@@ -116,6 +131,11 @@ class IpmiPower:
         self._pool.shutdown(wait=False, cancel_futures=True)
 
 
+def _is_unreachable(exc: BaseException) -> bool:
+    """Tell whether a pyghmi failure means the BMC did not answer at all."""
+    return isinstance(exc, (TimeoutError, asyncio.TimeoutError, OSError)) or any(w in str(exc).lower() for w in _UNREACHABLE)
+
+
 class FakePower:
     """An in-memory BMC per node for unit tests: records calls and runs a hook on every power change."""
 
@@ -130,7 +150,7 @@ class FakePower:
         """Record the op and apply it to the fake state."""
         self.calls.append((node.name, op))
         if node.name in self.dead:
-            raise PowerError(f"{node.name}: BMC does not answer")
+            raise BmcUnreachable(f"{node.name}: BMC does not answer")
         if op == "status":
             return self.state.get(node.name, "off")
         new = "off" if op == "off" else "on"
@@ -143,7 +163,7 @@ class FakePower:
         """Record the boot device."""
         self.calls.append((node.name, f"bootdev {device}"))
         if node.name in self.dead:
-            raise PowerError(f"{node.name}: BMC does not answer")
+            raise BmcUnreachable(f"{node.name}: BMC does not answer")
         self.boot_device[node.name] = (device, persistent)
 
 

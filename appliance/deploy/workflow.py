@@ -53,7 +53,8 @@ class BootDeadlines:
     kernel_after_script: float = 60.0  # script -> kernel and initrd fetched
     agent_after_kernel: float = 180.0  # kernel boot -> deploy agent calls back
     os_after_script: float = 240.0    # local boot -> installed system calls back
-    kexec_callback: float = 120.0     # kexec -> callback, no firmware involved
+    kexec_alive: float = 30.0         # kexec -> the new kernel's DHCP (or its callback), no firmware involved
+    callback_after_os_dhcp: float = 180.0  # a booted system's own DHCP -> its callback
     soft_reboot_grace: float = 20.0   # after an SSH reboot, before the node must have left (no DHCP yet is fine)
     nbp_loop_limit: int = 4           # NBP sent this many times without a script: the node loops in firmware
 
