@@ -565,3 +565,36 @@ def ssh_arm(client_key: asyncssh.SSHKey | str, ssh_port: int | Callable[[Any], i
             await client.arm_receive(session, token, sink_for(target))
     return arm
 
+
+
+def main(argv: Sequence[str] | None = None) -> int:
+    """`rackboot-agent`: what the deploy environment's /init runs once the network is up."""
+    import argparse
+
+    parser = argparse.ArgumentParser(prog="rackboot-agent", description="rackboot deploy agent (reads rackboot.* from the kernel command line)")
+    parser.add_argument("--cmdline", default="/proc/cmdline", help="kernel command line file (rackboot.name, mac, ip, callback, token, disk)")
+    parser.add_argument("--keys", default="/etc/rackboot/authorized_keys", help="the appliance's deploy key (and the tree key), OpenSSH format")
+    parser.add_argument("--tree-key", default="/etc/rackboot/tree_key", help="private key for opening the next tree-exec level")
+    parser.add_argument("--host-key", help="SSH host key (default: a fresh ed25519 key)")
+    parser.add_argument("--workdir", default="/run/rackboot")
+    parser.add_argument("--ssh-port", type=int, default=22)
+    parser.add_argument("--data-port", type=int, default=7070)
+    parser.add_argument("-v", "--verbose", action="store_true")
+    args = parser.parse_args(argv)
+    logging.basicConfig(level=logging.DEBUG if args.verbose else logging.INFO, format="%(asctime)s %(levelname)s %(name)s: %(message)s")
+    try:
+        keys = tuple(line for line in Path(args.keys).read_text().splitlines() if line.strip() and not line.startswith("#"))
+        config = AgentConfig.from_cmdline(
+            Path(args.cmdline).read_text(), authorized_keys=keys, host_key=args.host_key, workdir=args.workdir,
+            tree_key=args.tree_key if Path(args.tree_key).is_file() else None, ssh_port=args.ssh_port, data_port=args.data_port)
+        asyncio.run(DeployAgent(config).serve())
+    except (OSError, AgentError, BindError) as exc:
+        print(f"rackboot-agent: {exc}", flush=True)
+        return 1
+    except KeyboardInterrupt:
+        pass
+    return 0
+
+
+if __name__ == "__main__":
+    raise SystemExit(main())

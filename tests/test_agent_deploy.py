@@ -183,3 +183,48 @@ def test_config_from_kernel_cmdline() -> None:
     assert cfg.callback_url == "http://10.77.0.1:8080/callback/52-54-00-77-00-07"
     with pytest.raises(AgentError, match="rackboot.mac"):
         AgentConfig.from_cmdline("rackboot.name=x rackboot.ip=1.2.3.4")
+
+
+async def test_rackboot_agent_entry_point_reads_the_kernel_command_line(tmp_path: Path, deploy_key: asyncssh.SSHKey) -> None:
+    """`python -m broadcast.agent` (the rackboot-agent script an initramfs runs): cmdline and key files in, callback and SSH out."""
+    import socket
+    import sys
+
+    received: asyncio.Queue[dict[str, Any]] = asyncio.Queue()
+
+    async def callback(request: web.Request) -> web.Response:
+        await received.put({"path": request.path, **await request.json()})
+        return web.json_response({"ok": True})
+
+    app = web.Application()
+    app.router.add_post("/callback/{mac}", callback)
+    runner = web.AppRunner(app)
+    await runner.setup()
+    site = web.TCPSite(runner, "127.0.0.1", 0)
+    await site.start()
+    port = site._server.sockets[0].getsockname()[1]  # type: ignore[union-attr]
+    with socket.socket() as s:  # a free port for the agent's SSH server
+        s.bind(("127.0.0.3", 0))
+        ssh_port = s.getsockname()[1]
+    (tmp_path / "cmdline").write_text(
+        f"console=ttyS0 rackboot.name=node-9 rackboot.mac=52:54:00:77:00:09 rackboot.ip=127.0.0.3 rackboot.token=tok9 "
+        f"rackboot.callback=http://127.0.0.1:{port}/callback/52-54-00-77-00-09 rackboot.deployment=d1\n")
+    (tmp_path / "authorized_keys").write_text("# the appliance's deploy key\n" + deploy_key.export_public_key().decode())
+    proc = await asyncio.create_subprocess_exec(
+        sys.executable, "-m", "broadcast.agent", "--cmdline", str(tmp_path / "cmdline"), "--keys", str(tmp_path / "authorized_keys"),
+        "--tree-key", str(tmp_path / "none"), "--workdir", str(tmp_path / "work"), "--ssh-port", str(ssh_port), "--data-port", "0",
+        stdout=asyncio.subprocess.PIPE, stderr=asyncio.subprocess.STDOUT)
+    try:
+        got = await asyncio.wait_for(received.get(), 30)
+        assert got["path"] == "/callback/52-54-00-77-00-09"
+        assert (got["token"], got["stage"], got["name"], got["ip"], got["ssh_port"]) == ("tok9", "agent_up", "node-9", "127.0.0.3", ssh_port)
+        async with AgentClient("127.0.0.3", ssh_port, deploy_key) as client:
+            result = await client.run("echo $RACKBOOT_NODE $RACKBOOT_MAC")
+        assert result.stdout.strip() == "node-9 52:54:00:77:00:09"
+        with pytest.raises((asyncssh.PermissionDenied, asyncssh.DisconnectError)):
+            async with AgentClient("127.0.0.3", ssh_port, asyncssh.generate_private_key("ssh-ed25519")) as client:
+                await client.run("true")
+    finally:
+        proc.terminate()
+        await proc.wait()
+        await runner.cleanup()

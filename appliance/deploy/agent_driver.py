@@ -119,7 +119,7 @@ class AgentDeployDriver:
         except AgentError as exc:
             raise DeployError(f"{what}: {exc}") from exc
         except (OSError, asyncssh.Error, asyncio.TimeoutError) as exc:
-            raise DeployError(f"{what}: cannot reach the agent at {node.ip}: {exc or type(exc).__name__}") from exc
+            raise DeployError(f"{what}: cannot reach the agent at {node.ip}: {str(exc) or type(exc).__name__}") from exc
 
     async def prepare_disk(self, node: Node, env: Environment) -> None:
         """Partition and format the node's disk, then mount the deploy partition (on a real block device)."""

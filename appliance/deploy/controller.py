@@ -289,7 +289,10 @@ class Deployment:
     def _deploy_profile(self, run: NodeRun) -> BootProfile:
         token = self.deps.tokens.issue(run.node.mac, self.id)
         base = self.deps.deploy_profile
-        cmdline = f"{base.cmdline} rackboot.token={token} rackboot.callback={{callback}} rackboot.deployment={self.id}".strip()
+        node = run.node
+        # What the deploy agent reads from /proc/cmdline (broadcast.agent.AgentConfig.from_cmdline).
+        cmdline = (f"{base.cmdline} rackboot.name={node.name} rackboot.mac={node.mac} rackboot.ip={node.ip} "
+                   f"rackboot.token={token} rackboot.callback={{callback}} rackboot.deployment={self.id}").strip()
         return BootProfile(kind="deploy", kernel=base.kernel, initrds=base.initrds, cmdline=cmdline, env=self.env.ref,
                            params={**base.params, "deployment": self.id})
 

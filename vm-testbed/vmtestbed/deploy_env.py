@@ -25,7 +25,7 @@ INIT = b"""#!/bin/sh
 # rackboot deploy environment: bring up the network, then the deploy agent (reads /proc/cmdline).
 mount -t proc proc /proc; mount -t sysfs sys /sys; mount -t devtmpfs dev /dev
 udhcpc -i eth0 -q -x hostname:rackboot-deploy
-exec /usr/bin/rackboot-agent --keys /etc/rackboot/authorized_keys --tree-key /etc/rackboot/tree_key
+exec rackboot-agent --keys /etc/rackboot/authorized_keys --tree-key /etc/rackboot/tree_key
 """
 
 
