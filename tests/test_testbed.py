@@ -108,13 +108,18 @@ def test_testbed_boots_every_node_to_its_script_and_leaves_nothing_behind() -> N
         import json
         import urllib.request
 
-        request = urllib.request.Request(f"{plan.appliance_url}/api/v1/nodes?events=32", headers={"Authorization": f"Bearer {admin_token(plan)}"})
-        with entered(plan.appliance_ns):
-            with urllib.request.urlopen(request, timeout=30) as resp:
-                api = json.load(resp)
-        for node in api["nodes"]:
-            kinds = [e["kind"] for e in node["events"]]
-            assert "nbp_sent" in kinds and "script_fetched" in kinds, (node["name"], kinds)
+        # A node's stage says "script" as soon as it asks for the script; under load the fetch may still be on
+        # its way, so wait for the appliance to have served it.
+        request = urllib.request.Request(f"{plan.appliance_url}/api/v1/nodes?events=64", headers={"Authorization": f"Bearer {admin_token(plan)}"})
+
+        def all_served() -> dict[str, list[str]] | None:
+            with entered(plan.appliance_ns):
+                with urllib.request.urlopen(request, timeout=30) as resp:
+                    api = json.load(resp)
+            kinds = {node["name"]: [e["kind"] for e in node["events"]] for node in api["nodes"]}
+            return kinds if all("nbp_sent" in k and "script_fetched" in k for k in kinds.values()) else None
+
+        assert len(_wait_for(all_served, "the appliance to have served every node its NBP and script", limit=60)) == NODES
 
         off = _ipmitool(plan.appliance_ns, first.bmc_ip, password, "power", "off")
         assert off.returncode == 0
