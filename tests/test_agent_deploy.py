@@ -69,11 +69,13 @@ async def test_shell_command_and_only_the_deploy_key(agent: DeployAgent, deploy_
         await AgentClient("127.0.0.2", agent.ssh_port, intruder).connect()
 
 
-async def test_callback_with_token(agent: DeployAgent) -> None:
-    seen: list[tuple[str, dict[str, Any]]] = []
+@pytest.fixture
+async def callback_server() -> AsyncIterator[tuple[int, "asyncio.Queue[tuple[str, dict[str, Any]]]"]]:
+    """An appliance stand-in on 127.0.0.1 that queues every POST /callback/{mac} as (mac, JSON body)."""
+    received: asyncio.Queue[tuple[str, dict[str, Any]]] = asyncio.Queue()
 
     async def callback(request: web.Request) -> web.Response:
-        seen.append((request.match_info["mac"], await request.json()))
+        await received.put((request.match_info["mac"], await request.json()))
         return web.json_response({"ok": True})
 
     app = web.Application()
@@ -82,14 +84,16 @@ async def test_callback_with_token(agent: DeployAgent) -> None:
     await runner.setup()
     site = web.TCPSite(runner, "127.0.0.1", 0)
     await site.start()
-    port = site._server.sockets[0].getsockname()[1]  # type: ignore[union-attr]
-    try:
-        cfg = agent.config
-        agent.config = AgentConfig(**{**cfg.__dict__, "callback_url": f"http://127.0.0.1:{port}{callback_path(cfg.mac)}"})
-        assert await agent.callback()
-    finally:
-        await runner.cleanup()
-    mac, body = seen[0]
+    yield site._server.sockets[0].getsockname()[1], received  # type: ignore[union-attr]
+    await runner.cleanup()
+
+
+async def test_callback_with_token(agent: DeployAgent, callback_server: tuple[int, Any]) -> None:
+    port, received = callback_server
+    cfg = agent.config
+    agent.config = AgentConfig(**{**cfg.__dict__, "callback_url": f"http://127.0.0.1:{port}{callback_path(cfg.mac)}"})
+    assert await agent.callback()
+    mac, body = received.get_nowait()
     assert mac == "52-54-00-77-00-01"  # ipxe.callback_path's form
     assert body["token"] == "t0ken" and body["stage"] == "agent_up" and body["ssh_port"] == agent.ssh_port
     assert body["data_port"] == agent.receiver.port
@@ -185,24 +189,13 @@ def test_config_from_kernel_cmdline() -> None:
         AgentConfig.from_cmdline("rackboot.name=x rackboot.ip=1.2.3.4")
 
 
-async def test_rackboot_agent_entry_point_reads_the_kernel_command_line(tmp_path: Path, deploy_key: asyncssh.SSHKey) -> None:
+async def test_rackboot_agent_entry_point_reads_the_kernel_command_line(tmp_path: Path, deploy_key: asyncssh.SSHKey,
+                                                                         callback_server: tuple[int, Any]) -> None:
     """`python -m broadcast.agent` (the rackboot-agent script an initramfs runs): cmdline and key files in, callback and SSH out."""
     import socket
     import sys
 
-    received: asyncio.Queue[dict[str, Any]] = asyncio.Queue()
-
-    async def callback(request: web.Request) -> web.Response:
-        await received.put({"path": request.path, **await request.json()})
-        return web.json_response({"ok": True})
-
-    app = web.Application()
-    app.router.add_post("/callback/{mac}", callback)
-    runner = web.AppRunner(app)
-    await runner.setup()
-    site = web.TCPSite(runner, "127.0.0.1", 0)
-    await site.start()
-    port = site._server.sockets[0].getsockname()[1]  # type: ignore[union-attr]
+    port, received = callback_server
     with socket.socket() as s:  # a free port for the agent's SSH server
         s.bind(("127.0.0.3", 0))
         ssh_port = s.getsockname()[1]
@@ -215,8 +208,8 @@ async def test_rackboot_agent_entry_point_reads_the_kernel_command_line(tmp_path
         "--tree-key", str(tmp_path / "none"), "--workdir", str(tmp_path / "work"), "--ssh-port", str(ssh_port), "--data-port", "0",
         stdout=asyncio.subprocess.PIPE, stderr=asyncio.subprocess.STDOUT)
     try:
-        got = await asyncio.wait_for(received.get(), 30)
-        assert got["path"] == "/callback/52-54-00-77-00-09"
+        mac, got = await asyncio.wait_for(received.get(), 30)
+        assert mac == "52-54-00-77-00-09"
         assert (got["token"], got["stage"], got["name"], got["ip"], got["ssh_port"]) == ("tok9", "agent_up", "node-9", "127.0.0.3", ssh_port)
         async with AgentClient("127.0.0.3", ssh_port, deploy_key) as client:
             result = await client.run("echo $RACKBOOT_NODE $RACKBOOT_MAC")
@@ -227,4 +220,3 @@ async def test_rackboot_agent_entry_point_reads_the_kernel_command_line(tmp_path
     finally:
         proc.terminate()
         await proc.wait()
-        await runner.cleanup()
