@@ -10,7 +10,7 @@ Roles
 Data connection (parent -> child), one TCP connection:
     parent: hello {session, token, from, ancestors, tree, size, sha256, report, params}   (JSON line)
     child:  ready {offset}                  (bytes it already has: a resume point)
-    parent: raw image bytes [offset, size)  (no framing: relays recv/send big chunks, the source sendfile()s)
+    parent: raw image bytes [offset, size)  (no framing: the source sendfile()s, relays splice or copy chunks)
     child:  ack {offsets, blocked} every ack_interval   (JSON lines, upstream direction)
             superseded {by}                 (an ancestor took this child over: forget it)
 `ack.offsets[i]` is the lowest offset received at depth i below the child (0 = the child itself),
@@ -23,14 +23,26 @@ while it is not itself blocked downstream is reported failed with the reason, an
 children: it connects to each, learns its offset from `ready` and resumes from there. A child whose
 resume point left the window is handed to the source (which has the whole file). A relay that lost its
 upstream asks the source to feed it after `orphan_after` seconds and gives up after `give_up_after`.
+
+Relay data path (`ChainParams.relay_path`): on Linux a relay splices the upstream socket into a pipe,
+tee(2)s it into one pipe per child that is caught up ("live") and splices those into the child sockets,
+so forwarded bytes are never copied through Python; it reads its own pipe once for the sink (which
+hashes every byte) and keeps those chunks as the retention window. A child that lags (its pipe full),
+resumes, or whose socket refuses splice is sent copies from the window until it is caught up again.
+Elsewhere, or with relay_path "python", relays recv and send the chunks themselves.
 """
 from __future__ import annotations
 
 import asyncio
+import ctypes
+import errno
+import fcntl
 import hmac
 import logging
 import os
 import socket
+import sys
+import termios
 import time
 from dataclasses import asdict, dataclass, fields
 from pathlib import Path
@@ -48,6 +60,9 @@ log = logging.getLogger("rackboot.broadcast")
 SOURCE_NAME = "@source"
 SocketFactory = Callable[[tuple[Any, ...]], socket.socket]  # aiohappyeyeballs' signature: addr_info -> socket
 ListenFactory = Callable[[str, int], socket.socket]  # (host, port) -> bound, listening socket
+RELAY_PATHS = ("auto", "splice", "python")
+# errno values by which splice(2) says an fd type cannot do it (the copy path takes over)
+SPLICE_UNSUPPORTED = frozenset({errno.EINVAL, errno.EOPNOTSUPP, errno.ENOSYS})
 
 
 @dataclass(frozen=True)
@@ -64,6 +79,14 @@ class ChainParams:
     give_up_after: float = 0.0  # ... and fails after this (0: 6 x stall_timeout)
     source_rate: float = 0.0  # bytes/s cap per source link (0: none); for tests and shaped demos
     sink_queue: int = 8  # chunks queued for the disk writer
+    # how relays forward: "auto" (kernel pipes with splice/tee where the platform and the fds allow it,
+    # else copies through Python), "splice" (kernel pipes required: a relay without them refuses the
+    # session, an fd refusing splice fails its connection) or "python" (always copies)
+    relay_path: str = "auto"
+
+    def __post_init__(self) -> None:
+        if self.relay_path not in RELAY_PATHS:
+            raise ValueError(f"relay_path must be one of {', '.join(RELAY_PATHS)}")
 
     def to_json(self) -> dict[str, Any]:
         """Return the params as a JSON-ready dict."""
@@ -76,6 +99,10 @@ class ChainParams:
         if set(data) - set(names):
             raise MalformedPacket(f"params: unknown keys {sorted(set(data) - set(names))}")
         for k, v in data.items():
+            if names[k] in ("str", str):
+                if v not in RELAY_PATHS:
+                    raise MalformedPacket(f"params: {k} must be one of {', '.join(RELAY_PATHS)}")
+                continue
             kind = (int,) if names[k] in ("int", int) else (int, float)
             if isinstance(v, bool) or not isinstance(v, kind) or v < 0:
                 raise MalformedPacket(f"params: {k} must be a non-negative {'integer' if kind == (int,) else 'number'}")
@@ -104,6 +131,115 @@ def _err(exc: BaseException) -> str:
 
 
 # ---------------------------------------------------------------------------------------------------
+# Kernel pipes: a relay moves the stream socket -> pipe (splice), duplicates it into one pipe per child
+# (tee) and pipe -> child socket (splice), so the bytes sent downstream are never copied into Python;
+# it still reads its own pipe once, because the sink hashes and decompresses every byte.
+
+
+class SplicePipe:
+    """A non-blocking kernel pipe that splice(2) and tee(2) move page references through."""
+
+    def __init__(self, size: int) -> None:
+        self.r, self.w = os.pipe2(os.O_NONBLOCK | os.O_CLOEXEC)
+        try:
+            fcntl.fcntl(self.w, fcntl.F_SETPIPE_SZ, size)
+        except OSError:
+            pass  # above fs.pipe-max-size or the user's pipe quota: keep the default (64 KiB)
+        self.size = fcntl.fcntl(self.w, fcntl.F_GETPIPE_SZ)
+
+    def read(self, count: int) -> bytes:
+        """Read exactly count bytes the caller knows are in the pipe."""
+        data = os.read(self.r, count)
+        while len(data) < count:
+            more = os.read(self.r, count - len(data))
+            if not more:
+                raise AssertionError(f"pipe held {len(data)} bytes, expected {count}")
+            data += more
+        return data
+
+    def pending(self) -> int:
+        """Bytes in the pipe (FIONREAD)."""
+        buf = bytearray(4)
+        fcntl.ioctl(self.r, termios.FIONREAD, buf)
+        return int.from_bytes(buf, sys.byteorder)
+
+    def close(self) -> None:
+        """Close both ends (idempotent)."""
+        for fd in (self.r, self.w):
+            if fd >= 0:
+                os.close(fd)
+        self.r = self.w = -1
+
+
+class KernelSplice:
+    """splice(2) through os.splice and tee(2) through libc with ctypes (Python has no os.tee); Linux only.
+
+    One per Receiver (no module state). `available` is False, with `reason`, where either is missing;
+    relays then copy through Python. Tests subclass it to play an fd type that refuses splice.
+    """
+
+    def __init__(self, enabled: bool = True) -> None:
+        self.reason = ""
+        self._tee: Any = None
+        if not enabled:
+            self.reason = "disabled"
+        elif not sys.platform.startswith("linux") or not hasattr(os, "splice"):
+            self.reason = "splice(2) needs Linux (and Python >= 3.10)"
+        else:
+            try:
+                # PyDLL: the call keeps the GIL (a non-blocking tee only links pages: releasing the GIL for it
+                # would invite a hand-off to the sink threads and back)
+                fn = ctypes.PyDLL(None, use_errno=True).tee
+            except (OSError, AttributeError):
+                self.reason = "the C library has no tee(2)"
+            else:
+                fn.argtypes = [ctypes.c_int, ctypes.c_int, ctypes.c_size_t, ctypes.c_uint]
+                fn.restype = ctypes.c_ssize_t
+                self._tee = fn
+
+    @property
+    def available(self) -> bool:
+        """True when both splice and tee can be called."""
+        return self._tee is not None
+
+    def splice(self, src: int, dst: int, count: int) -> int:
+        """Move up to count bytes between a pipe and a socket; BlockingIOError when it would block, 0 at end of stream."""
+        return os.splice(src, dst, count, flags=os.SPLICE_F_MOVE | os.SPLICE_F_NONBLOCK)
+
+    def tee(self, src: int, dst: int, count: int) -> int:
+        """Duplicate up to count bytes of pipe src into pipe dst without consuming them; 0 when dst is full."""
+        n = int(self._tee(src, dst, count, os.SPLICE_F_NONBLOCK))
+        if n < 0:
+            err = ctypes.get_errno()
+            if err == errno.EAGAIN:
+                return 0
+            raise OSError(err, os.strerror(err))
+        return n
+
+
+async def _fd_ready(fd: int, write: bool) -> None:
+    """Wait until the event loop's selector says fd is readable (or writable)."""
+    loop = asyncio.get_running_loop()
+    fut: asyncio.Future[None] = loop.create_future()
+
+    def ready() -> None:
+        if not fut.done():
+            fut.set_result(None)
+
+    if write:
+        loop.add_writer(fd, ready)
+    else:
+        loop.add_reader(fd, ready)
+    try:
+        await fut
+    finally:
+        if write:
+            loop.remove_writer(fd)
+        else:
+            loop.remove_reader(fd)
+
+
+# ---------------------------------------------------------------------------------------------------
 # Parent side: one ChildLink per child being fed.
 
 
@@ -116,10 +252,14 @@ class ChildLink:
         self.name = subtree.name
         levels = min(feeder.params.resume_depth, subtree.depth() + 1)
         self.vec = (list(lower) + [lower[-1] if lower else 0] * levels)[:levels]  # lower bounds until acks arrive
-        self.cursor = 0
+        self.cursor = 0  # what was sent so far; advanced by the feeder (a relay's reader may push it too)
         self.blocked = False
         self.state = "connecting"
         self.conn: LineSocket | None = None
+        # relay kernel path: the pipe holds the stream's bytes [cursor, pipe_end) (empty when pipe_end <= cursor)
+        self.pipe: SplicePipe | None = None
+        self.pipe_end = 0
+        self.copy_only = False  # its socket refused splice, or no pipe could be made: copies only
         self.last_ack = time.monotonic()
         self.last_progress = time.monotonic()
         self._tasks: list[asyncio.Task[None]] = []
@@ -178,7 +318,8 @@ class ChildLink:
                        asyncio.create_task(self._watchdog(), name=f"watch:{self.name}")]
         try:
             while self.cursor < f.size:
-                self.cursor = await f.send_from(self.conn, self.cursor)
+                await f.send_more(self)
+            self.close_pipe()
             self.state = "draining"
             await f.wait_until(lambda: not self.active or all(v >= f.size for v in self.vec))
         except (OSError, ConnectionError) as exc:
@@ -229,6 +370,13 @@ class ChildLink:
             elif self.vec[0] < self.cursor and not self.blocked and now - self.last_progress > p.stall_timeout:
                 self._finish("failed", f"stalled: no progress for {p.stall_timeout:g} s at offset {self.vec[0]}")
 
+    def close_pipe(self) -> None:
+        """Release the kernel pipe (what it still held is retained by the relay and can be sent again)."""
+        if self.pipe is not None:
+            self.pipe.close()
+            self.pipe = None
+        self.pipe_end = 0
+
     def _finish(self, state: str, reason: str) -> None:
         """Move to a final state once; tear the connection down; tell the feeder."""
         if not self.active:
@@ -240,6 +388,7 @@ class ChildLink:
                 t.cancel()
         if self.conn is not None:
             self.conn.close(reset=state == "failed")
+        self.close_pipe()
         self.feeder.link_finished(self, reason)
 
     def cancel(self) -> None:
@@ -251,6 +400,7 @@ class ChildLink:
                 t.cancel()
         if self.conn is not None:
             self.conn.close()
+        self.close_pipe()
 
 
 class Feeder:
@@ -275,8 +425,8 @@ class Feeder:
         """The lowest offset this feeder can still send."""
         raise NotImplementedError
 
-    async def send_from(self, conn: LineSocket, offset: int) -> int:
-        """Send some bytes starting at offset (waiting for them if needed); return the new offset."""
+    async def send_more(self, link: ChildLink) -> None:
+        """Send some bytes at link.cursor (waiting for them if needed) and advance link.cursor."""
         raise NotImplementedError
 
     def report(self, kind: str, **fields: Any) -> None:
@@ -417,6 +567,15 @@ class Relay(Feeder):
         self.receiver = receiver
         self.armed = armed
         self.tree = tree
+        kernel = receiver.kernel
+        if params.relay_path == "splice" and not kernel.available:
+            raise ProtocolError(f"relay_path splice: not available on {receiver.name}: {kernel.reason}")
+        self.kernel = kernel if params.relay_path != "python" and kernel.available else None
+        self._strict = params.relay_path == "splice"
+        self._pipe: SplicePipe | None = None  # upstream -> here; children's pipes are tee'd from it, the sink reads it
+        self._splice_upstream = self.kernel is not None  # False once the upstream socket refused splice
+        # bytes: in through splice / recv; out to children through pipes / Python sends; fds that refused splice
+        self.counters = {"spliced_in": 0, "received_in": 0, "spliced_out": 0, "copied_out": 0, "splice_refused": 0}
         spec = armed.sink
         self.sink = AsyncImageSink(SinkSpec(**{**spec.to_json(),
                                                "expected_sha256": spec.expected_sha256 or hello["sha256"],
@@ -455,15 +614,166 @@ class Relay(Feeder):
     def available_from(self) -> int:
         return self._chunks[self._head][0] if self._head < len(self._chunks) else self.received
 
-    async def send_from(self, conn: LineSocket, offset: int) -> int:
-        await self.wait_until(lambda: self.received > offset or self.failed_reason is not None)
+    async def send_more(self, link: ChildLink) -> None:
+        await self.wait_until(lambda: self.received > link.cursor or link.cursor >= self.size or self.failed_reason is not None)
         if self.failed_reason is not None:
             raise ConnectionError(f"relay failed: {self.failed_reason}")
-        loop = asyncio.get_running_loop()
+        if link.cursor >= self.size:
+            return  # the reader forwarded the end through the link's pipe
+        if link.pipe is not None and link.pipe_end > link.cursor:
+            await self._splice_to(link)
+            return
+        # not in its pipe (resuming, lagging behind the live stream, or copies only): from the retained chunks
+        conn = link.conn
+        assert conn is not None
+        offset = link.cursor
         start, data = self._chunk_at(offset)
         view = memoryview(data)[offset - start :]
-        await loop.sock_sendall(conn.sock, view)
-        return offset + len(view)
+        await asyncio.get_running_loop().sock_sendall(conn.sock, view)
+        # meanwhile the link was not live (cursor < received), so nothing else moved its cursor
+        link.cursor = offset + len(view)
+        self.counters["copied_out"] += len(view)
+
+    def _splice_out(self, link: ChildLink) -> bool:
+        """Move what the link's pipe holds to its socket without waiting; False when the socket is full.
+
+        Raises OSError for a broken connection. A socket that refuses splice turns the link to copies
+        (what its pipe held is still retained).
+        """
+        assert self.kernel is not None
+        pipe, conn = link.pipe, link.conn
+        if pipe is None or conn is None or link.pipe_end <= link.cursor:
+            return True
+        try:
+            n = self.kernel.splice(pipe.r, conn.sock.fileno(), link.pipe_end - link.cursor)
+        except (BlockingIOError, InterruptedError):
+            if not pipe.pending():
+                raise AssertionError(f"{self.name}->{link.name}: pipe empty at {link.cursor}, expected up to {link.pipe_end}")
+            return False
+        except OSError as exc:
+            if exc.errno not in SPLICE_UNSUPPORTED or self._strict:
+                raise
+            log.info("%s: socket to %s refuses splice (%s): copying", self.name, link.name, _err(exc))
+            self.counters["splice_refused"] += 1
+            link.close_pipe()
+            link.copy_only = True
+            return True
+        if n <= 0:
+            raise AssertionError(f"{self.name}->{link.name}: splice from a non-empty pipe returned {n}")
+        link.cursor += n
+        self.counters["spliced_out"] += n
+        return True
+
+    async def _splice_to(self, link: ChildLink) -> None:
+        """Send from the link's pipe, waiting while its socket is full (the reader may send some meanwhile)."""
+        assert link.conn is not None
+        fd = link.conn.sock.fileno()
+        while not self._splice_out(link):
+            await _fd_ready(fd, write=True)
+        # one splice per call: the caller loops, re-checking the link's state
+
+    def _should_yield(self) -> bool:
+        """True when a child needs the event loop before we take more: its pipe is half full (its socket
+        is, so the child, often a relay in this same process, must read), or it is catching up by copies
+        and becomes live only once its sender ran. Otherwise the reader goes on while data is there, so
+        the sink gets chunks in batches, as on the copy path."""
+        for lk in self.links:
+            if lk.state != "streaming" or lk.copy_only:
+                continue
+            if lk.pipe is not None and 2 * (lk.pipe_end - lk.cursor) > lk.pipe.size:
+                return True
+            if max(lk.pipe_end, lk.cursor) < self.received:
+                return True
+        return False
+
+    def _live_links(self) -> list[ChildLink]:
+        """Children whose pipe ends where the stream ends: the next bytes from upstream can be tee'd to them."""
+        live = []
+        for lk in self.links:
+            if lk.state != "streaming" or lk.copy_only or max(lk.pipe_end, lk.cursor) != self.received:
+                continue
+            if lk.pipe is None:
+                try:
+                    lk.pipe = SplicePipe(min(4 * self.params.chunk, 1 << 20))
+                except OSError as exc:  # out of fds or pipe quota
+                    log.info("%s: no pipe for %s (%s): copying", self.name, lk.name, _err(exc))
+                    lk.copy_only = True
+                    continue
+            live.append(lk)
+        return live
+
+    async def _take(self, conn: LineSocket, want: int) -> bytes:
+        """The next bytes from upstream: through our pipe (tee'd to the children that are caught up) or by recv."""
+        fd = conn.sock.fileno()
+        if self._splice_upstream and self._should_yield():
+            await asyncio.sleep(0)
+        while True:
+            live = self._live_links() if self._splice_upstream else []
+            try:
+                if live:
+                    data = self._splice_in(fd, want, live)
+                    if data is None:
+                        continue  # the socket refused splice: recv from now on
+                else:
+                    data = conn.sock.recv(want)
+                    self.counters["received_in"] += len(data)
+                break
+            except (BlockingIOError, InterruptedError):
+                await _fd_ready(fd, write=False)
+        if not data:
+            raise ConnectionError("closed by upstream")
+        return data
+
+    def _splice_in(self, fd: int, want: int, live: list[ChildLink]) -> bytes | None:
+        """Splice up to want bytes from the upstream socket into our pipe, tee them to live, read them for the sink.
+
+        Raises BlockingIOError when nothing is there yet; returns b"" at end of stream, None when the socket
+        refuses splice (then recv takes over). Synchronous, so the links' cursors and pipes hold still.
+        """
+        assert self.kernel is not None
+        if self._pipe is None:
+            self._pipe = SplicePipe(min(self.params.chunk, 1 << 20))
+        pipe = self._pipe
+        try:
+            n = self.kernel.splice(fd, pipe.w, min(want, pipe.size))
+        except (BlockingIOError, InterruptedError):
+            raise
+        except OSError as exc:
+            if exc.errno not in SPLICE_UNSUPPORTED or self._strict:
+                raise
+            log.info("%s: upstream socket refuses splice (%s): copying", self.name, _err(exc))
+            self.counters["splice_refused"] += 1
+            self._splice_upstream = False
+            return None
+        if n == 0:
+            return b""
+        for lk in live:
+            assert lk.pipe is not None
+            try:
+                teed = self.kernel.tee(pipe.r, lk.pipe.w, n)
+            except OSError as exc:
+                log.info("%s: tee to %s failed (%s): copying", self.name, lk.name, _err(exc))
+                lk.close_pipe()
+                lk.copy_only = True
+                continue
+            if teed:  # a partial tee (its pipe is full: the child lags) leaves the rest to the copy path
+                lk.pipe_end = self.received + teed
+        self.counters["spliced_in"] += n
+        data = pipe.read(n)
+        for lk in live:
+            try:
+                self._splice_out(lk)  # mostly it all goes now; the link's own task sends what is left
+            except OSError:
+                pass  # a broken connection: the link's task meets the error and fails the link
+        return data
+
+    def close_pipes(self) -> None:
+        """Release every kernel pipe of this session."""
+        if self._pipe is not None:
+            self._pipe.close()
+            self._pipe = None
+        for lk in self.links:
+            lk.close_pipe()
 
     def _chunk_at(self, offset: int) -> tuple[int, bytes]:
         """The retained chunk holding offset (binary search; offset must be retained)."""
@@ -525,7 +835,6 @@ class Relay(Feeder):
         self._reader = asyncio.create_task(self._read(conn, conn.take_buffered()), name=f"read:{self.name}")
 
     async def _read(self, conn: LineSocket, first: bytes) -> None:
-        loop = asyncio.get_running_loop()
         p = self.params
         data = first
         try:
@@ -536,9 +845,7 @@ class Relay(Feeder):
                         self.blocked = self.low_water(self.received) < self.sink_offset
                         await self.wait_until(lambda: self.received - self.available_from() < p.window)
                         self.blocked = False
-                    data = await loop.sock_recv(conn.sock, min(p.chunk, self.size - self.received))
-                    if not data:
-                        raise ConnectionError("closed by upstream")
+                    data = await self._take(conn, min(p.chunk, self.size - self.received))
                 if len(data) > self.size - self.received:
                     raise ProtocolError("upstream sent more than the image size")
                 now = time.monotonic()
@@ -555,6 +862,9 @@ class Relay(Feeder):
                 log.info("%s: upstream %s lost at %d: %s", self.name, self.upstream_from, self.received, _err(exc))
                 self._orphan_timer = asyncio.create_task(self._orphaned(), name=f"orphan:{self.name}")
             return
+        if self._pipe is not None:
+            self._pipe.close()
+            self._pipe = None
         await self._send_ack()
 
     async def _feed_sink(self) -> None:
@@ -644,6 +954,7 @@ class Relay(Feeder):
         if self.upstream is not None:
             self.upstream.close()
         self.reports.close()
+        self.close_pipes()
         self._chunks = []
         self._head = 0
 
@@ -659,6 +970,7 @@ class Relay(Feeder):
         if self.upstream is not None:
             self.upstream.close(reset=True)
         self.reports.close()
+        self.close_pipes()
 
     def freeze(self) -> None:
         """Test hook: hang like a wedged node (tasks stop, sockets stay open)."""
@@ -684,16 +996,18 @@ class Receiver:
     """A node's data endpoint: accepts broadcast connections for armed sessions (chain, tree, star).
 
     One per deploy agent; many in one process in the vm-testbed (no globals). `listen_factory` and
-    `socket_factory` let the testbed open the sockets inside the node's network namespace.
+    `socket_factory` let the testbed open the sockets inside the node's network namespace; `kernel`
+    is how relays reach splice/tee (probed here by default).
     """
 
     def __init__(self, name: str, host: str, port: int = 0, *, listen_factory: ListenFactory | None = None,
-                 socket_factory: SocketFactory | None = None) -> None:
+                 socket_factory: SocketFactory | None = None, kernel: KernelSplice | None = None) -> None:
         self.name = name
         self.host = host
         self.port = port
         self.listen_factory = listen_factory
         self.socket_factory = socket_factory
+        self.kernel = kernel if kernel is not None else KernelSplice()
         self._armed: dict[str, ArmedSession] = {}
         self.relays: dict[str, Relay] = {}
         self._results: dict[str, asyncio.Future[NodeResult]] = {}
@@ -842,8 +1156,12 @@ class Receiver:
         await asyncio.sleep(0)
 
     def stats(self) -> dict[str, int]:
-        """Counters: connections, refused, dropped_malformed, sessions."""
-        return {**self.counters, "sessions": len(self.relays)}
+        """Counters: connections, refused, dropped_malformed, sessions, and the relays' bytes by path."""
+        out = {**self.counters, "sessions": len(self.relays)}
+        for relay in self.relays.values():
+            for k, v in relay.counters.items():
+                out[k] = out.get(k, 0) + v
+        return out
 
 
 # ---------------------------------------------------------------------------------------------------
@@ -875,8 +1193,11 @@ class Source(Feeder):
     def available_from(self) -> int:
         return 0
 
-    async def send_from(self, conn: LineSocket, offset: int) -> int:
+    async def send_more(self, link: ChildLink) -> None:
         loop = asyncio.get_running_loop()
+        conn = link.conn
+        assert conn is not None
+        offset = link.cursor
         f = self._files.get(id(conn))
         if f is None:
             f = self._files[id(conn)] = open(self.image, "rb")
@@ -884,11 +1205,11 @@ class Source(Feeder):
         count = min(self.size - offset, 4 << 20 if not rate else max(self.params.chunk, int(rate / 10)))
         started = time.monotonic()
         sent = await loop.sock_sendfile(conn.sock, f, offset, count, fallback=True)
+        link.cursor = offset + sent
         if rate:
             spare = sent / rate - (time.monotonic() - started)
             if spare > 0:
                 await asyncio.sleep(spare)
-        return offset + sent
 
     def report(self, kind: str, **fields: Any) -> None:
         self._on_report({"type": kind, **fields})

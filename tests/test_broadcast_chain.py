@@ -2,8 +2,10 @@
 from __future__ import annotations
 
 import asyncio
+import errno
 import hashlib
 import os
+import stat
 from pathlib import Path
 from typing import AsyncIterator, Callable
 
@@ -12,10 +14,10 @@ import zstandard
 from aiohttp import web
 
 from appliance.errors import MalformedPacket
-from broadcast.chain import ChainParams, Receiver
+from broadcast.chain import ChainParams, KernelSplice, Receiver
 from broadcast.image import SinkSpec
 from broadcast.methods import BroadcastJob, broadcast_with_fallback, run_broadcast
-from broadcast.topology import Subtree, Target, build_forest, order_chain
+from broadcast.topology import Subtree, Target, build_forest, forest_for, order_chain
 from broadcast.wire import decode, encode, open_connection
 
 pytestmark = pytest.mark.timeout(60)
@@ -256,3 +258,116 @@ def test_forest_shapes() -> None:
     assert all(len(t.children()) <= 3 for t in tree)
     long_chain = build_forest([Target(f"n{i}", "h", 1) for i in range(5000)], 1)[0]
     assert Subtree.from_json(long_chain.to_json()).depth() == 4999  # no recursion limit
+
+
+# ---------------------------------------------------------------------------------------------------
+# Relay data path: kernel pipes (splice/tee) vs copies through Python.
+
+needs_splice = pytest.mark.skipif(not KernelSplice().available, reason="splice/tee need Linux")
+
+
+class HalfTee(KernelSplice):
+    """A kernel whose tee(2) duplicates at most half of what is asked, as into a nearly full pipe."""
+
+    def tee(self, src: int, dst: int, count: int) -> int:
+        return super().tee(src, dst, max(1, count // 2))
+
+
+class RefusingSockets(KernelSplice):
+    """A kernel whose sockets refuse splice(2) the way fd types without splice support do (EINVAL)."""
+
+    def splice(self, src: int, dst: int, count: int) -> int:
+        for fd in (src, dst):
+            if stat.S_ISSOCK(os.fstat(fd).st_mode):
+                raise OSError(errno.EINVAL, os.strerror(errno.EINVAL))
+        return super().splice(src, dst, count)
+
+
+def path_stats(cluster: Cluster) -> dict[str, int]:
+    """The relays' byte counters, summed over the cluster."""
+    total: dict[str, int] = {}
+    for r in cluster.receivers:
+        for k, v in r.stats().items():
+            total[k] = total.get(k, 0) + v
+    return total
+
+
+@needs_splice
+@pytest.mark.parametrize("method", ["chain", "tree"])
+@pytest.mark.parametrize("relay_path", ["splice", "python"])
+async def test_relay_paths_forced(tmp_path: Path, image: tuple[Path, str], payload: bytes, method: str, relay_path: str) -> None:
+    async with Cluster(tmp_path, 6) as c:
+        j = job(image, relay_path=relay_path)  # type: ignore[arg-type]
+        result = await run_broadcast(BroadcastJob(**{**j.__dict__, "fanout": 2}), c.targets, method, c.arm)
+        stats = path_stats(c)
+    check_survivors(result, c, payload, image, set())
+    size = image[0].stat().st_size
+    fed_by_relays = len(c.receivers) - len(forest_for(method, c.targets, 2))  # the roots are fed by the source
+    assert stats["spliced_out"] + stats["copied_out"] == size * fed_by_relays
+    assert stats["spliced_in"] + stats["received_in"] == size * len(c.receivers)
+    if relay_path == "python":
+        assert stats["spliced_out"] == stats["spliced_in"] == 0
+    else:
+        assert stats["spliced_out"] > size * fed_by_relays // 2, stats  # most of it through the kernel
+    assert stats["splice_refused"] == 0
+
+
+@needs_splice
+@pytest.mark.parametrize("relay_path", ["splice", "python"])
+async def test_relay_paths_survive_a_killed_node(tmp_path: Path, image: tuple[Path, str], payload: bytes, relay_path: str) -> None:
+    size = image[0].stat().st_size
+    async with Cluster(tmp_path, 6) as c:
+        killer = asyncio.create_task(c.when_progress("node-3", size // 3, Receiver.kill))
+        result = await run_broadcast(job(image, source_rate=size, relay_path=relay_path), c.targets, "chain", c.arm)  # type: ignore[arg-type]
+        await killer
+        stats = path_stats(c)
+    check_survivors(result, c, payload, image, {"node-3"})
+    assert result.nodes["node-3"].reported_by == "node-2"
+    assert (stats["spliced_out"] > 0) == (relay_path == "splice")
+
+
+@needs_splice
+async def test_lagging_children_catch_up_by_copies_and_rejoin_the_pipes(tmp_path: Path, image: tuple[Path, str],
+                                                                       payload: bytes) -> None:
+    async with Cluster(tmp_path, 4) as c:
+        for r in c.receivers:
+            r.kernel = HalfTee()
+        result = await run_broadcast(job(image, relay_path="splice"), c.targets, "chain", c.arm)  # type: ignore[arg-type]
+        stats = path_stats(c)
+    check_survivors(result, c, payload, image, set())
+    assert stats["spliced_out"] > 0 and stats["copied_out"] > 0, stats
+
+
+@needs_splice
+async def test_sockets_refusing_splice_fall_back_to_copies(tmp_path: Path, image: tuple[Path, str], payload: bytes) -> None:
+    async with Cluster(tmp_path, 4) as c:
+        for r in c.receivers:
+            r.kernel = RefusingSockets()
+        result = await run_broadcast(job(image), c.targets, "chain", c.arm)  # relay_path auto
+        stats = path_stats(c)
+    check_survivors(result, c, payload, image, set())
+    assert stats["spliced_out"] == 0 and stats["splice_refused"] >= 3, stats
+    assert stats["copied_out"] == 3 * image[0].stat().st_size
+
+
+async def test_splice_forced_where_unavailable_is_refused_and_auto_copies(tmp_path: Path, image: tuple[Path, str],
+                                                                         payload: bytes) -> None:
+    async with Cluster(tmp_path, 3) as c:
+        for r in c.receivers:
+            r.kernel = KernelSplice(enabled=False)
+        forced = await run_broadcast(job(image, relay_path="splice"), c.targets, "chain", c.arm)  # type: ignore[arg-type]
+        auto = await run_broadcast(job(image), c.targets, "chain", c.arm)
+        stats = path_stats(c)
+    assert forced.failed == ["node-1", "node-2", "node-3"]
+    assert forced.nodes["node-1"].reason == "refused: relay_path splice: not available on node-1: disabled"
+    check_survivors(auto, c, payload, image, set())
+    assert stats["spliced_in"] == 0 and stats["copied_out"] == 2 * image[0].stat().st_size
+
+
+def test_relay_path_param() -> None:
+    assert ChainParams.from_json({"relay_path": "python"}).relay_path == "python"
+    for bad in ({"relay_path": "zerocopy"}, {"relay_path": 1}, {"relay_path": None}):
+        with pytest.raises(MalformedPacket):
+            ChainParams.from_json(bad)
+    with pytest.raises(ValueError):
+        ChainParams(relay_path="sendfile")
