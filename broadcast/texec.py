@@ -7,9 +7,10 @@ key) and forwards every result line from below as soon as it arrives, so a slow 
 its neighbours or its subtree. Per node: exit status, stdout, stderr, timed out, error.
 
 Faults: a child that cannot be reached within connect_timeout is reported (`unreachable`) and its
-children are adopted (the parent connects to them itself). A child whose connection breaks or that does
+children are adopted (the parent connects to them itself). An agent without a tree key (e.g. an
+installed system's) runs the command and hands its children back (`xadopt`): its parent opens them. A child whose connection breaks or that does
 not finish within its deadline gets its unreported nodes reported as lost; they are not run twice.
-Messages are the JSON lines of broadcast.wire (`texec`, `xresult`, `xdone`), never pickle.
+Messages are the JSON lines of broadcast.wire (`texec`, `xresult`, `xadopt`, `xdone`), never pickle.
 """
 from __future__ import annotations
 
@@ -138,6 +139,10 @@ class Level:
 
     async def run(self, subtrees: Sequence[Subtree]) -> None:
         """Handle every subtree concurrently; returns when each has reported (or been reported lost)."""
+        if self.key is None and subtrees:
+            # No key to open the next level from here: the parent (which has one) adopts these subtrees.
+            self.emit({"type": "xadopt", "node": self.me, "trees": [st.to_json() for st in subtrees]})
+            return
         await asyncio.gather(*(self._child(st) for st in subtrees))
 
     async def _child(self, st: Subtree) -> None:
@@ -145,10 +150,6 @@ class Level:
 
         target = st.root
         connect_timeout = float(self.req["connect_timeout"])
-        if self.key is None:
-            self.emit(_xresult(st.name, self.me, error=f"unreachable: {self.me} has no tree key to open the next level"))
-            await self.run(st.children())
-            return
         try:
             conn = await ssh_connect(target.host, target.port, self.key, username=self.username,
                                      timeout=connect_timeout, socket_factory=self.socket_factory)
@@ -159,6 +160,7 @@ class Level:
             return
         names = set(st.names())
         reported: set[str] = set()
+        adopted: list[asyncio.Task[None]] = []
         problem = ""
         try:
             async with conn:
@@ -167,7 +169,7 @@ class Level:
                 proc.stdin.write_eof()
                 deadline = subtree_deadline(self.req, st.depth())
                 try:
-                    await asyncio.wait_for(self._forward(proc, names, reported, st.name), deadline)
+                    await asyncio.wait_for(self._forward(proc, names, reported, st.name, adopted), deadline)
                     if st.name not in reported or reported != names:
                         problem = f"lost: {st.name} closed the connection before reporting"
                 except asyncio.TimeoutError:
@@ -176,21 +178,30 @@ class Level:
         except (OSError, asyncssh.Error, MalformedPacket) as exc:
             problem = f"lost: connection to {st.name} failed: {exc}"
         if problem:
-            for name in st.names():
+            for name in names:
                 if name not in reported:
                     self.emit(_xresult(name, self.me, error=problem))
+        await asyncio.gather(*adopted)
 
-    async def _forward(self, proc: asyncssh.SSHClientProcess[bytes], names: set[str], reported: set[str], child: str) -> None:
+    async def _forward(self, proc: asyncssh.SSHClientProcess[bytes], names: set[str], reported: set[str], child: str,
+                       adopted: list[asyncio.Task[None]]) -> None:
         while True:
             line = await proc.stdout.readline()
             if not line:
                 return
             msg = decode(line.rstrip(b"\n"))
-            if msg["type"] not in ("xresult", "xdone"):
+            if msg["type"] not in ("xresult", "xdone", "xadopt"):
                 raise MalformedPacket(f"unexpected {msg['type']} from {child}")
             if msg["node"] not in names:
                 raise MalformedPacket(f"{child} reported for {msg['node']}, outside its subtree")
-            if msg["type"] == "xresult":
+            if msg["type"] == "xadopt":
+                trees = [Subtree.from_json(t) for t in msg["trees"]]
+                handed = {n for t in trees for n in t.names()}
+                if not handed <= names - reported - {msg["node"]}:
+                    raise MalformedPacket(f"{child} handed back nodes outside its unreported subtree")
+                names -= handed  # this level reports them now, through its own connections
+                adopted.append(asyncio.ensure_future(self.run(trees)))
+            elif msg["type"] == "xresult":
                 if msg["node"] not in reported:
                     reported.add(msg["node"])
                     self.emit(msg)

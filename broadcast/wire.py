@@ -54,6 +54,8 @@ SCHEMA: dict[str, dict[str, tuple[type, ...]]] = {
     "xresult": {"node": _STR, "status": _OPT_INT, "stdout": _STR, "stderr": _STR, "timed_out": _BOOL,
                 "error": _OPT_STR, "duration": _NUM, "via": _STR},
     "xdone": {"node": _STR},
+    # an agent that cannot open the next level (no tree key) hands its children back to its parent
+    "xadopt": {"node": _STR, "trees": _LIST},
 }
 
 

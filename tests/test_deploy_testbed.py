@@ -145,6 +145,14 @@ def test_deployment_with_faulty_nodes_rights_and_tokens(testbed: testbed_plan.Te
         assert (root / "etc/rackboot-release").read_text() == "sample:1\n"  # the post-install ran
         assert json.loads((root / "etc/rackboot/deployed.json").read_text())["env"] == "sample:1"
 
+    # Commands run on the deployed nodes through the tree (their installed systems' agents have no tree key,
+    # so each level hands its children back to the appliance), identical outputs grouped.
+    ok_set = report["ok_nodeset"]
+    ran = cli(plan, "exec", "-m", ok_set, "--json", "--", 'cat "$RACKBOOT_WORKDIR/root/etc/rackboot-release"', timeout=120)
+    assert ran.returncode == 0, ran.stdout + ran.stderr
+    grouped = json.loads(ran.stdout)["grouped"]
+    assert [(names, r["stdout"]) for names, r in grouped] == [(ok_set, "sample:1\n")]
+
     # The per-node stats and the deployment record agree with the report.
     status, stats = api(plan, "GET", f"/api/v1/stats?deployment={report['id']}")
     assert status == 200

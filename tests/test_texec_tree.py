@@ -11,7 +11,7 @@ import pytest
 
 from broadcast.agent import AgentConfig, DeployAgent
 from broadcast.texec import ExecResult, tree_exec
-from broadcast.topology import Target, build_forest
+from broadcast.topology import Subtree, Target, build_forest
 
 pytestmark = pytest.mark.timeout(90)
 
@@ -96,3 +96,21 @@ async def test_dead_hung_and_slow_nodes_are_isolated(agents: list[DeployAgent], 
     assert all(result.nodes[n].stdout == "done\n" for n in healthy)
     groups = dict(result.grouped())
     assert len(groups) == 4  # done, timed out, refused, timed-out connect
+
+
+async def test_agents_without_a_tree_key_hand_their_children_back(agents: list[DeployAgent], keys: tuple[asyncssh.SSHKey, str]) -> None:
+    """An installed system's agent has no tree key: it runs the command and its parent opens its children."""
+    keyless = {"node-1", "node-3"}
+    for a in agents:
+        if a.config.name in keyless:
+            a._tree_key = None
+    ts = targets(agents)
+    forest = build_forest(ts, 2)
+    def walk(st: Subtree) -> list[Subtree]:
+        return [st] + [d for c in st.children() for d in walk(c)]
+
+    inner_keyless = [st for root in forest for st in walk(root) if st.name in keyless and st.children()]
+    assert inner_keyless  # the keyless agents are inner nodes of the tree: they have children to hand back
+    result = await tree_exec("echo $RACKBOOT_NODE", ts, keys[0], fanout=2, timeout=10)
+    assert sorted(result.ok) == sorted(a.config.name for a in agents), {n: r.error for n, r in result.nodes.items()}
+    assert all(r.stdout == f"{n}\n" for n, r in result.nodes.items())

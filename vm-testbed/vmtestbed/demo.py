@@ -66,8 +66,8 @@ def run_demo(args: argparse.Namespace) -> int:
 
 def rackboot_cli(plan: TestbedPlan, *argv: str) -> list[str]:
     """The argv of `rackboot ARGV...` run as a client of the testbed's appliance, from its namespace."""
-    return ["ip", "netns", "exec", plan.appliance_ns, sys.executable, "-m", "appliance.cli", *argv,
-            "--server", plan.appliance_url, "--token", admin_token(plan)]
+    return ["ip", "netns", "exec", plan.appliance_ns, "env", f"RACKBOOT_SERVER={plan.appliance_url}",
+            f"RACKBOOT_TOKEN={admin_token(plan)}", sys.executable, "-m", "appliance.cli", *argv]
 
 
 def _demo(plan: TestbedPlan, args: argparse.Namespace) -> int:
