@@ -127,8 +127,14 @@ def reexec_at_commit(commit: str | None) -> ScratchDir | None:
 
 
 def commit_of_export() -> str:
-    """Describe which code runs: the exported commit, or the checkout (with measure.code_description)."""
-    return os.environ.get("RACKBOOT_BENCH_COMMIT_DESC", code_description(None))
+    """Describe which code runs: the exported commit, or the checkout's HEAD and whether its code has uncommitted edits."""
+    if os.environ.get("RACKBOOT_BENCH_COMMIT_DESC"):
+        return os.environ["RACKBOOT_BENCH_COMMIT_DESC"]
+    repo = Path(__file__).resolve().parent.parent
+    head = subprocess.run(["git", "-C", str(repo), "rev-parse", "--short", "HEAD"], capture_output=True, text=True).stdout.strip()
+    dirty = subprocess.run(["git", "-C", str(repo), "status", "--porcelain", "--untracked-files=no", "--", "appliance", "netboot",
+                            "broadcast", "vm-testbed"], capture_output=True, text=True).stdout.split()
+    return f"checkout at {head or 'unknown'}" + (f" + uncommitted edits in {', '.join(dirty[1::2])}" if dirty else "")
 
 
 class Interrupted(Exception):
@@ -177,6 +183,7 @@ class DeployTestbed:
         self.files: Any = None
         self.procs: list[subprocess.Popen[Any]] = []  # everything this session started, stopped by close()
         self.boot_s = 0.0
+        self.boot_rounds = 0
         self.up_s = 0.0
 
     @property
@@ -195,7 +202,6 @@ class DeployTestbed:
 
     def start(self) -> "DeployTestbed":
         """Build the testbed, start the appliance, boot every node into the deploy environment."""
-        from vmtestbed.control import Control
         from vmtestbed.testbed import start_appliance, up
 
         plan = self.plan
@@ -208,24 +214,44 @@ class DeployTestbed:
         say(f"  testbed {self.name}: {plan.nodes} nodes in {plan.racks} racks, links {plan.link_mbit} Mbit/s, "
             f"uplinks {plan.uplink_mbit} Mbit/s, up in {self.up_s:.1f}s")
         t0 = time.monotonic()
-        nodes = f"node-[1-{plan.nodes}]"
-        out = self.run_cli(["reboot", "-m", nodes, "--to", "deploy", "--level", "hard"], timeout=300 + plan.nodes)
+        todo = [n.name for n in plan.node_list]
+        for attempt in range(1, 4):
+            self.boot_rounds = attempt
+            todo = self._boot_round(todo, attempt)
+            if not todo:
+                break
+        if todo:
+            raise RuntimeError(f"{len(todo)} nodes never ran the deploy agent: {todo[:10]}")
+        self.boot_s = time.monotonic() - t0
+        say(f"  {plan.nodes}/{plan.nodes} nodes run the deploy agent ({self.boot_s:.1f}s after the first "
+            f"`rackboot reboot --to deploy`, {self.boot_rounds} round(s))")
+        return self
+
+    def _boot_round(self, names: list[str], attempt: int) -> list[str]:
+        """Reboot names into the deploy environment; return those not running the agent afterwards."""
+        from collections import Counter
+
+        from ClusterShell.NodeSet import NodeSet
+
+        t0 = time.monotonic()
+        out = self.run_cli(["reboot", "-m", str(NodeSet.fromlist(names)), "--to", "deploy", "--level", "hard"],
+                           timeout=600 + len(names))
         if out.returncode not in (0, 2):
             raise RuntimeError(f"rackboot reboot exited {out.returncode}: {(out.stderr or out.stdout)[-500:]}")
-        deadline = time.monotonic() + 120
-        with Control(plan.state_dir, timeout=60) as ctl:
-            while True:
-                status = ctl.call("status")["nodes"]
-                running = [n["name"] for n in status if n["stage"] == "running" and n["detail"] == "deploy agent"]
-                if len(running) == plan.nodes:
-                    break
-                if time.monotonic() > deadline:
-                    missing = sorted(set(n["name"] for n in status) - set(running))
-                    raise RuntimeError(f"{len(missing)} nodes not running the deploy agent: {missing[:10]}")
-                time.sleep(1)
-        self.boot_s = time.monotonic() - t0
-        say(f"  {plan.nodes}/{plan.nodes} nodes run the deploy agent ({self.boot_s:.1f}s after `rackboot reboot --to deploy`)")
-        return self
+        say(f"  round {attempt}: `rackboot reboot --to deploy` of {len(names)} nodes returned after {time.monotonic() - t0:.1f}s: "
+            + " | ".join(line.strip() for line in out.stdout.strip().splitlines()[-3:])[:300])
+        deadline = time.monotonic() + 60
+        wanted = set(names)
+        while True:
+            status = [n for n in self.daemon_status()["nodes"] if n["name"] in wanted]
+            missing = [n for n in status if not (n["stage"] == "running" and n["detail"] == "deploy agent")]
+            if not missing or time.monotonic() > deadline:
+                break
+            time.sleep(1)
+        if missing:
+            stages = Counter(f"{n['stage']} ({n['detail'][:40]})" for n in missing)
+            say(f"  round {attempt}: {len(missing)} nodes not at the deploy agent: {dict(stages.most_common(4))}")
+        return [n["name"] for n in missing]
 
     def run_cli(self, argv: list[str], timeout: float) -> subprocess.CompletedProcess[str]:
         """Run `rackboot ARGV` as a client of the testbed's appliance, from its namespace."""
@@ -652,7 +678,7 @@ def session(n: int, link: int, args: argparse.Namespace, image: Path, sha: str, 
 
 
 def report(sessions: list[dict[str, Any]], args: argparse.Namespace) -> str:
-    """Markdown tables of every session."""
+    """Markdown table of every session: medians over the repeats, ratios to the floor and to udpcast."""
     rows = []
     for s in sessions:
         info = s["info"]
@@ -662,29 +688,26 @@ def report(sessions: list[dict[str, Any]], args: argparse.Namespace) -> str:
         by_method: dict[str, list[Run]] = {}
         for r in s["runs"]:
             by_method.setdefault(r.method, []).append(r)
-        udp = median([r.seconds for r in by_method.get("udpcast", []) if r.seconds])
+        udp = median([r.seconds for r in by_method.get("udpcast", []) if r.seconds and r.verified == n])
         for method, rs in by_method.items():
-            t = median([r.seconds for r in rs if r.seconds is not None and (r.verified == n - len(r.killed))])
-            per = " / ".join(fmt(r.seconds, 1) for r in rs)
+            want = n - len(rs[0].killed)
+            t = median([r.seconds for r in rs if r.seconds is not None and r.verified == want])
             cpu = median([r.daemon_cpu_s for r in rs])
             peer = median([r.peer_cpu_s for r in rs])
-            ok = " / ".join(f"{r.verified}" for r in rs)
-            want = n - len(rs[0].killed)
-            fill = median([r.fill_s for r in rs])
+            fill = median([r.fill_s for r in rs]) if method.startswith(("chain", "tree")) else None
             rows.append([
-                str(n), f"{link}", method, f"**{fmt(t, 1)} s** ({per})", f"{nominal:.1f} s", f"{measured:.1f} s",
-                fmt(t / nominal, 2) if t else "-", fmt(fill, 2) if fill is not None else "-",
-                fmt(median([r.arm_s for r in rs]), 1),
-                f"{ok} of {want}",
-                (f"{fmt(cpu, 0)} s ({fmt(100 * cpu / t / (os.cpu_count() or 1), 0)} %)" if cpu and t else "-")
-                + (f"; peers {fmt(peer, 0)} s" if peer else ""),
+                str(n), f"{link}", f"{size >> 20}", method, f"**{fmt(t, 1)} s** ({' / '.join(fmt(r.seconds, 1) for r in rs)})",
+                f"{nominal:.1f} s", f"{measured:.1f} s", f"**{fmt(t / nominal, 2)}**" if t else "-",
+                fmt(fill, 1) if fill is not None else "-", fmt(t / (nominal + fill), 2) if (t and fill is not None) else "-",
+                fmt(median([r.arm_s for r in rs]), 1), f"{' / '.join(str(r.verified) for r in rs)} of {want}",
+                (f"{fmt(cpu, 0)} s ({fmt(100 * cpu / t, 0)} % of a core)" if cpu and t else "-") + (f"; udpcast processes {fmt(peer, 0)} s" if peer else ""),
                 fmt(median([r.busy_pct for r in rs]), 0),
                 fmt(t / udp, 2) if (t and udp and method != "udpcast") else "-",
             ])
     return markdown_table(
-        ["N", "link Mbit/s", "method", "time (median; runs)", "floor image/link", "one TCP stream", "time / floor",
-         "chain fill (last node's first byte)", "arm / rendezvous", "verified", "node daemon CPU (of 2 cores)",
-         "machine busy %", "time / udpcast"], rows)
+        ["N", "link Mbit/s", "image MiB", "method", "time (median; runs)", "floor = image / link", "one TCP stream",
+         "time / floor", "fill: last node's first byte (s)", "time / (floor + fill)", "arm / rendezvous (s)", "verified",
+         "node daemon CPU", "machine busy %", "time / udpcast"], rows)
 
 
 def main(argv: list[str] | None = None) -> int:
