@@ -5,8 +5,8 @@ The deployment powers the nodes on over IPMI, they PXE/iPXE-boot the deploy envi
 deploy agents (broadcast.agent) partition their disks, receive the image through the chain, run the
 post-install, kexec into the installed system and call back with their one-time token. Healthy nodes
 must succeed; the faulty ones must be reported with the step and the reason. Rights and one-time
-tokens are checked on the same appliance. A second test runs the tree broadcast with a node killed
-while the image is on its way.
+tokens are checked on the same appliance. Then the chain and the tree broadcasts, each with a node
+powered off while the image is on its way.
 """
 from __future__ import annotations
 
@@ -159,7 +159,8 @@ def test_deployment_with_faulty_nodes_rights_and_tokens(testbed: testbed_plan.Te
     assert {r["node"] for r in stats["steps"] if not r["ok"]} >= {noreturn, bmcdead}
 
 
-def test_tree_broadcast_with_a_node_killed_midway(tmp_path: Path) -> None:
+@pytest.mark.parametrize("method", ["chain", "tree"])
+def test_broadcast_with_a_node_killed_midway(tmp_path: Path, method: str) -> None:
     name = f"cd{secrets.token_hex(3)}"
     plan = make_plan(name, 6, 2, post_s="0.2", link_mbit=100, seed=1)
     try:
@@ -185,12 +186,15 @@ def test_tree_broadcast_with_a_node_killed_midway(tmp_path: Path) -> None:
 
         killer = threading.Thread(target=kill_when_broadcasting)
         killer.start()
-        out = cli(plan, "deploy", "-m", "node-[1-6]", "-e", "sample", "--broadcast", "tree", "--json")
+        out = cli(plan, "deploy", "-m", "node-[1-6]", "-e", "sample", "--broadcast", method, "--json")
         killer.join()
         report = json.loads(out.stdout)
         ko = {k["node"]: k for k in report["ko"]}
         assert set(ko) == {victim}, report["ko"]
         assert ko[victim]["step"] == "BroadcastEnv", ko[victim]
+        # The others got every byte around the dead node (the chain resumes past it from the acked offset).
+        for n in report["ok"]:
+            assert (plan.state_dir / "nodes" / n / "root/usr/share/rackboot-sample/payload.bin").stat().st_size == 24 << 20
         assert sorted(report["ok"]) == sorted(n.name for n in plan.node_list if n.name != victim)
     finally:
         down(name)
