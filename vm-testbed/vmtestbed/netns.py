@@ -126,37 +126,15 @@ def unique_prefix(kind: str = "rb") -> str:
     return f"{kind}{secrets.token_hex(3)}"
 
 
-def pids_in(ns: str) -> list[int]:
-    """Return the pids of processes living in a namespace."""
-    out = subprocess.run(["ip", "netns", "pids", ns], capture_output=True, text=True)
-    return [int(p) for p in out.stdout.split()]
-
-
 def remove_namespace(ns: str) -> None:
     """Kill every process inside a namespace, then delete it (and every link inside it)."""
-    for sig in (signal.SIGTERM, signal.SIGKILL):
-        pids = pids_in(ns)
-        if not pids:
-            break
-        for pid in pids:
-            try:
-                os.kill(pid, sig)
-            except ProcessLookupError:
-                pass
-        deadline = time.monotonic() + 2.0
-        while time.monotonic() < deadline and pids_in(ns):
-            time.sleep(0.05)
-    try:
-        netns.remove(ns)
-    except OSError:
-        pass
+    kill_and_remove([ns], grace=2.0)
 
 
 def remove_prefixed(prefix: str) -> list[str]:
     """Remove every namespace whose name starts with prefix; return their names."""
     names = [n for n in netns.listnetns() if n.startswith(prefix)]
-    for n in names:
-        remove_namespace(n)
+    kill_and_remove(names)
     return names
 
 
@@ -203,12 +181,15 @@ def kill_and_remove(names: Sequence[str], grace: float = 3.0) -> None:
         deadline = time.monotonic() + grace
         while time.monotonic() < deadline and pids_in_namespaces(names):
             time.sleep(0.05)
-    for name in names:
+    failed: OSError | None = None
+    for name in names:  # try every one, then report the first failure
         try:
             netns.remove(name)
         except OSError as exc:
-            if exc.errno != errno.ENOENT:
-                raise
+            if exc.errno != errno.ENOENT and failed is None:
+                failed = exc
+    if failed is not None:
+        raise failed
 
 
 class Lab:
@@ -272,11 +253,12 @@ class Lab:
             except subprocess.TimeoutExpired:
                 proc.kill()
                 proc.wait()
-        for name in reversed(self.namespaces):
-            remove_namespace(name)
-        self.namespaces.clear()
-        # The dash matters: prefix "tb-a" must not remove the namespaces of a lab "tb-ab".
-        remove_prefixed(self.prefix + "-")
+        try:
+            kill_and_remove(list(reversed(self.namespaces)))
+        finally:
+            self.namespaces.clear()
+            # The dash matters: prefix "tb-a" must not remove the namespaces of a lab "tb-ab".
+            remove_prefixed(self.prefix + "-")
 
     def __enter__(self) -> "Lab":
         return self
