@@ -28,7 +28,7 @@ from typing import Any
 from ClusterShell.NodeSet import NodeSet
 
 from vmtestbed.appliance_files import SAMPLE_ENV, write_sample_environment
-from vmtestbed.demo import rackboot_cli
+from vmtestbed.demo import rackboot_cli, step_spans
 from vmtestbed.plan import make_plan
 from vmtestbed.testbed import down, read_state, start_appliance, up
 
@@ -40,15 +40,6 @@ def cpu_seconds(pid: int) -> float:
     fields = Path(f"/proc/{pid}/stat").read_text().rsplit(")", 1)[1].split()
     ticks = sum(int(x) for x in fields[11:15])
     return ticks / os.sysconf("SC_CLK_TCK")
-
-
-def step_spans(rows: list[dict[str, Any]]) -> dict[str, dict[str, float]]:
-    """Per macro-step: first start to last end over every node (seconds) and the slowest node's attempts."""
-    spans: dict[str, dict[str, float]] = {}
-    for r in rows:
-        s = spans.setdefault(r["step"], {"start": r["started"], "end": r["ended"]})
-        s["start"], s["end"] = min(s["start"], r["started"]), max(s["end"], r["ended"])
-    return {k: {"span_s": round(v["end"] - v["start"], 1)} for k, v in spans.items()}
 
 
 def measure(nodes: int, broadcast: str, image_mib: int, link_mbit: int, post_s: str, work: Path) -> dict[str, Any]:
@@ -93,7 +84,7 @@ def table(results: list[dict[str, Any]]) -> str:
     lines = ["| N | racks | broadcast | image | deployed | deployment | SetDeploymentEnv | BroadcastEnv | BootNewEnv | node daemon CPU |",
              "| ---: | ---: | --- | ---: | ---: | ---: | ---: | ---: | ---: | ---: |"]
     for r in results:
-        s = r.get("steps", {})
+        s = {k: {"span_s": v} for k, v in r.get("steps", {}).items()}
         lines.append(f"| {r['nodes']} | {r['racks']} | {r['broadcast']} | {r['image_mib']} MiB | {r.get('ok', 0)}/{r['nodes']} | "
                      f"{r.get('deploy_s', '-')} s | {s.get('SetDeploymentEnv', {}).get('span_s', '-')} s | "
                      f"{s.get('BroadcastEnv', {}).get('span_s', '-')} s | {s.get('BootNewEnv', {}).get('span_s', '-')} s | "

@@ -12,7 +12,9 @@ it runs the demo prints where the nodes are; then the deployment's report and, l
 from __future__ import annotations
 
 import argparse
+import json
 import os
+import re
 import secrets
 import signal
 import subprocess
@@ -20,6 +22,7 @@ import sys
 import time
 from collections import Counter
 from pathlib import Path
+from typing import Any
 
 from ClusterShell.NodeSet import NodeSet
 
@@ -100,9 +103,25 @@ def _demo(plan: TestbedPlan, args: argparse.Namespace) -> int:
         print(f"  | {line}", flush=True)
     if proc.returncode not in (0, 2):
         raise TestbedError(f"rackboot deploy exited with status {proc.returncode}")
-    ok = [line for line in _lines(ok_file)]
+    ok = _lines(ok_file)
     print(f"  deployment took {time.time() - t0:.1f}s; ok: {NodeSet.fromlist(ok) if ok else '-'}", flush=True)
+    m = re.search(r"^deployment (\S+):", out_path.read_text(), re.M)
+    stats = subprocess.run(rackboot_cli(plan, "stats", "--json", "--deployment", m.group(1)), capture_output=True, text=True,
+                           timeout=60) if m else None
+    if stats is not None and stats.returncode == 0:
+        spans = step_spans(json.loads(stats.stdout)["steps"])
+        print("  macro-steps (first node in to last node out): "
+              + ", ".join(f"{step} {span:.1f}s" for step, span in spans.items()), flush=True)
     return len(ok)
+
+
+def step_spans(rows: list[dict[str, Any]]) -> dict[str, float]:
+    """Per macro-step, seconds from the first node entering it to the last leaving it (from the step records)."""
+    spans: dict[str, tuple[float, float]] = {}
+    for r in rows:
+        start, end = spans.get(r["step"], (r["started"], r["ended"]))
+        spans[r["step"]] = (min(start, r["started"]), max(end, r["ended"]))
+    return {step: round(end - start, 1) for step, (start, end) in spans.items()}
 
 
 def _lines(path: Path) -> list[str]:
