@@ -22,12 +22,14 @@ import signal
 import subprocess
 import sys
 import time
+from collections import Counter
 from pathlib import Path
 from typing import Any
 
 from ClusterShell.NodeSet import NodeSet
 
 from vmtestbed.appliance_files import SAMPLE_ENV, write_sample_environment
+from vmtestbed.control import Control
 from vmtestbed.demo import rackboot_cli, step_spans
 from vmtestbed.plan import make_plan
 from vmtestbed.testbed import down, read_state, start_appliance, up
@@ -68,6 +70,9 @@ def measure(nodes: int, broadcast: str, image_mib: int, link_mbit: int, post_s: 
         report = json.loads(deploy.stdout)
         out["ok"] = len(report["ok"])
         out["ko"] = [{k: v for k, v in ko.items()} for ko in report["ko"]][:10]
+        with Control(plan.state_dir) as ctl:  # how many times each node booted (2 when nothing went wrong: deploy env, kexec)
+            boots = Counter(n["boots"] for n in ctl.call("status")["nodes"])
+        out["boots_per_node"] = dict(sorted(boots.items()))
         stats = subprocess.run(rackboot_cli(plan, "stats", "--json", "--deployment", report["id"]), capture_output=True, text=True, timeout=120)
         rows = json.loads(stats.stdout)["steps"] if stats.returncode == 0 else []
         out["steps"] = step_spans(rows)

@@ -44,7 +44,7 @@ class PowerDriver(Protocol):
 class IpmiPower:
     """IPMI over LAN (RMCP+) through pyghmi, behind a thread pool with per-BMC bounded concurrency."""
 
-    def __init__(self, per_bmc: int = 1, threads: int = 32, retries: int = 3, timeout: float = 20.0) -> None:
+    def __init__(self, per_bmc: int = 1, threads: int = 32, retries: int = 3) -> None:
         self._pool = ThreadPoolExecutor(max_workers=threads, thread_name_prefix="ipmi")
         if per_bmc != 1:
             log.warning("IPMI: one call per BMC at a time (pyghmi sessions are not safe for concurrent use); bmc_concurrency %d ignored", per_bmc)
@@ -52,7 +52,6 @@ class IpmiPower:
         self._sems: dict[tuple[str, int], asyncio.Semaphore] = {}
         self._commands: dict[tuple[str, int], Any] = {}  # pyghmi Command per BMC
         self._retries = retries
-        self._timeout = timeout
 
     def _sem(self, node: Node) -> asyncio.Semaphore:
         assert node.bmc is not None
@@ -92,7 +91,10 @@ class IpmiPower:
             while attempt < tries:
                 attempt += 1
                 try:
-                    return await asyncio.wait_for(loop.run_in_executor(self._pool, run), self._timeout)
+                    # No timeout of ours around the thread: pyghmi times out on its own (a silent BMC fails in
+                    # seconds), and a call abandoned while its thread runs on would let a retry reset the node
+                    # twice, the late reset landing in the middle of the deployment.
+                    return await loop.run_in_executor(self._pool, run)
                 except Exception as exc:  # noqa: BLE001 - pyghmi raises bare exceptions
                     last = exc
                     log.debug("%s: %s failed (attempt %d): %s", node.name, what, attempt, exc)
