@@ -23,8 +23,9 @@ from vmtestbed.plan import STATE_ROOT, TestbedPlan, validate_name
 from vmtestbed.topology import build, destroy, existing_namespaces
 
 STATE_FILE = "state.json"
-NEIGH_SYSCTL = Path("/proc/sys/net/ipv4/neigh/default")
+NEIGH_SYSCTLS = (Path("/proc/sys/net/ipv4/neigh/default"), Path("/proc/sys/net/ipv6/neigh/default"))  # ARP, NDP
 NEIGH_SAVED = STATE_ROOT / "neigh-thresholds.json"
+NEIGH_KEYS = ("gc_thresh1", "gc_thresh2", "gc_thresh3")
 DISK_BYTES = 8 << 30  # sparse: nothing is allocated until written
 
 
@@ -80,25 +81,29 @@ def neighbour_entries_needed(plan: TestbedPlan) -> int:
 
 
 def ensure_neighbour_table(needed: int, say: Callable[[str], None] = lambda _m: None) -> None:
-    """Raise the kernel's neighbour (ARP) table limits when a testbed needs more entries than they allow.
+    """Raise the kernel's neighbour table limits (ARP and IPv6 NDP) when testbeds need more entries than they allow.
 
-    The limits (net.ipv4.neigh.default.gc_thresh1/2/3) are global: every namespace's entries count
+    The limits (net.ipv4/ipv6.neigh.default.gc_thresh1/2/3) are global: every namespace's entries count
     against the same table, and the sysctls exist only in the root namespace. With the default 1024,
-    a testbed of a few hundred booted nodes overflows it and new neighbours fail ("neighbour table
-    overflow"): packets to them are dropped. The old values are saved and put back by `down` of the
-    last testbed.
+    a testbed of a few hundred booted nodes overflows it and new neighbours fail ("neighbor table
+    overflow"): packets to them are dropped, connections fail with EHOSTUNREACH. The old values are
+    saved and put back by `down` of the last testbed.
     """
-    current = int((NEIGH_SYSCTL / "gc_thresh3").read_text())
-    if current >= needed:
-        return
-    STATE_ROOT.mkdir(parents=True, exist_ok=True)
-    if not NEIGH_SAVED.exists():
-        saved = {k: int((NEIGH_SYSCTL / k).read_text()) for k in ("gc_thresh1", "gc_thresh2", "gc_thresh3")}
-        NEIGH_SAVED.write_text(json.dumps(saved))
-    for key, value in (("gc_thresh3", needed), ("gc_thresh2", needed // 2), ("gc_thresh1", needed // 8)):
-        if int((NEIGH_SYSCTL / key).read_text()) < value:
-            (NEIGH_SYSCTL / key).write_text(str(value))
-    say(f"kernel neighbour table limit raised from {current} to {needed} entries (net.ipv4.neigh.default.gc_thresh3; restored by the last down)")
+    for sysctl in NEIGH_SYSCTLS:
+        current = int((sysctl / "gc_thresh3").read_text())
+        if current >= needed:
+            continue
+        STATE_ROOT.mkdir(parents=True, exist_ok=True)
+        saved = json.loads(NEIGH_SAVED.read_text()) if NEIGH_SAVED.exists() else {}
+        if "gc_thresh3" in saved:  # written by an older rackboot: IPv4 only
+            saved = {str(NEIGH_SYSCTLS[0]): saved}
+        if str(sysctl) not in saved:
+            saved[str(sysctl)] = {k: int((sysctl / k).read_text()) for k in NEIGH_KEYS}
+            NEIGH_SAVED.write_text(json.dumps(saved))
+        for key, value in (("gc_thresh3", needed), ("gc_thresh2", needed // 2), ("gc_thresh1", needed // 8)):
+            if int((sysctl / key).read_text()) < value:
+                (sysctl / key).write_text(str(value))
+        say(f"kernel neighbour table limit raised from {current} to {needed} entries ({sysctl}/gc_thresh3; restored by the last down)")
 
 
 def restore_neighbour_table() -> None:
@@ -107,9 +112,12 @@ def restore_neighbour_table() -> None:
         return
     try:
         saved = json.loads(NEIGH_SAVED.read_text())
-        for key in ("gc_thresh1", "gc_thresh2", "gc_thresh3"):  # lowest first: thresh1 <= thresh2 <= thresh3 holds throughout
-            (NEIGH_SYSCTL / key).write_text(str(int(saved[key])))
-    except (OSError, ValueError, KeyError):
+        if "gc_thresh3" in saved:  # written by an older rackboot: IPv4 only
+            saved = {str(NEIGH_SYSCTLS[0]): saved}
+        for path, values in saved.items():
+            for key in NEIGH_KEYS:  # lowest first: thresh1 <= thresh2 <= thresh3 holds throughout
+                (Path(path) / key).write_text(str(int(values[key])))
+    except (OSError, ValueError, KeyError, TypeError, AttributeError):
         pass
     NEIGH_SAVED.unlink(missing_ok=True)
 
@@ -124,7 +132,9 @@ def up(plan: TestbedPlan, say: Callable[[str], None] = lambda _m: None, daemon_a
     try:
         plan.save(sd / PLAN_FILE)
         write_state(plan, phase="building")
-        ensure_neighbour_table(neighbour_entries_needed(plan), say)
+        # The table is shared by every testbed on the machine: size it for all of them together.
+        others = [load_plan(t) for t in list_testbeds() if t != plan.name and (state_dir(t) / PLAN_FILE).exists()]
+        ensure_neighbour_table(sum(neighbour_entries_needed(p) for p in [plan, *others]), say)
         network_s = build(plan, progress=say)
         say(f"network: {len(plan.namespaces)} namespaces in {network_s:.1f}s")
         files = write_appliance_files(plan, sd / "appliance")
