@@ -112,10 +112,24 @@ class AgentDeployDriver:
         port = self._ports.get(node.mac, (self.config.deploy.ssh_port, 7070))[0]
         return AgentClient(str(node.ip), port, self.key, connect_timeout=self.connect_timeout)
 
-    async def _with_client(self, node: Node, what: str, fn: Any) -> Any:
+    async def _with_client(self, node: Node, what: str, fn: Any, connect_tries: int = 3) -> Any:
+        """Connect to the node's agent (retrying the connection only: an ARP miss or a refused SYN under load
+        is transient) and run fn once."""
+        client = self._client(node)
         try:
-            async with self._client(node) as client:
+            for attempt in range(connect_tries):
+                try:
+                    await client.connect()
+                    break
+                except (OSError, asyncio.TimeoutError) as exc:
+                    if attempt == connect_tries - 1:
+                        raise
+                    log.info("%s: %s: connecting to the agent failed (%s), retrying", node.name, what, str(exc) or type(exc).__name__)
+                    await asyncio.sleep(1.0 * 2**attempt)
+            try:
                 return await fn(client)
+            finally:
+                await client.close()
         except AgentError as exc:
             raise DeployError(f"{what}: {exc}") from exc
         except (OSError, asyncssh.Error, asyncio.TimeoutError) as exc:
@@ -218,4 +232,5 @@ class AgentDeployDriver:
 
     async def soft_reboot(self, node: Node) -> None:
         """Reboot over SSH through the agent's reboot operation (the deploy agent, or an installed system running it)."""
-        await self._with_client(node, "soft reboot", lambda c: c.reboot())
+        # One try: an unreachable node goes straight up the ladder to the BMC.
+        await self._with_client(node, "soft reboot", lambda c: c.reboot(), connect_tries=1)
