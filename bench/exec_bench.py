@@ -47,6 +47,7 @@ from broadcast_bench import (  # noqa: E402
     EXPORT_ENV, BenchLock, DeployTestbed, Interrupted, busy_since, busy_snapshot, commit_of_export, leftover_namespaces,
     raise_on_signals, reexec_at_commit, require_root_and_tools,
 )
+from ClusterShell.NodeSet import NodeSet  # noqa: E402
 from measure import ScratchDir, code_description, cpu_seconds, fmt, machine_load, markdown_table, median, resolve_commit, say, write_json  # noqa: E402
 
 TOOLS = ("rackboot", "pdsh", "clush")
@@ -104,14 +105,14 @@ def appliance_pid(tb: DeployTestbed) -> int:
 
 def run_variant(tb: DeployTestbed, v: Variant, hostfile: Path, ips: dict[str, str], repeat: int, timeout: float) -> ExecRun:
     """Run `true` on every node with one tool; return the timing and the outcome."""
-    n = tb.plan.nodes
+    n = len(ips)
     env = dict(os.environ)
     if v.tool == "rackboot":
         from vmtestbed.testbed import admin_token
 
         # not vmtestbed.demo.rackboot_cli: it appends --server/--token, which `exec`'s trailing command would swallow
         argv = tb.in_ns(tb.appliance_ns, [sys.executable, "-m", "appliance.cli", "exec", "--server", tb.plan.appliance_url,
-                                          "--token", admin_token(tb.plan), "-m", f"node-[1-{n}]", "--json",
+                                          "--token", admin_token(tb.plan), "-m", str(NodeSet.fromlist(list(ips))), "--json",
                                           "--fanout", str(v.fanout), "--timeout", "60", "--", "true"])
     elif v.tool == "pdsh":
         # pdsh's ssh module: "%u"/"%h" are its user and host placeholders (pdsh(1), PDSH_SSH_ARGS)
@@ -160,13 +161,16 @@ def run_variant(tb: DeployTestbed, v: Variant, hostfile: Path, ips: dict[str, st
 def session(n: int, variants: list[Variant], args: argparse.Namespace, scratch: Path, names: list[str]) -> dict[str, Any]:
     """Boot a testbed of n nodes and run every variant args.repeats times (order rotated each repeat)."""
     racks = args.racks or max(2, -(-n // 500))
-    tb = DeployTestbed(n, racks, args.link_mbit, args.link_mbit * 10, seed=args.seed)
+    tb = DeployTestbed(n, racks, args.link_mbit, args.link_mbit * 10, seed=args.seed, boot_batch=args.boot_batch,
+                       min_booted=args.min_booted)
     names.append(tb.name)
     runs: list[ExecRun] = []
     info: dict[str, Any] = {"nodes": n, "racks": racks, "link_mbit": args.link_mbit}
     with BenchLock(), tb:
         info.update(testbed=tb.name, boot_s=round(tb.boot_s, 1), up_s=round(tb.up_s, 1), load_start=machine_load()["uptime"])
-        ips = {node.name: node.ip for node in tb.plan.node_list}
+        running = set(tb.running)
+        ips = {node.name: node.ip for node in tb.plan.node_list if node.name in running}
+        info["booted"] = len(ips)
         hostfile = scratch / f"hosts-{n}"
         hostfile.write_text("".join(f"{ip}\n" for ip in ips.values()))
         if args.warmup:
@@ -188,7 +192,7 @@ def report(sessions: list[dict[str, Any]]) -> str:
     """One markdown table: every variant at every N, medians, ratios to rackboot."""
     rows = []
     for s in sessions:
-        n = s["info"]["nodes"]
+        n = s["info"]["booted"]
         by: dict[str, list[ExecRun]] = {}
         for r in s["runs"]:
             by.setdefault(r.variant, []).append(r)
@@ -222,6 +226,9 @@ def main(argv: list[str] | None = None) -> int:
     ap.add_argument("--timeout", type=float, default=900.0, help="seconds for one run of one tool")
     ap.add_argument("--no-warmup", dest="warmup", action="store_false", help="skip the untimed first run")
     ap.add_argument("--seed", type=int, default=0)
+    ap.add_argument("--boot-batch", type=int, default=200, help="nodes per `rackboot reboot --to deploy` call")
+    ap.add_argument("--min-booted", type=float, default=1.0,
+                    help="fraction of the nodes that must reach the deploy agent (the others are left out and reported)")
     ap.add_argument("--rackboot-commit", default=None, help="measure this git commit (exported) instead of the checkout")
     ap.add_argument("--json", help="also write every run as JSON to this file")
     args = ap.parse_args(argv)
@@ -256,7 +263,7 @@ def main(argv: list[str] | None = None) -> int:
     print(f"exec bench, {started} - {time.strftime('%H:%M')}, code: {commit_of_export()}, repeats {args.repeats}\n")
     for s in sessions:
         i = s["info"]
-        print(f"- N={i['nodes']}: testbed {i['testbed']}, {i['racks']} racks, links {i['link_mbit']} Mbit/s; up {i['up_s']} s, "
+        print(f"- N={i['nodes']} ({i['booted']} running the deploy agent): testbed {i['testbed']}, {i['racks']} racks, links {i['link_mbit']} Mbit/s; up {i['up_s']} s, "
               f"boot to the deploy agent {i['boot_s']} s; node daemon RSS after {i['daemon_rss_mb']} MB; "
               f"load at start `{i['load_start']}`, at end `{i['load_end']}`")
     print()
