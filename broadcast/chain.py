@@ -63,6 +63,7 @@ ListenFactory = Callable[[str, int], socket.socket]  # (host, port) -> bound, li
 RELAY_PATHS = ("auto", "splice", "python")
 # errno values by which splice(2) says an fd type cannot do it (the copy path takes over)
 SPLICE_UNSUPPORTED = frozenset({errno.EINVAL, errno.EOPNOTSUPP, errno.ENOSYS})
+YIELD_EVERY = 1 << 20  # a relay's reader lets the event loop run at least once per this many bytes
 
 
 @dataclass(frozen=True)
@@ -574,6 +575,8 @@ class Relay(Feeder):
         self._strict = params.relay_path == "splice"
         self._pipe: SplicePipe | None = None  # upstream -> here; children's pipes are tee'd from it, the sink reads it
         self._splice_upstream = self.kernel is not None  # False once the upstream socket refused splice
+        self._waiting_for_children = False
+        self._yielded_at = 0
         # bytes: in through splice / recv; out to children through pipes / Python sends; fds that refused splice
         self.counters = {"spliced_in": 0, "received_in": 0, "spliced_out": 0, "copied_out": 0, "splice_refused": 0}
         spec = armed.sink
@@ -633,6 +636,7 @@ class Relay(Feeder):
         # meanwhile the link was not live (cursor < received), so nothing else moved its cursor
         link.cursor = offset + len(view)
         self.counters["copied_out"] += len(view)
+        self._sent()
 
     def _splice_out(self, link: ChildLink) -> bool:
         """Move what the link's pipe holds to its socket without waiting; False when the socket is full.
@@ -670,21 +674,29 @@ class Relay(Feeder):
         fd = link.conn.sock.fileno()
         while not self._splice_out(link):
             await _fd_ready(fd, write=True)
-        # one splice per call: the caller loops, re-checking the link's state
+        self._sent()  # one splice per call: the caller loops, re-checking the link's state
 
-    def _should_yield(self) -> bool:
-        """True when a child needs the event loop before we take more: its pipe is half full (its socket
-        is, so the child, often a relay in this same process, must read), or it is catching up by copies
-        and becomes live only once its sender ran. Otherwise the reader goes on while data is there, so
-        the sink gets chunks in batches, as on the copy path."""
+    def _children_behind(self) -> bool:
+        """Kernel path: True while a child that takes pipes is not live with room for a chunk in its pipe.
+
+        The reader then waits instead of reading ahead: a child that lags (resumed, adopted, or its
+        pipe overflowed) catches up by copies from the window and becomes live again, and a live child's
+        pipe is its backpressure (a full window would leave it copying for good whenever it is the slower).
+        """
         for lk in self.links:
             if lk.state != "streaming" or lk.copy_only:
                 continue
-            if lk.pipe is not None and 2 * (lk.pipe_end - lk.cursor) > lk.pipe.size:
+            end = max(lk.pipe_end, lk.cursor)
+            if end < self.received:
                 return True
-            if max(lk.pipe_end, lk.cursor) < self.received:
+            if lk.pipe is not None and lk.pipe.size - (lk.pipe_end - lk.cursor) < min(self.params.chunk, lk.pipe.size):
                 return True
         return False
+
+    def _sent(self) -> None:
+        """A child sender moved its cursor: wake the reader if it waits for the children."""
+        if self._waiting_for_children:
+            self.window_changed()
 
     def _live_links(self) -> list[ChildLink]:
         """Children whose pipe ends where the stream ends: the next bytes from upstream can be tee'd to them."""
@@ -705,7 +717,10 @@ class Relay(Feeder):
     async def _take(self, conn: LineSocket, want: int) -> bytes:
         """The next bytes from upstream: through our pipe (tee'd to the children that are caught up) or by recv."""
         fd = conn.sock.fileno()
-        if self._splice_upstream and self._should_yield():
+        if self.received - self._yielded_at >= YIELD_EVERY:
+            # recv/splice do not suspend while data is there: without this a fast upstream kept the loop to
+            # this reader until the window filled (child handshakes, acks and other relays waited)
+            self._yielded_at = self.received
             await asyncio.sleep(0)
         while True:
             live = self._live_links() if self._splice_upstream else []
@@ -734,8 +749,9 @@ class Relay(Feeder):
         if self._pipe is None:
             self._pipe = SplicePipe(min(self.params.chunk, 1 << 20))
         pipe = self._pipe
+        room = min(lk.pipe.size - (lk.pipe_end - lk.cursor) for lk in live if lk.pipe is not None)
         try:
-            n = self.kernel.splice(fd, pipe.w, min(want, pipe.size))
+            n = self.kernel.splice(fd, pipe.w, max(1, min(want, pipe.size, room)))
         except (BlockingIOError, InterruptedError):
             raise
         except OSError as exc:
@@ -747,7 +763,7 @@ class Relay(Feeder):
             return None
         if n == 0:
             return b""
-        for lk in live:
+        for lk in live:  # _children_behind() kept a chunk of room in each: the tee is whole unless pipe slots ran out
             assert lk.pipe is not None
             try:
                 teed = self.kernel.tee(pipe.r, lk.pipe.w, n)
@@ -845,6 +861,10 @@ class Relay(Feeder):
                         self.blocked = self.low_water(self.received) < self.sink_offset
                         await self.wait_until(lambda: self.received - self.available_from() < p.window)
                         self.blocked = False
+                    if self._splice_upstream and self._children_behind():
+                        self.blocked = self._waiting_for_children = True
+                        await self.wait_until(lambda: not self._children_behind())
+                        self.blocked = self._waiting_for_children = False
                     data = await self._take(conn, min(p.chunk, self.size - self.received))
                 if len(data) > self.size - self.received:
                     raise ProtocolError("upstream sent more than the image size")
