@@ -35,6 +35,9 @@ class FakeCluster:
         self.nbp_loop: set[str] = set()       # nodes that loop fetching their NBP
         self.wrong_env: set[str] = set()      # nodes whose installed system is something else
         self.tasks: list[asyncio.Task[None]] = []
+        self.firmware_s = 0.0                 # time from the first DHCP to the script
+        self.in_firmware = 0                  # nodes between power-on and their script, now and at most
+        self.max_in_firmware = 0
 
     def on_power(self, node: Node, op: str) -> None:
         if op in ("on", "reset", "cycle", "soft", "kexec"):
@@ -47,7 +50,11 @@ class FakeCluster:
             return
         profile = self.deps.profiles.get(node.mac)
         if not kexec:
+            self.in_firmware += 1
+            self.max_in_firmware = max(self.max_in_firmware, self.in_firmware)
             ev.publish(node.mac, EventKind.DHCP_DISCOVER, arch="0", vendor_class="PXEClient:Arch:00000:UNDI:002001")
+            await asyncio.sleep(self.firmware_s)
+            self.in_firmware -= 1
             ev.publish(node.mac, EventKind.NBP_SENT, path="undionly.kpxe")
             if node.name in self.nbp_loop:
                 for _ in range(5):
@@ -230,3 +237,13 @@ async def test_reboot_to_deploy_and_plain_reboot(world) -> None:  # type: ignore
             await controller.reboot(nodes, "", "gentle", "admin")
     finally:
         serve.cancel()
+
+
+async def test_reboot_window_caps_the_nodes_in_firmware(world) -> None:  # type: ignore[no-untyped-def]
+    """A window slot is held from the reset until the node fetched its script: never more than the window in firmware."""
+    controller, deps, cluster, env, power, agent = world
+    controller.workflow_factory = lambda method, kexec: replace(default_workflow(method, kexec), deadlines=FAST, reboot_window=2)
+    cluster.firmware_s = 0.05
+    result = await run_deployment(controller, list(deps.inventory.nodes), env)
+    assert result["status"] == "done", result["ko"]
+    assert cluster.max_in_firmware == 2

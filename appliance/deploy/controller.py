@@ -216,27 +216,26 @@ class Deployment:
                 return f"soft reboot impossible: {exc}"
         if node.bmc is None or node.bmc.driver == "none":
             return f"{level} reboot impossible: no BMC in the inventory"
-        async with self._reboot_window:
+        try:
             try:
-                try:
-                    # Where the driver supports it, the next boot goes to the network whatever the installed
-                    # OS did to the boot order, so the appliance keeps control of the node.
-                    await self.deps.power.set_boot_device(node, "network", persistent=False)
-                except BmcUnreachable:
-                    raise
-                except PowerError as exc:
-                    run.notes.append(f"bootdev network not set: {exc}")
-                if level == "hard":
-                    state = await self.deps.power.power(node, "status")
-                    await self.deps.power.power(node, "reset" if state == "on" else "on")
-                else:
-                    await self.deps.power.power(node, "off")
-                    await asyncio.sleep(self.deps.power_off_wait)
-                    await self.deps.power.power(node, "on")
-            except BmcUnreachable as exc:
-                raise Hopeless(f"{level} reboot failed: {exc}") from exc
+                # Where the driver supports it, the next boot goes to the network whatever the installed
+                # OS did to the boot order, so the appliance keeps control of the node.
+                await self.deps.power.set_boot_device(node, "network", persistent=False)
+            except BmcUnreachable:
+                raise
             except PowerError as exc:
-                return f"{level} reboot failed: {exc}"
+                run.notes.append(f"bootdev network not set: {exc}")
+            if level == "hard":
+                state = await self.deps.power.power(node, "status")
+                await self.deps.power.power(node, "reset" if state == "on" else "on")
+            else:
+                await self.deps.power.power(node, "off")
+                await asyncio.sleep(self.deps.power_off_wait)
+                await self.deps.power.power(node, "on")
+        except BmcUnreachable as exc:
+            raise Hopeless(f"{level} reboot failed: {exc}") from exc
+        except PowerError as exc:
+            return f"{level} reboot failed: {exc}"
         return None
 
     async def _boot(self, run: NodeRun, target: str, levels: tuple[str, ...], kexec: bool = False) -> str | None:
@@ -263,17 +262,29 @@ class Deployment:
                     run.watch = None
                     reasons.append(f"kexec failed: {exc}")
                     continue
+                self._note(run, "rebooting", level=level, target=target)
             else:
+                # A reboot window slot is held from the reset until the node has its kernel (or is stuck): at
+                # most reboot_window nodes are in POST, DHCP, TFTP and iPXE at once, the unreliable part under
+                # load. A node waiting for a slot has no deadline running.
+                await self._reboot_window.acquire()
                 watch = BootWatch(target, self.workflow.deadlines)
                 run.watch = watch
                 watch.start(self.clock(), how=f"{level.replace('_', ' ')} reboot")
-                why = await self._reboot(run, level)
+                try:
+                    why = await self._reboot(run, level)
+                    if why is None:
+                        self._note(run, "rebooting", level=level, target=target)
+                        while not watch.done and watch.stage in (Stage.RESETTING, Stage.FIRMWARE):
+                            await run.changed.wait()
+                            run.changed.clear()
+                finally:
+                    self._reboot_window.release()
                 if why is not None:
                     run.watch = None
                     reasons.append(why)
                     self._note(run, "escalate", level=level, reason=why)
                     continue
-            self._note(run, "rebooting", level=level, target=target)
             watch = await self._wait_boot(run)
             if watch.stage is Stage.UP:
                 return None
