@@ -67,14 +67,22 @@ def measure(nodes: int, broadcast: str, image_mib: int, link_mbit: int, post_s: 
                                 capture_output=True, text=True, timeout=3600)
         out["deploy_s"] = round(time.monotonic() - t0, 1)
         out["daemon_cpu_s"] = round(cpu_seconds(daemon) - cpu0, 1)
-        report = json.loads(deploy.stdout)
+        try:
+            report = json.loads(deploy.stdout)
+        except ValueError:
+            out["deploy_error"] = f"exit {deploy.returncode}: {(deploy.stderr or deploy.stdout)[-500:]}"
+            return out
         out["ok"] = len(report["ok"])
         out["ko"] = [{k: v for k, v in ko.items()} for ko in report["ko"]][:10]
         with Control(plan.state_dir) as ctl:  # how many times each node booted (2 when nothing went wrong: deploy env, kexec)
             boots = Counter(n["boots"] for n in ctl.call("status")["nodes"])
         out["boots_per_node"] = dict(sorted(boots.items()))
         stats = subprocess.run(rackboot_cli(plan, "stats", "--json", "--deployment", report["id"]), capture_output=True, text=True, timeout=120)
-        rows = json.loads(stats.stdout)["steps"] if stats.returncode == 0 else []
+        try:
+            rows = json.loads(stats.stdout)["steps"]
+        except (ValueError, KeyError):
+            rows = []
+            out["stats_error"] = (stats.stderr or stats.stdout)[-300:]
         out["steps"] = step_spans(rows)
         out["retries"] = sum(1 for r in rows if not r["ok"])
     finally:
