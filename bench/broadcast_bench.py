@@ -206,7 +206,7 @@ class DeployTestbed:
 
     def start(self) -> "DeployTestbed":
         """Build the testbed, start the appliance, boot every node into the deploy environment."""
-        from vmtestbed.testbed import start_appliance, up
+        from vmtestbed.testbed import ensure_neighbour_table, start_appliance, up
 
         plan = self.plan
         t0 = time.monotonic()
@@ -214,6 +214,10 @@ class DeployTestbed:
         self.up_s = time.monotonic() - t0
         self.daemon_pid = result.daemon_pid
         self.files = result.files
+        # The testbed sizes the kernel's (global) ARP table for appliance<->node and BMC traffic (3N+256);
+        # chains and exec trees add node<->node neighbours, and past gc_thresh3 new neighbours fail
+        # ("No route to host"). Same API, a larger figure; the last `down` restores the old limits.
+        ensure_neighbour_table(6 * plan.nodes + 1024, say)
         start_appliance(plan, result.files)
         say(f"  testbed {self.name}: {plan.nodes} nodes in {plan.racks} racks, links {plan.link_mbit} Mbit/s, "
             f"uplinks {plan.uplink_mbit} Mbit/s, up in {self.up_s:.1f}s")

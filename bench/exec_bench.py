@@ -173,8 +173,10 @@ def session(n: int, variants: list[Variant], args: argparse.Namespace, scratch: 
         info["booted"] = len(ips)
         hostfile = scratch / f"hosts-{n}"
         hostfile.write_text("".join(f"{ip}\n" for ip in ips.values()))
-        if args.warmup:
-            run_variant(tb, variants[0], hostfile, ips, 0, args.timeout)  # first contact (ARP, caches), not reported
+        if args.warmup:  # first contact (ARP entries, page cache of each tool), not reported
+            for v in variants:
+                w = run_variant(tb, v, hostfile, ips, 0, args.timeout)
+                say(f"  N={n} {v.label:28s} warm-up:  {w.seconds:6.2f}s, ok {w.ok}/{n}")
         for repeat in range(1, args.repeats + 1):
             k = (repeat - 1) % len(variants)
             for v in variants[k:] + variants[:k]:
@@ -224,7 +226,7 @@ def main(argv: list[str] | None = None) -> int:
     ap.add_argument("--link-mbit", type=int, default=1000)
     ap.add_argument("--racks", type=int, default=0, help="default: 2 (one per 500 nodes above 1000)")
     ap.add_argument("--timeout", type=float, default=900.0, help="seconds for one run of one tool")
-    ap.add_argument("--no-warmup", dest="warmup", action="store_false", help="skip the untimed first run")
+    ap.add_argument("--no-warmup", dest="warmup", action="store_false", help="skip the untimed first run of each tool")
     ap.add_argument("--seed", type=int, default=0)
     ap.add_argument("--boot-batch", type=int, default=200, help="nodes per `rackboot reboot --to deploy` call")
     ap.add_argument("--min-booted", type=float, default=1.0,
