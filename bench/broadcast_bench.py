@@ -12,7 +12,7 @@ the broadcast receiver on port 7070). Then, on the same nodes and links, one met
   node's sink hashes the stream and checks it against the image's sha256 (kind "discard": hash only,
   nothing is written, so 200 x 256 MiB need no disk space).
 - udpcast: `udp-sender --file IMAGE --interface rb0 --min-receivers N --nokbd --full-duplex
-  --rexmit-hello-interval 100 --max-bitrate 0.95xLINK --mcast-rdv-address 239.255.77.1` in the
+  --rexmit-hello-interval 100 --max-bitrate 0.97xLINK --mcast-rdv-address 239.255.77.1` in the
   appliance's namespace and one `udp-receiver --interface eth0 --mcast-rdv-address 239.255.77.1
   --pipe sha256sum` per node namespace (real processes; multicast on the same bridges); its time runs
   from the sender's "Starting transfer" (all receivers connected) to its exit, and every receiver's
@@ -572,7 +572,7 @@ def run_udpcast(tb: DeployTestbed, image: Path, sha: str, args: argparse.Namespa
             stdout=log, stderr=subprocess.STDOUT)
         log.close()
     time.sleep(1.0 + plan.nodes / 200)  # let every receiver bind before the sender's first hello
-    rate = f"{int(plan.link_mbit * args.udpcast_rate)}m"
+    rate = f"{int(plan.link_mbit * 1000 * args.udpcast_rate)}k"  # kbit/s: 0.95 x 2 Mbit/s must not truncate to 1m
     sender_argv = tb.in_ns(tb.appliance_ns, [
         "udp-sender", "--file", str(image), "--interface", APPLIANCE_IF, "--portbase", str(portbase), "--nokbd",
         "--mcast-rdv-address", UDPCAST_RDV,
@@ -747,7 +747,8 @@ def main(argv: list[str] | None = None) -> int:
     ap.add_argument("--repeats", type=int, default=3)
     ap.add_argument("--fanout", type=int, default=2, help="tree fanout")
     ap.add_argument("--window-mib", type=int, default=0, help="ChainParams.window (default: the library default, 32 MiB)")
-    ap.add_argument("--udpcast-rate", type=float, default=0.95, help="udp-sender --max-bitrate as a fraction of the link rate")
+    ap.add_argument("--udpcast-rate", type=float, default=0.97,
+                    help="udp-sender --max-bitrate (its raw rate, IP and UDP headers included) as a fraction of the link rate")
     ap.add_argument("--udpcast-opt", default="--full-duplex --rexmit-hello-interval 100",
                     help="extra udp-sender options (space-separated)")
     ap.add_argument("--kill-at", type=int, nargs="*", default=[], help="node counts at which to run the chain with nodes killed")
