@@ -17,6 +17,7 @@ import argparse
 import fcntl
 import json
 import os
+import re
 import secrets
 import signal
 import subprocess
@@ -85,6 +86,9 @@ def measure(nodes: int, broadcast: str, image_mib: int, link_mbit: int, post_s: 
             out["stats_error"] = (stats.stderr or stats.stdout)[-300:]
         out["steps"] = step_spans(rows)
         out["retries"] = sum(1 for r in rows if not r["ok"])
+        # What the failed attempts ran into, numbers folded away: "no DHCP within 20s after the kexec: ..." x 12
+        reasons = Counter(f"{r['step']}/{r['impl']}: " + re.sub(r"\d+(\.\d+)*", "N", r["reason"])[:120] for r in rows if not r["ok"])
+        out["failed_attempts"] = dict(reasons.most_common(6))
     finally:
         t0 = time.monotonic()
         down(name)
