@@ -253,16 +253,24 @@ class Deployment:
         attempts = (("kexec",) if kexec else ()) + levels
         for level in attempts:
             if level == "kexec":
+                # Kexec'ing nodes take window slots too, until the new kernel is on the network: hundreds of
+                # systems starting at once is a DHCP storm of its own.
+                await self._reboot_window.acquire()
                 try:
                     watch = BootWatch(target, self.workflow.deadlines)
                     run.watch = watch
                     watch.start(self.clock(), how="kexec")
                     await self.deps.agent.kexec(run.node, self.env)
+                    self._note(run, "rebooting", level=level, target=target)
+                    while not watch.done and watch.stage is Stage.KEXECING:
+                        await run.changed.wait()
+                        run.changed.clear()
                 except DeployError as exc:
                     run.watch = None
                     reasons.append(f"kexec failed: {exc}")
                     continue
-                self._note(run, "rebooting", level=level, target=target)
+                finally:
+                    self._reboot_window.release()
             else:
                 # A reboot window slot is held from the reset until the node has its kernel (or is stuck): at
                 # most reboot_window nodes are in POST, DHCP, TFTP and iPXE at once, the unreliable part under
