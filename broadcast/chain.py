@@ -638,22 +638,20 @@ class Relay(Feeder):
         self.counters["copied_out"] += len(view)
         self._sent()
 
-    def _splice_out(self, link: ChildLink) -> bool:
-        """Move what the link's pipe holds to its socket without waiting; False when the socket is full.
+    def _splice_out(self, link: ChildLink) -> int:
+        """Move what the link's pipe holds to its socket without waiting; return the bytes moved (0: socket full).
 
         Raises OSError for a broken connection. A socket that refuses splice turns the link to copies
-        (what its pipe held is still retained).
+        (what its pipe held is still retained) and closes the pipe.
         """
         assert self.kernel is not None
         pipe, conn = link.pipe, link.conn
         if pipe is None or conn is None or link.pipe_end <= link.cursor:
-            return True
+            return 0
         try:
             n = self.kernel.splice(pipe.r, conn.sock.fileno(), link.pipe_end - link.cursor)
         except (BlockingIOError, InterruptedError):
-            if not pipe.pending():
-                raise AssertionError(f"{self.name}->{link.name}: pipe empty at {link.cursor}, expected up to {link.pipe_end}")
-            return False
+            return 0
         except OSError as exc:
             if exc.errno not in SPLICE_UNSUPPORTED or self._strict:
                 raise
@@ -661,20 +659,26 @@ class Relay(Feeder):
             self.counters["splice_refused"] += 1
             link.close_pipe()
             link.copy_only = True
-            return True
+            return 0
         if n <= 0:
             raise AssertionError(f"{self.name}->{link.name}: splice from a non-empty pipe returned {n}")
         link.cursor += n
         self.counters["spliced_out"] += n
-        return True
+        return n
 
     async def _splice_to(self, link: ChildLink) -> None:
-        """Send from the link's pipe, waiting while its socket is full (the reader may send some meanwhile)."""
+        """Drain the link's pipe into its socket, waiting while the socket is full (the reader may add to the
+        pipe and send some of it meanwhile); returns once the pipe is empty or gone."""
         assert link.conn is not None
         fd = link.conn.sock.fileno()
-        while not self._splice_out(link):
-            await _fd_ready(fd, write=True)
-        self._sent()  # one splice per call: the caller loops, re-checking the link's state
+        while link.pipe is not None and link.pipe_end > link.cursor:
+            moved = self._splice_out(link)
+            if moved:
+                self._sent()
+            if link.pipe is not None and link.pipe_end > link.cursor:
+                if not moved and not link.pipe.pending():
+                    raise AssertionError(f"{self.name}->{link.name}: pipe empty at {link.cursor}, expected up to {link.pipe_end}")
+                await _fd_ready(fd, write=True)
 
     def _children_behind(self) -> bool:
         """Kernel path: True while a child that takes pipes is not live with room for a chunk in its pipe.
@@ -695,7 +699,7 @@ class Relay(Feeder):
 
     def _sent(self) -> None:
         """A child sender moved its cursor: wake the reader if it waits for the children."""
-        if self._waiting_for_children:
+        if self._waiting_for_children and not self._children_behind():
             self.window_changed()
 
     def _live_links(self) -> list[ChildLink]:
