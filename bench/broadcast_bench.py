@@ -522,6 +522,8 @@ def run_rackboot(tb: DeployTestbed, method: str, image: Path, sha: str, url: str
     params: dict[str, Any] = {}
     if args.window_mib:
         params["window"] = args.window_mib << 20
+    if args.relay_path:
+        params["relay_path"] = args.relay_path
     spec = {
         "method": method, "image": str(image), "sha256": sha, "size": size, "url": url, "fanout": args.fanout,
         "key": str(tb.key), "targets": [[n.name, n.ip, n.rack] for n in plan.node_list], "daemon_pid": tb.daemon_pid,
@@ -747,6 +749,7 @@ def main(argv: list[str] | None = None) -> int:
     ap.add_argument("--repeats", type=int, default=3)
     ap.add_argument("--fanout", type=int, default=2, help="tree fanout")
     ap.add_argument("--window-mib", type=int, default=0, help="ChainParams.window (default: the library default, 32 MiB)")
+    ap.add_argument("--relay-path", default="", help="ChainParams.relay_path (auto, splice, python; default: the library's)")
     ap.add_argument("--udpcast-rate", type=float, default=0.97,
                     help="udp-sender --max-bitrate (its raw rate, IP and UDP headers included) as a fraction of the link rate")
     ap.add_argument("--udpcast-opt", default="--full-duplex --rexmit-hello-interval 100",
