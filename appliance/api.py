@@ -23,8 +23,9 @@ from appliance.catalog import Catalog, CatalogError, parse_environment_file
 from appliance.deploy.controller import Controller, OverlapError
 from appliance.deploy.power import POWER_OPS, PowerError
 from appliance.deploy.workflow import parse_steps
-from appliance.errors import ConfigError
-from appliance.inventory import Inventory, Node
+from domain.errors import ConfigError
+from domain.nodes import Node
+from appliance.inventory import Inventory
 
 log = logging.getLogger("rackboot.api")
 Handler = Callable[[web.Request], Awaitable[web.StreamResponse]]

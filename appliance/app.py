@@ -10,7 +10,8 @@ from pathlib import Path
 
 from appliance.config import ApplianceConfig
 from appliance.events import EventBus
-from appliance.profiles import BootProfile, ProfileStore
+from domain.profiles import BootProfile
+from appliance.profiles import ProfileStore
 from appliance.service import Service
 from appliance.statedb import open_state_db
 

@@ -10,7 +10,7 @@ from pathlib import Path
 
 from ClusterShell.NodeSet import NodeSet, NodeSetParseError
 
-from appliance.errors import RackbootError
+from domain.errors import RackbootError
 
 PERMS = ("deploy", "reboot", "power", "console")
 

@@ -11,7 +11,7 @@ from dataclasses import asdict, dataclass, field
 from pathlib import Path
 from typing import Any
 
-from appliance.errors import ConfigError, RackbootError
+from domain.errors import ConfigError, RackbootError
 from appliance.yamlsource import load_yaml_mapping
 
 VISIBILITIES = ("private", "shared", "public")

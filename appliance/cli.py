@@ -11,7 +11,7 @@ import urllib.error
 import urllib.request
 
 from appliance.config import load_config, summarize
-from appliance.errors import BindError, ConfigError
+from domain.errors import BindError, ConfigError
 
 
 def _cmd_serve(args: argparse.Namespace) -> int:

@@ -6,7 +6,7 @@ from dataclasses import dataclass, field
 from pathlib import Path
 from typing import Any, Callable
 
-from appliance.errors import ConfigError
+from domain.errors import ConfigError
 from appliance.inventory import Inventory, load_inventory
 from appliance.yamlsource import Located, load_yaml_mapping
 

@@ -2,66 +2,22 @@
 from __future__ import annotations
 
 import ipaddress
-import re
 from dataclasses import dataclass, field
 from pathlib import Path
 
 from ClusterShell.NodeSet import NodeSetParseError, expand
 
-from appliance.errors import ConfigError
+from domain.errors import ConfigError
+from domain.nodes import BMC_DRIVERS, BmcSpec, Node, mac_add, normalize_mac
 from appliance.yamlsource import Located, load_yaml_mapping
 
-_MAC_RE = re.compile(r"^[0-9a-f]{2}([:-]?[0-9a-f]{2}){5}$")
-BMC_DRIVERS = ("ipmi", "ssh", "none")
 
-
-def normalize_mac(text: str) -> str:
-    """Return a MAC as lower-case colon-separated hex; raise ValueError when it is not one."""
-    t = str(text).strip().lower()
-    if not _MAC_RE.match(t):
-        raise ValueError(f"not a MAC address: {text!r}")
-    hexdigits = t.replace(":", "").replace("-", "")
-    return ":".join(hexdigits[i : i + 2] for i in range(0, 12, 2))
-
-
-def mac_add(mac: str, n: int) -> str:
-    """Return the MAC n positions after mac (for folded node entries)."""
-    value = int(mac.replace(":", ""), 16) + n
-    if value >= 1 << 48:
-        raise ValueError(f"MAC range overflows after {mac}")
-    h = f"{value:012x}"
-    return ":".join(h[i : i + 2] for i in range(0, 12, 2))
-
-
-@dataclass(frozen=True)
-class BmcSpec:
-    """How to reach a node's BMC; credentials live in a file, never inline."""
-
-    driver: str
-    address: str
-    port: int = 623
-    credentials_file: Path | None = None
-
-    def credentials(self) -> tuple[str, str]:
-        """Read (username, password) from the credentials file."""
-        if self.credentials_file is None:
-            return ("", "")
-        loc = load_yaml_mapping(self.credentials_file)
-        return (str(loc.raw("username", "")), str(loc.raw("password", "")))
-
-
-@dataclass(frozen=True)
-class Node:
-    """One node of the inventory."""
-
-    name: str
-    mac: str
-    ip: ipaddress.IPv4Address
-    rack: str = ""
-    switch: str = ""
-    disk: str = ""
-    tags: tuple[str, ...] = ()
-    bmc: BmcSpec | None = None
+def read_bmc_credentials(bmc: BmcSpec) -> tuple[str, str]:
+    """Read (username, password) from a BMC's credentials file ('' and '' when it names none)."""
+    if bmc.credentials_file is None:
+        return ("", "")
+    loc = load_yaml_mapping(bmc.credentials_file)
+    return (str(loc.raw("username", "")), str(loc.raw("password", "")))
 
 
 @dataclass(frozen=True)

@@ -10,7 +10,7 @@ class Service(Protocol):
     name: str
 
     async def start(self) -> None:
-        """Bind sockets; raise appliance.errors.BindError with a clear message when that fails."""
+        """Bind sockets; raise domain.errors.BindError with a clear message when that fails."""
 
     async def serve(self) -> None:
         """Serve until cancelled; a malformed packet is dropped and counted, never ends this."""

@@ -7,7 +7,7 @@ from typing import Any
 
 import yaml
 
-from appliance.errors import ConfigError
+from domain.errors import ConfigError
 
 
 @dataclass(frozen=True)

@@ -29,7 +29,7 @@ from typing import Any, Awaitable, Callable, Mapping, Sequence
 import aiohttp
 import asyncssh
 
-from appliance.errors import BindError
+from domain.errors import BindError
 from broadcast.chain import ListenFactory, Receiver, SocketFactory, _err
 from broadcast.disk import PartitionSpec, format_partitions, partition_disk
 from broadcast.errors import AgentError, ImageError

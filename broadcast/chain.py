@@ -48,7 +48,7 @@ from dataclasses import asdict, dataclass, fields
 from pathlib import Path
 from typing import Any, Callable
 
-from appliance.errors import MalformedPacket
+from domain.errors import MalformedPacket
 from broadcast.errors import ProtocolError
 from broadcast.image import AsyncImageSink, SinkSpec, WriteReport
 from broadcast.result import BroadcastResult, NodeResult
@@ -1043,8 +1043,8 @@ class Receiver:
         self._star_progress: dict[str, int] = {}
 
     async def start(self) -> None:
-        """Bind and listen (raise appliance.errors.BindError when the address is unusable)."""
-        from appliance.errors import BindError
+        """Bind and listen (raise domain.errors.BindError when the address is unusable)."""
+        from domain.errors import BindError
 
         try:
             if self.listen_factory is not None:

@@ -1,7 +1,7 @@
-"""Errors of the broadcast package (all under appliance.errors.RackbootError)."""
+"""Errors of the broadcast package (all under domain.errors.RackbootError)."""
 from __future__ import annotations
 
-from appliance.errors import RackbootError
+from domain.errors import RackbootError
 
 
 class ImageError(RackbootError):

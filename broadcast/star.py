@@ -14,7 +14,7 @@ from typing import TYPE_CHECKING, Any, Sequence
 
 import aiohttp
 
-from appliance.errors import MalformedPacket
+from domain.errors import MalformedPacket
 from broadcast.chain import ChainParams, _err
 from broadcast.image import AsyncImageSink, SinkSpec
 from broadcast.result import BroadcastResult, NodeResult

@@ -24,7 +24,7 @@ from typing import TYPE_CHECKING, Any, Callable, Sequence
 import asyncssh
 from ClusterShell.NodeSet import NodeSet
 
-from appliance.errors import MalformedPacket
+from domain.errors import MalformedPacket
 from broadcast.topology import Subtree, Target, build_forest, order_chain
 from broadcast.wire import VERSION, decode, encode
 

@@ -93,7 +93,7 @@ class Subtree:
     @classmethod
     def from_json(cls, data: Any) -> "Subtree":
         """Validate a flat preorder list and wrap it; raise MalformedPacket when sizes or types are wrong."""
-        from appliance.errors import MalformedPacket
+        from domain.errors import MalformedPacket
 
         if not isinstance(data, list) or not data:
             raise MalformedPacket("tree: expected a non-empty list")

@@ -2,7 +2,7 @@
 
 Every control message is one JSON object on one line (UTF-8, '\n'-terminated) with a "type" and the
 fields its schema names; anything else (unknown type, missing or mistyped field, line too long, not
-JSON) raises appliance.errors.MalformedPacket. Image bytes never travel as JSON: after a broadcast
+JSON) raises domain.errors.MalformedPacket. Image bytes never travel as JSON: after a broadcast
 handshake the downstream direction of the connection is the raw image stream (so it can be sent with
 sendfile), the upstream direction stays JSON lines. Nothing is ever unpickled.
 """
@@ -14,7 +14,7 @@ import socket
 import struct
 from typing import Any, Callable
 
-from appliance.errors import MalformedPacket
+from domain.errors import MalformedPacket
 
 VERSION = 1
 MAX_LINE = 1 << 20  # a hello carries a subtree: up to ~10k nodes fit

@@ -1,10 +1,9 @@
 """iPXE: chainload targets, per-MAC script URLs and script rendering."""
 from __future__ import annotations
 
+from domain.nodes import mac_slug
 
-def mac_slug(mac: str) -> str:
-    """Return a MAC in the form used in URLs: lower-case, dash-separated (52-54-00-77-00-01)."""
-    return mac.lower().replace(":", "-")
+__all__ = ["mac_slug", "script_path", "nbp_path", "callback_path", "files_path"]
 
 
 def script_path(mac: str) -> str:

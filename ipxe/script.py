@@ -16,8 +16,8 @@ from functools import cache
 from importlib import resources
 from urllib.parse import quote, unquote, urlsplit
 
-from appliance.inventory import Node
-from appliance.profiles import BootProfile
+from domain.nodes import Node
+from domain.profiles import BootProfile
 from ipxe import callback_path, files_path, script_path
 
 BOOTING_KINDS = ("deploy", "kernel", "discovery")

@@ -17,7 +17,7 @@ from typing import Callable
 from dnslib import OPCODE, QTYPE, RCODE, RR, A, DNSRecord, EDNS0, NS, PTR, SOA
 
 from appliance.config import ApplianceConfig
-from appliance.errors import BindError, MalformedPacket
+from domain.errors import BindError, MalformedPacket
 
 log = logging.getLogger("rackboot.dns")
 

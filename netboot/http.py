@@ -18,10 +18,11 @@ from aiohttp import web
 from aiohttp.abc import AbstractStreamWriter
 
 from appliance.config import ApplianceConfig
-from appliance.errors import BindError
+from domain.errors import BindError
 from appliance.events import EventBus, EventKind
-from appliance.inventory import Node, normalize_mac
-from appliance.profiles import BootProfile, ProfileStore
+from domain.nodes import Node, normalize_mac
+from domain.profiles import BootProfile
+from appliance.profiles import ProfileStore
 from ipxe import callback_path, nbp_path, script_path
 from ipxe.script import BOOTING_KINDS, ScriptTiming, boot_images, render_script, render_unknown_script, url_path
 

@@ -19,7 +19,7 @@ import struct
 from typing import Any
 
 from appliance.config import ApplianceConfig
-from appliance.errors import BindError
+from domain.errors import BindError
 
 log = logging.getLogger("rackboot.ra")
 

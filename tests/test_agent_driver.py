@@ -16,7 +16,8 @@ from appliance.catalog import Environment, Partition
 from appliance.config import ApplianceConfig, DeployConfig
 from appliance.deploy.agent_driver import AgentDeployDriver, load_or_create_key, partition_specs
 from appliance.deploy.drivers import DeployError
-from appliance.inventory import Inventory, Node
+from domain.nodes import Node
+from appliance.inventory import Inventory
 from broadcast.agent import AgentConfig, DeployAgent
 from test_agent_deploy import rootfs_tar_gz
 

@@ -23,7 +23,8 @@ from appliance.deploy.power import FakePower
 from appliance.deploy.store import DeploymentStore
 from appliance.deploy.workflow import default_workflow
 from appliance.events import EventBus
-from appliance.profiles import BootProfile, ProfileStore
+from domain.profiles import BootProfile
+from appliance.profiles import ProfileStore
 from appliance.statedb import open_state_db
 from netboot.http import HttpService
 from test_deploy_controller import FAST, FakeCluster, make_nodes

@@ -14,7 +14,7 @@ import pytest
 
 from appliance.app import Appliance
 from appliance.config import load_config
-from appliance.errors import BindError
+from domain.errors import BindError
 
 
 def free_port(kind: int = socket.SOCK_DGRAM) -> int:

@@ -13,7 +13,7 @@ import pytest
 import zstandard
 from aiohttp import web
 
-from appliance.errors import MalformedPacket
+from domain.errors import MalformedPacket
 from broadcast.chain import ChainParams, KernelSplice, Receiver
 from broadcast.image import SinkSpec
 from broadcast.methods import BroadcastJob, broadcast_with_fallback, run_broadcast

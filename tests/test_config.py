@@ -9,8 +9,9 @@ import pytest
 
 from appliance.cli import main
 from appliance.config import load_config
-from appliance.errors import ConfigError
-from appliance.inventory import load_inventory, mac_add, normalize_mac
+from domain.errors import ConfigError
+from domain.nodes import mac_add, normalize_mac
+from appliance.inventory import load_inventory, read_bmc_credentials
 
 MINIMAL_CONFIG = """\
 # rackboot.yaml
@@ -80,7 +81,7 @@ def test_folded_ranges_expand_names_ips_macs_and_bmcs(tmp_path: Path) -> None:
     assert n40.ip == ipaddress.IPv4Address("10.77.0.50")
     assert n40.mac == "52:54:00:77:01:25"  # 0xfe + 39 carries into the next byte
     assert n40.bmc is not None and n40.bmc.address == "10.78.0.50"
-    assert n40.bmc.credentials() == ("admin", "secret")
+    assert read_bmc_credentials(n40.bmc) == ("admin", "secret")
     assert [n.name for n in inv.select("node-[2-3,40]")] == ["node-2", "node-3", "node-40"]
 
 

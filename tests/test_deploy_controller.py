@@ -18,8 +18,10 @@ from appliance.deploy.power import FakePower
 from appliance.deploy.store import DeploymentStore
 from appliance.deploy.workflow import BootDeadlines, default_workflow, parse_steps
 from appliance.events import EventBus, EventKind
-from appliance.inventory import BmcSpec, Inventory, Node
-from appliance.profiles import BootProfile, ProfileStore
+from domain.nodes import BmcSpec, Node
+from appliance.inventory import Inventory
+from domain.profiles import BootProfile
+from appliance.profiles import ProfileStore
 from appliance.statedb import open_state_db
 
 FAST = BootDeadlines(dhcp_after_reset=0.4, script_after_dhcp=0.4, kernel_after_script=0.4, agent_after_kernel=0.4,

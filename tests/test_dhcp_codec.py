@@ -9,7 +9,7 @@ from scapy.layers.dhcp import BOOTP, DHCP
 from scapy.layers.inet import IP, UDP
 from scapy.utils import checksum as scapy_checksum
 
-from appliance.errors import MalformedPacket
+from domain.errors import MalformedPacket
 from netboot.dhcp4 import options as o
 from netboot.dhcp4.codec import (
     BOOTP_MIN_LEN, BOOTREPLY, DhcpPacket, decode, encode, encode_reply, internet_checksum, ipv4_udp_packet,

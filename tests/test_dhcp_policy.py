@@ -11,7 +11,8 @@ from scapy.layers.dhcp import BOOTP, DHCP
 
 from appliance.config import ApplianceConfig, BootConfig, DhcpConfig, DnsConfig
 from appliance.events import EventKind
-from appliance.inventory import Inventory, Node
+from domain.nodes import Node
+from appliance.inventory import Inventory
 from netboot.dhcp4 import options as o
 from netboot.dhcp4.codec import decode
 from netboot.dhcp4.leases import LeaseTable

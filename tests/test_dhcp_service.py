@@ -19,7 +19,7 @@ from scapy.layers.inet import IP, UDP
 from scapy.layers.l2 import Ether
 
 from appliance.config import ApplianceConfig
-from appliance.errors import BindError
+from domain.errors import BindError
 from appliance.events import EventBus, EventKind
 from appliance.statedb import open_state_db
 from netboot.dhcp4.server import DhcpService

@@ -11,8 +11,9 @@ import pytest
 from dnslib import QTYPE, RCODE, RR, A, DNSRecord
 
 from appliance.config import ApplianceConfig, DnsConfig
-from appliance.errors import BindError
-from appliance.inventory import Inventory, Node
+from domain.errors import BindError
+from domain.nodes import Node
+from appliance.inventory import Inventory
 from netboot.dns import DnsService
 
 NODES = (

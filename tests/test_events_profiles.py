@@ -6,7 +6,8 @@ from pathlib import Path
 import pytest
 
 from appliance.events import EventBus, EventKind
-from appliance.profiles import BootProfile, ProfileStore
+from domain.profiles import BootProfile
+from appliance.profiles import ProfileStore
 from appliance.statedb import open_state_db
 
 

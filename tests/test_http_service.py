@@ -15,10 +15,12 @@ import aiohttp
 import pytest
 
 from appliance.config import ApplianceConfig, BootConfig, DhcpConfig, HttpConfig
-from appliance.errors import BindError
+from domain.errors import BindError
 from appliance.events import EventBus, EventKind
-from appliance.inventory import Inventory, Node
-from appliance.profiles import BootProfile, ProfileStore
+from domain.nodes import Node
+from appliance.inventory import Inventory
+from domain.profiles import BootProfile
+from appliance.profiles import ProfileStore
 from netboot.http import HttpService
 
 NODE1 = Node("node-1", "52:54:00:77:00:01", ipaddress.IPv4Address("127.0.0.11"), rack="r1")

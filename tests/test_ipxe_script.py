@@ -13,8 +13,8 @@ from typing import Callable
 
 import pytest
 
-from appliance.inventory import Node
-from appliance.profiles import BootProfile
+from domain.nodes import Node
+from domain.profiles import BootProfile
 from ipxe.script import ScriptTiming, render_script, render_unknown_script
 
 BASE = "http://10.77.0.1:8080"

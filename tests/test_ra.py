@@ -14,7 +14,7 @@ from pyroute2 import NetNS
 from scapy.layers.inet6 import ICMPv6ND_RA, ICMPv6ND_RS, ICMPv6NDOptPrefixInfo, ICMPv6NDOptSrcLLAddr, IPv6
 from scapy.layers.l2 import Ether
 
-from appliance.errors import BindError
+from domain.errors import BindError
 from netboot.ra import RouterAdvertiser, build_router_advertisement, parse_if_inet6
 from test_dhcp_policy import make_config
 from vmtestbed.netns import Lab, entered, socket_in

@@ -15,6 +15,7 @@ from pathlib import Path
 import pytest
 
 from appliance.config import load_config
+from appliance.inventory import read_bmc_credentials
 from vmtestbed.appliance_files import BMC_USER, bmc_password
 from vmtestbed.control import Control
 from vmtestbed.netns import entered
@@ -71,7 +72,7 @@ def test_testbed_boots_every_node_to_its_script_and_leaves_nothing_behind() -> N
         config = load_config(result.files.config)  # the generated config is valid for the appliance
         assert len(config.inventory) == NODES
         assert {n.rack for n in config.inventory.nodes} == {"r1", "r2"}
-        assert all(n.bmc is not None and n.bmc.credentials() == (BMC_USER, bmc_password(plan)) for n in config.inventory.nodes)
+        assert all(n.bmc is not None and read_bmc_credentials(n.bmc) == (BMC_USER, bmc_password(plan)) for n in config.inventory.nodes)
         assert len(existing_namespaces(plan.prefix)) == NODES + 3
 
         start_appliance(plan, result.files)

@@ -5,8 +5,8 @@ import ipaddress
 
 import pytest
 
-from appliance.inventory import Node
-from appliance.profiles import BootProfile
+from domain.nodes import Node
+from domain.profiles import BootProfile
 from ipxe.script import ScriptTiming, render_script
 from vmtestbed.ipxe_script import FetchError, Interpreter, parse_options
 

@@ -8,7 +8,7 @@ from scapy.layers.dhcp import BOOTP, DHCP
 from scapy.layers.inet import IP, UDP
 from scapy.layers.l2 import Ether
 
-from appliance.errors import MalformedPacket
+from domain.errors import MalformedPacket
 from vmtestbed import wire
 from vmtestbed.faults import assign_faults, draw_post_delay, parse_faults, parse_post_delay
 from vmtestbed.plan import make_plan

@@ -15,7 +15,7 @@ from scapy.layers.tftp import (
 )
 from scapy.packet import Raw
 
-from appliance.errors import MalformedPacket
+from domain.errors import MalformedPacket
 from netboot.tftp.codec import (
     Ack,
     Data,

@@ -16,7 +16,7 @@ import pytest
 import tftpy
 
 from appliance.config import ApplianceConfig, BootConfig, TftpConfig
-from appliance.errors import BindError
+from domain.errors import BindError
 from appliance.events import EventBus, EventKind, NodeEvent
 from appliance.inventory import Inventory
 from netboot.tftp.codec import Data, Error, OptionAck, decode, encode_ack, encode_error, encode_request

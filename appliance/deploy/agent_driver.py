@@ -20,7 +20,7 @@ import asyncssh
 
 from appliance.catalog import Environment, Partition
 from appliance.deploy.drivers import BroadcastOutcome, DeployError
-from appliance.inventory import Node
+from domain.nodes import Node
 from broadcast.agent import AgentClient, ssh_arm
 from broadcast.chain import ChainParams
 from broadcast.disk import PartitionSpec

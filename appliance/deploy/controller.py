@@ -23,10 +23,12 @@ from appliance.deploy.drivers import DeployDriver, DeployError
 from appliance.deploy.power import BmcUnreachable, PowerDriver, PowerError
 from appliance.deploy.store import DeploymentStore
 from appliance.deploy.workflow import Implementation, MacroStep, Workflow
-from appliance.errors import RackbootError
+from domain.errors import RackbootError
 from appliance.events import EventBus, EventKind, NodeEvent
-from appliance.inventory import Inventory, Node
-from appliance.profiles import BootProfile, ProfileStore
+from domain.nodes import Node
+from appliance.inventory import Inventory
+from domain.profiles import BootProfile
+from appliance.profiles import ProfileStore
 
 log = logging.getLogger("rackboot.deploy")
 

@@ -7,8 +7,8 @@ from pathlib import Path
 from typing import Callable, Protocol
 
 from appliance.catalog import Environment
-from appliance.errors import RackbootError
-from appliance.inventory import Node
+from domain.errors import RackbootError
+from domain.nodes import Node
 
 
 class DeployError(RackbootError):

@@ -11,8 +11,9 @@ import random
 from concurrent.futures import ThreadPoolExecutor
 from typing import Any, Callable, Protocol
 
-from appliance.errors import RackbootError
-from appliance.inventory import Node
+from domain.errors import RackbootError
+from appliance.inventory import read_bmc_credentials
+from domain.nodes import Node
 
 log = logging.getLogger("rackboot.power")
 
@@ -64,7 +65,7 @@ class IpmiPower:
         if node.bmc is None:
             raise PowerError(f"{node.name}: no BMC in the inventory")
         bmc = node.bmc
-        user, password = bmc.credentials()
+        user, password = read_bmc_credentials(bmc)
         key = (bmc.address, bmc.port)
 
         def run() -> object:

@@ -8,7 +8,7 @@ from __future__ import annotations
 
 import struct
 
-from appliance.errors import MalformedPacket
+from domain.errors import MalformedPacket
 from netboot.dhcp4 import options as o
 
 # RFC 2131 2: op htype hlen hops xid secs flags ciaddr yiaddr siaddr giaddr chaddr sname file, then the cookie.

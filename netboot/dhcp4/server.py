@@ -16,7 +16,7 @@ import sqlite3
 import time
 
 from appliance.config import ApplianceConfig
-from appliance.errors import BindError, MalformedPacket
+from domain.errors import BindError, MalformedPacket
 from appliance.events import EventBus
 from netboot.dhcp4 import options as o
 from netboot.dhcp4.codec import decode, ipv4_udp_packet

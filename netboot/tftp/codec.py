@@ -6,7 +6,7 @@ from dataclasses import dataclass, field
 from enum import IntEnum
 from typing import Mapping, Union
 
-from appliance.errors import MalformedPacket
+from domain.errors import MalformedPacket
 
 _HEADER = struct.Struct("!HH")
 _OPCODE = struct.Struct("!H")

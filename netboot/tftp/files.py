@@ -9,7 +9,7 @@ from dataclasses import dataclass
 from pathlib import Path
 from typing import Callable
 
-from appliance.errors import RackbootError
+from domain.errors import RackbootError
 from netboot.tftp.codec import ErrorCode
 
 VirtualFiles = Callable[[str | None, str], bytes | None]

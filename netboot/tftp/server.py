@@ -14,7 +14,7 @@ from dataclasses import dataclass, field
 from typing import Callable
 
 from appliance.config import ApplianceConfig
-from appliance.errors import BindError, MalformedPacket
+from domain.errors import BindError, MalformedPacket
 from appliance.events import EventBus, EventKind
 from netboot.tftp.codec import ErrorCode, ReadRequest, WriteRequest, decode, encode_error
 from netboot.tftp.files import FileCache, FileStore, TftpFile, TftpFileError, VirtualFiles

@@ -33,8 +33,8 @@ from typing import Any
 
 import aiohttp
 
-from ipxe import mac_slug
-from appliance.errors import BindError
+from domain.nodes import mac_slug
+from domain.errors import BindError
 from broadcast.agent import AgentConfig, DeployAgent
 from broadcast.errors import AgentError
 from vmtestbed import wire

@@ -7,7 +7,7 @@ import re
 from dataclasses import asdict, dataclass, field
 from pathlib import Path
 
-from appliance.inventory import mac_add
+from domain.nodes import mac_add
 
 NAME_RE = re.compile(r"^[a-z0-9][a-z0-9-]{0,15}$")
 MAX_PORTS_PER_BRIDGE = 1000  # a Linux bridge takes at most 1024 ports (BR_MAX_PORTS)

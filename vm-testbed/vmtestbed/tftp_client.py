@@ -10,7 +10,7 @@ import socket
 from dataclasses import dataclass
 from typing import Callable
 
-from appliance.errors import MalformedPacket
+from domain.errors import MalformedPacket
 from netboot.tftp import codec
 from vmtestbed.ipxe_script import FetchError
 

@@ -10,7 +10,7 @@ import ipaddress
 import struct
 from dataclasses import dataclass, field
 
-from appliance.errors import MalformedPacket
+from domain.errors import MalformedPacket
 
 ETH_P_IP = 0x0800
 BROADCAST_MAC = b"\xff" * 6

@@ -1,4 +1,4 @@
-"""One error hierarchy for rackboot."""
+"""One error hierarchy for rackboot: every package raises these (the bottom of the import graph)."""
 from __future__ import annotations
 
 
