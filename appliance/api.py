@@ -11,6 +11,7 @@ import csv
 import io
 import json
 import logging
+import re
 import tempfile
 from pathlib import Path
 from typing import Any, Awaitable, Callable
@@ -23,7 +24,11 @@ from appliance.catalog import Catalog, CatalogError, parse_environment_file
 from appliance.deploy.controller import Controller, OverlapError
 from appliance.deploy.power import POWER_OPS, PowerError
 from appliance.deploy.workflow import parse_steps
+from appliance.events import EventBus
+from appliance.profiles import ProfileStore
 from domain.errors import ConfigError
+from domain.profiles import BootProfile
+from domain.progress import ProfileSet, event_json
 from domain.nodes import Node
 from appliance.inventory import Inventory
 
@@ -31,8 +36,14 @@ log = logging.getLogger("rackboot.api")
 Handler = Callable[[web.Request], Awaitable[web.StreamResponse]]
 OPEN_PATHS = ("/api/v1/health", "/api/v1/openapi.json")
 USER_KEY = web.RequestKey("user", User)
-# Callback stages that claim progress in a deployment: they need the node's one-time token.
-CLAIMED_STAGES = ("deploy", "agent", "agent_up", "installed", "os")
+
+
+_TOKEN_WORD = re.compile(r"(rackboot\.token=)\S+")
+
+
+def redact_tokens(cmdline: str) -> str:
+    """Hide one-time node tokens in a kernel command line shown to API users."""
+    return _TOKEN_WORD.sub(r"\1***", cmdline)
 
 
 def _error(status: int, message: str) -> web.Response:
@@ -43,14 +54,17 @@ class Api:
     """Adds the REST API and the auth middleware to an aiohttp application."""
 
     def __init__(self, app: web.Application, inventory: Inventory, users: Users, tokens: NodeTokens,
-                 catalog: Catalog, controller: Controller, stage_dir: Path, shares: Any = None) -> None:
+                 catalog: Catalog, controller: Controller, stage_dir: Path, *, profiles: ProfileStore,
+                 events: EventBus, stats: Callable[[], dict[str, Any]] = dict) -> None:
         self.inventory = inventory
         self.users = users
         self.tokens = tokens
         self.catalog = catalog
         self.controller = controller
         self.stage_dir = stage_dir
-        self.shares = shares
+        self.profiles = profiles
+        self.events = events
+        self.stats = stats
         app.middlewares.append(self._auth_middleware)
         r = app.router
         r.add_get("/api/v1/openapi.json", self._openapi)
@@ -72,7 +86,10 @@ class Api:
         r.add_post("/api/v1/users/{name}/rights", self._grant)
         r.add_get("/api/v1/stats", self._stats)
         r.add_post("/api/v1/exec", self._exec)
-        r.add_get("/images/{token}", self._image)
+        r.add_get("/api/v1/health", self._health)
+        r.add_get("/api/v1/nodes", self._nodes)
+        r.add_get("/api/v1/nodes/{name}", self._node)
+        r.add_put("/api/v1/nodes/{name}/profile", self._set_profile)
 
     # -- auth ---------------------------------------------------------------------------------------
 
@@ -87,26 +104,9 @@ class Api:
                 request[USER_KEY] = user
                 if request.method == "PUT" and path.endswith("/profile"):
                     self.users.check(user, "deploy", [request.match_info.get("name", "")])
-            elif path.startswith("/callback/"):
-                await self._check_callback(request)
             return await handler(request)
         except AuthError as exc:
             return _error(exc.status, str(exc))
-
-    async def _check_callback(self, request: web.Request) -> None:
-        """A callback that claims a deployment stage must carry the node's current one-time token."""
-        if request.method == "POST":
-            try:
-                body = json.loads(await request.read() or b"{}")
-            except ValueError:
-                return  # the handler answers 400 and counts it
-        else:
-            body = dict(request.query)
-        if not isinstance(body, dict) or body.get("stage") not in CLAIMED_STAGES:
-            return
-        mac = request.match_info.get("mac", "").replace("-", ":").lower()
-        if self.tokens.check(mac, body.get("token")) is None:
-            raise AuthError(f"callback for {mac}: wrong or missing one-time token", 403)
 
     def _user(self, request: web.Request) -> User:
         return request[USER_KEY]
@@ -127,6 +127,52 @@ class Api:
         return body
 
     # -- handlers -----------------------------------------------------------------------------------
+
+    async def _health(self, request: web.Request) -> web.Response:
+        """GET /api/v1/health: liveness and counters."""
+        return web.json_response({"status": "ok", "nodes": len(self.inventory), **self.stats()})
+
+    def _events_param(self, request: web.Request) -> int | None:
+        try:
+            n = int(request.query["events"]) if "events" in request.query else None
+        except ValueError:
+            raise web.HTTPBadRequest(text="events must be an integer\n") from None
+        return n if n is None or n >= 0 else 0
+
+    def _node_json(self, node: Node, n_events: int | None) -> dict[str, Any]:
+        profile = self.profiles.get(node.mac).to_json()
+        profile["cmdline"] = redact_tokens(str(profile.get("cmdline", "")))
+        return {"name": node.name, "mac": node.mac, "ip": str(node.ip), "rack": node.rack, "profile": profile,
+                "events": [event_json(e) for e in self.events.last(node.mac, n_events)]}
+
+    def _named_node(self, request: web.Request) -> Node:
+        node = self.inventory.by_name.get(request.match_info["name"])
+        if node is None:
+            raise web.HTTPNotFound(text=f"no node {request.match_info['name']!r} in the inventory\n")
+        return node
+
+    async def _nodes(self, request: web.Request) -> web.Response:
+        """GET /api/v1/nodes[?events=N]: every inventory node with its profile and last events."""
+        n = self._events_param(request)
+        return web.json_response({"nodes": [self._node_json(node, n) for node in self.inventory.nodes]})
+
+    async def _node(self, request: web.Request) -> web.Response:
+        """GET /api/v1/nodes/NAME: one node with its profile and last events."""
+        return web.json_response(self._node_json(self._named_node(request), self._events_param(request)))
+
+    async def _set_profile(self, request: web.Request) -> web.Response:
+        """PUT /api/v1/nodes/NAME/profile with a JSON BootProfile: what the node boots next."""
+        node = self._named_node(request)
+        try:
+            data = await request.json()
+            if not isinstance(data, dict):
+                raise ValueError("expected a JSON object")
+            profile = BootProfile.from_json(data)
+        except (ValueError, TypeError, AttributeError, UnicodeDecodeError) as exc:
+            raise web.HTTPBadRequest(text=f"not a boot profile: {exc}\n") from None
+        self.profiles.set(node.mac, profile)
+        self.events.publish(ProfileSet(node.mac, profile.kind, profile.env, "api"))
+        return web.json_response(self._node_json(node, None))
 
     async def _openapi(self, request: web.Request) -> web.Response:
         return web.json_response(OPENAPI)
@@ -357,14 +403,6 @@ class Api:
             s["total_s"] = round(s["total_s"] + r["duration"], 3)
             s["max_s"] = max(s["max_s"], r["duration"])
         return web.json_response({"steps": rows, "summary": summary})
-
-    async def _image(self, request: web.Request) -> web.StreamResponse:
-        """Nodes download the image of a running broadcast (star) behind that attempt's random token."""
-        path = self.shares.get(request.match_info["token"]) if self.shares is not None else None
-        if path is None:
-            return _error(403, "no image behind this token")
-        return web.FileResponse(path, chunk_size=256 * 1024)
-
 
 def _op(summary: str, body: dict[str, Any] | None = None, params: list[dict[str, Any]] | None = None) -> dict[str, Any]:
     op: dict[str, Any] = {"summary": summary, "responses": {"200": {"description": "OK"}, "401": {"description": "no or unknown token"},

@@ -8,64 +8,74 @@ import os
 import signal
 from pathlib import Path
 
+from dataclasses import replace
+
+from appliance.api import Api
+from appliance.auth import NodeTokens, Users
+from appliance.booting import DEFAULT_DISCOVERY_PROFILE, NodeBootTargets
+from appliance.catalog import Catalog
 from appliance.config import ApplianceConfig
+from appliance.deploy.agent_driver import AgentDeployDriver
+from appliance.deploy.controller import Controller, ControllerDeps
+from appliance.deploy.power import IpmiPower, PowerByDriver
+from appliance.deploy.store import DeploymentStore
+from appliance.deploy.workflow import BootDeadlines, default_workflow
 from appliance.events import EventBus
-from domain.profiles import BootProfile
 from appliance.profiles import ProfileStore
 from appliance.service import Service
 from appliance.statedb import open_state_db
+from domain.profiles import BootProfile
+from ipxe.script import ScriptRenderer
+from netboot.dhcp4.server import DhcpService
+from netboot.dhcp4.settings import BootPrograms, DhcpSettings, Reservation
+from netboot.dns import DnsService, DnsSettings
+from netboot.http import HttpService, HttpSettings
+from netboot.ra import RouterAdvertiser
+from netboot.tftp.server import TftpService, TftpSettings
 
 log = logging.getLogger("rackboot.appliance")
 
 
 class Appliance:
-    """Owns the config, the event stream, the state database and every service; nothing is global."""
+    """Owns the config, the event stream, the state database and every service; nothing is global.
+
+    The only place that reads the whole config: each service gets its own settings and narrow lookups.
+    """
 
     def __init__(self, config: ApplianceConfig) -> None:
-        from netboot.dhcp4.server import DhcpService
-        from netboot.dns import DnsService
-        from netboot.http import DEFAULT_DISCOVERY_PROFILE, HttpService
-        from netboot.ra import RouterAdvertiser
-        from netboot.tftp.server import TftpService
-
         self.config = config
         self.events = EventBus()
         config.state_dir.mkdir(parents=True, exist_ok=True)
         self.db = open_state_db(config.state_dir / "rackboot.db")
-        self.profiles = ProfileStore(self.db, DEFAULT_DISCOVERY_PROFILE if config.boot.default_profile == "discovery" else BootProfile(kind=config.boot.default_profile))
-        self.dhcp = DhcpService(config, self.events, self.db)
-        self.tftp = TftpService(config, self.events, mac_for_ip=self.mac_for_ip, virtual=self.tftp_virtual_file)
-        self.http = HttpService(config, self.events, self.profiles, mac_for_ip=self.mac_for_ip)
-        self.dns = DnsService(config)
+        default = DEFAULT_DISCOVERY_PROFILE if config.boot.default_profile == "discovery" else BootProfile(kind=config.boot.default_profile)
+        self.profiles = ProfileStore(self.db, default)
+        inventory = config.inventory
+        discovery = DEFAULT_DISCOVERY_PROFILE if config.dhcp.unknown_macs == "discovery" else None
+        self.scripts = ScriptRenderer(NodeBootTargets(inventory, self.profiles, discovery), config.http_base)
+        self.users = Users(self.db)
+        self.users.ensure_admin(config.state_dir / "admin.token")
+        self.tokens = NodeTokens()
+        self.agent = AgentDeployDriver(config, self.tokens)
+        reservations = {n.mac: Reservation(n.ip, n.name) for n in inventory.nodes}
+        self.dhcp = DhcpService(dhcp_settings(config), reservations, self.events.publish, self.db)
+        self.tftp = TftpService(tftp_settings(config), self.events.publish, self.mac_for_ip, self.scripts)
+        self.http = HttpService(http_settings(config), self.events.publish, self.scripts, self.mac_for_ip,
+                                check_token=self.tokens.check, shared_images=self.agent.shares.get)
+        self.dns = DnsService(dns_settings(config), {n.name: n.ip for n in inventory.nodes})
         self._build_controller(config)
         self.services: list[Service] = [self.tftp, self.http, self.dns]
         if config.dhcp.mode != "off":
             self.services.insert(0, self.dhcp)
         if config.dhcp.router_advertisements:
-            self.services.append(RouterAdvertiser(config))
+            self.services.append(RouterAdvertiser(config.interface))
         self._stop = asyncio.Event()
 
     def _build_controller(self, config: ApplianceConfig) -> None:
         """The deployment controller, the catalog, users and rights, and the REST API on the HTTP server."""
-        from dataclasses import replace
-
-        from appliance.api import Api
-        from appliance.auth import NodeTokens, Users
-        from appliance.catalog import Catalog
-        from appliance.deploy.agent_driver import AgentDeployDriver
-        from appliance.deploy.controller import Controller, ControllerDeps
-        from appliance.deploy.power import IpmiPower, PowerByDriver
-        from appliance.deploy.store import DeploymentStore
-        from appliance.deploy.workflow import BootDeadlines, default_workflow
-
-        self.users = Users(self.db)
-        self.users.ensure_admin(config.state_dir / "admin.token")
-        self.tokens = NodeTokens()
         self.catalog = Catalog(self.db, config.state_dir / "images")
         self.store = DeploymentStore(self.db)
         self.store.mark_interrupted()
         self.ipmi = IpmiPower(per_bmc=config.deploy.bmc_concurrency)
-        self.agent = AgentDeployDriver(config, self.tokens)
         deadlines = replace(BootDeadlines(), **config.deploy.deadlines)
         d = config.deploy
         deps = ControllerDeps(
@@ -77,7 +87,7 @@ class Appliance:
             deps, lambda method, kexec: replace(default_workflow(method, kexec), deadlines=deadlines,
                                                 reboot_window=d.reboot_window, bmc_concurrency=d.bmc_concurrency))
         self.api = Api(self.http.app, config.inventory, self.users, self.tokens, self.catalog, self.controller,
-                       config.state_dir / "upload", self.agent.shares)
+                       config.state_dir / "upload", profiles=self.profiles, events=self.events, stats=self.stats)
 
     def mac_for_ip(self, ip: ipaddress.IPv4Address | str) -> str | None:
         """Return the MAC behind a node address (inventory first, then dynamic leases)."""
@@ -86,16 +96,6 @@ class Appliance:
         if node is not None:
             return node.mac
         return self.dhcp.mac_for_ip(addr)
-
-    def tftp_virtual_file(self, mac: str | None, path: str) -> bytes | None:
-        """Per-MAC files rendered on the fly for TFTP: `boot.ipxe`, the node's current iPXE script (for
-        firmware whose iPXE is told to fetch its script over TFTP)."""
-        if mac is None or path != "boot.ipxe":
-            return None
-        from ipxe.script import render_script
-
-        node = self.config.inventory.by_mac.get(mac)
-        return render_script(self.profiles.get(mac), node, mac, self.config.http_base).encode()
 
     async def start(self) -> None:
         """Bind every socket before serving anything; on failure close what was bound and re-raise."""
@@ -149,3 +149,43 @@ async def serve_forever(config: ApplianceConfig) -> None:
         await app.run()
     finally:
         ready.unlink(missing_ok=True)
+
+
+def _nbp_names(config: ApplianceConfig) -> tuple[str, ...]:
+    boot = config.boot
+    return tuple(n for n in (boot.bios_nbp, boot.uefi_nbp, boot.arm64_nbp) if n)
+
+
+def dhcp_settings(config: ApplianceConfig) -> DhcpSettings:
+    """The DHCP service's settings from the appliance config."""
+    d, b = config.dhcp, config.boot
+    return DhcpSettings(
+        interface=config.interface, address=config.address,
+        boot=BootPrograms(http_base=config.http_base, bios_nbp=b.bios_nbp, uefi_nbp=b.uefi_nbp, arm64_nbp=b.arm64_nbp),
+        mode=d.mode, port=d.port, client_port=d.client_port, proxy_port=d.proxy_port, lease_time=d.lease_time,
+        pool=d.pool, router=d.router, dns_servers=d.dns_servers, domain=config.dns.domain,
+        discovery=d.unknown_macs == "discovery", broadcast_replies=d.broadcast_replies,
+    )
+
+
+def tftp_settings(config: ApplianceConfig) -> TftpSettings:
+    """The TFTP service's settings from the appliance config."""
+    t = config.tftp
+    return TftpSettings(address=config.ip, root=t.root, ipxe_dir=config.boot.ipxe_dir, nbp_names=_nbp_names(config),
+                        port=t.port, interface=config.interface, max_blksize=t.max_blksize,
+                        max_windowsize=t.max_windowsize, timeout=t.timeout, retries=t.retries, max_sessions=t.max_sessions)
+
+
+def http_settings(config: ApplianceConfig) -> HttpSettings:
+    """The HTTP service's settings from the appliance config."""
+    h = config.http
+    return HttpSettings(address=config.ip, port=h.port, files=h.files, ipxe_dir=config.boot.ipxe_dir,
+                        nbp_names=_nbp_names(config), interface=config.interface, tls_cert=h.tls_cert,
+                        tls_key=h.tls_key, tls_port=h.tls_port)
+
+
+def dns_settings(config: ApplianceConfig) -> DnsSettings:
+    """The DNS service's settings from the appliance config."""
+    n = config.dns
+    return DnsSettings(interface=config.interface, address=config.address, domain=n.domain, port=n.port, ttl=n.ttl,
+                       unknown=n.unknown, upstream=n.upstream)

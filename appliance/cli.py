@@ -9,9 +9,12 @@ import sys
 import time
 import urllib.error
 import urllib.request
+from importlib.metadata import entry_points
 
 from appliance.config import load_config, summarize
 from domain.errors import BindError, ConfigError
+
+COMMAND_PLUGINS = "rackboot.commands"  # entry point group: callables that add subcommands to the parser
 
 
 def _cmd_serve(args: argparse.Namespace) -> int:
@@ -102,12 +105,15 @@ def build_parser() -> argparse.ArgumentParser:
     from appliance.client import register as register_client
 
     register_client(sub)
-    try:
-        from vmtestbed.cli import register as register_testbed
-    except ImportError:  # the testbed is optional at run time
-        register_testbed = None
-    if register_testbed is not None:
-        register_testbed(sub)
+    for plugin in entry_points(group=COMMAND_PLUGINS):
+        # More subcommands from installed packages (the vm-testbed's `testbed` and `demo`): they plug in here,
+        # so the appliance never imports them.
+        try:
+            register = plugin.load()
+        except ImportError as exc:
+            logging.getLogger("rackboot").debug("command plugin %s not loaded: %s", plugin.name, exc)
+            continue
+        register(sub)
     return parser
 
 

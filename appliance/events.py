@@ -1,50 +1,11 @@
-"""One in-process stream of what the boot services observed, per MAC, with bounded fan-out."""
+"""The event bus: one in-process stream of the boot services' typed node records, per MAC, with bounded fan-out."""
 from __future__ import annotations
 
 import asyncio
-import time
 from collections import deque
-from dataclasses import dataclass, field
-from enum import StrEnum
 from typing import AsyncIterator, Callable
 
-
-class EventKind(StrEnum):
-    """What a boot service saw a node do."""
-
-    DHCP_DISCOVER = "dhcp_discover"
-    DHCP_OFFER = "dhcp_offer"
-    DHCP_REQUEST = "dhcp_request"
-    DHCP_ACK = "dhcp_ack"
-    DHCP_NAK = "dhcp_nak"
-    DHCP_DECLINE = "dhcp_decline"
-    DHCP_RELEASE = "dhcp_release"
-    DHCP_INFORM = "dhcp_inform"
-    PROXY_OFFER = "proxy_offer"
-    TFTP_REQUEST = "tftp_request"
-    NBP_SENT = "nbp_sent"
-    TFTP_SENT = "tftp_sent"
-    TFTP_FAILED = "tftp_failed"
-    SCRIPT_FETCHED = "script_fetched"
-    KERNEL_FETCHED = "kernel_fetched"
-    INITRD_FETCHED = "initrd_fetched"
-    FILE_FETCHED = "file_fetched"
-    CALLBACK = "callback"
-    PROFILE_SET = "profile_set"
-
-
-@dataclass(frozen=True)
-class NodeEvent:
-    """One observation: which MAC, what happened, when, and details (file name, address, ...)."""
-
-    mac: str
-    kind: EventKind
-    ts: float = field(default_factory=time.time)
-    detail: dict[str, str] = field(default_factory=dict)
-
-    def to_json(self) -> dict[str, object]:
-        """Return a JSON-ready dict."""
-        return {"mac": self.mac, "kind": str(self.kind), "ts": self.ts, "detail": dict(self.detail)}
+from domain.progress import NodeEvent
 
 
 class Subscription:
@@ -94,7 +55,7 @@ class Subscription:
 
 
 class EventBus:
-    """Publishes node events to subscribers and keeps the last events of each MAC."""
+    """Publishes node records to subscribers and keeps the last records of each MAC (MACs are lower case)."""
 
     def __init__(self, history: int = 32, max_macs: int = 65536) -> None:
         self._history = history
@@ -105,20 +66,19 @@ class EventBus:
         self._subs: set[Subscription] = set()
         self.published = 0
 
-    def publish(self, mac: str, kind: EventKind, **detail: object) -> NodeEvent:
-        """Record and fan out one event; never blocks."""
-        event = NodeEvent(mac=mac.lower(), kind=kind, detail={k: str(v) for k, v in detail.items()})
-        history = self._last.pop(event.mac, None)
+    def publish(self, event: NodeEvent) -> None:
+        """Record and fan out one record; never blocks (the boot services' EventSink)."""
+        mac = event.mac
+        history = self._last.pop(mac, None)
         if history is None:
             history = deque(maxlen=self._history)
             if len(self._last) >= self._max_macs:
                 del self._last[next(iter(self._last))]
-        self._last[event.mac] = history
+        self._last[mac] = history
         history.append(event)
         self.published += 1
-        for sub in list(self._subs):
+        for sub in self._subs:
             sub._offer(event)
-        return event
 
     def subscribe(self, maxsize: int = 10000, accept: Callable[[NodeEvent], bool] | None = None) -> Subscription:
         """Return a new subscription (only events `accept` takes, when given); use it as a context manager."""

@@ -34,6 +34,10 @@ class ProfileStore:
         for m in macs:
             self._cache[m.lower()] = profile
 
+    def explicit(self, mac: str) -> BootProfile | None:
+        """Return the profile set for a MAC, or None when it has none (no default)."""
+        return self._cache.get(mac.lower())
+
     def all(self) -> dict[str, BootProfile]:
         """Return every explicitly set profile."""
         return dict(self._cache)

@@ -14,6 +14,7 @@ import string
 from dataclasses import dataclass
 from functools import cache
 from importlib import resources
+from typing import Protocol
 from urllib.parse import quote, unquote, urlsplit
 
 from domain.nodes import Node
@@ -162,3 +163,51 @@ def render_script(
 def render_unknown_script(mac: str) -> str:
     """Return the script for a MAC outside the inventory when unknown MACs are ignored: say so and exit."""
     return _template("unknown.ipxe").substitute(mac=mac)
+
+
+class BootTargets(Protocol):
+    """What the renderer needs to know about a MAC (the composition root answers from inventory and profiles)."""
+
+    def node(self, mac: str) -> Node | None:
+        """Return the inventory node with this MAC, or None."""
+
+    def profile_for(self, mac: str) -> BootProfile | None:
+        """Return what the MAC boots, or None for a MAC outside the inventory that is ignored."""
+
+
+@dataclass(frozen=True)
+class Script:
+    """A rendered script and what it does: the profile kind ('unknown' for an ignored MAC) and environment."""
+
+    text: str
+    profile: str
+    env: str = ""
+
+
+class ScriptRenderer:
+    """The one place that turns a MAC into its iPXE script, for HTTP and TFTP alike."""
+
+    def __init__(self, targets: BootTargets, base_url: str, timing: ScriptTiming = ScriptTiming()) -> None:
+        self.targets = targets
+        self.base_url = base_url
+        self.timing = timing
+
+    def render(self, mac: str) -> Script:
+        """Return the script of a (normalized) MAC from its current boot profile."""
+        profile = self.targets.profile_for(mac)
+        if profile is None:
+            return Script(render_unknown_script(mac), "unknown")
+        text = render_script(profile, self.targets.node(mac), mac, self.base_url, timing=self.timing)
+        return Script(text, profile.kind, profile.env)
+
+    def image_kind(self, mac: str, path: str) -> str | None:
+        """Return 'kernel' or 'initrd' when an HTTP path is one of the images the MAC's profile boots, else None."""
+        profile = self.targets.profile_for(mac)
+        if profile is None or profile.kind not in BOOTING_KINDS:
+            return None
+        images = boot_images(profile, self.targets.node(mac), mac, self.base_url)
+        if url_path(images.kernel_url, self.base_url) == path:
+            return "kernel"
+        if any(url_path(url, self.base_url) == path for url, _ in images.initrds):
+            return "initrd"
+        return None

@@ -12,14 +12,26 @@ import logging
 import secrets
 import struct
 from dataclasses import dataclass, field
-from typing import Callable
+from typing import Callable, Mapping
 
 from dnslib import OPCODE, QTYPE, RCODE, RR, A, DNSRecord, EDNS0, NS, PTR, SOA
 
-from appliance.config import ApplianceConfig
 from domain.errors import BindError, MalformedPacket
 
 log = logging.getLogger("rackboot.dns")
+
+
+@dataclass(frozen=True)
+class DnsSettings:
+    """The DNS service's own settings: its address and network, the zone, and what to do with other names."""
+
+    interface: str
+    address: ipaddress.IPv4Interface     # where to listen; the network is the reverse zone we answer for
+    domain: str = "cluster.test"
+    port: int = 53
+    ttl: int = 60
+    unknown: str = "refuse"              # refuse | forward
+    upstream: tuple[tuple[str, int], ...] = ()
 
 FORWARD_TIMEOUT_S = 2.0
 MAX_PENDING_FORWARDS = 4096
@@ -63,20 +75,21 @@ def new_reply(request: DNSRecord, *, ra: bool, aa: bool) -> DNSRecord:
 
 
 class DnsZone:
-    """Policy: authoritative answers for the inventory's names in the configured domain (pure)."""
+    """Policy: authoritative answers for the nodes' names in the configured domain (pure)."""
 
-    def __init__(self, config: ApplianceConfig, *, recursion_available: bool = False) -> None:
-        self.domain = config.dns.domain.strip(".").lower()
-        self.ttl = config.dns.ttl
-        self.network = config.address.network
+    def __init__(self, settings: DnsSettings, hosts: Mapping[str, ipaddress.IPv4Address], *,
+                 recursion_available: bool = False) -> None:
+        self.domain = settings.domain.strip(".").lower()
+        self.ttl = settings.ttl
+        self.network = settings.address.network
         self.recursion_available = recursion_available
         self.appliance_name = f"rackboot.{self.domain}"
-        self._addresses: dict[str, ipaddress.IPv4Address] = {self.appliance_name: config.ip}
-        self._names: dict[ipaddress.IPv4Address, str] = {config.ip: self.appliance_name}
-        for node in config.inventory.nodes:
-            fqdn = f"{node.name.lower()}.{self.domain}"
-            self._addresses[fqdn] = node.ip
-            self._names[node.ip] = fqdn
+        self._addresses: dict[str, ipaddress.IPv4Address] = {self.appliance_name: settings.address.ip}
+        self._names: dict[ipaddress.IPv4Address, str] = {settings.address.ip: self.appliance_name}
+        for name, ip in hosts.items():
+            fqdn = f"{name.lower()}.{self.domain}"
+            self._addresses[fqdn] = ip
+            self._names[ip] = fqdn
         # serial: any constant works, the zone is rebuilt from the inventory at each start
         self._soa = SOA(self.appliance_name, f"hostmaster.{self.domain}", (1, 3600, 600, 86400, self.ttl))
 
@@ -189,18 +202,19 @@ class DnsService:
 
     name = "dns"
 
-    def __init__(self, config: ApplianceConfig, *, forward_timeout: float = FORWARD_TIMEOUT_S) -> None:
-        self._config = config
+    def __init__(self, settings: DnsSettings, hosts: Mapping[str, ipaddress.IPv4Address], *,
+                 forward_timeout: float = FORWARD_TIMEOUT_S) -> None:
+        self._settings = settings
         self._forward_timeout_s = forward_timeout
-        self._forward = config.dns.unknown == "forward" and bool(config.dns.upstream)
-        self.zone = DnsZone(config, recursion_available=self._forward)
+        self._forward = settings.unknown == "forward" and bool(settings.upstream)
+        self.zone = DnsZone(settings, hosts, recursion_available=self._forward)
         self._udp: asyncio.DatagramTransport | None = None
         self._tcp: asyncio.Server | None = None
         self._upstreams: list[asyncio.DatagramTransport] = []
         self._pending: dict[int, _Pending] = {}
         self._tcp_tasks: set[asyncio.Task[None]] = set()
         self._tcp_writers: set[asyncio.StreamWriter] = set()
-        self.port = config.dns.port
+        self.port = settings.port
         self._counters = dict.fromkeys(
             ("received", "sent", "dropped_malformed", "dropped_not_query", "answered", "nxdomain", "refused",
              "formerr", "notimp", "forwarded", "forward_replies", "forward_timeouts", "forward_dropped",
@@ -213,25 +227,25 @@ class DnsService:
     async def start(self) -> None:
         """Bind UDP and TCP on the appliance address and open the upstream sockets; BindError on failure."""
         loop = asyncio.get_running_loop()
-        host = str(self._config.ip)
+        host = str(self._settings.address.ip)
         try:
             transport, _ = await loop.create_datagram_endpoint(lambda: _ServerProtocol(self), local_addr=(host, self.port))
         except OSError as exc:
             raise BindError(f"dns: cannot bind UDP {host}:{self.port}: {exc.strerror or exc} "
-                            f"(another DNS server on the port, or the address is not on {self._config.interface}?)") from exc
+                            f"(another DNS server on the port, or the address is not on {self._settings.interface}?)") from exc
         self._udp = transport  # type: ignore[assignment]
         self.port = transport.get_extra_info("sockname")[1]
         try:
             self._tcp = await asyncio.start_server(self._tcp_client, host, self.port)
             if self._forward:
-                for i, (up_host, up_port) in enumerate(self._config.dns.upstream):
+                for i, (up_host, up_port) in enumerate(self._settings.upstream):
                     up, _ = await loop.create_datagram_endpoint(lambda i=i: _UpstreamProtocol(self, i), remote_addr=(up_host, up_port))
                     self._upstreams.append(up)  # type: ignore[arg-type]
         except OSError as exc:
             await self.close()
             raise BindError(f"dns: cannot bind TCP {host}:{self.port} or reach an upstream: {exc.strerror or exc}") from exc
         log.info("dns: serving %s on %s:%d (%s)", self.zone.domain, host, self.port,
-                 "forwarding to " + ", ".join(f"{h}:{p}" for h, p in self._config.dns.upstream) if self._forward else "refusing others")
+                 "forwarding to " + ", ".join(f"{h}:{p}" for h, p in self._settings.upstream) if self._forward else "refusing others")
 
     async def serve(self) -> None:
         """Serve until cancelled (the sockets bound in start() deliver to the protocol callbacks)."""
@@ -408,7 +422,7 @@ class DnsService:
     async def _forward_tcp(self, request: DNSRecord, data: bytes, reply_to: Callable[[bytes], None]) -> None:
         """Forward a query that came over TCP over TCP too (its answer may not fit a datagram)."""
         self._counters["forwarded"] += 1
-        for host, port in self._config.dns.upstream:
+        for host, port in self._settings.upstream:
             try:
                 reader, writer = await asyncio.wait_for(asyncio.open_connection(host, port), self._forward_timeout_s)
             except (OSError, asyncio.TimeoutError):

@@ -1,9 +1,13 @@
-"""The HTTP service: per-MAC iPXE scripts, iPXE binaries, static files, progress callbacks and the node API.
+"""The HTTP service: the node-facing routes: per-MAC iPXE scripts, iPXE binaries, files, images and callbacks.
 
-aiohttp on the appliance's loop. Later code (deployment controller, REST API) adds routes to `.app`
-before start(). Per-node connections are kept short (KEEPALIVE_TIMEOUT_S): iPXE EFI starts every boot
-with the same TCP source port and initial sequence number, and a connection the server still holds from
-the previous boot makes the new SYN fail once (field notes).
+aiohttp on the appliance's loop. The REST API (`appliance/api/`) adds its routes to `.app` before start().
+Per-node connections are kept short (KEEPALIVE_TIMEOUT_S): iPXE EFI starts every boot with the same TCP
+source port and initial sequence number, and a connection the server still holds from the previous boot
+makes the new SYN fail once (field notes).
+
+One node record per thing served: `ScriptServed`, `NbpSent`, `KernelFetched`, `InitrdFetched`, `FileSent`,
+and for callbacks `AgentUp`/`OsUp` (after the node's one-time token is checked here, the one place it
+is), `NodeReport` or `BootFailed`. Records carry no token.
 """
 from __future__ import annotations
 
@@ -11,20 +15,21 @@ import asyncio
 import ipaddress
 import json
 import logging
+from dataclasses import dataclass
 from pathlib import Path
-from typing import Callable
+from typing import Any, Callable
 
 from aiohttp import web
 from aiohttp.abc import AbstractStreamWriter
 
-from appliance.config import ApplianceConfig
 from domain.errors import BindError
-from appliance.events import EventBus, EventKind
-from domain.nodes import Node, normalize_mac
-from domain.profiles import BootProfile
-from appliance.profiles import ProfileStore
+from domain.nodes import normalize_mac
+from domain.progress import (
+    AGENT_STAGES, CLAIMED_STAGES, AgentUp, BootFailed, EventSink, FileSent, InitrdFetched, KernelFetched, NbpSent,
+    NodeEvent, NodeReport, OsUp, ScriptServed, Via, event_json,
+)
 from ipxe import callback_path, nbp_path, script_path
-from ipxe.script import BOOTING_KINDS, ScriptTiming, boot_images, render_script, render_unknown_script, url_path
+from ipxe.script import ScriptRenderer
 
 log = logging.getLogger("rackboot.http")
 
@@ -33,20 +38,35 @@ SHUTDOWN_TIMEOUT_S = 2.0
 LISTEN_BACKLOG = 1024
 FILE_CHUNK_SIZE = 256 * 1024
 
-# What a node outside the inventory boots when dhcp.unknown_macs is 'discovery' and nobody set another
-# profile: files laid out under the HTTP files root by convention.
-DEFAULT_DISCOVERY_PROFILE = BootProfile(
-    kind="discovery",
-    kernel="discovery/vmlinuz",
-    initrds=("discovery/initrd.img",),
-    cmdline="console=ttyS0 rackboot.mac={mac} rackboot.callback={callback}",
-    env="discovery",
-)
+# (mac, token) -> the deployment the token was issued for, or None: the one check of one-time tokens.
+TokenCheck = Callable[[str, "str | None"], "str | None"]
+# image token -> the file a running broadcast offers behind it (star), or None.
+SharedImages = Callable[[str], "Path | None"]
 
 _COUNTERS = (
     "received", "sent", "scripts", "script_polls_quiet", "nbps", "files", "files_anonymous", "files_aborted",
-    "callbacks", "api", "not_found", "forbidden", "bad_request", "dropped_malformed",
+    "callbacks", "callbacks_refused", "images", "not_found", "forbidden", "bad_request", "dropped_malformed",
 )
+
+
+@dataclass(frozen=True)
+class HttpSettings:
+    """The HTTP service's own settings."""
+
+    address: ipaddress.IPv4Address
+    port: int = 8080
+    files: Path = Path("/var/lib/rackboot/files")
+    ipxe_dir: Path = Path("/usr/lib/ipxe")
+    nbp_names: tuple[str, ...] = ("undionly.kpxe", "snponly.efi")
+    interface: str = ""
+    tls_cert: Path | None = None
+    tls_key: Path | None = None
+    tls_port: int = 8443
+
+    @property
+    def base_url(self) -> str:
+        """The URL nodes reach this server at."""
+        return f"http://{self.address}:{self.port}"
 
 
 class _ReportingFileResponse(web.FileResponse):
@@ -69,49 +89,47 @@ class _ReportingFileResponse(web.FileResponse):
 
 
 class HttpService:
-    """aiohttp application serving what iPXE, the deploy environment and operators fetch over HTTP."""
+    """aiohttp application serving what iPXE, the deploy environment and installed systems fetch and report."""
 
     name = "http"
 
     def __init__(
         self,
-        config: ApplianceConfig,
-        events: EventBus,
-        profiles: ProfileStore,
+        settings: HttpSettings,
+        emit: EventSink,
+        scripts: ScriptRenderer,
         mac_for_ip: Callable[[ipaddress.IPv4Address], str | None],
         *,
-        discovery: BootProfile = DEFAULT_DISCOVERY_PROFILE,
-        timing: ScriptTiming = ScriptTiming(),
+        check_token: TokenCheck = lambda mac, token: None,
+        shared_images: SharedImages = lambda token: None,
     ) -> None:
-        self._config = config
-        self._events = events
-        self._profiles = profiles
+        self._settings = settings
+        self._emit = emit
+        self._scripts = scripts
         self._mac_for_ip = mac_for_ip
-        self.discovery = discovery
-        self._timing = timing
-        self._base_url = config.http_base
-        self._files_root = config.http.files
-        self._nbp_names = {n for n in (config.boot.bios_nbp, config.boot.uefi_nbp, config.boot.arm64_nbp) if n}
+        self._check_token = check_token
+        self._shared_images = shared_images
+        self._files_root = settings.files
+        self._nbp_names = frozenset(n for n in settings.nbp_names if n)
         self._counters = dict.fromkeys(_COUNTERS, 0)
+        self._last_script: dict[str, str] = {}  # mac -> profile of the last script served (quiet polls)
         self._runner: web.AppRunner | None = None
         self.app = web.Application(middlewares=[self._count_middleware])
         r = self.app.router
         r.add_get(script_path("{mac}"), self._script)
         r.add_get(nbp_path("{name}"), self._nbp)
         r.add_get("/files/{path:.+}", self._file)
+        r.add_get("/images/{token}", self._image)
         r.add_post(callback_path("{mac}"), self._callback)
         # iPXE cannot POST (PARAM_CMD is off in the 2019 build): scripts report with a GET and a query.
         r.add_get(callback_path("{mac}"), self._callback)
-        r.add_get("/api/v1/health", self._health)
-        r.add_get("/api/v1/nodes", self._nodes)
-        r.add_get("/api/v1/nodes/{name}", self._node)
-        r.add_put("/api/v1/nodes/{name}/profile", self._set_profile)
 
     # -- Service contract ---------------------------------------------------------------------------
 
     async def start(self) -> None:
         """Bind the HTTP port on the appliance address; raise BindError when that fails."""
-        self._files_root = self._config.http.files.resolve()
+        settings = self._settings
+        self._files_root = settings.files.resolve()
         runner = web.AppRunner(
             self.app,
             access_log=None,
@@ -120,31 +138,31 @@ class HttpService:
             handle_signals=False,
         )
         await runner.setup()
-        site = web.TCPSite(runner, str(self._config.ip), self._config.http.port, backlog=LISTEN_BACKLOG)
+        host = str(settings.address)
+        site = web.TCPSite(runner, host, settings.port, backlog=LISTEN_BACKLOG)
         try:
             await site.start()
         except OSError as exc:
             await runner.cleanup()
             raise BindError(
-                f"http: cannot listen on {self._config.ip}:{self._config.http.port}: {exc.strerror or exc}"
+                f"http: cannot listen on {host}:{settings.port}: {exc.strerror or exc}"
                 " (is another server using the port, or is the address not configured on "
-                f"{self._config.interface}?)"
+                f"{settings.interface or 'the interface'}?)"
             ) from exc
-        http = self._config.http
-        if http.tls_cert is not None and http.tls_key is not None:
+        if settings.tls_cert is not None and settings.tls_key is not None:
             # Optional HTTPS for the API and operators; nodes keep plain HTTP (iPXE has no CA for our certificate).
             import ssl
 
             context = ssl.create_default_context(ssl.Purpose.CLIENT_AUTH)
             try:
-                context.load_cert_chain(str(http.tls_cert), str(http.tls_key))
-                await web.TCPSite(runner, str(self._config.ip), http.tls_port, ssl_context=context, backlog=LISTEN_BACKLOG).start()
+                context.load_cert_chain(str(settings.tls_cert), str(settings.tls_key))
+                await web.TCPSite(runner, host, settings.tls_port, ssl_context=context, backlog=LISTEN_BACKLOG).start()
             except (OSError, ssl.SSLError) as exc:
                 await runner.cleanup()
-                raise BindError(f"http: cannot serve HTTPS on {self._config.ip}:{http.tls_port}: {exc}") from exc
-            log.info("http: serving https://%s:%d/", self._config.ip, http.tls_port)
+                raise BindError(f"http: cannot serve HTTPS on {host}:{settings.tls_port}: {exc}") from exc
+            log.info("http: serving https://%s:%d/", host, settings.tls_port)
         self._runner = runner
-        log.info("http: serving %s/ (files %s)", self._base_url, self._files_root)
+        log.info("http: serving %s/ (files %s)", settings.base_url, self._files_root)
 
     async def serve(self) -> None:
         """Serve until cancelled (aiohttp serves from the listening socket bound in start())."""
@@ -175,17 +193,6 @@ class HttpService:
         self._counters["sent"] += 1
         return response
 
-    def _profile_for(self, mac: str, node: Node | None) -> BootProfile | None:
-        """Return what a MAC boots, or None for a MAC outside the inventory that is ignored."""
-        if node is not None:
-            return self._profiles.get(mac)
-        explicit = self._profiles.all().get(mac)
-        if explicit is not None:
-            return explicit
-        if self._config.dhcp.unknown_macs == "discovery":
-            return self.discovery
-        return None
-
     def _requester_mac(self, request: web.Request) -> str | None:
         """Return the MAC of the node making a request: ?mac= first, else its address."""
         if "mac" in request.query:
@@ -203,16 +210,6 @@ class HttpService:
             addr = addr.ipv4_mapped
         mac = self._mac_for_ip(addr)
         return mac.lower() if mac else None
-
-    def _node_json(self, node: Node, n_events: int | None) -> dict[str, object]:
-        return {
-            "name": node.name,
-            "mac": node.mac,
-            "ip": str(node.ip),
-            "rack": node.rack,
-            "profile": self._profiles.get(node.mac).to_json(),
-            "events": [e.to_json() for e in self._events.last(node.mac, n_events)],
-        }
 
     @staticmethod
     def _mac_param(request: web.Request) -> str:
@@ -234,36 +231,31 @@ class HttpService:
             raise web.HTTPNotFound()
         return path
 
+    def _aborted(self) -> None:
+        self._counters["files_aborted"] += 1
+
     # -- iPXE ---------------------------------------------------------------------------------------
 
     async def _script(self, request: web.Request) -> web.Response:
         """GET /boot/MAC.ipxe: the node's iPXE script for its current boot profile."""
         mac = self._mac_param(request)
-        node = self._config.inventory.by_mac.get(mac)
-        profile = self._profile_for(mac, node)
-        if profile is None:
-            text, kind = render_unknown_script(mac), "unknown"
-        else:
-            text, kind = render_script(profile, node, mac, self._base_url, timing=self._timing), profile.kind
+        script = self._scripts.render(mac)
         self._counters["scripts"] += 1
         error = request.query.get("error")
         if error:
-            self._events.publish(mac, EventKind.CALLBACK, stage="ipxe", status="failed",
-                                 message=f"{error} failed after {self._timing.tries} tries", remote=request.remote or "")
-        last = self._events.last(mac, 1)
-        if "poll" in request.query and last and last[0].kind == EventKind.SCRIPT_FETCHED and last[0].detail.get("profile") == kind:
-            # A node waiting without a profile polls every few seconds: record the first poll only, so
-            # its DHCP/TFTP events stay in the per-MAC history.
+            self._emit(BootFailed(mac, error, f"{error} failed after {self._scripts.timing.tries} tries"))
+        if "poll" in request.query and not error and self._last_script.get(mac) == script.profile:
+            # A node waiting without a profile polls every few seconds: record the first poll only.
             self._counters["script_polls_quiet"] += 1
         else:
-            self._events.publish(mac, EventKind.SCRIPT_FETCHED, profile=kind, node=node.name if node else "",
-                                 env=profile.env if profile else "", remote=request.remote or "")
-        return web.Response(text=text, content_type="text/plain")
+            self._last_script[mac] = script.profile
+            self._emit(ScriptServed(mac, script.profile, Via.HTTP, script.env))
+        return web.Response(text=script.text, content_type="text/plain")
 
     async def _nbp(self, request: web.Request) -> web.StreamResponse:
         """GET /nbp/NAME: an iPXE binary, for UEFI HTTP boot; only the configured NBP names."""
         name = request.match_info["name"]
-        path = self._config.boot.ipxe_dir / name
+        path = self._settings.ipxe_dir / name
         if name not in self._nbp_names or not path.is_file():
             raise web.HTTPNotFound()
         self._counters["nbps"] += 1
@@ -272,15 +264,12 @@ class HttpService:
     def _publish_nbp(self, request: web.Request, name: str, response: web.StreamResponse) -> None:
         mac = self._requester_mac(request)
         if mac is not None and request.method == "GET" and response.status == 200:
-            self._events.publish(mac, EventKind.NBP_SENT, file=name, transport="http", remote=request.remote or "")
-
-    def _aborted(self) -> None:
-        self._counters["files_aborted"] += 1
+            self._emit(NbpSent(mac, name, Via.HTTP))
 
     # -- files --------------------------------------------------------------------------------------
 
     async def _file(self, request: web.Request) -> web.StreamResponse:
-        """GET /files/PATH: a file under the files root, with Range and sendfile; publishes who fetched what."""
+        """GET /files/PATH: a file under the files root, with Range and sendfile; reports who fetched what."""
         relative = request.match_info["path"]
         path = self._safe_file(relative)
         if request.method != "GET":
@@ -295,88 +284,66 @@ class HttpService:
         if mac is None:
             self._counters["files_anonymous"] += 1
             return
-        kind = EventKind.FILE_FETCHED
-        node = self._config.inventory.by_mac.get(mac)
-        profile = self._profile_for(mac, node)
-        if profile is not None and profile.kind in BOOTING_KINDS:
-            images = boot_images(profile, node, mac, self._base_url)
-            if url_path(images.kernel_url, self._base_url) == request.path:
-                kind = EventKind.KERNEL_FETCHED
-            elif any(url_path(url, self._base_url) == request.path for url, _ in images.initrds):
-                kind = EventKind.INITRD_FETCHED
-        detail: dict[str, object] = {"file": relative, "status": response.status, "remote": request.remote or ""}
-        if response.content_length is not None:
-            detail["bytes"] = response.content_length
-        if "Range" in request.headers:
-            detail["range"] = request.headers["Range"]
-        self._events.publish(mac, kind, **detail)
+        image = self._scripts.image_kind(mac, request.path)
+        event: NodeEvent
+        if image == "kernel":
+            event = KernelFetched(mac, relative)
+        elif image == "initrd":
+            event = InitrdFetched(mac, relative)
+        else:
+            event = FileSent(mac, relative, Via.HTTP)
+        self._emit(event)
+
+    async def _image(self, request: web.Request) -> web.StreamResponse:
+        """GET /images/TOKEN: nodes download the image of a running broadcast (star) behind that attempt's token."""
+        path = self._shared_images(request.match_info["token"])
+        if path is None:
+            raise web.HTTPForbidden(text="no image behind this token\n")
+        self._counters["images"] += 1
+        return web.FileResponse(path, chunk_size=FILE_CHUNK_SIZE)
 
     # -- callbacks ----------------------------------------------------------------------------------
 
     async def _callback(self, request: web.Request) -> web.Response:
-        """POST /callback/MAC with JSON {stage, status, message, ...} (or GET with a query, from iPXE)."""
+        """POST /callback/MAC with JSON {stage, status, message, token, ...} (or GET with a query, from iPXE).
+
+        The body is read and decoded once, here (JSON in UTF-8, RFC 8259 8.1); a stage that claims a
+        deployment step needs the node's current one-time token, checked here and nowhere else.
+        """
         mac = self._mac_param(request)
-        if request.method == "POST":
-            try:
-                body = await request.json()
-            except (ValueError, UnicodeDecodeError):
-                body = None
-            if not isinstance(body, dict):
-                self._counters["dropped_malformed"] += 1
-                raise web.HTTPBadRequest(text="expected a JSON object {stage, status, message, ...}\n")
+        body = await self._callback_body(request)
+        stage = str(body.get("stage", ""))
+        event: NodeEvent
+        if stage in CLAIMED_STAGES:
+            token = body.get("token")
+            deployment = self._check_token(mac, token if isinstance(token, str) else None)
+            if deployment is None:
+                self._counters["callbacks_refused"] += 1
+                log.warning("http: callback %r for %s from %s refused: wrong or missing one-time token",
+                            stage, mac, request.remote)
+                raise web.HTTPForbidden(text=f"callback for {mac}: wrong or missing one-time token\n")
+            if stage in AGENT_STAGES:
+                try:
+                    event = AgentUp(mac, deployment, int(body.get("ssh_port", 22)), int(body.get("data_port", 7070)))
+                except (TypeError, ValueError):
+                    self._counters["dropped_malformed"] += 1
+                    raise web.HTTPBadRequest(text="ssh_port and data_port must be integers\n") from None
+            else:
+                event = OsUp(mac, deployment, str(body.get("env", "")))
         else:
-            body = dict(request.query)
-        detail = {
-            str(k): (v if isinstance(v, str) else json.dumps(v))
-            for k, v in body.items()
-            if k not in ("mac", "kind")  # the event's own fields
-        }
-        detail.setdefault("remote", request.remote or "")
+            event = NodeReport(mac, stage, str(body.get("status", "")), str(body.get("message", "")))
         self._counters["callbacks"] += 1
-        event = self._events.publish(mac, EventKind.CALLBACK, **detail)
-        return web.json_response({"ok": True, "event": event.to_json()})
+        self._emit(event)
+        return web.json_response({"ok": True, "event": event_json(event)})
 
-    # -- API ----------------------------------------------------------------------------------------
-
-    async def _health(self, request: web.Request) -> web.Response:
-        """GET /api/v1/health: liveness and counters."""
-        return web.json_response({"status": "ok", "nodes": len(self._config.inventory), "http": self.stats()})
-
-    def _events_param(self, request: web.Request) -> int | None:
+    async def _callback_body(self, request: web.Request) -> dict[str, Any]:
+        if request.method != "POST":
+            return dict(request.query)
         try:
-            n = int(request.query["events"]) if "events" in request.query else None
-        except ValueError:
-            raise web.HTTPBadRequest(text="events must be an integer\n") from None
-        return n if n is None or n >= 0 else 0
-
-    async def _nodes(self, request: web.Request) -> web.Response:
-        """GET /api/v1/nodes[?events=N]: every inventory node with its profile and last events."""
-        self._counters["api"] += 1
-        n = self._events_param(request)
-        return web.json_response({"nodes": [self._node_json(node, n) for node in self._config.inventory.nodes]})
-
-    def _named_node(self, request: web.Request) -> Node:
-        node = self._config.inventory.by_name.get(request.match_info["name"])
-        if node is None:
-            raise web.HTTPNotFound(text=f"no node {request.match_info['name']!r} in the inventory\n")
-        return node
-
-    async def _node(self, request: web.Request) -> web.Response:
-        """GET /api/v1/nodes/NAME: one node with its profile and last events."""
-        self._counters["api"] += 1
-        return web.json_response(self._node_json(self._named_node(request), self._events_param(request)))
-
-    async def _set_profile(self, request: web.Request) -> web.Response:
-        """PUT /api/v1/nodes/NAME/profile with a JSON BootProfile: what the node boots next."""
-        self._counters["api"] += 1
-        node = self._named_node(request)
-        try:
-            data = await request.json()
-            if not isinstance(data, dict):
-                raise ValueError("expected a JSON object")
-            profile = BootProfile.from_json(data)
-        except (ValueError, TypeError, AttributeError, UnicodeDecodeError) as exc:
-            raise web.HTTPBadRequest(text=f"not a boot profile: {exc}\n") from None
-        self._profiles.set(node.mac, profile)
-        self._events.publish(node.mac, EventKind.PROFILE_SET, profile=profile.kind, env=profile.env, source="api")
-        return web.json_response(self._node_json(node, None))
+            body = json.loads((await request.read()).decode("utf-8"))
+        except (ValueError, UnicodeDecodeError):
+            body = None
+        if not isinstance(body, dict):
+            self._counters["dropped_malformed"] += 1
+            raise web.HTTPBadRequest(text="expected a JSON object in UTF-8 {stage, status, message, ...}\n")
+        return body

@@ -9,17 +9,15 @@ from __future__ import annotations
 
 import asyncio
 import errno
-import fcntl
 import ipaddress
 import logging
 import os
 import random
 import socket
 import struct
-from typing import Any
 
-from appliance.config import ApplianceConfig
 from domain.errors import BindError
+from netboot.link import ARPHRD_ETHER, interface_hardware
 
 log = logging.getLogger("rackboot.ra")
 
@@ -30,8 +28,6 @@ ICMP6_ROUTER_ADVERT = 134
 ND_OPT_SOURCE_LINKADDR = 1
 _ICMP6_FILTER = 1            # <netinet/icmp6.h>: socket option at level IPPROTO_ICMPV6
 _IPV6_HOPLIMIT = 52          # cmsg type of the hop limit delivered by IPV6_RECVHOPLIMIT
-_SIOCGIFHWADDR = 0x8927
-ARPHRD_ETHER = 1
 _IFA_F_TENTATIVE = 0x40
 _IFA_F_DADFAILED = 0x08
 _SCOPE_LINK = 0x20           # scope column of /proc/net/if_inet6
@@ -58,12 +54,12 @@ def parse_if_inet6(text: str, interface: str) -> list[tuple[ipaddress.IPv6Addres
 
 
 class RouterAdvertiser:
-    """Sends RAs on config.interface; idles with a warning while the interface has no usable link-local address."""
+    """Sends RAs on one interface; idles with a warning while the interface has no usable link-local address."""
 
     name = "ra"
 
-    def __init__(self, config: ApplianceConfig, interval: tuple[float, float] = (3.0, 5.0)) -> None:
-        self.config = config
+    def __init__(self, interface: str, interval: tuple[float, float] = (3.0, 5.0)) -> None:
+        self.interface = interface
         self.interval = interval
         self._sock: socket.socket | None = None
         self._addrs_fd: int | None = None
@@ -77,7 +73,7 @@ class RouterAdvertiser:
 
     async def start(self) -> None:
         """Open a raw ICMPv6 socket bound to the interface; raise BindError when impossible."""
-        iface = self.config.interface
+        iface = self.interface
         try:
             self._ifindex = socket.if_nametoindex(iface)
         except OSError:
@@ -166,21 +162,21 @@ class RouterAdvertiser:
         chunks = []
         while chunk := os.read(self._addrs_fd, 65536):
             chunks.append(chunk)
-        found = parse_if_inet6(b"".join(chunks).decode(), self.config.interface)
+        found = parse_if_inet6(b"".join(chunks).decode(), self.interface)
         usable = [a for a, flags in found if not flags & (_IFA_F_TENTATIVE | _IFA_F_DADFAILED)]
         if not usable:
             if not found and not self._warned:
                 log.warning("ra: %s has no IPv6 link-local address: not sending router advertisements "
-                            "(iPXE will wait ~16 s for one)", self.config.interface)
+                            "(iPXE will wait ~16 s for one)", self.interface)
                 self._warned = True
             return False
         try:
             self._sock.bind((str(usable[0]), 0, 0, self._ifindex))
         except OSError as exc:
-            log.warning("ra: cannot bind %s%%%s: %s", usable[0], self.config.interface, exc.strerror)
+            log.warning("ra: cannot bind %s%%%s: %s", usable[0], self.interface, exc.strerror)
             return False
         self._source = usable[0]
-        log.info("ra: advertising on %s from %s (router lifetime 0, no prefix)", self.config.interface, self._source)
+        log.info("ra: advertising on %s from %s (router lifetime 0, no prefix)", self.interface, self._source)
         return True
 
     def _send(self, dest: str) -> None:
@@ -220,10 +216,3 @@ class RouterAdvertiser:
             src = addr[0].split("%")[0]
             # RFC 4861 6.2.6: answer a solicitation from an unspecified source with a multicast RA.
             self._send(ALL_NODES if src == "::" else src)
-
-
-def interface_hardware(sock: socket.socket, interface: str) -> tuple[int, bytes]:
-    """Return (ARPHRD type, hardware address) of an interface in the socket's namespace (SIOCGIFHWADDR)."""
-    ifreq: Any = fcntl.ioctl(sock.fileno(), _SIOCGIFHWADDR, struct.pack("256s", interface.encode()))
-    family = struct.unpack_from("=H", ifreq, 16)[0]
-    return family, bytes(ifreq[18:24])

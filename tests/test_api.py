@@ -16,7 +16,7 @@ import pytest
 from appliance.api import Api
 from appliance.auth import NodeTokens, Users
 from appliance.catalog import Catalog
-from appliance.config import ApplianceConfig, DnsConfig, HttpConfig
+from appliance.booting import NodeBootTargets
 from appliance.deploy.controller import Controller, ControllerDeps
 from appliance.deploy.drivers import FakeDeploy
 from appliance.deploy.power import FakePower
@@ -26,7 +26,8 @@ from appliance.events import EventBus
 from domain.profiles import BootProfile
 from appliance.profiles import ProfileStore
 from appliance.statedb import open_state_db
-from netboot.http import HttpService
+from ipxe.script import ScriptRenderer
+from netboot.http import HttpService, HttpSettings
 from test_deploy_controller import FAST, FakeCluster, make_nodes
 
 
@@ -44,15 +45,15 @@ class Client:
 @pytest.fixture
 async def api(tmp_path: Path) -> AsyncIterator[tuple[Client, str, Any]]:
     inventory = make_nodes(6)
-    config = ApplianceConfig(interface="lo", address=ipaddress.IPv4Interface("127.0.0.1/8"), state_dir=tmp_path,
-                             inventory=inventory, http=HttpConfig(port=0, files=tmp_path / "files"), dns=DnsConfig())
+    settings = HttpSettings(address=ipaddress.IPv4Address("127.0.0.1"), port=0, files=tmp_path / "files")
     db = open_state_db(tmp_path / "state.db")
     events = EventBus()
     profiles = ProfileStore(db, BootProfile())
-    http = HttpService(config, events, profiles, mac_for_ip=lambda ip: None)
     users = Users(db)
     users.ensure_admin(tmp_path / "admin.token")
     tokens = NodeTokens()
+    scripts = ScriptRenderer(NodeBootTargets(inventory, profiles), settings.base_url)
+    http = HttpService(settings, events.publish, scripts, lambda ip: None, check_token=tokens.check)
     power, agent = FakePower(), FakeDeploy()
     deps = ControllerDeps(inventory=inventory, profiles=profiles, events=events, tokens=tokens, store=DeploymentStore(db),
                           catalog=Catalog(db, tmp_path / "images"), power=power, agent=agent, http_base="http://127.0.0.1",
@@ -60,7 +61,7 @@ async def api(tmp_path: Path) -> AsyncIterator[tuple[Client, str, Any]]:
     cluster = FakeCluster(deps)
     power.on_change = agent.on_reboot = cluster.on_power
     controller = Controller(deps, lambda m, k: replace(default_workflow(m, k), deadlines=FAST))
-    Api(http.app, inventory, users, tokens, deps.catalog, controller, tmp_path / "upload")
+    Api(http.app, inventory, users, tokens, deps.catalog, controller, tmp_path / "upload", profiles=profiles, events=events)
     await http.start()
     serve = asyncio.create_task(controller.serve())
     host, port = _bound(http)

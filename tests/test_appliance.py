@@ -1,6 +1,7 @@
 """The composition root: every socket bound before serving, clear failures, clean stop on SIGTERM."""
 from __future__ import annotations
 
+import asyncio
 import os
 import signal
 import socket
@@ -11,8 +12,10 @@ import time
 from pathlib import Path
 
 import pytest
+import tftpy
 
 from appliance.app import Appliance
+from domain.progress import ScriptServed, Via
 from appliance.config import load_config
 from domain.errors import BindError
 
@@ -43,9 +46,13 @@ async def test_appliance_binds_everything_and_serves_per_mac_tftp_file(tmp_path:
     await app.start()
     try:
         assert [s.name for s in app.services] == ["tftp", "http", "dns"]
-        script = app.tftp_virtual_file("52:54:00:77:00:01", "boot.ipxe")
-        assert script is not None and script.startswith(b"#!ipxe")
-        assert app.tftp_virtual_file(None, "boot.ipxe") is None
+        # node-1 (127.0.0.11) fetches its per-MAC script over TFTP: rendered like over HTTP, reported as served
+        out = tmp_path / "boot.ipxe"
+        client = tftpy.TftpClient("127.0.0.1", app.tftp.address[1], localip="127.0.0.11")
+        await asyncio.to_thread(client.download, "boot.ipxe", str(out), timeout=2)
+        assert out.read_bytes().startswith(b"#!ipxe") and b"node-1" in out.read_bytes()
+        [served] = [e for e in app.events.last("52:54:00:77:00:01") if isinstance(e, ScriptServed)]
+        assert (served.via, served.profile) == (Via.TFTP, "none")
         assert app.mac_for_ip("127.0.0.11") == "52:54:00:77:00:01"
         assert (tmp_path / "state" / "admin.token").stat().st_mode & 0o777 == 0o600
         assert (tmp_path / "state" / "deploy_key.pub").read_text().startswith("ssh-ed25519 ")

@@ -11,13 +11,16 @@ import pytest
 
 from appliance.auth import NodeTokens
 from appliance.catalog import Catalog, Environment
-from appliance.deploy.bootwatch import DEPLOY, BootWatch, Stage, Trigger
+from appliance.deploy.bootwatch import DEPLOY, INSTALLED, BootWatch, Stage
 from appliance.deploy.controller import Controller, ControllerDeps, OverlapError
 from appliance.deploy.drivers import FakeDeploy
 from appliance.deploy.power import FakePower
 from appliance.deploy.store import DeploymentStore
 from appliance.deploy.workflow import BootDeadlines, default_workflow, parse_steps
-from appliance.events import EventBus, EventKind
+from appliance.events import EventBus
+from domain.progress import (
+    AgentUp, DhcpFromFirmware, DhcpFromOs, FirmwareKind, InitrdFetched, KernelFetched, NbpSent, OsUp, ScriptServed, Via,
+)
 from domain.nodes import BmcSpec, Node
 from appliance.inventory import Inventory
 from domain.profiles import BootProfile
@@ -29,7 +32,7 @@ FAST = BootDeadlines(dhcp_after_reset=0.4, script_after_dhcp=0.4, kernel_after_s
 
 
 class FakeCluster:
-    """Plays the nodes: on power-on/reset/kexec, publishes the boot events their profile leads to."""
+    """Plays the nodes and the boot services: on power-on/reset/kexec, publishes the records their boot leads to."""
 
     def __init__(self, deps: ControllerDeps) -> None:
         self.deps = deps
@@ -54,27 +57,37 @@ class FakeCluster:
         if not kexec:
             self.in_firmware += 1
             self.max_in_firmware = max(self.max_in_firmware, self.in_firmware)
-            ev.publish(node.mac, EventKind.DHCP_DISCOVER, arch="0", vendor_class="PXEClient:Arch:00000:UNDI:002001")
+            ev.publish(DhcpFromFirmware(node.mac, FirmwareKind.BIOS_PXE, 0))
             await asyncio.sleep(self.firmware_s)
             self.in_firmware -= 1
-            ev.publish(node.mac, EventKind.NBP_SENT, path="undionly.kpxe")
+            ev.publish(NbpSent(node.mac, "undionly.kpxe", Via.TFTP))
             if node.name in self.nbp_loop:
                 for _ in range(5):
                     await asyncio.sleep(0.01)
-                    ev.publish(node.mac, EventKind.NBP_SENT, path="undionly.kpxe")
+                    ev.publish(NbpSent(node.mac, "undionly.kpxe", Via.TFTP))
                 return
-            ev.publish(node.mac, EventKind.DHCP_DISCOVER, arch="0", user_class="iPXE")
-            ev.publish(node.mac, EventKind.SCRIPT_FETCHED, profile=profile.kind)
+            ev.publish(DhcpFromFirmware(node.mac, FirmwareKind.IPXE, 0))
+            ev.publish(ScriptServed(node.mac, profile.kind, Via.HTTP, profile.env))
         if profile.kind == "deploy":
-            ev.publish(node.mac, EventKind.KERNEL_FETCHED)
-            ev.publish(node.mac, EventKind.INITRD_FETCHED)
+            ev.publish(KernelFetched(node.mac, "deploy/vmlinuz"))
+            ev.publish(InitrdFetched(node.mac, "deploy/initrd.img"))
             # The deploy environment's own DHCP client: not firmware, must not restart the boot watch.
-            ev.publish(node.mac, EventKind.DHCP_DISCOVER, vendor_class="rackboot-deploy")
+            ev.publish(DhcpFromOs(node.mac, "rackboot-deploy"))
             token = re.search(r"rackboot.token=(\S+)", profile.cmdline).group(1)  # type: ignore[union-attr]
-            ev.publish(node.mac, EventKind.CALLBACK, stage="deploy", token=token)
+            self.callback(node, "agent_up", token)
         else:
             env = "other:1" if node.name in self.wrong_env else profile.env
-            ev.publish(node.mac, EventKind.CALLBACK, stage="installed", env=env, token=self.deps.tokens.token_of(node.mac) or "")
+            self.callback(node, "installed", self.deps.tokens.token_of(node.mac), env)
+
+    def callback(self, node: Node, stage: str, token: str | None, env: str = "") -> None:
+        """What the HTTP service does with a node's callback: the token proves a deployment, or nothing is published."""
+        deployment = self.deps.tokens.check(node.mac, token)
+        if deployment is None:
+            return
+        if stage == "agent_up":
+            self.deps.events.publish(AgentUp(node.mac, deployment, 22, 7070))
+        else:
+            self.deps.events.publish(OsUp(node.mac, deployment, env))
 
 
 def make_nodes(n: int, bmc: bool = True) -> Inventory:
@@ -188,10 +201,10 @@ async def test_overlap_refused_unless_forced_and_wrong_token_ignored(world) -> N
         with pytest.raises(OverlapError, match=r"node-2 already in deployment"):
             controller.start([deps.inventory.by_name["node-2"]], env, "admin")
         await asyncio.sleep(0.1)
-        # a node (or anyone) reporting with a token that is not this node's: refused, counted
-        deps.events.publish(deps.inventory.by_name["node-1"].mac, EventKind.CALLBACK, stage="deploy", token="forged")
+        # a callback that proves another deployment (a late one of an earlier deployment): not this node's progress
+        deps.events.publish(AgentUp(deps.inventory.by_name["node-1"].mac, "d-earlier", 22, 7070))
         await asyncio.sleep(0.05)
-        assert first.bad_tokens == 1
+        assert first.runs["node-1"].watch is not None and first.runs["node-1"].watch.stage is not Stage.UP
         assert controller.cancel(first.id)
         with pytest.raises(asyncio.CancelledError):
             await controller.tasks[first.id]
@@ -201,16 +214,30 @@ async def test_overlap_refused_unless_forced_and_wrong_token_ignored(world) -> N
         serve.cancel()
 
 
+MAC1 = "52:54:00:77:00:01"
+
+
 def test_bootwatch_table() -> None:
     w = BootWatch(DEPLOY, FAST)
     w.start(0.0)
     assert w.stage is Stage.RESETTING and w.deadline == pytest.approx(0.4)
-    assert w.on_trigger(Trigger.FIRMWARE_DHCP, 0.1) and w.stage is Stage.FIRMWARE
-    assert not w.on_trigger(Trigger.KERNEL, 0.15)  # not expected in firmware: ignored
-    assert w.on_trigger(Trigger.SCRIPT, 0.2) and w.stage is Stage.LOADING
-    assert w.on_trigger(Trigger.INITRD, 0.3) and w.stage is Stage.STARTING
+    assert w.on_event(DhcpFromFirmware(MAC1, FirmwareKind.UEFI_PXE, 7), 0.1) and w.stage is Stage.FIRMWARE
+    assert not w.on_event(KernelFetched(MAC1, "k"), 0.15)  # not expected in firmware: ignored
+    assert w.on_event(ScriptServed(MAC1, "deploy", Via.TFTP), 0.2) and w.stage is Stage.LOADING
+    assert not w.on_event(DhcpFromOs(MAC1), 0.25)  # the deploy environment's own client is not a reboot
+    assert w.on_event(InitrdFetched(MAC1, "i"), 0.3) and w.stage is Stage.STARTING
+    assert not w.on_event(OsUp(MAC1, "d1", "debian12:1"), 0.31)  # an installed system is not the deploy target
     assert w.on_tick(0.3 + 0.5) and w.stage is Stage.STUCK
     assert "deploy agent did not call back" in w.reason
+
+
+def test_bootwatch_kexec_is_watched_by_the_new_kernels_own_dhcp_then_its_callback() -> None:
+    w = BootWatch(INSTALLED, FAST)
+    w.start(0.0, how="kexec")
+    assert w.stage is Stage.KEXECING
+    assert not w.on_event(AgentUp(MAC1, "d1", 22, 7070), 0.1)
+    assert w.on_event(DhcpFromOs(MAC1, "debian"), 0.2) and w.stage is Stage.OS_STARTING
+    assert w.on_event(OsUp(MAC1, "d1", "debian12:1"), 0.3) and w.stage is Stage.UP
 
 
 def test_parse_steps() -> None:

@@ -9,67 +9,26 @@ from typing import Any
 import pytest
 from scapy.layers.dhcp import BOOTP, DHCP
 
-from appliance.config import ApplianceConfig, BootConfig, DhcpConfig, DnsConfig
-from appliance.events import EventKind
-from domain.nodes import Node
-from appliance.inventory import Inventory
+from domain.progress import DhcpFromFirmware, DhcpFromOs, FirmwareKind
+from helpers import (
+    BIOS_VC, NODE1_IP, NODE1_MAC, NODE2_IP, NODE2_MAC, NOW, STRANGER, UEFI_VC, UUID, DhcpSetup, opts_of, pool,
+    pxe_options, request_bytes,
+)
+from helpers import make_dhcp as make_config
 from netboot.dhcp4 import options as o
 from netboot.dhcp4.codec import decode
 from netboot.dhcp4.leases import LeaseTable
 from netboot.dhcp4.policy import VIA_DHCP, VIA_PXE, Decision, DhcpPolicy
-
-NODE1_MAC, NODE1_IP = "52:54:00:77:00:01", "10.77.0.11"
-NODE2_MAC, NODE2_IP = "52:54:00:77:00:02", "10.77.0.12"
-STRANGER = "02:00:00:00:00:99"
-UUID = b"\x00" + bytes(range(16))
-NOW = 1_700_000_000.0
-BIOS_VC = b"PXEClient:Arch:00000:UNDI:002001"
-UEFI_VC = b"PXEClient:Arch:00007:UNDI:003000"
-
-
-def make_config(address: str = "10.77.0.1/24", interface: str = "rb0", state_dir: Path = Path("/nonexistent"),
-                nodes: tuple[tuple[str, str, str], ...] = (("node-1", NODE1_MAC, NODE1_IP), ("node-2", NODE2_MAC, NODE2_IP)),
-                boot: BootConfig | None = None, **dhcp: Any) -> ApplianceConfig:
-    """An ApplianceConfig for tests, built directly (no YAML)."""
-    inventory = Inventory(nodes=tuple(Node(name=n, mac=m, ip=ipaddress.IPv4Address(i)) for n, m, i in nodes))
-    return ApplianceConfig(interface=interface, address=ipaddress.IPv4Interface(address), state_dir=state_dir,
-                           inventory=inventory, dhcp=DhcpConfig(**dhcp), dns=DnsConfig(domain="cluster.test"),
-                           boot=boot or BootConfig())
-
-
-def pool(first: str, last: str) -> tuple[ipaddress.IPv4Address, ipaddress.IPv4Address]:
-    return (ipaddress.IPv4Address(first), ipaddress.IPv4Address(last))
-
-
-def request_bytes(mac: str, message: str, *, xid: int = 0x1234, flags: int = 0, ciaddr: str = "0.0.0.0",
-                  giaddr: str = "0.0.0.0", options: list[Any] | None = None) -> bytes:
-    """A client request built by scapy (the independent builder)."""
-    chaddr = bytes.fromhex(mac.replace(":", "")) + bytes(10)
-    opts = [("message-type", message), *(options or []), "end"]
-    return bytes(BOOTP(op=1, chaddr=chaddr, xid=xid, flags=flags, ciaddr=ciaddr, giaddr=giaddr) / DHCP(options=opts))
-
-
-def pxe_options(arch: int, vendor_class: bytes, *more: Any) -> list[Any]:
-    return [("pxe_client_architecture", arch.to_bytes(2, "big")), ("vendor_class_id", vendor_class),
-            ("pxe_client_machine_identifier", UUID), *more]
-
-
-def opts_of(data: bytes) -> dict[str, Any]:
-    """Options of an encoded reply as scapy decodes them (name -> value)."""
-    return {x[0]: (x[1] if len(x) == 2 else x[1:]) for x in BOOTP(data)[DHCP].options if isinstance(x, tuple)}
-
-
-def kinds(decision: Decision) -> list[EventKind]:
-    return [k for k, _ in decision.events]
+from netboot.dhcp4.settings import BootPrograms
 
 
 class Harness:
     """A policy over an in-memory lease table, fed with scapy-built requests."""
 
-    def __init__(self, config: ApplianceConfig, db: sqlite3.Connection | None = None) -> None:
-        reserved = [n.ip for n in config.inventory.nodes] + [config.ip]
-        self.leases = LeaseTable(db, config.dhcp.pool, reserved)
-        self.policy = DhcpPolicy(config, self.leases)
+    def __init__(self, config: DhcpSetup, db: sqlite3.Connection | None = None) -> None:
+        reserved = [r.ip for r in config.reservations.values()] + [config.settings.server_ip]
+        self.leases = LeaseTable(db, config.settings.pool, reserved)
+        self.policy = DhcpPolicy(config.settings, config.reservations, self.leases)
 
     def __call__(self, mac: str, message: str, *, now: float = NOW, via: str = VIA_DHCP,
                  source: tuple[str, int] | None = None, **kw: Any) -> Decision:
@@ -100,9 +59,7 @@ def test_bios_pxe_discover_gets_reservation_and_undionly_over_tftp() -> None:
     assert "router" not in opts
     # flags = 0 and no address yet: unicast to yiaddr at chaddr (RFC 2131 4.1).
     assert (d.reply.dest.ip, d.reply.dest.port, d.reply.dest.mac) == (NODE1_IP, 68, bytes.fromhex("525400770001"))
-    assert kinds(d) == [EventKind.DHCP_DISCOVER, EventKind.DHCP_OFFER]
-    assert d.events[0][1]["arch"] == 0 and d.events[0][1]["vendor_class"] == BIOS_VC.decode()
-    assert d.events[1][1] == {"ip": NODE1_IP, "file": "undionly.kpxe", "boot": "bios"}
+    assert d.event == DhcpFromFirmware(NODE1_MAC, FirmwareKind.BIOS_PXE, 0, ts=d.event.ts)  # type: ignore[union-attr]
 
 
 @pytest.mark.parametrize("arch", [6, 7, 9])
@@ -134,7 +91,7 @@ def test_arm64_without_nbp_gets_lease_but_no_boot_file() -> None:
 
 
 def test_arm64_with_nbp() -> None:
-    h = Harness(make_config(boot=BootConfig(arm64_nbp="ipxe-arm64.efi")))
+    h = Harness(make_config(boot=BootPrograms("http://10.77.0.1:8080", arm64_nbp="ipxe-arm64.efi")))
     d = h(NODE1_MAC, "discover", options=pxe_options(11, b"PXEClient:Arch:00011:UNDI:003000"))
     assert d.reply is not None and BOOTP(d.reply.data).file.rstrip(b"\0") == b"ipxe-arm64.efi"
 
@@ -160,7 +117,7 @@ def test_ipxe_gets_its_per_mac_script_and_no_pxedhcp() -> None:
     assert opts[o.BOOTFILE_NAME] == url
     assert opts[o.IPXE_ENCAP] == bytes([176, 1, 1])  # no-pxedhcp = 1
     assert o.VENDOR_CLASS not in opts  # no PXE menu/vendor answer: iPXE does not need one
-    assert d.events[1][1]["boot"] == "ipxe"
+    assert isinstance(d.event, DhcpFromFirmware) and d.event.firmware is FirmwareKind.IPXE
 
 
 def test_non_pxe_client_gets_reservation_without_boot_file() -> None:
@@ -178,7 +135,7 @@ def test_unknown_mac_ignored_without_pool() -> None:
     h = Harness(make_config())
     d = h(STRANGER, "discover", options=pxe_options(0, BIOS_VC))
     assert d.reply is None and d.ignored
-    assert kinds(d) == [EventKind.DHCP_DISCOVER] and d.events[0][1]["known"] == "no"
+    assert d.event is None  # a MAC nobody serves is no node's progress
 
 
 def test_unknown_mac_ignore_mode_gets_plain_lease_from_pool() -> None:
@@ -191,7 +148,7 @@ def test_unknown_mac_ignore_mode_gets_plain_lease_from_pool() -> None:
 
 
 def test_unknown_mac_discovery_mode_boots_from_pool() -> None:
-    h = Harness(make_config(pool=pool("10.77.0.100", "10.77.0.109"), unknown_macs="discovery"))
+    h = Harness(make_config(pool=pool("10.77.0.100", "10.77.0.109"), discovery=True))
     d = h(STRANGER, "discover", options=pxe_options(7, UEFI_VC))
     assert d.reply is not None
     assert BOOTP(d.reply.data).yiaddr == "10.77.0.100"
@@ -208,20 +165,20 @@ def test_request_selecting_ack_and_nak_for_wrong_address() -> None:
     assert d.reply is not None
     assert opts_of(d.reply.data)["message-type"] == 5
     assert BOOTP(d.reply.data).yiaddr == NODE1_IP
-    assert kinds(d) == [EventKind.DHCP_REQUEST, EventKind.DHCP_ACK]
+    assert isinstance(d.event, DhcpFromOs)  # no PXE vendor class, no iPXE: a booted system's own client
     d = h(NODE1_MAC, "request", options=[("requested_addr", "10.77.0.99")])  # INIT-REBOOT, wrong address
     assert d.reply is not None
     b = BOOTP(d.reply.data)
     assert opts_of(d.reply.data)["message-type"] == 6
     assert (b.yiaddr, b.ciaddr, b.siaddr) == ("0.0.0.0", "0.0.0.0", "0.0.0.0")
     assert d.reply.dest.ip == "255.255.255.255"  # RFC 2131 4.1: NAKs are broadcast
-    assert kinds(d) == [EventKind.DHCP_REQUEST, EventKind.DHCP_NAK]
+    assert d.event is None  # the same transaction id: the same exchange, already reported
 
 
 def test_request_for_another_server_is_ignored() -> None:
     h = Harness(make_config())
     d = h(NODE1_MAC, "request", options=[("requested_addr", NODE1_IP), ("server_id", "10.77.0.250")])
-    assert d.reply is None and kinds(d) == [EventKind.DHCP_REQUEST]
+    assert d.reply is None and isinstance(d.event, DhcpFromOs)
 
 
 def test_renewal_unicast_to_ciaddr() -> None:
@@ -249,7 +206,6 @@ def test_relayed_request_goes_to_giaddr_port_67_with_option_82_echoed_last() -> 
     assert b.giaddr == "10.9.0.1"
     options = [x for x in b[DHCP].options if isinstance(x, tuple)]
     assert options[-1] == ("relay_agent_information", agent)
-    assert d.events[0][1]["giaddr"] == "10.9.0.1"
     nak = h(NODE1_MAC, "request", giaddr="10.9.0.1", options=[("requested_addr", "10.77.0.99")])
     assert nak.reply is not None and nak.reply.dest.ip == "10.9.0.1"
     assert BOOTP(nak.reply.data).flags & 0x8000  # RFC 2131 4.3.2: the relay broadcasts the NAK
@@ -323,7 +279,7 @@ def test_decline_holds_the_address_back() -> None:
     assert d.reply is not None
     h(STRANGER, "request", options=[("requested_addr", "10.77.0.100"), ("server_id", "10.77.0.1")])
     d = h(STRANGER, "decline", options=[("requested_addr", "10.77.0.100"), ("server_id", "10.77.0.1")])
-    assert d.reply is None and kinds(d) == [EventKind.DHCP_DECLINE]
+    assert d.reply is None and d.event is None
     assert h.leases.lease_for(STRANGER) is None
     d = h(STRANGER, "discover")
     assert d.reply is not None and BOOTP(d.reply.data).yiaddr == "10.77.0.101"
@@ -335,7 +291,7 @@ def test_release_ends_the_lease_now() -> None:
     h(STRANGER, "discover")
     h(STRANGER, "request", options=[("requested_addr", "10.77.0.100"), ("server_id", "10.77.0.1")])
     d = h(STRANGER, "release", ciaddr="10.77.0.100", options=[("server_id", "10.77.0.1")], now=NOW + 5)
-    assert d.reply is None and kinds(d) == [EventKind.DHCP_RELEASE]
+    assert d.reply is None and d.event is None
     lease = h.leases.lease_for(STRANGER)
     assert lease is not None and lease.expires == NOW + 5
 
@@ -349,7 +305,7 @@ def test_inform_gets_configuration_without_lease() -> None:
     assert opts["message-type"] == 5 and b.yiaddr == "0.0.0.0" and b.ciaddr == NODE1_IP
     assert "lease_time" not in opts and opts["subnet_mask"] == "255.255.255.0"
     assert (d.reply.dest.ip, d.reply.dest.port) == (NODE1_IP, 68)
-    assert kinds(d) == [EventKind.DHCP_INFORM]
+    assert d.event is None
 
 
 def test_bootp_without_message_type_and_replies_are_ignored() -> None:
@@ -376,7 +332,7 @@ def test_proxy_offer_for_pxe_client_has_no_address() -> None:
     assert b.file.rstrip(b"\0") == b"undionly.kpxe"
     assert "lease_time" not in opts and "subnet_mask" not in opts
     assert d.reply.dest.ip == "255.255.255.255"
-    assert kinds(d) == [EventKind.DHCP_DISCOVER, EventKind.PROXY_OFFER]
+    assert isinstance(d.event, DhcpFromFirmware) and d.event.firmware is FirmwareKind.BIOS_PXE
 
 
 def test_proxy_ignores_non_pxe_clients_unknown_macs_and_requests_on_67() -> None:
@@ -410,13 +366,13 @@ def test_proxy_ipxe_gets_script_with_pxeclient_and_without_no_pxedhcp() -> None:
 
 
 def test_proxy_discovery_mode_answers_unknown_pxe_clients() -> None:
-    h = Harness(make_config(mode="proxy", unknown_macs="discovery"))
+    h = Harness(make_config(mode="proxy", discovery=True))
     d = h(STRANGER, "discover", options=pxe_options(0, BIOS_VC))
     assert d.reply is not None and BOOTP(d.reply.data).yiaddr == "0.0.0.0"
 
 
 def test_long_boot_file_name_goes_in_option_67_only() -> None:
-    h = Harness(make_config(boot=BootConfig(uefi_nbp="x" * 130)))
+    h = Harness(make_config(boot=BootPrograms("http://10.77.0.1:8080", uefi_nbp="x" * 130)))
     d = h(NODE1_MAC, "discover", options=pxe_options(7, UEFI_VC))
     assert d.reply is not None
     assert BOOTP(d.reply.data).file.rstrip(b"\0") == b""  # the BOOTP file field holds 127 bytes at most
@@ -427,3 +383,21 @@ def test_client_identifier_echoed_rfc6842() -> None:
     h = Harness(make_config())
     d = h(NODE1_MAC, "discover", options=[("client_id", b"\x01\x52\x54\x00\x77\x00\x01")])
     assert d.reply is not None and opts_of(d.reply.data)["client_id"] == b"\x01\x52\x54\x00\x77\x00\x01"
+
+
+def test_one_record_per_exchange_classified_once() -> None:
+    """DISCOVER and REQUEST of one transaction id are one record; a new xid is a new exchange (a reboot)."""
+    h = Harness(make_config())
+    uefi = pxe_options(7, UEFI_VC)
+    first = h(NODE1_MAC, "discover", xid=1, options=uefi)
+    assert isinstance(first.event, DhcpFromFirmware) and first.event.firmware is FirmwareKind.UEFI_PXE
+    assert first.event.arch == 7
+    again = h(NODE1_MAC, "request", xid=1, options=[*uefi, ("requested_addr", NODE1_IP), ("server_id", "10.77.0.1")])
+    assert again.reply is not None and again.event is None
+    ipxe = h(NODE1_MAC, "discover", xid=2, options=[*uefi, ("user_class", b"iPXE")])
+    assert isinstance(ipxe.event, DhcpFromFirmware) and ipxe.event.firmware is FirmwareKind.IPXE
+    os_client = h(NODE1_MAC, "discover", xid=3, options=[("vendor_class_id", b"udhcp 1.35.0")])
+    assert os_client.event == DhcpFromOs(NODE1_MAC, "udhcp 1.35.0", ts=os_client.event.ts)  # type: ignore[union-attr]
+    http = h(NODE1_MAC, "discover", xid=4, options=[("pxe_client_architecture", (16).to_bytes(2, "big")),
+                                                     ("vendor_class_id", b"HTTPClient:Arch:00016:UNDI:003000")])
+    assert isinstance(http.event, DhcpFromFirmware) and http.event.firmware is FirmwareKind.UEFI_HTTP

@@ -18,12 +18,12 @@ from scapy.layers.dhcp import BOOTP
 from scapy.layers.inet import IP, UDP
 from scapy.layers.l2 import Ether
 
-from appliance.config import ApplianceConfig
-from domain.errors import BindError
-from appliance.events import EventBus, EventKind
 from appliance.statedb import open_state_db
+from domain.errors import BindError
+from domain.progress import DhcpFromFirmware, FirmwareKind, NodeEvent
+from helpers import BIOS_VC, NODE1_IP, NODE1_MAC, STRANGER, DhcpSetup, opts_of, pool, pxe_options, request_bytes
+from helpers import make_dhcp as make_config
 from netboot.dhcp4.server import DhcpService
-from test_dhcp_policy import BIOS_VC, NODE1_IP, NODE1_MAC, STRANGER, make_config, opts_of, pool, pxe_options, request_bytes
 from vmtestbed.netns import Lab, entered, socket_in
 
 REPLY_TIMEOUT = 3.0
@@ -36,12 +36,16 @@ def free_udp_port() -> int:
         return int(s.getsockname()[1])
 
 
-def lo_config(tmp_path: Path, **dhcp: Any) -> ApplianceConfig:
+def lo_config(tmp_path: Path, **dhcp: Any) -> DhcpSetup:
     """A config on 'lo' with high ports; node-1 at 127.0.0.11."""
     dhcp.setdefault("port", free_udp_port())
     dhcp.setdefault("client_port", free_udp_port())
-    return make_config(address="127.0.0.1/8", interface="lo", state_dir=tmp_path,
-                       nodes=(("node-1", NODE1_MAC, "127.0.0.11"),), **dhcp)
+    return make_config(address="127.0.0.1/8", interface="lo", nodes=(("node-1", NODE1_MAC, "127.0.0.11"),), **dhcp)
+
+
+def dhcp_service(config: DhcpSetup, db: sqlite3.Connection | None = None, events: list[NodeEvent] | None = None) -> DhcpService:
+    """A DHCP service from its own settings; its node records go to events (or nowhere)."""
+    return DhcpService(config.settings, config.reservations, (events if events is not None else []).append, db)
 
 
 @contextlib.asynccontextmanager
@@ -87,36 +91,37 @@ async def recv_reply(sock: socket.socket, xid: int) -> tuple[bytes, tuple[str, i
 
 async def test_discover_request_ack_over_loopback(tmp_path: Path) -> None:
     config = lo_config(tmp_path)
-    events = EventBus()
-    service = DhcpService(config, events, open_state_db(tmp_path / "state.db"))
+    events: list[NodeEvent] = []
+    service = dhcp_service(config, open_state_db(tmp_path / "state.db"), events)
     async with serving(service):
-        with lo_client(config.dhcp.client_port) as client:
+        with lo_client(config.settings.client_port) as client:
             client.sendto(request_bytes(NODE1_MAC, "discover", xid=1, flags=0x8000, options=pxe_options(0, BIOS_VC)),
-                          ("127.0.0.1", config.dhcp.port))
+                          ("127.0.0.1", config.settings.port))
             data, _ = await recv_reply(client, 1)
             assert opts_of(data)["message-type"] == 2
             assert BOOTP(data).yiaddr == "127.0.0.11"
             assert BOOTP(data).file.rstrip(b"\0") == b"undionly.kpxe"
             client.sendto(request_bytes(NODE1_MAC, "request", xid=2, flags=0x8000,
                                         options=[("requested_addr", "127.0.0.11"), ("server_id", "127.0.0.1")]),
-                          ("127.0.0.1", config.dhcp.port))
+                          ("127.0.0.1", config.settings.port))
             data, _ = await recv_reply(client, 2)
             assert opts_of(data)["message-type"] == 5
     stats = service.stats()
     assert stats["received"] == 2 and stats["offers"] == 1 and stats["acks"] == 1 and stats["broadcast"] == 2
-    assert [e.kind for e in events.last(NODE1_MAC)] == [EventKind.DHCP_DISCOVER, EventKind.DHCP_OFFER,
-                                                        EventKind.DHCP_REQUEST, EventKind.DHCP_ACK]
+    # two exchanges (xid 1 and 2), each classified once: BIOS PXE, then a plain client's REQUEST
+    assert [type(e).__name__ for e in events] == ["DhcpFromFirmware", "DhcpFromOs"]
+    assert isinstance(events[0], DhcpFromFirmware) and events[0].firmware is FirmwareKind.BIOS_PXE
 
 
 async def test_malformed_datagram_dropped_and_counted_service_keeps_answering(tmp_path: Path) -> None:
     config = lo_config(tmp_path)
-    service = DhcpService(config, EventBus(), None)
+    service = dhcp_service(config)
     async with serving(service):
-        with lo_client(config.dhcp.client_port) as client:
+        with lo_client(config.settings.client_port) as client:
             good = request_bytes(NODE1_MAC, "discover", xid=7, flags=0x8000)
             for junk in (b"", b"\x01" * 10, good[:236] + b"XXXX" + good[240:], good[:240] + bytes([60, 250, 1])):
-                client.sendto(junk, ("127.0.0.1", config.dhcp.port))
-            client.sendto(good, ("127.0.0.1", config.dhcp.port))
+                client.sendto(junk, ("127.0.0.1", config.settings.port))
+            client.sendto(good, ("127.0.0.1", config.settings.port))
             data, _ = await recv_reply(client, 7)
             assert BOOTP(data).yiaddr == "127.0.0.11"
     assert service.stats()["dropped_malformed"] == 4
@@ -126,20 +131,20 @@ async def test_malformed_datagram_dropped_and_counted_service_keeps_answering(tm
 
 async def test_inform_answered_by_unicast_to_ciaddr(tmp_path: Path) -> None:
     config = lo_config(tmp_path)
-    service = DhcpService(config, EventBus(), None)
+    service = dhcp_service(config)
     async with serving(service):
-        with lo_client(config.dhcp.client_port) as client:
-            client.sendto(request_bytes(NODE1_MAC, "inform", xid=9, ciaddr="127.0.0.1"), ("127.0.0.1", config.dhcp.port))
+        with lo_client(config.settings.client_port) as client:
+            client.sendto(request_bytes(NODE1_MAC, "inform", xid=9, ciaddr="127.0.0.1"), ("127.0.0.1", config.settings.port))
             data, addr = await recv_reply(client, 9)
             assert opts_of(data)["message-type"] == 5 and BOOTP(data).ciaddr == "127.0.0.1"
 
 
 async def test_flags_zero_on_non_ethernet_interface_falls_back_to_broadcast(tmp_path: Path) -> None:
     config = lo_config(tmp_path)
-    service = DhcpService(config, EventBus(), None)
+    service = dhcp_service(config)
     async with serving(service):
-        with lo_client(config.dhcp.client_port) as client:
-            client.sendto(request_bytes(NODE1_MAC, "discover", xid=11, flags=0), ("127.0.0.1", config.dhcp.port))
+        with lo_client(config.settings.client_port) as client:
+            client.sendto(request_bytes(NODE1_MAC, "discover", xid=11, flags=0), ("127.0.0.1", config.settings.port))
             data, _ = await recv_reply(client, 11)
             assert BOOTP(data).yiaddr == "127.0.0.11"
     assert service.stats()["broadcast"] == 1 and service.stats()["unicast_chaddr"] == 0
@@ -147,18 +152,18 @@ async def test_flags_zero_on_non_ethernet_interface_falls_back_to_broadcast(tmp_
 
 async def test_proxy_mode_answers_on_both_ports(tmp_path: Path) -> None:
     config = lo_config(tmp_path, mode="proxy", proxy_port=free_udp_port())
-    service = DhcpService(config, EventBus(), None)
+    service = dhcp_service(config)
     async with serving(service):
-        with lo_client(config.dhcp.client_port) as client:
+        with lo_client(config.settings.client_port) as client:
             client.sendto(request_bytes(NODE1_MAC, "discover", xid=21, options=pxe_options(0, BIOS_VC)),
-                          ("127.0.0.1", config.dhcp.port))
+                          ("127.0.0.1", config.settings.port))
             data, _ = await recv_reply(client, 21)
             assert BOOTP(data).yiaddr == "0.0.0.0" and opts_of(data)["vendor_class_id"] == b"PXEClient"
             client.sendto(request_bytes(NODE1_MAC, "request", xid=22, ciaddr="127.0.0.1", options=pxe_options(0, BIOS_VC)),
-                          ("127.0.0.1", config.dhcp.proxy_port))
+                          ("127.0.0.1", config.settings.proxy_port))
             data, addr = await recv_reply(client, 22)
             assert opts_of(data)["message-type"] == 5 and BOOTP(data).file.rstrip(b"\0") == b"undionly.kpxe"
-            assert addr[1] == config.dhcp.proxy_port
+            assert addr[1] == config.settings.proxy_port
     assert service.stats()["proxy_replies"] == 2
 
 
@@ -166,16 +171,16 @@ async def test_pool_lease_survives_service_restart(tmp_path: Path) -> None:
     config = lo_config(tmp_path, pool=pool("127.0.1.1", "127.0.1.20"))
     for round_ in range(2):
         db = open_state_db(tmp_path / "state.db")
-        service = DhcpService(config, EventBus(), db)
+        service = dhcp_service(config, db)
         async with serving(service):
-            with lo_client(config.dhcp.client_port) as client:
-                client.sendto(request_bytes(STRANGER, "discover", xid=30 + round_, flags=0x8000), ("127.0.0.1", config.dhcp.port))
+            with lo_client(config.settings.client_port) as client:
+                client.sendto(request_bytes(STRANGER, "discover", xid=30 + round_, flags=0x8000), ("127.0.0.1", config.settings.port))
                 data, _ = await recv_reply(client, 30 + round_)
                 assert BOOTP(data).yiaddr == "127.0.1.1"
                 if round_ == 0:
                     client.sendto(request_bytes(STRANGER, "request", xid=40, flags=0x8000,
                                                 options=[("requested_addr", "127.0.1.1"), ("server_id", "127.0.0.1")]),
-                                  ("127.0.0.1", config.dhcp.port))
+                                  ("127.0.0.1", config.settings.port))
                     await recv_reply(client, 40)
                 else:
                     assert service.mac_for_ip(ipaddress.IPv4Address("127.0.1.1")) == STRANGER
@@ -187,13 +192,13 @@ async def test_pool_lease_survives_service_restart(tmp_path: Path) -> None:
 async def test_bind_errors_are_clear(tmp_path: Path) -> None:
     config = lo_config(tmp_path)
     with socket.socket(socket.AF_INET, socket.SOCK_DGRAM) as squatter:
-        squatter.bind(("127.0.0.1", config.dhcp.port))
-        service = DhcpService(config, EventBus(), None)
+        squatter.bind(("127.0.0.1", config.settings.port))
+        service = dhcp_service(config)
         with pytest.raises(BindError, match="already taken"):
             await service.start()
         await service.close()
     missing = make_config(interface="rbnosuch0", port=free_udp_port())
-    service = DhcpService(missing, EventBus(), None)
+    service = dhcp_service(missing)
     with pytest.raises(BindError, match="does not exist"):
         await service.start()
     await service.close()
@@ -247,7 +252,7 @@ def env_file(path: Path) -> dict[str, str]:
 @pytest.mark.netns
 async def test_reply_unicast_to_chaddr_without_broadcast_flag(pair: tuple[Lab, str, str], tmp_path: Path) -> None:
     lab, srv, cli = pair
-    service = DhcpService(make_config(interface=SERVER_IF), EventBus(), None)
+    service = dhcp_service(make_config(interface=SERVER_IF))
     loop = asyncio.get_running_loop()
     async with serving(service, srv):
         capture = socket_in(cli, socket.AF_PACKET, socket.SOCK_RAW, socket.htons(0x0800))
@@ -283,7 +288,7 @@ async def test_udhcpc_gets_its_reservation(pair: tuple[Lab, str, str], tmp_path:
     script = tmp_path / "udhcpc.sh"
     script.write_text(f"#!/bin/sh\n[ \"$1\" = bound ] && env > {tmp_path}/udhcpc.env\nexit 0\n")
     script.chmod(0o755)
-    service = DhcpService(make_config(interface=SERVER_IF), EventBus(), None)
+    service = dhcp_service(make_config(interface=SERVER_IF))
     async with serving(service, srv):
         rc, out = await run_in(cli, "udhcpc", "-f", "-q", "-n", "-t", "3", "-T", "1", "-i", CLIENT_IF, "-s", str(script))
     assert rc == 0, out
@@ -306,7 +311,7 @@ async def test_dhclient_gets_its_reservation(pair: tuple[Lab, str, str], tmp_pat
     script.write_text(f"#!/bin/sh\ncase \"$reason\" in BOUND|REBOOT) env > {tmp_path}/dhclient.env;; esac\nexit 0\n")
     script.chmod(0o755)
     pidfile = tmp_path / "dhclient.pid"
-    service = DhcpService(make_config(interface=SERVER_IF), EventBus(), None)
+    service = dhcp_service(make_config(interface=SERVER_IF))
     async with serving(service, srv):
         rc, out = await run_in(cli, "dhclient", "-4", "-1", "-v", "-sf", str(script), "-lf", str(tmp_path / "dhclient.leases"),
                                "-pf", str(pidfile), CLIENT_IF)
@@ -325,7 +330,7 @@ async def test_dhclient_gets_its_reservation(pair: tuple[Lab, str, str], tmp_pat
 async def test_relayed_request_answered_to_giaddr_port_67(pair: tuple[Lab, str, str], tmp_path: Path) -> None:
     lab, srv, cli = pair
     await asyncio.to_thread(lab.addr, cli, CLIENT_IF, "10.77.0.2/24")  # pyroute2 runs its own loop
-    service = DhcpService(make_config(interface=SERVER_IF, pool=pool("10.77.0.100", "10.77.0.199")), EventBus(), None)
+    service = dhcp_service(make_config(interface=SERVER_IF, pool=pool("10.77.0.100", "10.77.0.199")))
     loop = asyncio.get_running_loop()
     agent = b"\x01\x06rack-1"
     async with serving(service, srv):
@@ -349,9 +354,9 @@ async def test_perfdhcp_gets_pool_leases_through_its_relay_behaviour(pair: tuple
         pytest.skip("Kea perfdhcp not installed")
     lab, srv, cli = pair
     await asyncio.to_thread(lab.addr, cli, CLIENT_IF, "10.77.0.2/24")  # pyroute2 runs its own loop
-    config = make_config(interface=SERVER_IF, state_dir=tmp_path, pool=pool("10.77.0.100", "10.77.0.250"))
+    config = make_config(interface=SERVER_IF, pool=pool("10.77.0.100", "10.77.0.250"))
     db = open_state_db(tmp_path / "state.db")
-    service = DhcpService(config, EventBus(), db)
+    service = dhcp_service(config, db)
     async with serving(service, srv):
         # 100 four-way exchanges with random MACs; a functional check, the rate is measured in bench/.
         # -W: wait 0.5 s after the last request, or perfdhcp exits before the last OFFER and counts it lost.

@@ -10,32 +10,25 @@ from typing import AsyncIterator
 import pytest
 from dnslib import QTYPE, RCODE, RR, A, DNSRecord
 
-from appliance.config import ApplianceConfig, DnsConfig
 from domain.errors import BindError
-from domain.nodes import Node
-from appliance.inventory import Inventory
-from netboot.dns import DnsService
+from netboot.dns import DnsService, DnsSettings
 
-NODES = (
-    Node("node-1", "52:54:00:77:00:01", ipaddress.IPv4Address("127.0.0.11"), rack="r1"),
-    Node("node-2", "52:54:00:77:00:02", ipaddress.IPv4Address("127.0.0.12"), rack="r1"),
-)
+HOSTS = {"node-1": ipaddress.IPv4Address("127.0.0.11"), "node-2": ipaddress.IPv4Address("127.0.0.12")}
 
 
-def make_config(tmp_path: Path, **dns: object) -> ApplianceConfig:
-    """An appliance on lo/127.0.0.1 with two nodes; DNS on a kernel-chosen port unless told otherwise."""
-    return ApplianceConfig(
-        interface="lo",
-        address=ipaddress.IPv4Interface("127.0.0.1/8"),
-        state_dir=tmp_path,
-        inventory=Inventory(nodes=NODES),
-        dns=DnsConfig(**({"domain": "cluster.test", "port": 0} | dns)),  # type: ignore[arg-type]
-    )
+def make_service(**dns: object) -> DnsService:
+    """DNS on lo/127.0.0.1 for two nodes, on a kernel-chosen port unless told otherwise."""
+    forward_timeout = dns.pop("forward_timeout", None)
+    settings = DnsSettings(**({"interface": "lo", "address": ipaddress.IPv4Interface("127.0.0.1/8"),  # type: ignore[arg-type]
+                               "domain": "cluster.test", "port": 0} | dns))
+    if forward_timeout is None:
+        return DnsService(settings, HOSTS)
+    return DnsService(settings, HOSTS, forward_timeout=float(forward_timeout))  # type: ignore[arg-type]
 
 
 @pytest.fixture
 async def dns(tmp_path: Path) -> AsyncIterator[DnsService]:
-    service = DnsService(make_config(tmp_path))
+    service = make_service()
     await service.start()
     try:
         yield service
@@ -135,7 +128,7 @@ async def test_bind_error_when_port_taken(tmp_path: Path) -> None:
     with socket.socket(socket.AF_INET, socket.SOCK_DGRAM) as holder:
         holder.bind(("127.0.0.1", 0))
         port = holder.getsockname()[1]
-        service = DnsService(make_config(tmp_path, port=port))
+        service = make_service(port=port)
         with pytest.raises(BindError, match=f"127.0.0.1:{port}"):
             await service.start()
         await service.close()
@@ -189,7 +182,7 @@ async def start_tcp_upstream(port: int, seen: list[int]) -> asyncio.Server:
 
 async def test_other_names_are_forwarded_with_a_fresh_id(tmp_path: Path) -> None:
     up_transport, upstream, up_port = await start_upstream()
-    service = DnsService(make_config(tmp_path, unknown="forward", upstream=(("127.0.0.1", up_port),)))
+    service = make_service(unknown="forward", upstream=(("127.0.0.1", up_port),))
     await service.start()
     try:
         queries = [DNSRecord.question(f"host{i}.example.org") for i in range(5)]
@@ -220,7 +213,7 @@ async def test_other_names_are_forwarded_with_a_fresh_id(tmp_path: Path) -> None
 
 async def test_silent_upstream_gives_servfail_after_timeout(tmp_path: Path) -> None:
     up_transport, upstream, up_port = await start_upstream(silent=True)
-    service = DnsService(make_config(tmp_path, unknown="forward", upstream=(("127.0.0.1", up_port),)), forward_timeout=0.2)
+    service = make_service(unknown="forward", upstream=(("127.0.0.1", up_port),), forward_timeout=0.2)
     await service.start()
     try:
         reply = await ask(service.port, "example.org")
@@ -234,9 +227,7 @@ async def test_silent_upstream_gives_servfail_after_timeout(tmp_path: Path) -> N
 async def test_second_upstream_answers_when_first_is_silent(tmp_path: Path) -> None:
     t1, silent, p1 = await start_upstream(silent=True)
     t2, good, p2 = await start_upstream()
-    service = DnsService(
-        make_config(tmp_path, unknown="forward", upstream=(("127.0.0.1", p1), ("127.0.0.1", p2))), forward_timeout=0.2
-    )
+    service = make_service(unknown="forward", upstream=(("127.0.0.1", p1), ("127.0.0.1", p2)), forward_timeout=0.2)
     await service.start()
     try:
         reply = await ask(service.port, "example.org")

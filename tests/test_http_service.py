@@ -1,4 +1,4 @@
-"""HTTP service on 127.0.0.1: per-MAC scripts, files with Range, callbacks, the node API; aiohttp's client and curl."""
+"""HTTP service on 127.0.0.1: per-MAC scripts, files with Range, callbacks and their tokens; aiohttp's client and curl."""
 from __future__ import annotations
 
 import asyncio
@@ -14,14 +14,19 @@ from typing import AsyncIterator
 import aiohttp
 import pytest
 
-from appliance.config import ApplianceConfig, BootConfig, DhcpConfig, HttpConfig
-from domain.errors import BindError
-from appliance.events import EventBus, EventKind
-from domain.nodes import Node
+from appliance.auth import NodeTokens
+from appliance.booting import DEFAULT_DISCOVERY_PROFILE, NodeBootTargets
+from appliance.events import EventBus
 from appliance.inventory import Inventory
-from domain.profiles import BootProfile
 from appliance.profiles import ProfileStore
-from netboot.http import HttpService
+from domain.errors import BindError
+from domain.nodes import Node
+from domain.profiles import BootProfile
+from domain.progress import (
+    AgentUp, BootFailed, FileSent, InitrdFetched, KernelFetched, NodeReport, OsUp, ProfileSet, ScriptServed, Via,
+)
+from ipxe.script import ScriptRenderer
+from netboot.http import HttpService, HttpSettings
 
 NODE1 = Node("node-1", "52:54:00:77:00:01", ipaddress.IPv4Address("127.0.0.11"), rack="r1")
 NODE2 = Node("node-2", "52:54:00:77:00:02", ipaddress.IPv4Address("127.0.0.12"), rack="r1")
@@ -37,7 +42,7 @@ def free_port() -> int:
 
 
 @pytest.fixture
-def config(tmp_path: Path) -> ApplianceConfig:
+def config(tmp_path: Path) -> HttpSettings:
     files = tmp_path / "files"
     (files / "deploy").mkdir(parents=True)
     (files / "deploy" / "vmlinuz").write_bytes(os.urandom(300_000))
@@ -48,42 +53,39 @@ def config(tmp_path: Path) -> ApplianceConfig:
     ipxe_dir.mkdir()
     (ipxe_dir / "snponly.efi").write_bytes(b"MZ fake snponly")
     (ipxe_dir / "ipxe.lkrn").write_bytes(b"not an NBP we serve")
-    return ApplianceConfig(
-        interface="lo",
-        address=ipaddress.IPv4Interface("127.0.0.1/8"),
-        state_dir=tmp_path,
-        inventory=Inventory(nodes=(NODE1, NODE2)),
-        http=HttpConfig(port=free_port(), files=files),
-        boot=BootConfig(ipxe_dir=ipxe_dir),
-    )
+    return HttpSettings(address=ipaddress.IPv4Address("127.0.0.1"), port=free_port(), files=files, ipxe_dir=ipxe_dir,
+                        nbp_names=("undionly.kpxe", "snponly.efi"), interface="lo")
 
 
 class Appliance:
     """The pieces HttpService needs, as the real composition root builds them."""
 
-    def __init__(self, config: ApplianceConfig) -> None:
+    def __init__(self, config: HttpSettings, discovery: BootProfile | None = None) -> None:
         self.config = config
+        self.inventory = Inventory(nodes=(NODE1, NODE2))
         self.events = EventBus()
         self.profiles = ProfileStore(sqlite3.connect(":memory:"), BootProfile())
-        self.base = config.http_base
-        self.http = HttpService(config, self.events, self.profiles, mac_for_ip=self.mac_for_ip)
+        self.tokens = NodeTokens()
+        self.base = config.base_url
+        scripts = ScriptRenderer(NodeBootTargets(self.inventory, self.profiles, discovery), self.base)
+        self.http = HttpService(config, self.events.publish, scripts, self.mac_for_ip, check_token=self.tokens.check)
 
     def mac_for_ip(self, ip: ipaddress.IPv4Address) -> str | None:
-        node = self.config.inventory.by_ip.get(ip)
+        node = self.inventory.by_ip.get(ip)
         return node.mac if node else None
 
-    def kinds(self, mac: str) -> list[EventKind]:
-        return [e.kind for e in self.events.last(mac)]
+    def kinds(self, mac: str) -> list[type]:
+        return [type(e) for e in self.events.last(mac)]
 
 
-async def started(config: ApplianceConfig) -> Appliance:
-    app = Appliance(config)
+async def started(config: HttpSettings, discovery: BootProfile | None = None) -> Appliance:
+    app = Appliance(config, discovery)
     await app.http.start()
     return app
 
 
 @pytest.fixture
-async def appliance(config: ApplianceConfig) -> AsyncIterator[Appliance]:
+async def appliance(config: HttpSettings) -> AsyncIterator[Appliance]:
     app = await started(config)
     try:
         yield app
@@ -115,41 +117,24 @@ async def test_curl_gets_the_per_mac_script_and_a_node_without_profile_waits(app
     assert text.startswith("#!ipxe\n")
     assert f"chain --replace {appliance.base}/boot/52-54-00-77-00-01.ipxe?poll=1" in text
     [event] = appliance.events.last(NODE1.mac)
-    assert event.kind == EventKind.SCRIPT_FETCHED and event.detail["profile"] == "none" and event.detail["node"] == "node-1"
+    assert isinstance(event, ScriptServed) and (event.profile, event.via) == ("none", Via.HTTP)
 
 
-async def test_profile_switch_through_the_api_changes_the_next_script(appliance: Appliance) -> None:
+async def test_a_profile_switch_changes_the_next_script(appliance: Appliance) -> None:
     url = f"{appliance.base}/boot/52-54-00-77-00-02.ipxe"
     async with aiohttp.ClientSession() as http:
         async with http.get(url) as r:
             assert "sanboot" not in await r.text() and "kernel " not in await r.text()
-        async with http.put(f"{appliance.base}/api/v1/nodes/node-2/profile", json={"kind": "local"}) as r:
-            assert r.status == 200 and (await r.json())["profile"]["kind"] == "local"
+        appliance.profiles.set(NODE2.mac, BootProfile(kind="local"))
         async with http.get(url) as r:
             assert "sanboot --no-describe --drive 0x80" in await r.text()
-        async with http.put(f"{appliance.base}/api/v1/nodes/node-2/profile", json=DEPLOY.to_json()) as r:
-            assert r.status == 200
+        appliance.profiles.set(NODE2.mac, DEPLOY)
         async with http.get(url) as r:
             text = await r.text()
     assert f"kernel {appliance.base}/files/deploy/vmlinuz initrd=initrd.img console=ttyS0" in text
     assert f"rackboot.callback={appliance.base}/callback/52-54-00-77-00-02" in text
-    assert appliance.profiles.get(NODE2.mac) == DEPLOY
-    assert appliance.kinds(NODE2.mac) == [EventKind.SCRIPT_FETCHED, EventKind.PROFILE_SET, EventKind.SCRIPT_FETCHED,
-                                          EventKind.PROFILE_SET, EventKind.SCRIPT_FETCHED]
-    assert [e.detail["profile"] for e in appliance.events.last(NODE2.mac) if e.kind == EventKind.SCRIPT_FETCHED] == ["none", "local", "deploy"]
-
-
-async def test_bad_profiles_and_unknown_nodes_are_refused(appliance: Appliance) -> None:
-    async with aiohttp.ClientSession() as http:
-        async with http.put(f"{appliance.base}/api/v1/nodes/node-1/profile", json={"kind": "deploy"}) as r:
-            assert r.status == 400  # a deploy profile needs a kernel
-        async with http.put(f"{appliance.base}/api/v1/nodes/node-1/profile", data=b"{not json") as r:
-            assert r.status == 400
-        async with http.put(f"{appliance.base}/api/v1/nodes/node-9/profile", json={"kind": "local"}) as r:
-            assert r.status == 404
-        async with http.get(f"{appliance.base}/api/v1/nodes/node-9") as r:
-            assert r.status == 404
-    assert appliance.profiles.get(NODE1.mac).kind == "none"
+    served = [e for e in appliance.events.last(NODE2.mac) if isinstance(e, ScriptServed)]
+    assert [(e.profile, e.env) for e in served] == [("none", ""), ("local", ""), ("deploy", "debian12")]
 
 
 async def test_polls_of_a_waiting_node_do_not_flood_its_events(appliance: Appliance) -> None:
@@ -158,7 +143,7 @@ async def test_polls_of_a_waiting_node_do_not_flood_its_events(appliance: Applia
         for suffix in ("", "?poll=1", "?poll=1", "?poll=1"):
             async with http.get(url + suffix) as r:
                 assert r.status == 200
-    assert appliance.kinds(NODE1.mac) == [EventKind.SCRIPT_FETCHED]
+    assert appliance.kinds(NODE1.mac) == [ScriptServed]
     assert appliance.http.stats()["script_polls_quiet"] == 3
 
 
@@ -166,10 +151,9 @@ async def test_a_script_that_gave_up_reports_the_error(appliance: Appliance) -> 
     async with aiohttp.ClientSession() as http:
         async with http.get(f"{appliance.base}/boot/52-54-00-77-00-01.ipxe?error=kernel") as r:
             assert r.status == 200
-    callback, fetched = appliance.events.last(NODE1.mac)
-    assert callback.kind == EventKind.CALLBACK and callback.detail["stage"] == "ipxe" and callback.detail["status"] == "failed"
-    assert "kernel" in callback.detail["message"]
-    assert fetched.kind == EventKind.SCRIPT_FETCHED
+    failed, fetched = appliance.events.last(NODE1.mac)
+    assert isinstance(failed, BootFailed) and failed.what == "kernel" and "kernel" in failed.message
+    assert isinstance(fetched, ScriptServed)
 
 
 async def test_unknown_mac_is_told_so_when_ignored(appliance: Appliance) -> None:
@@ -179,11 +163,11 @@ async def test_unknown_mac_is_told_so_when_ignored(appliance: Appliance) -> None
         async with http.get(f"{appliance.base}/boot/not-a-mac.ipxe") as r:
             assert r.status == 404
     assert "not in the inventory" in text and text.rstrip().endswith("exit")
-    assert appliance.events.last(UNKNOWN_MAC)[0].detail["profile"] == "unknown"
+    assert appliance.events.last(UNKNOWN_MAC)[0].profile == "unknown"  # type: ignore[union-attr]
 
 
-async def test_unknown_mac_boots_discovery_when_configured(config: ApplianceConfig) -> None:
-    app = await started(replace(config, dhcp=DhcpConfig(unknown_macs="discovery")))
+async def test_unknown_mac_boots_discovery_when_configured(config: HttpSettings) -> None:
+    app = await started(config, DEFAULT_DISCOVERY_PROFILE)
     try:
         async with aiohttp.ClientSession() as http:
             async with http.get(f"{app.base}/boot/52-54-00-99-99-99.ipxe") as r:
@@ -192,11 +176,11 @@ async def test_unknown_mac_boots_discovery_when_configured(config: ApplianceConf
         await app.http.close()
     assert f"kernel {app.base}/files/discovery/vmlinuz" in text
     assert f"rackboot.mac={UNKNOWN_MAC}" in text
-    assert app.events.last(UNKNOWN_MAC)[0].detail["profile"] == "discovery"
+    assert app.events.last(UNKNOWN_MAC)[0].profile == "discovery"  # type: ignore[union-attr]
 
 
 async def test_range_request_returns_206_and_the_right_bytes(appliance: Appliance) -> None:
-    data = (appliance.config.http.files / "deploy" / "vmlinuz").read_bytes()
+    data = (appliance.config.files / "deploy" / "vmlinuz").read_bytes()
     status, body = await curl("-r", "1000-1999", f"{appliance.base}/files/deploy/vmlinuz")
     assert status == 206 and body == data[1000:2000]
     async with aiohttp.ClientSession() as http:
@@ -208,7 +192,7 @@ async def test_range_request_returns_206_and_the_right_bytes(appliance: Applianc
 
 
 async def test_paths_cannot_escape_the_files_root(appliance: Appliance, tmp_path: Path) -> None:
-    (appliance.config.http.files / "escape").symlink_to(tmp_path / "secret.txt")
+    (appliance.config.files / "escape").symlink_to(tmp_path / "secret.txt")
     for path in ("/files/../secret.txt", "/files/%2e%2e/secret.txt", "/files/deploy/%2E%2E/%2E%2E/secret.txt", "/files/escape"):
         status, body = await curl("--path-as-is", appliance.base + path)
         assert status in (403, 404), path
@@ -226,62 +210,65 @@ async def test_kernel_and_initrd_fetches_are_recognised_by_client_address(applia
                 assert r.status == 200
                 await r.read()
     kernel, initrd, other = appliance.events.last(NODE1.mac)
-    assert (kernel.kind, kernel.detail["file"], kernel.detail["bytes"]) == (EventKind.KERNEL_FETCHED, "deploy/vmlinuz", "300000")
-    assert (initrd.kind, initrd.detail["file"]) == (EventKind.INITRD_FETCHED, "deploy/initrd.img")
-    assert (other.kind, other.detail["file"]) == (EventKind.FILE_FETCHED, "other.txt")
-    assert kernel.detail["remote"] == "127.0.0.11"
+    assert kernel == KernelFetched(NODE1.mac, "deploy/vmlinuz", ts=kernel.ts)
+    assert initrd == InitrdFetched(NODE1.mac, "deploy/initrd.img", ts=initrd.ts)
+    assert other == FileSent(NODE1.mac, "other.txt", Via.HTTP, ts=other.ts)
     # node-2 has no deploy profile: the same kernel is just a file for it
     async with client_from(str(NODE2.ip)) as http:
         async with http.get(f"{appliance.base}/files/deploy/vmlinuz") as r:
             await r.read()
-    assert appliance.kinds(NODE2.mac) == [EventKind.FILE_FETCHED]
+    assert appliance.kinds(NODE2.mac) == [FileSent]
 
 
 async def test_mac_query_names_the_node_and_anonymous_fetches_publish_nothing(appliance: Appliance) -> None:
     appliance.profiles.set(NODE2.mac, DEPLOY)
     status, _ = await curl(f"{appliance.base}/files/deploy/initrd.img?mac=52-54-00-77-00-02")
     assert status == 200
-    assert appliance.kinds(NODE2.mac) == [EventKind.INITRD_FETCHED]
+    assert appliance.kinds(NODE2.mac) == [InitrdFetched]
     status, _ = await curl(f"{appliance.base}/files/other.txt")  # from 127.0.0.1: no node
     assert status == 200 and appliance.http.stats()["files_anonymous"] == 1
 
 
-async def test_callback_publishes_an_event(appliance: Appliance) -> None:
-    body = {"stage": "deploy", "status": "ok", "message": "image written", "bytes": 123, "mac": "spoofed"}
+async def test_callbacks_without_a_claimed_stage_are_node_reports(appliance: Appliance) -> None:
+    body = {"stage": "postinstall", "status": "ok", "message": "image written", "bytes": 123, "mac": "spoofed"}
     status, answer = await curl("-X", "POST", "-H", "Content-Type: application/json", "--data", json.dumps(body),
                                 f"{appliance.base}/callback/52-54-00-77-00-01")
     assert status == 200 and json.loads(answer)["ok"] is True
     [event] = appliance.events.last(NODE1.mac)
-    assert event.kind == EventKind.CALLBACK
-    assert {k: event.detail[k] for k in ("stage", "status", "message", "bytes")} == {
-        "stage": "deploy", "status": "ok", "message": "image written", "bytes": "123"}
+    assert event == NodeReport(NODE1.mac, "postinstall", "ok", "image written", ts=event.ts)
     async with aiohttp.ClientSession() as http:
         async with http.get(f"{appliance.base}/callback/52:54:00:77:00:01?stage=ipxe&status=started") as r:
             assert r.status == 200
         async with http.post(f"{appliance.base}/callback/52-54-00-77-00-01", data=b"[not json") as r:
             assert r.status == 400
-    assert appliance.events.last(NODE1.mac)[-1].detail["stage"] == "ipxe"
+    assert appliance.events.last(NODE1.mac)[-1].stage == "ipxe"  # type: ignore[union-attr]
     assert appliance.http.stats()["dropped_malformed"] == 1 and appliance.http.stats()["callbacks"] == 2
 
 
-async def test_nodes_api_shows_profiles_and_last_events(appliance: Appliance) -> None:
-    appliance.events.publish(NODE1.mac, EventKind.DHCP_ACK, ip="127.0.0.11")
+async def test_claimed_stages_need_the_one_time_token_checked_once_and_never_published(appliance: Appliance) -> None:
+    token = appliance.tokens.issue(NODE1.mac, "d1")
+    other = appliance.tokens.issue(NODE2.mac, "d1")
+    url = f"{appliance.base}/callback/52-54-00-77-00-01"
     async with aiohttp.ClientSession() as http:
-        async with http.get(f"{appliance.base}/boot/52-54-00-77-00-01.ipxe") as r:
-            await r.read()
-        async with http.get(f"{appliance.base}/api/v1/nodes") as r:
-            nodes = (await r.json())["nodes"]
-        async with http.get(f"{appliance.base}/api/v1/nodes/node-1?events=1") as r:
-            one = await r.json()
-        async with http.get(f"{appliance.base}/api/v1/health") as r:
-            health = await r.json()
-    assert [(n["name"], n["mac"], n["ip"], n["rack"]) for n in nodes] == [
-        ("node-1", NODE1.mac, "127.0.0.11", "r1"), ("node-2", NODE2.mac, "127.0.0.12", "r1")]
-    assert [e["kind"] for e in nodes[0]["events"]] == ["dhcp_ack", "script_fetched"]
-    assert all(isinstance(e["ts"], float) for e in nodes[0]["events"])
-    assert nodes[1]["events"] == [] and nodes[1]["profile"]["kind"] == "none"
-    assert [e["kind"] for e in one["events"]] == ["script_fetched"]
-    assert health["status"] == "ok" and health["nodes"] == 2
+        for body in ({"stage": "agent_up"}, {"stage": "agent_up", "token": other}, {"stage": "installed", "token": "x"},
+                     {"stage": "agent_up", "token": 12}):
+            async with http.post(url, json=body) as r:
+                assert r.status == 403, body
+        # One decoding of the body, here: a latin-1 body is not JSON text (RFC 8259 8.1) and claims nothing.
+        async with http.post(url, data='{"stage": "agent_up", "note": "\xe9"}'.encode("latin-1"),
+                             headers={"Content-Type": "application/json; charset=latin-1"}) as r:
+            assert r.status == 400
+        assert appliance.events.last(NODE1.mac) == []
+        async with http.post(url, json={"stage": "agent_up", "token": token, "ssh_port": 2222, "data_port": 7171}) as r:
+            assert r.status == 200
+            answer = await r.json()
+        async with http.post(url, json={"stage": "installed", "token": token, "env": "debian12:1"}) as r:
+            assert r.status == 200
+    up, os_up = appliance.events.last(NODE1.mac)
+    assert up == AgentUp(NODE1.mac, "d1", 2222, 7171, ts=up.ts)
+    assert os_up == OsUp(NODE1.mac, "d1", "debian12:1", ts=os_up.ts)
+    assert token not in json.dumps(answer)
+    assert appliance.http.stats()["callbacks_refused"] == 4
 
 
 async def test_only_configured_nbps_are_served(appliance: Appliance) -> None:
@@ -291,7 +278,7 @@ async def test_only_configured_nbps_are_served(appliance: Appliance) -> None:
     assert status == 404
 
 
-async def test_routes_added_before_start_are_served(config: ApplianceConfig) -> None:
+async def test_routes_added_before_start_are_served(config: HttpSettings) -> None:
     from aiohttp import web
 
     app = Appliance(config)
@@ -307,12 +294,12 @@ async def test_routes_added_before_start_are_served(config: ApplianceConfig) -> 
         await app.http.close()
 
 
-async def test_bind_error_when_the_port_is_taken(config: ApplianceConfig) -> None:
+async def test_bind_error_when_the_port_is_taken(config: HttpSettings) -> None:
     with socket.socket() as holder:
-        holder.bind(("127.0.0.1", config.http.port))
+        holder.bind(("127.0.0.1", config.port))
         holder.listen()
         app = Appliance(config)
-        with pytest.raises(BindError, match=f"127.0.0.1:{config.http.port}"):
+        with pytest.raises(BindError, match=f"127.0.0.1:{config.port}"):
             await app.http.start()
         await app.http.close()
 
@@ -329,8 +316,8 @@ async def read_response(reader: asyncio.StreamReader) -> tuple[int, dict[str, st
 async def test_one_connection_serves_kernel_then_initrd_then_is_closed_when_idle(appliance: Appliance) -> None:
     """As iPXE does: several requests on one connection; then the server drops the idle connection itself,
     so a node rebooting with the same TCP port and sequence number (iPXE EFI) finds nothing stale."""
-    files = appliance.config.http.files
-    reader, writer = await asyncio.open_connection("127.0.0.1", appliance.config.http.port)
+    files = appliance.config.files
+    reader, writer = await asyncio.open_connection("127.0.0.1", appliance.config.port)
     try:
         for path in ("deploy/vmlinuz", "deploy/initrd.img"):
             writer.write(f"GET /files/{path} HTTP/1.1\r\nHost: x\r\n\r\n".encode())

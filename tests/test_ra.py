@@ -16,7 +16,6 @@ from scapy.layers.l2 import Ether
 
 from domain.errors import BindError
 from netboot.ra import RouterAdvertiser, build_router_advertisement, parse_if_inet6
-from test_dhcp_policy import make_config
 from vmtestbed.netns import Lab, entered, socket_in
 
 SERVER_MAC = "02:00:00:77:00:01"
@@ -43,7 +42,7 @@ def test_parse_if_inet6_keeps_link_local_of_the_interface() -> None:
 
 async def test_no_link_local_address_warns_and_idles(caplog: pytest.LogCaptureFixture) -> None:
     # 'lo' has ::1 (host scope) but never a link-local address: nothing is sent, nothing crashes.
-    ra = RouterAdvertiser(make_config(interface="lo"), interval=(0.05, 0.05))
+    ra = RouterAdvertiser("lo", interval=(0.05, 0.05))
     with caplog.at_level(logging.WARNING, logger="rackboot.ra"):
         await ra.start()
         task = asyncio.create_task(ra.serve())
@@ -60,7 +59,7 @@ async def test_no_link_local_address_warns_and_idles(caplog: pytest.LogCaptureFi
 
 async def test_missing_interface_is_a_bind_error() -> None:
     with pytest.raises(BindError, match="does not exist"):
-        await RouterAdvertiser(make_config(interface="rbnosuch0")).start()
+        await RouterAdvertiser("rbnosuch0").start()
 
 
 # ---------------------------------------------------------------- namespaces
@@ -87,7 +86,7 @@ def pair() -> Iterator[tuple[str, str]]:
 
 @contextlib.asynccontextmanager
 async def advertising(srv: str, interval: tuple[float, float]) -> AsyncIterator[RouterAdvertiser]:
-    ra = RouterAdvertiser(make_config(interface="rb0"), interval=interval)
+    ra = RouterAdvertiser("rb0", interval=interval)
     with entered(srv):
         await ra.start()
     task = asyncio.create_task(ra.serve())  # runs outside the namespace: the socket stays in it

@@ -118,7 +118,7 @@ def test_testbed_boots_every_node_to_its_script_and_leaves_nothing_behind() -> N
                 with urllib.request.urlopen(request, timeout=30) as resp:
                     api = json.load(resp)
             kinds = {node["name"]: [e["kind"] for e in node["events"]] for node in api["nodes"]}
-            return kinds if all("nbp_sent" in k and "script_fetched" in k for k in kinds.values()) else None
+            return kinds if all("nbp_sent" in k and "script_served" in k for k in kinds.values()) else None
 
         assert len(_wait_for(all_served, "the appliance to have served every node its NBP and script", limit=60)) == NODES
 

@@ -11,11 +11,9 @@ from typing import AsyncIterator
 
 import pytest
 
-from appliance.config import ApplianceConfig, BootConfig, TftpConfig
-from appliance.events import EventBus
-from appliance.inventory import Inventory
 from netboot.tftp import codec
 from netboot.tftp.server import TftpService
+from netboot.tftp.server import TftpSettings as ServerSettings
 from vmtestbed.ipxe_script import FetchError
 from vmtestbed.tftp_client import TftpSettings, TransferStats, tftp_get
 
@@ -26,11 +24,9 @@ HOST = "127.0.0.1"
 async def server(tmp_path: Path) -> AsyncIterator[tuple[TftpService, Path]]:
     root = tmp_path / "tftp"
     root.mkdir()
-    config = ApplianceConfig(
-        interface="lo", address=ipaddress.IPv4Interface(f"{HOST}/8"), state_dir=tmp_path, inventory=Inventory(nodes=()),
-        tftp=TftpConfig(port=0, root=root, timeout=0.05, retries=8), boot=BootConfig(ipxe_dir=tmp_path / "no-ipxe"),
-    )
-    svc = TftpService(config, EventBus(), mac_for_ip=lambda ip: None)
+    settings = ServerSettings(address=ipaddress.IPv4Address(HOST), root=root, ipxe_dir=tmp_path / "no-ipxe", port=0,
+                            timeout=0.05, retries=8)
+    svc = TftpService(settings, [].append, mac_for_ip=lambda ip: None)
     await svc.start()
     task = asyncio.create_task(svc.serve())
     yield svc, root

@@ -15,12 +15,12 @@ from typing import AsyncIterator, Callable
 import pytest
 import tftpy
 
-from appliance.config import ApplianceConfig, BootConfig, TftpConfig
+from appliance.events import EventBus
 from domain.errors import BindError
-from appliance.events import EventBus, EventKind, NodeEvent
-from appliance.inventory import Inventory
+from domain.progress import FileSent, NbpSent, NodeEvent, ScriptServed, TransferFailed, Via
 from netboot.tftp.codec import Data, Error, OptionAck, decode, encode_ack, encode_error, encode_request
-from netboot.tftp.server import TftpService
+from netboot.tftp.files import VirtualFile
+from netboot.tftp.server import TftpService, TftpSettings
 
 HOST = "127.0.0.1"
 MAC = "52:54:00:77:00:01"
@@ -150,19 +150,26 @@ async def fetch(port: int, name: str, options: dict[str, str] | None = None, *, 
         proto.close()
 
 
-def make_config(tmp_path: Path, **tftp: object) -> ApplianceConfig:
+def make_config(tmp_path: Path, **tftp: object) -> TftpSettings:
     root = tmp_path / "tftp"
     root.mkdir(exist_ok=True)
-    values: dict[str, object] = {"port": 0, "root": root, "timeout": 0.1, "retries": 5}
+    values: dict[str, object] = {"port": 0, "root": root, "timeout": 0.1, "retries": 5, "ipxe_dir": IPXE_DIR}
     values.update(tftp)
-    return ApplianceConfig(
-        interface="lo",
-        address=ipaddress.IPv4Interface(f"{HOST}/8"),
-        state_dir=tmp_path,
-        inventory=Inventory(nodes=()),
-        tftp=TftpConfig(**values),  # type: ignore[arg-type]
-        boot=BootConfig(ipxe_dir=IPXE_DIR),
-    )
+    return TftpSettings(address=ipaddress.IPv4Address(HOST), **values)  # type: ignore[arg-type]
+
+
+class Scripts:
+    """A stand-in for ipxe.script.ScriptRenderer: one script per MAC, and the calls it got."""
+
+    def __init__(self) -> None:
+        self.calls: list[str] = []
+
+    def render(self, mac: str) -> object:
+        """Render the node's script."""
+        from ipxe.script import Script
+
+        self.calls.append(mac)
+        return Script(f"#!ipxe\necho {mac}\n", "deploy", "debian12:1")
 
 
 @pytest.fixture
@@ -170,8 +177,9 @@ async def make_service(tmp_path: Path) -> AsyncIterator[Callable[..., object]]:
     """Start TftpService instances on 127.0.0.1 with an ephemeral port; close them after the test."""
     started: list[tuple[TftpService, asyncio.Task[None]]] = []
 
-    async def factory(events: EventBus | None = None, mac: str | None = MAC, virtual: object = None, **tftp: object) -> TftpService:
-        svc = TftpService(make_config(tmp_path, **tftp), events or EventBus(), mac_for_ip=lambda ip: mac, virtual=virtual)  # type: ignore[arg-type]
+    async def factory(events: EventBus | None = None, mac: str | None = MAC, scripts: object = None, **tftp: object) -> TftpService:
+        svc = TftpService(make_config(tmp_path, **tftp), (events or EventBus()).publish, mac_for_ip=lambda ip: mac,
+                          scripts=scripts)  # type: ignore[arg-type]
         await svc.start()
         started.append((svc, asyncio.create_task(svc.serve())))
         return svc
@@ -220,7 +228,7 @@ async def test_bind_error_when_port_is_taken(tmp_path: Path) -> None:
     holder = socket.socket(socket.AF_INET, socket.SOCK_DGRAM)
     holder.bind((HOST, 0))
     try:
-        svc = TftpService(make_config(tmp_path, port=holder.getsockname()[1]), EventBus(), mac_for_ip=lambda ip: None)
+        svc = TftpService(make_config(tmp_path, port=holder.getsockname()[1]), [].append, mac_for_ip=lambda ip: None)
         with pytest.raises(BindError, match="tftp: cannot bind UDP 127.0.0.1:.*in use"):
             await svc.start()
         await svc.close()
@@ -237,8 +245,7 @@ async def test_tftpy_client_in_a_thread(make_service, tmp_path: Path) -> None:
     client = tftpy.TftpClient(HOST, svc.address[1], options={"blksize": 1400, "tsize": 0})
     await asyncio.to_thread(client.download, "/images/blob.bin", str(out), timeout=2)
     assert out.read_bytes() == data
-    kinds = [(e.kind, e.detail.get("path")) for e in events_of(sub)]
-    assert kinds == [(EventKind.TFTP_REQUEST, "/images/blob.bin"), (EventKind.TFTP_SENT, "images/blob.bin")]
+    assert [(type(e), e.path) for e in events_of(sub)] == [(FileSent, "images/blob.bin")]  # type: ignore[union-attr]
     assert svc.stats()["transfers_sent"] == 1
 
 
@@ -288,7 +295,7 @@ async def test_missing_file_is_error_1_and_a_failed_event(make_service) -> None:
     with pytest.raises(TftpClientError) as err:
         await fetch(svc.address[1], "nope.bin")
     assert err.value.code == 1
-    assert [e.kind for e in events_of(sub)] == [EventKind.TFTP_REQUEST, EventKind.TFTP_FAILED]
+    assert [type(e) for e in events_of(sub)] == [TransferFailed]
 
 
 async def test_write_request_is_refused_with_error_2(make_service) -> None:
@@ -367,8 +374,8 @@ async def test_ovmf_tsize_probe_aborted_with_error_8_is_silent(make_service, tmp
     assert await fetch(svc.address[1], "snponly.efi", {"blksize": "1468", "windowsize": "4"}) == data
     stats = svc.stats()
     assert stats["transfers_aborted"] == 1 and stats["transfers_failed"] == 0
-    # snponly.efi is an NBP name: served from the root, reported as NBP_SENT; the probe is not a failure.
-    assert [e.kind for e in events_of(sub)] == [EventKind.TFTP_REQUEST, EventKind.TFTP_REQUEST, EventKind.NBP_SENT]
+    # snponly.efi is an NBP name: served from the root, reported as NbpSent once; the probe is not a failure.
+    assert [type(e) for e in events_of(sub)] == [NbpSent]
 
 
 async def test_unanswered_transfer_gives_up_after_retries(make_service, tmp_path: Path) -> None:
@@ -381,15 +388,15 @@ async def test_unanswered_transfer_gives_up_after_retries(make_service, tmp_path
         await peer.send(encode_request("c.bin"), svc.address)
         received = [await peer.recv() for _ in range(3)]  # the first DATA and two retransmissions
         assert all(p == Data(1, b"x" * 100) for p, _ in received)
-        failed = await asyncio.wait_for(next_event(sub, EventKind.TFTP_FAILED), 10)
+        failed = await asyncio.wait_for(next_event(sub, TransferFailed), 10)
     finally:
         peer.close()
-    assert "timeout" in failed.detail["reason"]
+    assert isinstance(failed, TransferFailed) and "timeout" in failed.reason
     assert svc.stats()["transfers_failed"] == 1 and svc.stats()["transfers_active"] == 0
 
 
-async def next_event(sub: object, kind: EventKind) -> NodeEvent:
-    while (event := await sub.get()).kind != kind:  # type: ignore[attr-defined]
+async def next_event(sub: object, kind: type) -> NodeEvent:
+    while not isinstance(event := await sub.get(), kind):  # type: ignore[attr-defined]
         pass
     return event
 
@@ -468,19 +475,17 @@ async def test_cache_is_invalidated_when_the_file_changes(make_service, tmp_path
     assert (stats["cache_hits"], stats["cache_misses"]) == (1, 2)
 
 
-async def test_virtual_files_come_first_per_mac(make_service, tmp_path: Path) -> None:
-    calls: list[tuple[str | None, str]] = []
-
-    def virtual(mac: str | None, path: str) -> bytes | None:
-        calls.append((mac, path))
-        return f"#!ipxe\necho {mac}\n".encode() if path == "boot.ipxe" else None
-
-    svc = await make_service(virtual=virtual)
+async def test_per_mac_script_comes_first_and_is_reported_as_served(make_service, tmp_path: Path) -> None:
+    bus = EventBus()
+    scripts = Scripts()
+    svc = await make_service(events=bus, scripts=scripts)
     write(tmp_path / "tftp", "boot.ipxe", b"shadowed")
     write(tmp_path / "tftp", "plain.txt", b"from root")
     assert await fetch(svc.address[1], "/boot.ipxe") == f"#!ipxe\necho {MAC}\n".encode()
     assert await fetch(svc.address[1], "plain.txt") == b"from root"
-    assert calls == [(MAC, "boot.ipxe"), (MAC, "plain.txt")]
+    assert scripts.calls == [MAC]  # only boot.ipxe is rendered
+    served = bus.last(MAC)[0]
+    assert isinstance(served, ScriptServed) and (served.profile, served.via, served.env) == ("deploy", Via.TFTP, "debian12:1")
 
 
 async def test_no_events_without_a_mac(make_service, tmp_path: Path) -> None:
@@ -499,7 +504,7 @@ async def test_nbps_come_from_ipxe_dir_only_by_their_configured_names(make_servi
     expected = (IPXE_DIR / "undionly.kpxe").read_bytes()
     got = await fetch(svc.address[1], "undionly.kpxe", {"blksize": "1432", "tsize": "0"})  # what iPXE asks
     assert hashlib.sha256(got).digest() == hashlib.sha256(expected).digest()
-    assert [e.kind for e in events_of(sub)] == [EventKind.TFTP_REQUEST, EventKind.NBP_SENT]
+    assert [type(e) for e in events_of(sub)] == [NbpSent]
     with pytest.raises(TftpClientError) as err:
         await fetch(svc.address[1], "ipxe.lkrn")  # in ipxe_dir but not an NBP name
     assert err.value.code == 1
@@ -547,10 +552,9 @@ async def test_real_client_atftp_with_blksize_and_windowsize(make_service, tmp_p
         HOST, str(svc.address[1]), cwd=tmp_path,
     )
     assert out.read_bytes() == data
-    request = next(e for e in events_of(sub) if e.kind == EventKind.TFTP_REQUEST)
-    assert "blksize=1428" in request.detail["options"] and "windowsize=8" in request.detail["options"]
-    sent = next(e for e in bus.last(MAC) if e.kind == EventKind.TFTP_SENT)
-    assert (sent.detail["blksize"], sent.detail["windowsize"]) == ("1428", "8")
+    assert [type(e) for e in events_of(sub)] == [FileSent]
+    stats = svc.stats()
+    assert stats["transfers_windowed"] == 1 and stats["transfers_large_blocks"] == 1  # windowsize 8, blksize 1428
 
 
 async def test_start_raises_the_open_files_soft_limit_to_the_hard_limit(make_service) -> None:
@@ -566,7 +570,7 @@ async def test_start_raises_the_open_files_soft_limit_to_the_hard_limit(make_ser
 
 
 def test_service_keeps_the_service_contract(tmp_path: Path) -> None:
-    svc = TftpService(make_config(tmp_path), EventBus(), mac_for_ip=lambda ip: None)
+    svc = TftpService(make_config(tmp_path), [].append, mac_for_ip=lambda ip: None)
     assert svc.name == "tftp"
     stats = svc.stats()
     for key in ("received", "sent", "dropped_malformed", "transfers_active"):

@@ -1,7 +1,7 @@
 """Watching one node boot, as a state table with a deadline per wait state (pure: events and ticks in).
 
 A reboot is only as good as what the boot services see next: DHCP from the firmware, the NBP over TFTP,
-the per-MAC script, kernel and initrd, then the callback of what booted. Each stage has its own short
+the per-MAC script, kernel and initrd, then the callback of what booted (`domain.progress` records). Each stage has its own short
 deadline, so a node that never sends DHCP after a reset, or loops fetching its NBP, is known in seconds.
 """
 from __future__ import annotations
@@ -10,7 +10,9 @@ from dataclasses import dataclass, field
 from enum import StrEnum
 
 from appliance.deploy.workflow import BootDeadlines
-from appliance.events import EventKind, NodeEvent
+from domain.progress import (
+    AgentUp, DhcpFromFirmware, DhcpFromOs, InitrdFetched, NbpSent, NodeEvent, OsUp, ScriptServed,
+)
 
 
 class Stage(StrEnum):
@@ -27,41 +29,32 @@ class Stage(StrEnum):
     STUCK = "stuck"            # a deadline passed; reason says where
 
 
-class Trigger(StrEnum):
-    """What the boot services reported, reduced to what moves a boot forward."""
-
-    FIRMWARE_DHCP = "firmware_dhcp"
-    NBP = "nbp"
-    SCRIPT = "script"
-    KERNEL = "kernel"
-    INITRD = "initrd"
-    CALLBACK = "callback"
-    OS_DHCP = "os_dhcp"  # DHCP from a booted system's own client (not PXE/iPXE)
-
-
 DEPLOY = "deploy"        # target: the deploy environment (RAM-disk system with the agent)
 INSTALLED = "installed"  # target: the installed system on local disk
 NETBOOT = "netboot"      # target: just back in network boot (the per-MAC script fetched), for plain reboots
 
-# (stage, trigger) -> next stage. Targets that differ are spelled out; anything absent is ignored.
-TRANSITIONS: dict[tuple[Stage, Trigger], Stage | dict[str, Stage]] = {
-    (Stage.RESETTING, Trigger.FIRMWARE_DHCP): Stage.FIRMWARE,
-    (Stage.RESETTING, Trigger.NBP): Stage.FIRMWARE,
-    (Stage.RESETTING, Trigger.SCRIPT): {DEPLOY: Stage.LOADING, INSTALLED: Stage.LOCAL_BOOT, NETBOOT: Stage.UP},
-    (Stage.FIRMWARE, Trigger.SCRIPT): {DEPLOY: Stage.LOADING, INSTALLED: Stage.LOCAL_BOOT, NETBOOT: Stage.UP},
-    (Stage.LOADING, Trigger.INITRD): Stage.STARTING,
+# (stage, record type) -> next stage: the watch is a lookup on the boot services' records. Targets that
+# differ are spelled out; anything absent is ignored.
+TRANSITIONS: dict[tuple[Stage, type], Stage | dict[str, Stage]] = {
+    (Stage.RESETTING, DhcpFromFirmware): Stage.FIRMWARE,
+    (Stage.RESETTING, NbpSent): Stage.FIRMWARE,
+    (Stage.RESETTING, ScriptServed): {DEPLOY: Stage.LOADING, INSTALLED: Stage.LOCAL_BOOT, NETBOOT: Stage.UP},
+    (Stage.FIRMWARE, ScriptServed): {DEPLOY: Stage.LOADING, INSTALLED: Stage.LOCAL_BOOT, NETBOOT: Stage.UP},
+    (Stage.LOADING, InitrdFetched): Stage.STARTING,
     # A node that shows up in firmware again after its script rebooted on its own: start over, counted.
-    (Stage.LOADING, Trigger.FIRMWARE_DHCP): Stage.FIRMWARE,
-    (Stage.STARTING, Trigger.FIRMWARE_DHCP): Stage.FIRMWARE,
-    (Stage.LOCAL_BOOT, Trigger.FIRMWARE_DHCP): Stage.FIRMWARE,
-    (Stage.KEXECING, Trigger.FIRMWARE_DHCP): Stage.FIRMWARE,
-    (Stage.OS_STARTING, Trigger.FIRMWARE_DHCP): Stage.FIRMWARE,
+    (Stage.LOADING, DhcpFromFirmware): Stage.FIRMWARE,
+    (Stage.STARTING, DhcpFromFirmware): Stage.FIRMWARE,
+    (Stage.LOCAL_BOOT, DhcpFromFirmware): Stage.FIRMWARE,
+    (Stage.KEXECING, DhcpFromFirmware): Stage.FIRMWARE,
+    (Stage.OS_STARTING, DhcpFromFirmware): Stage.FIRMWARE,
     # The kexec'd kernel or the locally booted system is on the network: it has its own deadline to call back.
-    (Stage.KEXECING, Trigger.OS_DHCP): Stage.OS_STARTING,
-    (Stage.LOCAL_BOOT, Trigger.OS_DHCP): Stage.OS_STARTING,
+    (Stage.KEXECING, DhcpFromOs): Stage.OS_STARTING,
+    (Stage.LOCAL_BOOT, DhcpFromOs): Stage.OS_STARTING,
 }
+# The callback of the expected system (its one-time token already checked by the HTTP service) ends the boot.
 for _stage in (Stage.RESETTING, Stage.FIRMWARE, Stage.LOADING, Stage.STARTING, Stage.LOCAL_BOOT, Stage.KEXECING, Stage.OS_STARTING):
-    TRANSITIONS[(_stage, Trigger.CALLBACK)] = Stage.UP
+    TRANSITIONS[(_stage, AgentUp)] = {DEPLOY: Stage.UP}
+    TRANSITIONS[(_stage, OsUp)] = {INSTALLED: Stage.UP}
 
 # How long each wait state may last, by BootDeadlines field.
 DEADLINE_OF: dict[Stage, str] = {
@@ -83,25 +76,6 @@ STUCK_REASON: dict[Stage, str] = {
     Stage.KEXECING: "no DHCP nor callback within {d:.0f}s after the kexec: the new kernel did not come up",
     Stage.OS_STARTING: "the booted system sent DHCP but did not call back within {d:.0f}s",
 }
-
-
-def trigger_of(event: NodeEvent) -> Trigger | None:
-    """Map a boot-service event to a trigger; DHCP from an OS's own client (not PXE/iPXE) is OS_DHCP, not firmware."""
-    kind = event.kind
-    if kind in (EventKind.DHCP_DISCOVER, EventKind.DHCP_REQUEST):
-        d = event.detail
-        vendor = d.get("vendor_class", d.get("vendor", ""))
-        user = d.get("user_class", "")
-        arch = d.get("arch", "")
-        if vendor.startswith(("PXEClient", "HTTPClient")) or "iPXE" in user or (arch not in ("", "None")):
-            return Trigger.FIRMWARE_DHCP
-        return Trigger.OS_DHCP
-    return {
-        EventKind.NBP_SENT: Trigger.NBP,
-        EventKind.SCRIPT_FETCHED: Trigger.SCRIPT,
-        EventKind.KERNEL_FETCHED: Trigger.KERNEL,
-        EventKind.INITRD_FETCHED: Trigger.INITRD,
-    }.get(kind)
 
 
 @dataclass
@@ -140,19 +114,20 @@ class BootWatch:
         """True once the node is up or stuck."""
         return self.stage in (Stage.UP, Stage.STUCK)
 
-    def on_trigger(self, trigger: Trigger, now: float) -> bool:
-        """Apply one trigger; return True when the stage changed."""
+    def on_event(self, event: NodeEvent, now: float) -> bool:
+        """Apply one of the node's records; return True when the stage changed."""
         if self.done:
             return False
-        if trigger is Trigger.NBP:
+        kind = type(event)
+        if kind is NbpSent:
             self.nbp_count += 1
             if self.nbp_count >= self.deadlines.nbp_loop_limit and self.stage in (Stage.RESETTING, Stage.FIRMWARE):
                 self.reason = f"loops fetching its boot file: NBP sent {self.nbp_count} times without the iPXE script"
                 self._enter(Stage.STUCK, now)
                 return True
-        nxt = TRANSITIONS.get((self.stage, trigger))
+        nxt = TRANSITIONS.get((self.stage, kind))
         if isinstance(nxt, dict):
-            nxt = nxt[self.target]
+            nxt = nxt.get(self.target)
         if nxt is None or nxt is self.stage:
             return False
         if nxt is Stage.FIRMWARE and self.stage is not Stage.RESETTING:

@@ -18,13 +18,14 @@ from ClusterShell.NodeSet import NodeSet
 
 from appliance.auth import NodeTokens
 from appliance.catalog import Catalog, Environment
-from appliance.deploy.bootwatch import DEPLOY, INSTALLED, NETBOOT, BootWatch, Stage, Trigger, trigger_of
+from appliance.deploy.bootwatch import DEPLOY, INSTALLED, NETBOOT, BootWatch, Stage
 from appliance.deploy.drivers import DeployDriver, DeployError
 from appliance.deploy.power import BmcUnreachable, PowerDriver, PowerError
 from appliance.deploy.store import DeploymentStore
 from appliance.deploy.workflow import Implementation, MacroStep, Workflow
 from domain.errors import RackbootError
-from appliance.events import EventBus, EventKind, NodeEvent
+from appliance.events import EventBus
+from domain.progress import AgentUp, NodeEvent, OsUp, ProfileSet
 from domain.nodes import Node
 from appliance.inventory import Inventory
 from domain.profiles import BootProfile
@@ -38,8 +39,6 @@ LADDERS: dict[str, tuple[str, ...]] = {
     "hard_reboot": ("hard", "very_hard"),
     "very_hard_reboot": ("very_hard",),
 }
-# Callback stages that mean "the expected system is up".
-CALLBACK_STAGES = {DEPLOY: ("deploy", "agent", "agent_up"), INSTALLED: ("installed", "os"), NETBOOT: ()}
 REBOOT_LEVELS = {"soft": LADDERS["reboot"], "hard": LADDERS["hard_reboot"], "very_hard": LADDERS["very_hard_reboot"]}
 
 
@@ -119,7 +118,6 @@ class Deployment:
         self.log: list[dict[str, Any]] = []
         self._log_changed = asyncio.Event()
         self._reboot_window = asyncio.Semaphore(workflow.reboot_window)
-        self.bad_tokens = 0
 
     # -- reporting ----------------------------------------------------------------------------------
 
@@ -164,29 +162,20 @@ class Deployment:
     # -- events -------------------------------------------------------------------------------------
 
     def on_event(self, event: NodeEvent) -> None:
-        """Feed one boot-service event to the node it concerns."""
+        """Feed one boot-service record to the node it concerns (the one intake of node progress)."""
         run = self.by_mac.get(event.mac)
         if run is None or run.watch is None or run.failed:
             return
-        now = self.clock()
-        if event.kind is EventKind.CALLBACK:
-            stage = event.detail.get("stage", "")
-            if stage not in CALLBACK_STAGES[run.watch.target]:
-                return
-            if self.deps.tokens.check(event.mac, event.detail.get("token")) != self.id:
-                self.bad_tokens += 1
-                self._note(run, "callback_refused", reason="wrong or missing one-time token")
-                return
-            run.reported = dict(event.detail)
-            if run.watch.target == DEPLOY:
-                self.deps.agent.agent_up(run.node, run.reported)
-            changed = run.watch.on_trigger(Trigger.CALLBACK, now)
-        else:
-            trig = trigger_of(event)
-            if trig is None:
-                return
-            changed = run.watch.on_trigger(trig, now)
-        if changed:
+        if isinstance(event, (AgentUp, OsUp)):
+            if event.deployment != self.id:
+                return  # a late callback of an earlier deployment of this node
+            if isinstance(event, AgentUp):
+                run.reported = {"ssh_port": str(event.ssh_port), "data_port": str(event.data_port)}
+                if run.watch.target == DEPLOY:
+                    self.deps.agent.agent_up(run.node, run.reported)
+            else:
+                run.reported = {"env": event.env}
+        if run.watch.on_event(event, self.clock()):
             self._note(run, "boot", stage=run.watch.stage.value)
             run.changed.set()
 
@@ -326,7 +315,7 @@ class Deployment:
 
     async def _set_deployment_env(self, run: NodeRun, impl: Implementation) -> str | None:
         self.deps.profiles.set(run.node.mac, self._deploy_profile(run))
-        self.deps.events.publish(run.node.mac, EventKind.PROFILE_SET, profile="deploy", deployment=self.id)
+        self.deps.events.publish(ProfileSet(run.node.mac, "deploy", self.env.ref, self.id))
         why = await self._boot(run, DEPLOY, LADDERS.get(impl.name, ("hard",)))
         if why is not None:
             return why
@@ -339,7 +328,7 @@ class Deployment:
     async def _boot_new_env(self, run: NodeRun, impl: Implementation) -> str | None:
         self.deps.tokens.issue(run.node.mac, self.id) if self.deps.tokens.token_of(run.node.mac) is None else None
         self.deps.profiles.set(run.node.mac, self._installed_profile(run))
-        self.deps.events.publish(run.node.mac, EventKind.PROFILE_SET, profile=self.env.boot_kind, deployment=self.id)
+        self.deps.events.publish(ProfileSet(run.node.mac, self.env.boot_kind, self.env.ref, self.id))
         if impl.name == "kexec":
             if not self.env.kexec:
                 return "kexec not allowed by the environment"

@@ -1,22 +1,25 @@
 """Pure DHCPv4 decisions: a decoded request, the inventory and the lease table in, a reply (or none) out.
 
 No sockets, no clock, no event bus: `DhcpPolicy.handle()` returns a `Decision` carrying the encoded
-reply, where to send it and the node events to publish; the transport does the I/O. Option bytes
-that do not depend on the request are encoded once at construction.
+reply, where to send it and at most one node record (`DhcpFromFirmware` or `DhcpFromOs`, once per DHCP
+exchange of a MAC: the first DISCOVER or REQUEST of a transaction id); the transport does the I/O.
+Option bytes that do not depend on the request are encoded once at construction.
 """
 from __future__ import annotations
 
 import ipaddress
 import logging
 import socket
-from dataclasses import dataclass, field
+from dataclasses import dataclass
+
+from typing import Mapping
 
 import ipxe
-from appliance.config import ApplianceConfig
-from appliance.events import EventKind
+from domain.progress import DhcpFromFirmware, DhcpFromOs, FirmwareKind, NodeEvent
 from netboot.dhcp4 import options as o
 from netboot.dhcp4.codec import BOOTREPLY, BOOTREQUEST, BROADCAST_FLAG, ZERO_IP, DhcpPacket, encode_reply
 from netboot.dhcp4.leases import LeaseTable, int_to_ip, ip_to_int
+from netboot.dhcp4.settings import DhcpSettings, Reservation
 
 log = logging.getLogger("rackboot.dhcp")
 
@@ -29,6 +32,11 @@ _TFTP_ARCHES = {o.ARCH_BIOS: "bios", o.ARCH_EFI_IA32: "uefi", o.ARCH_EFI_BC: "ue
                 o.ARCH_EFI_ARM64: "arm64"}
 _HTTP_ARCHES = {o.ARCH_HTTP_IA32: "uefi", o.ARCH_HTTP_X64: "uefi", o.ARCH_HTTP_ARM64: "arm64"}
 _MT = {t: bytes((o.MESSAGE_TYPE, 1, t)) for t in o.MESSAGE_NAMES}
+# Firmware by RFC 4578 2.1 architecture, for PXE clients.
+_PXE_FIRMWARE = {o.ARCH_BIOS: FirmwareKind.BIOS_PXE, o.ARCH_EFI_IA32: FirmwareKind.UEFI_PXE,
+                 o.ARCH_EFI_BC: FirmwareKind.UEFI_PXE, o.ARCH_EFI_X64: FirmwareKind.UEFI_PXE,
+                 o.ARCH_EFI_ARM64: FirmwareKind.UEFI_PXE}
+MAX_TRACKED_EXCHANGES = 65536  # MACs whose last transaction id is remembered (oldest forgotten first)
 
 
 @dataclass(frozen=True, slots=True)
@@ -56,11 +64,11 @@ class Reply:
 
 @dataclass(slots=True)
 class Decision:
-    """What to do about one request: a reply or None, node events to publish, and why a request was ignored
-    (empty when no reply is the normal answer, as for DECLINE and RELEASE)."""
+    """What to do about one request: a reply or None, the node record to emit (at most one), and why a
+    request was ignored (empty when no reply is the normal answer, as for DECLINE and RELEASE)."""
 
     reply: Reply | None = None
-    events: list[tuple[EventKind, dict[str, object]]] = field(default_factory=list)
+    event: NodeEvent | None = None
     ignored: str = ""
 
 
@@ -78,39 +86,40 @@ class BootAnswer:
 class DhcpPolicy:
     """Decides replies for authoritative and proxy mode from one validated config and the lease table."""
 
-    def __init__(self, config: ApplianceConfig, leases: LeaseTable) -> None:
-        dhcp = config.dhcp
-        self.mode = dhcp.mode
+    def __init__(self, settings: DhcpSettings, reservations: Mapping[str, Reservation], leases: LeaseTable) -> None:
+        self.mode = settings.mode
         self.leases = leases
-        self.lease_time = dhcp.lease_time
-        self.server_port = dhcp.port
-        self.client_port = dhcp.client_port
-        self.broadcast_replies = dhcp.broadcast_replies
-        self.discovery = dhcp.unknown_macs == "discovery"
-        self.network = config.address.network
-        self.sid = config.ip.packed
-        self.http_base = config.http_base
-        self.boot = config.boot
-        self._nodes = {n.mac: n for n in config.inventory.nodes}
-        self._node_ip = {n.mac: n.ip.packed for n in config.inventory.nodes}
-        self._hostname_tlv = {n.mac: o.text_option(o.HOST_NAME, n.name) for n in config.inventory.nodes}
-        self._broadcast_dest = Destination(BROADCAST_IP, dhcp.client_port)
+        self.lease_time = settings.lease_time
+        self.server_port = settings.port
+        self.client_port = settings.client_port
+        self.broadcast_replies = settings.broadcast_replies
+        self.discovery = settings.discovery
+        self.network = settings.address.network
+        self.sid = settings.server_ip.packed
+        self.http_base = settings.boot.http_base
+        self.boot = settings.boot
+        self._nodes = reservations
+        self._node_ip = {mac: r.ip.packed for mac, r in reservations.items()}
+        self._hostname_tlv = {mac: o.text_option(o.HOST_NAME, r.hostname) if r.hostname else b""
+                              for mac, r in reservations.items()}
+        self._broadcast_dest = Destination(BROADCAST_IP, settings.client_port)
+        self._exchanges: dict[str, tuple[int, str]] = {}  # mac -> (xid, client kind) of its last exchange
         sid_tlv = o.tlv(o.SERVER_ID, self.sid)
         network_tlvs = (
             o.tlv(o.SUBNET_MASK, self.network.netmask.packed)
             + o.tlv(o.BROADCAST_ADDRESS, self.network.broadcast_address.packed)
-            + (o.tlv(o.ROUTER, dhcp.router.packed) if dhcp.router else b"")
-            + o.ip_option(o.DNS_SERVERS, [a.packed for a in (dhcp.dns_servers or (config.ip,))])
-            + o.text_option(o.DOMAIN_NAME, config.dns.domain)
+            + (o.tlv(o.ROUTER, settings.router.packed) if settings.router else b"")
+            + o.ip_option(o.DNS_SERVERS, [a.packed for a in (settings.dns_servers or (settings.server_ip,))])
+            + (o.text_option(o.DOMAIN_NAME, settings.domain) if settings.domain else b"")
         )
         # RFC 2131 4.3.1 / RFC 2132 9.11: T1 = 0.5 * lease, T2 = 0.875 * lease.
-        lease_tlvs = (o.u32_option(o.LEASE_TIME, dhcp.lease_time)
-                      + o.u32_option(o.RENEWAL_TIME, dhcp.lease_time // 2)
-                      + o.u32_option(o.REBINDING_TIME, dhcp.lease_time * 7 // 8))
+        lease_tlvs = (o.u32_option(o.LEASE_TIME, settings.lease_time)
+                      + o.u32_option(o.RENEWAL_TIME, settings.lease_time // 2)
+                      + o.u32_option(o.REBINDING_TIME, settings.lease_time * 7 // 8))
         self._sid_tlv = sid_tlv
         self._lease_opts = sid_tlv + lease_tlvs + network_tlvs
         self._inform_opts = sid_tlv + network_tlvs
-        self._tftp_server_tlv = o.text_option(o.TFTP_SERVER_NAME, str(config.ip))
+        self._tftp_server_tlv = o.text_option(o.TFTP_SERVER_NAME, str(settings.server_ip))
         self._no_pxedhcp_tlv = o.tlv(o.IPXE_ENCAP, o.tlv(o.IPXE_NO_PXEDHCP, b"\x01"))
         self._boot_cache: dict[tuple[str, str, bool], BootAnswer | None] = {}
         self._ipxe_cache: dict[tuple[str, bool], BootAnswer] = {}  # inventory MACs only: bounded
@@ -145,31 +154,27 @@ class DhcpPolicy:
         extra = self._hostname_tlv[mac]
         if mt == o.DISCOVER:
             boot = self._boot_for(req, mac, proxy=False)
-            reply = self._lease_reply(req, o.OFFER, ip, extra, boot)
-            return Decision(reply, [(EventKind.DHCP_DISCOVER, _detail(req)),
-                                    (EventKind.DHCP_OFFER, _result(ip, boot))])
+            return Decision(self._lease_reply(req, o.OFFER, ip, extra, boot), self._seen(req, mac))
         if mt == o.REQUEST:
-            events: list[tuple[EventKind, dict[str, object]]] = [(EventKind.DHCP_REQUEST, _detail(req))]
+            event = self._seen(req, mac)
             sid = req.option_ip(o.SERVER_ID)
             if sid is not None and sid != self.sid:
-                return Decision(None, events, "client chose another server")
+                return Decision(None, event, "client chose another server")
             wanted = req.option_ip(o.REQUESTED_IP) or (req.ciaddr if req.ciaddr != ZERO_IP else None)
             if wanted is None:
-                return Decision(None, events, "REQUEST without an address")
+                return Decision(None, event, "REQUEST without an address")
             if wanted != ip:
-                events.append((EventKind.DHCP_NAK, {"ip": _ntoa(wanted), "reason": f"reserved address is {_ntoa(ip)}"}))
-                return Decision(self._nak(req, f"address reserved for this client is {_ntoa(ip)}"), events)
+                return Decision(self._nak(req, f"address reserved for this client is {_ntoa(ip)}"), event)
             boot = self._boot_for(req, mac, proxy=False)
-            events.append((EventKind.DHCP_ACK, _result(ip, boot)))
-            return Decision(self._lease_reply(req, o.ACK, ip, extra, boot), events)
+            return Decision(self._lease_reply(req, o.ACK, ip, extra, boot), event)
         if mt == o.INFORM:
             return self._inform(req, extra)
         if mt == o.DECLINE:
             wanted = req.option_ip(o.REQUESTED_IP) or ip
             log.warning("dhcp: %s declined its reserved address %s: another host uses it", mac, _ntoa(wanted))
-            return Decision(None, [(EventKind.DHCP_DECLINE, {"ip": _ntoa(wanted)})])
+            return Decision()
         if mt == o.RELEASE:
-            return Decision(None, [(EventKind.DHCP_RELEASE, {"ip": _ntoa(req.ciaddr)})])
+            return Decision()
         return Decision(ignored=f"message type {mt}")
 
     # ------------------------------------------------------------------ authoritative: the dynamic pool
@@ -178,45 +183,40 @@ class DhcpPolicy:
         """Answer a MAC outside the inventory from the dynamic pool (if any)."""
         leases = self.leases
         if not leases.has_pool:
-            if mt == o.DISCOVER:
-                return Decision(None, [(EventKind.DHCP_DISCOVER, _detail(req, known=False))], "unknown MAC and no pool")
             return Decision(ignored="unknown MAC and no pool")
         if mt == o.DISCOVER:
+            event = self._seen(req, mac)
             requested = req.option_ip(o.REQUESTED_IP)
             value = leases.offer(mac, ip_to_int(requested) if requested else None, now)
-            events: list[tuple[EventKind, dict[str, object]]] = [(EventKind.DHCP_DISCOVER, _detail(req, known=False))]
             if value is None:
                 if now >= self._quiet_until:  # one warning per minute, not one per DISCOVER
                     log.warning("dhcp: pool exhausted, no address for %s (and maybe others)", mac)
                     self._quiet_until = now + 60
-                return Decision(None, events, "pool exhausted")
+                return Decision(None, event, "pool exhausted")
             ip = int_to_ip(value)
             boot = self._boot_for(req, mac, proxy=False) if self.discovery else None
-            events.append((EventKind.DHCP_OFFER, _result(ip, boot)))
-            return Decision(self._lease_reply(req, o.OFFER, ip, b"", boot), events)
+            return Decision(self._lease_reply(req, o.OFFER, ip, b"", boot), event)
         if mt == o.REQUEST:
-            events = [(EventKind.DHCP_REQUEST, _detail(req, known=False))]
+            event = self._seen(req, mac)
             sid = req.option_ip(o.SERVER_ID)
             if sid is not None and sid != self.sid:
                 leases.forget_offer(mac)
-                return Decision(None, events, "client chose another server")
+                return Decision(None, event, "client chose another server")
             wanted = req.option_ip(o.REQUESTED_IP) or (req.ciaddr if req.ciaddr != ZERO_IP else None)
             if wanted is None:
-                return Decision(None, events, "REQUEST without an address")
+                return Decision(None, event, "REQUEST without an address")
             value = ip_to_int(wanted)
             known = leases.lease_for(mac) is not None
             if leases.bind(mac, value, now, self.lease_time):
                 boot = self._boot_for(req, mac, proxy=False) if self.discovery else None
-                events.append((EventKind.DHCP_ACK, _result(wanted, boot)))
-                return Decision(self._lease_reply(req, o.ACK, wanted, b"", boot), events)
+                return Decision(self._lease_reply(req, o.ACK, wanted, b"", boot), event)
             # RFC 2131 4.3.2: NAK what we are authoritative for (our offer, a client we know, our pool,
             # an address from another network); stay silent about other addresses of clients we do not know.
             ours = (sid is not None or known or leases.first <= value <= leases.last
                     or (req.giaddr == ZERO_IP and ipaddress.IPv4Address(value) not in self.network))
             if not ours:
-                return Decision(None, events, "REQUEST for an address outside the pool from an unknown client")
-            events.append((EventKind.DHCP_NAK, {"ip": _ntoa(wanted), "reason": "address not available"}))
-            return Decision(self._nak(req, "requested address not available"), events)
+                return Decision(None, event, "REQUEST for an address outside the pool from an unknown client")
+            return Decision(self._nak(req, "requested address not available"), event)
         if mt == o.INFORM:
             return self._inform(req, b"")
         if mt == o.DECLINE:
@@ -226,13 +226,13 @@ class DhcpPolicy:
                 return Decision(ignored="DECLINE not for us")
             leases.decline(mac, ip_to_int(wanted), now)
             log.warning("dhcp: %s declined %s: another host uses it; held back for a while", mac, _ntoa(wanted))
-            return Decision(None, [(EventKind.DHCP_DECLINE, {"ip": _ntoa(wanted)})])
+            return Decision()
         if mt == o.RELEASE:
             sid = req.option_ip(o.SERVER_ID)
             if sid is not None and sid != self.sid:
                 return Decision(ignored="RELEASE not for us")
             leases.release(mac, ip_to_int(req.ciaddr), now)
-            return Decision(None, [(EventKind.DHCP_RELEASE, {"ip": _ntoa(req.ciaddr)})])
+            return Decision()
         return Decision(ignored=f"message type {mt}")
 
     # ------------------------------------------------------------------ proxy mode (PXE 2.1 ProxyDHCP)
@@ -251,11 +251,10 @@ class DhcpPolicy:
             reply_type = o.ACK
         else:
             return Decision(ignored=f"proxy mode ignores message type {mt} on the {via} port")
-        events: list[tuple[EventKind, dict[str, object]]] = [
-            (EventKind.DHCP_DISCOVER if mt == o.DISCOVER else EventKind.DHCP_REQUEST, _detail(req))]
+        event = self._seen(req, mac)
         boot = self._boot_for(req, mac, proxy=True)
         if boot is None:
-            return Decision(None, events, "no boot file for this client")
+            return Decision(None, event, "no boot file for this client")
         boot_opts = boot.options
         if via == VIA_PXE and boot.kind != "http":
             # PXE 2.1 2.2.4: the boot server echoes the requested boot item (sub-option 71).
@@ -273,9 +272,21 @@ class DhcpPolicy:
             dest = Destination(_ntoa(req.ciaddr), self.client_port)
         else:
             dest = self._broadcast_dest  # no yiaddr in a proxy offer: broadcast it
-        detail: dict[str, object] = {"file": boot.target, "boot": boot.kind, "port": via}
-        events.append((EventKind.PROXY_OFFER, detail))
-        return Decision(Reply(data, dest, reply_type), events)
+        return Decision(Reply(data, dest, reply_type), event)
+
+    # ------------------------------------------------------------------ node progress
+
+    def _seen(self, req: DhcpPacket, mac: str) -> NodeEvent | None:
+        """The node record of a request: one per exchange (transaction id) of a MAC, classified once here."""
+        event = classify_client(req, mac)
+        last = self._exchanges.pop(mac, None)
+        if len(self._exchanges) >= MAX_TRACKED_EXCHANGES:
+            del self._exchanges[next(iter(self._exchanges))]
+        key = (req.xid, event.firmware if isinstance(event, DhcpFromFirmware) else event.kind)
+        self._exchanges[mac] = key
+        if last == key:
+            return None  # the same exchange goes on (REQUEST after DISCOVER, a retransmission)
+        return event
 
     # ------------------------------------------------------------------ boot file selection
 
@@ -351,8 +362,7 @@ class DhcpPolicy:
         opts = _MT[o.ACK] + self._inform_opts + extra + self._echoed(req)
         data = encode_reply(BOOTREPLY, req.htype, req.hlen, req.xid, req.flags, req.ciaddr, ZERO_IP, ZERO_IP,
                             req.giaddr, req.chaddr, b"", b"", opts)
-        return Decision(Reply(data, self._destination(req, ZERO_IP), o.ACK),
-                        [(EventKind.DHCP_INFORM, {"ip": _ntoa(req.ciaddr)} | _detail(req))])
+        return Decision(Reply(data, self._destination(req, ZERO_IP), o.ACK))
 
     def _nak(self, req: DhcpPacket, message: str) -> Reply:
         """Encode a NAK (RFC 2131 table 3: only type, server id and a message; no addresses)."""
@@ -411,27 +421,18 @@ def _ntoa(packed: bytes) -> str:
     return socket.inet_ntoa(packed)
 
 
-def _detail(req: DhcpPacket, known: bool = True) -> dict[str, object]:
-    """Event details of a request: arch, vendor class, user class, relay, and whether the MAC is known."""
-    detail: dict[str, object] = {}
+def classify_client(req: DhcpPacket, mac: str) -> DhcpFromFirmware | DhcpFromOs:
+    """Tell firmware (PXE, UEFI HTTP, iPXE) from a booted system's own DHCP client, by options 60, 77 and 93."""
     arch = req.client_arch
-    if arch is not None:
-        detail["arch"] = arch
+    if req.is_ipxe:
+        return DhcpFromFirmware(mac, FirmwareKind.IPXE, arch)
     vc = req.vendor_class
-    if vc:
-        detail["vendor_class"] = vc.decode("latin-1")
-    uc = req.user_class
-    if uc:
-        detail["user_class"] = uc.decode("latin-1")
-    if req.giaddr != ZERO_IP:
-        detail["giaddr"] = _ntoa(req.giaddr)
-    if not known:
-        detail["known"] = "no"
-    return detail
-
-
-def _result(ip: bytes, boot: BootAnswer | None) -> dict[str, object]:
-    """Event details of an OFFER/ACK: the address and the boot file or URL handed out."""
-    if boot is None:
-        return {"ip": _ntoa(ip)}
-    return {"ip": _ntoa(ip), "file": boot.target, "boot": boot.kind}
+    if vc.startswith(b"HTTPClient"):
+        return DhcpFromFirmware(mac, FirmwareKind.UEFI_HTTP, arch)
+    if vc.startswith(b"PXEClient") or arch is not None:
+        # RFC 4578 2.1: option 93 is sent by PXE clients only; without it the vendor class carries the arch.
+        if arch is None:
+            parts = vc.split(b":")
+            arch = int(parts[2]) if len(parts) > 2 and parts[1] == b"Arch" and parts[2].isdigit() else None
+        return DhcpFromFirmware(mac, _PXE_FIRMWARE.get(arch, FirmwareKind.PXE) if arch is not None else FirmwareKind.PXE, arch)
+    return DhcpFromOs(mac, vc.decode("latin-1"))

@@ -15,14 +15,16 @@ import socket
 import sqlite3
 import time
 
-from appliance.config import ApplianceConfig
+from typing import Mapping
+
 from domain.errors import BindError, MalformedPacket
-from appliance.events import EventBus
+from domain.progress import EventSink
 from netboot.dhcp4 import options as o
 from netboot.dhcp4.codec import decode, ipv4_udp_packet
 from netboot.dhcp4.leases import LeaseTable
 from netboot.dhcp4.policy import BROADCAST_IP, VIA_DHCP, VIA_PXE, DhcpPolicy, Reply
-from netboot.ra import ARPHRD_ETHER, interface_hardware
+from netboot.dhcp4.settings import DhcpSettings, Reservation
+from netboot.link import ARPHRD_ETHER, interface_hardware
 
 log = logging.getLogger("rackboot.dhcp")
 
@@ -66,24 +68,26 @@ class DhcpService:
 
     name = "dhcp"
 
-    def __init__(self, config: ApplianceConfig, events: EventBus, db: sqlite3.Connection | None) -> None:
-        self.config = config
-        self.events = events
-        network = config.address.network
-        reserved = [n.ip for n in config.inventory.nodes] + [config.ip, network.network_address, network.broadcast_address]
-        self.leases = LeaseTable(db, config.dhcp.pool, reserved)
-        self.policy = DhcpPolicy(config, self.leases)
+    def __init__(self, settings: DhcpSettings, reservations: Mapping[str, Reservation], emit: EventSink,
+                 db: sqlite3.Connection | None) -> None:
+        self.settings = settings
+        self.emit = emit
+        network = settings.address.network
+        reserved = [r.ip for r in reservations.values()] + [settings.server_ip, network.network_address,
+                                                            network.broadcast_address, *settings.reserved]
+        self.leases = LeaseTable(db, settings.pool, reserved)
+        self.policy = DhcpPolicy(settings, reservations, self.leases)
         self.counters: dict[str, int] = dict.fromkeys(_COUNTERS, 0)
         self._transports: list[tuple[asyncio.DatagramTransport, _DhcpProtocol]] = []
         self._raw: socket.socket | None = None
-        self._sid = config.ip.packed
+        self._sid = settings.server_ip.packed
         self._closed = False
 
     # ------------------------------------------------------------------ Service contract
 
     async def start(self) -> None:
         """Bind the DHCP port (and 4011 in proxy mode) on the interface; raise BindError when impossible."""
-        dhcp = self.config.dhcp
+        dhcp = self.settings
         if dhcp.mode == "off":
             return
         loop = asyncio.get_running_loop()
@@ -92,15 +96,15 @@ class DhcpService:
             ports.append((dhcp.proxy_port, VIA_PXE))
         try:
             for port, via in ports:
-                sock = _bind_udp(self.config.interface, port)
+                sock = _bind_udp(dhcp.interface, port)
                 transport, protocol = await loop.create_datagram_endpoint(lambda via=via: _DhcpProtocol(self, via), sock=sock)
                 self._transports.append((transport, protocol))  # type: ignore[arg-type]
         except BaseException:
             await self.close()
             raise
         if not dhcp.broadcast_replies and dhcp.mode == "authoritative":
-            self._raw = _open_packet_socket(self.config.interface)
-        log.info("dhcp: %s on %s ports %s%s", dhcp.mode, self.config.interface, ", ".join(str(p) for p, _ in ports),
+            self._raw = _open_packet_socket(dhcp.interface)
+        log.info("dhcp: %s on %s ports %s%s", dhcp.mode, dhcp.interface, ", ".join(str(p) for p, _ in ports),
                  f", pool {dhcp.pool[0]}-{dhcp.pool[1]}" if dhcp.pool else "")
 
     async def serve(self) -> None:
@@ -149,11 +153,8 @@ class DhcpService:
             return
         try:
             decision = self.policy.handle(req, time.time(), via, addr)
-            if decision.events:
-                mac = req.mac
-                publish = self.events.publish
-                for kind, detail in decision.events:
-                    publish(mac, kind, **detail)
+            if decision.event is not None:
+                self.emit(decision.event)
             reply = decision.reply
             if reply is None:
                 if decision.ignored:
@@ -172,16 +173,16 @@ class DhcpService:
         """Send one reply where its destination says (RFC 2131 4.1)."""
         counters = self.counters
         dest = reply.dest
-        if via == VIA_PXE or self.config.dhcp.mode == "proxy":
+        if via == VIA_PXE or self.settings.mode == "proxy":
             counters["proxy_replies"] += 1
         else:
             counters[_REPLY_COUNTER.get(reply.message_type, "acks")] += 1
         if dest.mac is not None:
             raw = self._raw
             if raw is not None:
-                frame = ipv4_udp_packet(self._sid, socket.inet_aton(dest.ip), self.config.dhcp.port, dest.port, reply.data)
+                frame = ipv4_udp_packet(self._sid, socket.inet_aton(dest.ip), self.settings.port, dest.port, reply.data)
                 try:
-                    raw.sendto(frame, (self.config.interface, _ETH_P_IP, 0, 0, dest.mac))
+                    raw.sendto(frame, (self.settings.interface, _ETH_P_IP, 0, 0, dest.mac))
                     counters["sent"] += 1
                     counters["unicast_chaddr"] += 1
                     return
@@ -193,7 +194,7 @@ class DhcpService:
             target = (dest.ip, dest.port)
         if target[0] == BROADCAST_IP:
             counters["broadcast"] += 1
-        elif dest.port == self.config.dhcp.port and via == VIA_DHCP:
+        elif dest.port == self.settings.port and via == VIA_DHCP:
             counters["relayed"] += 1
         transport.sendto(reply.data, target)
         counters["sent"] += 1

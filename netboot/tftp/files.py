@@ -10,9 +10,20 @@ from pathlib import Path
 from typing import Callable
 
 from domain.errors import RackbootError
+from domain.progress import NodeEvent
 from netboot.tftp.codec import ErrorCode
 
-VirtualFiles = Callable[[str | None, str], bytes | None]
+
+@dataclass(frozen=True)
+class VirtualFile:
+    """A file rendered for one client (its iPXE script), and the node record to emit once it is sent whole."""
+
+    data: bytes
+    event: NodeEvent | None = None
+
+
+# (client MAC or None, normalized path) -> a rendered file, or None when the path is not a virtual one
+VirtualFiles = Callable[[str | None, str], VirtualFile | None]
 
 
 class TftpFileError(RackbootError):
@@ -61,6 +72,7 @@ class TftpFile:
     data: bytes
     source: str  # "virtual" | "root" | "ipxe"
     is_nbp: bool
+    event: NodeEvent | None = None  # what a virtual file's delivery means for the node
 
 
 @dataclass
@@ -169,7 +181,8 @@ class FileStore:
         if self.virtual is not None:
             rendered = self.virtual(mac, name)
             if rendered is not None:
-                return TftpFile(name, to_netascii(rendered) if netascii else bytes(rendered), "virtual", is_nbp)
+                data = to_netascii(rendered.data) if netascii else rendered.data
+                return TftpFile(name, data, "virtual", is_nbp, rendered.event)
         found = self._under(self.root, name, confine=True)
         source = "root"
         if found is None and is_nbp:

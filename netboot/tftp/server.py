@@ -1,6 +1,8 @@
 """The TFTP service: a thin asyncio transport around the codec, the file store and one ReadSession per transfer.
 
-Requests arrive on config.tftp.port; every transfer gets its own ephemeral socket (its TID, RFC 1350 sec. 4).
+Requests arrive on settings.port; every transfer gets its own ephemeral socket (its TID, RFC 1350 sec. 4).
+One node record per transfer that ends: `NbpSent`, `ScriptServed` (the per-MAC `boot.ipxe`, rendered by
+the same `ipxe.script.ScriptRenderer` as over HTTP), `FileSent` or `TransferFailed`.
 """
 from __future__ import annotations
 
@@ -10,14 +12,16 @@ import ipaddress
 import logging
 import resource
 import socket
-from dataclasses import dataclass, field
+import time
+from dataclasses import dataclass, field, replace
+from pathlib import Path
 from typing import Callable
 
-from appliance.config import ApplianceConfig
 from domain.errors import BindError, MalformedPacket
-from appliance.events import EventBus, EventKind
+from domain.progress import EventSink, FileSent, NbpSent, NodeEvent, ScriptServed, TransferFailed, Via
+from ipxe.script import ScriptRenderer
 from netboot.tftp.codec import ErrorCode, ReadRequest, WriteRequest, decode, encode_error
-from netboot.tftp.files import FileCache, FileStore, TftpFile, TftpFileError, VirtualFiles
+from netboot.tftp.files import FileCache, FileStore, TftpFile, TftpFileError, VirtualFile
 from netboot.tftp.session import Outcome, ReadSession, SessionLimits
 
 log = logging.getLogger("rackboot.tftp")
@@ -29,7 +33,28 @@ _COUNTERS = (
     "received", "sent", "dropped_malformed", "dropped_wrong_tid", "dropped_busy", "dropped_unexpected",
     "requests", "duplicate_requests", "write_refused", "bad_mode", "not_found", "access_denied",
     "transfers_sent", "transfers_failed", "transfers_aborted", "retransmitted", "duplicate_acks", "bytes_sent",
+    "transfers_windowed", "transfers_large_blocks",
 )
+
+
+SCRIPT_NAME = "boot.ipxe"  # the per-MAC virtual file: the node's current iPXE script
+
+
+@dataclass(frozen=True)
+class TftpSettings:
+    """The TFTP service's own settings."""
+
+    address: ipaddress.IPv4Address          # where to listen
+    root: Path
+    ipxe_dir: Path = Path("/usr/lib/ipxe")
+    nbp_names: tuple[str, ...] = ("undionly.kpxe", "snponly.efi")  # served from ipxe_dir when not under root
+    port: int = 69
+    interface: str = ""                      # for error messages
+    max_blksize: int = 1468
+    max_windowsize: int = 64
+    timeout: float = 1.0
+    retries: int = 6
+    max_sessions: int = 4096
 
 
 def raise_nofile_limit() -> int:
@@ -152,30 +177,30 @@ class TftpService:
 
     def __init__(
         self,
-        config: ApplianceConfig,
-        events: EventBus,
+        settings: TftpSettings,
+        emit: EventSink,
         mac_for_ip: MacForIp,
-        virtual: VirtualFiles | None = None,
+        scripts: ScriptRenderer | None = None,
         cache_bytes: int = 512 << 20,
     ) -> None:
-        self.config = config
-        self.events = events
+        self.settings = settings
+        self.emit = emit
         self.mac_for_ip = mac_for_ip
-        boot = config.boot
+        self.scripts = scripts
         self.files = FileStore(
-            root=config.tftp.root,
-            ipxe_dir=boot.ipxe_dir,
-            nbp_names=tuple(n for n in (boot.bios_nbp, boot.uefi_nbp, boot.arm64_nbp) if n),
-            virtual=virtual,
+            root=settings.root,
+            ipxe_dir=settings.ipxe_dir,
+            nbp_names=settings.nbp_names,
+            virtual=self._script_file if scripts is not None else None,
             cache=FileCache(cache_bytes),
         )
         self.limits = SessionLimits(
-            max_blksize=config.tftp.max_blksize,
-            max_windowsize=config.tftp.max_windowsize,
-            timeout=config.tftp.timeout,
-            retries=config.tftp.retries,
+            max_blksize=settings.max_blksize,
+            max_windowsize=settings.max_windowsize,
+            timeout=settings.timeout,
+            retries=settings.retries,
         )
-        self._host = str(config.ip)
+        self._host = str(settings.address)
         self._transport: asyncio.DatagramTransport | None = None
         self._transfers: dict[Address, _Transfer] = {}
         self._counters: dict[str, int] = dict.fromkeys(_COUNTERS, 0)
@@ -189,11 +214,11 @@ class TftpService:
         return (host, port)
 
     async def start(self) -> None:
-        """Bind the request socket on (config.ip, config.tftp.port); raise BindError with the reason on failure."""
+        """Bind the request socket on (settings.address, settings.port); raise BindError with the reason on failure."""
         if self._transport is not None:
             return
         limit = raise_nofile_limit()
-        port = self.config.tftp.port
+        port = self.settings.port
         sock = socket.socket(socket.AF_INET, socket.SOCK_DGRAM)
         try:
             sock.setblocking(False)
@@ -206,14 +231,14 @@ class TftpService:
             sock.close()
             hint = {
                 errno.EADDRINUSE: " (port already in use: is another TFTP server such as tftpd-hpa running?)",
-                errno.EADDRNOTAVAIL: f" (address not configured on any interface: is {self.config.interface} up with {self.config.address}?)",
+                errno.EADDRNOTAVAIL: f" (address not configured on any interface: is {self.settings.interface or 'the interface'} up with {self._host}?)",
                 errno.EACCES: " (ports below 1024 need root or CAP_NET_BIND_SERVICE)",
             }.get(exc.errno or 0, "")
             raise BindError(f"tftp: cannot bind UDP {self._host}:{port}: {exc.strerror or exc}{hint}") from exc
         loop = asyncio.get_running_loop()
         transport, _ = await loop.create_datagram_endpoint(lambda: _RequestEndpoint(self), sock=sock)
         self._transport = transport
-        log.info("tftp: serving %s on %s:%d (file descriptor limit %d)", self.config.tftp.root, *self.address, limit)
+        log.info("tftp: serving %s on %s:%d (file descriptor limit %d)", self.settings.root, *self.address, limit)
 
     async def serve(self) -> None:
         """Serve until cancelled (datagrams are handled by the endpoints' callbacks)."""
@@ -244,9 +269,16 @@ class TftpService:
 
     # -- request socket -------------------------------------------------------------------------
 
-    def _publish(self, mac: str | None, kind: EventKind, **detail: object) -> None:
+    def _script_file(self, mac: str | None, name: str) -> VirtualFile | None:
+        """The per-MAC `boot.ipxe`: the node's current script, as HTTP serves it (firmware whose iPXE fetches it over TFTP)."""
+        if mac is None or name != SCRIPT_NAME or self.scripts is None:
+            return None
+        script = self.scripts.render(mac)
+        return VirtualFile(script.text.encode(), ScriptServed(mac, script.profile, Via.TFTP, script.env))
+
+    def _publish(self, mac: str | None, event: Callable[[str], NodeEvent]) -> None:
         if mac:
-            self.events.publish(mac, kind, **detail)
+            self.emit(event(mac))
 
     def _reply_error(self, addr: Address, code: int, message: str) -> None:
         if self._transport is not None:
@@ -272,7 +304,8 @@ class TftpService:
         if isinstance(packet, WriteRequest):
             counters["write_refused"] += 1
             self._reply_error(addr, ErrorCode.ACCESS_VIOLATION, "write requests are not accepted")
-            self._publish(self._lookup_mac(addr[0]), EventKind.TFTP_FAILED, path=packet.filename, reason="write request refused")
+            self._publish(self._lookup_mac(addr[0]),
+                          lambda mac: TransferFailed(mac, packet.filename, Via.TFTP, "write request refused"))
             return
         if not isinstance(packet, ReadRequest):
             counters["dropped_unexpected"] += 1
@@ -286,7 +319,7 @@ class TftpService:
                 counters["duplicate_requests"] += 1
                 return
             self._drop(existing)  # the client restarted with another request from the same port
-        if len(self._transfers) >= self.config.tftp.max_sessions:
+        if len(self._transfers) >= self.settings.max_sessions:
             # Drop rather than refuse: the client retries its RRQ, where an ERROR would make it give up.
             counters["dropped_busy"] += 1
             return
@@ -295,7 +328,9 @@ class TftpService:
             self._reply_error(addr, ErrorCode.ILLEGAL_OPERATION, f"unsupported transfer mode {packet.mode!r}")
             return
         mac = self._lookup_mac(addr[0])
-        self._publish(mac, EventKind.TFTP_REQUEST, path=packet.filename, options=_format_options(packet.options), mode=packet.mode)
+        if log.isEnabledFor(logging.DEBUG):
+            log.debug("tftp: %s:%d asks %r (%s) %s", addr[0], addr[1], packet.filename, packet.mode,
+                      _format_options(packet.options))
         transfer = _Transfer(client=addr, request=packet, mac=mac)
         self._transfers[addr] = transfer
         transfer.task = asyncio.get_running_loop().create_task(self._open(transfer))
@@ -310,7 +345,7 @@ class TftpService:
                 self._counters["not_found" if exc.code == ErrorCode.FILE_NOT_FOUND else "access_denied"] += 1
                 self._reply_error(addr, exc.code, str(exc))
                 self._forget(transfer)
-                self._publish(transfer.mac, EventKind.TFTP_FAILED, path=request.filename, reason=str(exc))
+                self._publish(transfer.mac, lambda mac: TransferFailed(mac, request.filename, Via.TFTP, str(exc)))
                 return
             if transfer.closed:
                 return
@@ -342,7 +377,7 @@ class TftpService:
             log.exception("tftp: transfer of %r to %s:%d failed", request.filename, addr[0], addr[1])
             self._reply_error(addr, ErrorCode.NOT_DEFINED, "internal server error")
             self._forget(transfer)
-            self._publish(transfer.mac, EventKind.TFTP_FAILED, path=request.filename, reason=f"internal error: {exc}")
+            self._publish(transfer.mac, lambda mac: TransferFailed(mac, request.filename, Via.TFTP, f"internal error: {exc}"))
 
     def _forget(self, transfer: _Transfer) -> None:
         transfer.closed = True
@@ -371,11 +406,17 @@ class TftpService:
         if session.outcome is Outcome.SENT:
             counters["transfers_sent"] += 1
             counters["bytes_sent"] += session.size
-            kind = EventKind.NBP_SENT if file is not None and file.is_nbp else EventKind.TFTP_SENT
-            self._publish(transfer.mac, kind, path=path, bytes=session.size, blksize=session.blksize, windowsize=session.windowsize)
+            counters["transfers_windowed"] += session.windowsize > 1  # RFC 7440 clients
+            counters["transfers_large_blocks"] += session.blksize > 512  # RFC 2348 clients
+            if file is not None and file.event is not None:
+                self._publish(transfer.mac, lambda mac: replace(file.event, mac=mac, ts=time.time()))  # type: ignore[type-var]
+            elif file is not None and file.is_nbp:
+                self._publish(transfer.mac, lambda mac: NbpSent(mac, path, Via.TFTP))
+            else:
+                self._publish(transfer.mac, lambda mac: FileSent(mac, path, Via.TFTP))
         elif session.outcome is Outcome.ABORTED:
             counters["transfers_aborted"] += 1  # e.g. OVMF's tsize probe: not a failure
         else:
             counters["transfers_failed"] += 1
             log.info("tftp: %s to %s:%d failed: %s", path, transfer.client[0], transfer.client[1], session.reason)
-            self._publish(transfer.mac, EventKind.TFTP_FAILED, path=path, reason=session.reason)
+            self._publish(transfer.mac, lambda mac: TransferFailed(mac, path, Via.TFTP, session.reason))

@@ -59,10 +59,10 @@ async def _boot_once(app: "E2eAppliance", vm: QemuVm, label: str) -> list[dict[s
     await vm.power_on()
     t0 = vm.powered_on_at
     assert t0 is not None
-    events = await _wait_for_event(app, vm, "script_fetched", since=t0)
-    acks = [float(e["ts"]) - t0 for e in events if e["kind"] == "dhcp_ack"]
-    print(f"\n[{label}] power-on -> first DHCP ACK {_first(events, 'dhcp_ack', t0)}, "
-          f"NBP {_first(events, 'nbp_sent', t0)}, script {_first(events, 'script_fetched', t0)} "
+    events = await _wait_for_event(app, vm, "script_served", since=t0)
+    acks = [float(e["ts"]) - t0 for e in events if e["kind"] == "dhcp_from_firmware"]
+    print(f"\n[{label}] power-on -> first firmware DHCP {_first(events, 'dhcp_from_firmware', t0)}, "
+          f"NBP {_first(events, 'nbp_sent', t0)}, script {_first(events, 'script_served', t0)} "
           f"(ACKs at {', '.join(f'{a:.2f}s' for a in acks)})\n[{label}] events: {_timeline(events, t0)}")
     return events
 
@@ -82,7 +82,7 @@ async def test_seabios_ipxe_boots_to_its_script(appliance: "E2eAppliance") -> No
             assert await vm.power_state() == "off"
             events = await _boot_once(appliance, vm, "bios")
             kinds = [e["kind"] for e in events]
-            assert kinds.index("dhcp_ack") < kinds.index("script_fetched")
+            assert kinds.index("dhcp_from_firmware") < kinds.index("script_served")
             # The serial console shows the same boot from the firmware's side: its reservation, then the script.
             await vm.wait_serial(rf"net0: {node.ip}/", 10)
             await vm.wait_serial(script_path(node.mac).replace(".", r"\."), 10)
@@ -108,9 +108,9 @@ async def test_ovmf_uefi_pxe_boots_to_its_script(appliance: "E2eAppliance") -> N
             kinds = [e["kind"] for e in events]
             # OVMF's DHCP, the NBP over TFTP, then iPXE's own DHCP and the script, in this order.
             assert "nbp_sent" in kinds, kinds
-            first_ack, nbp, script = kinds.index("dhcp_ack"), kinds.index("nbp_sent"), kinds.index("script_fetched")
+            first_ack, nbp, script = kinds.index("dhcp_from_firmware"), kinds.index("nbp_sent"), kinds.index("script_served")
             assert first_ack < nbp < script, kinds
-            assert "dhcp_ack" in kinds[nbp:script], kinds
+            assert "dhcp_from_firmware" in kinds[nbp:script], kinds
             # OVMF reports the NBP it downloaded, then iPXE (snponly.efi) configures its reservation.
             await vm.wait_serial(r"NBP filename is snponly\.efi", 10)
             await vm.wait_serial(r"NBP file downloaded successfully", 10)

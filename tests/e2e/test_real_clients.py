@@ -200,6 +200,6 @@ def test_rackboot_nodes_shows_client_events(appliance: E2eAppliance) -> None:
     assert nodes["node-1"]["mac"].lower() == dhcp_node.mac
     kinds_1 = [e["kind"] for e in nodes["node-1"].get("events", [])]
     kinds_3 = [e["kind"] for e in nodes["node-3"].get("events", [])]
-    assert "dhcp_ack" in kinds_1, nodes["node-1"]
-    assert "script_fetched" in kinds_3, nodes["node-3"]
+    assert "dhcp_from_os" in kinds_1, nodes["node-1"]
+    assert "script_served" in kinds_3, nodes["node-3"]
     assert all(isinstance(e["ts"], (int, float)) for e in nodes["node-1"]["events"])
