@@ -66,7 +66,6 @@ class Workflow:
     steps: tuple[MacroStep, ...]
     deadlines: BootDeadlines = field(default_factory=BootDeadlines)
     reboot_window: int = 100          # at most this many nodes power-cycled at once
-    bmc_concurrency: int = 1          # calls in flight per BMC
 
 
 def default_workflow(broadcast: str = "chain", kexec: bool = True) -> Workflow:
@@ -106,4 +105,4 @@ def parse_steps(spec: str, base: Workflow | None = None) -> Workflow:
         if not parsed:
             raise ValueError(f"{name}: no implementation given")
         steps[name] = MacroStep(name, tuple(parsed))
-    return Workflow(steps=tuple(steps[n] for n in MACRO_STEPS), deadlines=wf.deadlines, reboot_window=wf.reboot_window, bmc_concurrency=wf.bmc_concurrency)
+    return Workflow(steps=tuple(steps[n] for n in MACRO_STEPS), deadlines=wf.deadlines, reboot_window=wf.reboot_window)
