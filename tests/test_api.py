@@ -18,14 +18,13 @@ from appliance.auth import NodeTokens, Users
 from appliance.catalog import Catalog
 from appliance.config import ApplianceConfig, DnsConfig, HttpConfig
 from appliance.deploy.controller import Controller, ControllerDeps
-from appliance.deploy.drivers import FakeDeploy
-from appliance.deploy.power import FakePower
 from appliance.deploy.store import DeploymentStore
 from appliance.deploy.workflow import default_workflow
 from appliance.events import EventBus
 from domain.profiles import BootProfile
 from appliance.profiles import ProfileStore
 from appliance.statedb import open_state_db
+from fakes import FakeDeploy, FakePower
 from netboot.http import HttpService
 from test_deploy_controller import FAST, FakeCluster, make_nodes
 

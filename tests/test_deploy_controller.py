@@ -13,8 +13,6 @@ from appliance.auth import NodeTokens
 from appliance.catalog import Catalog, Environment
 from appliance.deploy.bootwatch import DEPLOY, BootWatch, Stage, Trigger
 from appliance.deploy.controller import Controller, ControllerDeps, OverlapError
-from appliance.deploy.drivers import FakeDeploy
-from appliance.deploy.power import FakePower
 from appliance.deploy.store import DeploymentStore
 from appliance.deploy.workflow import BootDeadlines, default_workflow, parse_steps
 from appliance.events import EventBus, EventKind
@@ -23,6 +21,7 @@ from appliance.inventory import Inventory
 from domain.profiles import BootProfile
 from appliance.profiles import ProfileStore
 from appliance.statedb import open_state_db
+from fakes import FakeDeploy, FakePower
 
 FAST = BootDeadlines(dhcp_after_reset=0.4, script_after_dhcp=0.4, kernel_after_script=0.4, agent_after_kernel=0.4,
                      os_after_script=0.4, kexec_alive=0.4, callback_after_os_dhcp=0.4, nbp_loop_limit=3)

@@ -1,4 +1,4 @@
-"""Power drivers: one interface (on/off/reset/cycle/status, next boot device), a real IPMI one and a fake.
+"""Power drivers: one interface (on/off/reset/cycle/status, next boot device) and a real IPMI one.
 
 pyghmi blocks, so IPMI calls run in a bounded thread pool, one at a time per BMC, with retries and
 backoff: BMCs are known to fail under bursts of calls. One at a time is pyghmi's limit, not a setting:
@@ -137,37 +137,6 @@ class IpmiPower:
 def _is_unreachable(exc: BaseException) -> bool:
     """Tell whether a pyghmi failure means the BMC did not answer at all."""
     return isinstance(exc, (TimeoutError, asyncio.TimeoutError, OSError)) or any(w in str(exc).lower() for w in _UNREACHABLE)
-
-
-class FakePower:
-    """An in-memory BMC per node for unit tests: records calls and runs a hook on every power change."""
-
-    def __init__(self, on_change: Callable[[Node, str], None] | None = None, dead: set[str] | None = None) -> None:
-        self.state: dict[str, str] = {}
-        self.boot_device: dict[str, tuple[str, bool]] = {}
-        self.calls: list[tuple[str, str]] = []
-        self.on_change = on_change
-        self.dead = dead or set()
-
-    async def power(self, node: Node, op: str) -> str:
-        """Record the op and apply it to the fake state."""
-        self.calls.append((node.name, op))
-        if node.name in self.dead:
-            raise BmcUnreachable(f"{node.name}: BMC does not answer")
-        if op == "status":
-            return self.state.get(node.name, "off")
-        new = "off" if op == "off" else "on"
-        self.state[node.name] = new
-        if self.on_change is not None:
-            self.on_change(node, op)
-        return new
-
-    async def set_boot_device(self, node: Node, device: str, persistent: bool = False) -> None:
-        """Record the boot device."""
-        self.calls.append((node.name, f"bootdev {device}"))
-        if node.name in self.dead:
-            raise BmcUnreachable(f"{node.name}: BMC does not answer")
-        self.boot_device[node.name] = (device, persistent)
 
 
 class PowerByDriver:
