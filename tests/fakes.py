@@ -46,8 +46,9 @@ class FakeDeploy:
     """A deploy driver for unit tests: records calls; per-node failures are configurable."""
 
     def __init__(self, fail: dict[tuple[str, str], str] | None = None, no_ssh: set[str] | None = None,
-                 on_reboot: Callable[[Node, str], None] | None = None) -> None:
+                 on_reboot: Callable[[Node, str], None] | None = None, crash: dict[tuple[str, str], str] | None = None) -> None:
         self.fail = fail or {}
+        self.crash = crash or {}  # (op, node) -> message of a RuntimeError: a bug, not a DeployError
         self.no_ssh = no_ssh or set()  # nodes whose current system cannot be reached for a soft reboot
         self.calls: list[tuple[str, str]] = []
         self.on_reboot = on_reboot
@@ -58,6 +59,8 @@ class FakeDeploy:
 
     def _maybe_fail(self, op: str, node: Node) -> None:
         self.calls.append((op, node.name))
+        if (op, node.name) in self.crash:
+            raise RuntimeError(self.crash[(op, node.name)])
         if (op, node.name) in self.fail:
             raise DeployError(self.fail[(op, node.name)])
 
