@@ -342,3 +342,21 @@ async def test_boot_deadline_expires_on_the_injected_clock(world, fake_clock) ->
     assert results[0]["ok"] is False and results[0]["stage"] == "stuck"
     assert results[0]["reason"] == "no DHCP within 60s after the hard reboot; no DHCP within 60s after the very hard reboot"
     assert fake_clock.now() - t0 >= 120 and asyncio.get_running_loop().time() - started < 10
+
+
+async def test_forced_takeover_fails_the_node_in_the_first_deployment_only(world) -> None:  # type: ignore[no-untyped-def]
+    controller, deps, cluster, env, power, agent = world
+    cluster.never_boot = {"node-1", "node-2"}
+    serve = asyncio.create_task(controller.serve())
+    try:
+        first = controller.start(list(deps.inventory.nodes)[:2], env, "admin")
+        await asyncio.sleep(0.1)
+        second = controller.start([deps.inventory.by_name["node-2"]], env, "admin", force=True)
+        assert first.runs["node-2"].state is NodeState.FAILED
+        results = await asyncio.wait_for(asyncio.gather(controller.tasks[first.id], controller.tasks[second.id]), 30)
+    finally:
+        serve.cancel()
+    # the first deployment's attempt on node-2 ran on without bringing it back to life or crashing
+    assert results[0]["status"] == "failed" and "error" not in results[0]
+    assert {k["node"]: k["reason"] for k in results[0]["ko"]}["node-2"] == "taken over by a forced deployment"
+    assert results[1]["ko"][0]["node"] == "node-2" and "no DHCP" in results[1]["ko"][0]["reason"]

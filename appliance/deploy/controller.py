@@ -76,7 +76,7 @@ class Controller:
             raise OverlapError(f"{NodeSet.fromlist(list(overlap))} already in deployment(s) {', '.join(sorted(set(overlap.values())))}")
         for name, other in overlap.items():
             dep = self.deployments.get(other)
-            if dep is not None and name in dep.runs and not dep.runs[name].finished:
+            if dep is not None and name in dep.runs:
                 dep.fail(dep.runs[name], dep.runs[name].step or "pending", "", "taken over by a forced deployment")
         dep_id = time.strftime(f"{prefix}%Y%m%d-%H%M%S-") + secrets.token_hex(2)
         dep = Deployment(dep_id, nodes, env, user, wf, self.deps)

@@ -100,7 +100,12 @@ class Deployment:
         return await self.journal.wait(after, lambda: self.status == "running", timeout)
 
     def fail(self, run: NodeRun, step: str, impl: str, reason: str) -> None:
-        """Take a node out of the deployment: failed in step/impl for reason; its one-time token revoked."""
+        """Take a node out of the deployment: failed in step/impl for reason; its one-time token revoked.
+
+        A node already out (failed, or taken over by a forced deployment) stays as it is.
+        """
+        if run.finished:
+            return
         log.info("%s: %s failed in %s/%s: %s", self.id, run.node.name, step, impl, reason)
         self.journal.move(run, NodeState.FAILED, step, impl, reason)
         self.deps.tokens.revoke(run.node.mac, self.id)

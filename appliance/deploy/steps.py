@@ -66,7 +66,7 @@ async def boot_new_env(dep: Deployment, run: NodeRun, impl: Implementation) -> s
     return None
 
 
-async def reboot(dep: Deployment, run: NodeRun, impl: Implementation) -> str | None:
+async def reboot_node(dep: Deployment, run: NodeRun, impl: Implementation) -> str | None:
     """Reboot the node towards the workflow's target (deploy, local, an environment, or netboot as is)."""
     to = dep.workflow.reboot_to
     target = NETBOOT
@@ -85,6 +85,8 @@ async def _attempts(dep: Deployment, step: MacroStep, impl: Implementation, run:
     """Run one implementation on one node with its retries; return how it ended."""
     why = ""
     for n in range(impl.retries + 1):
+        if run.finished:  # taken over by a forced deployment meanwhile: it is not ours any more
+            return Attempt(Outcome.HOPELESS, run.reason)
         started = time.time()
         dep.journal.move(run, NodeState(step.name), step.name, impl.name, why or previous)
         outcome = Outcome.FAILED
@@ -147,6 +149,7 @@ async def broadcast_env(dep: Deployment, step: MacroStep, runs: list[NodeRun]) -
     image = dep.deps.catalog.image_file(dep.env)
     previous: dict[str, str] = {}
     for impl in step.implementations:
+        pending = [r for r in pending if not r.finished]
         if not pending:
             break
         started = time.time()
@@ -193,5 +196,5 @@ RUNNERS: dict[str, StepRunner] = {
     "SetDeploymentEnv": per_node(set_deployment_env),
     "BroadcastEnv": broadcast_env,
     "BootNewEnv": per_node(boot_new_env),
-    REBOOT: per_node(reboot),
+    REBOOT: per_node(reboot_node),
 }
