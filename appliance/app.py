@@ -75,7 +75,7 @@ class Appliance:
         self.catalog = Catalog(self.db, config.state_dir / "images")
         self.store = DeploymentStore(self.db)
         self.store.mark_interrupted()
-        self.ipmi = IpmiPower(per_bmc=config.deploy.bmc_concurrency)
+        self.ipmi = IpmiPower()
         deadlines = replace(BootDeadlines(), **config.deploy.deadlines)
         d = config.deploy
         deps = ControllerDeps(
@@ -85,7 +85,7 @@ class Appliance:
         )
         self.controller = Controller(
             deps, lambda method, kexec: replace(default_workflow(method, kexec), deadlines=deadlines,
-                                                reboot_window=d.reboot_window, bmc_concurrency=d.bmc_concurrency))
+                                                reboot_window=d.reboot_window))
         self.api = Api(self.http.app, config.inventory, self.users, self.tokens, self.catalog, self.controller,
                        config.state_dir / "upload", profiles=self.profiles, events=self.events, stats=self.stats)
 

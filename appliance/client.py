@@ -110,6 +110,8 @@ def _print_report(result: dict[str, Any], args: argparse.Namespace) -> int:
         print(f"ok: {result['ok_nodeset'] or '-'}")
         print(f"ko: {result['ko_nodeset'] or '-'}")
         print(f"deployed {len(ok)}/{len(ok) + len(ko)} nodes ({result['env']}, {result['status']})")
+        if result.get("error"):
+            print(f"the deployment stopped on an {result['error']}", file=sys.stderr)
     return EXIT_OK if not ko else EXIT_SOME_FAILED
 
 

@@ -88,7 +88,6 @@ class DeployConfig:
     ssh_key: Path = Path("/var/lib/rackboot/deploy_key")
     ssh_port: int = 22
     reboot_window: int = 100
-    bmc_concurrency: int = 1
     deadlines: dict[str, float] = field(default_factory=dict)
 
 
@@ -286,7 +285,7 @@ def load_config(path: str | Path) -> ApplianceConfig:
         from appliance.deploy.workflow import BootDeadlines
 
         deadline_keys = tuple(k for k in BootDeadlines.__dataclass_fields__ if k != "nbp_loop_limit")
-        r = _Reader(dp, problems, ("kernel", "initrds", "cmdline", "ssh_key", "ssh_port", "reboot_window", "bmc_concurrency", "deadlines"))
+        r = _Reader(dp, problems, ("kernel", "initrds", "cmdline", "ssh_key", "ssh_port", "reboot_window", "deadlines"))
         deadlines: dict[str, float] = {}
         if (dl := _child(dp, "deadlines", problems)) is not None:
             rd = _Reader(dl, problems, deadline_keys)
@@ -298,7 +297,6 @@ def load_config(path: str | Path) -> ApplianceConfig:
             ssh_key=r.get("ssh_key", state_dir / "deploy_key", lambda v: (path.parent / str(v)).resolve(), "a private key file"),
             ssh_port=r.port("ssh_port", 22),
             reboot_window=r.positive("reboot_window", 100),
-            bmc_concurrency=r.positive("bmc_concurrency", 1),
             deadlines=deadlines,
         )
 

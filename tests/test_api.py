@@ -18,17 +18,15 @@ from appliance.auth import NodeTokens, Users
 from appliance.catalog import Catalog
 from appliance.booting import NodeBootTargets
 from appliance.deploy.controller import Controller, ControllerDeps
-from appliance.deploy.drivers import FakeDeploy
-from appliance.deploy.power import FakePower
 from appliance.deploy.store import DeploymentStore
 from appliance.deploy.workflow import default_workflow
 from appliance.events import EventBus
 from domain.profiles import BootProfile
 from appliance.profiles import ProfileStore
 from appliance.statedb import open_state_db
+from fakes import FAST, FakeCluster, FakeDeploy, FakePower, make_nodes
 from ipxe.script import ScriptRenderer
 from netboot.http import HttpService, HttpSettings
-from test_deploy_controller import FAST, FakeCluster, make_nodes
 
 
 class Client:
@@ -161,3 +159,24 @@ async def test_deployment_lifecycle_events_stats_and_node_tokens(api) -> None:  
     # after the deployment, the node tokens are revoked: a late callback is refused
     assert tokens.token_of(deps.inventory.by_name["node-1"].mac) is None
     assert (await client.call("DELETE", f"/api/v1/deployments/{dep['id']}", admin))[0] == 409
+
+
+async def test_events_stream_ends_when_a_deployment_fails_on_a_bug(api) -> None:  # type: ignore[no-untyped-def]
+    """A driver raising something unexpected: the deployment fails with the error and its event stream ends."""
+    client, admin, (deps, cluster, tokens) = api
+    assert (await add_env(client, admin, "deb", "public"))[0] == 201
+    deps.agent.crash = {("prepare_disk", "node-1"): "oops"}
+    status, dep = await client.call("POST", "/api/v1/deployments", admin, json={"nodes": "node-[1-2]", "env": "deb"})
+    assert status == 201
+
+    async def stream() -> list[dict[str, Any]]:
+        async with client.session.get(f"{client.base}/api/v1/deployments/{dep['id']}/events",
+                                      headers={"Authorization": f"Bearer {admin}"}) as resp:
+            return [__import__("json").loads(raw) async for raw in resp.content if raw.strip()]
+
+    lines = await asyncio.wait_for(stream(), 20)
+    result = lines[-1]["result"]
+    assert result["status"] == "failed" and result["error"] == "internal error: RuntimeError: oops"
+    assert {k["reason"] for k in result["ko"]} == {"internal error: RuntimeError: oops"}
+    status, stored = await client.call("GET", f"/api/v1/deployments/{dep['id']}", admin)
+    assert stored["status"] == "failed"

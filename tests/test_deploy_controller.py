@@ -1,4 +1,5 @@
-"""The deployment state machine with fake drivers: escalation, fallbacks, failures with step and reason."""
+"""The deployment state machine with fake drivers: escalation, fallbacks, failures with step and reason, persisted
+transitions, reboots as workflows, internal errors, deadlines on an injected clock."""
 from __future__ import annotations
 
 import asyncio
@@ -13,8 +14,7 @@ from appliance.auth import NodeTokens
 from appliance.catalog import Catalog, Environment
 from appliance.deploy.bootwatch import DEPLOY, INSTALLED, BootWatch, Stage
 from appliance.deploy.controller import Controller, ControllerDeps, OverlapError
-from appliance.deploy.drivers import FakeDeploy
-from appliance.deploy.power import FakePower
+from appliance.deploy.nodestate import FINAL, TRANSITIONS, IllegalTransition, NodeRun, NodeState, advance
 from appliance.deploy.store import DeploymentStore
 from appliance.deploy.workflow import BootDeadlines, default_workflow, parse_steps
 from appliance.events import EventBus
@@ -26,77 +26,7 @@ from appliance.inventory import Inventory
 from domain.profiles import BootProfile
 from appliance.profiles import ProfileStore
 from appliance.statedb import open_state_db
-
-FAST = BootDeadlines(dhcp_after_reset=0.4, script_after_dhcp=0.4, kernel_after_script=0.4, agent_after_kernel=0.4,
-                     os_after_script=0.4, kexec_alive=0.4, callback_after_os_dhcp=0.4, nbp_loop_limit=3)
-
-
-class FakeCluster:
-    """Plays the nodes and the boot services: on power-on/reset/kexec, publishes the records their boot leads to."""
-
-    def __init__(self, deps: ControllerDeps) -> None:
-        self.deps = deps
-        self.never_boot: set[str] = set()     # nodes that never come back from a reboot
-        self.nbp_loop: set[str] = set()       # nodes that loop fetching their NBP
-        self.wrong_env: set[str] = set()      # nodes whose installed system is something else
-        self.tasks: list[asyncio.Task[None]] = []
-        self.firmware_s = 0.0                 # time from the first DHCP to the script
-        self.in_firmware = 0                  # nodes between power-on and their script, now and at most
-        self.max_in_firmware = 0
-
-    def on_power(self, node: Node, op: str) -> None:
-        if op in ("on", "reset", "cycle", "soft", "kexec"):
-            self.tasks.append(asyncio.get_running_loop().create_task(self._boot(node, kexec=op == "kexec")))
-
-    async def _boot(self, node: Node, kexec: bool) -> None:
-        ev = self.deps.events
-        await asyncio.sleep(0.02)
-        if node.name in self.never_boot:
-            return
-        profile = self.deps.profiles.get(node.mac)
-        if not kexec:
-            self.in_firmware += 1
-            self.max_in_firmware = max(self.max_in_firmware, self.in_firmware)
-            ev.publish(DhcpFromFirmware(node.mac, FirmwareKind.BIOS_PXE, 0))
-            await asyncio.sleep(self.firmware_s)
-            self.in_firmware -= 1
-            ev.publish(NbpSent(node.mac, "undionly.kpxe", Via.TFTP))
-            if node.name in self.nbp_loop:
-                for _ in range(5):
-                    await asyncio.sleep(0.01)
-                    ev.publish(NbpSent(node.mac, "undionly.kpxe", Via.TFTP))
-                return
-            ev.publish(DhcpFromFirmware(node.mac, FirmwareKind.IPXE, 0))
-            ev.publish(ScriptServed(node.mac, profile.kind, Via.HTTP, profile.env))
-        if profile.kind == "deploy":
-            ev.publish(KernelFetched(node.mac, "deploy/vmlinuz"))
-            ev.publish(InitrdFetched(node.mac, "deploy/initrd.img"))
-            # The deploy environment's own DHCP client: not firmware, must not restart the boot watch.
-            ev.publish(DhcpFromOs(node.mac, "rackboot-deploy"))
-            token = re.search(r"rackboot.token=(\S+)", profile.cmdline).group(1)  # type: ignore[union-attr]
-            self.callback(node, "agent_up", token)
-        else:
-            env = "other:1" if node.name in self.wrong_env else profile.env
-            self.callback(node, "installed", self.deps.tokens.token_of(node.mac), env)
-
-    def callback(self, node: Node, stage: str, token: str | None, env: str = "") -> None:
-        """What the HTTP service does with a node's callback: the token proves a deployment, or nothing is published."""
-        deployment = self.deps.tokens.check(node.mac, token)
-        if deployment is None:
-            return
-        if stage == "agent_up":
-            self.deps.events.publish(AgentUp(node.mac, deployment, 22, 7070))
-        else:
-            self.deps.events.publish(OsUp(node.mac, deployment, env))
-
-
-def make_nodes(n: int, bmc: bool = True) -> Inventory:
-    return Inventory(tuple(
-        Node(name=f"node-{i}", mac=f"52:54:00:77:00:{i:02x}", ip=ipaddress.IPv4Address(f"10.77.0.{10 + i}"), rack=f"r{1 + (i - 1) // 4}",
-             bmc=BmcSpec("fake", f"10.78.0.{10 + i}") if bmc else None)
-        for i in range(1, n + 1)
-    ))
-
+from fakes import FAST, FakeCluster, FakeDeploy, FakePower, make_nodes
 
 @pytest.fixture
 def world(tmp_path: Path):  # type: ignore[no-untyped-def]
@@ -276,3 +206,113 @@ async def test_reboot_window_caps_the_nodes_in_firmware(world) -> None:  # type:
     result = await run_deployment(controller, list(deps.inventory.nodes), env)
     assert result["status"] == "done", result["ko"]
     assert cluster.max_in_firmware == 2
+
+
+async def test_unexpected_exception_fails_the_deployment(world, caplog) -> None:  # type: ignore[no-untyped-def]
+    """A bug in a driver (not a DeployError) ends the deployment failed, with the error, instead of running for ever."""
+    controller, deps, cluster, env, power, agent = world
+    agent.crash = {("prepare_disk", "node-2"): "disk controller on fire"}
+    nodes = list(deps.inventory.nodes)[:3]
+    with caplog.at_level("ERROR", logger="rackboot.deploy"):
+        result = await run_deployment(controller, nodes, env)
+    assert result["status"] == "failed" and result["ok"] == []
+    why = "internal error: RuntimeError: disk controller on fire"
+    assert result["error"] == why
+    assert {k["node"]: k["reason"] for k in result["ko"]} == {n.name: why for n in nodes}
+    assert any("Traceback" in (r.exc_text or "") or r.exc_info for r in caplog.records)
+    dep = controller.deployments[result["id"]]
+    assert dep.log[-1]["what"] == "finished" and dep.log[-1]["status"] == "failed"
+    assert await asyncio.wait_for(dep.wait_log(len(dep.log)), 1) == []  # the event stream ends at once
+    stored = deps.store.get(result["id"])
+    assert stored["status"] == "failed" and {n["reason"] for n in stored["nodes"]} == {why}
+    assert controller.busy([n.name for n in nodes]) == {}
+    await controller.close()  # nothing left to raise
+
+
+async def test_every_transition_is_persisted_with_its_reason(world) -> None:  # type: ignore[no-untyped-def]
+    controller, deps, cluster, env, power, agent = world
+    agent.fail = {("broadcast:chain", "node-1"): "chain: stalled"}
+    result = await run_deployment(controller, list(deps.inventory.nodes)[:2], env)
+    assert result["status"] == "done", result["ko"]
+    moves = [(t["from"], t["to"], t["impl"], t["reason"]) for t in deps.store.transitions(result["id"], "node-1")]
+    assert moves == [
+        ("pending", "SetDeploymentEnv", "reboot", ""),
+        ("SetDeploymentEnv", "BroadcastEnv", "chain", ""),
+        ("BroadcastEnv", "BroadcastEnv", "tree", "chain: stalled"),  # the fallback says why
+        ("BroadcastEnv", "BootNewEnv", "kexec", ""),
+        ("BootNewEnv", "done", "kexec", ""),
+    ]
+    run = controller.deployments[result["id"]].runs["node-1"]
+    assert [(t.frm.value, t.to.value) for t in run.history] == [m[:2] for m in moves]
+    assert all(t["ts"] > 0 for t in deps.store.transitions(result["id"]))
+
+
+def test_transition_table_refuses_what_it_does_not_declare() -> None:
+    run = NodeRun(make_nodes(1).nodes[0])
+    with pytest.raises(IllegalTransition, match="pending -> BootNewEnv"):
+        advance(run, NodeState.BOOT_NEW_ENV, 1.0)
+    advance(run, NodeState.SET_DEPLOYMENT_ENV, 1.0, "SetDeploymentEnv", "reboot")
+    advance(run, NodeState.FAILED, 2.0, reason="no DHCP")
+    assert run.state is NodeState.FAILED and run.step == "SetDeploymentEnv" and run.reason == "no DHCP"
+    for state in NodeState:
+        with pytest.raises(IllegalTransition):
+            advance(run, state, 3.0)  # nothing leaves a final state
+    assert all(TRANSITIONS[s] for s in NodeState if s not in FINAL)
+
+
+async def test_reboot_runs_as_a_recorded_workflow(world) -> None:  # type: ignore[no-untyped-def]
+    controller, deps, cluster, env, power, agent = world
+    serve = asyncio.create_task(controller.serve())
+    try:
+        results = await asyncio.wait_for(controller.reboot([deps.inventory.by_name["node-4"]], "local", "hard", "admin"), 20)
+    finally:
+        serve.cancel()
+    assert results == [{"node": "node-4", "ok": True, "reason": "", "stage": "up"}]
+    dep_id = next(i for i in controller.deployments if i.startswith("r"))
+    stored = deps.store.get(dep_id)
+    assert stored["status"] == "done" and stored["method"] == "reboot" and stored["params"]["level"] == "hard"
+    assert [(t["from"], t["to"], t["impl"]) for t in deps.store.transitions(dep_id)] == [
+        ("pending", "Reboot", "hard_reboot"), ("Reboot", "done", "hard_reboot")]
+    assert deps.profiles.get(deps.inventory.by_name["node-4"].mac).kind == "local"
+
+
+async def test_boot_deadline_expires_on_the_injected_clock(world, fake_clock) -> None:  # type: ignore[no-untyped-def]
+    """A minute-long DHCP deadline expires when the fake clock is advanced, without a minute of real time."""
+    controller, deps, cluster, env, power, agent = world
+    slow = BootDeadlines(dhcp_after_reset=60.0)
+    controller.workflow_factory = lambda method, kexec: replace(default_workflow(method, kexec), deadlines=slow)
+    deps.clock = fake_clock
+    cluster.never_boot = {"node-5"}
+    serve = asyncio.create_task(controller.serve())
+    started, t0 = asyncio.get_running_loop().time(), fake_clock.now()
+    try:
+        reboot = asyncio.create_task(controller.reboot([deps.inventory.by_name["node-5"]], "", "hard", "admin"))
+        await asyncio.sleep(0.3)
+        assert not reboot.done()  # real time passes, the fake clock does not: the node is still within its deadline
+        while not reboot.done():
+            fake_clock.advance(5.0)
+            await asyncio.sleep(0.005)
+        results = reboot.result()
+    finally:
+        serve.cancel()
+    assert results[0]["ok"] is False and results[0]["stage"] == "stuck"
+    assert results[0]["reason"] == "no DHCP within 60s after the hard reboot; no DHCP within 60s after the very hard reboot"
+    assert fake_clock.now() - t0 >= 120 and asyncio.get_running_loop().time() - started < 10
+
+
+async def test_forced_takeover_fails_the_node_in_the_first_deployment_only(world) -> None:  # type: ignore[no-untyped-def]
+    controller, deps, cluster, env, power, agent = world
+    cluster.never_boot = {"node-1", "node-2"}
+    serve = asyncio.create_task(controller.serve())
+    try:
+        first = controller.start(list(deps.inventory.nodes)[:2], env, "admin")
+        await asyncio.sleep(0.1)
+        second = controller.start([deps.inventory.by_name["node-2"]], env, "admin", force=True)
+        assert first.runs["node-2"].state is NodeState.FAILED
+        results = await asyncio.wait_for(asyncio.gather(controller.tasks[first.id], controller.tasks[second.id]), 30)
+    finally:
+        serve.cancel()
+    # the first deployment's attempt on node-2 ran on without bringing it back to life or crashing
+    assert results[0]["status"] == "failed" and "error" not in results[0]
+    assert {k["node"]: k["reason"] for k in results[0]["ko"]}["node-2"] == "taken over by a forced deployment"
+    assert results[1]["ko"][0]["node"] == "node-2" and "no DHCP" in results[1]["ko"][0]["reason"]

@@ -24,8 +24,8 @@ from appliance.auth import NodeTokens
 from appliance.booting import NodeBootTargets
 from appliance.catalog import Catalog, Environment
 from appliance.deploy.controller import Controller, ControllerDeps
-from appliance.deploy.drivers import FakeDeploy
-from appliance.deploy.power import FakePower
+from fakes import FakeDeploy
+from fakes import FakePower
 from appliance.deploy.store import DeploymentStore
 from appliance.deploy.workflow import BootDeadlines, default_workflow
 from appliance.events import EventBus

@@ -1,7 +1,10 @@
-"""Power drivers: one interface (on/off/reset/cycle/status, next boot device), a real IPMI one and a fake.
+"""Power drivers: one interface (on/off/reset/cycle/status, next boot device) and a real IPMI one.
 
-pyghmi blocks, so IPMI calls run in a bounded thread pool, at most `per_bmc` at once per BMC, with
-retries and backoff: BMCs are known to fail under bursts of calls.
+pyghmi blocks, so IPMI calls run in a bounded thread pool, one at a time per BMC, with retries and
+backoff: BMCs are known to fail under bursts of calls. One at a time is pyghmi's limit, not a setting:
+`pyghmi.ipmi.private.session.Session.__new__` hands every Command to the same BMC with the same
+credentials the one cached session (keyed by the BMC's address, user, password and Kg), so a second
+session per BMC cannot be had from one process, and two threads on one session hang.
 """
 from __future__ import annotations
 
@@ -43,13 +46,10 @@ class PowerDriver(Protocol):
 
 
 class IpmiPower:
-    """IPMI over LAN (RMCP+) through pyghmi, behind a thread pool with per-BMC bounded concurrency."""
+    """IPMI over LAN (RMCP+) through pyghmi, behind a thread pool, one call at a time per BMC."""
 
-    def __init__(self, per_bmc: int = 1, threads: int = 32, retries: int = 3) -> None:
+    def __init__(self, threads: int = 32, retries: int = 3) -> None:
         self._pool = ThreadPoolExecutor(max_workers=threads, thread_name_prefix="ipmi")
-        if per_bmc != 1:
-            log.warning("IPMI: one call per BMC at a time (pyghmi sessions are not safe for concurrent use); bmc_concurrency %d ignored", per_bmc)
-        self._per_bmc = 1
         self._sems: dict[tuple[str, int], asyncio.Semaphore] = {}
         self._commands: dict[tuple[str, int], Any] = {}  # pyghmi Command per BMC
         self._retries = retries
@@ -58,7 +58,7 @@ class IpmiPower:
         assert node.bmc is not None
         key = (node.bmc.address, node.bmc.port)
         if key not in self._sems:
-            self._sems[key] = asyncio.Semaphore(self._per_bmc)
+            self._sems[key] = asyncio.Semaphore(1)
         return self._sems[key]
 
     async def _call(self, node: Node, what: str, fn: Callable[..., object]) -> object:
@@ -137,37 +137,6 @@ class IpmiPower:
 def _is_unreachable(exc: BaseException) -> bool:
     """Tell whether a pyghmi failure means the BMC did not answer at all."""
     return isinstance(exc, (TimeoutError, asyncio.TimeoutError, OSError)) or any(w in str(exc).lower() for w in _UNREACHABLE)
-
-
-class FakePower:
-    """An in-memory BMC per node for unit tests: records calls and runs a hook on every power change."""
-
-    def __init__(self, on_change: Callable[[Node, str], None] | None = None, dead: set[str] | None = None) -> None:
-        self.state: dict[str, str] = {}
-        self.boot_device: dict[str, tuple[str, bool]] = {}
-        self.calls: list[tuple[str, str]] = []
-        self.on_change = on_change
-        self.dead = dead or set()
-
-    async def power(self, node: Node, op: str) -> str:
-        """Record the op and apply it to the fake state."""
-        self.calls.append((node.name, op))
-        if node.name in self.dead:
-            raise BmcUnreachable(f"{node.name}: BMC does not answer")
-        if op == "status":
-            return self.state.get(node.name, "off")
-        new = "off" if op == "off" else "on"
-        self.state[node.name] = new
-        if self.on_change is not None:
-            self.on_change(node, op)
-        return new
-
-    async def set_boot_device(self, node: Node, device: str, persistent: bool = False) -> None:
-        """Record the boot device."""
-        self.calls.append((node.name, f"bootdev {device}"))
-        if node.name in self.dead:
-            raise BmcUnreachable(f"{node.name}: BMC does not answer")
-        self.boot_device[node.name] = (device, persistent)
 
 
 class PowerByDriver:

@@ -4,11 +4,15 @@ from __future__ import annotations
 import json
 import sqlite3
 import time
-from typing import Any
+from typing import TYPE_CHECKING, Any
+
+if TYPE_CHECKING:
+    from appliance.deploy.nodestate import Transition
 
 
 class DeploymentStore:
-    """SQLite tables: deployments, deployment_nodes (current state per node) and step_log (one row per attempt)."""
+    """SQLite tables: deployments, deployment_nodes (current state per node), node_transitions (every state change
+    of every node, append-only) and step_log (one row per attempt)."""
 
     def __init__(self, db: sqlite3.Connection) -> None:
         self._db = db
@@ -23,6 +27,9 @@ class DeploymentStore:
             CREATE TABLE IF NOT EXISTS step_log (
                 deployment TEXT, node TEXT, step TEXT, impl TEXT, attempt INTEGER, started REAL, ended REAL,
                 ok INTEGER, reason TEXT);
+            CREATE TABLE IF NOT EXISTS node_transitions (
+                deployment TEXT, node TEXT, ts REAL, from_state TEXT, to_state TEXT, step TEXT, impl TEXT, reason TEXT);
+            CREATE INDEX IF NOT EXISTS node_transitions_by_node ON node_transitions (deployment, node);
             """
         )
 
@@ -35,10 +42,23 @@ class DeploymentStore:
             self._db.executemany("INSERT INTO deployment_nodes VALUES (?, ?, 'pending', '', '', '', ?)",
                                  [(dep_id, n, now) for n in nodes])
 
-    def node_state(self, dep_id: str, node: str, state: str, step: str = "", impl: str = "", reason: str = "") -> None:
-        """Update one node's current state."""
-        self._db.execute("UPDATE deployment_nodes SET state=?, step=?, impl=?, reason=?, updated=? WHERE deployment=? AND node=?",
-                         (state, step, impl, reason, time.time(), dep_id, node))
+    def transition(self, dep_id: str, t: Transition) -> None:
+        """Record one node's state change: its current row, and a new row in node_transitions."""
+        with self._db:
+            self._db.execute("UPDATE deployment_nodes SET state=?, step=?, impl=?, reason=?, updated=? WHERE deployment=? AND node=?",
+                             (t.to.value, t.step, t.impl, t.reason, t.ts, dep_id, t.node))
+            self._db.execute("INSERT INTO node_transitions VALUES (?, ?, ?, ?, ?, ?, ?, ?)",
+                             (dep_id, t.node, t.ts, t.frm.value, t.to.value, t.step, t.impl, t.reason))
+
+    def transitions(self, dep_id: str, node: str | None = None) -> list[dict[str, Any]]:
+        """Return the state changes of a deployment's nodes (or of one node), oldest first."""
+        q = "SELECT node, ts, from_state, to_state, step, impl, reason FROM node_transitions WHERE deployment=?"
+        args: tuple[Any, ...] = (dep_id,)
+        if node is not None:
+            q += " AND node=?"
+            args += (node,)
+        return [{"node": r[0], "ts": r[1], "from": r[2], "to": r[3], "step": r[4], "impl": r[5], "reason": r[6]}
+                for r in self._db.execute(q + " ORDER BY rowid", args)]
 
     def log_step(self, dep_id: str, node: str, step: str, impl: str, attempt: int, started: float, ok: bool, reason: str) -> None:
         """Append one finished attempt of a step on a node."""
@@ -84,7 +104,11 @@ class DeploymentStore:
         """After a restart: deployments still 'running' were interrupted; say so instead of leaving them running."""
         with self._db:
             ids = [r[0] for r in self._db.execute("SELECT id FROM deployments WHERE status='running'")]
+            now = time.time()
+            why = "appliance restarted during the deployment"
             for dep_id in ids:
-                self._db.execute("UPDATE deployment_nodes SET state='failed', reason='appliance restarted during the deployment'"
-                                 " WHERE deployment=? AND state NOT IN ('done', 'failed')", (dep_id,))
-                self._db.execute("UPDATE deployments SET status='interrupted', finished=? WHERE id=?", (time.time(), dep_id))
+                self._db.execute("INSERT INTO node_transitions SELECT deployment, node, ?, state, 'failed', step, impl, ? FROM deployment_nodes"
+                                 " WHERE deployment=? AND state NOT IN ('done', 'failed')", (now, why, dep_id))
+                self._db.execute("UPDATE deployment_nodes SET state='failed', reason=?, updated=?"
+                                 " WHERE deployment=? AND state NOT IN ('done', 'failed')", (why, now, dep_id))
+                self._db.execute("UPDATE deployments SET status='interrupted', finished=? WHERE id=?", (now, dep_id))

@@ -6,9 +6,10 @@ reported failed with that step and the reason.
 """
 from __future__ import annotations
 
-from dataclasses import dataclass, field
+from dataclasses import dataclass, field, replace
 
 MACRO_STEPS = ("SetDeploymentEnv", "BroadcastEnv", "BootNewEnv")
+REBOOT = "Reboot"  # the one macro-step of a reboot workflow (implementations: reboot, hard_reboot, very_hard_reboot)
 
 # What each macro-step may be implemented by.
 IMPLEMENTATIONS: dict[str, tuple[str, ...]] = {
@@ -66,7 +67,7 @@ class Workflow:
     steps: tuple[MacroStep, ...]
     deadlines: BootDeadlines = field(default_factory=BootDeadlines)
     reboot_window: int = 100          # at most this many nodes power-cycled at once
-    bmc_concurrency: int = 1          # calls in flight per BMC
+    reboot_to: str = ""               # a reboot workflow's target: "" (netboot as is), deploy, local or an environment
 
 
 def default_workflow(broadcast: str = "chain", kexec: bool = True) -> Workflow:
@@ -106,4 +107,11 @@ def parse_steps(spec: str, base: Workflow | None = None) -> Workflow:
         if not parsed:
             raise ValueError(f"{name}: no implementation given")
         steps[name] = MacroStep(name, tuple(parsed))
-    return Workflow(steps=tuple(steps[n] for n in MACRO_STEPS), deadlines=wf.deadlines, reboot_window=wf.reboot_window, bmc_concurrency=wf.bmc_concurrency)
+    return replace(wf, steps=tuple(steps[n] for n in MACRO_STEPS))
+
+
+def reboot_workflow(impl: str, to: str, base: Workflow | None = None) -> Workflow:
+    """Return the workflow of a reboot: one Reboot macro-step whose implementation (reboot, hard_reboot or
+    very_hard_reboot) is the ladder to climb, towards `to`; deadlines and window from base."""
+    wf = base or default_workflow()
+    return replace(wf, steps=(MacroStep(REBOOT, (Implementation(impl, 3600.0, 1.0, 0),)),), reboot_to=to)

@@ -1,0 +1,160 @@
+"""Bringing a node to a target system: the reboot ladder (soft -> hard -> very hard, or kexec), power through the
+BMC (bootdev network, reset, off/on), reboot windows, and the BootWatch of each boot.
+
+Reboots escalate soft (SSH) -> hard (IPMI reset) -> very hard (power off, then on), inside reboot windows.
+"""
+from __future__ import annotations
+
+import asyncio
+from typing import Callable
+
+from appliance.catalog import Environment
+from appliance.deploy.bootwatch import BootWatch, Stage
+from appliance.deploy.clock import Clock
+from appliance.deploy.drivers import DeployDriver, DeployError
+from appliance.deploy.nodestate import NodeRun
+from appliance.deploy.power import BmcUnreachable, PowerDriver, PowerError
+from appliance.deploy.workflow import BootDeadlines
+from domain.errors import RackbootError
+
+# Which reboot levels an implementation climbs, in order.
+LADDERS: dict[str, tuple[str, ...]] = {
+    "reboot": ("soft", "hard", "very_hard"),
+    "hard_reboot": ("hard", "very_hard"),
+    "very_hard_reboot": ("very_hard",),
+}
+# A reboot's starting level -> the implementation that climbs from it.
+LEVEL_IMPL: dict[str, str] = {"soft": "reboot", "hard": "hard_reboot", "very_hard": "very_hard_reboot"}
+
+
+class Hopeless(RackbootError):
+    """Nothing else can work for this node in this deployment: its BMC does not answer, or it showed no
+    sign of life after a power cycle. The node fails the step at once, without the remaining
+    implementations and retries, so the healthy nodes do not wait for it."""
+
+
+Note = Callable[..., None]  # Journal.note(run, what, **detail)
+
+
+class Rebooter:
+    """Reboots nodes of one deployment and watches them boot; at most `window` of them in firmware at once."""
+
+    def __init__(self, power: PowerDriver, agent: DeployDriver, clock: Clock, deadlines: BootDeadlines, window: int,
+                 power_off_wait: float, note: Note) -> None:
+        self.power = power
+        self.agent = agent
+        self.clock = clock
+        self.deadlines = deadlines
+        self.power_off_wait = power_off_wait
+        self.note = note
+        self._window = asyncio.Semaphore(window)
+
+    async def reboot(self, run: NodeRun, level: str) -> str | None:
+        """Reboot one node at a level; return None when the reboot was issued, else why not.
+
+        Raise Hopeless when the BMC does not answer at all.
+        """
+        node = run.node
+        if level == "soft":
+            try:
+                await self.agent.soft_reboot(node)
+                return None
+            except DeployError as exc:
+                return f"soft reboot impossible: {exc}"
+        if node.bmc is None or node.bmc.driver == "none":
+            return f"{level} reboot impossible: no BMC in the inventory"
+        try:
+            try:
+                # Where the driver supports it, the next boot goes to the network whatever the installed
+                # OS did to the boot order, so the appliance keeps control of the node.
+                await self.power.set_boot_device(node, "network", persistent=False)
+            except BmcUnreachable:
+                raise
+            except PowerError as exc:
+                run.notes.append(f"bootdev network not set: {exc}")
+            if level == "hard":
+                state = await self.power.power(node, "status")
+                await self.power.power(node, "reset" if state == "on" else "on")
+            else:
+                await self.power.power(node, "off")
+                await self.clock.sleep(self.power_off_wait)
+                await self.power.power(node, "on")
+        except BmcUnreachable as exc:
+            raise Hopeless(f"{level} reboot failed: {exc}") from exc
+        except PowerError as exc:
+            return f"{level} reboot failed: {exc}"
+        return None
+
+    async def boot(self, run: NodeRun, target: str, levels: tuple[str, ...], kexec_env: Environment | None = None) -> str | None:
+        """Bring a node to target (deploy env, installed system, netboot), by kexec into kexec_env if given,
+        else climbing reboot levels; None when up, else the reason of every level.
+
+        Raise Hopeless when the BMC does not answer or the node stays silent after a power cycle.
+        """
+        reasons: list[str] = []
+        try:
+            return await self._climb(run, target, levels, kexec_env, reasons)
+        except Hopeless as exc:
+            raise Hopeless("; ".join([*reasons, str(exc)])) from None
+
+    async def _wait(self, run: NodeRun, until: Callable[[BootWatch], bool]) -> None:
+        watch = run.watch
+        assert watch is not None
+        while not until(watch):
+            await run.changed.wait()
+            run.changed.clear()
+
+    def _watch(self, run: NodeRun, target: str, how: str) -> BootWatch:
+        watch = BootWatch(target, self.deadlines)
+        run.watch = watch
+        watch.start(self.clock.now(), how=how)
+        return watch
+
+    async def _climb(self, run: NodeRun, target: str, levels: tuple[str, ...], kexec_env: Environment | None,
+                     reasons: list[str]) -> str | None:
+        attempts = (("kexec",) if kexec_env is not None else ()) + levels
+        for level in attempts:
+            why: str | None = None
+            # A window slot is held from the reset until the node has its kernel (or is stuck): at most `window`
+            # nodes are in POST, DHCP, TFTP and iPXE at once, the unreliable part under load. A node waiting for a
+            # slot has no deadline running. Kexec'ing nodes take slots too, until the new kernel is on the network:
+            # hundreds of systems starting at once is a DHCP storm of its own.
+            async with self._window:
+                if level == "kexec":
+                    assert kexec_env is not None
+                    self._watch(run, target, "kexec")
+                    try:
+                        await self.agent.kexec(run.node, kexec_env)
+                    except DeployError as exc:
+                        why = f"kexec failed: {exc}"
+                    else:
+                        self.note(run, "rebooting", level=level, target=target)
+                        await self._wait(run, lambda w: w.done or w.stage is not Stage.KEXECING)
+                else:
+                    self._watch(run, target, f"{level.replace('_', ' ')} reboot")
+                    why = await self.reboot(run, level)
+                    if why is None:
+                        self.note(run, "rebooting", level=level, target=target)
+                        await self._wait(run, lambda w: w.done or w.stage not in (Stage.RESETTING, Stage.FIRMWARE))
+            if why is not None:
+                run.watch = None
+                reasons.append(why)
+                if level != "kexec":
+                    self.note(run, "escalate", level=level, reason=why)
+                continue
+            await self._wait(run, lambda w: w.done)
+            watch = run.watch
+            assert watch is not None
+            if watch.stage is Stage.UP:
+                return None
+            if level == "very_hard" and watch.stage is Stage.STUCK and watch.boots == 0:
+                # Power cut and restored, and not one DHCP packet: no other reboot will do better.
+                raise Hopeless(watch.reason)
+            reasons.append(watch.reason)
+            self.note(run, "escalate", level=level, reason=watch.reason)
+        return "; ".join(reasons) if reasons else "no way to reboot"
+
+
+def describe_watch(run: NodeRun) -> str:
+    """Return ' (stage)' for the boot being watched, or '' (for timeout messages)."""
+    return f" ({run.watch.stage.value})" if run.watch else ""
