@@ -103,7 +103,7 @@ async def test_agents_without_a_tree_key_hand_their_children_back(agents: list[D
     keyless = {"node-1", "node-3"}
     for a in agents:
         if a.config.name in keyless:
-            a._tree_key = None
+            a.tree_key = None
     ts = targets(agents)
     forest = build_forest(ts, 2)
     def walk(st: Subtree) -> list[Subtree]:
