@@ -270,7 +270,7 @@ async def serve_texec(ctx: ExecContext, process: asyncssh.SSHServerProcess[bytes
     level = Level(ctx.name, ctx.tree_key, req, emit, ctx.socket_factory)
     try:
         await asyncio.gather(local(), level.run(tree.children()))
-        emit({"type": "xdone", "node": cfg.name})
+        emit({"type": "xdone", "node": ctx.name})
         await process.stdout.drain()
         process.exit(0)
     except (BrokenPipeError, ConnectionError, asyncssh.Error):
