@@ -1,6 +1,6 @@
 """A relay's report channel to the source (chain, tree): result, failed and orphan reports as JSON lines.
 
-The channel opens with `report_hello {session, token, node}`; the source's end is `Source._serve_reports`.
+The channel opens with `report_hello {session, token, node}`; the source (broadcast.source.Source) serves the other end.
 Reports are queued and written in the background, reconnecting a few times, so they never block the stream.
 """
 from __future__ import annotations
