@@ -5,6 +5,7 @@ The coordinator (appliance side) opens a control connection to each node's Recei
 (resuming with a Range request after an error), writes through its sink, sends `progress {offset}`
 every ack_interval and finally `result {...}` on the same connection. A node that sends nothing for
 stall_timeout is failed; closing the control connection makes the node abort its download.
+`StarDownload` is the node side (the node's Receiver runs one per `fetch`), `star_broadcast` the coordinator.
 """
 from __future__ import annotations
 
