@@ -346,10 +346,10 @@ def inner_broadcast(spec: dict[str, Any]) -> dict[str, Any]:
     """Appliance side: arm every node over SSH, run_broadcast, optionally power off nodes mid-stream; return figures."""
     import asyncssh
 
-    from broadcast.agent import ssh_arm
-    from broadcast.chain import ChainParams
+    from broadcast.agent_client import ssh_arm
     from broadcast.image import SinkSpec
     from broadcast.methods import BroadcastJob, run_broadcast
+    from broadcast.params import ChainParams
     from broadcast.topology import Target, order_chain
 
     async def go() -> dict[str, Any]:

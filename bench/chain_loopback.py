@@ -36,7 +36,7 @@ REPO = Path(__file__).resolve().parent.parent
 
 async def run_lone_relay() -> None:
     """Be node-1 alone in this process: print our port, arm what stdin says, print CPU time and counters when done."""
-    from broadcast.chain import Receiver
+    from broadcast.receiver import Receiver
     from broadcast.image import SinkSpec
 
     receiver = Receiver("node-1", "127.0.0.2")
@@ -59,9 +59,10 @@ async def run_isolated(image: Path, relay_path: str | None, chunk: int, window: 
     """Source and node-2 here, node-1 (the measured relay) in a subprocess; return its CPU time and counters."""
     import hashlib
 
-    from broadcast.chain import ChainParams, Receiver
     from broadcast.image import SinkSpec
     from broadcast.methods import BroadcastJob, run_broadcast
+    from broadcast.params import ChainParams
+    from broadcast.receiver import Receiver
     from broadcast.topology import Target
 
     sha = hashlib.sha256(image.read_bytes()).hexdigest()
@@ -100,9 +101,10 @@ async def run_worker(image: Path, nodes: int, relay_path: str | None, chunk: int
     """Broadcast image along a chain of `nodes` loopback receivers in this process; return time, CPU and counters."""
     import hashlib
 
-    from broadcast.chain import ChainParams, Receiver
     from broadcast.image import SinkSpec
     from broadcast.methods import BroadcastJob, run_broadcast
+    from broadcast.params import ChainParams
+    from broadcast.receiver import Receiver
     from broadcast.topology import Target
 
     sha = hashlib.sha256(image.read_bytes()).hexdigest()

@@ -24,22 +24,24 @@ import shlex
 import shutil
 from dataclasses import dataclass
 from pathlib import Path
-from typing import Any, Awaitable, Callable, Mapping, Sequence
+from typing import Any, Awaitable, Callable, Sequence
 
 import aiohttp
 import asyncssh
 
 from domain.errors import BindError
-from broadcast.chain import ListenFactory, Receiver, SocketFactory, _err
+from broadcast.agent_client import AGENT_COMMAND
 from broadcast.disk import PartitionSpec, format_partitions, partition_disk
-from broadcast.errors import AgentError, ImageError
+from broadcast.errors import AgentError, ImageError, describe_error
 from broadcast.image import SinkSpec, sha256_file
+from broadcast.receiver import Receiver
+from broadcast.texec import ExecContext, serve_texec
+from broadcast.wire import ListenFactory, SocketFactory
 
 log = logging.getLogger("rackboot.agent")
 
 KexecHook = Callable[[str, str | None, str], Awaitable[None]]  # kernel, initrd, cmdline
 RebootHook = Callable[[], Awaitable[None]]
-AGENT_COMMAND = "rackboot-agent"
 MAX_REQUEST = 4 << 20
 
 
@@ -109,7 +111,7 @@ class DeployAgent:
                                  socket_factory=socket_factory)
         self.state = "starting"
         self._acceptor: asyncssh.SSHAcceptor | None = None
-        self._tree_key: asyncssh.SSHKey | None = None
+        self.tree_key: asyncssh.SSHKey | None = None  # opens the next tree-exec level (None: children are handed back)
         self._tasks: set[asyncio.Task[Any]] = set()
         self.layout: list[dict[str, Any]] = []
         self.counters = {"ssh_sessions": 0, "agent_ops": 0, "shell_commands": 0, "op_errors": 0}
@@ -123,7 +125,7 @@ class DeployAgent:
         Path(cfg.workdir).mkdir(parents=True, exist_ok=True)
         host_key = asyncssh.read_private_key(cfg.host_key) if cfg.host_key else asyncssh.generate_private_key("ssh-ed25519")
         if cfg.tree_key:
-            self._tree_key = asyncssh.read_private_key(cfg.tree_key)
+            self.tree_key = asyncssh.read_private_key(cfg.tree_key)
         await self.receiver.start()
         try:
             kwargs: dict[str, Any] = dict(
@@ -167,7 +169,7 @@ class DeployAgent:
                             log.warning("%s: callback refused: HTTP %d", cfg.name, resp.status)
                             return False
                 except (aiohttp.ClientError, asyncio.TimeoutError, OSError) as exc:
-                    log.info("%s: callback attempt %d failed: %s", cfg.name, attempt + 1, _err(exc))
+                    log.info("%s: callback attempt %d failed: %s", cfg.name, attempt + 1, describe_error(exc))
                 await asyncio.sleep(min(8.0, 0.25 * 2**attempt))
         return False
 
@@ -215,10 +217,17 @@ class DeployAgent:
                 ConnectionError, asyncssh.DisconnectError):
             process.exit(255)
 
-    def _env(self) -> dict[str, str]:
+    def command_env(self) -> dict[str, str]:
+        """The environment commands and scripts run with: ours, RACKBOOT_NODE/MAC/DISK/WORKDIR and config.env."""
         cfg = self.config
         return {**os.environ, "RACKBOOT_NODE": cfg.name, "RACKBOOT_MAC": cfg.mac, "RACKBOOT_DISK": cfg.disk,
                 "RACKBOOT_WORKDIR": cfg.workdir, **dict(cfg.env)}
+
+    def exec_context(self) -> ExecContext:
+        """What tree exec needs of this agent: name, tree key, how and where commands run."""
+        cfg = self.config
+        return ExecContext(name=cfg.name, tree_key=self.tree_key, env=self.command_env(), shell=cfg.shell,
+                           shell_prefix=cfg.shell_prefix, workdir=cfg.workdir, socket_factory=self.socket_factory)
 
     async def _shell(self, process: asyncssh.SSHServerProcess[bytes], command: str) -> int:
         """Run an arbitrary command through the shell, piping the SSH channel's stdin/stdout/stderr."""
@@ -226,7 +235,7 @@ class DeployAgent:
         cfg = self.config
         proc = await asyncio.create_subprocess_exec(*cfg.shell_prefix, *cfg.shell, command, stdin=asyncio.subprocess.PIPE,
                                                     stdout=asyncio.subprocess.PIPE, stderr=asyncio.subprocess.PIPE,
-                                                    env=self._env(), cwd=cfg.workdir, start_new_session=True)
+                                                    env=self.command_env(), cwd=cfg.workdir, start_new_session=True)
         assert proc.stdin and proc.stdout and proc.stderr
 
         async def pump_in() -> None:
@@ -258,9 +267,7 @@ class DeployAgent:
         self.counters["agent_ops"] += 1
         op = argv[0] if argv else ""
         if op == "texec":
-            from broadcast.texec import serve_texec
-
-            await serve_texec(self, process)
+            await serve_texec(self.exec_context(), process)
             return
         handler = {
             "status": self.op_status, "partition": self.op_partition, "arm": self.op_arm,
@@ -339,7 +346,7 @@ class DeployAgent:
         cfg = self.config
         sdir = Path(cfg.workdir) / "scripts"
         sdir.mkdir(parents=True, exist_ok=True)
-        env = {**self._env(), "RACKBOOT_ROOT": req["root"]}
+        env = {**self.command_env(), "RACKBOOT_ROOT": req["root"]}
         extra = req.get("env", {})
         if not isinstance(extra, dict) or not all(isinstance(k, str) and isinstance(v, str) for k, v in extra.items()):
             raise AgentError("request: 'env' must map strings to strings")
@@ -445,126 +452,6 @@ def _kill_group(proc: asyncio.subprocess.Process) -> None:
             proc.kill()
         except ProcessLookupError:
             pass
-
-
-# ---------------------------------------------------------------------------------------------------
-# Appliance side.
-
-
-@dataclass
-class CommandResult:
-    """The outcome of one command over SSH."""
-
-    status: int | None
-    stdout: str
-    stderr: str
-
-
-class AgentClient:
-    """The appliance's SSH client to one deploy agent (deploy key; the agent's host key is ephemeral)."""
-
-    def __init__(self, host: str, port: int, client_key: asyncssh.SSHKey | str, *, username: str = "root",
-                 connect_timeout: float = 10.0, socket_factory: SocketFactory | None = None) -> None:
-        self.host = host
-        self.port = port
-        self.client_key = asyncssh.read_private_key(client_key) if isinstance(client_key, str) else client_key
-        self.username = username
-        self.connect_timeout = connect_timeout
-        self.socket_factory = socket_factory
-        self._conn: asyncssh.SSHClientConnection | None = None
-
-    async def connect(self) -> "AgentClient":
-        """Open the SSH connection (raise OSError / asyncssh.Error / TimeoutError on failure)."""
-        self._conn = await ssh_connect(self.host, self.port, self.client_key, username=self.username,
-                                       timeout=self.connect_timeout, socket_factory=self.socket_factory)
-        return self
-
-    async def __aenter__(self) -> "AgentClient":
-        return await self.connect()
-
-    async def __aexit__(self, *exc: object) -> None:
-        await self.close()
-
-    async def close(self) -> None:
-        """Close the SSH connection."""
-        if self._conn is not None:
-            self._conn.close()
-            await self._conn.wait_closed()
-            self._conn = None
-
-    async def run(self, command: str, timeout: float | None = None, stdin: bytes | None = None) -> CommandResult:
-        """Run a shell command on the node."""
-        assert self._conn is not None, "connect() first"
-        r = await self._conn.run(command, input=stdin, timeout=timeout, encoding=None, check=False)
-        out = r.stdout if isinstance(r.stdout, bytes) else (r.stdout or "").encode()
-        err = r.stderr if isinstance(r.stderr, bytes) else (r.stderr or "").encode()
-        return CommandResult(r.exit_status, out.decode(errors="replace"), err.decode(errors="replace"))
-
-    async def call(self, op: str, timeout: float | None = None, **request: Any) -> dict[str, Any]:
-        """Run one agent operation; return its reply; raise AgentError with the agent's message on failure."""
-        r = await self.run(f"{AGENT_COMMAND} {op}", timeout=timeout, stdin=json.dumps(request).encode())
-        try:
-            reply = json.loads(r.stdout)
-        except ValueError as exc:
-            raise AgentError(f"{op}: no JSON reply (exit {r.status}): {r.stderr.strip() or r.stdout[:200]}") from exc
-        if r.status != 0 or not isinstance(reply, dict) or "error" in reply:
-            raise AgentError(f"{op}: {reply.get('error') if isinstance(reply, dict) else reply}")
-        return reply
-
-    async def arm_receive(self, session: str, token: str, sink: SinkSpec) -> int:
-        """Arm the node's receiver for a broadcast session; return its data port."""
-        return int((await self.call("arm", session=session, token=token, sink=sink.to_json()))["data_port"])
-
-    async def partition(self, parts: Sequence[PartitionSpec], label: str = "gpt", format: bool = True) -> dict[str, Any]:
-        """Write the partition table (and filesystems) on the node's disk."""
-        return await self.call("partition", parts=[p.__dict__ for p in parts], label=label, format=format)
-
-    async def wait_receive(self, session: str, timeout: float | None = None) -> dict[str, Any]:
-        """Wait for the node's own result of a broadcast session."""
-        return await self.call("wait-receive", session=session, timeout=timeout)
-
-    async def postinstall(self, scripts: Sequence[Mapping[str, Any]], root: str, env: Mapping[str, str] | None = None) -> dict[str, Any]:
-        """Run post-install scripts on the node."""
-        return await self.call("postinstall", scripts=list(scripts), root=root, env=dict(env or {}))
-
-    async def kexec(self, kernel: str, initrd: str | None = None, cmdline: str = "", root: str | None = None) -> dict[str, Any]:
-        """Load the installed kernel and jump into it."""
-        return await self.call("kexec", kernel=kernel, initrd=initrd, cmdline=cmdline, root=root)
-
-    async def reboot(self) -> dict[str, Any]:
-        """Reboot the node (soft reboot); the reply comes before the reboot."""
-        return await self.call("reboot", timeout=15)
-
-
-async def ssh_connect(host: str, port: int, key: asyncssh.SSHKey, *, username: str = "root", timeout: float = 10.0,
-                      socket_factory: SocketFactory | None = None) -> asyncssh.SSHClientConnection:
-    """Open an SSH connection to an agent with a private key (host keys are not checked: deploy environments
-    generate theirs at boot; the deploy key authenticates the appliance, the network is the cluster's)."""
-    kwargs: dict[str, Any] = dict(username=username, client_keys=[key], known_hosts=None, agent_path=None,
-                                  connect_timeout=timeout, login_timeout=timeout, preferred_auth="publickey", config=None)
-    if socket_factory is not None:
-        import socket as _socket
-
-        sock = socket_factory((_socket.AF_INET, _socket.SOCK_STREAM, _socket.IPPROTO_TCP, "", (host, port)))
-        sock.setblocking(False)
-        try:
-            await asyncio.wait_for(asyncio.get_running_loop().sock_connect(sock, (host, port)), timeout)
-        except BaseException:
-            sock.close()
-            raise
-        return await asyncio.wait_for(asyncssh.connect(sock=sock, **kwargs), timeout)
-    return await asyncio.wait_for(asyncssh.connect(host, port, **kwargs), timeout)
-
-
-def ssh_arm(client_key: asyncssh.SSHKey | str, ssh_port: int | Callable[[Any], int],
-            sink_for: Callable[[Any], SinkSpec], socket_factory: SocketFactory | None = None) -> Callable[[Any, str, str], Awaitable[None]]:
-    """Return an `arm(target, session, token)` for run_broadcast that arms each node over SSH."""
-    async def arm(target: Any, session: str, token: str) -> None:
-        port = ssh_port(target) if callable(ssh_port) else ssh_port
-        async with AgentClient(target.host, port, client_key, socket_factory=socket_factory) as client:
-            await client.arm_receive(session, token, sink_for(target))
-    return arm
-
 
 
 def main(argv: Sequence[str] | None = None) -> int:

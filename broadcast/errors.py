@@ -1,5 +1,7 @@
-"""Errors of the broadcast package (all under domain.errors.RackbootError)."""
+"""Errors of the broadcast package (all under domain.errors.RackbootError), and how a failure reads in a report."""
 from __future__ import annotations
+
+import asyncio
 
 from domain.errors import RackbootError
 
@@ -14,3 +16,12 @@ class ProtocolError(RackbootError):
 
 class AgentError(RackbootError):
     """A deploy-agent operation failed (partitioning, post-install, kexec, callback)."""
+
+
+def describe_error(exc: BaseException) -> str:
+    """Return a short human reason for an exception: "timed out", the OS error text, or the message."""
+    if isinstance(exc, asyncio.TimeoutError):
+        return "timed out"
+    if isinstance(exc, OSError) and exc.strerror:
+        return exc.strerror
+    return str(exc) or type(exc).__name__

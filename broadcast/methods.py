@@ -15,10 +15,13 @@ from dataclasses import dataclass
 from pathlib import Path
 from typing import Awaitable, Callable, Sequence
 
-from broadcast.chain import ChainParams, ListenFactory, SocketFactory, Source, _err, new_session
-from broadcast.result import BroadcastResult, NodeResult
+from broadcast.errors import describe_error
+from broadcast.params import ChainParams
+from broadcast.result import SOURCE_NAME, BroadcastResult, NodeResult
+from broadcast.source import Source, new_session
 from broadcast.star import star_broadcast
 from broadcast.topology import Target, forest_for
+from broadcast.wire import ListenFactory, SocketFactory
 
 METHODS = ("chain", "tree", "star")
 ArmFn = Callable[[Target, str, str], Awaitable[None]]
@@ -57,11 +60,11 @@ async def run_broadcast(job: BroadcastJob, targets: Sequence[Target], method: st
                     await arm(t, session, token)
                     return None
                 except Exception as exc:  # any failure to arm a node is that node's failure
-                    return _err(exc)
+                    return describe_error(exc)
 
         errors = await asyncio.gather(*(arm_one(t) for t in targets))
         ready = [t for t, e in zip(targets, errors) if e is None]
-        failed = {t.name: NodeResult(name=t.name, reason=f"arm failed: {e}", reported_by="@source")
+        failed = {t.name: NodeResult(name=t.name, reason=f"arm failed: {e}", reported_by=SOURCE_NAME)
                   for t, e in zip(targets, errors) if e is not None}
     if method == "star":
         if not job.url:

@@ -4,6 +4,7 @@ from __future__ import annotations
 from dataclasses import asdict, dataclass, field
 from typing import Any
 
+SOURCE_NAME = "@source"  # who reports a node the appliance could not reach or hear from
 
 @dataclass
 class NodeResult:
@@ -23,6 +24,20 @@ class NodeResult:
     def to_json(self) -> dict[str, Any]:
         """Return a JSON-ready dict."""
         return asdict(self)
+
+    def report_fields(self) -> dict[str, Any]:
+        """The fields of the `result` message a node sends about itself (broadcast.wire schema)."""
+        return {"node": self.name, "ok": self.ok, "reason": self.reason, "bytes_received": self.bytes_received,
+                "bytes_written": self.bytes_written, "sha256": self.sha256, "written_sha256": self.written_sha256,
+                "durations": self.durations}
+
+    @classmethod
+    def from_report(cls, msg: dict[str, Any], name: str, notes: list[str] | None = None) -> "NodeResult":
+        """Rebuild node `name`'s own result from the `result` message it sent."""
+        return cls(name=name, ok=msg["ok"], reason=msg["reason"], bytes_received=msg["bytes_received"],
+                   bytes_written=msg["bytes_written"], sha256=msg["sha256"], written_sha256=msg["written_sha256"],
+                   durations={k: float(v) for k, v in msg["durations"].items() if isinstance(v, (int, float))},
+                   reported_by=name, notes=notes if notes is not None else [])
 
 
 @dataclass

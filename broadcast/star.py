@@ -5,119 +5,117 @@ The coordinator (appliance side) opens a control connection to each node's Recei
 (resuming with a Range request after an error), writes through its sink, sends `progress {offset}`
 every ack_interval and finally `result {...}` on the same connection. A node that sends nothing for
 stall_timeout is failed; closing the control connection makes the node abort its download.
+`StarDownload` is the node side (the node's Receiver runs one per `fetch`), `star_broadcast` the coordinator.
 """
 from __future__ import annotations
 
 import asyncio
 import time
-from typing import TYPE_CHECKING, Any, Sequence
+from typing import Any, Callable, Sequence
 
 import aiohttp
 
 from domain.errors import MalformedPacket
-from broadcast.chain import ChainParams, _err
-from broadcast.image import AsyncImageSink, SinkSpec
-from broadcast.result import BroadcastResult, NodeResult
+from broadcast.errors import describe_error
+from broadcast.image import AsyncImageSink
+from broadcast.params import ChainParams
+from broadcast.result import SOURCE_NAME, BroadcastResult, NodeResult
+from broadcast.session import ArmedSession, StreamClock, node_result
 from broadcast.topology import Target
-from broadcast.wire import VERSION, LineSocket, open_connection
+from broadcast.wire import VERSION, LineSocket, SocketFactory, open_connection
 
-if TYPE_CHECKING:
-    from broadcast.chain import ArmedSession, Receiver, SocketFactory
+ResultCallback = Callable[[str, NodeResult], None]  # (session, this node's result)
 
 
-async def serve_fetch(receiver: "Receiver", armed: "ArmedSession", conn: LineSocket, msg: dict[str, Any]) -> None:
-    """Node side: download msg['url'] into the armed sink, reporting progress and the result on conn."""
-    params = ChainParams.from_json(msg["params"])
-    spec = armed.sink
-    sink = AsyncImageSink(SinkSpec(**{**spec.to_json(),
-                                      "expected_sha256": spec.expected_sha256 or msg["sha256"],
-                                      "expected_size": spec.expected_size if spec.expected_size is not None else msg["size"]}),
-                          max_queued=params.sink_queue)
-    await sink.start()
-    session = armed.session
-    state = {"offset": 0, "first": 0.0, "last": 0.0}
-    t0 = time.monotonic()
+class StarDownload:
+    """Node side of one star session: download the image over HTTP into the armed sink, reporting on the control connection."""
 
-    async def progress() -> None:
-        while True:
-            await conn.send("progress", offset=state["offset"])
-            await asyncio.sleep(params.ack_interval)
+    def __init__(self, node: str, armed: ArmedSession, *, on_result: ResultCallback,
+                 socket_factory: SocketFactory | None = None) -> None:
+        self.node = node
+        self.armed = armed
+        self.on_result = on_result
+        self.socket_factory = socket_factory
+        self.offset = 0  # bytes of the image received so far
+        self.task: asyncio.Task[None] | None = None  # the HTTP download, while it runs
+        self.clock = StreamClock()
 
-    async def watch_coordinator() -> None:
-        while (await conn.recv()) is not None:
-            pass  # the coordinator sends nothing more; EOF means it gave up on us
+    async def serve(self, conn: LineSocket, msg: dict[str, Any]) -> None:
+        """Download msg['url'] (a `fetch` request) into the sink; report progress and the result on conn."""
+        params = ChainParams.from_json(msg["params"])
+        sink = AsyncImageSink(self.armed.sink_for(msg["size"], msg["sha256"]), max_queued=params.sink_queue)
+        await sink.start()
+        self.clock = StreamClock()
 
-    async def download() -> None:
-        connector = aiohttp.TCPConnector(limit=1, socket_factory=receiver.socket_factory) if receiver.socket_factory \
+        async def progress() -> None:
+            while True:
+                await conn.send("progress", offset=self.offset)
+                await asyncio.sleep(params.ack_interval)
+
+        async def watch_coordinator() -> None:
+            while (await conn.recv()) is not None:
+                pass  # the coordinator sends nothing more; EOF means it gave up on us
+
+        tasks = [asyncio.create_task(progress()), asyncio.create_task(watch_coordinator())]
+        fetch = self.task = asyncio.create_task(self._download(msg["url"], msg["size"], sink, params))
+        try:
+            done, _ = await asyncio.wait([fetch, tasks[1]], return_when=asyncio.FIRST_COMPLETED)
+            if fetch in done and fetch.exception() is None:
+                report = await sink.close()
+            else:
+                reason = "coordinator went away" if fetch not in done else f"download failed: {describe_error(fetch.exception())}"  # type: ignore[arg-type]
+                fetch.cancel()
+                report = await sink.abort(reason)
+        except asyncio.CancelledError:
+            fetch.cancel()
+            await sink.abort("cancelled")
+            raise
+        finally:
+            for t in tasks:
+                t.cancel()
+            self.task = None
+        result = node_result(self.node, report, self.clock)
+        self.on_result(self.armed.session, result)
+        try:
+            await conn.send("result", **result.report_fields())
+        except OSError:
+            pass
+        conn.close()
+
+    async def _download(self, url: str, size: int | None, sink: AsyncImageSink, params: ChainParams) -> None:
+        """GET url into sink, resuming with a Range request after an error (up to 3 retries)."""
+        connector = aiohttp.TCPConnector(limit=1, socket_factory=self.socket_factory) if self.socket_factory \
             else aiohttp.TCPConnector(limit=1)
         timeout = aiohttp.ClientTimeout(total=None, connect=params.connect_timeout, sock_read=params.stall_timeout)
         attempts = 0
         async with aiohttp.ClientSession(connector=connector, timeout=timeout) as http:
             while True:
-                headers = {"Range": f"bytes={state['offset']}-"} if state["offset"] else {}
+                headers = {"Range": f"bytes={self.offset}-"} if self.offset else {}
                 try:
-                    async with http.get(msg["url"], headers=headers) as resp:
-                        if resp.status not in ((206,) if state["offset"] else (200,)):
+                    async with http.get(url, headers=headers) as resp:
+                        if resp.status not in ((206,) if self.offset else (200,)):
                             raise aiohttp.ClientResponseError(resp.request_info, resp.history, status=resp.status,
                                                               message=f"HTTP {resp.status}")
                         async for chunk in resp.content.iter_chunked(params.chunk):
-                            now = time.monotonic()
-                            state["first"] = state["first"] or now
-                            state["last"] = now
-                            state["offset"] += len(chunk)
-                            receiver._star_progress[session] = state["offset"]
+                            self.clock.data()
+                            self.offset += len(chunk)
                             await sink.put(chunk)
-                    if msg["size"] is None or state["offset"] >= msg["size"]:
+                    if size is None or self.offset >= size:
                         return
-                    raise aiohttp.ClientPayloadError(f"short body: {state['offset']} of {msg['size']} bytes")
-                except (aiohttp.ClientError, asyncio.TimeoutError, OSError) as exc:
+                    raise aiohttp.ClientPayloadError(f"short body: {self.offset} of {size} bytes")
+                except (aiohttp.ClientError, asyncio.TimeoutError, OSError):
                     attempts += 1
                     if attempts > 3:
                         raise
                     await asyncio.sleep(0.2 * 2**attempts)
 
-    tasks = [asyncio.create_task(progress()), asyncio.create_task(watch_coordinator())]
-    fetch = asyncio.create_task(download())
-    receiver._star_tasks[session] = fetch
-    try:
-        done, _ = await asyncio.wait([fetch, tasks[1]], return_when=asyncio.FIRST_COMPLETED)
-        if fetch in done and fetch.exception() is None:
-            report = await sink.close()
-        else:
-            reason = "coordinator went away" if fetch not in done else f"download failed: {_err(fetch.exception())}"  # type: ignore[arg-type]
-            fetch.cancel()
-            report = await sink.abort(reason)
-    except asyncio.CancelledError:
-        fetch.cancel()
-        await sink.abort("cancelled")
-        raise
-    finally:
-        for t in tasks:
-            t.cancel()
-        receiver._star_tasks.pop(session, None)
-    now = time.monotonic()
-    first, last = state["first"] or now, state["last"] or now
-    durations = {"wait": round(first - t0, 6), "transfer": round(last - first, 6), "write_tail": round(now - last, 6),
-                 "total": round(now - t0, 6)}
-    result = NodeResult(name=receiver.name, ok=report.ok, reason=report.reason, bytes_received=report.bytes_received,
-                        bytes_written=report.bytes_written, sha256=report.sha256, written_sha256=report.written_sha256,
-                        durations=durations, reported_by=receiver.name)
-    receiver.session_result(session, result)
-    try:
-        await conn.send("result", node=receiver.name, ok=report.ok, reason=report.reason, bytes_received=report.bytes_received,
-                        bytes_written=report.bytes_written, sha256=report.sha256, written_sha256=report.written_sha256,
-                        durations=durations)
-    except OSError:
-        pass
-    conn.close()
-
 
 async def _fetch_one(target: Target, url: str, size: int | None, sha256: str | None, session: str, token: str,
-                     params: ChainParams, socket_factory: "SocketFactory | None") -> NodeResult:
+                     params: ChainParams, socket_factory: SocketFactory | None) -> NodeResult:
     try:
         conn = await open_connection(target.host, target.port, params.connect_timeout, socket_factory=socket_factory)
     except (OSError, asyncio.TimeoutError) as exc:
-        return NodeResult(name=target.name, reason=f"unreachable: {_err(exc)}", reported_by="@source")
+        return NodeResult(name=target.name, reason=f"unreachable: {describe_error(exc)}", reported_by=SOURCE_NAME)
     offset = 0
     try:
         await conn.send("fetch", v=VERSION, session=session, token=token, url=url, size=size, sha256=sha256,
@@ -125,30 +123,27 @@ async def _fetch_one(target: Target, url: str, size: int | None, sha256: str | N
         while True:
             msg = await asyncio.wait_for(conn.recv(), params.stall_timeout)
             if msg is None:
-                return NodeResult(name=target.name, reason=f"connection lost at offset {offset}", reported_by="@source")
+                return NodeResult(name=target.name, reason=f"connection lost at offset {offset}", reported_by=SOURCE_NAME)
             if msg["type"] == "progress":
                 offset = msg["offset"]
             elif msg["type"] == "error":
-                return NodeResult(name=target.name, reason=f"refused: {msg['reason']}", reported_by="@source")
+                return NodeResult(name=target.name, reason=f"refused: {msg['reason']}", reported_by=SOURCE_NAME)
             elif msg["type"] == "result":
-                return NodeResult(name=target.name, ok=msg["ok"], reason=msg["reason"], bytes_received=msg["bytes_received"],
-                                  bytes_written=msg["bytes_written"], sha256=msg["sha256"], written_sha256=msg["written_sha256"],
-                                  durations={k: float(v) for k, v in msg["durations"].items() if isinstance(v, (int, float))},
-                                  reported_by=target.name)
+                return NodeResult.from_report(msg, target.name)
             else:
                 raise MalformedPacket(f"unexpected {msg['type']}")
     except asyncio.TimeoutError:
         return NodeResult(name=target.name, reason=f"stalled: nothing heard for {params.stall_timeout:g} s at offset {offset}",
-                          reported_by="@source")
+                          reported_by=SOURCE_NAME)
     except (OSError, MalformedPacket) as exc:
-        return NodeResult(name=target.name, reason=f"connection lost at offset {offset}: {_err(exc)}", reported_by="@source")
+        return NodeResult(name=target.name, reason=f"connection lost at offset {offset}: {describe_error(exc)}", reported_by=SOURCE_NAME)
     finally:
         conn.close()
 
 
 async def star_broadcast(url: str, targets: Sequence[Target], *, session: str, token: str, size: int | None,
                          sha256: str | None, concurrency: int = 32, params: ChainParams = ChainParams(),
-                         deadline: float | None = None, socket_factory: "SocketFactory | None" = None) -> BroadcastResult:
+                         deadline: float | None = None, socket_factory: SocketFactory | None = None) -> BroadcastResult:
     """Have every target download url (at most `concurrency` at once); return per-node results."""
     sem = asyncio.Semaphore(max(1, concurrency))
     t0 = time.monotonic()
@@ -169,6 +164,6 @@ async def star_broadcast(url: str, targets: Sequence[Target], *, session: str, t
                 r.ok, r.reason = False, f"sha256 mismatch: {r.sha256} != {sha256}"
         else:
             r = NodeResult(name=name, reason=f"no result within {deadline:g} s" if task in pending else f"error: {task.exception()!r}",
-                           reported_by="@source")
+                           reported_by=SOURCE_NAME)
         nodes[name] = r
     return BroadcastResult(method="star", size=size or 0, sha256=sha256, nodes=nodes, seconds=time.monotonic() - t0)

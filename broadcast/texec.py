@@ -19,21 +19,32 @@ import os
 import time
 import uuid
 from dataclasses import asdict, dataclass
-from typing import TYPE_CHECKING, Any, Callable, Sequence
+from typing import Any, Callable, Sequence
 
 import asyncssh
 from ClusterShell.NodeSet import NodeSet
 
 from domain.errors import MalformedPacket
+from broadcast.agent_client import AGENT_COMMAND, ssh_connect
+from broadcast.errors import describe_error
 from broadcast.topology import Subtree, Target, build_forest, order_chain
-from broadcast.wire import VERSION, decode, encode
-
-if TYPE_CHECKING:
-    from broadcast.agent import DeployAgent
-    from broadcast.chain import SocketFactory
+from broadcast.wire import VERSION, SocketFactory, decode, encode
 
 Emit = Callable[[dict[str, Any]], None]
 ROOT = "@root"
+
+
+@dataclass(frozen=True)
+class ExecContext:
+    """What an agent serving `rackboot-agent texec` provides: who it is, its tree key, how and where commands run."""
+
+    name: str  # this node's name (the root of the subtree it is asked to run)
+    tree_key: asyncssh.SSHKey | None  # opens the next level; None: the children are handed back to the parent
+    env: dict[str, str]  # the environment the command runs with
+    shell: Sequence[str] = ("/bin/sh", "-c")
+    shell_prefix: Sequence[str] = ()  # e.g. ("ip", "netns", "exec", NS) in the vm-testbed
+    workdir: str | None = None  # the command's working directory
+    socket_factory: SocketFactory | None = None  # opens the next level's connections (inside the node's namespace)
 
 
 @dataclass
@@ -129,7 +140,7 @@ class Level:
     """Opens the next level of the tree from one place (the root, or an agent) and forwards results."""
 
     def __init__(self, me: str, key: asyncssh.SSHKey | None, req: dict[str, Any], emit: Emit,
-                 socket_factory: "SocketFactory | None" = None, username: str = "root") -> None:
+                 socket_factory: SocketFactory | None = None, username: str = "root") -> None:
         self.me = me
         self.key = key
         self.req = req
@@ -146,16 +157,13 @@ class Level:
         await asyncio.gather(*(self._child(st) for st in subtrees))
 
     async def _child(self, st: Subtree) -> None:
-        from broadcast.agent import ssh_connect
-
         target = st.root
         connect_timeout = float(self.req["connect_timeout"])
         try:
             conn = await ssh_connect(target.host, target.port, self.key, username=self.username,
                                      timeout=connect_timeout, socket_factory=self.socket_factory)
         except (OSError, asyncssh.Error, asyncio.TimeoutError) as exc:
-            reason = "timed out" if isinstance(exc, asyncio.TimeoutError) else (getattr(exc, "strerror", None) or str(exc) or type(exc).__name__)
-            self.emit(_xresult(st.name, self.me, error=f"unreachable: {reason}"))
+            self.emit(_xresult(st.name, self.me, error=f"unreachable: {describe_error(exc)}"))
             await self.run(st.children())  # adopt its children
             return
         names = set(st.names())
@@ -164,7 +172,7 @@ class Level:
         problem = ""
         try:
             async with conn:
-                proc = await conn.create_process("rackboot-agent texec", encoding=None)
+                proc = await conn.create_process(f"{AGENT_COMMAND} texec", encoding=None)
                 proc.stdin.write(encode("texec", **{**{k: v for k, v in self.req.items() if k != "type"}, "tree": st.to_json()}))
                 proc.stdin.write_eof()
                 deadline = subtree_deadline(self.req, st.depth())
@@ -235,17 +243,16 @@ async def run_local(command: str, timeout: float, max_output: int, *, shell: Seq
             "duration": time.monotonic() - t0}
 
 
-async def serve_texec(agent: "DeployAgent", process: asyncssh.SSHServerProcess[bytes]) -> None:
+async def serve_texec(ctx: ExecContext, process: asyncssh.SSHServerProcess[bytes]) -> None:
     """Agent side of `rackboot-agent texec`: run locally, open the next level, stream results upward."""
-    cfg = agent.config
     try:
         line = await asyncio.wait_for(process.stdin.readline(), 30)
         req = decode(line.rstrip(b"\n"))
         if req["type"] != "texec":
             raise MalformedPacket("expected a texec request")
         tree = Subtree.from_json(req["tree"])
-        if tree.name != cfg.name:
-            raise MalformedPacket(f"request for {tree.name} reached {cfg.name}")
+        if tree.name != ctx.name:
+            raise MalformedPacket(f"request for {tree.name} reached {ctx.name}")
     except (MalformedPacket, asyncio.TimeoutError) as exc:
         process.stderr.write(f"texec: {exc}\n".encode())
         process.exit(2)
@@ -256,15 +263,14 @@ async def serve_texec(agent: "DeployAgent", process: asyncssh.SSHServerProcess[b
         process.stdout.write(encode(kind, **msg))
 
     async def local() -> None:
-        env = agent._env()
-        fields = await run_local(req["command"], float(req["timeout"]), int(req["max_output"]), shell=cfg.shell,
-                                 prefix=cfg.shell_prefix, env=env, cwd=cfg.workdir)
-        emit(_xresult(cfg.name, cfg.name, **fields))
+        fields = await run_local(req["command"], float(req["timeout"]), int(req["max_output"]), shell=ctx.shell,
+                                 prefix=ctx.shell_prefix, env=ctx.env, cwd=ctx.workdir)
+        emit(_xresult(ctx.name, ctx.name, **fields))
 
-    level = Level(cfg.name, agent._tree_key, req, emit, agent.socket_factory)
+    level = Level(ctx.name, ctx.tree_key, req, emit, ctx.socket_factory)
     try:
         await asyncio.gather(local(), level.run(tree.children()))
-        emit({"type": "xdone", "node": cfg.name})
+        emit({"type": "xdone", "node": ctx.name})
         await process.stdout.drain()
         process.exit(0)
     except (BrokenPipeError, ConnectionError, asyncssh.Error):
@@ -273,7 +279,7 @@ async def serve_texec(agent: "DeployAgent", process: asyncssh.SSHServerProcess[b
 
 async def tree_exec(command: str, targets: Sequence[Target], client_key: asyncssh.SSHKey | str, *, fanout: int = 16,
                     timeout: float = 60.0, connect_timeout: float = 5.0, max_output: int = 64 * 1024,
-                    username: str = "root", order: bool = True, socket_factory: "SocketFactory | None" = None,
+                    username: str = "root", order: bool = True, socket_factory: SocketFactory | None = None,
                     on_result: Callable[[ExecNodeResult], None] | None = None) -> ExecResult:
     """Run command on every target (Target.port is the agent's SSH port) through a tree; never raises per node."""
     key = asyncssh.read_private_key(client_key) if isinstance(client_key, str) else client_key

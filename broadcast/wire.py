@@ -17,6 +17,8 @@ from typing import Any, Callable
 from domain.errors import MalformedPacket
 
 VERSION = 1
+SocketFactory = Callable[[tuple[Any, ...]], socket.socket]  # aiohappyeyeballs' signature: addr_info -> socket
+ListenFactory = Callable[[str, int], socket.socket]  # (host, port) -> bound, listening socket
 MAX_LINE = 1 << 20  # a hello carries a subtree: up to ~10k nodes fit
 
 _INT = (int,)
@@ -154,7 +156,7 @@ class LineSocket:
 
 
 async def open_connection(host: str, port: int, timeout: float,
-                          socket_factory: Callable[[tuple[Any, ...]], socket.socket] | None = None) -> LineSocket:
+                          socket_factory: SocketFactory | None = None) -> LineSocket:
     """Connect a non-blocking TCP socket within timeout; socket_factory (aiohappyeyeballs' signature,
     addr_info -> socket) lets the vm-testbed open it inside a node's network namespace."""
     loop = asyncio.get_running_loop()

@@ -17,12 +17,13 @@ import asyncssh
 import pytest
 from aiohttp import web
 
-from broadcast.agent import AgentClient, AgentConfig, DeployAgent, ssh_arm
+from broadcast.agent import AgentConfig, DeployAgent
+from broadcast.agent_client import AgentClient, ssh_arm
 from broadcast.disk import PartitionSpec, sfdisk_script, write_mbr
 from broadcast.errors import AgentError
 from broadcast.image import SinkSpec
 from broadcast.methods import BroadcastJob, run_broadcast
-from broadcast.chain import ChainParams
+from broadcast.params import ChainParams
 from broadcast.topology import Target
 from ipxe import callback_path
 

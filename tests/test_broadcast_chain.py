@@ -14,11 +14,14 @@ import zstandard
 from aiohttp import web
 
 from domain.errors import MalformedPacket
-from broadcast.chain import ChainParams, KernelSplice, Receiver
 from broadcast.image import SinkSpec
 from broadcast.methods import BroadcastJob, broadcast_with_fallback, run_broadcast
+from broadcast.params import ChainParams
+from broadcast.receiver import Receiver
+from broadcast.splice import KernelSplice
 from broadcast.topology import Subtree, Target, build_forest, forest_for, order_chain
 from broadcast.wire import decode, encode, open_connection
+from receiver_faults import FaultyReceiver
 
 pytestmark = pytest.mark.timeout(60)
 PAYLOAD_SIZE = 8 << 20
@@ -43,7 +46,7 @@ class Cluster:
 
     def __init__(self, tmp_path: Path, n: int, racks: int = 1) -> None:
         self.tmp = tmp_path
-        self.receivers = [Receiver(f"node-{i + 1}", f"127.0.0.{i + 2}") for i in range(n)]
+        self.receivers = [FaultyReceiver(f"node-{i + 1}", f"127.0.0.{i + 2}") for i in range(n)]
         self.racks = racks
         self.session = ""
         self.armed = asyncio.Event()
@@ -58,7 +61,7 @@ class Cluster:
         for r in self.receivers:
             await r.close()
 
-    def __getitem__(self, name: str) -> Receiver:
+    def __getitem__(self, name: str) -> FaultyReceiver:
         return next(r for r in self.receivers if r.name == name)
 
     @property
@@ -77,7 +80,7 @@ class Cluster:
     def disk(self, name: str) -> bytes:
         return (self.tmp / f"{name}.disk").read_bytes()
 
-    async def when_progress(self, name: str, at_least: int, action: Callable[[Receiver], None]) -> None:
+    async def when_progress(self, name: str, at_least: int, action: Callable[[FaultyReceiver], None]) -> None:
         await self.armed.wait()
         r = self[name]
         while r.progress(self.session) < at_least:
@@ -112,7 +115,7 @@ async def test_chain_all_nodes(tmp_path: Path, image: tuple[Path, str], payload:
 async def test_chain_node_killed_mid_stream_is_bypassed(tmp_path: Path, image: tuple[Path, str], payload: bytes) -> None:
     size = image[0].stat().st_size
     async with Cluster(tmp_path, 7) as c:
-        killer = asyncio.create_task(c.when_progress("node-4", size // 4, Receiver.kill))
+        killer = asyncio.create_task(c.when_progress("node-4", size // 4, FaultyReceiver.kill))
         result = await run_broadcast(job(image, source_rate=size), c.targets, "chain", c.arm)  # ~1 s of stream
         await killer
     check_survivors(result, c, payload, image, {"node-4"})
@@ -123,7 +126,7 @@ async def test_chain_node_killed_mid_stream_is_bypassed(tmp_path: Path, image: t
 async def test_chain_stalled_node_is_bypassed(tmp_path: Path, image: tuple[Path, str], payload: bytes) -> None:
     size = image[0].stat().st_size
     async with Cluster(tmp_path, 5) as c:
-        freezer = asyncio.create_task(c.when_progress("node-2", size // 4, Receiver.freeze))
+        freezer = asyncio.create_task(c.when_progress("node-2", size // 4, FaultyReceiver.freeze))
         result = await run_broadcast(job(image, source_rate=size), c.targets, "chain", c.arm)
         await freezer
     check_survivors(result, c, payload, image, {"node-2"})
@@ -134,7 +137,7 @@ async def test_chain_stalled_node_is_bypassed(tmp_path: Path, image: tuple[Path,
 async def test_chain_first_node_and_two_consecutive_nodes_killed(tmp_path: Path, image: tuple[Path, str], payload: bytes) -> None:
     size = image[0].stat().st_size
     async with Cluster(tmp_path, 8) as c:
-        kills = [asyncio.create_task(c.when_progress(n, size // 3, Receiver.kill)) for n in ("node-1", "node-5", "node-6")]
+        kills = [asyncio.create_task(c.when_progress(n, size // 3, FaultyReceiver.kill)) for n in ("node-1", "node-5", "node-6")]
         result = await run_broadcast(job(image, source_rate=size), c.targets, "chain", c.arm)
         await asyncio.gather(*kills)
     check_survivors(result, c, payload, image, {"node-1", "node-5", "node-6"})
@@ -147,7 +150,7 @@ async def test_tree_inner_node_killed_children_adopted(tmp_path: Path, image: tu
         forest = build_forest(c.targets, 2)
         inner = forest[0].children()[0].name  # has children of its own
         assert forest[0].children()[0].children()
-        killer = asyncio.create_task(c.when_progress(inner, size // 4, Receiver.kill))
+        killer = asyncio.create_task(c.when_progress(inner, size // 4, FaultyReceiver.kill))
         j = job(image, source_rate=size)
         result = await run_broadcast(BroadcastJob(**{**j.__dict__, "fanout": 2}), c.targets, "tree", c.arm)
         await killer
@@ -317,7 +320,7 @@ async def test_relay_paths_forced(tmp_path: Path, image: tuple[Path, str], paylo
 async def test_relay_paths_survive_a_killed_node(tmp_path: Path, image: tuple[Path, str], payload: bytes, relay_path: str) -> None:
     size = image[0].stat().st_size
     async with Cluster(tmp_path, 6) as c:
-        killer = asyncio.create_task(c.when_progress("node-3", size // 3, Receiver.kill))
+        killer = asyncio.create_task(c.when_progress("node-3", size // 3, FaultyReceiver.kill))
         result = await run_broadcast(job(image, source_rate=size, relay_path=relay_path), c.targets, "chain", c.arm)  # type: ignore[arg-type]
         await killer
         stats = path_stats(c)

@@ -13,7 +13,8 @@ import pytest
 import zstandard
 
 from broadcast.errors import ImageError
-from broadcast.image import AsyncImageSink, ImageSink, SinkSpec, make_decompressor, sha256_file
+from broadcast.decompress import make_decompressor
+from broadcast.image import AsyncImageSink, ImageSink, SinkSpec, sha256_file
 
 COMPRESS = {
     "gzip": lambda b: gzip.compress(b, compresslevel=1),

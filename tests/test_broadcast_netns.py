@@ -13,12 +13,13 @@ import pytest
 from pyroute2 import netns
 
 from broadcast.agent import AgentConfig, DeployAgent
-from broadcast.chain import ChainParams, Receiver
 from broadcast.image import SinkSpec
 from broadcast.methods import BroadcastJob, run_broadcast
+from broadcast.params import ChainParams
 from broadcast.texec import tree_exec
 from broadcast.topology import Target
 from vmtestbed.netns import Lab
+from receiver_faults import FaultyReceiver
 
 pytestmark = [pytest.mark.netns, pytest.mark.timeout(120),
               pytest.mark.skipif(os.geteuid() != 0, reason="needs root for network namespaces")]
@@ -72,7 +73,7 @@ async def test_chain_across_namespaces_with_a_node_killed(lab: tuple[Lab, str, l
     image = tmp_path / "img.raw"
     image.write_bytes(os.urandom(8 << 20))
     sha = hashlib.sha256(image.read_bytes()).hexdigest()
-    receivers = [Receiver(f"node-{i + 1}", f"10.99.0.{11 + i}", 7070, listen_factory=listen_factory(ns),
+    receivers = [FaultyReceiver(f"node-{i + 1}", f"10.99.0.{11 + i}", 7070, listen_factory=listen_factory(ns),
                           socket_factory=socket_factory(ns)) for i, ns in enumerate(node_ns)]
     for r in receivers:
         await r.start()

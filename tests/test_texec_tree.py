@@ -12,6 +12,7 @@ import pytest
 from broadcast.agent import AgentConfig, DeployAgent
 from broadcast.texec import ExecResult, tree_exec
 from broadcast.topology import Subtree, Target, build_forest
+from broadcast.wire import VERSION, decode, encode
 
 pytestmark = pytest.mark.timeout(90)
 
@@ -103,7 +104,7 @@ async def test_agents_without_a_tree_key_hand_their_children_back(agents: list[D
     keyless = {"node-1", "node-3"}
     for a in agents:
         if a.config.name in keyless:
-            a._tree_key = None
+            a.tree_key = None
     ts = targets(agents)
     forest = build_forest(ts, 2)
     def walk(st: Subtree) -> list[Subtree]:
@@ -114,3 +115,19 @@ async def test_agents_without_a_tree_key_hand_their_children_back(agents: list[D
     result = await tree_exec("echo $RACKBOOT_NODE", ts, keys[0], fanout=2, timeout=10)
     assert sorted(result.ok) == sorted(a.config.name for a in agents), {n: r.error for n, r in result.nodes.items()}
     assert all(r.stdout == f"{n}\n" for n, r in result.nodes.items())
+
+
+async def test_agent_texec_stream_ends_with_xdone(agents: list[DeployAgent], keys: tuple[asyncssh.SSHKey, str]) -> None:
+    """One agent's `rackboot-agent texec` for a leaf: its own xresult, then xdone, exit status 0."""
+    a = agents[0]
+    leaf = Subtree([[a.config.name, a.config.host, a.ssh_port, 1]])
+    request = encode("texec", v=VERSION, id="t1", command="echo $RACKBOOT_NODE", timeout=10.0, fanout=2,
+                     connect_timeout=2.0, tree=leaf.to_json(), max_output=1024)
+    async with asyncssh.connect(a.config.host, a.ssh_port, username="root", client_keys=[keys[0]], known_hosts=None,
+                                agent_path=None, config=None) as conn:
+        proc = await conn.run("rackboot-agent texec", input=request, encoding=None, timeout=20)
+    assert isinstance(proc.stdout, bytes)
+    msgs = [decode(line) for line in proc.stdout.splitlines()]
+    assert [m["type"] for m in msgs] == ["xresult", "xdone"]
+    assert msgs[0]["stdout"] == f"{a.config.name}\n" and msgs[1]["node"] == a.config.name
+    assert proc.exit_status == 0

@@ -21,8 +21,8 @@ import asyncssh
 from appliance.catalog import Environment, Partition
 from appliance.deploy.drivers import BroadcastOutcome, DeployError
 from domain.nodes import Node
-from broadcast.agent import AgentClient, ssh_arm
-from broadcast.chain import ChainParams
+from broadcast.agent_client import AgentClient, ssh_arm
+from broadcast.params import ChainParams
 from broadcast.disk import PartitionSpec
 from broadcast.errors import AgentError
 from broadcast.image import SinkSpec

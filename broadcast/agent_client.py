@@ -1,0 +1,134 @@
+"""The appliance's SSH client to the deploy agents: shell commands, agent operations, and arming broadcast sessions.
+
+Each agent operation is `rackboot-agent OP` with one JSON request on stdin and one JSON reply on stdout
+(broadcast.agent serves them). `ssh_connect` is also how tree exec opens each level (broadcast.texec).
+"""
+from __future__ import annotations
+
+import asyncio
+import json
+import socket
+from dataclasses import dataclass
+from typing import Any, Awaitable, Callable, Mapping, Sequence
+
+import asyncssh
+
+from broadcast.disk import PartitionSpec
+from broadcast.errors import AgentError
+from broadcast.image import SinkSpec
+from broadcast.wire import SocketFactory
+
+AGENT_COMMAND = "rackboot-agent"
+
+
+@dataclass
+class CommandResult:
+    """The outcome of one command over SSH."""
+
+    status: int | None
+    stdout: str
+    stderr: str
+
+
+class AgentClient:
+    """The appliance's SSH client to one deploy agent (deploy key; the agent's host key is ephemeral)."""
+
+    def __init__(self, host: str, port: int, client_key: asyncssh.SSHKey | str, *, username: str = "root",
+                 connect_timeout: float = 10.0, socket_factory: SocketFactory | None = None) -> None:
+        self.host = host
+        self.port = port
+        self.client_key = asyncssh.read_private_key(client_key) if isinstance(client_key, str) else client_key
+        self.username = username
+        self.connect_timeout = connect_timeout
+        self.socket_factory = socket_factory
+        self._conn: asyncssh.SSHClientConnection | None = None
+
+    async def connect(self) -> "AgentClient":
+        """Open the SSH connection (raise OSError / asyncssh.Error / TimeoutError on failure)."""
+        self._conn = await ssh_connect(self.host, self.port, self.client_key, username=self.username,
+                                       timeout=self.connect_timeout, socket_factory=self.socket_factory)
+        return self
+
+    async def __aenter__(self) -> "AgentClient":
+        return await self.connect()
+
+    async def __aexit__(self, *exc: object) -> None:
+        await self.close()
+
+    async def close(self) -> None:
+        """Close the SSH connection."""
+        if self._conn is not None:
+            self._conn.close()
+            await self._conn.wait_closed()
+            self._conn = None
+
+    async def run(self, command: str, timeout: float | None = None, stdin: bytes | None = None) -> CommandResult:
+        """Run a shell command on the node."""
+        assert self._conn is not None, "connect() first"
+        r = await self._conn.run(command, input=stdin, timeout=timeout, encoding=None, check=False)
+        out = r.stdout if isinstance(r.stdout, bytes) else (r.stdout or "").encode()
+        err = r.stderr if isinstance(r.stderr, bytes) else (r.stderr or "").encode()
+        return CommandResult(r.exit_status, out.decode(errors="replace"), err.decode(errors="replace"))
+
+    async def call(self, op: str, timeout: float | None = None, **request: Any) -> dict[str, Any]:
+        """Run one agent operation; return its reply; raise AgentError with the agent's message on failure."""
+        r = await self.run(f"{AGENT_COMMAND} {op}", timeout=timeout, stdin=json.dumps(request).encode())
+        try:
+            reply = json.loads(r.stdout)
+        except ValueError as exc:
+            raise AgentError(f"{op}: no JSON reply (exit {r.status}): {r.stderr.strip() or r.stdout[:200]}") from exc
+        if r.status != 0 or not isinstance(reply, dict) or "error" in reply:
+            raise AgentError(f"{op}: {reply.get('error') if isinstance(reply, dict) else reply}")
+        return reply
+
+    async def arm_receive(self, session: str, token: str, sink: SinkSpec) -> int:
+        """Arm the node's receiver for a broadcast session; return its data port."""
+        return int((await self.call("arm", session=session, token=token, sink=sink.to_json()))["data_port"])
+
+    async def partition(self, parts: Sequence[PartitionSpec], label: str = "gpt", format: bool = True) -> dict[str, Any]:
+        """Write the partition table (and filesystems) on the node's disk."""
+        return await self.call("partition", parts=[p.__dict__ for p in parts], label=label, format=format)
+
+    async def wait_receive(self, session: str, timeout: float | None = None) -> dict[str, Any]:
+        """Wait for the node's own result of a broadcast session."""
+        return await self.call("wait-receive", session=session, timeout=timeout)
+
+    async def postinstall(self, scripts: Sequence[Mapping[str, Any]], root: str, env: Mapping[str, str] | None = None) -> dict[str, Any]:
+        """Run post-install scripts on the node."""
+        return await self.call("postinstall", scripts=list(scripts), root=root, env=dict(env or {}))
+
+    async def kexec(self, kernel: str, initrd: str | None = None, cmdline: str = "", root: str | None = None) -> dict[str, Any]:
+        """Load the installed kernel and jump into it."""
+        return await self.call("kexec", kernel=kernel, initrd=initrd, cmdline=cmdline, root=root)
+
+    async def reboot(self) -> dict[str, Any]:
+        """Reboot the node (soft reboot); the reply comes before the reboot."""
+        return await self.call("reboot", timeout=15)
+
+
+async def ssh_connect(host: str, port: int, key: asyncssh.SSHKey, *, username: str = "root", timeout: float = 10.0,
+                      socket_factory: SocketFactory | None = None) -> asyncssh.SSHClientConnection:
+    """Open an SSH connection to an agent with a private key (host keys are not checked: deploy environments
+    generate theirs at boot; the deploy key authenticates the appliance, the network is the cluster's)."""
+    kwargs: dict[str, Any] = dict(username=username, client_keys=[key], known_hosts=None, agent_path=None,
+                                  connect_timeout=timeout, login_timeout=timeout, preferred_auth="publickey", config=None)
+    if socket_factory is not None:
+        sock = socket_factory((socket.AF_INET, socket.SOCK_STREAM, socket.IPPROTO_TCP, "", (host, port)))
+        sock.setblocking(False)
+        try:
+            await asyncio.wait_for(asyncio.get_running_loop().sock_connect(sock, (host, port)), timeout)
+        except BaseException:
+            sock.close()
+            raise
+        return await asyncio.wait_for(asyncssh.connect(sock=sock, **kwargs), timeout)
+    return await asyncio.wait_for(asyncssh.connect(host, port, **kwargs), timeout)
+
+
+def ssh_arm(client_key: asyncssh.SSHKey | str, ssh_port: int | Callable[[Any], int],
+            sink_for: Callable[[Any], SinkSpec], socket_factory: SocketFactory | None = None) -> Callable[[Any, str, str], Awaitable[None]]:
+    """Return an `arm(target, session, token)` for run_broadcast that arms each node over SSH."""
+    async def arm(target: Any, session: str, token: str) -> None:
+        port = ssh_port(target) if callable(ssh_port) else ssh_port
+        async with AgentClient(target.host, port, client_key, socket_factory=socket_factory) as client:
+            await client.arm_receive(session, token, sink_for(target))
+    return arm

@@ -1,0 +1,282 @@
+"""The parent side of chain and tree broadcast: feeding children over data connections.
+
+A `Feeder` (the appliance's `Source`, or a node's `Relay`) feeds one `ChildLink` per child subtree.
+
+Data connection (parent -> child), one TCP connection:
+    parent: hello {session, token, from, ancestors, tree, size, sha256, report, params}   (JSON line)
+    child:  ready {offset}                  (bytes it already has: a resume point)
+    parent: raw image bytes [offset, size)  (no framing: the source sendfile()s, relays splice or copy chunks)
+    child:  ack {offsets, blocked} every ack_interval   (JSON lines, upstream direction)
+            superseded {by}                 (an ancestor took this child over: forget it)
+`ack.offsets[i]` is the lowest offset received at depth i below the child (0 = the child itself),
+for up to `resume_depth` levels. A parent keeps a retention window of the stream from the lowest offset
+any of those nodes still needs, and reads from upstream only while the window has room (backpressure
+next to the kernel's own TCP flow control and the bounded sink queue).
+
+Faults: a child that closes, resets, stops acknowledging, or makes no progress for `stall_timeout`
+while it is not itself blocked downstream is reported failed with the reason, and its parent adopts its
+children: it connects to each, learns its offset from `ready` and resumes from there. A child whose
+resume point left the window is handed to the source (which has the whole file).
+"""
+from __future__ import annotations
+
+import asyncio
+import logging
+import time
+from typing import Any, Callable
+
+from domain.errors import MalformedPacket
+from broadcast.errors import describe_error
+from broadcast.params import ChainParams
+from broadcast.splice import SplicePipe
+from broadcast.topology import Subtree
+from broadcast.wire import VERSION, LineSocket, SocketFactory, open_connection
+
+log = logging.getLogger("rackboot.broadcast")
+
+
+class ChildLink:
+    """The parent's end of one data connection: handshake, send loop, acks, stall watchdog."""
+
+    def __init__(self, feeder: "Feeder", subtree: Subtree, lower: list[int]) -> None:
+        self.feeder = feeder
+        self.subtree = subtree
+        self.name = subtree.name
+        levels = min(feeder.params.resume_depth, subtree.depth() + 1)
+        self.vec = (list(lower) + [lower[-1] if lower else 0] * levels)[:levels]  # lower bounds until acks arrive
+        self.cursor = 0  # what was sent so far; advanced by the feeder (a relay's reader may push it too)
+        self.blocked = False
+        self.state = "connecting"
+        self.conn: LineSocket | None = None
+        # relay kernel path: the pipe holds the stream's bytes [cursor, pipe_end) (empty when pipe_end <= cursor)
+        self.pipe: SplicePipe | None = None
+        self.pipe_end = 0
+        self.copy_only = False  # its socket refused splice, or no pipe could be made: copies only
+        self.last_ack = time.monotonic()
+        self.last_progress = time.monotonic()
+        self._tasks: list[asyncio.Task[None]] = []
+        self._main: asyncio.Task[None] | None = None
+
+    @property
+    def active(self) -> bool:
+        """True while the link still holds data back for its child."""
+        return self.state in ("connecting", "streaming", "draining")
+
+    def needed(self) -> int:
+        """The lowest offset this child (or the nodes it reports for) may still ask for."""
+        return min(self.vec) if self.vec else 0
+
+    def tasks(self) -> list[asyncio.Task[None]]:
+        """The link's tasks: its acknowledgement reader, its stall watchdog and its main loop."""
+        return self._tasks + ([self._main] if self._main else [])
+
+    def start(self) -> None:
+        """Run the link in the background."""
+        self._main = asyncio.create_task(self._run(), name=f"link:{self.feeder.name}->{self.name}")
+
+    async def _run(self) -> None:
+        f = self.feeder
+        p = f.params
+        target = self.subtree.root
+        try:
+            self.conn = await open_connection(target.host, target.port, p.connect_timeout, socket_factory=f.socket_factory)
+        except (OSError, asyncio.TimeoutError) as exc:
+            self._finish("failed", f"unreachable: {describe_error(exc)}")
+            return
+        try:
+            await self.conn.send("hello", v=VERSION, session=f.session, token=f.token, **{"from": f.name},
+                                 ancestors=f.ancestors + [f.name], tree=self.subtree.to_json(), size=f.size,
+                                 sha256=f.sha256, report=list(f.report_addr), params=p.to_json())
+            msg = await asyncio.wait_for(self.conn.recv(), p.connect_timeout + p.stall_timeout)
+        except (OSError, asyncio.TimeoutError, MalformedPacket) as exc:
+            self._finish("failed", f"handshake failed: {describe_error(exc)}")
+            return
+        if msg is None:
+            self._finish("failed", "handshake failed: connection closed")
+            return
+        if msg["type"] == "error":
+            self._finish("failed", f"refused: {msg['reason']}")
+            return
+        if msg["type"] != "ready" or not 0 <= msg["offset"] <= f.size:
+            self._finish("failed", f"handshake failed: unexpected {msg['type']}")
+            return
+        self.cursor = msg["offset"]
+        if self.cursor < f.available_from():
+            # its resume point already left our window: the source, which has the whole image, takes it
+            f.hand_to_source(self, self.cursor)
+            self._finish("handed", "")
+            return
+        self.vec[0] = self.cursor
+        self.last_ack = self.last_progress = time.monotonic()
+        self.state = "streaming"
+        f.window_changed()
+        self._tasks = [asyncio.create_task(self._acks(), name=f"acks:{self.name}"),
+                       asyncio.create_task(self._watchdog(), name=f"watch:{self.name}")]
+        try:
+            while self.cursor < f.size:
+                await f.send_more(self)
+            self.close_pipe()
+            self.state = "draining"
+            await f.wait_until(lambda: not self.active or all(v >= f.size for v in self.vec))
+        except (OSError, ConnectionError) as exc:
+            self._finish("failed", f"connection lost at offset {self.vec[0]}: {describe_error(exc)}")
+            return
+        if self.active:
+            self._finish("done", "")
+
+    async def _acks(self) -> None:
+        assert self.conn is not None
+        f = self.feeder
+        try:
+            while True:
+                msg = await self.conn.recv()
+                if msg is None:
+                    raise ConnectionError("connection closed")
+                if msg["type"] == "ack":
+                    offs = msg["offsets"]
+                    if not offs or not all(isinstance(o, int) and not isinstance(o, bool) and 0 <= o <= f.size for o in offs):
+                        raise MalformedPacket("ack: bad offsets")
+                    now = time.monotonic()
+                    self.last_ack = now
+                    if offs[0] > self.vec[0]:
+                        self.last_progress = now
+                    self.blocked = bool(msg["blocked"])
+                    self.vec = list(offs[: f.params.resume_depth])
+                    f.window_changed()
+                elif msg["type"] == "superseded":
+                    self._finish("superseded", msg["by"])
+                    return
+                else:
+                    raise MalformedPacket(f"unexpected {msg['type']} from child")
+        except (OSError, ConnectionError, MalformedPacket) as exc:
+            if self.active and not (self.state == "draining" and all(v >= f.size for v in self.vec)):
+                self._finish("failed", f"connection lost at offset {self.vec[0]}: {describe_error(exc)}")
+
+    async def _watchdog(self) -> None:
+        p = self.feeder.params
+        tick = min(1.0, p.stall_timeout / 4)
+        while self.active:
+            await asyncio.sleep(tick)
+            now = time.monotonic()
+            if self.blocked or self.vec[0] >= self.cursor:
+                # nothing pending, or it waits on its own children (which it watches): the stall clock restarts
+                self.last_progress = now
+            if now - self.last_ack > p.stall_timeout:
+                self._finish("failed", f"stalled: no acknowledgement for {p.stall_timeout:g} s (at offset {self.vec[0]})")
+            elif self.vec[0] < self.cursor and not self.blocked and now - self.last_progress > p.stall_timeout:
+                self._finish("failed", f"stalled: no progress for {p.stall_timeout:g} s at offset {self.vec[0]}")
+
+    def close_pipe(self) -> None:
+        """Release the kernel pipe (what it still held is retained by the relay and can be sent again)."""
+        if self.pipe is not None:
+            self.pipe.close()
+            self.pipe = None
+        self.pipe_end = 0
+
+    def _finish(self, state: str, reason: str) -> None:
+        """Move to a final state once; tear the connection down; tell the feeder."""
+        if not self.active:
+            return
+        self.state = state
+        current = asyncio.current_task()
+        for t in self.tasks():
+            if t is not current and not t.done():
+                t.cancel()
+        if self.conn is not None:
+            self.conn.close(reset=state == "failed")
+        self.close_pipe()
+        self.feeder.link_finished(self, reason)
+
+    def cancel(self) -> None:
+        """Stop the link without reporting anything (session over)."""
+        if self.active:
+            self.state = "cancelled"
+        for t in self.tasks():
+            if not t.done():
+                t.cancel()
+        if self.conn is not None:
+            self.conn.close()
+        self.close_pipe()
+
+
+class Feeder:
+    """What the source and the relays share: child links, adoption on failure, the retention window."""
+
+    def __init__(self, name: str, session: str, token: str, size: int, sha256: str | None, params: ChainParams,
+                 report_addr: tuple[str, int], ancestors: list[str], socket_factory: SocketFactory | None) -> None:
+        self.name = name
+        self.session = session
+        self.token = token
+        self.size = size
+        self.sha256 = sha256
+        self.params = params
+        self.report_addr = report_addr
+        self.ancestors = ancestors
+        self.socket_factory = socket_factory
+        self.links: list[ChildLink] = []
+        self._changed = asyncio.Event()
+
+    # -- hooks the subclasses implement
+    def available_from(self) -> int:
+        """The lowest offset this feeder can still send."""
+        raise NotImplementedError
+
+    async def send_more(self, link: ChildLink) -> None:
+        """Send some bytes at link.cursor (waiting for them if needed) and advance link.cursor."""
+        raise NotImplementedError
+
+    def report(self, kind: str, **fields: Any) -> None:
+        """Send a report to the source."""
+        raise NotImplementedError
+
+    def hand_to_source(self, link: ChildLink, offset: int) -> None:
+        """Ask the source to feed a child we cannot resume."""
+        self.report("orphan", node=link.name, offset=offset)
+
+    # -- shared logic
+    def add_link(self, subtree: Subtree, lower: list[int]) -> ChildLink:
+        """Start feeding a subtree."""
+        link = ChildLink(self, subtree, lower)
+        self.links.append(link)
+        link.start()
+        self.window_changed()
+        return link
+
+    def window_changed(self) -> None:
+        """Wake everything waiting on acks, data or link state."""
+        self._changed.set()
+        self._changed = asyncio.Event()
+
+    async def wait_until(self, cond: Callable[[], bool]) -> None:
+        """Wait until cond() holds (re-checked whenever something changes)."""
+        while not cond():
+            await self._changed.wait()
+
+    def link_finished(self, link: ChildLink, reason: str) -> None:
+        """A link ended: on failure report the child and adopt its children."""
+        if link.state == "failed":
+            log.info("%s: %s failed: %s", self.name, link.name, reason)
+            self.report("failed", node=link.name, reason=reason, by=self.name)
+            below = link.vec[1:] or [min(link.vec)]
+            for child in link.subtree.children():
+                self.add_link(child, below)
+        self.links = [lk for lk in self.links if lk.active]
+        self.window_changed()
+
+    def vector(self, own: int) -> list[int]:
+        """Offsets by depth below and including this node, up to resume_depth levels (sent upstream)."""
+        vec = [own]
+        for level in range(1, self.params.resume_depth):
+            vals = [lk.vec[level - 1] for lk in self.links if lk.active and len(lk.vec) >= level]
+            if not vals:
+                break
+            vec.append(min(vals))
+        return vec
+
+    def low_water(self, own: int) -> int:
+        """The lowest offset any active child may still need."""
+        return min([own] + [lk.needed() for lk in self.links if lk.active])
+
+    def links_active(self) -> bool:
+        """True while some child is still being fed."""
+        return any(lk.active for lk in self.links)

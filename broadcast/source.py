@@ -1,0 +1,173 @@
+"""The appliance side of chain and tree broadcast: feed the forest's roots, gather every node's report, rescue orphans.
+
+`Source` reads the image file with sendfile into the data connections of the roots (one for a chain, k
+for a tree; the protocol is described in broadcast.feeder), serves the report channel the relays send
+their results, failures and orphan requests on (broadcast.report_channel), and feeds orphaned nodes
+itself, since it has the whole image.
+"""
+from __future__ import annotations
+
+import asyncio
+import hmac
+import os
+import time
+from pathlib import Path
+from typing import Any
+
+from domain.errors import MalformedPacket
+from broadcast.feeder import ChildLink, Feeder
+from broadcast.params import ChainParams
+from broadcast.result import SOURCE_NAME, BroadcastResult, NodeResult
+from broadcast.topology import Subtree
+from broadcast.wire import ListenFactory, SocketFactory, decode
+
+
+class Source(Feeder):
+    """Feeds the forest from the image file with sendfile, gathers reports, rescues orphans."""
+
+    def __init__(self, image: str | Path, forest: list[Subtree], *, session: str, token: str, sha256: str | None,
+                 params: ChainParams = ChainParams(), report_host: str = "127.0.0.1", method: str = "chain",
+                 socket_factory: SocketFactory | None = None, listen_factory: ListenFactory | None = None) -> None:
+        self.image = Path(image)
+        size = self.image.stat().st_size
+        super().__init__(SOURCE_NAME, session, token, size, sha256, params, (report_host, 0), [], socket_factory)
+        self.forest = forest
+        self.method = method
+        self.listen_factory = listen_factory
+        self.subtrees: dict[str, Subtree] = {}
+        for tree in forest:
+            for i, e in enumerate(tree.entries):
+                self.subtrees[e[0]] = Subtree(tree.entries[i : i + e[3]])
+        self.results: dict[str, NodeResult] = {}
+        self._report_server: asyncio.base_events.Server | None = None
+        self._files: dict[int, Any] = {}
+        self._report_writers: set[asyncio.StreamWriter] = set()
+        self.counters = {"reports": 0, "dropped_malformed": 0, "orphans": 0}
+
+    def available_from(self) -> int:
+        """The source has the whole image: any offset can be sent."""
+        return 0
+
+    async def send_more(self, link: ChildLink) -> None:
+        """sendfile() the next piece of the image file at link.cursor (paced by params.source_rate)."""
+        loop = asyncio.get_running_loop()
+        conn = link.conn
+        assert conn is not None
+        offset = link.cursor
+        f = self._files.get(id(conn))
+        if f is None:
+            f = self._files[id(conn)] = open(self.image, "rb")
+        rate = self.params.source_rate
+        count = min(self.size - offset, 4 << 20 if not rate else max(self.params.chunk, int(rate / 10)))
+        started = time.monotonic()
+        sent = await loop.sock_sendfile(conn.sock, f, offset, count, fallback=True)
+        link.cursor = offset + sent
+        if rate:
+            spare = sent / rate - (time.monotonic() - started)
+            if spare > 0:
+                await asyncio.sleep(spare)
+
+    def report(self, kind: str, **fields: Any) -> None:
+        """Take a report of the source's own links as if it had come over the report channel."""
+        self._on_report({"type": kind, **fields})
+
+    def hand_to_source(self, link: ChildLink, offset: int) -> None:  # pragma: no cover - the source never hands off
+        """Never called: the source has the whole image."""
+        raise AssertionError("the source has the whole image")
+
+    def _on_report(self, msg: dict[str, Any]) -> None:
+        self.counters["reports"] += 1
+        name = msg.get("node", "")
+        if name not in self.subtrees:
+            self.counters["dropped_malformed"] += 1
+            return
+        if msg["type"] == "result":
+            notes = self.results[name].notes if name in self.results else []
+            self.results[name] = NodeResult.from_report(msg, name, notes)
+        elif msg["type"] == "failed":
+            prev = self.results.get(name)
+            note = f"{msg['by']}: {msg['reason']}"
+            if prev is None or prev.reported_by != name:
+                self.results[name] = NodeResult(name=name, ok=False, reason=msg["reason"], reported_by=msg["by"],
+                                                notes=(prev.notes if prev else []) + [note])
+            else:
+                prev.notes.append(note)
+        elif msg["type"] == "orphan":
+            own = self.results.get(name)
+            if (own is None or own.reported_by != name) and not any(lk.active and lk.name == name for lk in self.links):
+                self.counters["orphans"] += 1
+                self.add_link(self.subtrees[name], [msg["offset"]])
+        self.window_changed()
+
+    async def _serve_reports(self, reader: asyncio.StreamReader, writer: asyncio.StreamWriter) -> None:
+        self._report_writers.add(writer)
+        try:
+            first = decode((await asyncio.wait_for(reader.readline(), 30.0)).rstrip(b"\n"))
+            if first["type"] != "report_hello" or first["session"] != self.session or not hmac.compare_digest(first["token"], self.token):
+                self.counters["dropped_malformed"] += 1
+                return
+            while line := await reader.readline():
+                try:
+                    msg = decode(line.rstrip(b"\n"))
+                except MalformedPacket:
+                    self.counters["dropped_malformed"] += 1
+                    continue
+                if msg["type"] in ("result", "failed", "orphan"):
+                    self._on_report(msg)
+                else:
+                    self.counters["dropped_malformed"] += 1
+        except (MalformedPacket, OSError, asyncio.TimeoutError, ValueError):
+            self.counters["dropped_malformed"] += 1
+        finally:
+            self._report_writers.discard(writer)
+            writer.close()
+
+    def _finished(self) -> bool:
+        for name in self.subtrees:
+            r = self.results.get(name)
+            if r is None:
+                return False
+            if r.reported_by != name and any(lk.active and lk.name == name for lk in self.links):
+                return False  # being rescued
+        return True
+
+    async def run(self, deadline: float | None = None) -> BroadcastResult:
+        """Broadcast to every node; return when each has a result (or at the deadline, in seconds)."""
+        t0 = time.monotonic()
+        if self.listen_factory is not None:
+            lsock = self.listen_factory(self.report_addr[0], 0)
+            self._report_server = await asyncio.start_server(self._serve_reports, sock=lsock, limit=1 << 20)
+        else:
+            self._report_server = await asyncio.start_server(self._serve_reports, self.report_addr[0], 0, limit=1 << 20)
+        self.report_addr = (self.report_addr[0], self._report_server.sockets[0].getsockname()[1])
+        try:
+            for tree in self.forest:
+                self.add_link(tree, [0])
+            try:
+                await asyncio.wait_for(self.wait_until(self._finished), deadline)
+            except asyncio.TimeoutError:
+                pass
+        finally:
+            for lk in self.links:
+                lk.cancel()
+            self._report_server.close()
+            for w in list(self._report_writers):
+                w.close()
+            await asyncio.sleep(0)
+            for f in self._files.values():
+                f.close()
+        nodes: dict[str, NodeResult] = {}
+        for name in self.subtrees:
+            r = self.results.get(name)
+            if r is None:
+                r = NodeResult(name=name, ok=False, reason=f"no report within {deadline:g} s", reported_by=SOURCE_NAME)
+            elif r.ok and self.sha256 and r.sha256 != self.sha256:
+                r.ok, r.reason = False, f"sha256 mismatch: {r.sha256} != {self.sha256}"
+            nodes[name] = r
+        return BroadcastResult(method=self.method, size=self.size, sha256=self.sha256, nodes=nodes,
+                               seconds=time.monotonic() - t0)
+
+
+def new_session() -> tuple[str, str]:
+    """Return a fresh (session id, token) pair."""
+    return os.urandom(6).hex(), os.urandom(16).hex()
