@@ -17,7 +17,7 @@ from pathlib import Path
 from typing import Any, Awaitable, Callable
 
 from aiohttp import web
-from ClusterShell.NodeSet import NodeSet, NodeSetParseError
+from ClusterShell.NodeSet import NodeSet
 
 from appliance.auth import AuthError, NodeTokens, User, Users
 from appliance.catalog import Catalog, CatalogError, parse_environment_file
@@ -25,12 +25,12 @@ from appliance.deploy.controller import Controller, OverlapError
 from appliance.deploy.power import POWER_OPS, PowerError
 from appliance.deploy.workflow import parse_steps
 from appliance.events import EventBus
+from appliance.inventory import Inventory
 from appliance.profiles import ProfileStore
 from domain.errors import ConfigError
+from domain.nodes import Node
 from domain.profiles import BootProfile
 from domain.progress import ProfileSet, event_json
-from domain.nodes import Node
-from appliance.inventory import Inventory
 
 log = logging.getLogger("rackboot.api")
 Handler = Callable[[web.Request], Awaitable[web.StreamResponse]]

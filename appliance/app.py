@@ -6,9 +6,8 @@ import ipaddress
 import logging
 import os
 import signal
-from pathlib import Path
-
 from dataclasses import replace
+from pathlib import Path
 
 from appliance.api import Api
 from appliance.auth import NodeTokens, Users

@@ -11,8 +11,8 @@ from dataclasses import asdict, dataclass, field
 from pathlib import Path
 from typing import Any
 
-from domain.errors import ConfigError, RackbootError
 from appliance.yamlsource import load_yaml_mapping
+from domain.errors import ConfigError, RackbootError
 
 VISIBILITIES = ("private", "shared", "public")
 IMAGE_KINDS = ("tar", "raw")

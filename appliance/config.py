@@ -6,9 +6,9 @@ from dataclasses import dataclass, field
 from pathlib import Path
 from typing import Any, Callable
 
-from domain.errors import ConfigError
 from appliance.inventory import Inventory, load_inventory
 from appliance.yamlsource import Located, load_yaml_mapping
+from domain.errors import ConfigError
 
 DHCP_MODES = ("authoritative", "proxy", "off")
 UNKNOWN_MAC_POLICIES = ("ignore", "discovery")

@@ -7,9 +7,9 @@ from pathlib import Path
 
 from ClusterShell.NodeSet import NodeSetParseError, expand
 
+from appliance.yamlsource import Located, load_yaml_mapping
 from domain.errors import ConfigError
 from domain.nodes import BMC_DRIVERS, BmcSpec, Node, mac_add, normalize_mac
-from appliance.yamlsource import Located, load_yaml_mapping
 
 
 def read_bmc_credentials(bmc: BmcSpec) -> tuple[str, str]:

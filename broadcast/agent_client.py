@@ -9,6 +9,7 @@ import asyncio
 import json
 import socket
 from dataclasses import dataclass
+from pathlib import Path
 from typing import Any, Awaitable, Callable, Mapping, Sequence
 
 import asyncssh
@@ -132,3 +133,15 @@ def ssh_arm(client_key: asyncssh.SSHKey | str, ssh_port: int | Callable[[Any], i
         async with AgentClient(target.host, port, client_key, socket_factory=socket_factory) as client:
             await client.arm_receive(session, token, sink_for(target))
     return arm
+
+
+def load_or_create_key(path: Path) -> asyncssh.SSHKey:
+    """Read the appliance's deploy key, creating it (ed25519, mode 0600, with .pub beside) on first use."""
+    if path.is_file():
+        return asyncssh.read_private_key(str(path))
+    key = asyncssh.generate_private_key("ssh-ed25519", comment="rackboot-deploy")
+    path.parent.mkdir(parents=True, exist_ok=True)
+    path.touch(mode=0o600)
+    key.write_private_key(str(path))
+    key.write_public_key(str(path) + ".pub")
+    return key

@@ -14,7 +14,7 @@ import struct
 from dataclasses import dataclass, field
 from typing import Callable, Mapping
 
-from dnslib import OPCODE, QTYPE, RCODE, RR, A, DNSRecord, EDNS0, NS, PTR, SOA
+from dnslib import EDNS0, NS, OPCODE, PTR, QTYPE, RCODE, RR, SOA, A, DNSRecord
 
 from domain.errors import BindError, MalformedPacket
 

@@ -25,8 +25,21 @@ from aiohttp.abc import AbstractStreamWriter
 from domain.errors import BindError
 from domain.nodes import normalize_mac
 from domain.progress import (
-    AGENT_STAGES, CLAIMED_STAGES, AgentUp, BootFailed, EventSink, FileSent, InitrdFetched, KernelFetched, NbpSent,
-    NodeEvent, NodeReport, OsUp, ScriptServed, Via, event_json,
+    AGENT_STAGES,
+    CLAIMED_STAGES,
+    AgentUp,
+    BootFailed,
+    EventSink,
+    FileSent,
+    InitrdFetched,
+    KernelFetched,
+    NbpSent,
+    NodeEvent,
+    NodeReport,
+    OsUp,
+    ScriptServed,
+    Via,
+    event_json,
 )
 from ipxe import callback_path, nbp_path, script_path
 from ipxe.script import ScriptRenderer

@@ -8,14 +8,23 @@ from pathlib import Path
 from typing import Callable
 
 from appliance.catalog import Environment
+from appliance.deploy.controller import ControllerDeps
 from appliance.deploy.drivers import BroadcastOutcome, DeployError
 from appliance.deploy.power import BmcUnreachable
-from appliance.deploy.controller import ControllerDeps
 from appliance.deploy.workflow import BootDeadlines
 from appliance.inventory import Inventory
 from domain.nodes import BmcSpec, Node
 from domain.progress import (
-    AgentUp, DhcpFromFirmware, DhcpFromOs, FirmwareKind, InitrdFetched, KernelFetched, NbpSent, OsUp, ScriptServed, Via,
+    AgentUp,
+    DhcpFromFirmware,
+    DhcpFromOs,
+    FirmwareKind,
+    InitrdFetched,
+    KernelFetched,
+    NbpSent,
+    OsUp,
+    ScriptServed,
+    Via,
 )
 
 

@@ -1,7 +1,10 @@
-"""Helpers shared by several test files: DHCP requests built by scapy and small per-service settings."""
+"""Helpers shared by several test files: DHCP requests built by scapy, small per-service settings, a root file system."""
 from __future__ import annotations
 
+import gzip
+import io
 import ipaddress
+import tarfile
 from dataclasses import dataclass, field
 from typing import Any
 
@@ -59,3 +62,14 @@ def pxe_options(arch: int, vendor_class: bytes, *more: Any) -> list[Any]:
 def opts_of(data: bytes) -> dict[str, Any]:
     """Options of an encoded reply as scapy decodes them (name -> value)."""
     return {x[0]: (x[1] if len(x) == 2 else x[1:]) for x in BOOTP(data)[DHCP].options if isinstance(x, tuple)}
+
+
+def rootfs_tar_gz() -> bytes:
+    """A tiny root file system (kernel, initrd, os-release) as a gzip'd tar."""
+    buf = io.BytesIO()
+    with tarfile.open(fileobj=buf, mode="w") as tar:
+        for name, data in (("boot/vmlinuz", b"\x7fkernel" * 1000), ("boot/initrd.img", b"initrd" * 1000), ("etc/os-release", b"ID=test\n")):
+            info = tarfile.TarInfo(name)
+            info.size = len(data)
+            tar.addfile(info, io.BytesIO(data))
+    return gzip.compress(buf.getvalue())

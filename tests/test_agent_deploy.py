@@ -2,20 +2,18 @@
 from __future__ import annotations
 
 import asyncio
-import gzip
 import hashlib
-import io
 import json
 import shutil
 import struct
 import subprocess
-import tarfile
 from pathlib import Path
 from typing import Any, AsyncIterator
 
 import asyncssh
 import pytest
 from aiohttp import web
+from helpers import rootfs_tar_gz
 
 from broadcast.agent import AgentConfig, DeployAgent
 from broadcast.agent_client import AgentClient, ssh_arm
@@ -128,16 +126,6 @@ def test_mbr_fallback_is_a_standard_table(tmp_path: Path) -> None:
             (1 << 20, 4 << 20, "83"), (5 << 20, 27 << 20, "82")]
         assert table["partitions"][0].get("bootable") is True
     assert "size=4MiB, type=linux" in sfdisk_script([PartitionSpec(size_mib=4)], "gpt")
-
-
-def rootfs_tar_gz() -> bytes:
-    buf = io.BytesIO()
-    with tarfile.open(fileobj=buf, mode="w") as tar:
-        for name, data in (("boot/vmlinuz", b"\x7fkernel" * 1000), ("boot/initrd.img", b"initrd" * 1000), ("etc/os-release", b"ID=test\n")):
-            info = tarfile.TarInfo(name)
-            info.size = len(data)
-            tar.addfile(info, io.BytesIO(data))
-    return gzip.compress(buf.getvalue())
 
 
 async def test_deploy_flow_over_ssh(agent: DeployAgent, deploy_key: asyncssh.SSHKey, tmp_path: Path) -> None:

@@ -8,18 +8,18 @@ import json
 from pathlib import Path
 from typing import Any, AsyncIterator
 
-import asyncssh
 import pytest
+from helpers import rootfs_tar_gz
 
 from appliance.auth import NodeTokens
 from appliance.catalog import Environment, Partition
 from appliance.config import ApplianceConfig, DeployConfig
-from appliance.deploy.agent_driver import AgentDeployDriver, load_or_create_key, partition_specs
+from appliance.deploy.agent_driver import AgentDeployDriver, partition_specs
 from appliance.deploy.drivers import DeployError
-from domain.nodes import Node
 from appliance.inventory import Inventory
 from broadcast.agent import AgentConfig, DeployAgent
-from test_agent_deploy import rootfs_tar_gz
+from broadcast.agent_client import load_or_create_key
+from domain.nodes import Node
 
 
 @pytest.fixture

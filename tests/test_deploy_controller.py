@@ -3,8 +3,6 @@ transitions, reboots as workflows, internal errors, deadlines on an injected clo
 from __future__ import annotations
 
 import asyncio
-import ipaddress
-import re
 from dataclasses import replace
 from pathlib import Path
 
@@ -19,10 +17,9 @@ from appliance.deploy.store import DeploymentStore
 from appliance.deploy.workflow import BootDeadlines, default_workflow, parse_steps
 from appliance.events import EventBus
 from domain.progress import (
-    AgentUp, DhcpFromFirmware, DhcpFromOs, FirmwareKind, InitrdFetched, KernelFetched, NbpSent, OsUp, ScriptServed, Via,
+    AgentUp, DhcpFromFirmware, DhcpFromOs, FirmwareKind, InitrdFetched, KernelFetched, OsUp, ScriptServed, Via,
 )
-from domain.nodes import BmcSpec, Node
-from appliance.inventory import Inventory
+from domain.nodes import Node
 from domain.profiles import BootProfile
 from appliance.profiles import ProfileStore
 from appliance.statedb import open_state_db

@@ -11,7 +11,7 @@ from scapy.layers.dhcp import BOOTP, DHCP
 
 from domain.progress import DhcpFromFirmware, DhcpFromOs, FirmwareKind
 from helpers import (
-    BIOS_VC, NODE1_IP, NODE1_MAC, NODE2_IP, NODE2_MAC, NOW, STRANGER, UEFI_VC, UUID, DhcpSetup, opts_of, pool,
+    BIOS_VC, NODE1_IP, NODE1_MAC, NODE2_MAC, NOW, STRANGER, UEFI_VC, UUID, DhcpSetup, opts_of, pool,
     pxe_options, request_bytes,
 )
 from helpers import make_dhcp as make_config

@@ -7,7 +7,6 @@ import json
 import os
 import socket
 import sqlite3
-from dataclasses import replace
 from pathlib import Path
 from typing import AsyncIterator
 
@@ -23,7 +22,7 @@ from domain.errors import BindError
 from domain.nodes import Node
 from domain.profiles import BootProfile
 from domain.progress import (
-    AgentUp, BootFailed, FileSent, InitrdFetched, KernelFetched, NodeReport, OsUp, ProfileSet, ScriptServed, Via,
+    AgentUp, BootFailed, FileSent, InitrdFetched, KernelFetched, NodeReport, OsUp, ScriptServed, Via,
 )
 from ipxe.script import ScriptRenderer
 from netboot.http import HttpService, HttpSettings

@@ -19,13 +19,13 @@ from typing import Any, AsyncIterator
 import aiohttp
 import pytest
 import tftpy
+from fakes import FakeDeploy, FakePower
+from helpers import BIOS_VC, make_dhcp, pxe_options, request_bytes
 
 from appliance.auth import NodeTokens
 from appliance.booting import NodeBootTargets
 from appliance.catalog import Catalog, Environment
 from appliance.deploy.controller import Controller, ControllerDeps
-from fakes import FakeDeploy
-from fakes import FakePower
 from appliance.deploy.store import DeploymentStore
 from appliance.deploy.workflow import BootDeadlines, default_workflow
 from appliance.events import EventBus
@@ -34,8 +34,14 @@ from appliance.profiles import ProfileStore
 from appliance.statedb import open_state_db
 from domain.nodes import BmcSpec, Node
 from domain.profiles import BootProfile
-from domain.progress import AgentUp, DhcpFromFirmware, InitrdFetched, OsUp, ScriptServed, Via
-from helpers import BIOS_VC, make_dhcp, pxe_options, request_bytes
+from domain.progress import (
+    AgentUp,
+    DhcpFromFirmware,
+    InitrdFetched,
+    OsUp,
+    ScriptServed,
+    Via,
+)
 from ipxe.script import ScriptRenderer
 from netboot.dhcp4.server import DhcpService
 from netboot.http import HttpService, HttpSettings

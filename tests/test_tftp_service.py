@@ -19,7 +19,6 @@ from appliance.events import EventBus
 from domain.errors import BindError
 from domain.progress import FileSent, NbpSent, NodeEvent, ScriptServed, TransferFailed, Via
 from netboot.tftp.codec import Data, Error, OptionAck, decode, encode_ack, encode_error, encode_request
-from netboot.tftp.files import VirtualFile
 from netboot.tftp.server import TftpService, TftpSettings
 
 HOST = "127.0.0.1"

@@ -20,14 +20,14 @@ import asyncssh
 
 from appliance.catalog import Environment, Partition
 from appliance.deploy.drivers import BroadcastOutcome, DeployError
-from domain.nodes import Node
-from broadcast.agent_client import AgentClient, ssh_arm
-from broadcast.params import ChainParams
+from broadcast.agent_client import AgentClient, load_or_create_key, ssh_arm
 from broadcast.disk import PartitionSpec
 from broadcast.errors import AgentError
 from broadcast.image import SinkSpec
 from broadcast.methods import BroadcastJob, run_broadcast
+from broadcast.params import ChainParams
 from broadcast.topology import Target
+from domain.nodes import Node
 
 log = logging.getLogger("rackboot.agent_driver")
 
@@ -51,18 +51,6 @@ def partition_specs(layout: tuple[Partition, ...]) -> list[PartitionSpec]:
         fs = None if p.fs in ("", "none") else p.fs
         specs.append(PartitionSpec(size_mib=size, type=_TYPE_OF.get(p.fs, "linux"), fs=fs, label=p.name))
     return specs
-
-
-def load_or_create_key(path: Path) -> asyncssh.SSHKey:
-    """Read the appliance's deploy key, creating it (ed25519, mode 0600, with .pub beside) on first use."""
-    if path.is_file():
-        return asyncssh.read_private_key(str(path))
-    key = asyncssh.generate_private_key("ssh-ed25519", comment="rackboot-deploy")
-    path.parent.mkdir(parents=True, exist_ok=True)
-    path.touch(mode=0o600)
-    key.write_private_key(str(path))
-    key.write_public_key(str(path) + ".pub")
-    return key
 
 
 class ImageShares:

@@ -11,7 +11,14 @@ from enum import StrEnum
 
 from appliance.deploy.workflow import BootDeadlines
 from domain.progress import (
-    AgentUp, DhcpFromFirmware, DhcpFromOs, InitrdFetched, NbpSent, NodeEvent, OsUp, ScriptServed,
+    AgentUp,
+    DhcpFromFirmware,
+    DhcpFromOs,
+    InitrdFetched,
+    NbpSent,
+    NodeEvent,
+    OsUp,
+    ScriptServed,
 )
 
 

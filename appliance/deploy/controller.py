@@ -11,7 +11,8 @@ from typing import Any, Callable
 from ClusterShell.NodeSet import NodeSet
 
 from appliance.catalog import Environment
-from appliance.deploy.deployment import ControllerDeps, Deployment
+from appliance.deploy.deployment import Deployment
+from appliance.deploy.deps import ControllerDeps
 from appliance.deploy.nodestate import NodeState
 from appliance.deploy.reboot import LEVEL_IMPL
 from appliance.deploy.workflow import Workflow, reboot_workflow

@@ -11,51 +11,24 @@ from __future__ import annotations
 import asyncio
 import logging
 import time
-from dataclasses import dataclass, field
 from typing import Any
 
 from ClusterShell.NodeSet import NodeSet
 
-from appliance.auth import NodeTokens
-from appliance.catalog import Catalog, Environment
+from appliance.catalog import Environment
 from appliance.deploy.bootwatch import DEPLOY
-from appliance.deploy.clock import Clock, MonotonicClock
-from appliance.deploy.drivers import DeployDriver
+from appliance.deploy.deps import ControllerDeps
 from appliance.deploy.nodestate import NodeRun, NodeState
-from appliance.deploy.power import PowerDriver
 from appliance.deploy.reboot import Rebooter
 from appliance.deploy.report import Journal, build_report
 from appliance.deploy.steps import RUNNERS
-from appliance.deploy.store import DeploymentStore
 from appliance.deploy.workflow import Workflow
-from appliance.events import EventBus
-from appliance.inventory import Inventory
-from appliance.profiles import ProfileStore
 from domain.nodes import Node
-from domain.profiles import BootProfile
 from domain.progress import AgentUp, NodeEvent, OsUp
 
 log = logging.getLogger("rackboot.deploy")
 
 TICK = 0.25  # seconds between two deadline checks
-
-
-@dataclass
-class ControllerDeps:
-    """What the controller works with; built once by the Appliance."""
-
-    inventory: Inventory
-    profiles: ProfileStore
-    events: EventBus
-    tokens: NodeTokens
-    store: DeploymentStore
-    catalog: Catalog
-    power: PowerDriver
-    agent: DeployDriver
-    http_base: str
-    deploy_profile: BootProfile
-    power_off_wait: float = 2.0
-    clock: Clock = field(default_factory=MonotonicClock)
 
 
 def describe_error(exc: BaseException) -> str:

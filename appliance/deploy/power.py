@@ -14,8 +14,8 @@ import random
 from concurrent.futures import ThreadPoolExecutor
 from typing import Any, Callable, Protocol
 
-from domain.errors import RackbootError
 from appliance.inventory import read_bmc_credentials
+from domain.errors import RackbootError
 from domain.nodes import Node
 
 log = logging.getLogger("rackboot.power")

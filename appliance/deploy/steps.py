@@ -8,22 +8,37 @@ from __future__ import annotations
 
 import asyncio
 import time
-from typing import TYPE_CHECKING, Awaitable, Callable
+from typing import Awaitable, Callable, Protocol
 
+from appliance.catalog import Environment
 from appliance.deploy.bootprofiles import deploy_profile, installed_profile
 from appliance.deploy.bootwatch import DEPLOY, INSTALLED, NETBOOT
+from appliance.deploy.deps import ControllerDeps
 from appliance.deploy.drivers import DeployError
 from appliance.deploy.nodestate import Attempt, NodeRun, NodeState, Outcome
-from appliance.deploy.reboot import LADDERS, Hopeless, describe_watch
-from appliance.deploy.workflow import REBOOT, Implementation, MacroStep
-from domain.progress import ProfileSet
+from appliance.deploy.reboot import LADDERS, Hopeless, Rebooter, describe_watch
+from appliance.deploy.report import Journal
+from appliance.deploy.workflow import REBOOT, Implementation, MacroStep, Workflow
 from domain.profiles import BootProfile
+from domain.progress import ProfileSet
 
-if TYPE_CHECKING:
-    from appliance.deploy.deployment import Deployment
 
-StepRunner = Callable[["Deployment", MacroStep, list[NodeRun]], Awaitable[None]]
-NodeBody = Callable[["Deployment", NodeRun, Implementation], Awaitable[str | None]]
+class Deployment(Protocol):
+    """What a step runner uses of the deployment running it (appliance/deploy/deployment.py)."""
+
+    id: str
+    env: Environment
+    workflow: Workflow
+    deps: ControllerDeps
+    journal: Journal
+    rebooter: Rebooter
+
+    def fail(self, run: NodeRun, step: str, impl: str, reason: str) -> None:
+        """Fail one node in a step, with the reason."""
+
+
+StepRunner = Callable[[Deployment, MacroStep, list[NodeRun]], Awaitable[None]]
+NodeBody = Callable[[Deployment, NodeRun, Implementation], Awaitable[str | None]]
 
 
 def _give_deploy_profile(dep: Deployment, run: NodeRun) -> None:

@@ -11,13 +11,19 @@ import ipaddress
 import logging
 import socket
 from dataclasses import dataclass
-
 from typing import Mapping
 
 import ipxe
 from domain.progress import DhcpFromFirmware, DhcpFromOs, FirmwareKind, NodeEvent
 from netboot.dhcp4 import options as o
-from netboot.dhcp4.codec import BOOTREPLY, BOOTREQUEST, BROADCAST_FLAG, ZERO_IP, DhcpPacket, encode_reply
+from netboot.dhcp4.codec import (
+    BOOTREPLY,
+    BOOTREQUEST,
+    BROADCAST_FLAG,
+    ZERO_IP,
+    DhcpPacket,
+    encode_reply,
+)
 from netboot.dhcp4.leases import LeaseTable, int_to_ip, ip_to_int
 from netboot.dhcp4.settings import DhcpSettings, Reservation
 

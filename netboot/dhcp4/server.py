@@ -14,7 +14,6 @@ import logging
 import socket
 import sqlite3
 import time
-
 from typing import Mapping
 
 from domain.errors import BindError, MalformedPacket

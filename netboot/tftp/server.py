@@ -18,10 +18,30 @@ from pathlib import Path
 from typing import Callable
 
 from domain.errors import BindError, MalformedPacket
-from domain.progress import EventSink, FileSent, NbpSent, NodeEvent, ScriptServed, TransferFailed, Via
+from domain.progress import (
+    EventSink,
+    FileSent,
+    NbpSent,
+    NodeEvent,
+    ScriptServed,
+    TransferFailed,
+    Via,
+)
 from ipxe.script import ScriptRenderer
-from netboot.tftp.codec import ErrorCode, ReadRequest, WriteRequest, decode, encode_error
-from netboot.tftp.files import FileCache, FileStore, TftpFile, TftpFileError, VirtualFile
+from netboot.tftp.codec import (
+    ErrorCode,
+    ReadRequest,
+    WriteRequest,
+    decode,
+    encode_error,
+)
+from netboot.tftp.files import (
+    FileCache,
+    FileStore,
+    TftpFile,
+    TftpFileError,
+    VirtualFile,
+)
 from netboot.tftp.session import Outcome, ReadSession, SessionLimits
 
 log = logging.getLogger("rackboot.tftp")
@@ -345,7 +365,8 @@ class TftpService:
                 self._counters["not_found" if exc.code == ErrorCode.FILE_NOT_FOUND else "access_denied"] += 1
                 self._reply_error(addr, exc.code, str(exc))
                 self._forget(transfer)
-                self._publish(transfer.mac, lambda mac: TransferFailed(mac, request.filename, Via.TFTP, str(exc)))
+                reason = str(exc)
+                self._publish(transfer.mac, lambda mac: TransferFailed(mac, request.filename, Via.TFTP, reason))
                 return
             if transfer.closed:
                 return
@@ -377,7 +398,8 @@ class TftpService:
             log.exception("tftp: transfer of %r to %s:%d failed", request.filename, addr[0], addr[1])
             self._reply_error(addr, ErrorCode.NOT_DEFINED, "internal server error")
             self._forget(transfer)
-            self._publish(transfer.mac, lambda mac: TransferFailed(mac, request.filename, Via.TFTP, f"internal error: {exc}"))
+            reason = f"internal error: {exc}"
+            self._publish(transfer.mac, lambda mac: TransferFailed(mac, request.filename, Via.TFTP, reason))
 
     def _forget(self, transfer: _Transfer) -> None:
         transfer.closed = True

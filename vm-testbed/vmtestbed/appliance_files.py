@@ -11,7 +11,7 @@ from pathlib import Path
 import asyncssh
 import yaml
 
-from appliance.deploy.agent_driver import load_or_create_key
+from broadcast.agent_client import load_or_create_key
 from vmtestbed.deploy_env import write_deploy_environment
 from vmtestbed.plan import APPLIANCE_IF, APPLIANCE_IP, HTTP_PORT, NODE_NET, TestbedPlan
 

@@ -1,0 +1,33 @@
+"""What a deployment works with: the stores, the drivers and the clock, built once by the Appliance."""
+from __future__ import annotations
+
+from dataclasses import dataclass, field
+
+from appliance.auth import NodeTokens
+from appliance.catalog import Catalog
+from appliance.deploy.clock import Clock, MonotonicClock
+from appliance.deploy.drivers import DeployDriver
+from appliance.deploy.power import PowerDriver
+from appliance.deploy.store import DeploymentStore
+from appliance.events import EventBus
+from appliance.inventory import Inventory
+from appliance.profiles import ProfileStore
+from domain.profiles import BootProfile
+
+
+@dataclass
+class ControllerDeps:
+    """What the controller works with; built once by the Appliance."""
+
+    inventory: Inventory
+    profiles: ProfileStore
+    events: EventBus
+    tokens: NodeTokens
+    store: DeploymentStore
+    catalog: Catalog
+    power: PowerDriver
+    agent: DeployDriver
+    http_base: str
+    deploy_profile: BootProfile
+    power_off_wait: float = 2.0
+    clock: Clock = field(default_factory=MonotonicClock)
