@@ -1,4 +1,4 @@
-"""The HTTP service: per-MAC iPXE scripts, iPXE binaries, static files, progress callbacks and the node API.
+"""The HTTP service: per-MAC iPXE scripts, iPXE binaries, static files and progress callbacks.
 
 aiohttp on the appliance's loop. Later code (deployment controller, REST API) adds routes to `.app`
 before start(). Per-node connections are kept short (KEEPALIVE_TIMEOUT_S): iPXE EFI starts every boot
@@ -45,7 +45,7 @@ DEFAULT_DISCOVERY_PROFILE = BootProfile(
 
 _COUNTERS = (
     "received", "sent", "scripts", "script_polls_quiet", "nbps", "files", "files_anonymous", "files_aborted",
-    "callbacks", "api", "not_found", "forbidden", "bad_request", "dropped_malformed",
+    "callbacks", "not_found", "forbidden", "bad_request", "dropped_malformed",
 )
 
 
@@ -102,10 +102,6 @@ class HttpService:
         r.add_post(callback_path("{mac}"), self._callback)
         # iPXE cannot POST (PARAM_CMD is off in the 2019 build): scripts report with a GET and a query.
         r.add_get(callback_path("{mac}"), self._callback)
-        r.add_get("/api/v1/health", self._health)
-        r.add_get("/api/v1/nodes", self._nodes)
-        r.add_get("/api/v1/nodes/{name}", self._node)
-        r.add_put("/api/v1/nodes/{name}/profile", self._set_profile)
 
     # -- Service contract ---------------------------------------------------------------------------
 
@@ -203,16 +199,6 @@ class HttpService:
             addr = addr.ipv4_mapped
         mac = self._mac_for_ip(addr)
         return mac.lower() if mac else None
-
-    def _node_json(self, node: Node, n_events: int | None) -> dict[str, object]:
-        return {
-            "name": node.name,
-            "mac": node.mac,
-            "ip": str(node.ip),
-            "rack": node.rack,
-            "profile": self._profiles.get(node.mac).to_json(),
-            "events": [e.to_json() for e in self._events.last(node.mac, n_events)],
-        }
 
     @staticmethod
     def _mac_param(request: web.Request) -> str:
@@ -335,48 +321,3 @@ class HttpService:
         self._counters["callbacks"] += 1
         event = self._events.publish(mac, EventKind.CALLBACK, **detail)
         return web.json_response({"ok": True, "event": event.to_json()})
-
-    # -- API ----------------------------------------------------------------------------------------
-
-    async def _health(self, request: web.Request) -> web.Response:
-        """GET /api/v1/health: liveness and counters."""
-        return web.json_response({"status": "ok", "nodes": len(self._config.inventory), "http": self.stats()})
-
-    def _events_param(self, request: web.Request) -> int | None:
-        try:
-            n = int(request.query["events"]) if "events" in request.query else None
-        except ValueError:
-            raise web.HTTPBadRequest(text="events must be an integer\n") from None
-        return n if n is None or n >= 0 else 0
-
-    async def _nodes(self, request: web.Request) -> web.Response:
-        """GET /api/v1/nodes[?events=N]: every inventory node with its profile and last events."""
-        self._counters["api"] += 1
-        n = self._events_param(request)
-        return web.json_response({"nodes": [self._node_json(node, n) for node in self._config.inventory.nodes]})
-
-    def _named_node(self, request: web.Request) -> Node:
-        node = self._config.inventory.by_name.get(request.match_info["name"])
-        if node is None:
-            raise web.HTTPNotFound(text=f"no node {request.match_info['name']!r} in the inventory\n")
-        return node
-
-    async def _node(self, request: web.Request) -> web.Response:
-        """GET /api/v1/nodes/NAME: one node with its profile and last events."""
-        self._counters["api"] += 1
-        return web.json_response(self._node_json(self._named_node(request), self._events_param(request)))
-
-    async def _set_profile(self, request: web.Request) -> web.Response:
-        """PUT /api/v1/nodes/NAME/profile with a JSON BootProfile: what the node boots next."""
-        self._counters["api"] += 1
-        node = self._named_node(request)
-        try:
-            data = await request.json()
-            if not isinstance(data, dict):
-                raise ValueError("expected a JSON object")
-            profile = BootProfile.from_json(data)
-        except (ValueError, TypeError, AttributeError, UnicodeDecodeError) as exc:
-            raise web.HTTPBadRequest(text=f"not a boot profile: {exc}\n") from None
-        self._profiles.set(node.mac, profile)
-        self._events.publish(node.mac, EventKind.PROFILE_SET, profile=profile.kind, env=profile.env, source="api")
-        return web.json_response(self._node_json(node, None))

@@ -1,4 +1,4 @@
-"""HTTP service on 127.0.0.1: per-MAC scripts, files with Range, callbacks, the node API; aiohttp's client and curl."""
+"""HTTP service on 127.0.0.1: per-MAC scripts, files with Range, callbacks; aiohttp's client and curl (the node API: test_api.py)."""
 from __future__ import annotations
 
 import asyncio
@@ -118,40 +118,6 @@ async def test_curl_gets_the_per_mac_script_and_a_node_without_profile_waits(app
     assert event.kind == EventKind.SCRIPT_FETCHED and event.detail["profile"] == "none" and event.detail["node"] == "node-1"
 
 
-async def test_profile_switch_through_the_api_changes_the_next_script(appliance: Appliance) -> None:
-    url = f"{appliance.base}/boot/52-54-00-77-00-02.ipxe"
-    async with aiohttp.ClientSession() as http:
-        async with http.get(url) as r:
-            assert "sanboot" not in await r.text() and "kernel " not in await r.text()
-        async with http.put(f"{appliance.base}/api/v1/nodes/node-2/profile", json={"kind": "local"}) as r:
-            assert r.status == 200 and (await r.json())["profile"]["kind"] == "local"
-        async with http.get(url) as r:
-            assert "sanboot --no-describe --drive 0x80" in await r.text()
-        async with http.put(f"{appliance.base}/api/v1/nodes/node-2/profile", json=DEPLOY.to_json()) as r:
-            assert r.status == 200
-        async with http.get(url) as r:
-            text = await r.text()
-    assert f"kernel {appliance.base}/files/deploy/vmlinuz initrd=initrd.img console=ttyS0" in text
-    assert f"rackboot.callback={appliance.base}/callback/52-54-00-77-00-02" in text
-    assert appliance.profiles.get(NODE2.mac) == DEPLOY
-    assert appliance.kinds(NODE2.mac) == [EventKind.SCRIPT_FETCHED, EventKind.PROFILE_SET, EventKind.SCRIPT_FETCHED,
-                                          EventKind.PROFILE_SET, EventKind.SCRIPT_FETCHED]
-    assert [e.detail["profile"] for e in appliance.events.last(NODE2.mac) if e.kind == EventKind.SCRIPT_FETCHED] == ["none", "local", "deploy"]
-
-
-async def test_bad_profiles_and_unknown_nodes_are_refused(appliance: Appliance) -> None:
-    async with aiohttp.ClientSession() as http:
-        async with http.put(f"{appliance.base}/api/v1/nodes/node-1/profile", json={"kind": "deploy"}) as r:
-            assert r.status == 400  # a deploy profile needs a kernel
-        async with http.put(f"{appliance.base}/api/v1/nodes/node-1/profile", data=b"{not json") as r:
-            assert r.status == 400
-        async with http.put(f"{appliance.base}/api/v1/nodes/node-9/profile", json={"kind": "local"}) as r:
-            assert r.status == 404
-        async with http.get(f"{appliance.base}/api/v1/nodes/node-9") as r:
-            assert r.status == 404
-    assert appliance.profiles.get(NODE1.mac).kind == "none"
-
-
 async def test_polls_of_a_waiting_node_do_not_flood_its_events(appliance: Appliance) -> None:
     url = f"{appliance.base}/boot/52-54-00-77-00-01.ipxe"
     async with aiohttp.ClientSession() as http:
@@ -262,26 +228,6 @@ async def test_callback_publishes_an_event(appliance: Appliance) -> None:
             assert r.status == 400
     assert appliance.events.last(NODE1.mac)[-1].detail["stage"] == "ipxe"
     assert appliance.http.stats()["dropped_malformed"] == 1 and appliance.http.stats()["callbacks"] == 2
-
-
-async def test_nodes_api_shows_profiles_and_last_events(appliance: Appliance) -> None:
-    appliance.events.publish(NODE1.mac, EventKind.DHCP_ACK, ip="127.0.0.11")
-    async with aiohttp.ClientSession() as http:
-        async with http.get(f"{appliance.base}/boot/52-54-00-77-00-01.ipxe") as r:
-            await r.read()
-        async with http.get(f"{appliance.base}/api/v1/nodes") as r:
-            nodes = (await r.json())["nodes"]
-        async with http.get(f"{appliance.base}/api/v1/nodes/node-1?events=1") as r:
-            one = await r.json()
-        async with http.get(f"{appliance.base}/api/v1/health") as r:
-            health = await r.json()
-    assert [(n["name"], n["mac"], n["ip"], n["rack"]) for n in nodes] == [
-        ("node-1", NODE1.mac, "127.0.0.11", "r1"), ("node-2", NODE2.mac, "127.0.0.12", "r1")]
-    assert [e["kind"] for e in nodes[0]["events"]] == ["dhcp_ack", "script_fetched"]
-    assert all(isinstance(e["ts"], float) for e in nodes[0]["events"])
-    assert nodes[1]["events"] == [] and nodes[1]["profile"]["kind"] == "none"
-    assert [e["kind"] for e in one["events"]] == ["script_fetched"]
-    assert health["status"] == "ok" and health["nodes"] == 2
 
 
 async def test_only_configured_nbps_are_served(appliance: Appliance) -> None:
