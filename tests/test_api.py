@@ -100,8 +100,8 @@ async def world(tmp_path: Path) -> AsyncIterator[World]:
 
 
 def _bound(http: HttpService) -> tuple[str, int]:
-    for site in http._runner.sites:  # type: ignore[attr-defined]
-        sock = site._server.sockets[0]  # type: ignore[attr-defined]
+    for site in http._runner.sites:  # type: ignore[union-attr]
+        sock = site._server.sockets[0]  # type: ignore[union-attr]
         return sock.getsockname()[:2]
     raise AssertionError("not bound")
 

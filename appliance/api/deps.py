@@ -1,6 +1,7 @@
 """What the API's handlers work with: narrow interfaces the composition root passes in, nothing reached through."""
 from __future__ import annotations
 
+import builtins
 from dataclasses import dataclass, field
 from pathlib import Path
 from typing import Any, Awaitable, Callable, Mapping, Protocol
@@ -19,10 +20,10 @@ class DeploymentReader(Protocol):
     def get(self, dep_id: str) -> dict[str, Any] | None:
         """Return a deployment with its nodes, or None."""
 
-    def list(self, limit: int = 50) -> list[dict[str, Any]]:
+    def list(self, limit: int = 50) -> builtins.list[dict[str, Any]]:
         """Return the latest deployments."""
 
-    def steps(self, dep_id: str | None = None) -> list[dict[str, Any]]:
+    def steps(self, dep_id: str | None = None) -> builtins.list[dict[str, Any]]:
         """Return step attempts, of one deployment or all."""
 
 
@@ -42,7 +43,9 @@ class LiveDeployment(Protocol):
 class DeploymentControl(Protocol):
     """What the API asks of the deployment controller."""
 
-    deployments: Mapping[str, Any]  # id -> LiveDeployment
+    @property
+    def deployments(self) -> Mapping[str, LiveDeployment]:
+        """The deployments it runs or ran since the appliance started, by id."""
 
     def workflow_factory(self, method: str, kexec: bool) -> Any:
         """Return the default workflow of a broadcast method."""
@@ -51,8 +54,8 @@ class DeploymentControl(Protocol):
         """Return the nodes among names that are in a running deployment, with its id."""
 
     def start(self, nodes: list[Node], env: Environment, user: str, method: str = "chain", force: bool = False,
-              workflow: Any = None) -> Any:
-        """Create and start a deployment (a LiveDeployment); raise OverlapError when nodes are busy."""
+              workflow: Any = None) -> LiveDeployment:
+        """Create and start a deployment; raise OverlapError when nodes are busy."""
 
     def cancel(self, dep_id: str) -> bool:
         """Cancel a running deployment; False when it is not running."""

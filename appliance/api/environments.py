@@ -6,6 +6,7 @@ import tempfile
 from pathlib import Path
 
 import yaml
+from aiohttp import BodyPartReader
 
 from appliance.api import models as m
 from appliance.api.base import ApiError, Call
@@ -57,13 +58,15 @@ async def add_env(deps: ApiDeps, call: Call) -> m.EnvironmentView:
         desc_path: Path | None = None
         image_name = ""
         async for part in reader:
+            if not isinstance(part, BodyPartReader):
+                continue  # a nested multipart: not ours
             if part.name == "description":
                 desc_path = Path(tmp) / "environment.yaml"
-                desc_path.write_bytes(await part.read())  # type: ignore[union-attr]
+                desc_path.write_bytes(await part.read())
             elif part.name == "image":
-                image_name = Path(part.filename or "image").name  # type: ignore[union-attr]
+                image_name = Path(part.filename or "image").name
                 with open(Path(tmp) / image_name, "wb") as out:
-                    while chunk := await part.read_chunk(UPLOAD_CHUNK):  # type: ignore[union-attr]
+                    while chunk := await part.read_chunk(UPLOAD_CHUNK):
                         out.write(chunk)
         if desc_path is None:
             raise ApiError(400, "missing the 'description' part")

@@ -17,7 +17,10 @@ STATUS_TEXT = {200: "OK", 201: "created", 400: "bad request: the message names t
                403: "no right", 404: "not found", 409: "conflict", 501: "not supported by this appliance"}
 
 
-def _schemas(routes: Iterable[Route]) -> tuple[dict[tuple[type[BaseModel], JsonSchemaMode], Any], dict[str, Any]]:
+Refs = dict[tuple[Any, JsonSchemaMode], Any]
+
+
+def _schemas(routes: Iterable[Route]) -> tuple[Refs, dict[str, Any]]:
     """Return the $ref of every (model, mode) the routes use, and the component schemas they point to."""
     wanted: list[tuple[type[BaseModel], JsonSchemaMode]] = [(m.Error, "serialization")]
     for r in routes:
@@ -27,7 +30,7 @@ def _schemas(routes: Iterable[Route]) -> tuple[dict[tuple[type[BaseModel], JsonS
             wanted.append((r.response, "serialization"))
     wanted = list(dict.fromkeys(wanted))
     refs, top = models_json_schema(wanted, ref_template=REF_TEMPLATE)
-    return refs, top.get("$defs", {})
+    return dict(refs), top.get("$defs", {})
 
 
 def _parameters(route: Route) -> list[dict[str, Any]]:
@@ -44,7 +47,7 @@ def _parameters(route: Route) -> list[dict[str, Any]]:
     return params
 
 
-def _operation(route: Route, refs: dict[tuple[type[BaseModel], JsonSchemaMode], Any]) -> dict[str, Any]:
+def _operation(route: Route, refs: Refs) -> dict[str, Any]:
     error_ref = {"application/json": {"schema": refs[(m.Error, "serialization")]}}
     op: dict[str, Any] = {"summary": route.summary, "operationId": route.handler.__name__,
                           "x-rackboot-access": route.access}
