@@ -166,6 +166,15 @@ async def test_deployment_lifecycle_events_stats_and_node_tokens(world: World) -
     mac = deps.inventory.by_name["node-3"].mac.replace(":", "-")
     assert (await client.call("POST", f"/callback/{mac}", json={"stage": "agent_up", "token": "forged"}))[0] == 403
     assert (await client.call("POST", f"/callback/{mac}", json={"message": "hello"}))[0] == 200
+    # while node-3 waits in SetDeploymentEnv, its deploy profile carries its token: the node list does not
+    node3 = deps.inventory.by_name["node-3"].mac
+    for _ in range(100):
+        if (secret := tokens.token_of(node3)) and secret in deps.profiles.get(node3).cmdline:
+            break
+        await asyncio.sleep(0.01)
+    assert secret, "the controller issued no token"
+    _, listing = await client.call("GET", "/api/v1/nodes", admin)
+    assert secret not in str(listing) and "rackboot.token=***" in listing["nodes"][2]["profile"]["cmdline"]
     lines = []
     async with client.session.get(f"{client.base}/api/v1/deployments/{dep['id']}/events",
                                   headers={"Authorization": f"Bearer {admin}"}) as resp:
