@@ -77,16 +77,18 @@ class Appliance:
         self.ipmi = IpmiPower()
         deadlines = replace(BootDeadlines(), **config.deploy.deadlines)
         d = config.deploy
+        power = PowerByDriver({"ipmi": self.ipmi})
         deps = ControllerDeps(
             inventory=config.inventory, profiles=self.profiles, events=self.events, tokens=self.tokens, store=self.store,
-            catalog=self.catalog, power=PowerByDriver({"ipmi": self.ipmi}), agent=self.agent, http_base=config.http_base,
+            catalog=self.catalog, power=power, agent=self.agent, http_base=config.http_base,
             deploy_profile=BootProfile(kind="deploy", kernel=d.kernel, initrds=d.initrds, cmdline=d.cmdline, env="deploy"),
         )
         self.controller = Controller(
             deps, lambda method, kexec: replace(default_workflow(method, kexec), deadlines=deadlines,
                                                 reboot_window=d.reboot_window))
-        self.api = Api(self.http.app, config.inventory, self.users, self.tokens, self.catalog, self.controller,
-                       config.state_dir / "upload", profiles=self.profiles, events=self.events, stats=self.stats)
+        self.api = Api(self.http.app, inventory=config.inventory, users=self.users, catalog=self.catalog,
+                       controller=self.controller, deployments=self.store, power=power, exec_runner=self.agent.exec,
+                       profiles=self.profiles, events=self.events, stats=self.stats, stage_dir=config.state_dir / "upload")
 
     def mac_for_ip(self, ip: ipaddress.IPv4Address | str) -> str | None:
         """Return the MAC behind a node address (inventory first, then dynamic leases)."""

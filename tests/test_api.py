@@ -1,4 +1,4 @@
-"""The REST API over real HTTP on loopback: tokens, rights, environments, deployments, callbacks, stats."""
+"""The REST API over real HTTP on loopback: tokens, rights, environments, deployments, nodes, callbacks, stats, OpenAPI."""
 from __future__ import annotations
 
 import asyncio
@@ -6,7 +6,7 @@ import io
 import ipaddress
 import re
 import tarfile
-from dataclasses import replace
+from dataclasses import dataclass, replace
 from pathlib import Path
 from typing import Any, AsyncIterator
 
@@ -21,9 +21,12 @@ from appliance.deploy.controller import Controller, ControllerDeps
 from appliance.deploy.store import DeploymentStore
 from appliance.deploy.workflow import default_workflow
 from appliance.events import EventBus
-from domain.profiles import BootProfile
 from appliance.profiles import ProfileStore
 from appliance.statedb import open_state_db
+from broadcast.texec import ExecNodeResult, ExecResult
+from domain.nodes import Node
+from domain.profiles import BootProfile
+from domain.progress import DhcpFromOs, ProfileSet, ScriptServed
 from fakes import FAST, FakeCluster, FakeDeploy, FakePower, make_nodes
 from ipxe.script import ScriptRenderer
 from netboot.http import HttpService, HttpSettings
@@ -40,10 +43,32 @@ class Client:
             return resp.status, body
 
 
+@dataclass
+class World:
+    """The API on a real HTTP server on loopback, with the controller and fakes behind it."""
+
+    client: Client
+    admin: str
+    deps: ControllerDeps
+    cluster: FakeCluster
+    tokens: NodeTokens
+    http: HttpService
+    api: Api
+    base: str  # what rendered iPXE scripts point nodes at
+
+
+async def fake_exec(nodes: list[Node], command: str, fanout: int, timeout: float) -> ExecResult:
+    """Every node answers 'hi', but node-2 exits 1."""
+    results = {n.name: ExecNodeResult(n.name, status=1 if n.name == "node-2" else 0, stdout="hi\n", via="@root") for n in nodes}
+    return ExecResult(command, results, seconds=0.1)
+
+
 @pytest.fixture
-async def api(tmp_path: Path) -> AsyncIterator[tuple[Client, str, Any]]:
+async def world(tmp_path: Path) -> AsyncIterator[World]:
     inventory = make_nodes(6)
-    settings = HttpSettings(address=ipaddress.IPv4Address("127.0.0.1"), port=0, files=tmp_path / "files")
+    files = tmp_path / "files"
+    files.mkdir()
+    settings = HttpSettings(address=ipaddress.IPv4Address("127.0.0.1"), port=0, files=files)
     db = open_state_db(tmp_path / "state.db")
     events = EventBus()
     profiles = ProfileStore(db, BootProfile())
@@ -53,26 +78,30 @@ async def api(tmp_path: Path) -> AsyncIterator[tuple[Client, str, Any]]:
     scripts = ScriptRenderer(NodeBootTargets(inventory, profiles), settings.base_url)
     http = HttpService(settings, events.publish, scripts, lambda ip: None, check_token=tokens.check)
     power, agent = FakePower(), FakeDeploy()
-    deps = ControllerDeps(inventory=inventory, profiles=profiles, events=events, tokens=tokens, store=DeploymentStore(db),
+    store = DeploymentStore(db)
+    deps = ControllerDeps(inventory=inventory, profiles=profiles, events=events, tokens=tokens, store=store,
                           catalog=Catalog(db, tmp_path / "images"), power=power, agent=agent, http_base="http://127.0.0.1",
                           deploy_profile=BootProfile(kind="deploy", kernel="deploy/vmlinuz", cmdline="console=ttyS0"), power_off_wait=0.01)
     cluster = FakeCluster(deps)
     power.on_change = agent.on_reboot = cluster.on_power
     controller = Controller(deps, lambda m, k: replace(default_workflow(m, k), deadlines=FAST))
-    Api(http.app, inventory, users, tokens, deps.catalog, controller, tmp_path / "upload", profiles=profiles, events=events)
+    api = Api(http.app, inventory=inventory, users=users, catalog=deps.catalog, controller=controller,
+              deployments=store, power=power, exec_runner=fake_exec, profiles=profiles, events=events,
+              stats=lambda: {"http": http.stats()}, stage_dir=tmp_path / "upload")
     await http.start()
     serve = asyncio.create_task(controller.serve())
     host, port = _bound(http)
     async with aiohttp.ClientSession() as session:
-        yield Client(f"http://{host}:{port}", session), (tmp_path / "admin.token").read_text().strip(), (deps, cluster, tokens)
+        yield World(Client(f"http://{host}:{port}", session), (tmp_path / "admin.token").read_text().strip(),
+                    deps, cluster, tokens, http, api, settings.base_url)
     serve.cancel()
     await controller.close()
     await http.close()
 
 
 def _bound(http: HttpService) -> tuple[str, int]:
-    for site in http._runner.sites:  # type: ignore[attr-defined]
-        sock = site._server.sockets[0]  # type: ignore[attr-defined]
+    for site in http._runner.sites:  # type: ignore[union-attr]
+        sock = site._server.sockets[0]  # type: ignore[union-attr]
         return sock.getsockname()[:2]
     raise AssertionError("not bound")
 
@@ -95,8 +124,8 @@ async def add_env(client: Client, token: str, name: str, visibility: str) -> tup
     return await client.call("POST", "/api/v1/environments", token, data=form)
 
 
-async def test_tokens_rights_and_visibility(api) -> None:  # type: ignore[no-untyped-def]
-    client, admin, (deps, cluster, tokens) = api
+async def test_tokens_rights_and_visibility(world: World) -> None:
+    client, admin = world.client, world.admin
     assert (await client.call("GET", "/api/v1/nodes"))[0] == 401
     assert (await client.call("GET", "/api/v1/nodes", "forged"))[0] == 401
     assert (await client.call("GET", "/api/v1/health"))[0] == 200
@@ -124,8 +153,8 @@ async def test_tokens_rights_and_visibility(api) -> None:  # type: ignore[no-unt
     assert (await client.call("POST", "/api/v1/deployments", bob_token, json={"nodes": "node-1", "env": "private-one"}))[0] == 404
 
 
-async def test_deployment_lifecycle_events_stats_and_node_tokens(api) -> None:  # type: ignore[no-untyped-def]
-    client, admin, (deps, cluster, tokens) = api
+async def test_deployment_lifecycle_events_stats_and_node_tokens(world: World) -> None:
+    client, admin, deps, cluster, tokens = world.client, world.admin, world.deps, world.cluster, world.tokens
     assert (await add_env(client, admin, "deb", "public"))[0] == 201
     cluster.never_boot = {"node-3"}
     status, dep = await client.call("POST", "/api/v1/deployments", admin, json={"nodes": "node-[1-3]", "env": "deb"})
@@ -137,6 +166,15 @@ async def test_deployment_lifecycle_events_stats_and_node_tokens(api) -> None:  
     mac = deps.inventory.by_name["node-3"].mac.replace(":", "-")
     assert (await client.call("POST", f"/callback/{mac}", json={"stage": "agent_up", "token": "forged"}))[0] == 403
     assert (await client.call("POST", f"/callback/{mac}", json={"message": "hello"}))[0] == 200
+    # while node-3 waits in SetDeploymentEnv, its deploy profile carries its token: the node list does not
+    node3 = deps.inventory.by_name["node-3"].mac
+    for _ in range(100):
+        if (secret := tokens.token_of(node3)) and secret in deps.profiles.get(node3).cmdline:
+            break
+        await asyncio.sleep(0.01)
+    assert secret, "the controller issued no token"
+    _, listing = await client.call("GET", "/api/v1/nodes", admin)
+    assert secret not in str(listing) and "rackboot.token=***" in listing["nodes"][2]["profile"]["cmdline"]
     lines = []
     async with client.session.get(f"{client.base}/api/v1/deployments/{dep['id']}/events",
                                   headers={"Authorization": f"Bearer {admin}"}) as resp:
@@ -161,22 +199,140 @@ async def test_deployment_lifecycle_events_stats_and_node_tokens(api) -> None:  
     assert (await client.call("DELETE", f"/api/v1/deployments/{dep['id']}", admin))[0] == 409
 
 
-async def test_events_stream_ends_when_a_deployment_fails_on_a_bug(api) -> None:  # type: ignore[no-untyped-def]
-    """A driver raising something unexpected: the deployment fails with the error and its event stream ends."""
-    client, admin, (deps, cluster, tokens) = api
-    assert (await add_env(client, admin, "deb", "public"))[0] == 201
-    deps.agent.crash = {("prepare_disk", "node-1"): "oops"}
-    status, dep = await client.call("POST", "/api/v1/deployments", admin, json={"nodes": "node-[1-2]", "env": "deb"})
-    assert status == 201
+# -- nodes ----------------------------------------------------------------------------------------------
 
-    async def stream() -> list[dict[str, Any]]:
-        async with client.session.get(f"{client.base}/api/v1/deployments/{dep['id']}/events",
-                                      headers={"Authorization": f"Bearer {admin}"}) as resp:
-            return [__import__("json").loads(raw) async for raw in resp.content if raw.strip()]
+DEPLOY = BootProfile(kind="deploy", kernel="deploy/vmlinuz", initrds=("deploy/initrd.img",),
+                     cmdline="console=ttyS0 rackboot.callback={callback}", env="debian12")
 
-    lines = await asyncio.wait_for(stream(), 20)
-    result = lines[-1]["result"]
-    assert result["status"] == "failed" and result["error"] == "internal error: RuntimeError: oops"
-    assert {k["reason"] for k in result["ko"]} == {"internal error: RuntimeError: oops"}
-    status, stored = await client.call("GET", f"/api/v1/deployments/{dep['id']}", admin)
-    assert stored["status"] == "failed"
+
+async def test_profile_switch_through_the_api_changes_the_next_script(world: World) -> None:
+    client, admin, deps = world.client, world.admin, world.deps
+    mac = deps.inventory.by_name["node-2"].mac
+    script = f"/boot/{mac.replace(':', '-')}.ipxe"
+    _, text = await client.call("GET", script)
+    assert "sanboot" not in text and "kernel " not in text
+    status, node = await client.call("PUT", "/api/v1/nodes/node-2/profile", admin, json={"kind": "local"})
+    assert status == 200 and node["profile"]["kind"] == "local" and node["name"] == "node-2"
+    assert "sanboot --no-describe --drive 0x80" in (await client.call("GET", script))[1]
+    assert (await client.call("PUT", "/api/v1/nodes/node-2/profile", admin, json=DEPLOY.to_json()))[0] == 200
+    _, text = await client.call("GET", script)
+    assert f"kernel {world.base}/files/deploy/vmlinuz initrd=initrd.img console=ttyS0" in text
+    assert f"rackboot.callback={world.base}/callback/{mac.replace(':', '-')}" in text
+    assert deps.profiles.get(mac) == DEPLOY
+    kinds = [type(e) for e in deps.events.last(mac)]
+    assert kinds == [ScriptServed, ProfileSet, ScriptServed, ProfileSet, ScriptServed]
+    assert [e.profile for e in deps.events.last(mac) if isinstance(e, ScriptServed)] == ["none", "local", "deploy"]
+
+
+async def test_bad_profiles_and_unknown_nodes_are_refused(world: World) -> None:
+    client, admin = world.client, world.admin
+    status, err = await client.call("PUT", "/api/v1/nodes/node-1/profile", admin, json={"kind": "deploy"})
+    assert status == 400 and "needs a kernel" in err["error"]
+    status, err = await client.call("PUT", "/api/v1/nodes/node-1/profile", admin, data=b"{not json")
+    assert status == 400 and "Invalid JSON" in err["error"]
+    assert (await client.call("PUT", "/api/v1/nodes/node-9/profile", admin, json={"kind": "local"}))[0] == 404
+    assert (await client.call("GET", "/api/v1/nodes/node-9", admin))[0] == 404
+    assert (await client.call("GET", "/api/v1/nodes?events=-1", admin))[0] == 400
+    assert world.deps.profiles.get(world.deps.inventory.by_name["node-1"].mac).kind == "none"
+
+
+async def test_nodes_api_shows_profiles_and_last_events(world: World) -> None:
+    client, admin, deps = world.client, world.admin, world.deps
+    node1 = deps.inventory.by_name["node-1"]
+    deps.events.publish(DhcpFromOs(node1.mac, "udhcp 1.35.0"))
+    await client.call("GET", f"/boot/{node1.mac.replace(':', '-')}.ipxe")
+    _, listing = await client.call("GET", "/api/v1/nodes", admin)
+    nodes = listing["nodes"]
+    assert [(n["name"], n["mac"], n["ip"], n["rack"]) for n in nodes[:2]] == [
+        ("node-1", node1.mac, "10.77.0.11", "r1"), ("node-2", deps.inventory.by_name["node-2"].mac, "10.77.0.12", "r1")]
+    assert [e["kind"] for e in nodes[0]["events"]] == ["dhcp_from_os", "script_served"]
+    assert nodes[0]["events"][0]["detail"] == {"vendor_class": "udhcp 1.35.0"}
+    assert all(isinstance(e["ts"], float) for e in nodes[0]["events"])
+    assert nodes[1]["events"] == [] and nodes[1]["profile"]["kind"] == "none"
+    _, one = await client.call("GET", "/api/v1/nodes/node-1?events=1", admin)
+    assert [e["kind"] for e in one["events"]] == ["script_served"]
+    status, health = await client.call("GET", "/api/v1/health")  # no token
+    assert status == 200 and health["status"] == "ok" and health["nodes"] == 6
+    assert health["counters"]["http"]["scripts"] == 1
+
+
+async def test_node_answers_never_carry_the_one_time_token(world: World) -> None:
+    client, admin, deps = world.client, world.admin, world.deps
+    node = deps.inventory.by_name["node-1"]
+    secret = world.tokens.issue(node.mac, "d-test")
+    # the controller's deploy profile carries the token in the cmdline the deploy agent reads
+    deps.profiles.set(node.mac, replace(DEPLOY, cmdline=f"console=ttyS0 rackboot.token={secret} rackboot.callback={{callback}}"))
+    # a callback that proves its token: the record says which deployment, never the token
+    status, _ = await client.call("POST", f"/callback/{node.mac.replace(':', '-')}", json={"stage": "agent_up", "token": secret})
+    assert status == 200 and deps.events.last(node.mac)[-1].deployment == "d-test"  # type: ignore[union-attr]
+    for path in ("/api/v1/nodes", "/api/v1/nodes/node-1"):
+        async with client.session.get(client.base + path, headers={"Authorization": f"Bearer {admin}"}) as resp:
+            raw = await resp.text()
+        assert resp.status == 200 and secret not in raw, path
+        assert "rackboot.token=***" in raw
+    _, one = await client.call("GET", "/api/v1/nodes/node-1", admin)
+    assert one["events"][-1]["kind"] == "agent_up" and "token" not in one["events"][-1]["detail"]
+    assert one["profile"]["cmdline"] == "console=ttyS0 rackboot.token=*** rackboot.callback={callback}"
+    # the profile itself is untouched: the node still boots with its token
+    assert secret in deps.profiles.get(node.mac).cmdline
+
+
+# -- validation and the OpenAPI document ------------------------------------------------------------------
+
+
+async def test_a_bad_body_is_a_400_naming_the_field(world: World) -> None:
+    client, admin = world.client, world.admin
+    status, err = await client.call("POST", "/api/v1/power", admin, json={"nodes": "node-1", "op": "explode"})
+    assert status == 400 and err["error"].startswith("bad body: op: Input should be 'on'"), err
+    status, err = await client.call("POST", "/api/v1/deployments", admin, json={"env": "deb"})
+    assert status == 400 and err["error"] == "bad body: nodes: Field required", err
+    status, err = await client.call("POST", "/api/v1/reboot", admin, json={"nodes": "node-1", "levle": "hard"})
+    assert status == 400 and "levle: Extra inputs are not permitted" in err["error"], err
+    status, err = await client.call("POST", "/api/v1/users/admin/rights", admin, json={"nodes": "node-1", "perms": ["deploy", "root"]})
+    assert status == 400 and "perms.1:" in err["error"], err
+    status, err = await client.call("POST", "/api/v1/exec", admin, json=["node-1"])
+    assert status == 400 and "bad body" in err["error"], err
+    status, err = await client.call("POST", "/api/v1/power", admin, json={"nodes": "node-[1-", "op": "on"})
+    assert status == 400 and "bad node set" in err["error"], err
+    status, err = await client.call("GET", "/api/v1/deployments?limit=many", admin)
+    assert status == 400 and err["error"].startswith("bad query: limit:"), err
+
+
+async def test_exec_through_the_runner_and_501_without_one(world: World) -> None:
+    client, admin = world.client, world.admin
+    status, out = await client.call("POST", "/api/v1/exec", admin, json={"nodes": "node-[1-3]", "command": "echo hi"})
+    assert status == 200, out
+    assert out["ok"] == ["node-1", "node-3"] and out["failed"] == ["node-2"]
+    assert [names for names, _ in out["grouped"]] == ["node-[1,3]", "node-2"]
+    assert out["grouped"][1][1]["status"] == 1 and out["nodes"]["node-1"]["stdout"] == "hi\n"
+    world.api.deps.exec_runner = None
+    status, err = await client.call("POST", "/api/v1/exec", admin, json={"nodes": "node-1", "command": "true"})
+    assert status == 501 and "cannot run commands" in err["error"]
+
+
+async def test_openapi_document_is_exactly_the_registered_routes(world: World) -> None:
+    from openapi_spec_validator import validate
+
+    from appliance.api.routes import ROUTES
+
+    status, doc = await world.client.call("GET", "/api/v1/openapi.json")  # no token needed
+    assert status == 200
+    validate(doc)
+    registered = {(r.resource.canonical, r.method.lower()) for r in world.http.app.router.routes()
+                  if r.resource is not None and r.resource.canonical.startswith("/api/v1/") and r.method != "HEAD"}
+    documented = {(path, method) for path, ops in doc["paths"].items() for method in ops}
+    assert registered == documented
+    schemas = doc["components"]["schemas"]
+    with_body = {(r.path, r.method.lower()) for r in ROUTES if r.body is not None}
+    assert ("/api/v1/deployments", "post") in with_body and ("/api/v1/nodes/{name}/profile", "put") in with_body
+    for path, method in with_body:
+        ref = doc["paths"][path][method]["requestBody"]["content"]["application/json"]["schema"]["$ref"]
+        assert ref.removeprefix("#/components/schemas/") in schemas, (path, method)
+    # every operation that is not open answers 401, and says so; the open ones need no token
+    for path, ops in doc["paths"].items():
+        for method, op in ops.items():
+            assert ("401" in op["responses"]) == (op.get("security") != []), (path, method)
+    assert doc["paths"]["/api/v1/users"]["get"]["x-rackboot-access"] == "admin"
+    assert doc["paths"]["/api/v1/power"]["post"]["x-rackboot-right"] == "power"
+    multipart = doc["paths"]["/api/v1/environments"]["post"]["requestBody"]["content"]["multipart/form-data"]
+    assert set(multipart["schema"]["properties"]) == {"description", "image"}
