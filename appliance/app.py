@@ -88,7 +88,8 @@ class Appliance:
                                                 reboot_window=d.reboot_window))
         self.api = Api(self.http.app, inventory=config.inventory, users=self.users, catalog=self.catalog,
                        controller=self.controller, deployments=self.store, power=power, exec_runner=self.agent.exec,
-                       profiles=self.profiles, events=self.events, stats=self.stats, stage_dir=config.state_dir / "upload")
+                       profiles=self.profiles, events=self.events, stats=self.stats, stage_dir=config.state_dir / "upload",
+                       image_files=(config.http.files,))
 
     def mac_for_ip(self, ip: ipaddress.IPv4Address | str) -> str | None:
         """Return the MAC behind a node address (inventory first, then dynamic leases)."""

@@ -101,6 +101,13 @@ class Users:
         """Remove a user's rights on exactly that node set."""
         self._db.execute("DELETE FROM rights WHERE user=? AND nodes=?", (user, str(NodeSet(nodes))))
 
+    def may_add_environments(self, user: User) -> bool:
+        """Admins, and users with the 'deploy' right on some nodes, may add environments to the catalog."""
+        if user.admin:
+            return True
+        return any("deploy" in perms.split(",") for (perms,) in
+                   self._db.execute("SELECT perms FROM rights WHERE user=?", (user.name,)))
+
     def check(self, user: User, perm: str, nodes: list[str]) -> None:
         """Raise AuthError(403) naming the nodes the user may not `perm`; admins may everything."""
         if user.admin:

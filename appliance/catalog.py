@@ -3,18 +3,22 @@ from __future__ import annotations
 
 import hashlib
 import json
+import re
 import shutil
 import sqlite3
 import time
 import urllib.request
 from dataclasses import asdict, dataclass, field
 from pathlib import Path
-from typing import Any
+from typing import Any, Sequence
+from urllib.parse import urlsplit
 
 from appliance.yamlsource import load_yaml_mapping
 from domain.errors import ConfigError, RackbootError
 
 VISIBILITIES = ("private", "shared", "public")
+ENV_NAME = re.compile(r"^[A-Za-z0-9][A-Za-z0-9._-]{0,63}$")  # a directory name under the image root: no '/', no '..'
+IMAGE_URL_SCHEMES = ("http", "https")
 IMAGE_KINDS = ("tar", "raw")
 COMPRESSIONS = ("gzip", "zstd", "xz", "none")
 BOOT_KINDS = ("local", "kernel")
@@ -87,8 +91,24 @@ class Environment:
 DEFAULT_LAYOUT = (Partition("swap", "512M", "swap"), Partition("root", "rest", "ext4", "/"))
 
 
-def parse_environment_file(path: Path, owner: str) -> tuple[Environment, Path | str]:
-    """Read an environment description (YAML); return it (without stored image) and its image source."""
+def check_image_url(url: str) -> None:
+    """Refuse image URLs other than http(s): file:// and friends would copy the appliance's own files."""
+    if urlsplit(url).scheme not in IMAGE_URL_SCHEMES:
+        raise CatalogError(f"image URL {url!r}: only {' or '.join(IMAGE_URL_SCHEMES)} URLs are accepted")
+
+
+def confined(path: Path, roots: Sequence[Path]) -> bool:
+    """Tell whether a path, symbolic links resolved, lies under one of the roots."""
+    real = path.resolve()
+    return any(real.is_relative_to(root.resolve()) for root in roots)
+
+
+def parse_environment_file(path: Path, owner: str, *, image_roots: Sequence[Path]) -> tuple[Environment, Path | str]:
+    """Read an environment description (YAML); return it (without stored image) and its image source.
+
+    An image file must lie under one of image_roots (the upload's directory, the appliance's files
+    directory); an image URL must be http(s).
+    """
     loc = load_yaml_mapping(path)
     problems: list[str] = []
     allowed = ("name", "version", "description", "visibility", "image", "disk", "postinstall", "boot", "kexec")
@@ -96,8 +116,9 @@ def parse_environment_file(path: Path, owner: str) -> tuple[Environment, Path | 
         if key not in allowed:
             problems.append(f"{loc.at(key)}: {key}: unknown key (expected one of: {', '.join(allowed)})")
     name = str(loc.raw("name", "") or "")
-    if not name or ":" in name or "/" in name:
-        problems.append(f"{loc.at('name')}: name: required, without ':' or '/'")
+    if not ENV_NAME.match(name):
+        problems.append(f"{loc.at('name')}: name: required: letters, digits, '.', '_' and '-', starting with a letter"
+                        " or digit, at most 64 characters")
     version = loc.raw("version", 1)
     if not isinstance(version, int) or version < 1:
         problems.append(f"{loc.at('version')}: version: expected a positive integer")
@@ -112,10 +133,17 @@ def parse_environment_file(path: Path, owner: str) -> tuple[Environment, Path | 
     else:
         if image.raw("file"):
             source = (path.parent / str(image.raw("file"))).resolve()
-            if not Path(source).is_file():
-                problems.append(f"{image.at('file')}: image.file: no such file {source}")
+            if not confined(source, image_roots):
+                problems.append(f"{image.at('file')}: image.file: outside the appliance's image directories"
+                                " (upload the image, or put it under the HTTP files directory)")
+            elif not Path(source).is_file():
+                problems.append(f"{image.at('file')}: image.file: no such file {image.raw('file')}")
         elif image.raw("url"):
             source = str(image.raw("url"))
+            try:
+                check_image_url(source)
+            except CatalogError as exc:
+                problems.append(f"{image.at('url')}: image.url: {exc}")
         else:
             problems.append(f"{image.where}: image: needs 'file' or 'url'")
         kind = str(image.raw("kind", "tar"))
@@ -181,6 +209,10 @@ class Catalog:
 
     def add(self, env: Environment, source: Path | str) -> Environment:
         """Store an environment and a copy of its image; verify the declared sha256; return the stored entry."""
+        if not ENV_NAME.match(env.name):
+            raise CatalogError(f"bad environment name {env.name!r}")
+        if isinstance(source, str):
+            check_image_url(source)
         if self._get(env.name, env.version) is not None:
             raise CatalogError(f"environment {env.ref} exists already (bump the version)")
         dest_dir = self.image_root / env.name / str(env.version)

@@ -87,7 +87,7 @@ async def world(tmp_path: Path) -> AsyncIterator[World]:
     controller = Controller(deps, lambda m, k: replace(default_workflow(m, k), deadlines=FAST))
     api = Api(http.app, inventory=inventory, users=users, catalog=deps.catalog, controller=controller,
               deployments=store, power=power, exec_runner=fake_exec, profiles=profiles, events=events,
-              stats=lambda: {"http": http.stats()}, stage_dir=tmp_path / "upload")
+              stats=lambda: {"http": http.stats()}, stage_dir=tmp_path / "upload", image_files=(files,))
     await http.start()
     serve = asyncio.create_task(controller.serve())
     host, port = _bound(http)
@@ -137,20 +137,48 @@ async def test_tokens_rights_and_visibility(world: World) -> None:
     assert (await client.call("POST", "/api/v1/users", bob_token, json={"name": "eve"}))[0] == 403
     status, env = await add_env(client, admin, "private-one", "private")
     assert status == 201 and env["sha256"] and env["compression"] == "gzip"
-    assert (await add_env(client, bob_token, "bobs", "private"))[0] == 201
-    _, listing = await client.call("GET", "/api/v1/environments", bob_token)
-    assert [e["name"] for e in listing["environments"]] == ["bobs"]  # admin's private env is invisible to bob
-    # no rights yet: deploy, power and reboot refused, naming the nodes
-    status, err = await client.call("POST", "/api/v1/deployments", bob_token, json={"nodes": "node-[1-2]", "env": "bobs"})
+    # no rights yet: adding environments, deploy, power and reboot refused, naming the nodes
+    status, err = await add_env(client, bob_token, "bobs", "private")
+    assert status == 403 and "'deploy' right" in err["error"]
+    status, err = await client.call("POST", "/api/v1/deployments", bob_token, json={"nodes": "node-[1-2]", "env": "private-one"})
     assert status == 403 and "node-[1-2]" in err["error"]
     assert (await client.call("POST", "/api/v1/power", bob_token, json={"nodes": "node-1", "op": "status"}))[0] == 403
     assert (await client.call("PUT", "/api/v1/nodes/node-1/profile", bob_token, json={"kind": "local"}))[0] == 403
     assert (await client.call("POST", "/api/v1/users/bob/rights", admin, json={"nodes": "node-[1-2]", "perms": ["deploy", "power"]}))[0] == 200
+    assert (await add_env(client, bob_token, "bobs", "private"))[0] == 201
+    _, listing = await client.call("GET", "/api/v1/environments", bob_token)
+    assert [e["name"] for e in listing["environments"]] == ["bobs"]  # admin's private env is invisible to bob
     assert (await client.call("POST", "/api/v1/power", bob_token, json={"nodes": "node-1", "op": "status"}))[0] == 200
     assert (await client.call("POST", "/api/v1/reboot", bob_token, json={"nodes": "node-1"}))[0] == 403
     status, err = await client.call("POST", "/api/v1/deployments", bob_token, json={"nodes": "node-[2-3]", "env": "bobs"})
     assert status == 403 and "node-3" in err["error"]
     assert (await client.call("POST", "/api/v1/deployments", bob_token, json={"nodes": "node-1", "env": "private-one"}))[0] == 404
+
+
+async def add_described(client: Client, token: str, description: str) -> tuple[int, Any]:
+    """POST an environment description without an image upload."""
+    form = aiohttp.FormData()
+    form.add_field("description", description.encode(), filename="env.yaml")
+    return await client.call("POST", "/api/v1/environments", token, data=form)
+
+
+async def test_environment_images_come_only_from_uploads_the_files_root_or_http(world: World, tmp_path: Path) -> None:
+    """Defect of 2026-12-05: image.file and file:// URLs copied any file the appliance could read into the catalog."""
+    client, admin = world.client, world.admin
+    secret = tmp_path / "admin.token"
+    for image in (f"{{file: {secret}, kind: tar}}", "{file: ../../admin.token, kind: tar}",
+                  f"{{url: 'file://{secret}', kind: tar}}", "{url: 'ftp://example.org/x.tgz', kind: tar}"):
+        status, err = await add_described(client, admin, f"name: stolen\nversion: 1\nimage: {image}\n")
+        assert status == 400 and ("outside the appliance's image directories" in err["error"]
+                                  or "only http or https URLs" in err["error"]), (image, err)
+    for name in ("..", ".hidden", "a/b", "x" * 65, "-rf"):
+        status, err = await add_env(client, admin, name, "public")
+        assert status == 400 and "name:" in err["error"], (name, err)
+    # an image already under the appliance's files directory is fine
+    (tmp_path / "files" / "ok.tgz").write_bytes(tgz())
+    status, env = await add_described(client, admin, f"name: local\nversion: 1\nimage: {{file: {tmp_path / 'files' / 'ok.tgz'}, kind: tar}}\n")
+    assert status == 201, env
+    assert sorted(p.name for p in (tmp_path / "images").iterdir()) == ["local"]
 
 
 async def test_deployment_lifecycle_events_stats_and_node_tokens(world: World) -> None:

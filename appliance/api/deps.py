@@ -120,4 +120,5 @@ class ApiDeps:
     events: NodeEvents
     stats: Callable[[], Mapping[str, Mapping[str, int]]]
     stage_dir: Path
+    image_files: tuple[Path, ...] = ()  # where an environment's image.file may point besides its upload
     openapi: dict[str, Any] = field(default_factory=dict)

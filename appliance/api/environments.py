@@ -52,6 +52,8 @@ async def remove_env(deps: ApiDeps, call: Call) -> m.Removed:
 async def add_env(deps: ApiDeps, call: Call) -> m.EnvironmentView:
     """POST /api/v1/environments (multipart: description, image): add an environment to the catalog."""
     user = call.me
+    if not deps.users.may_add_environments(user):
+        raise ApiError(403, f"{user.name} has no 'deploy' right on any node: adding environments needs one")
     reader = await call.request.multipart()
     deps.stage_dir.mkdir(parents=True, exist_ok=True)
     with tempfile.TemporaryDirectory(dir=deps.stage_dir) as tmp:
@@ -76,7 +78,7 @@ async def add_env(deps: ApiDeps, call: Call) -> m.EnvironmentView:
             data["image"].pop("url", None)
             desc_path.write_text(yaml.safe_dump(data))
         try:
-            env, source = parse_environment_file(desc_path, user.name)
+            env, source = parse_environment_file(desc_path, user.name, image_roots=(Path(tmp), *deps.image_files))
             stored = await asyncio.to_thread(deps.catalog.add, env, source)
         except ConfigError as exc:
             raise ApiError(400, "; ".join(p.replace(str(desc_path), "environment") for p in exc.problems)) from exc

@@ -127,7 +127,7 @@ ROUTES: tuple[Route, ...] = (
     Route("GET", "/api/v1/environments", environments.list_envs, "list the environments visible to the user",
           response=m.EnvironmentList),
     Route("POST", "/api/v1/environments", environments.add_env, "add an environment (multipart: description YAML, image file)",
-          multipart=environments.ENV_PARTS, response=m.EnvironmentView, status=201, errors=(400, 409)),
+          multipart=environments.ENV_PARTS, response=m.EnvironmentView, status=201, errors=(400, 403, 409)),
     Route("GET", "/api/v1/environments/{ref}", environments.show_env, "read an environment (NAME or NAME:VERSION)",
           response=m.EnvironmentView),
     Route("DELETE", "/api/v1/environments/{ref}", environments.remove_env, "remove an environment", response=m.Removed),

@@ -31,12 +31,12 @@ class Api:
     def __init__(self, app: web.Application, *, inventory: Inventory, users: Users, catalog: Catalog,
                  controller: DeploymentControl, deployments: DeploymentReader, power: PowerSwitch,
                  exec_runner: ExecRunner | None, profiles: Profiles, events: NodeEvents,
-                 stats: Callable[[], Mapping[str, Mapping[str, int]]], stage_dir: Path,
+                 stats: Callable[[], Mapping[str, Mapping[str, int]]], stage_dir: Path, image_files: tuple[Path, ...] = (),
                  routes: tuple[Route, ...] = ROUTES) -> None:
         self.users = users
         self.deps = ApiDeps(inventory=inventory, users=users, catalog=catalog, controller=controller, deployments=deployments,
                             power=power, exec_runner=exec_runner, profiles=profiles, events=events, stats=stats,
-                            stage_dir=stage_dir, openapi=build_openapi(routes))
+                            stage_dir=stage_dir, image_files=image_files, openapi=build_openapi(routes))
         self._routes: dict[web.AbstractRoute, Route] = {}
         for route in routes:
             self._routes[app.router.add_route(route.method, route.path, bind(route, self.deps))] = route
