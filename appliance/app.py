@@ -59,7 +59,7 @@ class Appliance:
         self.dhcp = DhcpService(dhcp_settings(config), reservations, self.events.publish, self.db)
         self.tftp = TftpService(tftp_settings(config), self.events.publish, self.mac_for_ip, self.scripts)
         self.http = HttpService(http_settings(config), self.events.publish, self.scripts, self.mac_for_ip,
-                                check_token=self.tokens.check, shared_images=self.agent.shares.get)
+                                tokens=self.tokens, shared_images=self.agent.shares.get)
         self.dns = DnsService(dns_settings(config), {n.name: n.ip for n in inventory.nodes})
         self._build_controller(config)
         self.services: list[Service] = [self.tftp, self.http, self.dns]

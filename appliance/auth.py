@@ -121,32 +121,76 @@ class Users:
             raise AuthError(f"{user.name} has no '{perm}' right on {NodeSet.fromlist(denied)}", 403)
 
 
+@dataclass
+class _Grant:
+    """A node's token in one deployment: where its first claim may come from, and whether it was used."""
+
+    deployment: str
+    ip: str
+    token: str | None = None   # None until the node's deploy agent claims it
+    redeemed: bool = False      # the installed system's callback used it
+
+
 class NodeTokens:
-    """One-time tokens a deployment hands each node (in its boot cmdline); a node cannot report for another."""
+    """Per-node tokens of a deployment, bound at first use (as Ironic's agent token): no secret in a boot profile.
+
+    The deploy environment's profile carries no token: its agent's first callback claims one, from the node's
+    own address, and gets it in that answer only. The post-install writes it into the installed system over
+    SSH, whose callback redeems it once. A token is never served by an unauthenticated answer and never
+    travels in node records; a node cannot report for another, nor twice with the same token.
+    """
 
     def __init__(self) -> None:
-        self._by_mac: dict[str, tuple[str, str]] = {}  # mac -> (token, deployment id)
+        self._grants: dict[str, _Grant] = {}  # mac -> grant
 
-    def issue(self, mac: str, deployment: str) -> str:
-        """Create the token of a node in a deployment (replacing any earlier one)."""
+    def expect(self, mac: str, deployment: str, ip: str) -> None:
+        """A node boots the deploy environment for a deployment: its agent may claim a token, from ip, once."""
+        self._grants[mac.lower()] = _Grant(deployment, ip)
+
+    def issue(self, mac: str, deployment: str, ip: str) -> str:
+        """Bind a new token to a node now (handed over a private channel, e.g. the post-install over SSH)."""
         token = secrets.token_urlsafe(18)
-        self._by_mac[mac.lower()] = (token, deployment)
+        self._grants[mac.lower()] = _Grant(deployment, ip, token)
         return token
 
-    def check(self, mac: str, token: str | None) -> str | None:
-        """Return the deployment id when the token is the node's current one, else None."""
-        entry = self._by_mac.get(mac.lower())
-        if entry is None or token is None or not hmac.compare_digest(entry[0], token):
+    def claim(self, mac: str, remote: str) -> tuple[str, str] | None:
+        """The first callback of an expected node, from its own address: bind and return (deployment, token)."""
+        grant = self._grants.get(mac.lower())
+        if grant is None or grant.token is not None or not hmac.compare_digest(grant.ip, remote):
             return None
-        return entry[1]
+        grant.token = secrets.token_urlsafe(18)
+        return grant.deployment, grant.token
+
+    def check(self, mac: str, token: str | None, remote: str) -> str | None:
+        """Return the deployment when token is the node's bound, unused token, presented from the node's address."""
+        grant = self._grants.get(mac.lower())
+        if (grant is None or grant.token is None or grant.redeemed or not token
+                or not hmac.compare_digest(grant.token, token) or not hmac.compare_digest(grant.ip, remote)):
+            return None
+        return grant.deployment
+
+    def redeem(self, mac: str, token: str | None, remote: str) -> str | None:
+        """Like check(), and the token cannot be used again."""
+        deployment = self.check(mac, token, remote)
+        if deployment is not None:
+            self._grants[mac.lower()].redeemed = True
+        return deployment
+
+    def rearm(self, mac: str, deployment: str) -> bool:
+        """A new boot of the installed system was asked for: its token may be redeemed once more; False if none."""
+        grant = self._grants.get(mac.lower())
+        if grant is None or grant.deployment != deployment or grant.token is None:
+            return False
+        grant.redeemed = False
+        return True
 
     def token_of(self, mac: str) -> str | None:
-        """Return the current token of a node, if any."""
-        entry = self._by_mac.get(mac.lower())
-        return entry[0] if entry else None
+        """Return a node's bound token (for the installed system's stamp), if any."""
+        grant = self._grants.get(mac.lower())
+        return grant.token if grant is not None else None
 
     def revoke(self, mac: str, deployment: str | None = None) -> None:
         """Forget a node's token (of that deployment only, when given)."""
-        entry = self._by_mac.get(mac.lower())
-        if entry is not None and (deployment is None or entry[1] == deployment):
-            del self._by_mac[mac.lower()]
+        grant = self._grants.get(mac.lower())
+        if grant is not None and (deployment is None or grant.deployment == deployment):
+            del self._grants[mac.lower()]

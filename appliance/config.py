@@ -6,6 +6,7 @@ from dataclasses import dataclass, field
 from pathlib import Path
 from typing import Any, Callable
 
+from appliance.deploy.workflow import BootDeadlines
 from appliance.inventory import Inventory, load_inventory
 from appliance.yamlsource import Located, load_yaml_mapping
 from domain.errors import ConfigError
@@ -282,8 +283,6 @@ def load_config(path: str | Path) -> ApplianceConfig:
 
     deploy = DeployConfig(ssh_key=state_dir / "deploy_key")
     if (dp := _child(root, "deploy", problems)) is not None:
-        from appliance.deploy.workflow import BootDeadlines
-
         deadline_keys = tuple(k for k in BootDeadlines.__dataclass_fields__ if k != "nbp_loop_limit")
         r = _Reader(dp, problems, ("kernel", "initrds", "cmdline", "ssh_key", "ssh_port", "reboot_window", "deadlines"))
         deadlines: dict[str, float] = {}

@@ -53,7 +53,7 @@ class AgentConfig:
     mac: str
     host: str  # the node's address: SSH and the broadcast receiver bind here
     callback_url: str | None = None  # the full URL, as ipxe.script renders {callback}: http://10.77.0.1:8080/callback/52-54-00-77-00-01
-    token: str = ""  # the one-time token from the kernel command line
+    token: str = ""  # the node's token when it has one (an installed system's stamp); empty: claimed at the first callback
     ssh_port: int = 22
     data_port: int = 7070
     authorized_keys: tuple[str, ...] = ()  # OpenSSH public key lines (the appliance's deploy key)
@@ -102,6 +102,7 @@ class DeployAgent:
     def __init__(self, config: AgentConfig, *, kexec_hook: KexecHook | None = None, reboot_hook: RebootHook | None = None,
                  listen_factory: ListenFactory | None = None, socket_factory: SocketFactory | None = None) -> None:
         self.config = config
+        self.token = config.token  # claimed from the appliance at the first callback when empty
         self.kexec_hook = kexec_hook
         # A virtual node (vm-testbed) must never run the host's `reboot`: it passes a hook that resets itself.
         self.reboot_hook = reboot_hook
@@ -150,12 +151,16 @@ class DeployAgent:
         return int(self._acceptor.get_port())
 
     async def callback(self, event: str = "agent_up", attempts: int = 6, **detail: Any) -> bool:
-        """POST the callback URL ({token, stage, status, ...}); retry with backoff; True when accepted."""
+        """POST the callback URL ({token, stage, status, ...}); retry with backoff; True when accepted.
+
+        Without a token (a deploy environment's boot carries none), the first callback claims the node's token
+        from the appliance; the agent keeps it for its later callbacks.
+        """
         cfg = self.config
         if not cfg.callback_url:
             return False
         url = cfg.callback_url
-        body = {"token": cfg.token, "stage": event, "status": "ok", "name": cfg.name, "ip": cfg.host,
+        body = {"token": self.token, "stage": event, "status": "ok", "name": cfg.name, "ip": cfg.host,
                 "ssh_port": self.ssh_port if self._acceptor else cfg.ssh_port, "data_port": self.receiver.port, **detail}
         connector = aiohttp.TCPConnector(socket_factory=self.socket_factory) if self.socket_factory else aiohttp.TCPConnector()
         timeout = aiohttp.ClientTimeout(total=10)
@@ -164,6 +169,9 @@ class DeployAgent:
                 try:
                     async with http.post(url, json=body) as resp:
                         if 200 <= resp.status < 300:
+                            answer = await resp.json(content_type=None)
+                            if isinstance(answer, dict) and isinstance(answer.get("token"), str):
+                                self.token = answer["token"]  # claimed: bound to this node from now on
                             return True
                         if resp.status in (400, 401, 403, 404):  # refused: retrying will not help
                             log.warning("%s: callback refused: HTTP %d", cfg.name, resp.status)

@@ -17,7 +17,7 @@ import json
 import logging
 from dataclasses import dataclass
 from pathlib import Path
-from typing import Any, Callable
+from typing import Any, Callable, Protocol
 
 from aiohttp import web
 from aiohttp.abc import AbstractStreamWriter
@@ -51,8 +51,20 @@ SHUTDOWN_TIMEOUT_S = 2.0
 LISTEN_BACKLOG = 1024
 FILE_CHUNK_SIZE = 256 * 1024
 
-# (mac, token) -> the deployment the token was issued for, or None: the one check of one-time tokens.
-TokenCheck = Callable[[str, "str | None"], "str | None"]
+
+
+class NodeTokenAuthority(Protocol):
+    """The per-node tokens of running deployments (appliance.auth.NodeTokens): bound at first use."""
+
+    def claim(self, mac: str, remote: str) -> tuple[str, str] | None:
+        """An expected node's first callback, from its own address: (deployment, its new token), once."""
+
+    def check(self, mac: str, token: str | None, remote: str) -> str | None:
+        """The deployment a node's bound token belongs to, or None."""
+
+    def redeem(self, mac: str, token: str | None, remote: str) -> str | None:
+        """Like check, and the token cannot be used again."""
+
 # image token -> the file a running broadcast offers behind it (star), or None.
 SharedImages = Callable[[str], "Path | None"]
 
@@ -113,14 +125,14 @@ class HttpService:
         scripts: ScriptRenderer,
         mac_for_ip: Callable[[ipaddress.IPv4Address], str | None],
         *,
-        check_token: TokenCheck = lambda mac, token: None,
+        tokens: NodeTokenAuthority | None = None,
         shared_images: SharedImages = lambda token: None,
     ) -> None:
         self._settings = settings
         self._emit = emit
         self._scripts = scripts
         self._mac_for_ip = mac_for_ip
-        self._check_token = check_token
+        self._tokens = tokens
         self._shared_images = shared_images
         self._files_root = settings.files
         self._nbp_names = frozenset(n for n in settings.nbp_names if n)
@@ -320,21 +332,34 @@ class HttpService:
     async def _callback(self, request: web.Request) -> web.Response:
         """POST /callback/MAC with JSON {stage, status, message, token, ...} (or GET with a query, from iPXE).
 
-        The body is read and decoded once, here (JSON in UTF-8, RFC 8259 8.1); a stage that claims a
-        deployment step needs the node's current one-time token, checked here and nowhere else.
+        The body is read and decoded once, here (JSON in UTF-8, RFC 8259 8.1). A stage that claims a deployment
+        step is checked here and nowhere else: the deploy agent's first callback, without a token, from the
+        node's own address, claims the node's token and gets it in this answer only; the installed system
+        redeems the token the post-install wrote into it, once.
         """
         mac = self._mac_param(request)
         body = await self._callback_body(request)
         stage = str(body.get("stage", ""))
         event: NodeEvent
+        granted = ""
         if stage in CLAIMED_STAGES:
-            token = body.get("token")
-            deployment = self._check_token(mac, token if isinstance(token, str) else None)
+            token = body.get("token") if isinstance(body.get("token"), str) else None
+            remote = request.remote or ""
+            deployment: str | None = None
+            if self._tokens is not None:
+                if stage in AGENT_STAGES:
+                    if token:
+                        deployment = self._tokens.check(mac, token, remote)
+                    elif (claimed := self._tokens.claim(mac, remote)) is not None:
+                        deployment, granted = claimed
+                else:
+                    deployment = self._tokens.redeem(mac, token, remote)
             if deployment is None:
                 self._counters["callbacks_refused"] += 1
-                log.warning("http: callback %r for %s from %s refused: wrong or missing one-time token",
-                            stage, mac, request.remote)
-                raise web.HTTPForbidden(text=f"callback for {mac}: wrong or missing one-time token\n")
+                log.warning("http: callback %r for %s from %s refused: no claim expected from there, or a wrong, "
+                            "used or missing token", stage, mac, remote)
+                raise web.HTTPForbidden(text=f"callback for {mac}: not expected from this address, or a wrong, "
+                                             "used or missing token\n")
             if stage in AGENT_STAGES:
                 try:
                     event = AgentUp(mac, deployment, int(body.get("ssh_port", 22)), int(body.get("data_port", 7070)))
@@ -347,7 +372,10 @@ class HttpService:
             event = NodeReport(mac, stage, str(body.get("status", "")), str(body.get("message", "")))
         self._counters["callbacks"] += 1
         self._emit(event)
-        return web.json_response({"ok": True, "event": event_json(event)})
+        answer: dict[str, Any] = {"ok": True, "event": event_json(event)}
+        if granted:
+            answer["token"] = granted  # the only time the token is served: to the node that claimed it
+        return web.json_response(answer)
 
     async def _callback_body(self, request: web.Request) -> dict[str, Any]:
         if request.method != "POST":

@@ -3,7 +3,6 @@ from __future__ import annotations
 
 import asyncio
 import ipaddress
-import re
 from pathlib import Path
 from typing import Callable
 
@@ -191,20 +190,21 @@ class FakeCluster:
             ev.publish(InitrdFetched(node.mac, "deploy/initrd.img"))
             # The deploy environment's own DHCP client: not firmware, must not restart the boot watch.
             ev.publish(DhcpFromOs(node.mac, "rackboot-deploy"))
-            token = re.search(r"rackboot.token=(\S+)", profile.cmdline).group(1)  # type: ignore[union-attr]
-            self.callback(node, "agent_up", token)
+            assert "rackboot.token" not in profile.cmdline  # no secret in what any host can fetch
+            self.callback(node, "agent_up", None)
         else:
             env = "other:1" if node.name in self.wrong_env else profile.env
             self.callback(node, "installed", self.deps.tokens.token_of(node.mac), env)
 
     def callback(self, node: Node, stage: str, token: str | None, env: str = "") -> None:
-        """What the HTTP service does with a node's callback: the token proves a deployment, or nothing is published."""
-        deployment = self.deps.tokens.check(node.mac, token)
-        if deployment is None:
-            return
+        """What the HTTP service does with a node's callback from its own address: the agent claims the node's
+        token, the installed system redeems it; a refused callback publishes nothing."""
+        tokens, ip = self.deps.tokens, str(node.ip)
         if stage == "agent_up":
-            self.deps.events.publish(AgentUp(node.mac, deployment, 22, 7070))
-        else:
+            claimed = tokens.claim(node.mac, ip)
+            if claimed is not None:
+                self.deps.events.publish(AgentUp(node.mac, claimed[0], 22, 7070))
+        elif (deployment := tokens.redeem(node.mac, token, ip)) is not None:
             self.deps.events.publish(OsUp(node.mac, deployment, env))
 
 

@@ -50,7 +50,7 @@ async def cluster(tmp_path: Path) -> AsyncIterator[dict[str, Any]]:
                             kexec_hook=kexec, reboot_hook=reboot)
         await agent.start()
         agents.append(agent)
-        tokens.issue(n.mac, "d1")
+        tokens.issue(n.mac, "d1", str(n.ip))
         driver.agent_up(n, {"ssh_port": str(agent.ssh_port), "data_port": str(agent.receiver.port)})
     yield {"driver": driver, "nodes": nodes, "agents": agents, "events": events, "tmp": tmp_path}
     for a in agents:

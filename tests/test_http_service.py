@@ -22,6 +22,7 @@ from domain.errors import BindError
 from domain.nodes import Node
 from domain.profiles import BootProfile
 from domain.progress import (
+    event_json,
     AgentUp, BootFailed, FileSent, InitrdFetched, KernelFetched, NodeReport, OsUp, ScriptServed, Via,
 )
 from ipxe.script import ScriptRenderer
@@ -67,7 +68,7 @@ class Appliance:
         self.tokens = NodeTokens()
         self.base = config.base_url
         scripts = ScriptRenderer(NodeBootTargets(self.inventory, self.profiles, discovery), self.base)
-        self.http = HttpService(config, self.events.publish, scripts, self.mac_for_ip, check_token=self.tokens.check)
+        self.http = HttpService(config, self.events.publish, scripts, self.mac_for_ip, tokens=self.tokens)
 
     def mac_for_ip(self, ip: ipaddress.IPv4Address) -> str | None:
         node = self.inventory.by_ip.get(ip)
@@ -244,30 +245,45 @@ async def test_callbacks_without_a_claimed_stage_are_node_reports(appliance: App
     assert appliance.http.stats()["dropped_malformed"] == 1 and appliance.http.stats()["callbacks"] == 2
 
 
-async def test_claimed_stages_need_the_one_time_token_checked_once_and_never_published(appliance: Appliance) -> None:
-    token = appliance.tokens.issue(NODE1.mac, "d1")
-    other = appliance.tokens.issue(NODE2.mac, "d1")
+async def test_node_tokens_are_claimed_once_from_the_node_and_redeemed_once(appliance: Appliance) -> None:
+    """Defects of 2026-12-05: a token read from the public script was accepted, again on reuse; a latin-1 body
+    without a token was accepted as agent_up. Now the agent claims its token, from its own address, once."""
+    appliance.tokens.expect(NODE1.mac, "d1", str(NODE1.ip))
+    appliance.tokens.expect(NODE2.mac, "d1", str(NODE2.ip))
     url = f"{appliance.base}/callback/52-54-00-77-00-01"
-    async with aiohttp.ClientSession() as http:
-        for body in ({"stage": "agent_up"}, {"stage": "agent_up", "token": other}, {"stage": "installed", "token": "x"},
+    async with client_from("127.0.0.1") as stranger:  # another host of the boot network
+        for body in ({"stage": "agent_up"}, {"stage": "installed"}, {"stage": "installed", "token": "x"},
                      {"stage": "agent_up", "token": 12}):
-            async with http.post(url, json=body) as r:
+            async with stranger.post(url, json=body) as r:
                 assert r.status == 403, body
         # One decoding of the body, here: a latin-1 body is not JSON text (RFC 8259 8.1) and claims nothing.
-        async with http.post(url, data='{"stage": "agent_up", "note": "\xe9"}'.encode("latin-1"),
-                             headers={"Content-Type": "application/json; charset=latin-1"}) as r:
+        async with stranger.post(url, data='{"stage": "agent_up", "note": "\xe9"}'.encode("latin-1"),
+                                 headers={"Content-Type": "application/json; charset=latin-1"}) as r:
             assert r.status == 400
-        assert appliance.events.last(NODE1.mac) == []
-        async with http.post(url, json={"stage": "agent_up", "token": token, "ssh_port": 2222, "data_port": 7171}) as r:
+    assert appliance.events.last(NODE1.mac) == []
+    async with client_from(str(NODE2.ip)) as node2:  # a node cannot claim another's token
+        async with node2.post(url, json={"stage": "agent_up"}) as r:
+            assert r.status == 403
+    async with client_from(str(NODE1.ip)) as node1:
+        async with node1.post(url, json={"stage": "agent_up", "ssh_port": 2222, "data_port": 7171}) as r:
+            assert r.status == 200
+            claimed = await r.json()
+        token = claimed["token"]  # served once, to the node that claimed it
+        async with node1.post(url, json={"stage": "agent_up"}) as r:
+            assert r.status == 403  # claimed already: a second claim (anyone's) is refused
+        async with node1.post(url, json={"stage": "installed", "token": token, "env": "debian12:1"}) as r:
             assert r.status == 200
             answer = await r.json()
-        async with http.post(url, json={"stage": "installed", "token": token, "env": "debian12:1"}) as r:
-            assert r.status == 200
+        async with node1.post(url, json={"stage": "installed", "token": token, "env": "debian12:1"}) as r:
+            assert r.status == 403  # used
+    async with client_from("127.0.0.1") as stranger:  # the token alone, from another host, proves nothing
+        async with stranger.post(url, json={"stage": "agent_up", "token": token}) as r:
+            assert r.status == 403
     up, os_up = appliance.events.last(NODE1.mac)
     assert up == AgentUp(NODE1.mac, "d1", 2222, 7171, ts=up.ts)
     assert os_up == OsUp(NODE1.mac, "d1", "debian12:1", ts=os_up.ts)
-    assert token not in json.dumps(answer)
-    assert appliance.http.stats()["callbacks_refused"] == 4
+    assert token not in json.dumps(answer) and token not in json.dumps([event_json(e) for e in appliance.events.last(NODE1.mac)])
+    assert appliance.http.stats()["callbacks_refused"] == 8
 
 
 async def test_only_configured_nbps_are_served(appliance: Appliance) -> None:

@@ -15,7 +15,7 @@ from appliance.auth import PERMS
 from appliance.deploy.power import POWER_OPS
 from domain.profiles import PROFILE_KINDS, BootProfile
 
-# A deploy profile's cmdline carries the node's one-time token (controller._deploy_profile): never served.
+# Should a profile's cmdline carry a node token (an operator's own profile; deployments put none there), it is never served.
 _TOKEN_IN_CMDLINE = re.compile(r"(rackboot\.token=)\S*")
 REDACTED = "***"
 

@@ -28,6 +28,7 @@ from broadcast.methods import BroadcastJob, run_broadcast
 from broadcast.params import ChainParams
 from broadcast.topology import Target
 from domain.nodes import Node
+from ipxe import callback_path
 
 log = logging.getLogger("rackboot.agent_driver")
 
@@ -54,7 +55,7 @@ def partition_specs(layout: tuple[Partition, ...]) -> list[PartitionSpec]:
 
 
 class ImageShares:
-    """Images offered over HTTP for one broadcast attempt (star), each behind a random token."""
+    """Images offered over HTTP (GET /images/TOKEN) for one broadcast attempt, each behind a random token."""
 
     def __init__(self) -> None:
         self._by_token: dict[str, Path] = {}
@@ -184,7 +185,7 @@ class AgentDeployDriver:
         scripts = [{"name": f"post-{i}", "content": s if s.startswith("#!") else f"#!/bin/sh\nset -e\n{s}\n"}
                    for i, s in enumerate(env.postinstall)]
         stamp = {"env": env.ref, "sha256": env.sha256, "token": self.tokens.token_of(node.mac) or "",
-                 "callback": self.config.http_base + f"/callback/{node.mac.replace(':', '-')}"}
+                 "callback": self.config.http_base + callback_path(node.mac)}
         # The installed system reads this file at boot and calls back with its identity and the node's token.
         # Root's authorized_keys gets the deploy key (as Kadeploy does), so the appliance can soft-reboot the
         # installed system and run commands on it.

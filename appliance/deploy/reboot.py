@@ -115,7 +115,7 @@ class Rebooter:
         attempts = (("kexec",) if kexec_env is not None else ()) + levels
         for level in attempts:
             why: str | None = None
-            # A window slot is held from the reset until the node has its kernel (or is stuck): at most `window`
+            # A window slot is held from the reset until the node has its iPXE script (or is stuck): at most `window`
             # nodes are in POST, DHCP, TFTP and iPXE at once, the unreliable part under load. A node waiting for a
             # slot has no deadline running. Kexec'ing nodes take slots too, until the new kernel is on the network:
             # hundreds of systems starting at once is a DHCP storm of its own.

@@ -42,9 +42,9 @@ NodeBody = Callable[[Deployment, NodeRun, Implementation], Awaitable[str | None]
 
 
 def _give_deploy_profile(dep: Deployment, run: NodeRun) -> None:
-    """Issue the node's one-time token and point its next boot at the deploy environment."""
-    token = dep.deps.tokens.issue(run.node.mac, dep.id)
-    dep.deps.profiles.set(run.node.mac, deploy_profile(dep.deps.deploy_profile, run.node, token, dep.id, dep.env))
+    """Expect the node's agent to claim its token, and point its next boot at the deploy environment."""
+    dep.deps.tokens.expect(run.node.mac, dep.id, str(run.node.ip))
+    dep.deps.profiles.set(run.node.mac, deploy_profile(dep.deps.deploy_profile, run.node, dep.id, dep.env))
 
 
 async def set_deployment_env(dep: Deployment, run: NodeRun, impl: Implementation) -> str | None:
@@ -63,8 +63,9 @@ async def set_deployment_env(dep: Deployment, run: NodeRun, impl: Implementation
 
 async def boot_new_env(dep: Deployment, run: NodeRun, impl: Implementation) -> str | None:
     """Boot the node into the installed system (kexec or a reboot) and check it is the right one."""
-    if dep.deps.tokens.token_of(run.node.mac) is None:
-        dep.deps.tokens.issue(run.node.mac, dep.id)
+    # The installed system calls back with the token the post-install wrote into it, once per boot asked for.
+    if not dep.deps.tokens.rearm(run.node.mac, dep.id):
+        dep.deps.tokens.issue(run.node.mac, dep.id, str(run.node.ip))
     dep.deps.profiles.set(run.node.mac, installed_profile(dep.env))
     dep.deps.events.publish(ProfileSet(run.node.mac, dep.env.boot_kind, dep.env.ref, dep.id))
     if impl.name == "kexec":
@@ -85,13 +86,18 @@ async def reboot_node(dep: Deployment, run: NodeRun, impl: Implementation) -> st
     """Reboot the node towards the workflow's target (deploy, local, an environment, or netboot as is)."""
     to = dep.workflow.reboot_to
     target = NETBOOT
+    profile: BootProfile | None = None
     if to == "deploy":
         _give_deploy_profile(dep, run)
         target = DEPLOY
     elif to == "local":
-        dep.deps.profiles.set(run.node.mac, BootProfile(kind="local"))
+        profile = BootProfile(kind="local")
     elif to:
-        dep.deps.profiles.set(run.node.mac, installed_profile(dep.env))
+        profile = installed_profile(dep.env)
+    if profile is not None:
+        dep.deps.profiles.set(run.node.mac, profile)
+    if to:
+        dep.deps.events.publish(ProfileSet(run.node.mac, dep.deps.profiles.get(run.node.mac).kind, dep.env.ref, dep.id))
     return await dep.rebooter.boot(run, target, LADDERS[impl.name])
 
 

@@ -56,7 +56,6 @@ class BootDeadlines:
     os_after_script: float = 240.0    # local boot -> installed system calls back
     kexec_alive: float = 30.0         # kexec -> the new kernel's DHCP (or its callback), no firmware involved
     callback_after_os_dhcp: float = 180.0  # a booted system's own DHCP -> its callback
-    soft_reboot_grace: float = 20.0   # after an SSH reboot, before the node must have left (no DHCP yet is fine)
     nbp_loop_limit: int = 4           # NBP sent this many times without a script: the node loops in firmware
 
 
