@@ -11,6 +11,7 @@ import ipaddress
 import logging
 import secrets
 import struct
+import time
 from dataclasses import dataclass, field
 from typing import Callable, Mapping
 
@@ -41,12 +42,20 @@ CLASSIC_UDP_SIZE = 512  # RFC 1035 4.2.1
 CLASS_IN, CLASS_ANY = 1, 255  # RFC 1035 3.2.4, 3.2.5
 
 
+MAX_NAME_OCTETS = 255  # RFC 1035 2.3.4: a name, as encoded (length octets included), is at most 255 octets
+
+
 def decode_query(data: bytes) -> DNSRecord:
-    """Decode a DNS message; raise MalformedPacket when dnslib cannot."""
+    """Decode a DNS message; raise MalformedPacket when dnslib cannot or a name breaks RFC 1035's size limits."""
     try:
-        return DNSRecord.parse(data)
+        record = DNSRecord.parse(data)
     except Exception as exc:  # dnslib raises DNSError and, on some inputs, other errors: all mean malformed
         raise MalformedPacket(f"dns: undecodable message ({len(data)} bytes): {exc}") from exc
+    for q in record.questions:
+        # dnslib reads such names but cannot write them back: a reply would raise (RFC 1035 2.3.4).
+        if sum(len(label) + 1 for label in q.qname.label) + 1 > MAX_NAME_OCTETS:
+            raise MalformedPacket(f"dns: question name over {MAX_NAME_OCTETS} octets")
+    return record
 
 
 def _name(label: object) -> str:
@@ -215,10 +224,11 @@ class DnsService:
         self._tcp_tasks: set[asyncio.Task[None]] = set()
         self._tcp_writers: set[asyncio.StreamWriter] = set()
         self.port = settings.port
+        self._quiet_until = 0.0
         self._counters = dict.fromkeys(
             ("received", "sent", "dropped_malformed", "dropped_not_query", "answered", "nxdomain", "refused",
              "formerr", "notimp", "forwarded", "forward_replies", "forward_timeouts", "forward_dropped",
-             "servfail", "tcp_connections"),
+             "servfail", "tcp_connections", "errors"),
             0,
         )
 
@@ -325,7 +335,14 @@ class DnsService:
             if self._udp is not None:
                 self._udp.sendto(payload, addr)
 
-        self._handle(data, reply_to, True)
+        try:
+            self._handle(data, reply_to, True)
+        except Exception:  # a datagram nobody foresaw: count it; one traceback a minute at most (logs stay bounded)
+            self._counters["errors"] += 1
+            now = time.monotonic()
+            if now >= self._quiet_until:
+                self._quiet_until = now + 60.0
+                log.exception("dns: cannot handle a datagram from %s:%d (more are only counted for a minute)", *addr[:2])
 
     # -- forwarding over UDP, with id remapping --------------------------------------------------------
 

@@ -286,6 +286,21 @@ def test_decline_holds_the_address_back() -> None:
     assert h("02:00:00:00:00:98", "discover").reply is None  # .100 declined, .101 offered
 
 
+def test_decline_counts_only_from_the_client_that_holds_the_address() -> None:
+    """Defect of 2026-12-05: a DECLINE from any MAC blocked any pool address for 600 s, leased ones included."""
+    h = Harness(make_config(pool=pool("10.77.0.100", "10.77.0.102")))
+    h(STRANGER, "discover", xid=1)
+    h(STRANGER, "request", xid=1, options=[("requested_addr", "10.77.0.100"), ("server_id", "10.77.0.1")])
+    attacker = "02:00:00:00:00:66"
+    for ip in ("10.77.0.100", "10.77.0.101", "10.77.0.102"):
+        d = h(attacker, "decline", options=[("requested_addr", ip), ("server_id", "10.77.0.1")])
+        assert d.reply is None and d.ignored
+    lease = h.leases.lease_for(STRANGER)
+    assert lease is not None and lease.ip == int(ipaddress.IPv4Address("10.77.0.100"))  # the victim keeps its lease
+    d = h("02:00:00:00:00:98", "discover", xid=2)
+    assert d.reply is not None and BOOTP(d.reply.data).yiaddr == "10.77.0.101"  # nothing else was blocked
+
+
 def test_release_ends_the_lease_now() -> None:
     h = Harness(make_config(pool=pool("10.77.0.100", "10.77.0.109")))
     h(STRANGER, "discover")

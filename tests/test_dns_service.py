@@ -3,6 +3,7 @@ from __future__ import annotations
 
 import asyncio
 import ipaddress
+import logging
 import socket
 from pathlib import Path
 from typing import AsyncIterator
@@ -122,6 +123,26 @@ async def test_malformed_datagram_is_dropped_and_counted_and_service_keeps_answe
     assert str(reply.rr[0].rdata) == "127.0.0.11"
     assert dns.stats()["dropped_malformed"] == 2
     assert dns.stats()["received"] == 3
+
+
+def long_name_query(total: int) -> bytes:
+    """A query whose name has legal labels (<= 63 octets) but more than 255 octets in all (RFC 1035 2.3.4)."""
+    labels = b""
+    while len(labels) < total:
+        labels += bytes([50]) + b"a" * 50
+    return b"\xab\xcd\x01\x00\x00\x01\x00\x00\x00\x00\x00\x00" + labels + b"\x00\x00\x01\x00\x01"
+
+
+async def test_over_long_names_are_dropped_quietly(dns: DnsService, caplog: pytest.LogCaptureFixture) -> None:
+    """Defect of 2026-12-05: a name over 255 octets raised outside the protected block, a traceback per packet."""
+    caplog.set_level(logging.DEBUG, logger="asyncio")
+    with socket.socket(socket.AF_INET, socket.SOCK_DGRAM) as s:
+        for total in (260, 300, 1000):
+            s.sendto(long_name_query(total), ("127.0.0.1", dns.port))
+    reply = await ask(dns.port, "node-1.cluster.test")
+    assert str(reply.rr[0].rdata) == "127.0.0.11"
+    assert dns.stats()["dropped_malformed"] == 3
+    assert not [r for r in caplog.records if r.levelno >= logging.WARNING], caplog.text[-2000:]
 
 
 async def test_bind_error_when_port_taken(tmp_path: Path) -> None:

@@ -234,18 +234,26 @@ class LeaseTable:
         self._dirty[mac] = lease
         return True
 
-    def decline(self, mac: str, ip: int, now: float, hold: float = DECLINE_HOLD_S) -> None:
-        """Mark ip unusable for a while because mac found it in use (RFC 2131 4.3.3); drop mac's hold on it."""
+    def decline(self, mac: str, ip: int, now: float, hold: float = DECLINE_HOLD_S) -> bool:
+        """Mark ip unusable for a while because mac found it in use (RFC 2131 4.3.3); drop mac's hold on it.
+
+        Only the client the address was offered or leased to can decline it: a DECLINE from anyone else, for
+        any address, is refused (False), or one host could empty the pool and take leases from others.
+        """
+        lease = self._leases.get(mac)
+        offered = self._offers.get(mac)
+        holds_lease = lease is not None and lease.ip == ip
+        if not holds_lease and not (offered is not None and offered[0] == ip):
+            return False
         if self.in_pool(ip):
             self._declined[ip] = now + hold
-        lease = self._leases.get(mac)
-        if lease is not None and lease.ip == ip:
+        if holds_lease:
             del self._leases[mac]
             self._lease_ip.pop(ip, None)
             self._dirty[mac] = None
-        current = self._offers.get(mac)
-        if current is not None and current[0] == ip:
+        if offered is not None and offered[0] == ip:
             self.forget_offer(mac)
+        return True
 
     def flush(self) -> int:
         """Write every changed lease row in one transaction; return how many rows were written."""

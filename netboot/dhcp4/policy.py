@@ -130,6 +130,7 @@ class DhcpPolicy:
         self._boot_cache: dict[tuple[str, str, bool], BootAnswer | None] = {}
         self._ipxe_cache: dict[tuple[str, bool], BootAnswer] = {}  # inventory MACs only: bounded
         self._quiet_until = 0.0
+        self._decline_quiet_until = 0.0
 
     # ------------------------------------------------------------------ entry point
 
@@ -177,7 +178,9 @@ class DhcpPolicy:
             return self._inform(req, extra)
         if mt == o.DECLINE:
             wanted = req.option_ip(o.REQUESTED_IP) or ip
-            log.warning("dhcp: %s declined its reserved address %s: another host uses it", mac, _ntoa(wanted))
+            if now >= self._decline_quiet_until:  # one line a minute at most
+                self._decline_quiet_until = now + 60
+                log.warning("dhcp: %s declined its reserved address %s: another host uses it", mac, _ntoa(wanted))
             return Decision()
         if mt == o.RELEASE:
             return Decision()
@@ -230,8 +233,11 @@ class DhcpPolicy:
             sid = req.option_ip(o.SERVER_ID)
             if wanted is None or (sid is not None and sid != self.sid):
                 return Decision(ignored="DECLINE not for us")
-            leases.decline(mac, ip_to_int(wanted), now)
-            log.warning("dhcp: %s declined %s: another host uses it; held back for a while", mac, _ntoa(wanted))
+            if not leases.decline(mac, ip_to_int(wanted), now):
+                return Decision(ignored="DECLINE of an address this client does not hold")
+            if now >= self._decline_quiet_until:  # one line a minute at most: DECLINEs must not fill the log
+                self._decline_quiet_until = now + 60
+                log.warning("dhcp: %s declined %s: another host uses it; held back for a while", mac, _ntoa(wanted))
             return Decision()
         if mt == o.RELEASE:
             sid = req.option_ip(o.SERVER_ID)
