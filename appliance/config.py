@@ -44,6 +44,7 @@ class TftpConfig:
     timeout: float = 1.0
     retries: int = 6
     max_sessions: int = 4096
+    max_sessions_per_host: int = 64
 
 
 @dataclass(frozen=True)
@@ -229,7 +230,8 @@ def load_config(path: str | Path) -> ApplianceConfig:
 
     tftp = TftpConfig(root=state_dir / "tftp")
     if (t := _child(root, "tftp", problems)) is not None:
-        r = _Reader(t, problems, ("port", "root", "max_blksize", "max_windowsize", "timeout", "retries", "max_sessions"))
+        r = _Reader(t, problems, ("port", "root", "max_blksize", "max_windowsize", "timeout", "retries", "max_sessions",
+                                     "max_sessions_per_host"))
         tftp = TftpConfig(
             port=r.port("port", 69),
             root=r.get("root", state_dir / "tftp", lambda v: (path.parent / str(v)).resolve(), "a directory"),
@@ -238,6 +240,7 @@ def load_config(path: str | Path) -> ApplianceConfig:
             timeout=r.positive("timeout", 1.0, float),
             retries=r.positive("retries", 6),
             max_sessions=r.positive("max_sessions", 4096),
+            max_sessions_per_host=r.positive("max_sessions_per_host", 64),
         )
 
     http = HttpConfig(port=http_port, files=state_dir / "files")

@@ -112,7 +112,7 @@ class TftpServer:
             (tmp / "rackboot.yaml").write_text(
                 f"interface: s0\naddress: {SERVER_IP}/24\nstate_dir: {tmp / 'state'}\nhttp_port: 8080\n"
                 f"inventory: nodes.yaml\ndhcp:\n  mode: 'off'\n  router_advertisements: false\n"
-                f"tftp:\n  root: {self.root}\nhttp:\n  files: {tmp / 'files'}\ndns:\n  domain: bench.test\n"
+                f"tftp:\n  root: {self.root}\n  max_sessions_per_host: 4096\nhttp:\n  files: {tmp / 'files'}\ndns:\n  domain: bench.test\n"
             )
             argv = [*self.rackboot, "serve", "--config", str(tmp / "rackboot.yaml")]
             ready = (tmp / "state" / "serve.ready").exists

@@ -136,12 +136,13 @@ class LossyReceiver(asyncio.DatagramProtocol):
                 self._ack(self.expected - 1, lossy=True)  # an old block: our ACK was lost
 
 
-async def fetch(port: int, name: str, options: dict[str, str] | None = None, *, mode: str = "octet", drop: float = 0.0, seed: int = 0, timeout: float = 0.3) -> bytes:
-    """Download name from the service on loopback; raise TftpClientError on an ERROR answer."""
+async def fetch(port: int, name: str, options: dict[str, str] | None = None, *, mode: str = "octet", drop: float = 0.0,
+                seed: int = 0, timeout: float = 0.3, source: str = HOST) -> bytes:
+    """Download name from the service on loopback (from source, any 127/8 address); raise TftpClientError on an ERROR."""
     loop = asyncio.get_running_loop()
     opts = options or {}
     _, proto = await loop.create_datagram_endpoint(
-        lambda: LossyReceiver((HOST, port), encode_request(name, mode, opts), opts, drop, seed, timeout), local_addr=(HOST, 0)
+        lambda: LossyReceiver((HOST, port), encode_request(name, mode, opts), opts, drop, seed, timeout), local_addr=(source, 0)
     )
     try:
         return await asyncio.wait_for(proto.done, 60)
@@ -400,6 +401,31 @@ async def next_event(sub: object, kind: type) -> NodeEvent:
     return event
 
 
+async def test_one_host_cannot_fill_the_transfer_table(make_service, tmp_path: Path) -> None:
+    """Defect of 2026-12-05: 6,000 RRQs from distinct ports of one host filled the global table for ~30 s."""
+    svc = await make_service(max_sessions=64, max_sessions_per_host=8, timeout=0.05, first_retries=2)
+    data = write(tmp_path / "tftp", "snponly.efi", os.urandom(4000))
+    flood = [socket.socket(socket.AF_INET, socket.SOCK_DGRAM) for _ in range(200)]
+    try:
+        for s in flood:  # never ACKs anything
+            s.bind(("127.0.0.1", 0))
+            s.sendto(encode_request("snponly.efi"), svc.address)
+        await asyncio.sleep(0.1)
+        stats = svc.stats()
+        assert stats["transfers_active"] == 8 and stats["dropped_host_busy"] == 192
+        # another node is served at once, while the flood's sessions are still open
+        assert await fetch(svc.address[1], "snponly.efi", source="127.0.0.2") == data
+        # abandoned sessions end after first_retries retransmissions (0.05 + 0.1 + 0.2 s here), not 39 s
+        for _ in range(100):
+            if svc.stats()["transfers_active"] == 0:
+                break
+            await asyncio.sleep(0.05)
+        assert svc.stats()["transfers_active"] == 0
+    finally:
+        for s in flood:
+            s.close()
+
+
 async def test_duplicate_rrq_does_not_start_a_second_transfer(make_service, tmp_path: Path) -> None:
     svc = await make_service(timeout=2.0)
     write(tmp_path / "tftp", "d.bin", b"d" * 10)
@@ -510,7 +536,7 @@ async def test_nbps_come_from_ipxe_dir_only_by_their_configured_names(make_servi
 
 
 async def test_200_concurrent_1mb_fetches_complete_intact(make_service, tmp_path: Path) -> None:
-    svc = await make_service(timeout=0.5)
+    svc = await make_service(timeout=0.5, max_sessions_per_host=256)  # 200 "nodes", all on 127.0.0.1
     root = tmp_path / "tftp"
     files = [write(root, f"node-{i}.img", os.urandom(1 << 20)) for i in range(4)]
     digests = [hashlib.sha256(f).digest() for f in files]

@@ -50,7 +50,7 @@ MacForIp = Callable[[ipaddress.IPv4Address], "str | None"]
 Address = tuple[str, int]
 MODES = ("octet", "netascii")
 _COUNTERS = (
-    "received", "sent", "dropped_malformed", "dropped_wrong_tid", "dropped_busy", "dropped_unexpected",
+    "received", "sent", "dropped_malformed", "dropped_wrong_tid", "dropped_busy", "dropped_host_busy", "dropped_unexpected",
     "requests", "duplicate_requests", "write_refused", "bad_mode", "not_found", "access_denied",
     "transfers_sent", "transfers_failed", "transfers_aborted", "retransmitted", "duplicate_acks", "bytes_sent",
     "transfers_windowed", "transfers_large_blocks",
@@ -74,7 +74,9 @@ class TftpSettings:
     max_windowsize: int = 64
     timeout: float = 1.0
     retries: int = 6
+    first_retries: int = 2
     max_sessions: int = 4096
+    max_sessions_per_host: int = 64          # one host cannot take the whole table (a node needs one or two)
 
 
 def raise_nofile_limit() -> int:
@@ -219,10 +221,12 @@ class TftpService:
             max_windowsize=settings.max_windowsize,
             timeout=settings.timeout,
             retries=settings.retries,
+            first_retries=settings.first_retries,
         )
         self._host = str(settings.address)
         self._transport: asyncio.DatagramTransport | None = None
         self._transfers: dict[Address, _Transfer] = {}
+        self._per_host: dict[str, int] = {}  # transfers per client address
         self._counters: dict[str, int] = dict.fromkeys(_COUNTERS, 0)
 
     @property
@@ -343,6 +347,9 @@ class TftpService:
             # Drop rather than refuse: the client retries its RRQ, where an ERROR would make it give up.
             counters["dropped_busy"] += 1
             return
+        if self._per_host.get(addr[0], 0) >= self.settings.max_sessions_per_host:
+            counters["dropped_host_busy"] += 1  # one host's flood must not deny the others
+            return
         if packet.mode not in MODES:
             counters["bad_mode"] += 1
             self._reply_error(addr, ErrorCode.ILLEGAL_OPERATION, f"unsupported transfer mode {packet.mode!r}")
@@ -353,6 +360,7 @@ class TftpService:
                       _format_options(packet.options))
         transfer = _Transfer(client=addr, request=packet, mac=mac)
         self._transfers[addr] = transfer
+        self._per_host[addr[0]] = self._per_host.get(addr[0], 0) + 1
         transfer.task = asyncio.get_running_loop().create_task(self._open(transfer))
 
     async def _open(self, transfer: _Transfer) -> None:
@@ -405,6 +413,12 @@ class TftpService:
         transfer.closed = True
         if self._transfers.get(transfer.client) is transfer:
             del self._transfers[transfer.client]
+            host = transfer.client[0]
+            left = self._per_host.get(host, 1) - 1
+            if left > 0:
+                self._per_host[host] = left
+            else:
+                self._per_host.pop(host, None)
         if transfer.endpoint is not None:
             transfer.endpoint.close()
 

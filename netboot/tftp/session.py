@@ -27,6 +27,7 @@ class SessionLimits:
     max_windowsize: int = 64
     timeout: float = 1.0
     retries: int = 6
+    first_retries: int = 2  # retransmissions of the first datagram before a client that never answered is given up
 
 
 @dataclass(frozen=True)
@@ -184,8 +185,13 @@ class ReadSession:
         if self.deadline is None or now < self.deadline:
             return []
         self._retry += 1
-        if self._retry > self.limits.retries:
-            return self._finish(Outcome.FAILED, f"timeout: no ACK after {self.limits.retries} retransmissions of block {self._base & 0xFFFF}")
+        # A client that never answered our first datagram is likely gone (or was never there: a flood of RRQs
+        # from forged ports); it asks again if it is alive (RFC 1350: the RRQ is retransmitted on timeout). So
+        # it is given up sooner than a client in the middle of its transfer, and its slot freed.
+        never_answered = self._base == (0 if self.params.oack else 1)
+        retries = min(self.limits.first_retries, self.limits.retries) if never_answered else self.limits.retries
+        if self._retry > retries:
+            return self._finish(Outcome.FAILED, f"timeout: no ACK after {retries} retransmissions of block {self._base & 0xFFFF}")
         out = self._send_window(now)
         self.retransmitted += len(out)
         return out
