@@ -24,6 +24,7 @@ from appliance.profiles import ProfileStore
 from appliance.service import Service
 from appliance.statedb import open_state_db
 from domain.profiles import BootProfile
+from domain.progress import ProfileSet
 from ipxe.script import ScriptRenderer
 from netboot.dhcp4.server import DhcpService
 from netboot.dhcp4.settings import BootPrograms, DhcpSettings, Reservation
@@ -56,7 +57,8 @@ class Appliance:
         self.tokens = NodeTokens()
         self.agent = AgentDeployDriver(config, self.tokens)
         reservations = {n.mac: Reservation(n.ip, n.name) for n in inventory.nodes}
-        self.dhcp = DhcpService(dhcp_settings(config), reservations, self.events.publish, self.db)
+        self.dhcp = DhcpService(dhcp_settings(config), reservations, self.events.publish, self.db,
+                                journal=config.state_dir / "dhcp4-leases.journal")
         self.tftp = TftpService(tftp_settings(config), self.events.publish, self.mac_for_ip, self.scripts)
         self.http = HttpService(http_settings(config), self.events.publish, self.scripts, self.mac_for_ip,
                                 tokens=self.tokens, shared_images=self.agent.shares.get)
@@ -73,7 +75,7 @@ class Appliance:
         """The deployment controller, the catalog, users and rights, and the REST API on the HTTP server."""
         self.catalog = Catalog(self.db, config.state_dir / "images")
         self.store = DeploymentStore(self.db)
-        self.store.mark_interrupted()
+        self._recover_interrupted(self.store.mark_interrupted())
         self.ipmi = IpmiPower()
         deadlines = replace(BootDeadlines(), **config.deploy.deadlines)
         d = config.deploy
@@ -90,6 +92,20 @@ class Appliance:
                        controller=self.controller, deployments=self.store, power=power, exec_runner=self.agent.exec,
                        profiles=self.profiles, events=self.events, stats=self.stats, stage_dir=config.state_dir / "upload",
                        image_files=(config.http.files,))
+
+    def _recover_interrupted(self, interrupted: list[tuple[str, str, str]]) -> None:
+        """Nodes of deployments a restart interrupted: none stays on the deploy environment, whose token died."""
+        stranded = []
+        for dep_id, name, state in interrupted:
+            node = self.config.inventory.by_name.get(name)
+            if node is not None and self.profiles.get(node.mac).kind == "deploy":
+                stranded.append(node)
+            log.warning("deployment %s was interrupted: %s was in %s", dep_id, name, state)
+        if stranded:
+            # The default profile (nothing, or local disk): the nodes wait for the next deployment.
+            self.profiles.set([n.mac for n in stranded], self.profiles.default)
+            for node in stranded:
+                self.events.publish(ProfileSet(node.mac, self.profiles.default.kind, "", "restart"))
 
     def mac_for_ip(self, ip: ipaddress.IPv4Address | str) -> str | None:
         """Return the MAC behind a node address (inventory first, then dynamic leases)."""

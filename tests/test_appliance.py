@@ -17,6 +17,8 @@ import tftpy
 from appliance.app import Appliance
 from domain.progress import ScriptServed, Via
 from appliance.config import load_config
+from appliance.deploy.nodestate import NodeState, Transition
+from domain.profiles import BootProfile
 from domain.errors import BindError
 
 
@@ -27,7 +29,8 @@ def free_port(kind: int = socket.SOCK_DGRAM) -> int:
 
 
 def write_config(tmp_path: Path, tftp_port: int, dhcp: str = "mode: 'off'", interface: str = "lo") -> Path:
-    (tmp_path / "nodes.yaml").write_text("nodes:\n  - {name: node-1, mac: '52:54:00:77:00:01', ip: 127.0.0.11}\n")
+    (tmp_path / "nodes.yaml").write_text("nodes:\n  - {name: node-1, mac: '52:54:00:77:00:01', ip: 127.0.0.11}\n"
+                                         "  - {name: node-2, mac: '52:54:00:77:00:02', ip: 127.0.0.12}\n")
     (tmp_path / "rackboot.yaml").write_text(textwrap.dedent(f"""\
         interface: {interface}
         address: 127.0.0.1/8
@@ -59,6 +62,34 @@ async def test_appliance_binds_everything_and_serves_per_mac_tftp_file(tmp_path:
     finally:
         app.stop()
         await app.run()
+
+
+def test_a_restart_ends_interrupted_deployments_and_takes_nodes_off_the_deploy_environment(tmp_path: Path) -> None:
+    """Defect of 2026-12-05: after a crash nodes kept the deploy profile with a dead token, and a node already in its
+    installed system was reported like the others."""
+    config = load_config(write_config(tmp_path, free_port()))
+    first = Appliance(config)
+    deploy = BootProfile(kind="deploy", kernel="deploy/vmlinuz", cmdline="rackboot.deployment=d1")
+    first.profiles.set("52:54:00:77:00:01", deploy)
+    first.profiles.set("52:54:00:77:00:02", BootProfile(kind="local", env="debian12:1"))
+    first.store.create("d1", "admin", "debian12:1", ["node-1", "node-2"], "chain", {})
+    first.store.transition("d1", Transition(1.0, "node-1", NodeState.PENDING, NodeState.SET_DEPLOYMENT_ENV,
+                                            "SetDeploymentEnv", "reboot", ""))
+    first.store.transition("d1", Transition(1.0, "node-2", NodeState.PENDING, NodeState.BOOT_NEW_ENV,
+                                            "BootNewEnv", "kexec", ""))
+    first.db.close()  # the process dies: nothing finishes the deployment
+    again = Appliance(config)
+    try:
+        stored = again.store.get("d1")
+        assert stored is not None and stored["status"] == "interrupted"
+        reasons = {n["node"]: (n["state"], n["reason"]) for n in stored["nodes"]}
+        assert reasons["node-1"][0] == "failed" and "going to the deploy environment" in reasons["node-1"][1]
+        assert reasons["node-2"][0] == "failed" and "may be running the installed system" in reasons["node-2"][1]
+        assert again.profiles.get("52:54:00:77:00:01").kind == "none"  # no dead token left to boot with
+        assert again.profiles.get("52:54:00:77:00:02").kind == "local"  # its installed system boots on
+        assert [t["to"] for t in again.store.transitions("d1", "node-1")][-1] == "failed"
+    finally:
+        again.db.close()
 
 
 async def test_port_taken_fails_fast_and_releases_what_was_bound(tmp_path: Path) -> None:

@@ -9,6 +9,7 @@ import os
 import shutil
 import socket
 import sqlite3
+import time
 from pathlib import Path
 from typing import Any, AsyncIterator, Iterator
 
@@ -23,6 +24,7 @@ from domain.errors import BindError
 from domain.progress import DhcpFromFirmware, FirmwareKind, NodeEvent
 from helpers import BIOS_VC, NODE1_IP, NODE1_MAC, STRANGER, DhcpSetup, opts_of, pool, pxe_options, request_bytes
 from helpers import make_dhcp as make_config
+from netboot.dhcp4.codec import decode
 from netboot.dhcp4.server import DhcpService
 from vmtestbed.netns import Lab, entered, socket_in
 
@@ -43,9 +45,10 @@ def lo_config(tmp_path: Path, **dhcp: Any) -> DhcpSetup:
     return make_config(address="127.0.0.1/8", interface="lo", nodes=(("node-1", NODE1_MAC, "127.0.0.11"),), **dhcp)
 
 
-def dhcp_service(config: DhcpSetup, db: sqlite3.Connection | None = None, events: list[NodeEvent] | None = None) -> DhcpService:
+def dhcp_service(config: DhcpSetup, db: sqlite3.Connection | None = None, events: list[NodeEvent] | None = None,
+                 journal: Path | None = None) -> DhcpService:
     """A DHCP service from its own settings; its node records go to events (or nowhere)."""
-    return DhcpService(config.settings, config.reservations, (events if events is not None else []).append, db)
+    return DhcpService(config.settings, config.reservations, (events if events is not None else []).append, db, journal)
 
 
 @contextlib.asynccontextmanager
@@ -187,6 +190,37 @@ async def test_pool_lease_survives_service_restart(tmp_path: Path) -> None:
         db.close()
     rows = sqlite3.connect(str(tmp_path / "state.db")).execute("SELECT mac, ip FROM dhcp4_leases").fetchall()
     assert rows == [(STRANGER, "127.0.1.1")]
+
+
+async def test_a_lease_acked_just_before_a_crash_is_kept(tmp_path: Path) -> None:
+    """Defect of 2026-12-05: leases ACKed before the write-behind flush were lost by a crash, and given out twice."""
+    config = lo_config(tmp_path, pool=pool("127.0.1.1", "127.0.1.20"))
+    journal = tmp_path / "dhcp4-leases.journal"
+    db = open_state_db(tmp_path / "state.db")
+    service = dhcp_service(config, db, journal=journal)
+    await service.start()
+    try:
+        with lo_client(config.settings.client_port) as client:
+            client.sendto(request_bytes(STRANGER, "discover", xid=50, flags=0x8000), ("127.0.0.1", config.settings.port))
+            await recv_reply(client, 50)
+            client.sendto(request_bytes(STRANGER, "request", xid=51, flags=0x8000,
+                                        options=[("requested_addr", "127.0.1.1"), ("server_id", "127.0.0.1")]),
+                          ("127.0.0.1", config.settings.port))
+            data, _ = await recv_reply(client, 51)
+            assert opts_of(data)["message-type"] == 5
+        # The process dies here: no flush, no close (the sockets go with the crash).
+        for transport, _ in service._transports:
+            transport.abort()
+    finally:
+        db.close()
+    assert sqlite3.connect(str(tmp_path / "state.db")).execute("SELECT count(*) FROM dhcp4_leases").fetchone()[0] == 0
+    # Restarted: the lease is there, and the address is not offered to anyone else.
+    again = dhcp_service(config, open_state_db(tmp_path / "state.db"), journal=journal)
+    assert again.mac_for_ip(ipaddress.IPv4Address("127.0.1.1")) == STRANGER
+    other = again.policy.handle(decode(request_bytes("02:00:00:00:00:42", "discover", xid=52)), time.time())
+    assert other.reply is not None and BOOTP(other.reply.data).yiaddr == "127.0.1.2"
+    assert journal.stat().st_size == 0  # replayed into the table
+    await again.close()
 
 
 async def test_bind_errors_are_clear(tmp_path: Path) -> None:

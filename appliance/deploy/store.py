@@ -10,6 +10,17 @@ if TYPE_CHECKING:
     from appliance.deploy.nodestate import Transition
 
 
+# Why a node of a deployment the appliance's restart interrupted failed, by the state it was in.
+INTERRUPTED_REASON = {
+    "": "appliance restarted during the deployment",
+    "pending": "appliance restarted during the deployment, before the node was touched",
+    "SetDeploymentEnv": "appliance restarted while the node was going to the deploy environment (its disk may be partitioned)",
+    "BroadcastEnv": "appliance restarted during the image broadcast: the node's disk holds a partial image",
+    "BootNewEnv": "appliance restarted while the node was booting its new system: it may be running the installed system",
+    "Reboot": "appliance restarted during the reboot",
+}
+
+
 class DeploymentStore:
     """SQLite tables: deployments, deployment_nodes (current state per node), node_transitions (every state change
     of every node, append-only) and step_log (one row per attempt)."""
@@ -100,15 +111,25 @@ class DeploymentStore:
         return [{"deployment": r[0], "node": r[1], "step": r[2], "impl": r[3], "attempt": r[4], "started": r[5], "ended": r[6],
                  "duration": round(r[6] - r[5], 3), "ok": bool(r[7]), "reason": r[8]} for r in self._db.execute(q + " ORDER BY started", args)]
 
-    def mark_interrupted(self) -> None:
-        """After a restart: deployments still 'running' were interrupted; say so instead of leaving them running."""
+    def mark_interrupted(self) -> list[tuple[str, str, str]]:
+        """After a restart: deployments still 'running' were interrupted; say so, per node, with where each was.
+
+        Return (deployment, node, state it was in) for every node that was not finished, so the caller can
+        take the nodes off the deploy environment (its token died with the process).
+        """
+        interrupted: list[tuple[str, str, str]] = []
         with self._db:
             ids = [r[0] for r in self._db.execute("SELECT id FROM deployments WHERE status='running'")]
             now = time.time()
-            why = "appliance restarted during the deployment"
             for dep_id in ids:
-                self._db.execute("INSERT INTO node_transitions SELECT deployment, node, ?, state, 'failed', step, impl, ? FROM deployment_nodes"
-                                 " WHERE deployment=? AND state NOT IN ('done', 'failed')", (now, why, dep_id))
-                self._db.execute("UPDATE deployment_nodes SET state='failed', reason=?, updated=?"
-                                 " WHERE deployment=? AND state NOT IN ('done', 'failed')", (why, now, dep_id))
+                rows = self._db.execute("SELECT node, state, step, impl FROM deployment_nodes"
+                                        " WHERE deployment=? AND state NOT IN ('done', 'failed')", (dep_id,)).fetchall()
+                for node, state, step, impl in rows:
+                    why = INTERRUPTED_REASON.get(state, INTERRUPTED_REASON[""])
+                    self._db.execute("INSERT INTO node_transitions VALUES (?, ?, ?, ?, 'failed', ?, ?, ?)",
+                                     (dep_id, node, now, state, step, impl, why))
+                    self._db.execute("UPDATE deployment_nodes SET state='failed', reason=?, updated=?"
+                                     " WHERE deployment=? AND node=?", (why, now, dep_id, node))
+                    interrupted.append((dep_id, node, state))
                 self._db.execute("UPDATE deployments SET status='interrupted', finished=? WHERE id=?", (now, dep_id))
+        return interrupted

@@ -1,18 +1,25 @@
-"""Dynamic DHCPv4 leases: an in-memory pool allocator with write-behind persistence in SQLite.
+"""Dynamic DHCPv4 leases: an in-memory pool allocator, durable before an ACK leaves, batched into SQLite.
 
 Addresses are ints internally (cheap to compare and hash). Offers are held in memory only
-(RFC 2131 4.3.1: the server SHOULD reserve an offered address); bound leases are written to the
-`dhcp4_leases` table in batches by `flush()`, which the service calls a few times a second and on
-close, so a lease costs a dict update on the hot path instead of a SQLite transaction.
+(RFC 2131 4.3.1: the server SHOULD reserve an offered address). Every change of a bound lease is
+appended at once to a journal file (one `write()` of one line, as Kea's memfile appends to its CSV): it
+is in the kernel before the ACK is sent, so a crash of the process loses no lease and gives no address
+out twice. The `dhcp4_leases` table gets the changes in batches by `flush()`, which the service calls a
+few times a second and on close; after a batch is committed the journal is emptied, and at start-up
+what the journal holds is replayed onto the table. A lease costs a dict update and a write() on the hot
+path instead of a SQLite transaction. (Like Kea's memfile, the journal is not fsync'ed: a power cut may
+lose the last leases; a process crash does not.)
 """
 from __future__ import annotations
 
 import ipaddress
 import logging
+import os
 import socket
 import sqlite3
 import struct
 from collections import deque
+from pathlib import Path
 from typing import Iterable
 
 log = logging.getLogger("rackboot.dhcp")
@@ -60,8 +67,10 @@ class LeaseTable:
 
     def __init__(self, db: sqlite3.Connection | None,
                  pool: tuple[ipaddress.IPv4Address, ipaddress.IPv4Address] | None,
-                 reserved: Iterable[ipaddress.IPv4Address] = ()) -> None:
+                 reserved: Iterable[ipaddress.IPv4Address] = (), journal: Path | None = None) -> None:
         self._db = db
+        self._journal_path = journal
+        self._journal: int | None = None  # file descriptor, O_APPEND
         self.first = int(pool[0]) if pool else 0
         self.last = int(pool[1]) if pool else -1
         self._reserved = {int(a) for a in reserved}
@@ -77,6 +86,62 @@ class LeaseTable:
         if db is not None:
             db.execute(_SCHEMA)
             self._load()
+        if journal is not None:
+            self._replay(journal)
+            self._journal = os.open(journal, os.O_WRONLY | os.O_APPEND | os.O_CREAT | os.O_CLOEXEC, 0o600)
+            if self._dirty and db is not None:
+                self.flush()  # what the journal held is in the table now; the journal starts empty
+
+    def _replay(self, journal: Path) -> None:
+        """Apply the lease changes a crash left in the journal (lines 'mac ip expires hostname', or 'mac -')."""
+        try:
+            text = journal.read_text(errors="replace")
+        except FileNotFoundError:
+            return
+        replayed = 0
+        for line in text.splitlines():
+            fields = line.split(" ", 3)
+            try:
+                if len(fields) == 2 and fields[1] == "-":
+                    self._drop(fields[0])
+                elif len(fields) >= 3:
+                    value = int(ipaddress.IPv4Address(fields[1]))
+                    self._drop(fields[0])
+                    self._drop(self._lease_ip.get(value, ""))
+                    lease = Lease(fields[0], value, float(fields[2]), fields[3] if len(fields) > 3 else "")
+                    self._leases[lease.mac] = lease
+                    self._lease_ip[value] = lease.mac
+                    self._dirty[lease.mac] = lease
+                else:
+                    continue
+            except ValueError:
+                continue  # a line cut by the crash
+            replayed += 1
+        if replayed:
+            log.info("dhcp: %d lease changes replayed from %s", replayed, journal)
+
+    def _drop(self, mac: str) -> None:
+        lease = self._leases.pop(mac, None)
+        if lease is not None:
+            self._lease_ip.pop(lease.ip, None)
+            self._dirty[mac] = None
+
+    def _changed(self, mac: str, lease: Lease | None) -> None:
+        """Record one lease change: journal line now (before the reply leaves), table row at the next flush."""
+        self._dirty[mac] = lease
+        if self._journal is not None:
+            if lease is None:
+                line = f"{mac} -\n"
+            else:
+                hostname = lease.hostname.replace("\n", " ")
+                line = f"{mac} {socket.inet_ntoa(int_to_ip(lease.ip))} {lease.expires!r} {hostname}\n"
+            os.write(self._journal, line.encode())
+
+    def close(self) -> None:
+        """Close the journal (after a last flush by the caller)."""
+        if self._journal is not None:
+            os.close(self._journal)
+            self._journal = None
 
     @property
     def has_pool(self) -> bool:
@@ -137,7 +202,7 @@ class LeaseTable:
         if owner is not None and owner != mac:
             del self._leases[owner]
             del self._lease_ip[ip]
-            self._dirty[owner] = None
+            self._changed(owner, None)
         holder = self._offer_ip.get(ip)
         if holder is not None and holder != mac:
             del self._offers[holder]
@@ -222,7 +287,7 @@ class LeaseTable:
             lease.expires = now + lease_time
             lease.hostname = hostname
         self._lease_ip[ip] = mac
-        self._dirty[mac] = lease
+        self._changed(mac, lease)
         return True
 
     def release(self, mac: str, ip: int, now: float) -> bool:
@@ -231,7 +296,7 @@ class LeaseTable:
         if lease is None or lease.ip != ip:
             return False
         lease.expires = min(lease.expires, now)
-        self._dirty[mac] = lease
+        self._changed(mac, lease)
         return True
 
     def decline(self, mac: str, ip: int, now: float, hold: float = DECLINE_HOLD_S) -> bool:
@@ -250,7 +315,7 @@ class LeaseTable:
         if holds_lease:
             del self._leases[mac]
             self._lease_ip.pop(ip, None)
-            self._dirty[mac] = None
+            self._changed(mac, None)
         if offered is not None and offered[0] == ip:
             self.forget_offer(mac)
         return True
@@ -271,6 +336,8 @@ class LeaseTable:
             # OR REPLACE also drops another MAC's old row on the same address (the UNIQUE ip column).
             self._db.executemany("INSERT OR REPLACE INTO dhcp4_leases (mac, ip, expires, hostname) VALUES (?, ?, ?, ?)", rows)
             self._db.execute("COMMIT")
+            if self._journal is not None and not self._dirty:
+                os.ftruncate(self._journal, 0)  # all of it is in the table now
         except sqlite3.Error:
             if self._db.in_transaction:
                 self._db.execute("ROLLBACK")

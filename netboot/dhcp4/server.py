@@ -14,6 +14,7 @@ import logging
 import socket
 import sqlite3
 import time
+from pathlib import Path
 from typing import Mapping
 
 from domain.errors import BindError, MalformedPacket
@@ -68,13 +69,13 @@ class DhcpService:
     name = "dhcp"
 
     def __init__(self, settings: DhcpSettings, reservations: Mapping[str, Reservation], emit: EventSink,
-                 db: sqlite3.Connection | None) -> None:
+                 db: sqlite3.Connection | None, journal: Path | None = None) -> None:
         self.settings = settings
         self.emit = emit
         network = settings.address.network
         reserved = [r.ip for r in reservations.values()] + [settings.server_ip, network.network_address,
                                                             network.broadcast_address, *settings.reserved]
-        self.leases = LeaseTable(db, settings.pool, reserved)
+        self.leases = LeaseTable(db, settings.pool, reserved, journal)
         self.policy = DhcpPolicy(settings, reservations, self.leases)
         self.counters: dict[str, int] = dict.fromkeys(_COUNTERS, 0)
         self._transports: list[tuple[asyncio.DatagramTransport, _DhcpProtocol]] = []
@@ -128,6 +129,7 @@ class DhcpService:
         if not self._closed:
             self._closed = True
             self._flush()
+            self.leases.close()
 
     def stats(self) -> dict[str, int]:
         """Return the counters plus lease table sizes."""
