@@ -252,7 +252,11 @@ class HttpService:
             raise web.HTTPNotFound() from None
         if not path.is_relative_to(root):
             raise web.HTTPForbidden(text="outside the files root\n")
-        if not path.is_file():
+        try:
+            found = path.is_file()
+        except OSError:  # e.g. ENAMETOOLONG: a name no file can have
+            found = False
+        if not found:
             raise web.HTTPNotFound()
         return path
 
