@@ -364,3 +364,59 @@ async def test_openapi_document_is_exactly_the_registered_routes(world: World) -
     assert doc["paths"]["/api/v1/power"]["post"]["x-rackboot-right"] == "power"
     multipart = doc["paths"]["/api/v1/environments"]["post"]["requestBody"]["content"]["multipart/form-data"]
     assert set(multipart["schema"]["properties"]) == {"description", "image"}
+
+
+# -- the access matrix over the OpenAPI document ------------------------------------------------------------
+
+SAMPLE_BODIES: dict[tuple[str, str], dict[str, Any]] = {
+    ("post", "/api/v1/deployments"): {"nodes": "node-1", "env": "nope"},
+    ("post", "/api/v1/power"): {"nodes": "node-1", "op": "status"},
+    ("post", "/api/v1/reboot"): {"nodes": "node-1"},
+    ("post", "/api/v1/exec"): {"nodes": "node-1", "command": "true"},
+    ("put", "/api/v1/nodes/{name}/profile"): {"kind": "local"},
+    ("post", "/api/v1/users"): {"name": "zed"},
+    ("post", "/api/v1/users/{name}/rights"): {"nodes": "node-1", "perms": ["deploy"]},
+}
+PATH_VALUES = {"{name}": "node-1", "{id}": "d-nope", "{ref}": "nope"}
+
+
+async def test_every_operation_refuses_no_token_a_wrong_token_and_a_user_without_the_right(world: World) -> None:
+    """Walks the OpenAPI document: 401 without or with a wrong token, 403 for a user lacking the right, never 5xx."""
+    client, admin = world.client, world.admin
+    _, doc = await client.call("GET", "/api/v1/openapi.json")
+    _, eve = await client.call("POST", "/api/v1/users", admin, json={"name": "eve"})  # no rights at all
+    seen = []
+    for path, ops in doc["paths"].items():
+        url = path
+        for key, value in PATH_VALUES.items():
+            url = url.replace(key, value)
+        for method, op in ops.items():
+            access, right = op.get("x-rackboot-access"), op.get("x-rackboot-right")
+            kwargs: dict[str, Any] = {}
+            if (method, path) in SAMPLE_BODIES:
+                kwargs["json"] = SAMPLE_BODIES[(method, path)]
+            elif "multipart/form-data" in op.get("requestBody", {}).get("content", {}):
+                form = aiohttp.FormData()
+                form.add_field("description", b"name: e\nversion: 1\nimage: {url: 'http://127.0.0.1:9/x.tgz'}\n", filename="e.yaml")
+                kwargs["data"] = form
+            answers = {}
+            for who, token in (("none", None), ("wrong", "not-a-token"), ("eve", eve["token"])):
+                if "data" in kwargs:  # a FormData is consumed by one request
+                    form = aiohttp.FormData()
+                    form.add_field("description", b"name: e\nversion: 1\nimage: {url: 'http://127.0.0.1:9/x.tgz'}\n", filename="e.yaml")
+                    kwargs["data"] = form
+                status, _ = await client.call(method.upper(), url, token, **kwargs)
+                answers[who] = status
+            seen.append((method.upper(), path, access, right, answers))
+            assert all(s < 500 for s in answers.values()), (method, path, answers)
+            if access == "open":
+                assert all(200 <= s < 300 for s in answers.values()), (method, path, answers)
+                continue
+            assert answers["none"] == 401 and answers["wrong"] == 401, (method, path, answers)
+            # adding an environment needs the deploy right on some node, which no node set in the route names
+            needs_right = access == "admin" or right is not None or (method, path) == ("post", "/api/v1/environments")
+            if needs_right:
+                assert answers["eve"] == 403, (method, path, answers)
+            else:
+                assert answers["eve"] not in (401, 403), (method, path, answers)
+    assert len(seen) >= 20
