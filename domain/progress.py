@@ -158,6 +158,18 @@ class OsUp:
 
 
 @dataclass(frozen=True, slots=True)
+class OsReachable:
+    """The controller reached the installed system over SSH and read the environment the post-install stamped
+    (a stock image needs no callback of its own)."""
+
+    kind: ClassVar[str] = "os_reachable"
+    mac: str
+    deployment: str
+    env: str
+    ts: float = field(default_factory=_now)
+
+
+@dataclass(frozen=True, slots=True)
 class NodeReport:
     """A callback that claims no deployment stage (a script's or a tool's message)."""
 
@@ -183,7 +195,7 @@ class ProfileSet:
 
 NodeEvent = Union[
     DhcpFromFirmware, DhcpFromOs, NbpSent, ScriptServed, KernelFetched, InitrdFetched, FileSent, TransferFailed,
-    BootFailed, AgentUp, OsUp, NodeReport, ProfileSet,
+    BootFailed, AgentUp, OsUp, OsReachable, NodeReport, ProfileSet,
 ]
 EVENT_TYPES: tuple[type, ...] = NodeEvent.__args__  # type: ignore[attr-defined]
 

@@ -68,6 +68,7 @@ class FakeDeploy:
         self.no_ssh = no_ssh or set()  # nodes whose current system cannot be reached for a soft reboot
         self.calls: list[tuple[str, str]] = []
         self.on_reboot = on_reboot
+        self.installed: dict[str, str] = {}  # node -> the environment its running installed system answers SSH with
 
     def agent_up(self, node: Node, detail: dict[str, str]) -> None:
         """Record the callback."""
@@ -113,6 +114,11 @@ class FakeDeploy:
         if self.on_reboot:
             self.on_reboot(node, "soft")
 
+    async def probe_installed(self, node: Node) -> str | None:
+        """The environment of the node's running installed system, if it runs one."""
+        self.calls.append(("probe_installed", node.name))
+        return self.installed.get(node.name)
+
 
 class FakeClock:
     """A clock that moves only when a test advances it: `sleep` returns once `advance` passed its end."""
@@ -156,6 +162,8 @@ class FakeCluster:
         self.never_boot: set[str] = set()     # nodes that never come back from a reboot
         self.nbp_loop: set[str] = set()       # nodes that loop fetching their NBP
         self.wrong_env: set[str] = set()      # nodes whose installed system is something else
+        self.silent_os: set[str] = set()      # nodes whose installed system never calls back (a stock image)
+        self.agent: FakeDeploy | None = None  # where a silent installed system can be reached over SSH
         self.tasks: list[asyncio.Task[None]] = []
         self.firmware_s = 0.0                 # time from the first DHCP to the script
         self.in_firmware = 0                  # nodes between power-on and their script, now and at most
@@ -194,6 +202,11 @@ class FakeCluster:
             self.callback(node, "agent_up", None)
         else:
             env = "other:1" if node.name in self.wrong_env else profile.env
+            if node.name in self.silent_os:
+                ev.publish(DhcpFromOs(node.mac, "debian"))  # its own DHCP client, then sshd, and nothing else
+                if self.agent is not None:
+                    self.agent.installed[node.name] = env
+                return
             self.callback(node, "installed", self.deps.tokens.token_of(node.mac), env)
 
     def callback(self, node: Node, stage: str, token: str | None, env: str = "") -> None:

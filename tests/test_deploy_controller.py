@@ -42,6 +42,7 @@ def world(tmp_path: Path):  # type: ignore[no-untyped-def]
         power_off_wait=0.01,
     )
     cluster = FakeCluster(deps)
+    cluster.agent = agent
     power.on_change = cluster.on_power
     agent.on_reboot = cluster.on_power
     controller = Controller(deps, lambda method, kexec: replace(default_workflow(method, kexec), deadlines=FAST))
@@ -313,3 +314,18 @@ async def test_forced_takeover_fails_the_node_in_the_first_deployment_only(world
     assert results[0]["status"] == "failed" and "error" not in results[0]
     assert {k["node"]: k["reason"] for k in results[0]["ko"]}["node-2"] == "taken over by a forced deployment"
     assert results[1]["ko"][0]["node"] == "node-2" and "no DHCP" in results[1]["ko"][0]["reason"]
+
+
+async def test_a_stock_installed_system_is_known_up_by_ssh_without_a_callback(world) -> None:  # type: ignore[no-untyped-def]
+    """Issue 10: BootNewEnv works with images that call nothing back: the controller reaches them over SSH."""
+    controller, deps, cluster, env, power, agent = world
+    deps.os_probe_interval = 0.05
+    cluster.silent_os = {"node-1", "node-2"}
+    cluster.wrong_env = {"node-2"}
+    result = await run_deployment(controller, list(deps.inventory.nodes)[:3], env)
+    assert sorted(result["ok"]) == ["node-1", "node-3"], result
+    [ko] = result["ko"]
+    assert ko["node"] == "node-2" and "booted 'other:1'" in ko["reason"]
+    assert ("probe_installed", "node-1") in agent.calls
+    kinds = [e.kind for e in deps.events.last(deps.inventory.by_name["node-1"].mac)]
+    assert "os_reachable" in kinds and "os_up" not in kinds

@@ -32,6 +32,8 @@ from ipxe import callback_path
 
 log = logging.getLogger("rackboot.agent_driver")
 
+STAMP_PATH = "/etc/rackboot/deployed.json"  # written by the post-install into the installed root
+PROBE_CONNECT_TIMEOUT_S = 3.0
 _SIZE = re.compile(r"^(\d+)\s*([KMGT]?)i?B?$", re.IGNORECASE)
 _MIB = {"": 1 / (1 << 20), "K": 1 / 1024, "M": 1, "G": 1024, "T": 1 << 20}
 # partition type by filesystem
@@ -191,7 +193,7 @@ class AgentDeployDriver:
         # installed system and run commands on it.
         pub = self.key.export_public_key().decode().strip()
         scripts.append({"name": "rackboot-stamp", "content": "#!/bin/sh\nset -e\nmkdir -p \"$RACKBOOT_ROOT/etc/rackboot\"\n"
-                        f"cat > \"$RACKBOOT_ROOT/etc/rackboot/deployed.json\" <<'EOF'\n{json.dumps(stamp)}\nEOF\n"
+                        f"cat > \"$RACKBOOT_ROOT{STAMP_PATH}\" <<'EOF'\n{json.dumps(stamp)}\nEOF\n"
                         "mkdir -p -m 700 \"$RACKBOOT_ROOT/root/.ssh\"\n"
                         f"grep -qxF '{pub}' \"$RACKBOOT_ROOT/root/.ssh/authorized_keys\" 2>/dev/null || "
                         f"echo '{pub}' >> \"$RACKBOOT_ROOT/root/.ssh/authorized_keys\"\n"})
@@ -223,3 +225,25 @@ class AgentDeployDriver:
         """Reboot over SSH through the agent's reboot operation (the deploy agent, or an installed system running it)."""
         # One try: an unreachable node goes straight up the ladder to the BMC.
         await self._with_client(node, "soft reboot", lambda c: c.reboot(), connect_tries=1)
+
+    async def probe_installed(self, node: Node) -> str | None:
+        """Read the stamp the post-install wrote into the installed system, over its own SSH server (port
+        deploy.ssh_port, the deploy key the post-install added to root's authorized_keys): its environment, or None."""
+        client = AgentClient(str(node.ip), self.config.deploy.ssh_port, self.key,
+                             connect_timeout=min(self.connect_timeout, PROBE_CONNECT_TIMEOUT_S))
+        try:
+            await client.connect()
+            try:
+                result = await client.run(f"cat {STAMP_PATH}", timeout=PROBE_CONNECT_TIMEOUT_S)
+            finally:
+                await client.close()
+        except (OSError, asyncssh.Error, asyncio.TimeoutError, AgentError):
+            return None  # not up yet (or not reachable): the next probe, or the deadline, will tell
+        if result.status != 0:
+            return None
+        try:
+            stamp = json.loads(result.stdout)
+        except ValueError:
+            return None
+        env = stamp.get("env") if isinstance(stamp, dict) else None
+        return env if isinstance(env, str) and env else None

@@ -17,6 +17,7 @@ from domain.progress import (
     InitrdFetched,
     NbpSent,
     NodeEvent,
+    OsReachable,
     OsUp,
     ScriptServed,
 )
@@ -62,6 +63,9 @@ TRANSITIONS: dict[tuple[Stage, type], Stage | dict[str, Stage]] = {
 for _stage in (Stage.RESETTING, Stage.FIRMWARE, Stage.LOADING, Stage.STARTING, Stage.LOCAL_BOOT, Stage.KEXECING, Stage.OS_STARTING):
     TRANSITIONS[(_stage, AgentUp)] = {DEPLOY: Stage.UP}
     TRANSITIONS[(_stage, OsUp)] = {INSTALLED: Stage.UP}
+# Or the installed system answers SSH with the environment stamped in it (checked once it has left the firmware).
+for _stage in (Stage.LOCAL_BOOT, Stage.KEXECING, Stage.OS_STARTING):
+    TRANSITIONS[(_stage, OsReachable)] = {INSTALLED: Stage.UP}
 
 # How long each wait state may last, by BootDeadlines field.
 DEADLINE_OF: dict[Stage, str] = {

@@ -24,7 +24,7 @@ from appliance.deploy.report import Journal, build_report
 from appliance.deploy.steps import RUNNERS
 from appliance.deploy.workflow import Workflow
 from domain.nodes import Node
-from domain.progress import AgentUp, NodeEvent, OsUp
+from domain.progress import AgentUp, NodeEvent, OsReachable, OsUp
 
 log = logging.getLogger("rackboot.deploy")
 
@@ -57,7 +57,9 @@ class Deployment:
         self.finished: float | None = None
         self.journal = Journal(dep_id, deps.store)
         self.rebooter = Rebooter(deps.power, deps.agent, self.clock, workflow.deadlines, workflow.reboot_window,
-                                 deps.power_off_wait, self.journal.note)
+                                 deps.power_off_wait, self.journal.note,
+                                 reached=lambda run, env: deps.events.publish(OsReachable(run.node.mac, dep_id, env)),
+                                 probe_interval=deps.os_probe_interval)
 
     # -- reporting ----------------------------------------------------------------------------------
 
@@ -96,7 +98,7 @@ class Deployment:
         run = self.by_mac.get(event.mac)
         if run is None or run.watch is None or run.failed:
             return
-        if isinstance(event, (AgentUp, OsUp)):
+        if isinstance(event, (AgentUp, OsUp, OsReachable)):
             if event.deployment != self.id:
                 return  # a late callback of an earlier deployment of this node (its token was checked for that one)
             if isinstance(event, AgentUp):

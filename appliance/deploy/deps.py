@@ -30,4 +30,5 @@ class ControllerDeps:
     http_base: str
     deploy_profile: BootProfile
     power_off_wait: float = 2.0
+    os_probe_interval: float = 5.0  # seconds between SSH probes of a node booting its installed system
     clock: Clock = field(default_factory=MonotonicClock)

@@ -44,3 +44,6 @@ class DeployDriver(Protocol):
 
     async def soft_reboot(self, node: Node) -> None:
         """Ask the node's running system to reboot (SSH `reboot`)."""
+
+    async def probe_installed(self, node: Node) -> str | None:
+        """Reach the node's installed system over SSH; return the environment its stamp names, None if not (yet)."""

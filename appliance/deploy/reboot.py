@@ -9,7 +9,7 @@ import asyncio
 from typing import Callable
 
 from appliance.catalog import Environment
-from appliance.deploy.bootwatch import BootWatch, Stage
+from appliance.deploy.bootwatch import INSTALLED, BootWatch, Stage
 from appliance.deploy.clock import Clock
 from appliance.deploy.drivers import DeployDriver, DeployError
 from appliance.deploy.nodestate import NodeRun
@@ -34,19 +34,24 @@ class Hopeless(RackbootError):
 
 
 Note = Callable[..., None]  # Journal.note(run, what, **detail)
+Reached = Callable[[NodeRun, str], None]  # the installed system of a node answered SSH with this environment
+PROBE_INTERVAL_S = 5.0  # how often a node booting its installed system is tried over SSH
 
 
 class Rebooter:
     """Reboots nodes of one deployment and watches them boot; at most `window` of them in firmware at once."""
 
     def __init__(self, power: PowerDriver, agent: DeployDriver, clock: Clock, deadlines: BootDeadlines, window: int,
-                 power_off_wait: float, note: Note) -> None:
+                 power_off_wait: float, note: Note, reached: Reached | None = None,
+                 probe_interval: float = PROBE_INTERVAL_S) -> None:
         self.power = power
         self.agent = agent
         self.clock = clock
         self.deadlines = deadlines
         self.power_off_wait = power_off_wait
         self.note = note
+        self.reached = reached
+        self.probe_interval = probe_interval
         self._window = asyncio.Semaphore(window)
 
     async def reboot(self, run: NodeRun, level: str) -> str | None:
@@ -142,7 +147,14 @@ class Rebooter:
                 if level != "kexec":
                     self.note(run, "escalate", level=level, reason=why)
                 continue
-            await self._wait(run, lambda w: w.done)
+            probe = None
+            if target == INSTALLED and self.reached is not None:
+                probe = asyncio.get_running_loop().create_task(self._probe(run))
+            try:
+                await self._wait(run, lambda w: w.done)
+            finally:
+                if probe is not None:
+                    probe.cancel()
             watch = run.watch
             assert watch is not None
             if watch.stage is Stage.UP:
@@ -153,6 +165,26 @@ class Rebooter:
             reasons.append(watch.reason)
             self.note(run, "escalate", level=level, reason=watch.reason)
         return "; ".join(reasons) if reasons else "no way to reboot"
+
+
+    async def _probe(self, run: NodeRun) -> None:
+        """Try the node's installed system over SSH until it answers with its stamp, as Kadeploy checks a node:
+        once it has left the firmware (local boot or kexec), every probe_interval seconds."""
+        assert self.reached is not None
+        while True:
+            await self.clock.sleep(self.probe_interval)
+            watch = run.watch
+            if watch is None or watch.done:
+                return
+            if watch.stage not in (Stage.LOCAL_BOOT, Stage.KEXECING, Stage.OS_STARTING):
+                continue
+            try:
+                env = await self.agent.probe_installed(run.node)
+            except DeployError:
+                continue
+            if env:
+                self.reached(run, env)
+                return
 
 
 def describe_watch(run: NodeRun) -> str:
