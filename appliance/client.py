@@ -115,10 +115,27 @@ def _print_report(result: dict[str, Any], args: argparse.Namespace) -> int:
     return EXIT_OK if not ko else EXIT_SOME_FAILED
 
 
+def read_public_keys(path: str) -> list[str]:
+    """The public keys of a file (one per line, comments and blank lines skipped), or of ~/.ssh/id_*.pub."""
+    files = [Path(path).expanduser()] if path else sorted((Path.home() / ".ssh").glob("id_*.pub"))
+    if not files:
+        raise ClientError("no ~/.ssh/id_*.pub to install: give a file to -k")
+    keys = []
+    for file in files:
+        try:
+            text = file.read_text()
+        except OSError as exc:
+            raise ClientError(f"cannot read {file}: {exc.strerror or exc}") from None
+        keys += [line.strip() for line in text.splitlines() if line.strip() and not line.lstrip().startswith("#")]
+    return keys
+
+
 async def _deploy(args: argparse.Namespace, api: Api) -> int:
-    body = {"nodes": args.machines, "env": args.env, "broadcast": args.broadcast, "force": args.force}
+    body: dict[str, Any] = {"nodes": args.machines, "env": args.env, "broadcast": args.broadcast, "force": args.force}
     if args.steps:
         body["steps"] = args.steps
+    if args.key is not None:
+        body["ssh_keys"] = read_public_keys(args.key)
     dep = await api.call("POST", "/api/v1/deployments", json=body)
     if not args.json:
         print(f"deployment {dep['id']}: {dep['env']} on {len(dep['nodes'])} nodes", file=sys.stderr)
@@ -289,6 +306,8 @@ def register(sub: Any) -> None:
     p.add_argument("-n", "--ko-file", help="write the nodes that failed here")
     p.add_argument("--force", action="store_true", help="take nodes from a running deployment")
     p.add_argument("--steps", help="override implementations, e.g. 'BroadcastEnv|star:1:900'")
+    p.add_argument("-k", "--key", nargs="?", const="", metavar="FILE",
+                   help="install public SSH keys for root on the deployed nodes: FILE, or ~/.ssh/id_*.pub without FILE")
     p.add_argument("--no-wait", action="store_true", help="print the deployment id and return")
     p.set_defaults(func=_run(_deploy))
 

@@ -4,7 +4,7 @@ from __future__ import annotations
 import asyncio
 import ipaddress
 from pathlib import Path
-from typing import Callable
+from typing import Callable, Sequence
 
 from appliance.catalog import Environment
 from appliance.deploy.controller import ControllerDeps
@@ -69,6 +69,7 @@ class FakeDeploy:
         self.calls: list[tuple[str, str]] = []
         self.on_reboot = on_reboot
         self.installed: dict[str, str] = {}  # node -> the environment its running installed system answers SSH with
+        self.keys: dict[str, tuple[str, ...]] = {}  # node -> the user keys its post-install installed
 
     def agent_up(self, node: Node, detail: dict[str, str]) -> None:
         """Record the callback."""
@@ -95,9 +96,10 @@ class FakeDeploy:
         await asyncio.sleep(0)
         return BroadcastOutcome(method, out)
 
-    async def post_install(self, node: Node, env: Environment) -> None:
-        """Pretend to run post-install scripts."""
+    async def post_install(self, node: Node, env: Environment, ssh_keys: Sequence[str] = ()) -> None:
+        """Pretend to run post-install scripts; remember the keys root got."""
         self._maybe_fail("post_install", node)
+        self.keys[node.name] = tuple(ssh_keys)
 
     async def kexec(self, node: Node, env: Environment) -> None:
         """Pretend to kexec; the test's hook plays the node."""

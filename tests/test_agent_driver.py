@@ -8,6 +8,7 @@ import json
 from pathlib import Path
 from typing import Any, AsyncIterator
 
+import asyncssh
 import pytest
 from helpers import rootfs_tar_gz
 
@@ -74,9 +75,13 @@ async def test_partition_broadcast_postinstall_kexec_reboot_and_exec(cluster: di
         await driver.prepare_disk(n, env)
     outcome = await asyncio.wait_for(driver.broadcast("chain", nodes, env, image), 60)
     assert outcome.nodes == {"node-1": (True, ""), "node-2": (True, "")}
+    user_key = asyncssh.generate_private_key("ssh-ed25519", comment="alice@laptop").export_public_key().decode().strip()
     for n in nodes:
-        await driver.post_install(n, env)
+        await driver.post_install(n, env, [user_key])
         root = tmp / n.name / "root"
+        assert (root / "etc/hostname").read_text() == f"{n.name}\n"
+        authorized = (root / "root/.ssh/authorized_keys").read_text().splitlines()
+        assert user_key in authorized and driver.key.export_public_key().decode().strip() in authorized
         assert (root / "etc/os-release").read_text() == "ID=test\n"
         assert (root / "etc/deployed-env").read_text() == "tiny:2\n"
         stamp = json.loads((root / "etc/rackboot/deployed.json").read_text())

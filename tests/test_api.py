@@ -11,6 +11,7 @@ from pathlib import Path
 from typing import Any, AsyncIterator
 
 import aiohttp
+import asyncssh
 import pytest
 
 from appliance.api import Api
@@ -179,6 +180,19 @@ async def test_environment_images_come_only_from_uploads_the_files_root_or_http(
     status, env = await add_described(client, admin, f"name: local\nversion: 1\nimage: {{file: {tmp_path / 'files' / 'ok.tgz'}, kind: tar}}\n")
     assert status == 201, env
     assert sorted(p.name for p in (tmp_path / "images").iterdir()) == ["local"]
+
+
+async def test_deploy_installs_the_users_keys_and_refuses_what_is_not_a_public_key(world: World) -> None:
+    client, admin, agent = world.client, world.admin, world.deps.agent
+    assert (await add_env(client, admin, "deb", "public"))[0] == 201
+    key = asyncssh.generate_private_key("ssh-ed25519", comment="alice").export_public_key().decode().strip()
+    for bad in (["not a key"], ["ssh-ed25519 AAAA' ; rm -rf /"], [key + "\nssh-rsa AAAA"]):
+        status, err = await client.call("POST", "/api/v1/deployments", admin, json={"nodes": "node-5", "env": "deb", "ssh_keys": bad})
+        assert status == 400 and "ssh_keys" in err["error"], (bad, err)
+    status, dep = await client.call("POST", "/api/v1/deployments", admin, json={"nodes": "node-5", "env": "deb", "ssh_keys": [key]})
+    assert status == 201
+    await asyncio.wait_for(world.api.deps.controller.tasks[dep["id"]], 30)  # type: ignore[attr-defined]
+    assert agent.keys["node-5"] == (key,)  # type: ignore[attr-defined]
 
 
 async def test_deployment_lifecycle_events_stats_and_node_tokens(world: World) -> None:
@@ -420,3 +434,17 @@ async def test_every_operation_refuses_no_token_a_wrong_token_and_a_user_without
             else:
                 assert answers["eve"] not in (401, 403), (method, path, answers)
     assert len(seen) >= 20
+
+
+def test_deploy_k_reads_a_key_file_or_the_users_id_pub_files(tmp_path: Path, monkeypatch: pytest.MonkeyPatch) -> None:
+    from appliance.client import ClientError, read_public_keys
+
+    file = tmp_path / "keys.pub"
+    file.write_text("# my keys\nssh-ed25519 AAAAC3 alice\n\nssh-rsa AAAAB3 alice-old\n")
+    assert read_public_keys(str(file)) == ["ssh-ed25519 AAAAC3 alice", "ssh-rsa AAAAB3 alice-old"]
+    monkeypatch.setenv("HOME", str(tmp_path))
+    with pytest.raises(ClientError, match="id_"):
+        read_public_keys("")
+    (tmp_path / ".ssh").mkdir()
+    (tmp_path / ".ssh" / "id_ed25519.pub").write_text("ssh-ed25519 AAAAC3 me\n")
+    assert read_public_keys("") == ["ssh-ed25519 AAAAC3 me"]

@@ -34,7 +34,8 @@ async def start(deps: ApiDeps, call: Call) -> m.DeploymentReport:
     except ValueError as exc:
         raise ApiError(400, str(exc)) from exc
     try:
-        dep = deps.controller.start(call.nodes, env, user.name, body.broadcast, force=body.force, workflow=workflow)
+        dep = deps.controller.start(call.nodes, env, user.name, body.broadcast, force=body.force, workflow=workflow,
+                                    ssh_keys=tuple(body.ssh_keys))
     except OverlapError as exc:
         raise ApiError(409, str(exc)) from exc
     return m.DeploymentReport.model_validate(dep.result())

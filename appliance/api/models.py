@@ -9,7 +9,8 @@ from __future__ import annotations
 import re
 from typing import Any, Literal
 
-from pydantic import BaseModel, ConfigDict, Field, RootModel, model_validator
+import asyncssh
+from pydantic import BaseModel, ConfigDict, Field, RootModel, field_validator, model_validator
 
 from appliance.auth import PERMS
 from appliance.deploy.power import POWER_OPS
@@ -67,6 +68,24 @@ class DeployRequest(NodeSetBody):
     broadcast: Literal["chain", "tree", "star"] = "chain"
     force: bool = Field(False, description="take nodes from a running deployment")
     steps: str | None = Field(None, description="override implementations, e.g. 'BroadcastEnv|star:1:900'")
+    ssh_keys: list[str] = Field(default_factory=list, max_length=16,
+                                description="OpenSSH public keys for root's authorized_keys on the installed systems")
+
+    @field_validator("ssh_keys")
+    @classmethod
+    def _public_keys(cls, keys: list[str]) -> list[str]:
+        """Each key must be one OpenSSH public key line (asyncssh parses it)."""
+        out = []
+        for key in keys:
+            line = key.strip()
+            if "\n" in line or "'" in line or len(line) > 16384:
+                raise ValueError("one OpenSSH public key per item, on one line")
+            try:
+                asyncssh.import_public_key(line)
+            except (asyncssh.KeyImportError, ValueError) as exc:
+                raise ValueError(f"not an OpenSSH public key: {exc}") from None
+            out.append(line)
+        return out
 
 
 class PowerRequest(NodeSetBody):

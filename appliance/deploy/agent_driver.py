@@ -14,7 +14,7 @@ import re
 import secrets
 import shlex
 from pathlib import Path
-from typing import Any
+from typing import Any, Sequence
 
 import asyncssh
 
@@ -181,8 +181,9 @@ class AgentDeployDriver:
         return BroadcastOutcome(method, {name: (r.ok, r.reason) for name, r in result.nodes.items()}, result.seconds,
                                 {"result": result.to_json()})
 
-    async def post_install(self, node: Node, env: Environment) -> None:
-        """Run the environment's post-install scripts, then stamp the installed system with its identity."""
+    async def post_install(self, node: Node, env: Environment, ssh_keys: Sequence[str] = ()) -> None:
+        """Run the environment's post-install scripts, then stamp the installed system with its identity, its
+        host name, and root's authorized_keys (the deploy key and the deploying user's keys, as Kadeploy's -k)."""
         root = self._roots.get(node.mac, "/run/rackboot/root")
         scripts = [{"name": f"post-{i}", "content": s if s.startswith("#!") else f"#!/bin/sh\nset -e\n{s}\n"}
                    for i, s in enumerate(env.postinstall)]
@@ -191,12 +192,13 @@ class AgentDeployDriver:
         # The installed system reads this file at boot and calls back with its identity and the node's token.
         # Root's authorized_keys gets the deploy key (as Kadeploy does), so the appliance can soft-reboot the
         # installed system and run commands on it.
-        pub = self.key.export_public_key().decode().strip()
+        keys = [self.key.export_public_key().decode().strip(), *(k.strip() for k in ssh_keys)]
+        add_keys = "".join(f"grep -qxF '{k}' \"$RACKBOOT_ROOT/root/.ssh/authorized_keys\" 2>/dev/null || "
+                           f"echo '{k}' >> \"$RACKBOOT_ROOT/root/.ssh/authorized_keys\"\n" for k in keys)
         scripts.append({"name": "rackboot-stamp", "content": "#!/bin/sh\nset -e\nmkdir -p \"$RACKBOOT_ROOT/etc/rackboot\"\n"
                         f"cat > \"$RACKBOOT_ROOT{STAMP_PATH}\" <<'EOF'\n{json.dumps(stamp)}\nEOF\n"
-                        "mkdir -p -m 700 \"$RACKBOOT_ROOT/root/.ssh\"\n"
-                        f"grep -qxF '{pub}' \"$RACKBOOT_ROOT/root/.ssh/authorized_keys\" 2>/dev/null || "
-                        f"echo '{pub}' >> \"$RACKBOOT_ROOT/root/.ssh/authorized_keys\"\n"})
+                        f"echo '{node.name}' > \"$RACKBOOT_ROOT/etc/hostname\"\n"
+                        "mkdir -p -m 700 \"$RACKBOOT_ROOT/root/.ssh\"\n" + add_keys})
 
         async def go(client: AgentClient) -> None:
             reply = await client.postinstall(scripts, root, env={"RACKBOOT_ENV": env.ref})

@@ -46,10 +46,11 @@ class Controller:
         return {n: self._busy[n] for n in names if n in self._busy}
 
     def start(self, nodes: list[Node], env: Environment, user: str, method: str = "chain", force: bool = False,
-              workflow: Workflow | None = None) -> Deployment:
-        """Create and start a deployment; raise OverlapError when nodes are busy (unless force)."""
+              workflow: Workflow | None = None, ssh_keys: tuple[str, ...] = ()) -> Deployment:
+        """Create and start a deployment (ssh_keys go to root's authorized_keys on the installed systems); raise
+        OverlapError when nodes are busy (unless force)."""
         wf = workflow or self.workflow_factory(method, env.kexec)
-        return self._launch("d", nodes, env, user, wf, method, {"force": force}, force)
+        return self._launch("d", nodes, env, user, wf, method, {"force": force, "ssh_keys": len(ssh_keys)}, force, ssh_keys)
 
     async def reboot(self, nodes: list[Node], to: str, level: str, user: str, force: bool = False) -> list[dict[str, Any]]:
         """Reboot nodes (optionally into 'deploy', 'local' or an environment) from a level up; wait until each is
@@ -69,7 +70,7 @@ class Controller:
                  "stage": r.boot_stage} for r in dep.runs.values()]
 
     def _launch(self, prefix: str, nodes: list[Node], env: Environment, user: str, wf: Workflow, method: str,
-                params: dict[str, Any], force: bool) -> Deployment:
+                params: dict[str, Any], force: bool, ssh_keys: tuple[str, ...] = ()) -> Deployment:
         """Check overlaps (a forced run takes the nodes over), record, register and start a workflow run."""
         names = [n.name for n in nodes]
         overlap = self.busy(names)
@@ -80,7 +81,7 @@ class Controller:
             if dep is not None and name in dep.runs:
                 dep.fail(dep.runs[name], dep.runs[name].step or "pending", "", "taken over by a forced deployment")
         dep_id = time.strftime(f"{prefix}%Y%m%d-%H%M%S-") + secrets.token_hex(2)
-        dep = Deployment(dep_id, nodes, env, user, wf, self.deps)
+        dep = Deployment(dep_id, nodes, env, user, wf, self.deps, ssh_keys)
         self.deps.store.create(dep_id, user, env.ref, names, method, params)
         self.deployments[dep_id] = dep
         for n in names:

@@ -42,10 +42,11 @@ class Deployment:
     """One deployment of one environment (or one reboot) on a node set."""
 
     def __init__(self, dep_id: str, nodes: list[Node], env: Environment, user: str, workflow: Workflow,
-                 deps: ControllerDeps) -> None:
+                 deps: ControllerDeps, ssh_keys: tuple[str, ...] = ()) -> None:
         self.id = dep_id
         self.env = env
         self.user = user
+        self.ssh_keys = ssh_keys  # the user's public keys, for root on the installed systems
         self.workflow = workflow
         self.deps = deps
         self.clock = deps.clock

@@ -3,7 +3,7 @@ from __future__ import annotations
 
 from dataclasses import dataclass, field
 from pathlib import Path
-from typing import Protocol
+from typing import Protocol, Sequence
 
 from appliance.catalog import Environment
 from domain.errors import RackbootError
@@ -36,7 +36,7 @@ class DeployDriver(Protocol):
     async def broadcast(self, method: str, nodes: list[Node], env: Environment, image: Path) -> BroadcastOutcome:
         """Send the image to every node with the method (chain, tree, star); write and verify it."""
 
-    async def post_install(self, node: Node, env: Environment) -> None:
+    async def post_install(self, node: Node, env: Environment, ssh_keys: Sequence[str] = ()) -> None:
         """Run env's post-install scripts and set up booting on the node."""
 
     async def kexec(self, node: Node, env: Environment) -> None:

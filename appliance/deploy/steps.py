@@ -28,6 +28,7 @@ class Deployment(Protocol):
 
     id: str
     env: Environment
+    ssh_keys: tuple[str, ...]
     workflow: Workflow
     deps: ControllerDeps
     journal: Journal
@@ -202,7 +203,7 @@ async def broadcast_env(dep: Deployment, step: MacroStep, runs: list[NodeRun]) -
 
     async def post(run: NodeRun) -> None:
         try:
-            await dep.deps.agent.post_install(run.node, dep.env)
+            await dep.deps.agent.post_install(run.node, dep.env, dep.ssh_keys)
         except DeployError as exc:
             dep.fail(run, step.name, "post_install", f"post-install failed: {exc}")
 
