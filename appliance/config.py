@@ -145,6 +145,9 @@ class _Reader:
     def choice(self, key: str, default: str, choices: tuple[str, ...]) -> str:
         """Return a value that must be one of choices."""
         def conv(v: Any) -> str:
+            if isinstance(v, bool):
+                # YAML 1.1 reads unquoted off/on/yes/no as booleans
+                raise ValueError("YAML read an unquoted off/on/yes/no as a boolean: quote it, e.g. 'off'")
             if str(v) not in choices:
                 raise ValueError("")
             return str(v)
@@ -315,10 +318,16 @@ def load_config(path: str | Path) -> ApplianceConfig:
                 problems.extend(exc.problems)
     if inventory is not None and address.ip.packed != b"\0\0\0\0":
         for node in inventory.nodes:
+            where = inventory.origin.get(node.name, inventory.source)
             if node.ip == address.ip:
-                problems.append(f"{inventory.source}: node {node.name} has the appliance's own address {node.ip}")
+                problems.append(f"{where}: node {node.name} has the appliance's own address {node.ip}")
+            elif node.ip not in address.network:
+                problems.append(f"{where}: node {node.name}: {node.ip} is outside the appliance's network {address.network}"
+                                " (nodes are served on the appliance's own segment)")
+            elif node.ip in (address.network.network_address, address.network.broadcast_address):
+                problems.append(f"{where}: node {node.name}: {node.ip} is the network's own or broadcast address")
             if dhcp.pool and dhcp.pool[0] <= node.ip <= dhcp.pool[1]:
-                problems.append(f"{inventory.source}: node {node.name}: {node.ip} lies inside the dynamic pool")
+                problems.append(f"{where}: node {node.name}: {node.ip} lies inside the dynamic pool")
     if problems or inventory is None:
         raise ConfigError(problems or [f"{path}: no inventory"])
     return ApplianceConfig(

@@ -11,6 +11,8 @@ from appliance.yamlsource import Located, load_yaml_mapping
 from domain.errors import ConfigError
 from domain.nodes import BMC_DRIVERS, BmcSpec, Node, mac_add, normalize_mac
 
+BMC_KEYS = ("driver", "address", "port", "credentials")
+
 
 def read_bmc_credentials(bmc: BmcSpec) -> tuple[str, str]:
     """Read (username, password) from a BMC's credentials file ('' and '' when it names none)."""
@@ -29,6 +31,7 @@ class Inventory:
     by_name: dict[str, Node] = field(default_factory=dict, compare=False, repr=False)
     by_mac: dict[str, Node] = field(default_factory=dict, compare=False, repr=False)
     by_ip: dict[ipaddress.IPv4Address, Node] = field(default_factory=dict, compare=False, repr=False)
+    origin: dict[str, str] = field(default_factory=dict, compare=False, repr=False)  # name -> "FILE:LINE" of its entry
 
     def __post_init__(self) -> None:
         for n in self.nodes:
@@ -78,8 +81,12 @@ def load_inventory(path: Path) -> Inventory:
     seen_names: dict[str, str] = {}
     seen_macs: dict[str, str] = {}
     seen_ips: dict[ipaddress.IPv4Address, str] = {}
+    origin: dict[str, str] = {}
     for key in root.keys():
-        if key not in ("nodes", "defaults"):
+        if key == "defaults":
+            problems.append(f"{root.at(key)}: defaults: not supported: give each entry of nodes its keys "
+                            "(a folded entry like node-[1-40] covers a whole run)")
+        elif key != "nodes":
             problems.append(f"{root.at(key)}: unknown key {key!r} (expected: nodes)")
     entries = root.children("nodes")
     if not entries:
@@ -108,7 +115,18 @@ def load_inventory(path: Path) -> Inventory:
             continue
         bmc_loc = entry.child("bmc")
         bmc_addrs: list[str] | None = None
+        bmc_port = 623
         if bmc_loc is not None:
+            for key in bmc_loc.keys():
+                if key not in BMC_KEYS and key not in ("username", "password"):
+                    problems.append(f"{bmc_loc.at(key)}: {bmc_loc.name(key)}: unknown key (expected one of: {', '.join(BMC_KEYS)})")
+            if bmc_loc.raw("address") is None and str(bmc_loc.raw("driver", "ipmi")) != "none":
+                problems.append(f"{bmc_loc.where}: {bmc_loc.name('address')}: missing")
+            raw_port = bmc_loc.raw("port", 623)
+            if isinstance(raw_port, bool) or not isinstance(raw_port, int) or not 1 <= raw_port <= 65535:
+                problems.append(f"{bmc_loc.at('port')}: {bmc_loc.name('port')}: expected a port number 1-65535, got {raw_port!r}")
+            else:
+                bmc_port = raw_port
             bmc_addrs = _expand_field(bmc_loc, "address", count, problems)
             driver = str(bmc_loc.raw("driver", "ipmi"))
             if driver not in BMC_DRIVERS:
@@ -125,7 +143,10 @@ def load_inventory(path: Path) -> Inventory:
             try:
                 mac = normalize_mac(macs[i]) if len(macs) == count else mac_add(normalize_mac(macs[0]), i)
             except ValueError as exc:
-                problems.append(f"{entry.at('mac')}: {entry.name('mac')}: {exc}")
+                hint = ""
+                if isinstance(entry.raw("mac"), int):
+                    hint = " (YAML 1.1 reads an unquoted MAC as a base-60 number: quote the MAC, e.g. mac: \"52:54:00:12:34:56\")"
+                problems.append(f"{entry.at('mac')}: {entry.name('mac')}: {exc}{hint}")
                 break
             try:
                 ip = ipaddress.IPv4Address(ips[i]) if len(ips) == count else ipaddress.IPv4Address(ips[0]) + i
@@ -143,10 +164,11 @@ def load_inventory(path: Path) -> Inventory:
                 bmc = BmcSpec(
                     driver=str(bmc_loc.raw("driver", "ipmi")),
                     address=addr,
-                    port=int(bmc_loc.raw("port", 623)),
+                    port=bmc_port,
                     credentials_file=(path.parent / str(cred)) if cred else None,
                 )
             where = str(entry.at("name"))
+            origin[name] = where
             for table, value, what in ((seen_names, name, "name"), (seen_macs, mac, "MAC"), (seen_ips, ip, "IP")):
                 if value in table:
                     problems.append(f"{where}: duplicate {what} {value} (first at {table[value]})")
@@ -166,4 +188,4 @@ def load_inventory(path: Path) -> Inventory:
             )
     if problems:
         raise ConfigError(problems)
-    return Inventory(nodes=tuple(nodes), source=str(path))
+    return Inventory(nodes=tuple(nodes), source=str(path), origin=origin)

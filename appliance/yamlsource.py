@@ -29,8 +29,15 @@ class Located:
         self.prefix = prefix
         self.where = Where(path, node.start_mark.line + 1)
         self._items: dict[str, yaml.Node] = {}
+        first: dict[str, int] = {}
         for key_node, value_node in node.value:
-            self._items[str(key_node.value)] = value_node
+            key = str(key_node.value)
+            line = key_node.start_mark.line + 1
+            if key in self._items:
+                # YAML keeps the last value of a repeated key without a word: a typo's copy would win silently.
+                raise ConfigError([f"{path}:{line}: {prefix}{key}: duplicate key (first at line {first[key]})"])
+            first[key] = line
+            self._items[key] = value_node
 
     def keys(self) -> list[str]:
         """Return the keys present in this mapping."""

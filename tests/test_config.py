@@ -149,3 +149,52 @@ def test_inventory_without_nodes(tmp_path: Path) -> None:
     (tmp_path / "n.yaml").write_text("nodes: []\n")
     with pytest.raises(ConfigError, match="no nodes defined"):
         load_inventory(tmp_path / "n.yaml")
+
+
+BMC_NODE = """\
+nodes:
+  - name: node-1
+    mac: "52:54:00:77:00:01"
+    ip: 10.77.0.11
+    bmc:
+{bmc}
+"""
+
+
+@pytest.mark.parametrize("bmc,expected", [
+    ("      driver: ipmi\n      address: 10.78.0.11\n      port: abc\n", "nodes[0].bmc.port: expected a port number"),
+    ("      driver: ipmi\n      adress: 10.78.0.11\n", "nodes[0].bmc.adress: unknown key"),
+    ("      driver: ipmi\n", "nodes[0].bmc.address: missing"),
+])
+def test_bmc_mistakes_are_errors_with_a_line_not_a_silent_drop_or_a_traceback(tmp_path: Path, bmc: str, expected: str) -> None:
+    """Issue 12: `bmc.port: abc` ended in a traceback; an unknown key or no address silently dropped the BMC."""
+    problems = problems_of(write(tmp_path, MINIMAL_CONFIG, BMC_NODE.format(bmc=bmc)))
+    assert any(expected in p and "nodes.yaml:" in p for p in problems), problems
+
+
+def test_duplicate_keys_and_ignored_sections_are_errors(tmp_path: Path) -> None:
+    """Issue 12: a duplicate YAML key silently kept the last value; an inventory `defaults:` was ignored."""
+    problems = problems_of(write(tmp_path, MINIMAL_CONFIG + "http_port: 9090\n", MINIMAL_NODES))
+    assert any("rackboot.yaml:11: http_port: duplicate key (first at line 5)" in p for p in problems), problems
+    problems = problems_of(write(tmp_path, MINIMAL_CONFIG, "defaults:\n  rack: r1\n" + MINIMAL_NODES.replace("# nodes.yaml\n", "")))
+    assert any("nodes.yaml:" in p and "defaults: not supported" in p for p in problems), problems
+
+
+def test_nodes_outside_the_appliances_network_are_errors(tmp_path: Path) -> None:
+    """Issue 12: node addresses outside the appliance's subnet (or a folded run leaving it) were accepted."""
+    nodes = MINIMAL_NODES.replace("10.77.0.12", "10.99.0.12")
+    problems = problems_of(write(tmp_path, MINIMAL_CONFIG, nodes))
+    assert any("node-2: 10.99.0.12 is outside the appliance's network 10.77.0.0/24" in p for p in problems), problems
+    run = "nodes:\n  - name: node-[1-3]\n    mac: '52:54:00:77:00:01'\n    ip: 10.77.0.254\n"  # .254, .255, .256
+    problems = problems_of(write(tmp_path, MINIMAL_CONFIG, run))
+    assert any("node-2: 10.77.0.255 is the network's own or broadcast address" in p for p in problems), problems
+    assert any("node-3: 10.77.1.0 is outside" in p for p in problems), problems
+
+
+def test_yaml_traps_get_a_hint(tmp_path: Path) -> None:
+    """Issue 12: YAML 1.1 reads an unquoted MAC as a base-60 integer and an unquoted `off` as false."""
+    nodes = MINIMAL_NODES.replace('mac: "52:54:00:77:00:01"', "mac: 52:54:00:12:34:56")  # all groups < 60: a number
+    problems = problems_of(write(tmp_path, MINIMAL_CONFIG, nodes))
+    assert any("quote the MAC" in p for p in problems), problems
+    problems = problems_of(write(tmp_path, MINIMAL_CONFIG.replace("mode: authoritative", "mode: off"), MINIMAL_NODES))
+    assert any("dhcp.mode" in p and "quote it" in p for p in problems), problems
