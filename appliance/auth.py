@@ -97,9 +97,13 @@ class Users:
         self._db.execute("INSERT INTO rights VALUES (?, ?, ?) ON CONFLICT(user, nodes) DO UPDATE SET perms=excluded.perms",
                          (user, folded, ",".join(perms)))
 
-    def revoke(self, user: str, nodes: str) -> None:
-        """Remove a user's rights on exactly that node set."""
-        self._db.execute("DELETE FROM rights WHERE user=? AND nodes=?", (user, str(NodeSet(nodes))))
+    def revoke(self, user: str, nodes: str) -> bool:
+        """Remove a user's rights on exactly that node set (as granted); return whether there were some."""
+        try:
+            folded = str(NodeSet(nodes))
+        except NodeSetParseError as exc:
+            raise AuthError(f"bad node set {nodes!r}: {exc}", 400) from exc
+        return self._db.execute("DELETE FROM rights WHERE user=? AND nodes=?", (user, folded)).rowcount > 0
 
     def may_add_environments(self, user: User) -> bool:
         """Admins, and users with the 'deploy' right on some nodes, may add environments to the catalog."""

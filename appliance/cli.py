@@ -9,7 +9,7 @@ import sys
 import time
 import urllib.error
 import urllib.request
-from importlib.metadata import entry_points
+from importlib.metadata import PackageNotFoundError, entry_points, version
 
 from appliance.config import load_config, summarize
 from domain.errors import BindError, ConfigError
@@ -80,10 +80,18 @@ def _cmd_nodes(args: argparse.Namespace) -> int:
     return 0
 
 
+def _version() -> str:
+    try:
+        return version("rackboot")
+    except PackageNotFoundError:  # run from a checkout that is not installed
+        return "unknown"
+
+
 def build_parser() -> argparse.ArgumentParser:
     """Build the argument parser of every rackboot subcommand."""
     parser = argparse.ArgumentParser(prog="rackboot", description=__doc__)
     parser.add_argument("-v", "--verbose", action="count", default=0, help="more logging (-vv for debug)")
+    parser.add_argument("--version", action="version", version=f"rackboot {_version()}")
     sub = parser.add_subparsers(dest="command", required=True)
 
     p = sub.add_parser("serve", help="run the appliance (DHCP, TFTP, HTTP/iPXE, DNS) on the configured interface")

@@ -16,6 +16,7 @@ from typing import Any
 
 import aiohttp
 import yaml
+from ClusterShell.NodeSet import NodeSet, NodeSetParseError
 
 EXIT_OK, EXIT_ERROR, EXIT_SOME_FAILED = 0, 1, 2
 
@@ -131,7 +132,7 @@ def read_public_keys(path: str) -> list[str]:
 
 
 async def _deploy(args: argparse.Namespace, api: Api) -> int:
-    body: dict[str, Any] = {"nodes": args.machines, "env": args.env, "broadcast": args.broadcast, "force": args.force}
+    body: dict[str, Any] = {"nodes": node_set(args), "env": args.env, "broadcast": args.broadcast, "force": args.force}
     if args.steps:
         body["steps"] = args.steps
     if args.key is not None:
@@ -155,12 +156,12 @@ async def _deploy(args: argparse.Namespace, api: Api) -> int:
 
 
 async def _reboot(args: argparse.Namespace, api: Api) -> int:
-    out = await api.call("POST", "/api/v1/reboot", json={"nodes": args.machines, "to": args.to or "", "level": args.level, "force": args.force})
+    out = await api.call("POST", "/api/v1/reboot", json={"nodes": node_set(args), "to": args.to or "", "level": args.level, "force": args.force})
     return _results(out["results"], args, lambda r: r.get("reason") or r.get("stage", ""))
 
 
 async def _power(args: argparse.Namespace, api: Api) -> int:
-    out = await api.call("POST", "/api/v1/power", json={"nodes": args.machines, "op": args.op, "force": args.force})
+    out = await api.call("POST", "/api/v1/power", json={"nodes": node_set(args), "op": args.op, "force": args.force})
     return _results(out["results"], args, lambda r: r.get("state") or r.get("error", ""))
 
 
@@ -235,14 +236,19 @@ async def _user(args: argparse.Namespace, api: Api) -> int:
         print(out["token"])
     elif args.user_cmd == "rm":
         await api.call("DELETE", f"/api/v1/users/{args.name}")
+    elif args.user_cmd == "revoke":
+        out = await api.call("DELETE", f"/api/v1/users/{args.name}/rights", json={"nodes": node_set(args)})
+        if not out["revoked"]:
+            print(f"rackboot: {args.name} had no rights on exactly {out['nodes']}", file=sys.stderr)
+            return EXIT_ERROR
     else:
-        await api.call("POST", f"/api/v1/users/{args.name}/rights", json={"nodes": args.machines, "perms": args.rights.split(",")})
+        await api.call("POST", f"/api/v1/users/{args.name}/rights", json={"nodes": node_set(args), "perms": args.rights.split(",")})
     return EXIT_OK
 
 
 async def _exec(args: argparse.Namespace, api: Api) -> int:
     command = " ".join(args.cmd[1:] if args.cmd and args.cmd[0] == "--" else args.cmd)
-    out = await api.call("POST", "/api/v1/exec", json={"nodes": args.machines, "command": command, "fanout": args.fanout,
+    out = await api.call("POST", "/api/v1/exec", json={"nodes": node_set(args), "command": command, "fanout": args.fanout,
                                                       "timeout": args.timeout})
     if args.json:
         print(json.dumps(out, indent=2))
@@ -289,6 +295,38 @@ def _run(fn: Any) -> Any:
     return cmd
 
 
+def node_set(args: argparse.Namespace) -> str:
+    """The union of every -m NODESET and every node of every -f FILE (one node set per line, as Kadeploy's -f)."""
+    nodes = NodeSet()
+    try:
+        for spec in args.machines or ():
+            nodes.update(spec)
+        for name in args.node_file or ():
+            try:
+                lines = Path(name).read_text().split()
+            except OSError as exc:
+                raise ClientError(f"cannot read node file {name}: {exc.strerror or exc}") from None
+            for line in lines:
+                nodes.update(line)
+    except NodeSetParseError as exc:
+        raise ClientError(f"bad node set: {exc}") from None
+    if not nodes:
+        raise ClientError("no nodes: give -m NODESET (repeatable) or -f FILE")
+    return str(nodes)
+
+
+def build_node_args(machines: list[str], files: list[str]) -> argparse.Namespace:
+    """The -m/-f part of a command line, as argparse gives it (for callers that build one)."""
+    return argparse.Namespace(machines=machines, node_file=files)
+
+
+def _machines(p: argparse.ArgumentParser, what: str = "the nodes") -> None:
+    p.add_argument("-m", "--machines", action="append", metavar="NODESET",
+                   help=f"{what}, a folded node set like node-[1-40]; repeat it for a union")
+    p.add_argument("-f", "--node-file", action="append", metavar="FILE",
+                   help="nodes listed in a file (node names or node sets, one per line); repeatable")
+
+
 def register(sub: Any) -> None:
     """Add the API client subcommands to the rackboot parser."""
     def common(p: argparse.ArgumentParser) -> argparse.ArgumentParser:
@@ -296,10 +334,12 @@ def register(sub: Any) -> None:
         p.add_argument("--token", help="API token (default: $RACKBOOT_TOKEN, client.yaml, or STATE_DIR/admin.token)")
         p.add_argument("--config", "-c", help="the appliance config, for its URL and admin token")
         p.add_argument("--json", action="store_true", help="machine-readable output")
+        p.add_argument("-v", "--verbose", action="count", default=argparse.SUPPRESS,
+                       help="more logging (-vv for debug), here as before the subcommand")
         return p
 
     p = common(sub.add_parser("deploy", help="deploy an environment on nodes (exit 0: all ok, 2: some failed)"))
-    p.add_argument("-m", "--machines", required=True, help="node set, e.g. node-[1-40]")
+    _machines(p)
     p.add_argument("-e", "--env", required=True, help="ENV or ENV:VERSION")
     p.add_argument("--broadcast", choices=("chain", "tree", "star"), default="chain")
     p.add_argument("-o", "--ok-file", help="write the nodes that succeeded here")
@@ -312,14 +352,14 @@ def register(sub: Any) -> None:
     p.set_defaults(func=_run(_deploy))
 
     p = common(sub.add_parser("reboot", help="reboot nodes, optionally into deploy, local or an environment"))
-    p.add_argument("-m", "--machines", required=True)
+    _machines(p)
     p.add_argument("--to", help="deploy | local | ENV[:VERSION]")
     p.add_argument("--level", choices=("soft", "hard", "very_hard"), default="soft")
     p.add_argument("--force", action="store_true")
     p.set_defaults(func=_run(_reboot))
 
     p = common(sub.add_parser("power", help="power nodes on, off, reset, cycle or read their status"))
-    p.add_argument("-m", "--machines", required=True)
+    _machines(p)
     p.add_argument("op", choices=("on", "off", "reset", "cycle", "status"))
     p.add_argument("--force", action="store_true")
     p.set_defaults(func=_run(_power))
@@ -349,12 +389,15 @@ def register(sub: Any) -> None:
     u.add_argument("name")
     u = common(usub.add_parser("grant", help="give a user rights on a node set"))
     u.add_argument("name")
-    u.add_argument("-m", "--machines", required=True)
+    _machines(u)
     u.add_argument("--rights", default="deploy,reboot,power", help="comma-separated: deploy,reboot,power,console")
+    u = common(usub.add_parser("revoke", help="take a user's rights on a node set away (the set as granted)"))
+    u.add_argument("name")
+    _machines(u)
     p.set_defaults(func=_run(_user))
 
     p = common(sub.add_parser("exec", help="run a command on nodes through a tree of deploy agents (grouped output)"))
-    p.add_argument("-m", "--machines", required=True)
+    _machines(p)
     p.add_argument("--fanout", type=int, default=16)
     p.add_argument("--timeout", type=float, default=60.0, help="per-node command timeout (s)")
     p.add_argument("cmd", nargs=argparse.REMAINDER, help="-- COMMAND ...")

@@ -448,3 +448,27 @@ def test_deploy_k_reads_a_key_file_or_the_users_id_pub_files(tmp_path: Path, mon
     (tmp_path / ".ssh").mkdir()
     (tmp_path / ".ssh" / "id_ed25519.pub").write_text("ssh-ed25519 AAAAC3 me\n")
     assert read_public_keys("") == ["ssh-ed25519 AAAAC3 me"]
+
+
+def test_node_sets_are_the_union_of_every_m_and_every_f(tmp_path: Path) -> None:
+    from appliance.client import ClientError, build_node_args, node_set
+
+    nodefile = tmp_path / "nodes.txt"
+    nodefile.write_text("node-7\nnode-[9-10]\n\nnode-8\n")
+    assert node_set(build_node_args(["node-[1-2]", "node-2,node-4"], [str(nodefile)])) == "node-[1-2,4,7-10]"
+    with pytest.raises(ClientError, match="no nodes"):
+        node_set(build_node_args([], []))
+    with pytest.raises(ClientError, match="cannot read node file"):
+        node_set(build_node_args([], [str(tmp_path / "missing")]))
+
+
+async def test_user_revoke_takes_granted_rights_away(world: World) -> None:
+    client, admin = world.client, world.admin
+    _, bob = await client.call("POST", "/api/v1/users", admin, json={"name": "bob"})
+    assert (await client.call("POST", "/api/v1/users/bob/rights", admin, json={"nodes": "node-[1-2]", "perms": ["power"]}))[0] == 200
+    assert (await client.call("POST", "/api/v1/power", bob["token"], json={"nodes": "node-1", "op": "status"}))[0] == 200
+    status, out = await client.call("DELETE", "/api/v1/users/bob/rights", admin, json={"nodes": "node-[1-2]"})
+    assert status == 200 and out["revoked"] is True
+    assert (await client.call("POST", "/api/v1/power", bob["token"], json={"nodes": "node-1", "op": "status"}))[0] == 403
+    status, out = await client.call("DELETE", "/api/v1/users/bob/rights", admin, json={"nodes": "node-[1-2]"})
+    assert status == 200 and out["revoked"] is False

@@ -124,6 +124,18 @@ class GrantRequest(NodeSetBody):
     perms: list[Perm]
 
 
+class RevokeRequest(NodeSetBody):
+    """Take a user's rights on a node set away (the set as it was granted)."""
+
+
+class Revoked(Answer):
+    """Rights taken away."""
+
+    user: str
+    nodes: str
+    revoked: bool
+
+
 class ProfileRequest(Request):
     """A boot profile: what a node boots next."""
 

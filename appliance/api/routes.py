@@ -150,4 +150,6 @@ ROUTES: tuple[Route, ...] = (
     Route("DELETE", "/api/v1/users/{name}", users.remove_user, "remove a user", access="admin", response=m.Removed),
     Route("POST", "/api/v1/users/{name}/rights", users.grant, "grant rights on a node set", access="admin",
           body=m.GrantRequest, response=m.Granted),
+    Route("DELETE", "/api/v1/users/{name}/rights", users.revoke, "take rights on a node set away", access="admin",
+          body=m.RevokeRequest, response=m.Revoked),
 )

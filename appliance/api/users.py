@@ -46,3 +46,9 @@ async def grant(deps: ApiDeps, call: Call) -> m.Granted:
     body: m.GrantRequest = call.body
     deps.users.grant(call.param("name"), body.nodes, list(body.perms))
     return m.Granted(user=call.param("name"), nodes=body.nodes, perms=list(body.perms))
+
+
+async def revoke(deps: ApiDeps, call: Call) -> m.Revoked:
+    """DELETE /api/v1/users/NAME/rights (admin): take a user's rights on a node set away."""
+    body: m.RevokeRequest = call.body
+    return m.Revoked(user=call.param("name"), nodes=body.nodes, revoked=deps.users.revoke(call.param("name"), body.nodes))
