@@ -20,6 +20,7 @@ from appliance.deploy.power import IpmiPower, PowerByDriver
 from appliance.deploy.store import DeploymentStore
 from appliance.deploy.workflow import BootDeadlines, default_workflow
 from appliance.events import EventBus
+from appliance.metrics import add_metrics_route
 from appliance.profiles import ProfileStore
 from appliance.service import Service
 from appliance.statedb import open_state_db
@@ -88,10 +89,15 @@ class Appliance:
         self.controller = Controller(
             deps, lambda method, kexec: replace(default_workflow(method, kexec), deadlines=deadlines,
                                                 reboot_window=d.reboot_window))
+        add_metrics_route(self.http.app, self.stats, self._live_node_states)
         self.api = Api(self.http.app, inventory=config.inventory, users=self.users, catalog=self.catalog,
                        controller=self.controller, deployments=self.store, power=power, exec_runner=self.agent.exec,
                        profiles=self.profiles, events=self.events, stats=self.stats, stage_dir=config.state_dir / "upload",
                        image_files=(config.http.files,))
+
+    def _live_node_states(self) -> list[tuple[str, str]]:
+        """(deployment status, node state) of every node of the deployments in memory, for /metrics."""
+        return [(dep.status, str(run.state)) for dep in self.controller.deployments.values() for run in dep.runs.values()]
 
     def _recover_interrupted(self, interrupted: list[tuple[str, str, str]]) -> None:
         """Nodes of deployments a restart interrupted: none stays on the deploy environment, whose token died."""

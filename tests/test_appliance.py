@@ -157,3 +157,42 @@ async def test_optional_https_site_serves_the_api(tmp_path: Path) -> None:
     finally:
         app.stop()
         await app.run()
+
+
+async def test_metrics_page_serves_the_services_counters_for_prometheus(tmp_path: Path) -> None:
+    import aiohttp
+    from prometheus_client.parser import text_string_to_metric_families
+
+    app = Appliance(load_config(write_config(tmp_path, free_port())))
+    await app.start()
+    try:
+        async with aiohttp.ClientSession() as http:
+            async with http.get(f"{app.config.http_base}/boot/52-54-00-77-00-01.ipxe") as r:
+                assert r.status == 200
+            async with http.get(f"{app.config.http_base}/metrics") as r:  # no API token: Prometheus scrapes as is
+                assert r.status == 200 and r.headers["Content-Type"].startswith("text/plain")
+                text = await r.text()
+    finally:
+        app.stop()
+        await app.run()
+    samples = {s.name: s.value for family in text_string_to_metric_families(text) for s in family.samples}
+    assert samples["rackboot_http_scripts_total"] == 1
+    assert samples["rackboot_tftp_transfers_active"] == 0 and "rackboot_dns_received_total" in samples
+    assert samples["rackboot_events_published_total"] >= 1
+    assert "token" not in text
+
+
+def test_metrics_count_live_nodes_by_state() -> None:
+    from prometheus_client import CollectorRegistry, generate_latest
+    from prometheus_client.parser import text_string_to_metric_families
+
+    from appliance.metrics import ApplianceCollector
+
+    registry = CollectorRegistry(auto_describe=False)
+    states = [("running", "BroadcastEnv"), ("running", "BroadcastEnv"), ("running", "failed"), ("done", "done")]
+    registry.register(ApplianceCollector(lambda: {"dhcp": {"received": 5, "leases": 2}}, lambda: states))  # type: ignore[arg-type]
+    text = generate_latest(registry).decode()
+    samples = {(s.name, s.labels.get("state", "")): s.value for f in text_string_to_metric_families(text) for s in f.samples}
+    assert samples[("rackboot_dhcp_received_total", "")] == 5 and samples[("rackboot_dhcp_leases", "")] == 2
+    assert samples[("rackboot_deployment_nodes", "BroadcastEnv")] == 2
+    assert samples[("rackboot_deployment_nodes", "failed")] == 1 and samples[("rackboot_deployment_nodes", "done")] == 1
