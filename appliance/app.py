@@ -21,6 +21,7 @@ from appliance.deploy.store import DeploymentStore
 from appliance.deploy.workflow import BootDeadlines, default_workflow
 from appliance.events import EventBus
 from appliance.metrics import add_metrics_route
+from appliance.sdnotify import notify, watchdog_interval
 from appliance.profiles import ProfileStore
 from appliance.service import Service
 from appliance.statedb import open_state_db
@@ -169,10 +170,25 @@ async def serve_forever(config: ApplianceConfig) -> None:
     for sig in (signal.SIGTERM, signal.SIGINT):
         loop.add_signal_handler(sig, app.stop)
     ready.write_text(f"{os.getpid()}\n")
+    notify(f"READY=1\nSTATUS=serving {', '.join(s.name for s in app.services)} on {config.interface}")
+    watchdog = None
+    interval = watchdog_interval()
+    if interval is not None:
+        watchdog = asyncio.create_task(_watchdog(interval), name="watchdog")
     try:
         await app.run()
     finally:
+        notify("STOPPING=1")
+        if watchdog is not None:
+            watchdog.cancel()
         ready.unlink(missing_ok=True)
+
+
+async def _watchdog(interval: float) -> None:
+    """Ping systemd's watchdog while the event loop turns: a stuck loop stops the pings and systemd restarts us."""
+    while True:
+        notify("WATCHDOG=1")
+        await asyncio.sleep(interval)
 
 
 def _nbp_names(config: ApplianceConfig) -> tuple[str, ...]:

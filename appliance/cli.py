@@ -9,6 +9,7 @@ import sys
 import time
 import urllib.error
 import urllib.request
+from pathlib import Path
 from importlib.metadata import PackageNotFoundError, entry_points, version
 
 from appliance.config import load_config, summarize
@@ -40,6 +41,29 @@ def _cmd_check_config(args: argparse.Namespace) -> int:
         _print_problems(exc)
         return 1
     print(summarize(config))
+    return 0
+
+
+def _cmd_install_service(args: argparse.Namespace) -> int:
+    from importlib import resources
+
+    config = Path(args.config).resolve()
+    try:
+        state_dir = load_config(config).state_dir
+    except ConfigError as exc:
+        _print_problems(exc)
+        return 1
+    executable = Path(sys.argv[0]).resolve() if Path(sys.argv[0]).name == "rackboot" else Path(sys.executable).with_name("rackboot")
+    unit = (resources.files("appliance").joinpath("data", "rackboot.service").read_text()
+            .replace("@EXEC@", str(executable)).replace("@CONFIG@", str(config)).replace("@STATE@", str(state_dir)))
+    out = Path(args.out)
+    try:
+        out.parent.mkdir(parents=True, exist_ok=True)
+        out.write_text(unit)
+    except OSError as exc:
+        print(f"rackboot: cannot write {out}: {exc.strerror or exc}", file=sys.stderr)
+        return 1
+    print(f"wrote {out}; then: systemctl daemon-reload && systemctl enable --now {out.stem}")
     return 0
 
 
@@ -101,6 +125,11 @@ def build_parser() -> argparse.ArgumentParser:
     p = sub.add_parser("check-config", help="validate the config and the node inventory, print a summary")
     p.add_argument("--config", "-c", required=True)
     p.set_defaults(func=_cmd_check_config)
+
+    p = sub.add_parser("install-service", help="write a systemd unit (Type=notify, watchdog, hardened) that serves this config")
+    p.add_argument("--config", "-c", required=True, help="the appliance config the service serves")
+    p.add_argument("--out", default="/etc/systemd/system/rackboot.service", help="where the unit goes")
+    p.set_defaults(func=_cmd_install_service)
 
     p = sub.add_parser("nodes", help="show each node's boot profile and last boot events")
     p.add_argument("--server", help="appliance URL (default: $RACKBOOT_SERVER, client.yaml, or from --config)")

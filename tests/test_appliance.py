@@ -3,6 +3,7 @@ from __future__ import annotations
 
 import asyncio
 import os
+import shutil
 import signal
 import socket
 import subprocess
@@ -15,6 +16,7 @@ import pytest
 import tftpy
 
 from appliance.app import Appliance
+from appliance.cli import main
 from domain.progress import ScriptServed, Via
 from appliance.config import load_config
 from appliance.deploy.nodestate import NodeState, Transition
@@ -196,3 +198,40 @@ def test_metrics_count_live_nodes_by_state() -> None:
     assert samples[("rackboot_dhcp_received_total", "")] == 5 and samples[("rackboot_dhcp_leases", "")] == 2
     assert samples[("rackboot_deployment_nodes", "BroadcastEnv")] == 2
     assert samples[("rackboot_deployment_nodes", "failed")] == 1 and samples[("rackboot_deployment_nodes", "done")] == 1
+
+
+def test_install_service_writes_a_unit_that_systemd_accepts(tmp_path: Path) -> None:
+    config = write_config(tmp_path, free_port())
+    unit = tmp_path / "rackboot.service"
+    assert main(["install-service", "--config", str(config), "--out", str(unit)]) == 0
+    text = unit.read_text()
+    assert "Type=notify" in text and "WatchdogSec=" in text and f"serve --config {config}" in text
+    assert f"ReadWritePaths={tmp_path / 'state'}" in text and "CapabilityBoundingSet=CAP_NET_BIND_SERVICE" in text
+    if shutil.which("systemd-analyze") is None:
+        pytest.skip("systemd-analyze not installed")
+    done = subprocess.run(["systemd-analyze", "verify", str(unit)], capture_output=True, text=True, timeout=60)
+    assert done.returncode == 0, done.stdout + done.stderr
+
+
+def test_serve_tells_systemd_it_is_ready_pings_the_watchdog_and_says_when_it_stops(tmp_path: Path) -> None:
+    config = write_config(tmp_path, free_port())
+    notify_path = tmp_path / "notify.sock"
+    with socket.socket(socket.AF_UNIX, socket.SOCK_DGRAM) as listener:
+        listener.bind(str(notify_path))
+        listener.settimeout(30)
+        env = dict(os.environ, NOTIFY_SOCKET=str(notify_path), WATCHDOG_USEC="200000")  # a ping every 0.1 s
+        proc = subprocess.Popen([sys.executable, "-m", "appliance.cli", "serve", "--config", str(config)], env=env,
+                                stdout=subprocess.DEVNULL, stderr=subprocess.DEVNULL)
+        try:
+            messages = [listener.recv(4096).decode() for _ in range(3)]
+            assert messages[0].startswith("READY=1\nSTATUS=serving tftp, http, dns on lo"), messages
+            assert messages[1:] == ["WATCHDOG=1", "WATCHDOG=1"], messages
+            os.kill(proc.pid, signal.SIGTERM)
+            while (message := listener.recv(4096).decode()) == "WATCHDOG=1":
+                pass
+            assert message == "STOPPING=1"
+            assert proc.wait(timeout=15) == 0
+        finally:
+            if proc.poll() is None:
+                proc.kill()
+                proc.wait()
