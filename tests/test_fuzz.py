@@ -16,6 +16,7 @@ from hypothesis import HealthCheck, example, given, settings, target
 from hypothesis import strategies as st
 
 import fuzz_targets as ft
+from domain.errors import MalformedPacket
 from helpers import BIOS_VC, NODE1_MAC, pxe_options, request_bytes
 from netboot.dhcp4 import codec as dhcp_codec
 from netboot.dhcp4 import options as o
@@ -209,7 +210,8 @@ def dns_query(ident: int, flags: int, labels: list[bytes], qtype: int, qclass: i
 
 
 _labels = st.lists(st.sampled_from((b"node-1", b"NODE-2", b"cluster", b"test", b"in-addr", b"arpa", b"11", b"0", b"77",
-                                    b"10", b"rackboot", b"a.b", b"*")) | st.binary(min_size=1, max_size=63), max_size=12)
+                                    b"10", b"rackboot", b"a.b", b"*")) | st.binary(min_size=1, max_size=63)
+                   | st.binary(min_size=64, max_size=191), max_size=12)  # 64-191: a length octet of a reserved label type
 _dns_queries = st.builds(dns_query, st.integers(0, 65535), st.integers(0, 65535) | st.just(0x0100), _labels,
                          st.sampled_from((1, 2, 6, 12, 28, 255, 41)) | st.integers(0, 65535),
                          st.sampled_from((1, 3, 255)) | st.integers(0, 65535),
@@ -227,10 +229,21 @@ def test_dns_decode_takes_any_bytes(data: bytes) -> None:
 @given(_dns_queries)
 @example(dns_query(1, 0x0100, [b"a" * 63] * 4, 1, 1, None))  # a 257-octet name: refused by decode (RFC 1035 2.3.4)
 @example(dns_query(1, 0x0100, [b"node-1.cluster", b"test"], 255, 255, 4096))  # a dot inside a label
+# Found by bench/fuzz_codecs.py before the fix: a 64-octet label was decoded, answered (NXDOMAIN) and the reply
+# could not be packed (dnslib DNSLabelError): an exception outside the service's protected block, uncaught over TCP.
+@example(dns_query(1, 0x0100, [b"a" * 64, b"cluster", b"test"], 1, 1, None))
 def test_dns_zone_answers_any_decoded_question(data: bytes) -> None:
     """Queries for any labels, type and class, with or without EDNS: answer() never raises and its reply packs
     and fits the UDP size the client allows."""
     ft.check_dns(ZONE, data)
+
+
+@pytest.mark.parametrize("labels", [[b"a" * 64, b"cluster", b"test"], [b"x" * 191]])
+def test_labels_over_63_octets_are_malformed(labels: list[bytes]) -> None:
+    """Regression (found by bench/fuzz_codecs.py): a label over 63 octets (RFC 1035 2.3.4) is malformed; before, the
+    reply to it raised in pack()."""
+    with pytest.raises(MalformedPacket, match="label over 63"):
+        ft.dns.decode_query(dns_query(1, 0x0100, labels, 1, 1, None))
 
 
 def test_fuzz_zone_knows_its_nodes() -> None:
