@@ -216,7 +216,7 @@ def check_tftp_datagram(data: bytes) -> str:
     except MalformedPacket:
         return MALFORMED
     options = getattr(pkt, "options", None)
-    if options is not None and (not options if isinstance(pkt, tftp_codec.OptionAck) else "" in options.values()):
+    if options is not None and ("" in options.values() or (not options and isinstance(pkt, tftp_codec.OptionAck))):
         # Trailing NULs are tolerated (some ROMs pad requests), so an option with an empty value last, or an
         # OACK of no options, decodes but does not encode back to itself; no client or server sends those.
         return DECODED
