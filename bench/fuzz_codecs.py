@@ -83,6 +83,7 @@ def fuzz_dhcp(count: int, seed: int, scapy_every: int) -> Tally:
     tally = Tally("DHCP (decode + DhcpPolicy.handle, 3 modes)")
 
     def one(i: int) -> tuple[Any, Callable[[], Any]]:
+        """One mutated (or random) datagram for the i-th input's policy."""
         target = targets[i % 3]
         data = ft.mutate(rng, rng.choice(corpus), corpus, ft.dhcp_codec.OPTIONS_OFFSET, ft.DHCP_TLV_CODES) \
             if rng.random() < 0.97 else rng.randbytes(rng.randint(0, 600))
@@ -102,14 +103,17 @@ def fuzz_tftp(count: int, seed: int) -> list[Tally]:
         Tally("TFTP normalize_path")
 
     def datagram(i: int) -> tuple[Any, Callable[[], Any]]:
+        """One mutated (or random) TFTP datagram."""
         data = ft.mutate(rng, rng.choice(corpus), corpus) if rng.random() < 0.9 else rng.randbytes(rng.randint(0, 64))
         return data, lambda: ft.check_tftp_datagram(data)
 
     def session(i: int) -> tuple[Any, Callable[[], Any]]:
+        """One random ReadSession run."""
         args = ft.random_tftp_session(rng)
         return args, lambda: ft.check_tftp_session(*args)
 
     def path(i: int) -> tuple[Any, Callable[[], Any]]:
+        """One random request path."""
         p = ft.random_path(rng)
         return p, lambda: ft.check_tftp_path(p)
 
@@ -127,6 +131,7 @@ def fuzz_dns(count: int, seed: int) -> Tally:
     tally = Tally("DNS (decode_query + DnsZone.answer + pack)")
 
     def one(i: int) -> tuple[Any, Callable[[], Any]]:
+        """One mutated (or random) DNS message."""
         data = ft.mutate(rng, rng.choice(corpus), corpus, 12) if rng.random() < 0.97 else rng.randbytes(rng.randint(0, 300))
         return data, lambda: ft.check_dns(zone, data)
 

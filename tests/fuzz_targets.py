@@ -12,7 +12,7 @@ import ipaddress
 import random
 import unicodedata
 from dataclasses import dataclass
-from typing import Any, Callable, Iterable, Sequence
+from typing import Any, Iterable, Sequence
 
 from dnslib import EDNS0, QTYPE, DNSRecord
 from scapy.layers.dhcp import BOOTP, DHCP
@@ -42,7 +42,8 @@ def mutate(rng: random.Random, data: bytes, corpus: Sequence[bytes], tlv_from: i
     """
     buf = bytearray(data)
 
-    def where(n: int) -> int:  # inserts and deletes mostly in the option area: in the header they break the cookie
+    def where(n: int) -> int:
+        """A position, mostly in the option area (inserts and deletes in the header mostly break the cookie)."""
         return rng.randint(min(tlv_from, n), n) if rng.random() < 0.8 else rng.randint(0, n)
 
     for _ in range(rng.choice((1, 1, 1, 2, 3, 4))):
@@ -201,6 +202,9 @@ def tftp_corpus() -> list[bytes]:
     ]
 
 
+TFTP_CORPUS = tftp_corpus()
+
+
 @dataclass
 class TftpRun:
     """What a random ReadSession run did: the datagrams it sent and the ticks it took to end once the client fell silent."""
@@ -247,6 +251,7 @@ def check_tftp_session(file: bytes, requested: dict[str, str], limits: SessionLi
     sent = 0
 
     def sent_ok(datagrams: list[bytes]) -> None:
+        """Check what the session sent in one step: a lone OACK as negotiated, or DATA inside the file and window."""
         nonlocal sent
         sent += len(datagrams)
         data_blocks = 0
@@ -353,12 +358,11 @@ def check_dns(zone: dns.DnsZone, data: bytes) -> str:
     return REPLY
 
 
-Check = Callable[[bytes], str]
 
 
 # ---------------------------------------------------------------------------------------------- random inputs (bench)
 
-_INTERESTING_INTS = ("0", "1", "7", "8", "512", "1468", "1469", "65464", "65465", "65535", "65536", "-1", "255", "256",
+INTERESTING_INTS = ("0", "1", "7", "8", "512", "1468", "1469", "65464", "65465", "65535", "65536", "-1", "255", "256",
                      " 16 ", "1_0", "٣", "0x10", "", "99999999999999999999")
 
 
@@ -366,7 +370,7 @@ def random_option_value(rng: random.Random) -> str:
     """An option value: an interesting number, a random number, or random text."""
     r = rng.random()
     if r < 0.5:
-        return rng.choice(_INTERESTING_INTS)
+        return rng.choice(INTERESTING_INTS)
     if r < 0.85:
         return str(rng.randint(-10, 70000))
     return "".join(chr(rng.randrange(1, 0x3000)) for _ in range(rng.randint(0, 8)))
@@ -401,5 +405,3 @@ def random_path(rng: random.Random) -> str:
               "....", " ", "~", "C:", "//", "./", "\t", "\u2024\u2024", "\uff0e\uff0e")
     return "".join(rng.choice(pieces) for _ in range(rng.randint(0, 10)))
 
-
-TFTP_CORPUS = tftp_corpus()

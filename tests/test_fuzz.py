@@ -145,7 +145,7 @@ def test_a_reply_too_large_for_the_client_is_not_sent(mode: str) -> None:
 # ---------------------------------------------------------------------------------------------- TFTP
 
 _option_names = st.sampled_from(ft.TFTP_OPTION_NAMES).map(str.lower) | st.text(max_size=8)
-_option_values = (st.sampled_from(ft._INTERESTING_INTS) | st.integers(-10, 1 << 20).map(str) | st.text(max_size=8))
+_option_values = (st.sampled_from(ft.INTERESTING_INTS) | st.integers(-10, 1 << 20).map(str) | st.text(max_size=8))
 _limits = st.builds(SessionLimits, max_blksize=st.sampled_from((512, 1428, 1468, 8192, 65464)) | st.integers(8, 65464),
                     max_windowsize=st.integers(1, 64), timeout=st.sampled_from((0.5, 1.0, 2.0)),
                     retries=st.integers(0, 6), first_retries=st.integers(0, 3))
