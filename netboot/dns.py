@@ -43,6 +43,7 @@ CLASS_IN, CLASS_ANY = 1, 255  # RFC 1035 3.2.4, 3.2.5
 
 
 MAX_NAME_OCTETS = 255  # RFC 1035 2.3.4: a name, as encoded (length octets included), is at most 255 octets
+MAX_LABEL_OCTETS = 63  # RFC 1035 2.3.4; length octets 0x40-0xBF are reserved label types (RFC 1035 4.1.4)
 
 
 def decode_query(data: bytes) -> DNSRecord:
@@ -52,9 +53,13 @@ def decode_query(data: bytes) -> DNSRecord:
     except Exception as exc:  # dnslib raises DNSError and, on some inputs, other errors: all mean malformed
         raise MalformedPacket(f"dns: undecodable message ({len(data)} bytes): {exc}") from exc
     for q in record.questions:
-        # dnslib reads such names but cannot write them back: a reply would raise (RFC 1035 2.3.4).
-        if sum(len(label) + 1 for label in q.qname.label) + 1 > MAX_NAME_OCTETS:
+        # dnslib reads such names (a reserved label type as a length) but cannot write them back: a reply would
+        # raise (RFC 1035 2.3.4).
+        labels = q.qname.label
+        if sum(len(label) + 1 for label in labels) + 1 > MAX_NAME_OCTETS:
             raise MalformedPacket(f"dns: question name over {MAX_NAME_OCTETS} octets")
+        if any(len(label) > MAX_LABEL_OCTETS for label in labels):
+            raise MalformedPacket(f"dns: question label over {MAX_LABEL_OCTETS} octets")
     return record
 
 

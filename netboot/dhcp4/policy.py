@@ -137,6 +137,17 @@ class DhcpPolicy:
     def handle(self, req: DhcpPacket, now: float, via: str = VIA_DHCP,
                source: tuple[str, int] | None = None) -> Decision:
         """Decide the reply to one decoded request received at `now` (epoch seconds)."""
+        decision = self._decide(req, now, via, source)
+        if decision.reply is not None and len(decision.reply.data) > max_reply_size(req):
+            # RFC 2131 2: a client need only accept a 576-octet IP datagram (a 548-octet DHCP message) unless
+            # it sent a larger maximum DHCP message size (option 57, RFC 2132 9.10). What we must echo unaltered
+            # (client identifier, RFC 6842 3; relay agent information, RFC 3046 2.2; the PXE UUID) can push a reply
+            # past that: send none rather than one the client or relay cannot take.
+            return Decision(None, decision.event, "reply larger than the client's maximum DHCP message size")
+        return decision
+
+    def _decide(self, req: DhcpPacket, now: float, via: str, source: tuple[str, int] | None) -> Decision:
+        """The decision for one request, before the size check of handle()."""
         if req.op != BOOTREQUEST:
             return Decision(ignored="not a BOOTREQUEST")
         mt = req.message_type
@@ -427,6 +438,20 @@ def _file_field(name: str) -> bytes:
     """The BOOTP 'file' field holds at most 127 bytes plus NUL; longer names go in option 67 only."""
     raw = name.encode("ascii", "replace")
     return raw if len(raw) < 128 else b""
+
+
+MIN_IP_DATAGRAM = 576  # RFC 2131 2 / RFC 1122 3.3.3: the IP datagram size every host accepts
+_IP_UDP_HEADERS = 28   # IPv4 header without options (20) + UDP header (8)
+
+
+def max_reply_size(req: DhcpPacket) -> int:
+    """The largest DHCP message (UDP payload) the client accepts: 548 octets, or option 57 minus IP and UDP headers.
+
+    RFC 2132 9.10: option 57 is at least 576 octets; like ISC dhcpd, it is read as the IP datagram size.
+    """
+    mms = req.options.get(o.MAX_MESSAGE_SIZE)
+    size = int.from_bytes(mms, "big") if mms is not None and len(mms) == 2 else 0
+    return max(MIN_IP_DATAGRAM, size) - _IP_UDP_HEADERS
 
 
 def _ntoa(packed: bytes) -> str:

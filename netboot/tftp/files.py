@@ -49,7 +49,9 @@ def normalize_path(requested: str) -> str:
 
     A leading '/' is allowed (many firmwares send one); backslashes count as separators (Windows-style ROMs).
     """
-    if any(ord(c) < 0x20 for c in requested):
+    # RFC 1350 2: file names are netascii (RFC 764: printable ASCII); C0 controls, DEL and the C1 controls
+    # (U+0080-U+009F: U+009B is a terminal's CSI) name no file we serve and must not reach logs and events.
+    if any(ord(c) < 0x20 or 0x7F <= ord(c) <= 0x9F for c in requested):
         raise AccessViolation(f"control character in path {requested!r}")
     parts = [p for p in requested.replace("\\", "/").split("/") if p not in ("", ".")]
     if ".." in parts:
