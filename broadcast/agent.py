@@ -488,6 +488,8 @@ def main(argv: Sequence[str] | None = None) -> int:
     parser.add_argument("-v", "--verbose", action="store_true")
     args = parser.parse_args(argv)
     logging.basicConfig(level=logging.DEBUG if args.verbose else logging.INFO, format="%(asctime)s %(levelname)s %(name)s: %(message)s")
+    if not args.verbose:  # asyncssh logs every session and channel at INFO: on a node's console that hides ours
+        logging.getLogger("asyncssh").setLevel(logging.WARNING)
     try:
         keys = tuple(line for line in Path(args.keys).read_text().splitlines() if line.strip() and not line.startswith("#"))
         config = AgentConfig.from_cmdline(
