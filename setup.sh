@@ -20,8 +20,10 @@ done
 [ "$(id -u)" = 0 ] || { echo "setup.sh: run as root (apt-get, network namespaces)" >&2; exit 1; }
 
 # Runtime: iPXE binaries to chainload, netlink/tc/nft for the testbed, ipmitool for BMCs,
-# sfdisk and mkfs.ext4 for the deploy agent (also on the testbed's file-backed disks).
-pkgs=(ipxe iproute2 busybox-static ipmitool nftables fdisk e2fsprogs libarchive13 ca-certificates python3 python3-venv python3-dev gcc)
+# sfdisk and mkfs.ext4 for the deploy agent (also on the testbed's file-backed disks), mmdebstrap for
+# `rackboot build deploy-env` (it builds from this machine's apt sources).
+pkgs=(ipxe iproute2 busybox ipmitool nftables fdisk e2fsprogs libarchive13 ca-certificates python3 python3-venv python3-dev gcc
+      mmdebstrap)
 # Tests: the real clients and firmware the end-to-end tier drives.
 [ $want_test = 1 ] && pkgs+=(udhcpc isc-dhcp-client tftp-hpa atftp bind9-dnsutils curl iputils-ping tcpdump openssl
                              qemu-system-x86 ipxe-qemu ovmf)

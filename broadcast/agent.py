@@ -148,7 +148,11 @@ class DeployAgent:
     def ssh_port(self) -> int:
         """The SSH port actually bound (useful with port 0 in tests)."""
         assert self._acceptor is not None
-        return int(self._acceptor.get_port())
+        if hasattr(self._acceptor, "get_port"):
+            return int(self._acceptor.get_port())
+        # asyncssh before 2.11 (Debian 12 has 2.10) has no get_port(): ask the listening socket (the acceptor
+        # forwards to asyncio's Server).
+        return int(self._acceptor.sockets[0].getsockname()[1])
 
     async def callback(self, event: str = "agent_up", attempts: int = 6, **detail: Any) -> bool:
         """POST the callback URL ({token, stage, status, ...}); retry with backoff; True when accepted.
@@ -184,8 +188,15 @@ class DeployAgent:
     async def serve(self) -> None:
         """Start, call back, and serve until cancelled (what the deploy environment's init runs)."""
         await self.start()
+        cfg = self.config
+        log.info("%s: agent up on %s (ssh port %d, data port %d)", cfg.name, cfg.host, self.ssh_port, self.receiver.port)
         try:
-            await self.callback()
+            if await self.callback():
+                log.info("%s: called back to %s: the appliance knows this node is up", cfg.name, cfg.callback_url)
+            elif cfg.callback_url:
+                # The console is where an operator looks when a node does not come up: say it plainly.
+                log.error("%s: the callback to %s was refused or not answered: the appliance does not know this node "
+                          "is up (SSH is served anyway)", cfg.name, cfg.callback_url)
             await asyncio.Event().wait()
         finally:
             await self.close()
@@ -477,6 +488,8 @@ def main(argv: Sequence[str] | None = None) -> int:
     parser.add_argument("-v", "--verbose", action="store_true")
     args = parser.parse_args(argv)
     logging.basicConfig(level=logging.DEBUG if args.verbose else logging.INFO, format="%(asctime)s %(levelname)s %(name)s: %(message)s")
+    if not args.verbose:  # asyncssh logs every session and channel at INFO: on a node's console that hides ours
+        logging.getLogger("asyncssh").setLevel(logging.WARNING)
     try:
         keys = tuple(line for line in Path(args.keys).read_text().splitlines() if line.strip() and not line.startswith("#"))
         config = AgentConfig.from_cmdline(

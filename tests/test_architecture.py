@@ -9,7 +9,7 @@ from pathlib import Path
 import grimp
 
 ROOT = Path(__file__).resolve().parent.parent
-PACKAGES = ("domain", "ipxe", "netboot", "broadcast", "appliance", "vmtestbed")
+PACKAGES = ("domain", "ipxe", "netboot", "broadcast", "appliance", "vmtestbed", "deployenv")
 
 
 def test_import_linter_contracts_are_kept() -> None:

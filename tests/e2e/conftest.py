@@ -19,7 +19,7 @@ import sys
 import time
 from dataclasses import dataclass, field
 from pathlib import Path
-from typing import Any, Iterator
+from typing import Any, Callable, Iterator
 
 import pytest
 from pyroute2 import NetNS
@@ -225,7 +225,20 @@ HTTP_FILES = {"test-http.bin": random_bytes(300_001, 3)}
 def appliance(tmp_path_factory: pytest.TempPathFactory) -> Iterator[E2eAppliance]:
     """Build the namespaces, write config + inventory, run `rackboot serve`, yield; always tear everything down."""
     _require_environment()
-    workdir = tmp_path_factory.mktemp("e2e")
+    with serving_appliance(tmp_path_factory.mktemp("e2e")) as app:
+        yield app
+
+
+@pytest.fixture(scope="module")
+def appliance_factory() -> Callable[..., "contextlib.AbstractContextManager[E2eAppliance]"]:
+    """serving_appliance, for test modules that need their own appliance (another inventory, config or files)."""
+    _require_environment()
+    return serving_appliance
+
+
+@contextlib.contextmanager
+def serving_appliance(workdir: Path, prefix: str = "e2e", before_serve: Callable[[E2eAppliance], None] | None = None) -> Iterator[E2eAppliance]:
+    """The `appliance` fixture's body: before_serve(app) may rewrite the config or add files before `rackboot serve` starts."""
     nodes = inventory_nodes()
     config = write_config(workdir, nodes)
     tftp_root, files_dir = workdir / "tftp", workdir / "files"
@@ -246,7 +259,7 @@ def appliance(tmp_path_factory: pytest.TempPathFactory) -> Iterator[E2eAppliance
 
     signal.signal(signal.SIGTERM, _sigterm)
     try:
-        with Lab(unique_prefix("e2e")) as lab:
+        with Lab(unique_prefix(prefix)) as lab:
             app_ns, fabric = lab.ns("app"), lab.ns("fab")
             lab.bridge(fabric, BRIDGE)
             lab.veth(app_ns, APPLIANCE_IF, fabric, "app", master_b=BRIDGE)
@@ -268,6 +281,8 @@ def appliance(tmp_path_factory: pytest.TempPathFactory) -> Iterator[E2eAppliance
                 stderr_path=workdir / "serve.log", tftp_files=TFTP_FILES, http_files=HTTP_FILES,
                 inventory=nodes,
             )
+            if before_serve is not None:
+                before_serve(app)
             with open(app.stderr_path, "wb") as log:
                 app.proc = lab.popen(app_ns, [sys.executable, "-m", "appliance.cli", "serve", "--config", str(config)],
                                      stdin=subprocess.DEVNULL, stdout=log, stderr=subprocess.STDOUT)

@@ -1,0 +1,200 @@
+"""Build the deploy environment: mmdebstrap a Debian tree, trim it, add the agent and /init, pack it; cached by input hash.
+
+The result lives in CACHE_DIR/<hash>/ (vmlinuz, initrd.img, manifest.json). A build whose inputs hash to a
+directory that is already complete does nothing. Needs root (mmdebstrap into a directory, chroot).
+"""
+from __future__ import annotations
+
+import json
+import lzma
+import os
+import shutil
+import subprocess
+import time
+from dataclasses import dataclass
+from pathlib import Path
+from typing import Callable
+
+from deployenv import recipe
+from deployenv.cpio import pack
+from deployenv.inputs import BuildInputs
+from deployenv.modules import load_order
+
+DEFAULT_CACHE = Path("/var/cache/rackboot/deploy-env")
+KERNEL, INITRD, MANIFEST = "vmlinuz", "initrd.img", "manifest.json"
+AGENT_DIR = "usr/lib/rackboot"
+# What the build checks inside the tree before packing it: every broadcast module imports with Debian's libraries
+# (and recipe.TOOLS run).
+SMOKE = ("import importlib, pkgutil, broadcast, domain\n"
+         "for m in pkgutil.walk_packages(broadcast.__path__, 'broadcast.'): importlib.import_module(m.name)\n"
+         "import broadcast.agent; print('agent imports ok')\n")
+
+Say = Callable[[str], None]
+
+
+class BuildError(Exception):
+    """The deploy environment could not be built (a tool failed, or the tree lacks what the agent needs)."""
+
+
+@dataclass(frozen=True)
+class BuildResult:
+    """Where a built (or cached) deploy environment is, and what the build found."""
+
+    directory: Path
+    digest: str
+    cached: bool
+    seconds: float
+    manifest: dict[str, object]
+
+    @property
+    def kernel(self) -> Path:
+        """The kernel image."""
+        return self.directory / KERNEL
+
+    @property
+    def initrd(self) -> Path:
+        """The initramfs."""
+        return self.directory / INITRD
+
+
+def cached(inputs: BuildInputs, cache_dir: Path = DEFAULT_CACHE) -> BuildResult | None:
+    """Return the cached build of these inputs, or None."""
+    digest = inputs.digest()
+    done = cache_dir / digest
+    if not all((done / f).is_file() for f in (KERNEL, INITRD, MANIFEST)):
+        return None
+    return BuildResult(done, digest, True, 0.0, json.loads((done / MANIFEST).read_text()))
+
+
+def build(inputs: BuildInputs, cache_dir: Path = DEFAULT_CACHE, say: Say = print, force: bool = False) -> BuildResult:
+    """Build the deploy environment for these inputs into cache_dir/<hash>, unless it is already there."""
+    t0 = time.monotonic()
+    if not force and (hit := cached(inputs, cache_dir)) is not None:
+        return hit
+    if os.geteuid() != 0:
+        raise BuildError("building the deploy environment needs root (mmdebstrap into a directory, chroot)")
+    if shutil.which("mmdebstrap") is None:
+        raise BuildError("mmdebstrap not found (Debian package mmdebstrap; ./setup.sh installs it)")
+    digest = inputs.digest()
+    work = cache_dir / f"{digest}.tmp-{os.getpid()}"
+    shutil.rmtree(work, ignore_errors=True)
+    work.mkdir(parents=True)
+    try:
+        root = work / "root"
+        say(f"mmdebstrap {recipe.SUITE}: {len(recipe.PACKAGES)} packages and their dependencies (apt's sources of this machine)")
+        _run(["mmdebstrap", "--variant=minbase", "--include=" + ",".join(recipe.PACKAGES),
+              *[f"--dpkgopt=path-exclude=/usr/share/{d}/*" for d in ("doc", "man", "info", "locale")],
+              recipe.SUITE, str(root)])
+        kernel_version, kernel = _kernel(root)
+        shutil.copyfile(kernel, work / KERNEL)
+        packages = _versions(root)
+        say(f"kernel {kernel_version}; keeping {len(recipe.MODULES)} modules and their dependencies")
+        modules, missing = _keep_modules(root, kernel_version)
+        for name in missing:
+            say(f"warning: module {name} is not in this kernel")
+        for path in recipe.TRIM:
+            target = root / path
+            if target.is_symlink() or target.is_file():
+                target.unlink()
+            elif target.is_dir():
+                shutil.rmtree(target)
+        _restore_modules(root, work / "modules", kernel_version)
+        _add_agent(root, inputs)
+        out = _run(["chroot", str(root), "/usr/bin/env", f"PYTHONPATH=/{AGENT_DIR}", "/usr/bin/python3", "-c", SMOKE])
+        if "agent imports ok" not in out:
+            raise BuildError(f"the agent does not import inside the tree: {out}")
+        _run(["chroot", str(root), "/usr/bin/python3", "-m", "compileall", "-q", f"/{AGENT_DIR}"])
+        for argv in recipe.TOOLS:
+            _run(["chroot", str(root), "/usr/bin/env", "PATH=/usr/sbin:/usr/bin", *argv])
+        shutil.rmtree(root / "var/lib/dpkg", ignore_errors=True)
+        say("packing the initramfs (newc cpio, zstd)")
+        tree_bytes = sum(p.lstat().st_size for p in root.rglob("*") if p.is_file() and not p.is_symlink())
+        entries = pack(root, work / INITRD)
+        manifest: dict[str, object] = {
+            "digest": digest, "suite": recipe.SUITE, "kernel_version": kernel_version,
+            "kernel_bytes": (work / KERNEL).stat().st_size, "initrd_bytes": (work / INITRD).stat().st_size,
+            "tree_bytes": tree_bytes, "entries": entries, "modules": modules, "packages": packages,
+            "build_seconds": round(time.monotonic() - t0, 1), "built_at": time.strftime("%Y-%m-%dT%H:%M:%SZ", time.gmtime()),
+        }
+        (work / MANIFEST).write_text(json.dumps(manifest, indent=1) + "\n")
+        shutil.rmtree(root)
+        shutil.rmtree(work / "modules", ignore_errors=True)
+        done = cache_dir / digest
+        shutil.rmtree(done, ignore_errors=True)
+        work.rename(done)
+    finally:
+        shutil.rmtree(work, ignore_errors=True)
+    return BuildResult(done, digest, False, time.monotonic() - t0, manifest)
+
+
+def _run(argv: list[str]) -> str:
+    done = subprocess.run(argv, stdin=subprocess.DEVNULL, capture_output=True, text=True)
+    if done.returncode != 0:
+        raise BuildError(f"{argv[0]} failed ({done.returncode}): {(done.stderr or done.stdout).strip()[-3000:]}")
+    return done.stdout
+
+
+def _kernel(root: Path) -> tuple[str, Path]:
+    found = sorted((root / "boot").glob("vmlinuz-*"))
+    if len(found) != 1:
+        raise BuildError(f"expected one kernel in {root / 'boot'}, found {[p.name for p in found]}")
+    return found[0].name.removeprefix("vmlinuz-"), found[0]
+
+
+def _versions(root: Path) -> dict[str, str]:
+    out = _run(["dpkg-query", f"--admindir={root / 'var/lib/dpkg'}", "-W", "-f", "${Package} ${Version}\n"])
+    return dict(line.split(" ", 1) for line in out.splitlines() if " " in line)
+
+
+def _keep_modules(root: Path, version: str) -> tuple[list[str], list[str]]:
+    """Move the wanted modules (decompressed) out of the tree before it is trimmed; return (load order, missing)."""
+    moddir = root / "usr/lib/modules" / version
+    order, missing = load_order(recipe.MODULES, moddir / "modules.dep")
+    keep = root.parent / "modules"
+    plain: list[str] = []
+    for rel in order:
+        src = moddir / rel
+        name = rel.removesuffix(".xz")
+        (keep / name).parent.mkdir(parents=True, exist_ok=True)
+        (keep / name).write_bytes(lzma.decompress(src.read_bytes()) if rel.endswith(".xz") else src.read_bytes())
+        plain.append(name)
+    (keep / "modules.order").write_text("".join(f"{m}\n" for m in plain))
+    for f in ("modules.builtin", "modules.builtin.modinfo"):
+        if (moddir / f).is_file():
+            shutil.copyfile(moddir / f, keep / f)
+    return plain, missing
+
+
+def _restore_modules(root: Path, keep: Path, version: str) -> None:
+    """Put the kept modules back under /usr/lib/modules/VERSION, with a modules.dep of their own for modprobe."""
+    moddir = root / "usr/lib/modules" / version
+    moddir.parent.mkdir(parents=True, exist_ok=True)
+    shutil.copytree(keep, moddir)
+    (root / "etc/rackboot").mkdir(parents=True, exist_ok=True)
+    shutil.copyfile(keep / "modules.order", root / "etc/rackboot/modules.order")
+    _run(["chroot", str(root), "/usr/sbin/depmod", version])  # kmod is in the tree (linux-image depends on it)
+
+
+def _add_agent(root: Path, inputs: BuildInputs) -> None:
+    """Copy the project's packages, /init, the DHCP hook and the keys into the tree."""
+    for rel, content in inputs.project:
+        dest = root / AGENT_DIR / rel
+        dest.parent.mkdir(parents=True, exist_ok=True)
+        dest.write_bytes(content)
+    data = dict(inputs.data)
+    etc = root / "etc/rackboot"
+    etc.mkdir(parents=True, exist_ok=True)
+    for dest, content, mode in ((root / "init", data["init"], 0o755), (etc / "udhcpc.script", data["udhcpc.script"], 0o755),
+                                (etc / "authorized_keys", inputs.authorized_keys.encode(), 0o644)):
+        dest.write_bytes(content)
+        dest.chmod(mode)
+    if inputs.tree_key is not None:
+        (etc / "tree_key").write_bytes(inputs.tree_key)
+        (etc / "tree_key").chmod(0o600)
+    (root / "etc/hostname").write_text("rackboot-deploy\n")
+    bindir = root / AGENT_DIR / "bin"
+    bindir.mkdir(parents=True, exist_ok=True)
+    agent = bindir / "rackboot-agent"
+    agent.write_text(f"#!/bin/sh\nPYTHONPATH=/{AGENT_DIR} exec /usr/bin/python3 -m broadcast.agent \"$@\"\n")
+    agent.chmod(0o755)
+

@@ -1,0 +1,55 @@
+"""What goes into the deploy environment: Debian packages, kernel modules, project packages, what is trimmed."""
+from __future__ import annotations
+
+SUITE = "bookworm"  # Debian 12
+RECIPE_VERSION = 1  # bump when the build steps change what they produce from the same inputs
+
+# Debian packages (with their dependencies). busybox-static: /init, udhcpc, insmod, the debug shell (it
+# conflicts with the dynamically linked `busybox`, which minbase does not install).
+PACKAGES: tuple[str, ...] = (
+    "linux-image-amd64",
+    "busybox-static",
+    "python3",
+    # What broadcast/ imports beyond the standard library (Debian 12: asyncssh 2.10, aiohttp 3.8, zstandard 0.20).
+    "python3-asyncssh", "python3-aiohttp", "python3-zstandard", "python3-clustershell",
+    # Partitioning, filesystems, kexec.
+    "fdisk", "gdisk", "e2fsprogs", "xfsprogs", "dosfstools", "kexec-tools",
+)
+
+# Kernel modules to load at boot (their dependencies come from modules.dep), in this order: the field
+# notes' virtio order first, then storage, NICs and filesystems.
+MODULES: tuple[str, ...] = (
+    "failover", "net_failover", "virtio_ring", "virtio", "virtio_pci_modern_dev", "virtio_pci_legacy_dev",
+    "virtio_pci", "virtio_net", "virtio_blk", "virtio_scsi",
+    "libata", "ahci", "ata_piix", "scsi_mod", "sd_mod", "nvme",
+    "e1000", "e1000e", "igb", "ixgbe", "i40e", "bnxt_en", "mlx5_core",
+    # crc32c is a soft dependency of libcrc32c (ext4, xfs): not in modules.dep, so listed before them.
+    "crc32c_generic", "crc32c_intel", "ext4", "xfs", "vfat", "nls_cp437", "nls_ascii",
+)
+
+# Removed from the Debian tree before it is packed: documentation, locales, package-manager state, the
+# kernel's own /boot and every module not listed above (added back from MODULES).
+TRIM: tuple[str, ...] = (
+    "boot", "usr/lib/modules", "lib/modules", "usr/share/doc", "usr/share/man", "usr/share/info",
+    "usr/share/locale", "usr/share/i18n", "usr/share/lintian", "usr/share/zoneinfo", "usr/share/common-licenses",
+    "var/cache/apt", "var/lib/apt/lists", "var/cache/debconf", "var/log", "usr/lib/x86_64-linux-gnu/gconv",
+    "usr/share/perl", "usr/lib/x86_64-linux-gnu/perl", "usr/share/python3/debian_defaults",
+    "usr/lib/python3.11/ensurepip", "usr/lib/python3.11/idlelib", "usr/lib/python3.11/tkinter",
+    "usr/lib/python3.11/turtledemo", "usr/lib/python3.11/pydoc_data", "usr/lib/python3.11/lib2to3",
+    "usr/lib/python3.11/unittest", "usr/lib/python3.11/distutils", "usr/lib/python3.11/test",
+    # udev's hardware database (no udev runs here) and ICU (31 MB of data, only xfs_scrub of xfsprogs links it;
+    # mkfs.xfs does not: checked by TOOLS at build time).
+    "usr/lib/udev/hwdb.bin", "usr/lib/udev/hwdb.d", "usr/lib/x86_64-linux-gnu/libicudata.so.72",
+    "usr/lib/x86_64-linux-gnu/libicudata.so.72.1", "usr/lib/x86_64-linux-gnu/libicui18n.so.72",
+    "usr/lib/x86_64-linux-gnu/libicui18n.so.72.1", "usr/lib/x86_64-linux-gnu/libicuuc.so.72",
+    "usr/lib/x86_64-linux-gnu/libicuuc.so.72.1", "usr/sbin/xfs_scrub", "usr/sbin/xfs_scrub_all",
+)
+
+# Run inside the trimmed tree before it is packed: each must exit 0 (the tools the agent and post-installs use).
+TOOLS: tuple[tuple[str, ...], ...] = (
+    ("sfdisk", "--version"), ("sgdisk", "--version"), ("mkfs.ext4", "-V"), ("mkfs.xfs", "-V"), ("mkfs.vfat", "--help"),
+    ("kexec", "--version"), ("busybox", "udhcpc", "--help"),
+)
+
+# The project's packages copied in (from the checkout this command runs from), under /usr/lib/rackboot.
+PROJECT_PACKAGES: tuple[str, ...] = ("broadcast", "domain")
