@@ -231,6 +231,11 @@ async def test_deployment_lifecycle_events_stats_and_node_tokens(world: World) -
     assert any(entry.get("what") == "escalate" for entry in lines)
     status, stored = await client.call("GET", f"/api/v1/deployments/{dep['id']}", admin)
     assert stored["status"] == "partial"
+    status, history = await client.call("GET", f"/api/v1/deployments/{dep['id']}/transitions", admin)
+    assert status == 200 and history["id"] == dep["id"]
+    node3 = [(t["from_state"], t["to_state"]) for t in history["transitions"] if t["node"] == "node-3"]
+    assert node3[0] == ("pending", "SetDeploymentEnv") and node3[-1] == ("SetDeploymentEnv", "failed")
+    assert [t["reason"] for t in history["transitions"] if t["node"] == "node-3"][-1].startswith("no DHCP within")
     status, csv_text = await client.call("GET", f"/api/v1/stats?deployment={dep['id']}&format=csv", admin)
     assert status == 200 and csv_text.startswith("deployment,node,step,impl,attempt")
     assert re.search(r"node-3,SetDeploymentEnv,reboot,0,.*,False,no DHCP", csv_text)

@@ -65,6 +65,15 @@ async def show(deps: ApiDeps, call: Call) -> m.Deployment:
     return m.Deployment(kind.model_validate(stored))
 
 
+async def transitions(deps: ApiDeps, call: Call) -> m.TransitionList:
+    """GET /api/v1/deployments/ID/transitions: every state change of its nodes, with when and why, as persisted."""
+    _, stored = _visible(deps, call)
+    return m.TransitionList(id=stored["id"], transitions=[
+        m.TransitionRecord(node=t["node"], ts=t["ts"], from_state=t["from"], to_state=t["to"], step=t["step"],
+                           impl=t["impl"], reason=t["reason"])
+        for t in deps.deployments.transitions(stored["id"])])
+
+
 async def events(deps: ApiDeps, call: Call) -> web.StreamResponse:
     """GET /api/v1/deployments/ID/events: progress as JSON lines until the result."""
     dep, stored = _visible(deps, call)

@@ -26,6 +26,9 @@ class DeploymentReader(Protocol):
     def steps(self, dep_id: str | None = None) -> builtins.list[dict[str, Any]]:
         """Return step attempts, of one deployment or all."""
 
+    def transitions(self, dep_id: str, node: str | None = None) -> builtins.list[dict[str, Any]]:
+        """Return the state changes of a deployment's nodes, oldest first."""
+
 
 class LiveDeployment(Protocol):
     """A deployment the controller runs or ran since the appliance started."""

@@ -338,6 +338,25 @@ class ProgressLine(Reported):
     what: str
 
 
+class TransitionRecord(Answer):
+    """One state change of one node, as persisted when it happened."""
+
+    node: str
+    ts: float
+    from_state: str
+    to_state: str
+    step: str
+    impl: str
+    reason: str
+
+
+class TransitionList(Answer):
+    """Every state change of a deployment's nodes, oldest first."""
+
+    id: str
+    transitions: list[TransitionRecord]
+
+
 class Cancelled(Answer):
     """A cancelled deployment."""
 

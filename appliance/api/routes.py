@@ -120,6 +120,8 @@ ROUTES: tuple[Route, ...] = (
     Route("GET", "/api/v1/deployments/{id}", deployments.show, "read a deployment with its nodes", response=m.Deployment),
     Route("GET", "/api/v1/deployments/{id}/events", deployments.events, "follow a deployment: progress as JSON lines until the result",
           query=m.EventsQuery, response=m.ProgressLine, media="application/x-ndjson"),
+    Route("GET", "/api/v1/deployments/{id}/transitions", deployments.transitions,
+          "every state change of a deployment's nodes, with when and why", response=m.TransitionList),
     Route("DELETE", "/api/v1/deployments/{id}", deployments.cancel, "cancel a deployment", response=m.Cancelled, errors=(409,)),
     Route("GET", "/api/v1/stats", deployments.stats, "read per deployment, node and step: durations, retries, errors",
           query=m.StatsQuery, response=m.Stats, also={"text/csv": "with ?format=csv: one row per step attempt"}),
