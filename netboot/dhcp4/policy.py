@@ -80,12 +80,11 @@ class Decision:
 
 @dataclass(frozen=True, slots=True)
 class BootAnswer:
-    """The boot part of a reply: header 'file' and 'siaddr', encoded options, and what it is (for events)."""
+    """The boot part of a reply: header 'file' and 'siaddr', encoded options, and what it is (ipxe, http, or the NBP role)."""
 
     file: bytes
     siaddr: bytes
     options: bytes
-    target: str
     kind: str
 
 
@@ -321,7 +320,7 @@ class DhcpPolicy:
                 url = self.http_base + ipxe.script_path(mac)
                 extra = _PXECLIENT_TLV if proxy else self._no_pxedhcp_tlv  # iPXE takes a proxy offer only with 60
                 opts = o.text_option(o.BOOTFILE_NAME, url) + extra
-                answer = BootAnswer(_file_field(url), self.sid, opts, url, "ipxe")
+                answer = BootAnswer(_file_field(url), self.sid, opts, "ipxe")
                 if mac in self._nodes:
                     self._ipxe_cache[(mac, proxy)] = answer
             return answer
@@ -345,11 +344,11 @@ class DhcpPolicy:
             # UEFI HTTP boot (UEFI 2.5+ 24.7): the offer must carry vendor class HTTPClient and a URL.
             url = self.http_base + ipxe.nbp_path(nbp)
             opts = o.text_option(o.VENDOR_CLASS, "HTTPClient") + o.text_option(o.BOOTFILE_NAME, url)
-            return BootAnswer(_file_field(url), self.sid, opts, url, "http")
+            return BootAnswer(_file_field(url), self.sid, opts, "http")
         # PXE 2.1: vendor class PXEClient and option 43 with discovery control 8 (boot the file in this offer,
         # no boot server discovery); next-server in siaddr and option 66, the file in 'file' and option 67.
         opts = _PXECLIENT_TLV + _PXE_VENDOR_TLV + self._tftp_server_tlv + o.text_option(o.BOOTFILE_NAME, nbp)
-        return BootAnswer(_file_field(nbp), self.sid, opts, nbp, role)
+        return BootAnswer(_file_field(nbp), self.sid, opts, role)
 
     # ------------------------------------------------------------------ reply construction
 
