@@ -127,6 +127,7 @@ class HttpService:
         *,
         tokens: NodeTokenAuthority | None = None,
         shared_images: SharedImages = lambda token: None,
+        max_tracked_macs: int = 65536,
     ) -> None:
         self._settings = settings
         self._emit = emit
@@ -137,7 +138,10 @@ class HttpService:
         self._files_root = settings.files
         self._nbp_names = frozenset(n for n in settings.nbp_names if n)
         self._counters = dict.fromkeys(_COUNTERS, 0)
-        self._last_script: dict[str, str] = {}  # mac -> profile of the last script served (quiet polls)
+        # mac -> profile of the last script served (quiet polls); any host can ask for any MAC's script, so the
+        # MAC heard from longest ago is forgotten first, as in the event bus and the DHCP policy
+        self._last_script: dict[str, str] = {}
+        self._max_tracked_macs = max_tracked_macs
         self._runner: web.AppRunner | None = None
         self.app = web.Application(middlewares=[self._count_middleware])
         r = self.app.router
@@ -277,6 +281,9 @@ class HttpService:
             # A node waiting without a profile polls every few seconds: record the first poll only.
             self._counters["script_polls_quiet"] += 1
         else:
+            self._last_script.pop(mac, None)
+            if len(self._last_script) >= self._max_tracked_macs:
+                del self._last_script[next(iter(self._last_script))]
             self._last_script[mac] = script.profile
             self._emit(ScriptServed(mac, script.profile, Via.HTTP, script.env))
         return web.Response(text=script.text, content_type="text/plain")

@@ -147,6 +147,23 @@ async def test_polls_of_a_waiting_node_do_not_flood_its_events(appliance: Applia
     assert appliance.http.stats()["script_polls_quiet"] == 3
 
 
+async def test_the_poll_memory_stays_bounded_whatever_macs_are_asked(config: HttpSettings) -> None:
+    app = Appliance(config)
+    app.http = HttpService(config, app.events.publish, ScriptRenderer(NodeBootTargets(app.inventory, app.profiles), app.base),
+                           app.mac_for_ip, max_tracked_macs=2)
+    await app.http.start()
+    try:
+        async with aiohttp.ClientSession() as http:
+            for i in range(5):  # any host may ask for any MAC's script
+                async with http.get(f"{app.base}/boot/52-54-00-99-00-{i:02x}.ipxe") as r:
+                    assert r.status == 200
+            async with http.get(f"{app.base}/boot/52-54-00-99-00-04.ipxe?poll=1") as r:  # still remembered: quiet
+                assert r.status == 200
+    finally:
+        await app.http.close()
+    assert len(app.http._last_script) == 2 and app.http.stats()["script_polls_quiet"] == 1
+
+
 async def test_a_script_that_gave_up_reports_the_error(appliance: Appliance) -> None:
     async with aiohttp.ClientSession() as http:
         async with http.get(f"{appliance.base}/boot/52-54-00-77-00-01.ipxe?error=kernel") as r:
