@@ -24,9 +24,11 @@ done
 # `rackboot build deploy-env` (it builds from this machine's apt sources).
 pkgs=(ipxe iproute2 busybox ipmitool nftables fdisk e2fsprogs libarchive13 ca-certificates python3 python3-venv python3-dev gcc
       mmdebstrap)
-# Tests: the real clients and firmware the end-to-end tier drives.
+# Tests: the real clients and firmware the end-to-end tier drives; GRUB's installers (only the -bin image
+# packages and grub-install: nothing that touches this machine's own bootloader) and mkfs.vfat for the bootloader
+# test on a loop device.
 [ $want_test = 1 ] && pkgs+=(udhcpc isc-dhcp-client tftp-hpa atftp bind9-dnsutils curl iputils-ping tcpdump openssl
-                             qemu-system-x86 ipxe-qemu ovmf)
+                             qemu-system-x86 ipxe-qemu ovmf grub2-common grub-pc-bin grub-efi-amd64-bin dosfstools)
 # Benchmarks: the peers we measure against in the same run.
 [ $want_bench = 1 ] && pkgs+=(kea-admin kea-dhcp4-server dnsmasq-base tftpd-hpa udpcast pdsh clustershell)
 

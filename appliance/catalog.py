@@ -22,6 +22,8 @@ IMAGE_URL_SCHEMES = ("http", "https")
 IMAGE_KINDS = ("tar", "raw")
 COMPRESSIONS = ("gzip", "zstd", "xz", "none")
 BOOT_KINDS = ("local", "kernel")
+# A layout partition's fs: a filesystem, swap, "bios_boot" (GRUB's core image on BIOS/GPT, no filesystem) or none.
+PARTITION_FS = ("ext4", "ext3", "ext2", "xfs", "vfat", "swap", "bios_boot", "none")
 
 
 class CatalogError(RackbootError):
@@ -163,8 +165,15 @@ def parse_environment_file(path: Path, owner: str, *, image_roots: Sequence[Path
         if raw_layout:
             try:
                 layout = tuple(Partition(**{k: str(v) for k, v in p.items()}) for p in raw_layout)
-            except TypeError as exc:
-                problems.append(f"{disk.at('layout')}: disk.layout: {exc}")
+            except (TypeError, AttributeError) as exc:
+                problems.append(f"{disk.at('layout')}: disk.layout: each partition is a mapping of name, size, fs, mount: {exc}")
+            for p in layout:
+                if p.fs not in PARTITION_FS:
+                    problems.append(f"{disk.at('layout')}: disk.layout: partition {p.name}: fs {p.fs!r}: expected one of "
+                                    f"{' | '.join(PARTITION_FS)}")
+                if p.mount and (not p.mount.startswith("/") or p.fs in ("swap", "bios_boot", "none")):
+                    problems.append(f"{disk.at('layout')}: disk.layout: partition {p.name}: mount {p.mount!r}: an absolute "
+                                    "path, for a partition with a filesystem")
         if deploy_part not in [p.name for p in layout]:
             problems.append(f"{disk.at('deploy_partition')}: disk.deploy_partition: {deploy_part!r} is not in the layout")
     boot = loc.child("boot")

@@ -9,7 +9,8 @@ Over SSH it runs arbitrary shell commands (so pdsh and clush work against it) an
 operations, each `rackboot-agent OP` with one JSON request on stdin and one JSON reply on stdout
 (exit status 0 when ok):
 
-    status | partition | arm | wait-receive | verify | postinstall | kexec | texec (JSON lines, see texec.py)
+    status | partition | arm | wait-receive | verify | postinstall | bootloader | kexec | reboot
+    | texec (JSON lines, see texec.py)
 
 Nothing is global: the vm-testbed runs many agents in one process, each with its own config, sockets
 (opened inside the node's namespace through listen_factory / socket_factory), disk file and work dir.
@@ -31,7 +32,8 @@ import asyncssh
 
 from domain.errors import BindError
 from broadcast.agent_client import AGENT_COMMAND
-from broadcast.disk import PartitionSpec, format_partitions, partition_disk
+from broadcast import bootloader
+from broadcast.disk import PartitionSpec, default_disk, format_partitions, is_block_device, partition_disk
 from broadcast.errors import AgentError, ImageError, describe_error
 from broadcast.image import SinkSpec, sha256_file
 from broadcast.receiver import Receiver
@@ -43,6 +45,9 @@ log = logging.getLogger("rackboot.agent")
 KexecHook = Callable[[str, str | None, str], Awaitable[None]]  # kernel, initrd, cmdline
 RebootHook = Callable[[], Awaitable[None]]
 MAX_REQUEST = 4 << 20
+# The disk a real deploy environment writes when neither the inventory nor the environment names one: its first fixed
+# disk. Only rackboot-agent's main() (the deploy environment) defaults to it: an agent run in-process never guesses.
+AUTO_DISK = "auto"
 
 
 @dataclass(frozen=True)
@@ -64,6 +69,9 @@ class AgentConfig:
     shell: tuple[str, ...] = ("/bin/sh", "-c")
     shell_prefix: tuple[str, ...] = ()  # e.g. ("ip", "netns", "exec", NS) in the vm-testbed
     env: tuple[tuple[str, str], ...] = ()  # extra environment for commands and scripts
+    # How a soft reboot is done when no hook is set: the deploy environment's /init is a shell, not an init
+    # system, so it passes `reboot -f` (straight to reboot(2), after the agent has synced and unmounted).
+    reboot_command: tuple[str, ...] = ("reboot",)
 
     @classmethod
     def from_cmdline(cls, cmdline: str, **overrides: Any) -> "AgentConfig":
@@ -115,6 +123,7 @@ class DeployAgent:
         self.tree_key: asyncssh.SSHKey | None = None  # opens the next tree-exec level (None: children are handed back)
         self._tasks: set[asyncio.Task[Any]] = set()
         self.layout: list[dict[str, Any]] = []
+        self.disk = ""  # the disk the last partition operation wrote (config.disk, or the first fixed disk)
         self.counters = {"ssh_sessions": 0, "agent_ops": 0, "shell_commands": 0, "op_errors": 0}
 
     # -- lifecycle
@@ -291,7 +300,7 @@ class DeployAgent:
         handler = {
             "status": self.op_status, "partition": self.op_partition, "arm": self.op_arm,
             "wait-receive": self.op_wait_receive, "verify": self.op_verify, "postinstall": self.op_postinstall,
-            "kexec": self.op_kexec, "reboot": self.op_reboot,
+            "bootloader": self.op_bootloader, "kexec": self.op_kexec, "reboot": self.op_reboot,
         }.get(op)
         try:
             raw = await _read_request(process)  # read the request first: the client is still sending it
@@ -322,6 +331,8 @@ class DeployAgent:
         _require(req, parts=list)
         label = req.get("label", "gpt")
         disk = req.get("disk") or self.config.disk
+        if disk == AUTO_DISK:  # the deploy environment on a node whose inventory names no disk: its first fixed disk
+            disk = default_disk()
         if not disk:
             raise AgentError("no disk configured")
         specs = [PartitionSpec.from_json(p) for p in req["parts"]]
@@ -329,6 +340,7 @@ class DeployAgent:
         parts = await partition_disk(disk, specs, label)
         formatted = await format_partitions(disk, parts) if req.get("format", True) else []
         self.layout = [p.to_json() for p in parts]
+        self.disk = disk
         self.state = "partitioned"
         return {"disk": disk, "partitions": self.layout, "formatted": formatted}
 
@@ -396,6 +408,22 @@ class DeployAgent:
         self.state = "installed"
         return {"ok": True, "scripts": results}
 
+    async def op_bootloader(self, req: Any) -> dict[str, Any]:
+        """{root, partitions: [{number, device, type, fs, mount}], cmdline, label?, disk?} -> fstab by UUID, GRUB installed.
+
+        The partitions are the ones `partition` wrote, each with its mount point in the installed system. On a
+        file-backed disk (a vm-testbed node) there is nothing to install a bootloader on: it says so.
+        """
+        _require(req, root=str, partitions=list)
+        disk = str(req.get("disk") or self.disk or "")
+        parts = [bootloader.MountedPart.from_json(p) for p in req["partitions"]]
+        if not disk or not is_block_device(disk) or not all(p.device for p in parts):
+            return {"skipped": "file-backed disk: no bootloader to install", "grub": []}
+        self.state = "bootloader"
+        reply = await bootloader.install(req["root"], disk, parts, str(req.get("cmdline", "")), str(req.get("label", "gpt")))
+        self.state = "installed"
+        return reply
+
     async def op_kexec(self, req: Any) -> dict[str, Any]:
         """{kernel, initrd?, cmdline?, root?} -> load now, reply, then jump (real kexec, or the testbed's hook)."""
         _require(req, kernel=str)
@@ -420,7 +448,7 @@ class DeployAgent:
         if proc.returncode != 0:
             raise AgentError(f"kexec -l failed: {err.decode(errors='replace').strip()}")
         self.state = "kexec"
-        self._spawn(self._later(0.5, _exec_kexec(tool)))
+        self._spawn(self._later(0.5, _exec_kexec(tool, self.config.workdir)))
         return {"ok": True, "via": "kexec"}
 
     async def op_reboot(self, req: Any = None) -> dict[str, Any]:
@@ -429,11 +457,12 @@ class DeployAgent:
         if self.reboot_hook is not None:
             self._spawn(self._later(0.2, self.reboot_hook()))
             return {"ok": True, "via": "hook"}
-        tool = shutil.which("reboot")
+        argv = list(self.config.reboot_command)
+        tool = shutil.which(argv[0]) if argv else None
         if tool is None:
-            raise AgentError("no reboot command on this system (and no hook is set)")
-        self._spawn(self._later(0.5, _exec_reboot(tool)))
-        return {"ok": True, "via": "reboot"}
+            raise AgentError(f"no {argv[0] if argv else 'reboot'} command on this system (and no hook is set)")
+        self._spawn(self._later(0.5, _exec_reboot([tool, *argv[1:]], self.config.workdir)))
+        return {"ok": True, "via": " ".join(argv)}
 
     @staticmethod
     async def _later(delay: float, coro: Awaitable[None]) -> None:
@@ -451,15 +480,19 @@ async def _read_request(process: asyncssh.SSHServerProcess[bytes]) -> bytes:
     return bytes(buf)
 
 
-async def _exec_kexec(tool: str) -> None:
+async def _exec_kexec(tool: str, workdir: str) -> None:
+    os.sync()
+    await bootloader.unmount_below(workdir)  # the installed filesystems, clean before the jump
     os.sync()
     proc = await asyncio.create_subprocess_exec(tool, "-e")
     await proc.wait()
 
 
-async def _exec_reboot(tool: str) -> None:
+async def _exec_reboot(argv: list[str], workdir: str) -> None:
     os.sync()
-    proc = await asyncio.create_subprocess_exec(tool)
+    await bootloader.unmount_below(workdir)
+    os.sync()
+    proc = await asyncio.create_subprocess_exec(*argv)
     await proc.wait()
 
 
@@ -485,6 +518,8 @@ def main(argv: Sequence[str] | None = None) -> int:
     parser.add_argument("--workdir", default="/run/rackboot")
     parser.add_argument("--ssh-port", type=int, default=22)
     parser.add_argument("--data-port", type=int, default=7070)
+    parser.add_argument("--reboot-command", default="reboot",
+                        help="how the reboot operation reboots (the deploy environment's /init passes 'reboot -f')")
     parser.add_argument("-v", "--verbose", action="store_true")
     args = parser.parse_args(argv)
     logging.basicConfig(level=logging.DEBUG if args.verbose else logging.INFO, format="%(asctime)s %(levelname)s %(name)s: %(message)s")
@@ -492,9 +527,11 @@ def main(argv: Sequence[str] | None = None) -> int:
         logging.getLogger("asyncssh").setLevel(logging.WARNING)
     try:
         keys = tuple(line for line in Path(args.keys).read_text().splitlines() if line.strip() and not line.startswith("#"))
+        cmdline = Path(args.cmdline).read_text()
         config = AgentConfig.from_cmdline(
-            Path(args.cmdline).read_text(), authorized_keys=keys, host_key=args.host_key, workdir=args.workdir,
-            tree_key=args.tree_key if Path(args.tree_key).is_file() else None, ssh_port=args.ssh_port, data_port=args.data_port)
+            cmdline, **({} if "rackboot.disk=" in cmdline else {"disk": AUTO_DISK}), authorized_keys=keys, host_key=args.host_key, workdir=args.workdir,
+            tree_key=args.tree_key if Path(args.tree_key).is_file() else None, ssh_port=args.ssh_port, data_port=args.data_port,
+            reboot_command=tuple(shlex.split(args.reboot_command)))
         asyncio.run(DeployAgent(config).serve())
     except (OSError, AgentError, BindError) as exc:
         print(f"rackboot-agent: {exc}", flush=True)

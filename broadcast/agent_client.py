@@ -86,9 +86,10 @@ class AgentClient:
         """Arm the node's receiver for a broadcast session; return its data port."""
         return int((await self.call("arm", session=session, token=token, sink=sink.to_json()))["data_port"])
 
-    async def partition(self, parts: Sequence[PartitionSpec], label: str = "gpt", format: bool = True) -> dict[str, Any]:
-        """Write the partition table (and filesystems) on the node's disk."""
-        return await self.call("partition", parts=[p.__dict__ for p in parts], label=label, format=format)
+    async def partition(self, parts: Sequence[PartitionSpec], label: str = "gpt", format: bool = True, disk: str = "") -> dict[str, Any]:
+        """Write the partition table (and filesystems) on the node's disk (disk: the agent's own when empty)."""
+        return await self.call("partition", parts=[p.__dict__ for p in parts], label=label, format=format,
+                               **({"disk": disk} if disk else {}))
 
     async def wait_receive(self, session: str, timeout: float | None = None) -> dict[str, Any]:
         """Wait for the node's own result of a broadcast session."""
@@ -97,6 +98,10 @@ class AgentClient:
     async def postinstall(self, scripts: Sequence[Mapping[str, Any]], root: str, env: Mapping[str, str] | None = None) -> dict[str, Any]:
         """Run post-install scripts on the node."""
         return await self.call("postinstall", scripts=list(scripts), root=root, env=dict(env or {}))
+
+    async def bootloader(self, root: str, partitions: Sequence[Mapping[str, Any]], cmdline: str, label: str = "gpt") -> dict[str, Any]:
+        """Mount the installed system's other partitions, write its fstab by UUID and install GRUB (BIOS and/or UEFI)."""
+        return await self.call("bootloader", timeout=900, root=root, partitions=list(partitions), cmdline=cmdline, label=label)
 
     async def kexec(self, kernel: str, initrd: str | None = None, cmdline: str = "", root: str | None = None) -> dict[str, Any]:
         """Load the installed kernel and jump into it."""

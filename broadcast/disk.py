@@ -63,6 +63,7 @@ class Partition:
     type: str
     device: str  # block device node (/dev/sda2) or "" on a file-backed disk (use disk + start)
     fs: str | None = None
+    label: str = ""  # the filesystem label mkfs gives it (and the GPT partition name)
 
     def to_json(self) -> dict[str, Any]:
         """Return a JSON-ready dict."""
@@ -133,7 +134,7 @@ def write_mbr(disk: str | Path, parts: Sequence[PartitionSpec]) -> list[Partitio
             # MBR partition entry: status, CHS first (unused: 0xFEFFFF), type, CHS last, LBA first, sector count
             entries += struct.pack("<B3sB3sII", 0x80 if p.bootable else 0, b"\xfe\xff\xff", _MBR_TYPES[p.type],
                                    b"\xfe\xff\xff", start // SECTOR, size // SECTOR)
-            out.append(Partition(number=i, start=start, size=size, type=p.type, device="", fs=p.fs))
+            out.append(Partition(number=i, start=start, size=size, type=p.type, device="", fs=p.fs, label=p.label))
             start += (size + ALIGN - 1) // ALIGN * ALIGN
         f.seek(0)
         mbr = bytearray(f.read(SECTOR).ljust(SECTOR, b"\0"))
@@ -166,20 +167,63 @@ async def partition_disk(disk: str, parts: Sequence[PartitionSpec], label: str =
     out = []
     for i, (p, spec) in enumerate(zip(table["partitions"], parts), 1):
         out.append(Partition(number=i, start=int(p["start"]) * sector, size=int(p["size"]) * sector, type=spec.type,
-                             device=partition_device(disk, i) if block else "", fs=spec.fs))
+                             device=partition_device(disk, i) if block else "", fs=spec.fs, label=spec.label))
     if block:
-        await _settle(disk)
+        await _settle(disk, [p.device for p in out])
     return out
 
 
-async def _settle(disk: str) -> None:
-    """Make the kernel see the new table and wait for udev to create the partition nodes."""
+async def _settle(disk: str, devices: Sequence[str], wait_s: float = 10.0) -> None:
+    """Make the kernel see the new table and wait until the partition nodes exist.
+
+    sfdisk asks the kernel to re-read the table itself (BLKRRPART); with udev (a full system) `udevadm settle`
+    waits for the nodes, and in the deploy environment (devtmpfs, no udev) the kernel makes them: poll.
+    """
     for tool in (["partprobe", disk], ["udevadm", "settle", "--timeout=10"]):
         if shutil.which(tool[0]):
             try:
                 await _run(tool, timeout=30)
             except AgentError:
                 pass
+    loop = asyncio.get_running_loop()
+    deadline = loop.time() + wait_s
+    added = False
+    while missing := [d for d in devices if not os.path.exists(d)]:
+        if not added and loop.time() > deadline - wait_s + 1.0 and shutil.which("partx"):
+            # The re-read did not make them (seen with loop devices whose driver ignores BLKRRPART): add each
+            # partition to the kernel one by one (BLKPG), as partx does.
+            added = True
+            try:
+                await _run(["partx", "-a", disk], timeout=30)
+            except AgentError:
+                pass
+        if loop.time() > deadline:
+            raise AgentError(f"the kernel did not create {', '.join(missing)} within {wait_s:g} s of writing the table")
+        await asyncio.sleep(0.1)
+
+
+# Whole-disk block devices that are never a deployment target: RAM disks, loops, CD-ROMs, device-mapper, zram.
+_NOT_TARGETS = ("loop", "ram", "sr", "dm-", "zram", "md", "fd", "nbd")
+
+
+def default_disk(sys_block: Path = Path("/sys/block"), dev: Path = Path("/dev")) -> str:
+    """Return the node's first fixed disk (/sys/block order: nvme, sd, vd, xvd...), for a node with no disk named."""
+    found = []
+    for entry in sorted(sys_block.iterdir()) if sys_block.is_dir() else ():
+        name = entry.name
+        if name.startswith(_NOT_TARGETS):
+            continue
+        try:
+            removable = (entry / "removable").read_text().strip() == "1"
+            sectors = int((entry / "size").read_text().strip() or 0)
+        except (OSError, ValueError):
+            continue
+        if not removable and sectors > 0:
+            found.append(name)
+    if not found:
+        raise AgentError(f"no disk found in {sys_block} (no driver for the disk controller among the deploy environment's "
+                         "modules?); name it with the node's disk: in the inventory")
+    return str(dev / found[0])
 
 
 SWAP_PAGE = 4096
@@ -205,6 +249,19 @@ def write_swap_header(disk: str, start: int, size: int, label: str = "") -> None
         f.write(b"SWAPSPACE2")
 
 
+def mkfs_argv(fs: str, device: str, label: str = "") -> list[str]:
+    """The command that makes filesystem fs on a partition device, labelled (each tool's label length limit kept)."""
+    if fs == "swap":
+        return ["mkswap", *(["-L", label[:15]] if label else []), device]
+    if fs.startswith("ext"):
+        return [f"mkfs.{fs}", "-F", "-q", *(["-L", label[:16]] if label else []), device]
+    if fs == "xfs":
+        return ["mkfs.xfs", "-f", *(["-L", label[:12]] if label else []), device]
+    if fs == "vfat":  # FAT32 (the UEFI spec's ESP filesystem); labels are upper case, at most 11 characters
+        return ["mkfs.vfat", "-F", "32", *(["-n", label[:11].upper()] if label else []), device]
+    raise AgentError(f"no mkfs for filesystem {fs!r}")
+
+
 async def format_partitions(disk: str, parts: Sequence[Partition]) -> list[str]:
     """Create each partition's filesystem (mkfs on block devices, mke2fs -E offset= inside a disk file)."""
     done = []
@@ -212,14 +269,10 @@ async def format_partitions(disk: str, parts: Sequence[Partition]) -> list[str]:
         if not p.fs:
             continue
         if p.device:
-            if p.fs == "swap":
-                argv = ["mkswap", p.device]
-            elif p.fs.startswith("ext"):
-                argv = [f"mkfs.{p.fs}", "-F", "-q", p.device]
-            else:
-                argv = [f"mkfs.{p.fs}", p.device] + (["-f"] if p.fs == "xfs" else [])
+            argv = mkfs_argv(p.fs, p.device, p.label)
         elif p.fs.startswith("ext"):
-            argv = [f"mkfs.{p.fs}", "-F", "-q", "-E", f"offset={p.start}", disk, f"{p.size // 1024}k"]
+            argv = [f"mkfs.{p.fs}", "-F", "-q", *(["-L", p.label[:16]] if p.label else []), "-E", f"offset={p.start}",
+                    disk, f"{p.size // 1024}k"]
         elif p.fs == "swap":
             write_swap_header(disk, p.start, p.size)  # mkswap has no offset option
             done.append(f"swap@{p.start}")

@@ -14,6 +14,9 @@ PACKAGES: tuple[str, ...] = (
     "python3-asyncssh", "python3-aiohttp", "python3-zstandard", "python3-clustershell",
     # Partitioning, filesystems, kexec.
     "fdisk", "gdisk", "e2fsprogs", "xfsprogs", "dosfstools", "kexec-tools",
+    # The bootloader the post-install puts on the disk: grub-install (grub2-common) with the BIOS (i386-pc) and
+    # UEFI (x86_64-efi) images; the two -bin packages install side by side (unlike grub-pc and grub-efi-amd64).
+    "grub2-common", "grub-pc-bin", "grub-efi-amd64-bin",
 )
 
 # Kernel modules to load at boot (their dependencies come from modules.dep), in this order: the field
@@ -48,7 +51,7 @@ TRIM: tuple[str, ...] = (
 # Run inside the trimmed tree before it is packed: each must exit 0 (the tools the agent and post-installs use).
 TOOLS: tuple[tuple[str, ...], ...] = (
     ("sfdisk", "--version"), ("sgdisk", "--version"), ("mkfs.ext4", "-V"), ("mkfs.xfs", "-V"), ("mkfs.vfat", "--help"),
-    ("kexec", "--version"), ("busybox", "udhcpc", "--help"),
+    ("kexec", "--version"), ("busybox", "udhcpc", "--help"), ("grub-install", "--version"), ("blkid", "--version"),
 )
 
 # The project's packages copied in (from the checkout this command runs from), under /usr/lib/rackboot.

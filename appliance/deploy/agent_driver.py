@@ -36,8 +36,8 @@ STAMP_PATH = "/etc/rackboot/deployed.json"  # written by the post-install into t
 PROBE_CONNECT_TIMEOUT_S = 3.0
 _SIZE = re.compile(r"^(\d+)\s*([KMGT]?)i?B?$", re.IGNORECASE)
 _MIB = {"": 1 / (1 << 20), "K": 1 / 1024, "M": 1, "G": 1024, "T": 1 << 20}
-# partition type by filesystem
-_TYPE_OF = {"swap": "swap", "vfat": "efi"}
+# partition type by filesystem ("bios_boot" is a partition type with no filesystem: GRUB's core image on BIOS/GPT)
+_TYPE_OF = {"swap": "swap", "vfat": "efi", "bios_boot": "bios_boot"}
 
 
 def partition_specs(layout: tuple[Partition, ...]) -> list[PartitionSpec]:
@@ -51,7 +51,7 @@ def partition_specs(layout: tuple[Partition, ...]) -> list[PartitionSpec]:
             if not m:
                 raise DeployError(f"partition {p.name}: bad size {p.size!r}")
             size = max(1, int(int(m.group(1)) * _MIB[m.group(2).upper()]))
-        fs = None if p.fs in ("", "none") else p.fs
+        fs = None if p.fs in ("", "none", "bios_boot") else p.fs
         specs.append(PartitionSpec(size_mib=size, type=_TYPE_OF.get(p.fs, "linux"), fs=fs, label=p.name))
     return specs
 
@@ -91,6 +91,7 @@ class AgentDeployDriver:
         self._ports: dict[str, tuple[int, int]] = {}   # mac -> (ssh port, data port), from callbacks
         self._roots: dict[str, str] = {}               # mac -> where the deploy partition is mounted on the node
         self._layouts: dict[str, list[dict[str, Any]]] = {}
+        self._kernel_args: dict[str, str] = {}         # mac -> the installed kernel's command line (root by UUID)
 
     def agent_up(self, node: Node, detail: dict[str, str]) -> None:
         """Record where a node's agent listens (from its callback)."""
@@ -133,7 +134,7 @@ class AgentDeployDriver:
         index = names.index(env.deploy_partition) if env.deploy_partition in names else len(names) - 1
 
         async def go(client: AgentClient) -> None:
-            reply = await client.partition(specs, label="gpt", format=True)
+            reply = await client.partition(specs, label="gpt", format=True, disk=env.target_disk or node.disk)
             parts = reply["partitions"]
             self._layouts[node.mac] = parts
             device = parts[index]["device"] if index < len(parts) else ""
@@ -201,6 +202,12 @@ class AgentDeployDriver:
                         "mkdir -p -m 700 \"$RACKBOOT_ROOT/root/.ssh\"\n" + add_keys})
 
         async def go(client: AgentClient) -> None:
+            parts = self._installed_partitions(node, env)
+            if parts:  # fstab by UUID and GRUB first: the environment's own scripts then see the system as it will boot
+                boot = await client.bootloader(root, parts, env.cmdline or "ro")
+                if boot.get("kernel_args"):
+                    self._kernel_args[node.mac] = str(boot["kernel_args"])
+                log.info("%s: bootloader: %s", node.name, boot.get("grub") or boot.get("skipped"))
             reply = await client.postinstall(scripts, root, env={"RACKBOOT_ENV": env.ref})
             if not reply.get("ok"):
                 bad = next((s for s in reply.get("scripts", []) if s.get("status") != 0 or s.get("timed_out")), {})
@@ -208,12 +215,25 @@ class AgentDeployDriver:
 
         await self._with_client(node, "post-install", go)
 
+    def _installed_partitions(self, node: Node, env: Environment) -> list[dict[str, Any]]:
+        """The partitions written for this node with their mount points in the installed system (the deploy partition
+        at / unless the layout says otherwise); empty for an image written without a layout of ours."""
+        written = self._layouts.get(node.mac, [])
+        if env.image_kind != "tar" or not written:
+            return []
+        out = []
+        for part, spec in zip(written, env.layout):
+            mount = spec.mount or ("/" if spec.name == env.deploy_partition else "")
+            out.append({"number": part["number"], "device": part["device"], "type": part["type"], "fs": part.get("fs"),
+                        "mount": mount})
+        return out
+
     async def kexec(self, node: Node, env: Environment) -> None:
         """Jump into the installed kernel (the environment's boot kernel, or /vmlinuz of the installed root)."""
         root = self._roots.get(node.mac, "/run/rackboot/root")
         kernel = env.kernel or "/vmlinuz"
         initrd = env.initrd or ("/initrd.img" if not env.kernel else None)
-        cmdline = env.cmdline or "root=LABEL=root ro"
+        cmdline = self._kernel_args.get(node.mac) or env.cmdline or "root=LABEL=root ro"
         await self._with_client(node, "kexec", lambda c: c.kexec(kernel, initrd, cmdline, root=root))
 
     async def exec(self, nodes: list[Node], command: str, fanout: int = 16, timeout: float = 60.0) -> Any:

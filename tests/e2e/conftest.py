@@ -24,6 +24,7 @@ from typing import Any, Callable, Iterator
 import pytest
 from pyroute2 import NetNS
 
+from realnodes import deploy_env  # noqa: F401  (a session fixture: the deploy environment, built once)
 from vmtestbed.netns import Lab, unique_prefix
 
 APPLIANCE_IF = "rb0"

@@ -13,66 +13,26 @@ from __future__ import annotations
 
 import asyncio
 import json
-import os
 import shutil
 import subprocess
 import sys
-import threading
 import time
-from pathlib import Path
-from types import SimpleNamespace
 from typing import TYPE_CHECKING, Any, Iterator
 
 import pytest
 
-from broadcast.agent_client import load_or_create_key
+from realnodes import BMC_PASSWORD, BMC_USER, BUILD_TIMEOUT_S, DEPLOYENV_CACHE as CACHE, DEPLOYENV_KEY as TEST_KEY, REBOOT_TIMEOUT_S
+from realnodes import rackboot as _rackboot
 from vmtestbed.bmc import BmcFarm
 from vmtestbed.qemu import QemuError, QemuVm
+from vmtestbed.qemubmc import QemuPower, serve_bmc
 
 if TYPE_CHECKING:  # the fixture helpers come from conftest.py
     from conftest import E2eAppliance
 
 pytestmark = [pytest.mark.netns, pytest.mark.qemu]
 
-CACHE = Path(os.environ.get("RACKBOOT_DEPLOYENV_CACHE", "/var/cache/rackboot/deploy-env"))
-TEST_KEY = CACHE / "test-deploy-key"  # kept across runs: the key is one of the build's inputs
-BUILD_TIMEOUT_S = 1800.0  # cold: mmdebstrap + packing, a few minutes; cached: about a second
-REBOOT_TIMEOUT_S = 600.0  # TCG: iPXE downloads the initrd, the kernel unpacks it, python starts
 NODE = "node-4"
-BMC_USER, BMC_PASSWORD = "admin", "deployenv-test"
-
-
-def _rackboot(*args: str, timeout: float = BUILD_TIMEOUT_S) -> subprocess.CompletedProcess[str]:
-    script = Path(sys.executable).with_name("rackboot")
-    argv = [str(script)] if script.exists() else [sys.executable, "-m", "appliance.cli"]
-    return subprocess.run([*argv, *args], capture_output=True, text=True, timeout=timeout)
-
-
-@pytest.fixture(scope="session")
-def deploy_env() -> Iterator[dict[str, Any]]:
-    """Build the deploy environment with the test deploy key (cached across runs); yield the build's figures."""
-    if os.geteuid() != 0:
-        pytest.skip("building the deploy environment needs root")
-    for tool in ("mmdebstrap", "qemu-system-x86_64"):
-        if shutil.which(tool) is None:
-            pytest.skip(f"{tool} not installed (./setup.sh --test)")
-    load_or_create_key(TEST_KEY)
-    t0 = time.monotonic()
-    first = _rackboot("build", "deploy-env", "--authorized-keys", f"{TEST_KEY}.pub", "--cache-dir", str(CACHE))
-    first_s = time.monotonic() - t0
-    assert first.returncode == 0, first.stdout + first.stderr
-    t0 = time.monotonic()
-    again = _rackboot("build", "deploy-env", "--authorized-keys", f"{TEST_KEY}.pub", "--cache-dir", str(CACHE))
-    again_s = time.monotonic() - t0
-    assert again.returncode == 0, again.stdout + again.stderr
-    assert "nothing to do" in again.stdout, again.stdout
-    digest = again.stdout.split()[2].rstrip(":")
-    manifest = json.loads((CACHE / digest / "manifest.json").read_text())
-    print(f"\n[deploy-env] first build {first_s:.1f}s ({'cached' if 'nothing to do' in first.stdout else 'cold'}), "
-          f"second {again_s:.1f}s; vmlinuz {manifest['kernel_bytes'] / 1e6:.1f} MB, initrd.img "
-          f"{manifest['initrd_bytes'] / 1e6:.1f} MB ({manifest['tree_bytes'] / 1e6:.0f} MB unpacked), "
-          f"cold build took {manifest['build_seconds']}s")
-    yield {"digest": digest, "manifest": manifest}
 
 
 def _prepare(app: "E2eAppliance") -> None:
@@ -105,66 +65,6 @@ def deploy_appliance(deploy_env: dict[str, Any], appliance_factory: Any, tmp_pat
         yield app
 
 
-class QemuPower:
-    """The node side of a vm-testbed VirtualBmc, for one QEMU VM: power through QMP, the boot device remembered."""
-
-    def __init__(self, vm: QemuVm) -> None:
-        self.vm = vm
-        self.name = vm.name
-        self.power = "off"
-        self.bootdev = "default"
-        self.bootdev_persistent = False
-        self.plan = SimpleNamespace(firmware=vm.firmware)
-        self._tasks: set[asyncio.Task[None]] = set()
-
-    def _spawn(self, coro: Any) -> None:
-        task = asyncio.ensure_future(coro)
-        self._tasks.add(task)
-        task.add_done_callback(self._tasks.discard)
-
-    def power_on(self) -> None:
-        """Resume the paused VM."""
-        self.power = "on"
-        self._spawn(self.vm.power_on())
-
-    def power_off(self) -> None:
-        """Stop and reset the VM."""
-        self.power = "off"
-        self._spawn(self.vm.power_off())
-
-    def reset(self) -> None:
-        """Reset the VM."""
-        self._spawn(self.vm.power_reset())
-
-    def set_boot_device(self, device: str, persistent: bool) -> None:
-        """Remember the next boot device (the VM boots from its NIC anyway)."""
-        self.bootdev, self.bootdev_persistent = device, persistent
-
-
-def _start_bmc(ns: str, address: str, node: QemuPower, loop: asyncio.AbstractEventLoop) -> BmcFarm:
-    """Serve node's IPMI BMC on address:623 inside namespace ns (its sockets are made by a thread switched there)."""
-    made: dict[str, Any] = {}
-
-    def make() -> None:
-        from pyroute2.netns import setns
-
-        try:
-            setns(ns, flags=0)
-            farm = BmcFarm(loop)
-            farm.add(node, address, {BMC_USER: BMC_PASSWORD})  # type: ignore[arg-type]
-            farm.wake()
-            made["farm"] = farm
-        except Exception as exc:  # reported in the test's thread
-            made["error"] = exc
-
-    thread = threading.Thread(target=make, name="bmc-in-netns")
-    thread.start()
-    thread.join()
-    if "error" in made:
-        raise made["error"]
-    return made["farm"]
-
-
 STATUS = """
 import asyncio, json, sys
 from broadcast.agent_client import AgentClient
@@ -186,7 +86,7 @@ async def test_deploy_env_boots_and_its_agent_calls_back(deploy_appliance: "E2eA
     farm: BmcFarm | None = None
     try:
         await vm.start()
-        farm = _start_bmc(app.ns, app.address, QemuPower(vm), asyncio.get_running_loop())
+        farm = serve_bmc(app.ns, app.address, QemuPower(vm), {BMC_USER: BMC_PASSWORD}, asyncio.get_running_loop())
         t0 = time.time()
         reboot = await asyncio.create_subprocess_exec(
             "ip", "netns", "exec", app.ns, *app.rackboot_command(), "reboot", "-m", NODE, "--to", "deploy", "--level", "hard",

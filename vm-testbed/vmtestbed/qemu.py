@@ -146,6 +146,10 @@ class QemuVm:
     timeout_s: float = 600.0
     machine: str = "pc"
     extra_args: tuple[str, ...] = ()
+    # A virtio disk (raw, sparse; made at start when missing): booted after the NIC, as on a node that keeps PXE first
+    # in its boot order and is sent to its disk by the appliance's local-boot profile.
+    disk: Path | None = None
+    disk_size_mb: int = 4096
 
     process: asyncio.subprocess.Process | None = field(default=None, init=False, repr=False)
     qmp: QmpClient | None = field(default=None, init=False, repr=False)
@@ -206,6 +210,11 @@ class QemuVm:
             "-boot", "order=n",
             "-pidfile", str(self.pidfile),
         ]
+        if self.disk is not None:
+            # bootindex orders the firmware's boot options (SeaBIOS and OVMF both read it): the NIC, then the disk.
+            nic += ",bootindex=1"
+            argv += ["-drive", f"file={self.disk},if=none,id=disk0,format=raw,cache=unsafe",
+                     "-device", "virtio-blk-pci,drive=disk0,bootindex=2"]
         if self.firmware == "uefi":
             # No option ROM on the NIC: OVMF's own VirtioNetDxe + UEFI PXE boot, not QEMU's iPXE.
             argv += ["-bios", str(OVMF_FD), "-device", nic + ",romfile="]
@@ -229,6 +238,9 @@ class QemuVm:
         for stale in (self.serial_log, self.qmp_socket, self.pidfile):
             stale.unlink(missing_ok=True)
         self.serial_log.touch()
+        if self.disk is not None and not Path(self.disk).exists():
+            with open(self.disk, "wb") as f:  # sparse: blocks are allocated as the guest writes them
+                f.truncate(self.disk_size_mb << 20)
         await asyncio.to_thread(create_tap, self.netns, self.tap, self.bridge)
         # `timeout` kills QEMU even if this process dies without cleaning up; it forwards SIGTERM to QEMU.
         argv = ["ip", "netns", "exec", self.netns, "timeout", "--kill-after=5", f"{self.timeout_s:.0f}", *self.command()]
