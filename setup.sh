@@ -28,7 +28,7 @@ pkgs=(ipxe iproute2 busybox ipmitool nftables fdisk e2fsprogs libarchive13 ca-ce
 # packages and grub-install: nothing that touches this machine's own bootloader) and mkfs.vfat for the bootloader
 # test on a loop device.
 [ $want_test = 1 ] && pkgs+=(udhcpc isc-dhcp-client tftp-hpa atftp bind9-dnsutils curl iputils-ping tcpdump openssl
-                             qemu-system-x86 ipxe-qemu ovmf grub2-common grub-pc-bin grub-efi-amd64-bin dosfstools)
+                             qemu-system-x86 ipxe-qemu ovmf grub2-common grub-pc-bin grub-efi-amd64-bin dosfstools openssh-client)
 # Benchmarks: the peers we measure against in the same run.
 [ $want_bench = 1 ] && pkgs+=(kea-admin kea-dhcp4-server dnsmasq-base tftpd-hpa udpcast pdsh clustershell)
 

@@ -22,6 +22,7 @@ IMAGE_URL_SCHEMES = ("http", "https")
 IMAGE_KINDS = ("tar", "raw")
 COMPRESSIONS = ("gzip", "zstd", "xz", "none")
 BOOT_KINDS = ("local", "kernel")
+WHOLE_DISK = "whole"  # disk.layout of a raw image written over the whole disk, partition table included
 # A layout partition's fs: a filesystem, swap, "bios_boot" (GRUB's core image on BIOS/GPT, no filesystem) or none.
 PARTITION_FS = ("ext4", "ext3", "ext2", "xfs", "vfat", "swap", "bios_boot", "none")
 
@@ -156,13 +157,18 @@ def parse_environment_file(path: Path, owner: str, *, image_roots: Sequence[Path
             problems.append(f"{image.at('compression')}: image.compression: expected one of {' | '.join(COMPRESSIONS)}")
         sha = str(image.raw("sha256", "") or "").lower()
     disk = loc.child("disk")
-    layout = DEFAULT_LAYOUT
+    # A raw image with no layout is a whole disk (its own table and bootloader); `layout: whole` says so explicitly.
+    layout: tuple[Partition, ...] = () if kind == "raw" else DEFAULT_LAYOUT
     target_disk, deploy_part = "", "root"
     if disk is not None:
         target_disk = str(disk.raw("target", "") or "")
         deploy_part = str(disk.raw("deploy_partition", "root"))
         raw_layout = disk.raw("layout")
-        if raw_layout:
+        if raw_layout == WHOLE_DISK:
+            layout = ()
+            if kind != "raw":
+                problems.append(f"{disk.at('layout')}: disk.layout: whole: only a raw image can be the whole disk")
+        elif raw_layout:
             try:
                 layout = tuple(Partition(**{k: str(v) for k, v in p.items()}) for p in raw_layout)
             except (TypeError, AttributeError) as exc:
@@ -174,7 +180,7 @@ def parse_environment_file(path: Path, owner: str, *, image_roots: Sequence[Path
                 if p.mount and (not p.mount.startswith("/") or p.fs in ("swap", "bios_boot", "none")):
                     problems.append(f"{disk.at('layout')}: disk.layout: partition {p.name}: mount {p.mount!r}: an absolute "
                                     "path, for a partition with a filesystem")
-        if deploy_part not in [p.name for p in layout]:
+        if layout and deploy_part not in [p.name for p in layout]:
             problems.append(f"{disk.at('deploy_partition')}: disk.deploy_partition: {deploy_part!r} is not in the layout")
     boot = loc.child("boot")
     boot_kind, kernel, initrd, cmdline = "local", "", "", ""

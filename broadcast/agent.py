@@ -9,7 +9,7 @@ Over SSH it runs arbitrary shell commands (so pdsh and clush work against it) an
 operations, each `rackboot-agent OP` with one JSON request on stdin and one JSON reply on stdout
 (exit status 0 when ok):
 
-    status | partition | arm | wait-receive | verify | postinstall | bootloader | kexec | reboot
+    status | partition | arm | wait-receive | verify | postinstall | bootloader | mount-root | kexec | reboot
     | texec (JSON lines, see texec.py)
 
 Nothing is global: the vm-testbed runs many agents in one process, each with its own config, sockets
@@ -300,7 +300,7 @@ class DeployAgent:
         handler = {
             "status": self.op_status, "partition": self.op_partition, "arm": self.op_arm,
             "wait-receive": self.op_wait_receive, "verify": self.op_verify, "postinstall": self.op_postinstall,
-            "bootloader": self.op_bootloader, "kexec": self.op_kexec, "reboot": self.op_reboot,
+            "bootloader": self.op_bootloader, "mount-root": self.op_mount_root, "kexec": self.op_kexec, "reboot": self.op_reboot,
         }.get(op)
         try:
             raw = await _read_request(process)  # read the request first: the client is still sending it
@@ -335,6 +335,9 @@ class DeployAgent:
             disk = default_disk()
         if not disk:
             raise AgentError("no disk configured")
+        if req.get("whole"):  # a whole-disk image brings its own table: only say which disk it goes to
+            self.layout, self.disk, self.state = [], disk, "partitioned"
+            return {"disk": disk, "partitions": [], "formatted": []}
         specs = [PartitionSpec.from_json(p) for p in req["parts"]]
         self.state = "partitioning"
         parts = await partition_disk(disk, specs, label)
@@ -423,6 +426,13 @@ class DeployAgent:
         reply = await bootloader.install(req["root"], disk, parts, str(req.get("cmdline", "")), str(req.get("label", "gpt")))
         self.state = "installed"
         return reply
+
+    async def op_mount_root(self, req: Any) -> dict[str, Any]:
+        """{root} -> after a whole-disk image: find the installed system's partition, mount it at root ({device, uuid, fs})."""
+        _require(req, root=str)
+        if not self.disk or not is_block_device(self.disk):
+            return {"skipped": "file-backed disk: nothing to mount"}
+        return await bootloader.mount_installed_root(self.disk, req["root"])
 
     async def op_kexec(self, req: Any) -> dict[str, Any]:
         """{kernel, initrd?, cmdline?, root?} -> load now, reply, then jump (real kexec, or the testbed's hook)."""

@@ -86,10 +86,12 @@ class AgentClient:
         """Arm the node's receiver for a broadcast session; return its data port."""
         return int((await self.call("arm", session=session, token=token, sink=sink.to_json()))["data_port"])
 
-    async def partition(self, parts: Sequence[PartitionSpec], label: str = "gpt", format: bool = True, disk: str = "") -> dict[str, Any]:
-        """Write the partition table (and filesystems) on the node's disk (disk: the agent's own when empty)."""
+    async def partition(self, parts: Sequence[PartitionSpec], label: str = "gpt", format: bool = True, disk: str = "",
+                        whole: bool = False) -> dict[str, Any]:
+        """Write the partition table (and filesystems) on the node's disk (disk: the agent's own when empty); with
+        whole, write nothing (a whole-disk image follows) and only resolve the disk."""
         return await self.call("partition", parts=[p.__dict__ for p in parts], label=label, format=format,
-                               **({"disk": disk} if disk else {}))
+                               **({"disk": disk} if disk else {}), **({"whole": True} if whole else {}))
 
     async def wait_receive(self, session: str, timeout: float | None = None) -> dict[str, Any]:
         """Wait for the node's own result of a broadcast session."""

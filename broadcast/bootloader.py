@@ -15,6 +15,7 @@ so the installed system's own kernel upgrades are picked up without a bootloader
 from __future__ import annotations
 
 import asyncio
+import json
 import os
 from dataclasses import dataclass
 from pathlib import Path
@@ -194,6 +195,46 @@ async def _install_grub(targets: Sequence[str], boot: Path, disk: str, esp_dir: 
         else:
             argv.append(disk)
         await _run(argv, timeout=GRUB_TIMEOUT_S)
+
+
+ROOT_FILESYSTEMS = ("ext4", "ext3", "ext2", "xfs", "btrfs")
+
+
+async def mount_installed_root(disk: str, where: str, wait_s: float = 10.0) -> dict[str, Any]:
+    """After a whole-disk image is written: make the kernel read its partition table, find the partition holding
+    the installed system (a Linux filesystem with etc/os-release), mount it at where; return {device, uuid, fs}."""
+    for argv in (["blockdev", "--rereadpt", disk], ["partx", "-u", disk], ["partx", "-a", disk]):
+        try:
+            await _run(argv, timeout=30)
+        except (AgentError, FileNotFoundError):
+            pass
+    table = json.loads(await _run(["sfdisk", "--json", disk], timeout=30)).get("partitiontable", {})
+    nodes = [str(p["node"]) for p in table.get("partitions", [])]
+    loop = asyncio.get_running_loop()
+    deadline = loop.time() + wait_s
+    while [n for n in nodes if not os.path.exists(n)] and loop.time() < deadline:
+        await asyncio.sleep(0.1)
+    Path(where).mkdir(parents=True, exist_ok=True)
+    tried = []
+    for node in nodes:
+        fs = await _fs_type(node)
+        if fs not in ROOT_FILESYSTEMS:
+            continue
+        await _run(["mount", "-t", fs, node, where], timeout=60)
+        if (Path(where) / "etc" / "os-release").is_file() or (Path(where) / "usr/lib/os-release").is_file():
+            return {"device": node, "uuid": await uuid_of(node), "fs": fs}
+        await _run(["umount", where], timeout=60)
+        tried.append(f"{node} ({fs})")
+    raise AgentError(f"no installed system found on {disk}: none of its partitions ({', '.join(tried) or 'no Linux filesystem'}) "
+                     "holds etc/os-release")
+
+
+async def _fs_type(device: str) -> str:
+    """The filesystem type blkid finds on a partition, or ''."""
+    try:
+        return (await _run(["blkid", "-s", "TYPE", "-o", "value", device], timeout=30)).strip()
+    except AgentError:
+        return ""
 
 
 async def unmount_below(directory: str) -> list[str]:

@@ -16,7 +16,9 @@ import asyncio
 import hashlib
 import os
 import queue
+import shutil
 import stat
+import subprocess
 import tarfile
 import threading
 import time
@@ -161,7 +163,11 @@ class _PipeReader:
 
 
 def _rootfs_filter(member: tarfile.TarInfo, dest: str) -> tarfile.TarInfo:
-    """Refuse paths that escape dest (tarfile's 'tar' filter checks) but keep modes: this is a root filesystem."""
+    """Refuse paths that escape dest (tarfile's 'tar' filter checks, which resolve the links already extracted, so
+    nothing is written through one) but keep modes and absolute symbolic links: this is a root filesystem."""
+    if member.issym() and member.linkname.startswith("/"):
+        checked = tarfile.tar_filter(member.replace(linkname=".", deep=False), dest)
+        return checked.replace(linkname=member.linkname, mode=member.mode, deep=False)
     checked = tarfile.tar_filter(member, dest)
     return checked.replace(mode=member.mode, deep=False)
 
@@ -221,6 +227,72 @@ class _TarWriter:
         return self.files
 
 
+# GNU tar, when the system has it (the deploy environment does: tar is Essential in Debian): C, so a root filesystem
+# of tens of thousands of files unpacks at disk speed, with ownership, modes, xattrs (file capabilities) and device
+# nodes. It refuses members whose names hold '..', strips leading '/', and makes links whose targets are absolute or
+# hold '..' only once everything else is extracted (placeholders first), so no member is written through a link.
+GNU_TAR_ARGS = ("-x", "-f", "-", "--numeric-owner", "--same-permissions", "--xattrs", "--xattrs-include=*",
+                "--delay-directory-restore", "--verbose")
+
+
+class _GnuTarWriter:
+    def __init__(self, spec: SinkSpec, tool: str) -> None:
+        self._dest = Path(spec.target)
+        try:
+            self._dest.mkdir(parents=True, exist_ok=True)
+        except OSError as exc:
+            raise ImageError(f"cannot create {self._dest}: {exc.strerror}") from exc
+        self._proc = subprocess.Popen([tool, *GNU_TAR_ARGS, "-C", str(self._dest)], stdin=subprocess.PIPE,
+                                      stdout=subprocess.PIPE, stderr=subprocess.PIPE, start_new_session=True)
+        self.files = 0
+        self._stderr = b""
+        self._ended = False  # tar exited (end of archive): what is left is padding
+        self._reader = threading.Thread(target=self._read, name=f"tar:{self._dest}", daemon=True)
+        self._reader.start()
+
+    def _read(self) -> None:
+        assert self._proc.stdout is not None and self._proc.stderr is not None
+        err = threading.Thread(target=lambda: setattr(self, "_stderr", self._proc.stderr.read()), daemon=True)  # type: ignore[union-attr]
+        err.start()
+        for _ in self._proc.stdout:  # --verbose: one line per member
+            self.files += 1
+        err.join()
+
+    def write(self, piece: bytes) -> None:
+        if self._ended:
+            return
+        assert self._proc.stdin is not None
+        try:
+            self._proc.stdin.write(piece)
+        except BrokenPipeError:
+            if self._proc.wait() != 0:
+                self._reader.join()
+                raise ImageError(f"tar extraction failed: {self._stderr.decode(errors='replace').strip()[-500:]}") from None
+            self._ended = True
+
+    def close(self, ok: bool) -> int:
+        assert self._proc.stdin is not None
+        try:
+            self._proc.stdin.close()
+        except BrokenPipeError:
+            pass
+        if not ok:
+            self._proc.kill()
+        status = self._proc.wait()
+        self._reader.join()
+        if ok and status != 0:
+            raise ImageError(f"tar extraction failed (tar exited {status}): {self._stderr.decode(errors='replace').strip()[-500:]}")
+        return self.files
+
+
+def _tar_writer(spec: SinkSpec) -> "_GnuTarWriter | _TarWriter":
+    """GNU tar when the system has it, else Python's tarfile (same checks, slower)."""
+    tool = shutil.which("tar")
+    if tool is not None:
+        return _GnuTarWriter(spec, tool)
+    return _TarWriter(spec)
+
+
 class _DiscardWriter:
     def write(self, piece: bytes) -> None:
         return None
@@ -244,12 +316,12 @@ class ImageSink:
         self.bytes_written = 0
         self._failure: str | None = None
         self._dec: Decompressor | None = None
-        self._writer: _RawWriter | _TarWriter | _DiscardWriter
+        self._writer: _RawWriter | _TarWriter | _GnuTarWriter | _DiscardWriter
         if spec.kind == "discard":
             self._writer = _DiscardWriter()
         else:
             self._dec = make_decompressor(spec.compression)
-            self._writer = _RawWriter(spec) if spec.kind == "raw" else _TarWriter(spec)
+            self._writer = _RawWriter(spec) if spec.kind == "raw" else _tar_writer(spec)
 
     @property
     def failure(self) -> str | None:

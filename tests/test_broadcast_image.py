@@ -99,8 +99,35 @@ def test_tar_refuses_escaping_paths(tmp_path: Path) -> None:
     sink = ImageSink(SinkSpec(kind="tar", compression="none", target=str(tmp_path / "root")))
     feed(sink, buf.getvalue())
     report = sink.finish()
-    assert not report.ok and "outside" in report.reason
+    assert not report.ok and "Member name contains '..'" in report.reason, report.reason
     assert not (tmp_path / "evil").exists()
+
+
+def test_tar_never_writes_through_a_link_it_extracted(tmp_path: Path) -> None:
+    """A root filesystem holds absolute links (etc/alternatives, systemd's unit links): they are kept as they are, but
+    a member whose path goes through one (etc -> /outside, then etc/passwd) must not land outside the root."""
+    outside = tmp_path / "outside"
+    outside.mkdir()
+    buf = io.BytesIO()
+    with tarfile.open(fileobj=buf, mode="w") as tar:
+        link = tarfile.TarInfo("etc")
+        link.type, link.linkname = tarfile.SYMTYPE, str(outside)
+        tar.addfile(link)
+        unit = tarfile.TarInfo("lib/ssh.service")
+        unit.size = 3
+        tar.addfile(unit, io.BytesIO(b"svc"))
+        wants = tarfile.TarInfo("wants/ssh.service")
+        wants.type, wants.linkname = tarfile.SYMTYPE, "/lib/ssh.service"
+        tar.addfile(wants)
+        evil = tarfile.TarInfo("etc/passwd")
+        evil.size = 4
+        tar.addfile(evil, io.BytesIO(b"evil"))
+    root = tmp_path / "root"
+    sink = ImageSink(SinkSpec(kind="tar", compression="none", target=str(root)))
+    feed(sink, buf.getvalue())
+    sink.finish()
+    assert not (outside / "passwd").exists()
+    assert os.readlink(root / "wants/ssh.service") == "/lib/ssh.service"  # absolute links are kept as they are
 
 
 @pytest.mark.parametrize("compression", ["gzip", "zstd", "xz"])

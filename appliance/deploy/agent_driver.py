@@ -21,6 +21,7 @@ import asyncssh
 from appliance.catalog import Environment, Partition
 from appliance.deploy.drivers import BroadcastOutcome, DeployError
 from broadcast.agent_client import AgentClient, load_or_create_key, ssh_arm
+from broadcast.bootloader import kernel_args
 from broadcast.disk import PartitionSpec
 from broadcast.errors import AgentError
 from broadcast.image import SinkSpec
@@ -92,6 +93,7 @@ class AgentDeployDriver:
         self._roots: dict[str, str] = {}               # mac -> where the deploy partition is mounted on the node
         self._layouts: dict[str, list[dict[str, Any]]] = {}
         self._kernel_args: dict[str, str] = {}         # mac -> the installed kernel's command line (root by UUID)
+        self._disks: dict[str, str] = {}               # mac -> the disk the agent partitioned (or writes a whole image to)
 
     def agent_up(self, node: Node, detail: dict[str, str]) -> None:
         """Record where a node's agent listens (from its callback)."""
@@ -128,14 +130,25 @@ class AgentDeployDriver:
             raise DeployError(f"{what}: cannot reach the agent at {node.ip}: {str(exc) or type(exc).__name__}") from exc
 
     async def prepare_disk(self, node: Node, env: Environment) -> None:
-        """Partition and format the node's disk, then mount the deploy partition (on a real block device)."""
+        """Partition and format the node's disk, then mount the deploy partition (on a real block device); for a
+        whole-disk image (no layout), only learn which disk it goes to."""
+        disk = env.target_disk or node.disk
+        if not env.layout:
+            async def whole(client: AgentClient) -> None:
+                reply = await client.partition([], disk=disk, whole=True)
+                self._disks[node.mac] = str(reply["disk"])
+                self._layouts[node.mac] = []
+
+            await self._with_client(node, "disk preparation", whole)
+            return
         specs = partition_specs(env.layout)
         names = [p.name for p in env.layout]
         index = names.index(env.deploy_partition) if env.deploy_partition in names else len(names) - 1
 
         async def go(client: AgentClient) -> None:
-            reply = await client.partition(specs, label="gpt", format=True, disk=env.target_disk or node.disk)
+            reply = await client.partition(specs, label="gpt", format=True, disk=disk)
             parts = reply["partitions"]
+            self._disks[node.mac] = str(reply.get("disk", disk))
             self._layouts[node.mac] = parts
             device = parts[index]["device"] if index < len(parts) else ""
             # A block-device partition is mounted there; a file-backed disk (vm-testbed) has no mountable
@@ -153,6 +166,10 @@ class AgentDeployDriver:
             node = by_name[target.name]
             if env.image_kind == "tar":
                 return SinkSpec(kind="tar", compression=env.compression, target=self._roots.get(node.mac, "/run/rackboot/root"),
+                                expected_sha256=env.sha256 or None, expected_size=env.size or None)
+            if not env.layout:  # a whole-disk image
+                target = self._disks.get(node.mac) or env.target_disk or node.disk or "$RACKBOOT_DISK"
+                return SinkSpec(kind="raw", compression=env.compression, target=target, offset=0,
                                 expected_sha256=env.sha256 or None, expected_size=env.size or None)
             parts = self._layouts.get(node.mac, [])
             names = [p.name for p in env.layout]
@@ -202,6 +219,11 @@ class AgentDeployDriver:
                         "mkdir -p -m 700 \"$RACKBOOT_ROOT/root/.ssh\"\n" + add_keys})
 
         async def go(client: AgentClient) -> None:
+            if not env.layout:  # a whole-disk image: its own table and bootloader; find its root to stamp it
+                found = await client.call("mount-root", timeout=180, root=root)
+                if found.get("uuid"):
+                    self._kernel_args[node.mac] = kernel_args(str(found["uuid"]), env.cmdline or "ro")
+                    self._roots[node.mac] = root
             parts = self._installed_partitions(node, env)
             if parts:  # fstab by UUID and GRUB first: the environment's own scripts then see the system as it will boot
                 boot = await client.bootloader(root, parts, env.cmdline or "ro")

@@ -170,8 +170,9 @@ class _CipherSuite3Session(serversession.ServerSession):
 class VirtualBmc(pyghmi_bmc.Bmc):
     """The BMC of one virtual node; IPMI handlers run on pyghmi's thread and act on the node in its event loop."""
 
-    def __init__(self, node: VirtualNode, address: str, users: dict[str, str], loop: asyncio.AbstractEventLoop, slow_s: float = 0.0) -> None:
-        super().__init__(users, port=IPMI_PORT, address=address)
+    def __init__(self, node: VirtualNode, address: str, users: dict[str, str], loop: asyncio.AbstractEventLoop, slow_s: float = 0.0,
+                 port: int = IPMI_PORT) -> None:
+        super().__init__(users, port=port, address=address)
         self.port = _session_key(self.serversocket)  # type: ignore[assignment]  # see _session_key
         self.node = node
         self.loop = loop
@@ -304,9 +305,9 @@ class BmcFarm:
         self._thread = threading.Thread(target=self._dispatch, name="ipmi-dispatch", daemon=True)
         self._thread.start()
 
-    def add(self, node: VirtualNode, address: str, users: dict[str, str], slow_s: float = 0.0) -> VirtualBmc:
+    def add(self, node: VirtualNode, address: str, users: dict[str, str], slow_s: float = 0.0, port: int = IPMI_PORT) -> VirtualBmc:
         """Create and bind the BMC of a node (call wake() after a batch)."""
-        bmc = VirtualBmc(node, address, users, self.loop, slow_s)
+        bmc = VirtualBmc(node, address, users, self.loop, slow_s, port)
         self.bmcs[node.name] = bmc
         return bmc
 

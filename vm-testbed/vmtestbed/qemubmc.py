@@ -11,9 +11,9 @@ from __future__ import annotations
 import asyncio
 import threading
 from types import SimpleNamespace
-from typing import Any, Coroutine
+from typing import Any, Coroutine, Sequence
 
-from vmtestbed.bmc import BmcFarm
+from vmtestbed.bmc import IPMI_PORT, BmcFarm
 from vmtestbed.qemu import QemuVm
 
 
@@ -55,6 +55,11 @@ class QemuPower:
 
 def serve_bmc(ns: str, address: str, node: QemuPower, users: dict[str, str], loop: asyncio.AbstractEventLoop) -> BmcFarm:
     """Serve node's IPMI BMC on address:623 inside namespace ns; return the farm (close() it to stop)."""
+    return serve_bmcs(ns, [(node, address, IPMI_PORT)], users, loop)
+
+
+def serve_bmcs(ns: str, bmcs: Sequence[tuple[QemuPower, str, int]], users: dict[str, str], loop: asyncio.AbstractEventLoop) -> BmcFarm:
+    """Serve each (VM, address, port) BMC inside namespace ns, from one farm; return it (close() it to stop)."""
     made: dict[str, Any] = {}
 
     def make() -> None:
@@ -63,7 +68,8 @@ def serve_bmc(ns: str, address: str, node: QemuPower, users: dict[str, str], loo
         try:
             setns(ns, flags=0)
             farm = BmcFarm(loop)
-            farm.add(node, address, users)  # type: ignore[arg-type]
+            for node, address, port in bmcs:
+                farm.add(node, address, users, port=port)  # type: ignore[arg-type]
             farm.wake()
             made["farm"] = farm
         except Exception as exc:  # reported in the caller's thread
