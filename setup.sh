@@ -21,12 +21,12 @@ done
 
 # Runtime: iPXE binaries to chainload, netlink/tc/nft for the testbed, ipmitool for BMCs,
 # sfdisk and mkfs.ext4 for the deploy agent (also on the testbed's file-backed disks), mmdebstrap for
-# `rackboot build deploy-env` (it builds from this machine's apt sources).
+# `rackboot build deploy-env` and `rackboot build image` (from this machine's apt sources), zstd for the image's tar.
 pkgs=(ipxe iproute2 busybox ipmitool nftables fdisk e2fsprogs libarchive13 ca-certificates python3 python3-venv python3-dev gcc
-      mmdebstrap)
+      mmdebstrap zstd)
 # Tests: the real clients and firmware the end-to-end tier drives; GRUB's installers (only the -bin image
 # packages and grub-install: nothing that touches this machine's own bootloader) and mkfs.vfat for the bootloader
-# test on a loop device.
+# test on a loop device; OpenSSH's client to log in to deployed VMs as a user would.
 [ $want_test = 1 ] && pkgs+=(udhcpc isc-dhcp-client tftp-hpa atftp bind9-dnsutils curl iputils-ping tcpdump openssl
                              qemu-system-x86 ipxe-qemu ovmf grub2-common grub-pc-bin grub-efi-amd64-bin dosfstools openssh-client)
 # Benchmarks: the peers we measure against in the same run.

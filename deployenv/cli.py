@@ -9,16 +9,19 @@ from pathlib import Path
 import asyncssh
 
 from broadcast.agent_client import load_or_create_key
+from deployenv import image
 from deployenv.build import DEFAULT_CACHE, BuildError, build
+from deployenv.image_recipe import IMAGES
 from deployenv.inputs import collect
 from deployenv.register import RegisterError, config_lines, export, install, read_target
 
 CACHE_ENV = "RACKBOOT_DEPLOYENV_CACHE"
+IMAGE_CACHE_ENV = "RACKBOOT_IMAGE_CACHE"
 
 
 def register(sub: "argparse._SubParsersAction[argparse.ArgumentParser]") -> None:
-    """Add the build subcommand (and its deploy-env target) to rackboot's parser."""
-    b = sub.add_parser("build", help="build what the appliance serves to nodes (the deploy environment)")
+    """Add the build subcommand (and its deploy-env and image targets) to rackboot's parser."""
+    b = sub.add_parser("build", help="build what the appliance serves to nodes (the deploy environment, images to deploy)")
     bsub = b.add_subparsers(dest="build_command", required=True)
     p = bsub.add_parser("deploy-env", help="the deploy kernel and initramfs, from Debian packages (mmdebstrap; needs root)")
     p.add_argument("--out", type=Path, help="also put vmlinuz and initrd.img in this directory")
@@ -30,6 +33,15 @@ def register(sub: "argparse._SubParsersAction[argparse.ArgumentParser]") -> None
                    help=f"where builds are kept, one directory per input hash (default ${CACHE_ENV} or {DEFAULT_CACHE})")
     p.add_argument("--force", action="store_true", help="build again even when the cache has these inputs")
     p.set_defaults(func=_cmd_deploy_env)
+    i = bsub.add_parser("image", help="a root filesystem to deploy (tar.zst) and its environment YAML, from Debian packages "
+                                      "(mmdebstrap; needs root)")
+    i.add_argument("image", choices=sorted(IMAGES), help="which image")
+    i.add_argument("--out", type=Path, help="also put the image at this file (e.g. /srv/images/debian12.tar.zst) and its "
+                                            "environment YAML beside it (same stem, .yaml)")
+    i.add_argument("--cache-dir", type=Path, default=Path(os.environ.get(IMAGE_CACHE_ENV, image.DEFAULT_CACHE)),
+                   help=f"where builds are kept, one directory per recipe hash (default ${IMAGE_CACHE_ENV} or {image.DEFAULT_CACHE})")
+    i.add_argument("--force", action="store_true", help="build again even when the cache has this recipe")
+    i.set_defaults(func=_cmd_image)
 
 
 def _keys(args: argparse.Namespace) -> tuple[str, bytes | None]:
@@ -75,5 +87,27 @@ def _cmd_deploy_env(args: argparse.Namespace) -> int:
             print(config_lines(), end="")
     except (BuildError, RegisterError, OSError, ValueError, asyncssh.KeyImportError) as exc:
         print(f"rackboot build deploy-env: {exc}", file=sys.stderr)
+        return 1
+    return 0
+
+
+def _cmd_image(args: argparse.Namespace) -> int:
+    recipe = IMAGES[args.image]
+    try:
+        result = image.build_image(recipe, args.cache_dir, say=lambda m: print(f"  {m}", flush=True), force=args.force)
+        m = result.manifest
+        sizes = (f"{result.tar.name} {int(m['tar_bytes']) / 1e6:.1f} MB, {int(m['unpacked_bytes']) / 1e6:.0f} MB unpacked, "
+                 f"kernel {m['kernel_version']}")
+        if result.cached:
+            print(f"image {recipe.name} {result.digest}: already built with these inputs, nothing to do ({sizes}; {result.directory})")
+        else:
+            print(f"image {recipe.name} {result.digest}: built in {result.seconds:.0f}s ({sizes}; {result.directory})")
+        env_file = result.yaml
+        if args.out is not None:
+            tar, env_file = image.export(result, args.out, recipe)
+            print(f"  wrote {tar}\n  wrote {env_file}")
+        print(f"add it to the catalog: rackboot env add {env_file}")
+    except (BuildError, OSError) as exc:
+        print(f"rackboot build image: {exc}", file=sys.stderr)
         return 1
     return 0
