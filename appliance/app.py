@@ -53,7 +53,8 @@ class Appliance:
         self.profiles = ProfileStore(self.db, default)
         inventory = config.inventory
         discovery = DEFAULT_DISCOVERY_PROFILE if config.dhcp.unknown_macs == "discovery" else None
-        self.scripts = ScriptRenderer(NodeBootTargets(inventory, self.profiles, discovery), config.http_base)
+        self.scripts = ScriptRenderer(NodeBootTargets(inventory, self.profiles, discovery), config.http_base,
+                                      local_efi=config.deploy.local_efi)
         self.users = Users(self.db)
         self.users.ensure_admin(config.state_dir / "admin.token")
         self.tokens = NodeTokens()

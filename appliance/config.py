@@ -87,6 +87,9 @@ class DeployConfig:
     kernel: str = "deploy/vmlinuz"
     initrds: tuple[str, ...] = ("deploy/initrd.img",)
     cmdline: str = "console=ttyS0"
+    # What iPXE chains on UEFI nodes whose profile is "local": GRUB that boots the node's disk (`rackboot build
+    # deploy-env` puts it there); empty: iPXE exits with an error status, so the firmware tries its next boot option.
+    local_efi: str = "deploy/localboot-x64.efi"
     ssh_key: Path = Path("/var/lib/rackboot/deploy_key")
     ssh_port: int = 22
     reboot_window: int = 100
@@ -290,7 +293,7 @@ def load_config(path: str | Path) -> ApplianceConfig:
     deploy = DeployConfig(ssh_key=state_dir / "deploy_key")
     if (dp := _child(root, "deploy", problems)) is not None:
         deadline_keys = tuple(k for k in BootDeadlines.__dataclass_fields__ if k != "nbp_loop_limit")
-        r = _Reader(dp, problems, ("kernel", "initrds", "cmdline", "ssh_key", "ssh_port", "reboot_window", "deadlines"))
+        r = _Reader(dp, problems, ("kernel", "initrds", "cmdline", "local_efi", "ssh_key", "ssh_port", "reboot_window", "deadlines"))
         deadlines: dict[str, float] = {}
         if (dl := _child(dp, "deadlines", problems)) is not None:
             rd = _Reader(dl, problems, deadline_keys)
@@ -299,6 +302,7 @@ def load_config(path: str | Path) -> ApplianceConfig:
             kernel=r.get("kernel", "deploy/vmlinuz", str, "a path under http.files or a URL"),
             initrds=r.get("initrds", ("deploy/initrd.img",), lambda v: tuple(str(x) for x in (v if isinstance(v, list) else [v])), "a list of paths"),
             cmdline=r.get("cmdline", "console=ttyS0", str, "a kernel command line"),
+            local_efi=r.get("local_efi", "deploy/localboot-x64.efi", str, "a path under http.files or a URL, or ''"),
             ssh_key=r.get("ssh_key", state_dir / "deploy_key", lambda v: (path.parent / str(v)).resolve(), "a private key file"),
             ssh_port=r.port("ssh_port", 22),
             reboot_window=r.positive("reboot_window", 100),

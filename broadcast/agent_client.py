@@ -63,6 +63,12 @@ class AgentClient:
             await self._conn.wait_closed()
             self._conn = None
 
+    def abort(self) -> None:
+        """Drop the connection at once, without the closing exchange (after a timeout)."""
+        if self._conn is not None:
+            self._conn.abort()
+            self._conn = None
+
     async def run(self, command: str, timeout: float | None = None, stdin: bytes | None = None) -> CommandResult:
         """Run a shell command on the node."""
         assert self._conn is not None, "connect() first"

@@ -22,6 +22,7 @@ from deployenv.modules import load_order
 
 DEFAULT_CACHE = Path("/var/cache/rackboot/deploy-env")
 KERNEL, INITRD, MANIFEST = "vmlinuz", "initrd.img", "manifest.json"
+LOCALBOOT = "localboot-x64.efi"  # GRUB for UEFI local boot through the appliance (recipe.LOCALBOOT_CFG)
 AGENT_DIR = "usr/lib/rackboot"
 # What the build checks inside the tree before packing it: every broadcast module imports with Debian's libraries
 # (and recipe.TOOLS run).
@@ -56,12 +57,17 @@ class BuildResult:
         """The initramfs."""
         return self.directory / INITRD
 
+    @property
+    def localboot(self) -> Path:
+        """The UEFI local-boot loader (GRUB that chains the node's disk)."""
+        return self.directory / LOCALBOOT
+
 
 def cached(inputs: BuildInputs, cache_dir: Path = DEFAULT_CACHE) -> BuildResult | None:
     """Return the cached build of these inputs, or None."""
     digest = inputs.digest()
     done = cache_dir / digest
-    if not all((done / f).is_file() for f in (KERNEL, INITRD, MANIFEST)):
+    if not all((done / f).is_file() for f in (KERNEL, INITRD, LOCALBOOT, MANIFEST)):
         return None
     return BuildResult(done, digest, True, 0.0, json.loads((done / MANIFEST).read_text()))
 
@@ -99,6 +105,7 @@ def build(inputs: BuildInputs, cache_dir: Path = DEFAULT_CACHE, say: Say = print
             elif target.is_dir():
                 shutil.rmtree(target)
         _restore_modules(root, work / "modules", kernel_version)
+        _make_localboot(root, work / LOCALBOOT)
         _add_agent(root, inputs)
         out = _run(["chroot", str(root), "/usr/bin/env", f"PYTHONPATH=/{AGENT_DIR}", "/usr/bin/python3", "-c", SMOKE])
         if "agent imports ok" not in out:
@@ -113,6 +120,7 @@ def build(inputs: BuildInputs, cache_dir: Path = DEFAULT_CACHE, say: Say = print
         manifest: dict[str, object] = {
             "digest": digest, "suite": recipe.SUITE, "kernel_version": kernel_version,
             "kernel_bytes": (work / KERNEL).stat().st_size, "initrd_bytes": (work / INITRD).stat().st_size,
+            "localboot_bytes": (work / LOCALBOOT).stat().st_size,
             "tree_bytes": tree_bytes, "entries": entries, "modules": modules, "packages": packages,
             "build_seconds": round(time.monotonic() - t0, 1), "built_at": time.strftime("%Y-%m-%dT%H:%M:%SZ", time.gmtime()),
         }
@@ -173,6 +181,17 @@ def _restore_modules(root: Path, keep: Path, version: str) -> None:
     (root / "etc/rackboot").mkdir(parents=True, exist_ok=True)
     shutil.copyfile(keep / "modules.order", root / "etc/rackboot/modules.order")
     _run(["chroot", str(root), "/usr/sbin/depmod", version])  # kmod is in the tree (linux-image depends on it)
+
+
+def _make_localboot(root: Path, out: Path) -> None:
+    """Build the UEFI local-boot GRUB image with the tree's grub-mkimage (its config and modules built in)."""
+    cfg = root / "tmp" / "localboot.cfg"
+    cfg.parent.mkdir(parents=True, exist_ok=True)
+    cfg.write_text(recipe.LOCALBOOT_CFG)
+    _run(["chroot", str(root), "/usr/bin/grub-mkimage", "-O", "x86_64-efi", "-p", "/boot/grub", "-c", "/tmp/localboot.cfg",
+          "-o", "/tmp/localboot.efi", *recipe.LOCALBOOT_MODULES])
+    shutil.move(root / "tmp" / "localboot.efi", out)
+    cfg.unlink()
 
 
 def _add_agent(root: Path, inputs: BuildInputs) -> None:

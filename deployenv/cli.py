@@ -74,15 +74,16 @@ def _cmd_deploy_env(args: argparse.Namespace) -> int:
         else:
             print(f"deploy environment {result.digest}: built in {result.seconds:.0f}s ({sizes}, kernel {m['kernel_version']}; {result.directory})")
         if args.out is not None:
-            for path in export(result.kernel, result.initrd, args.out):
+            for path in export(result.kernel, result.initrd, args.out, result.localboot):
                 print(f"  wrote {path}")
         if args.config is not None:
             target = read_target(args.config)
-            for path in install(result.kernel, result.initrd, target):
+            for path in install(result.kernel, result.initrd, target, result.localboot):
                 print(f"  installed {path}")
             print(f"  {args.config} boots it as is (deploy.kernel {target.kernel}, deploy.initrds {list(target.initrds)})")
         else:
-            print("copy vmlinuz and initrd.img under the appliance's http.files as deploy/vmlinuz and deploy/initrd.img, "
+            print("copy vmlinuz, initrd.img and localboot-x64.efi under the appliance's http.files as deploy/vmlinuz, "
+                  "deploy/initrd.img and deploy/localboot-x64.efi, "
                   "or run again with --config rackboot.yaml; rackboot.yaml:")
             print(config_lines(), end="")
     except (BuildError, RegisterError, OSError, ValueError, asyncssh.KeyImportError) as exc:

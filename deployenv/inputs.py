@@ -26,7 +26,8 @@ class BuildInputs:
         """Return the cache key: sha256 over the recipe, the scripts, the project files and the keys (16 hex digits)."""
         h = hashlib.sha256()
         head = {"suite": recipe.SUITE, "version": recipe.RECIPE_VERSION, "packages": recipe.PACKAGES,
-                "modules": recipe.MODULES, "trim": recipe.TRIM, "project": recipe.PROJECT_PACKAGES}
+                "modules": recipe.MODULES, "trim": recipe.TRIM, "project": recipe.PROJECT_PACKAGES,
+                "localboot": [recipe.LOCALBOOT_CFG, recipe.LOCALBOOT_MODULES]}
         h.update(json.dumps(head, sort_keys=True).encode())
         for name, content in (*self.data, *self.project, ("authorized_keys", self.authorized_keys.encode()),
                               ("tree_key", self.tree_key or b"")):

@@ -14,6 +14,7 @@ import yaml
 
 DEFAULT_KERNEL = "deploy/vmlinuz"
 DEFAULT_INITRDS = ("deploy/initrd.img",)
+DEFAULT_LOCAL_EFI = "deploy/localboot-x64.efi"
 
 
 class RegisterError(Exception):
@@ -28,6 +29,7 @@ class ApplianceTarget:
     kernel: str
     initrds: tuple[str, ...]
     deploy_key: Path
+    local_efi: str = DEFAULT_LOCAL_EFI
 
 
 def read_target(config: Path) -> ApplianceTarget:
@@ -50,17 +52,19 @@ def read_target(config: Path) -> ApplianceTarget:
         kernel=str(deploy.get("kernel", DEFAULT_KERNEL)) if isinstance(deploy, dict) else DEFAULT_KERNEL,
         initrds=tuple(str(x) for x in (initrds if isinstance(initrds, list | tuple) else [initrds])),
         deploy_key=(base / str(key)).resolve() if key else state / "deploy_key",
+        local_efi=str(deploy.get("local_efi", DEFAULT_LOCAL_EFI)) if isinstance(deploy, dict) else DEFAULT_LOCAL_EFI,
     )
 
 
-def install(kernel: Path, initrd: Path, target: ApplianceTarget) -> list[Path]:
-    """Copy the kernel and initrd to the paths the config names under its files directory; return them."""
-    if "://" in target.kernel or any("://" in i for i in target.initrds):
-        raise RegisterError("deploy.kernel/initrds are URLs in this config: copy the files there yourself")
+def install(kernel: Path, initrd: Path, target: ApplianceTarget, localboot: Path | None = None) -> list[Path]:
+    """Copy the kernel, initrd (and UEFI local-boot loader) to the paths the config names under its files directory."""
+    if "://" in target.kernel or any("://" in i for i in target.initrds) or "://" in target.local_efi:
+        raise RegisterError("deploy.kernel/initrds/local_efi are URLs in this config: copy the files there yourself")
     if len(target.initrds) != 1:
         raise RegisterError(f"deploy.initrds lists {len(target.initrds)} files; this build makes one initrd")
     written = []
-    for src, rel in ((kernel, target.kernel), (initrd, target.initrds[0])):
+    pairs = [(kernel, target.kernel), (initrd, target.initrds[0])] + ([(localboot, target.local_efi)] if localboot else [])
+    for src, rel in pairs:
         dest = (target.files_dir / rel).resolve()
         if target.files_dir.resolve() not in dest.parents:
             raise RegisterError(f"{rel} is outside {target.files_dir}")
@@ -72,11 +76,11 @@ def install(kernel: Path, initrd: Path, target: ApplianceTarget) -> list[Path]:
     return written
 
 
-def export(kernel: Path, initrd: Path, out: Path) -> list[Path]:
-    """Put vmlinuz and initrd.img in out (hard links when on the same filesystem, else copies); return them."""
+def export(kernel: Path, initrd: Path, out: Path, localboot: Path | None = None) -> list[Path]:
+    """Put vmlinuz, initrd.img (and localboot-x64.efi) in out (hard links on the same filesystem, else copies)."""
     out.mkdir(parents=True, exist_ok=True)
     written = []
-    for src in (kernel, initrd):
+    for src in (kernel, initrd, *([localboot] if localboot else [])):
         dest = out / src.name
         dest.unlink(missing_ok=True)
         try:
@@ -87,6 +91,6 @@ def export(kernel: Path, initrd: Path, out: Path) -> list[Path]:
     return written
 
 
-def config_lines(kernel: str = DEFAULT_KERNEL, initrd: str = DEFAULT_INITRDS[0]) -> str:
+def config_lines(kernel: str = DEFAULT_KERNEL, initrd: str = DEFAULT_INITRDS[0], local_efi: str = DEFAULT_LOCAL_EFI) -> str:
     """The rackboot.yaml lines that boot a deploy environment copied under http.files at these paths."""
-    return f"deploy:\n  kernel: {kernel}\n  initrds: [{initrd}]\n"
+    return f"deploy:\n  kernel: {kernel}\n  initrds: [{initrd}]\n  local_efi: {local_efi}\n"

@@ -130,13 +130,16 @@ def _fetch_block(label: str, what: str, command: str, timing: ScriptTiming) -> s
 
 
 def render_script(
-    profile: BootProfile, node: Node | None, mac: str, base_url: str, *, timing: ScriptTiming = ScriptTiming()
+    profile: BootProfile, node: Node | None, mac: str, base_url: str, *, timing: ScriptTiming = ScriptTiming(),
+    local_efi: str = "",
 ) -> str:
-    """Return the iPXE script that makes the node with this MAC do what its boot profile says."""
+    """Return the iPXE script that makes the node with this MAC do what its boot profile says (local_efi: the
+    loader UEFI nodes chain to boot their disk, a path under the files or a URL; empty: back to the firmware)."""
     who = _who(node, mac)
     script_url = base_url + script_path(mac)
     if profile.kind == "local":
-        return _template("local.ipxe").substitute(who=who)
+        chain = f"chain --autofree {resolve_url(local_efi, base_url)} || goto efi_failed" if local_efi else "goto efi_failed"
+        return _template("local.ipxe").substitute(who=who, efi_chain=chain)
     if profile.kind == "none":
         return _template("none.ipxe").substitute(who=who, poll_delay=timing.poll_delay, script_url=script_url)
     if profile.kind not in BOOTING_KINDS:
@@ -187,17 +190,18 @@ class Script:
 class ScriptRenderer:
     """The one place that turns a MAC into its iPXE script, for HTTP and TFTP alike."""
 
-    def __init__(self, targets: BootTargets, base_url: str, timing: ScriptTiming = ScriptTiming()) -> None:
+    def __init__(self, targets: BootTargets, base_url: str, timing: ScriptTiming = ScriptTiming(), local_efi: str = "") -> None:
         self.targets = targets
         self.base_url = base_url
         self.timing = timing
+        self.local_efi = local_efi
 
     def render(self, mac: str) -> Script:
         """Return the script of a (normalized) MAC from its current boot profile."""
         profile = self.targets.profile_for(mac)
         if profile is None:
             return Script(render_unknown_script(mac), "unknown")
-        text = render_script(profile, self.targets.node(mac), mac, self.base_url, timing=self.timing)
+        text = render_script(profile, self.targets.node(mac), mac, self.base_url, timing=self.timing, local_efi=self.local_efi)
         return Script(text, profile.kind, profile.env)
 
     def image_kind(self, mac: str, path: str) -> str | None:

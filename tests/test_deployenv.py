@@ -73,8 +73,9 @@ def test_cache_hit_needs_every_file(tmp_path: Path) -> None:
     done.mkdir()
     (done / "vmlinuz").write_bytes(b"k")
     (done / "initrd.img").write_bytes(b"i")
-    assert cached(inputs, tmp_path) is None
     (done / "manifest.json").write_text('{"initrd_bytes": 1}')
+    assert cached(inputs, tmp_path) is None  # a build from before the UEFI local-boot loader: built again
+    (done / "localboot-x64.efi").write_bytes(b"MZ")
     hit = cached(inputs, tmp_path)
     assert hit is not None and hit.cached and hit.initrd == done / "initrd.img"
     assert DEFAULT_CACHE == Path("/var/cache/rackboot/deploy-env")
@@ -88,15 +89,18 @@ def test_register_reads_the_config_and_installs_atomically(tmp_path: Path) -> No
     kernel, initrd = tmp_path / "vmlinuz", tmp_path / "initrd.img"
     kernel.write_bytes(b"kernel")
     initrd.write_bytes(b"initrd")
-    written = install(kernel, initrd, target)
-    assert [p.read_bytes() for p in written] == [b"kernel", b"initrd"]
+    localboot = tmp_path / "localboot-x64.efi"
+    localboot.write_bytes(b"MZ")
+    written = install(kernel, initrd, target, localboot)
+    assert [p.read_bytes() for p in written] == [b"kernel", b"initrd", b"MZ"]
     assert written[0] == tmp_path / "state/files/deploy/vmlinuz"
+    assert written[2] == tmp_path / "state/files/deploy/localboot-x64.efi"
     outs = export(kernel, initrd, tmp_path / "out")
     assert outs[1].stat().st_ino == initrd.stat().st_ino  # hard link on the same filesystem
     config.write_text("state_dir: s\nhttp: {files: www}\ndeploy: {kernel: ../../etc/x, initrds: [a.img]}\n")
     with pytest.raises(RegisterError, match="outside"):
         install(kernel, initrd, read_target(config))
-    assert config_lines() == "deploy:\n  kernel: deploy/vmlinuz\n  initrds: [deploy/initrd.img]\n"
+    assert config_lines() == "deploy:\n  kernel: deploy/vmlinuz\n  initrds: [deploy/initrd.img]\n  local_efi: deploy/localboot-x64.efi\n"
 
 
 def test_cli_needs_a_key(tmp_path: Path, capsys: pytest.CaptureFixture[str]) -> None:

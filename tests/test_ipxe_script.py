@@ -116,7 +116,7 @@ def run(text: str, *, platform: str = "pcbios", ok: Callable[[str, str], bool] =
                 raise StopIteration
             return 1
         if cmd == "exit":
-            result.end = "exit"
+            result.end = " ".join(["exit", *args])
             raise StopIteration
         raise AssertionError(f"unknown command {cmd}")
 
@@ -243,9 +243,20 @@ def test_local_boots_the_first_disk_on_bios() -> None:
     assert r.end.startswith("sanboot")
 
 
-def test_local_exits_to_the_boot_manager_on_efi() -> None:
+def test_local_exits_with_an_error_status_on_efi_so_the_firmware_tries_the_disk() -> None:
+    """Exit status 0 would send OVMF to its boot manager menu (UEFI 2.10 section 3.1.1): seen on a deployed VM."""
     r = run(render_script(BootProfile(kind="local"), NODE, NODE.mac, BASE), platform="efi")
-    assert r.actions == [] and r.end == "exit"
+    assert r.actions == [] and r.end == "exit 1"
+
+
+def test_local_chains_the_appliance_s_grub_on_efi_and_falls_back_to_the_firmware() -> None:
+    text = render_script(BootProfile(kind="local"), NODE, NODE.mac, BASE, local_efi="deploy/localboot-x64.efi")
+    structure(text)
+    r = run(text, platform="efi")
+    assert r.end == f"chain {BASE}/files/deploy/localboot-x64.efi"
+    r = run(text, platform="efi", ok=lambda c, u: False)  # not built yet (404), or GRUB found no disk and returned
+    assert r.actions == [("chain", "--autofree", f"{BASE}/files/deploy/localboot-x64.efi")] and r.end == "exit 1"
+    assert run(text, platform="pcbios").end.startswith("sanboot")
 
 
 def test_local_without_a_bootable_disk_exits_instead_of_stopping_on_an_error() -> None:

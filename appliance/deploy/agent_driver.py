@@ -35,6 +35,7 @@ log = logging.getLogger("rackboot.agent_driver")
 
 STAMP_PATH = "/etc/rackboot/deployed.json"  # written by the post-install into the installed root
 PROBE_CONNECT_TIMEOUT_S = 3.0
+PROBE_TOTAL_S = 10.0
 _SIZE = re.compile(r"^(\d+)\s*([KMGT]?)i?B?$", re.IGNORECASE)
 _MIB = {"": 1 / (1 << 20), "K": 1 / 1024, "M": 1, "G": 1024, "T": 1 << 20}
 # partition type by filesystem ("bios_boot" is a partition type with no filesystem: GRUB's core image on BIOS/GPT)
@@ -272,16 +273,22 @@ class AgentDeployDriver:
 
     async def probe_installed(self, node: Node) -> str | None:
         """Read the stamp the post-install wrote into the installed system, over its own SSH server (port
-        deploy.ssh_port, the deploy key the post-install added to root's authorized_keys): its environment, or None."""
+        deploy.ssh_port, the deploy key the post-install added to root's authorized_keys): its environment, or None.
+
+        The whole probe has one deadline: a system still starting can accept the TCP connection and then stall the
+        SSH exchange (seen on a first boot generating its host keys); the next probe tries again.
+        """
         client = AgentClient(str(node.ip), self.config.deploy.ssh_port, self.key,
                              connect_timeout=min(self.connect_timeout, PROBE_CONNECT_TIMEOUT_S))
         try:
-            await client.connect()
-            try:
-                result = await client.run(f"cat {STAMP_PATH}", timeout=PROBE_CONNECT_TIMEOUT_S)
-            finally:
-                await client.close()
+            async with asyncio.timeout(PROBE_TOTAL_S):
+                await client.connect()
+                try:
+                    result = await client.run(f"cat {STAMP_PATH}", timeout=PROBE_CONNECT_TIMEOUT_S)
+                finally:
+                    await client.close()
         except (OSError, asyncssh.Error, asyncio.TimeoutError, AgentError):
+            client.abort()
             return None  # not up yet (or not reachable): the next probe, or the deadline, will tell
         if result.status != 0:
             return None
