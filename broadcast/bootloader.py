@@ -75,6 +75,7 @@ set default=0
 serial --unit=0 --speed=115200
 terminal_input console serial
 terminal_output console serial
+insmod all_video
 insmod part_gpt
 insmod part_msdos
 insmod ext2

@@ -1,14 +1,16 @@
 """Incremental decompressors for image streams: push compressed bytes in, get bounded pieces out.
 
-Each yields decompressed pieces of at most PIECE bytes (a few KiB of a sparse zstd image can expand to
-gigabytes) and `finish()` detects a stream that ended inside a frame or member (truncation).
+Each hands decompressed pieces of at most PIECE bytes to a consumer as they are made, so at most one piece
+is held at a time: a few KiB of a sparse zstd image expand to gigabytes (RLE blocks: 4 bytes for 128 KiB of
+zeros, RFC 8878 section 3.1.1.2), which collected before being consumed killed a 1 GiB deploy environment
+writing a whole-disk image. `finish()` detects a stream that ended inside a frame or member (truncation).
 """
 from __future__ import annotations
 
 import lzma
 import struct
 import zlib
-from typing import Iterator, Protocol
+from typing import Callable, Protocol
 
 import zstandard
 
@@ -18,20 +20,24 @@ COMPRESSIONS = ("gzip", "zstd", "xz", "none")
 PIECE = 1 << 20  # largest decompressed piece handed to the writer at once
 
 
-class Decompressor(Protocol):
-    """Incremental decompressor yielding pieces of at most PIECE bytes."""
+Emit = Callable[[bytes], None]  # takes one decompressed piece (hashes it, writes it) before the next is made
 
-    def feed(self, data: bytes) -> Iterator[bytes]:
-        """Decompress data, yielding output pieces; raise ImageError on corrupt input."""
+
+class Decompressor(Protocol):
+    """Incremental decompressor handing pieces of at most PIECE bytes to a consumer."""
+
+    def feed(self, data: bytes, emit: Emit) -> None:
+        """Decompress data, passing each output piece to emit; raise ImageError on corrupt input."""
 
     def finish(self) -> None:
         """Raise ImageError when the stream ended in the middle of a frame/member."""
 
 
 class _Identity:
-    def feed(self, data: bytes) -> Iterator[bytes]:
-        if data:
-            yield data
+    def feed(self, data: bytes, emit: Emit) -> None:
+        view = memoryview(data)
+        for i in range(0, len(view), PIECE):
+            emit(bytes(view[i : i + PIECE]))
 
     def finish(self) -> None:
         return None
@@ -44,13 +50,13 @@ class _Gzip:
         self._d = zlib.decompressobj(16 + zlib.MAX_WBITS)
         self._started = False
 
-    def feed(self, data: bytes) -> Iterator[bytes]:
+    def feed(self, data: bytes, emit: Emit) -> None:
         try:
             while data:
                 self._started = True
                 out = self._d.decompress(data, PIECE)
                 if out:
-                    yield out
+                    emit(out)
                 if self._d.eof:
                     data = self._d.unused_data
                     if data:
@@ -72,7 +78,7 @@ class _Xz:
         self._d = lzma.LZMADecompressor()
         self._started = False
 
-    def feed(self, data: bytes) -> Iterator[bytes]:
+    def feed(self, data: bytes, emit: Emit) -> None:
         try:
             while True:
                 if data:
@@ -80,7 +86,7 @@ class _Xz:
                 out = self._d.decompress(data, PIECE)
                 data = b""
                 if out:
-                    yield out
+                    emit(out)
                 if self._d.eof:
                     rest = self._d.unused_data
                     # xz stream padding (multiples of 4 NUL bytes) may follow a stream
@@ -190,30 +196,28 @@ class _ZstdFrameTracker:
 
 
 class _Zstd:
-    """zstd through python-zstandard's stream writer (bounded output pieces, multi-frame)."""
+    """zstd through python-zstandard's stream writer: it calls write() with each piece (at most PIECE bytes) as it
+    decompresses, and write() hands it straight to the consumer; multi-frame streams allowed."""
 
     def __init__(self) -> None:
-        self._out: list[bytes] = []
+        self._emit: Emit | None = None
         self._tracker = _ZstdFrameTracker()
         self._w = zstandard.ZstdDecompressor().stream_writer(self, write_size=PIECE, closefd=False)
 
     def write(self, b: bytes) -> int:  # called by the zstandard writer with decompressed pieces
-        self._out.append(bytes(b))
+        assert self._emit is not None
+        self._emit(bytes(b))
         return len(b)
 
-    def feed(self, data: bytes) -> Iterator[bytes]:
+    def feed(self, data: bytes, emit: Emit) -> None:
         self._tracker.feed(data)
-        view = memoryview(data)
-        # feed in slices so that at most a few pieces are held in memory at once
-        step = 1 << 16
-        for i in range(0, len(view), step):
-            try:
-                self._w.write(view[i : i + step])
-            except zstandard.ZstdError as exc:
-                raise ImageError(f"corrupt zstd stream: {exc}") from exc
-            if self._out:
-                out, self._out = self._out, []
-                yield from out
+        self._emit = emit
+        try:
+            self._w.write(data)
+        except zstandard.ZstdError as exc:
+            raise ImageError(f"corrupt zstd stream: {exc}") from exc
+        finally:
+            self._emit = None
 
     def finish(self) -> None:
         if not self._tracker.complete():

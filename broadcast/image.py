@@ -335,12 +335,15 @@ class ImageSink:
         if self._failure is not None or self._dec is None:
             return
         try:
-            for piece in self._dec.feed(chunk):
-                self._write_hash.update(piece)
-                self.bytes_written += len(piece)
-                self._writer.write(piece)
+            self._dec.feed(chunk, self._consume)
         except ImageError as exc:
             self._failure = str(exc)
+
+    def _consume(self, piece: bytes) -> None:
+        """Hash and write one decompressed piece (called by the decompressor as it makes each)."""
+        self._write_hash.update(piece)
+        self.bytes_written += len(piece)
+        self._writer.write(piece)
 
     def finish(self) -> WriteReport:
         """Close the target and check completeness, size and checksums; never raises for bad data."""

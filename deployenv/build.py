@@ -184,14 +184,19 @@ def _restore_modules(root: Path, keep: Path, version: str) -> None:
 
 
 def _make_localboot(root: Path, out: Path) -> None:
-    """Build the UEFI local-boot GRUB image with the tree's grub-mkimage (its config and modules built in)."""
-    cfg = root / "tmp" / "localboot.cfg"
-    cfg.parent.mkdir(parents=True, exist_ok=True)
-    cfg.write_text(recipe.LOCALBOOT_CFG)
-    _run(["chroot", str(root), "/usr/bin/grub-mkimage", "-O", "x86_64-efi", "-p", "/boot/grub", "-c", "/tmp/localboot.cfg",
-          "-o", "/tmp/localboot.efi", *recipe.LOCALBOOT_MODULES])
-    shutil.move(root / "tmp" / "localboot.efi", out)
-    cfg.unlink()
+    """Build the UEFI local-boot GRUB image with the tree's grub-mkimage: its modules built in, its grub.cfg in a
+    memdisk. The config embedded with -c runs in rescue mode (no `if`), so it only points the prefix at the memdisk
+    (with a memdisk, GRUB takes (memdisk)/boot/grub whatever -p says: seen under OVMF), and normal mode reads it."""
+    work = root / "tmp" / "localboot"
+    (work / recipe.LOCALBOOT_PREFIX).mkdir(parents=True, exist_ok=True)
+    (work / recipe.LOCALBOOT_PREFIX / "grub.cfg").write_text(recipe.LOCALBOOT_CFG)
+    (work / "early.cfg").write_text(f"set prefix=(memdisk)/{recipe.LOCALBOOT_PREFIX}\n")
+    _run(["chroot", str(root), "/usr/bin/tar", "-C", "/tmp/localboot", "-cf", "/tmp/localboot/memdisk.tar", recipe.LOCALBOOT_PREFIX])
+    _run(["chroot", str(root), "/usr/bin/grub-mkimage", "-O", "x86_64-efi", "-p", f"(memdisk)/{recipe.LOCALBOOT_PREFIX}",
+          "-c", "/tmp/localboot/early.cfg", "-m", "/tmp/localboot/memdisk.tar", "-o", "/tmp/localboot/localboot.efi",
+          *recipe.LOCALBOOT_MODULES])
+    shutil.move(work / "localboot.efi", out)
+    shutil.rmtree(work)
 
 
 def _add_agent(root: Path, inputs: BuildInputs) -> None:

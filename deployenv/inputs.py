@@ -27,7 +27,7 @@ class BuildInputs:
         h = hashlib.sha256()
         head = {"suite": recipe.SUITE, "version": recipe.RECIPE_VERSION, "packages": recipe.PACKAGES,
                 "modules": recipe.MODULES, "trim": recipe.TRIM, "project": recipe.PROJECT_PACKAGES,
-                "localboot": [recipe.LOCALBOOT_CFG, recipe.LOCALBOOT_MODULES]}
+                "localboot": [recipe.LOCALBOOT_CFG, recipe.LOCALBOOT_MODULES, recipe.LOCALBOOT_PREFIX, "early prefix"]}
         h.update(json.dumps(head, sort_keys=True).encode())
         for name, content in (*self.data, *self.project, ("authorized_keys", self.authorized_keys.encode()),
                               ("tree_key", self.tree_key or b"")):

@@ -59,24 +59,30 @@ PROJECT_PACKAGES: tuple[str, ...] = ("broadcast", "domain")
 
 # The UEFI local-boot loader the appliance chains from iPXE for nodes whose profile is "local" (firmware that keeps
 # PXE first in its boot order): GRUB for x86_64-efi made with grub-mkimage from the tree's grub-efi-amd64-bin, its
-# modules and this configuration built in. It finds the disk's removable-media loader and chains it (the bootloader
+# modules built in and this grub.cfg in its memdisk. It finds the disk's removable-media loader and chains it (the bootloader
 # the post-install wrote, or a whole-disk image's own), else the installed system's grub.cfg; else it returns to iPXE.
 LOCALBOOT_MODULES: tuple[str, ...] = (
     "part_gpt", "part_msdos", "fat", "ext2", "xfs", "btrfs", "search", "search_fs_file", "search_fs_uuid", "search_label",
     "chain", "configfile", "normal", "linux", "gzio", "echo", "test", "sleep", "serial", "terminal", "all_video",
+    "memdisk", "tar",
 )
 LOCALBOOT_CFG = """\
 echo "rackboot: local boot: GRUB from the appliance looks for this node's disk"
 if search --no-floppy --file --set=esp /EFI/BOOT/BOOTX64.EFI; then
   echo "rackboot: chaining ($esp)/EFI/BOOT/BOOTX64.EFI"
-  chainloader ($esp)/EFI/BOOT/BOOTX64.EFI
+  # GRUB 2.06's EFI chainloader takes the device of $root, not the one the path names.
+  set root=$esp
+  chainloader /EFI/BOOT/BOOTX64.EFI
   boot
 fi
-if search --no-floppy --file --set=root /boot/grub/grub.cfg; then
-  echo "rackboot: loading ($root)/boot/grub/grub.cfg"
-  set prefix=($root)/boot/grub
+if search --no-floppy --file --set=disk /boot/grub/grub.cfg; then
+  echo "rackboot: loading ($disk)/boot/grub/grub.cfg"
+  set root=$disk
+  set prefix=($disk)/boot/grub
   configfile /boot/grub/grub.cfg
 fi
 echo "rackboot: no bootable system found on the local disks"
 sleep 5
 """
+# Where that grub.cfg lives in the loader's memdisk (its prefix): not /boot/grub, which the search above looks for.
+LOCALBOOT_PREFIX = "rackboot"

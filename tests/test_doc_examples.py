@@ -2,7 +2,7 @@
 
 A block that is a whole config (it has `interface:`) is checked with the README's inventory beside it; an
 inventory (`nodes:`) with the README's config; a fragment of the config (e.g. a `deploy:` section) merged
-into the README's config. Files the examples name (BMC credentials) are made with placeholder contents.
+into the README's config; an environment description (`image:`) as `rackboot env add` reads it. Files the examples name (BMC credentials) are made with placeholder contents.
 """
 from __future__ import annotations
 
@@ -12,6 +12,7 @@ from pathlib import Path
 import pytest
 import yaml
 
+from appliance.catalog import parse_environment_file
 from appliance.cli import main
 from appliance.config import load_config
 
@@ -63,6 +64,14 @@ def test_every_yaml_example_is_a_valid_config(where: str, text: str, tmp_path: P
                                               capsys: pytest.CaptureFixture[str]) -> None:
     data = yaml.safe_load(text)
     assert isinstance(data, dict), f"{where}: not a mapping"
+    if "image" in data:  # an environment description, its image file made beside it
+        image = data["image"].get("file") if isinstance(data["image"], dict) else None
+        if image:
+            (tmp_path / image).parent.mkdir(parents=True, exist_ok=True)
+            (tmp_path / image).write_bytes(b"image")
+        (tmp_path / "env.yaml").write_text(text)
+        parse_environment_file(tmp_path / "env.yaml", "admin", image_roots=[tmp_path])  # raises ConfigError
+        return
     config, inventory = readme_pair()
     if "interface" in data:
         config = text
