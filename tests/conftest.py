@@ -1,6 +1,12 @@
 """Fixtures shared by the unit tests; the fakes themselves are in fakes.py (tests/e2e has a conftest module of its own)."""
 from __future__ import annotations
 
+import os
+import shutil
+import subprocess
+from pathlib import Path
+from typing import Callable, Iterator
+
 import pytest
 
 from fakes import FakeClock
@@ -10,3 +16,30 @@ from fakes import FakeClock
 def fake_clock() -> FakeClock:
     """A clock that moves only when the test advances it."""
     return FakeClock()
+
+
+@pytest.fixture
+def loop_device(tmp_path: Path) -> Iterator[Callable[[int], str]]:
+    """Make block devices: loop devices over sparse files (partitions shown, losetup -P); unmounted and detached after."""
+    if os.geteuid() != 0 or shutil.which("losetup") is None:
+        pytest.skip("loop devices need root and losetup")
+    made: list[str] = []
+
+    def make(size_mib: int) -> str:
+        image = tmp_path / f"disk{len(made)}.img"
+        with open(image, "wb") as f:
+            f.truncate(size_mib << 20)
+        done = subprocess.run(["losetup", "--show", "-f", "-P", str(image)], capture_output=True, text=True)
+        if done.returncode != 0:
+            pytest.skip(f"no loop device: {done.stderr.strip()}")
+        made.append(done.stdout.strip())
+        return made[-1]
+
+    try:
+        yield make
+    finally:
+        for device in made:
+            for line in reversed(Path("/proc/mounts").read_text().splitlines()):
+                if line.split()[0].startswith(device):
+                    subprocess.run(["umount", line.split()[1]], capture_output=True)
+            subprocess.run(["losetup", "-d", device], capture_output=True)

@@ -7,11 +7,10 @@ removable-media path. (That the result boots is what tests/e2e/test_deploy_qemu.
 """
 from __future__ import annotations
 
-import os
 import shutil
 import subprocess
 from pathlib import Path
-from typing import Iterator
+from typing import Callable
 
 import pytest
 
@@ -89,29 +88,12 @@ async def test_a_file_backed_disk_gets_no_bootloader(tmp_path: Path) -> None:
 
 
 @pytest.fixture
-def loop_disk(tmp_path: Path) -> Iterator[str]:
-    """A 700 MiB sparse file behind a loop device that shows its partitions (losetup -P); detached afterwards."""
-    if os.geteuid() != 0:
-        pytest.skip("loop devices need root")
-    for tool in ("losetup", "grub-install", "mkfs.vfat", "sfdisk", "blkid"):
+def loop_disk(loop_device: Callable[[int], str]) -> str:
+    """A 700 MiB block device, with the tools the bootloader step runs."""
+    for tool in ("grub-install", "mkfs.vfat", "sfdisk", "blkid"):
         if shutil.which(tool) is None:
             pytest.skip(f"{tool} not installed (./setup.sh --test)")
-    if not Path("/usr/lib/grub/i386-pc").is_dir() or not Path("/usr/lib/grub/x86_64-efi").is_dir():
-        pytest.skip("grub-pc-bin and grub-efi-amd64-bin not installed (./setup.sh --test)")
-    image = tmp_path / "disk.img"
-    with open(image, "wb") as f:
-        f.truncate(700 << 20)
-    done = subprocess.run(["losetup", "--show", "-f", "-P", str(image)], capture_output=True, text=True)
-    if done.returncode != 0:
-        pytest.skip(f"no loop device: {done.stderr.strip()}")
-    device = done.stdout.strip()
-    try:
-        yield device
-    finally:
-        for line in reversed(Path("/proc/mounts").read_text().splitlines()):
-            if line.split()[0].startswith(device):
-                subprocess.run(["umount", line.split()[1]], capture_output=True)
-        subprocess.run(["losetup", "-d", device], capture_output=True)
+    return loop_device(700)
 
 
 async def test_partitions_fstab_and_grub_cfg_on_a_real_block_device(loop_disk: str, tmp_path: Path) -> None:

@@ -9,6 +9,7 @@ import lzma
 import os
 import tarfile
 from pathlib import Path
+from typing import Callable
 
 import pytest
 import zstandard
@@ -236,3 +237,21 @@ async def test_async_sink_open_failure(tmp_path: Path) -> None:
     await sink.put(b"abc")
     report = await sink.close()
     assert not report.ok and "cannot open" in report.reason and report.bytes_received == 3
+
+
+def test_a_whole_disk_image_zeroes_a_block_device_without_writing_its_zero_runs(loop_device: Callable[[int], str]) -> None:
+    """Runs of zeros (most of a whole-disk image) go to the device as BLKZEROOUT, and land as zeros over old data
+    (that it is faster shows in tests/e2e/test_deploy_qemu.py, where written zeros stalled the chain under TCG)."""
+    device = loop_device(96)
+    with open(device, "wb") as f:  # what a previous deployment left
+        f.write(b"\xff" * (96 << 20))
+    image = os.urandom(4096) + bytes(90 << 20) + os.urandom(5000) + bytes(777)  # odd sizes: unaligned run ends
+    stream = zstandard.ZstdCompressor().compress(image)
+    sink = ImageSink(SinkSpec(kind="raw", compression="zstd", target=device, expected_sha256=hashlib.sha256(stream).hexdigest()))
+    feed(sink, stream)
+    report = sink.finish()
+    assert report.ok, report.reason
+    assert sha256_file(device, 0, len(image)) == hashlib.sha256(image).hexdigest()
+    with open(device, "rb") as f:
+        f.seek(len(image))
+        assert f.read(16) == b"\xff" * 16  # nothing past the image was touched
