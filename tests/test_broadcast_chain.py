@@ -100,7 +100,7 @@ def check_survivors(result, cluster: Cluster, payload: bytes, image: tuple[Path,
     for name in result.ok:
         r = result.nodes[name]
         assert r.sha256 == image[1] and r.bytes_received == image[0].stat().st_size
-        assert r.written_sha256 == hashlib.sha256(payload).hexdigest()
+        assert r.written_sha256 == ""  # not asked for: the disk itself is compared
         assert cluster.disk(name) == payload
 
 

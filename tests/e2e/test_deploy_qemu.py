@@ -104,7 +104,7 @@ def _prepare() -> Any:
         (app.workdir / "nodes.yaml").write_text("nodes:\n" + "".join(entries))
         with open(app.config_path, "a") as config:
             config.write("deploy:\n  deadlines:\n    kernel_after_script: 300\n    agent_after_kernel: 300\n"
-                         "    os_after_script: 600\n    callback_after_os_dhcp: 300\n")
+                         "    os_after_script: 600\n    callback_after_os_dhcp: 300\n    kexec_alive: 180\n")
         # `rackboot deploy -k` takes the user's ~/.ssh/id_*.pub: this test's HOME holds the user's key pair.
         ssh = app.workdir / "home" / ".ssh"
         ssh.mkdir(parents=True)
@@ -190,6 +190,21 @@ async def test_bios_and_uefi_vms_deployed_with_debian_boot_from_their_disks(qemu
               f"whole-disk raw image ({DISK_MB} MiB written) in {time.time() - t0:.0f}s")
         print(_step_times(app, raw["id"]))
         await _check_installed(app, vms["node-5"], key, nodes["node-5"].ip, "node-5", "uefi", "debian12-disk:1")
+
+        # Last, the default workflow: BootNewEnv kexecs into the installed kernel (no firmware, no bootloader).
+        t0 = time.time()
+        rc, out, err = await _rackboot_in(app, ["deploy", "-m", "node-5", "-e", "debian12", "-k", "--json", "--config", str(app.config_path)],
+                                          DEPLOY_TIMEOUT_S)
+        assert rc == 0, f"kexec deployment exited {rc}: {out[-3000:]} {err[-3000:]}"
+        kexeced = json.loads(out)
+        assert kexeced["ok"] == ["node-5"], kexeced
+        steps = json.loads(_cli(app, "stats", "--json", "--deployment", kexeced["id"]).stdout)["steps"]
+        assert [(r["step"], r["impl"], r["ok"]) for r in steps if r["step"] == "BootNewEnv"] == [("BootNewEnv", "kexec", True)], steps
+        print(f"[deploy-qemu] node-5 redeployed with Debian 12, BootNewEnv by kexec, in {time.time() - t0:.0f}s")
+        print(_step_times(app, kexeced["id"]))
+        more = await asyncio.to_thread(_ssh, app, key, nodes["node-5"].ip, "hostname; cat /etc/rackboot/deployed.json; cat /proc/cmdline")
+        lines = more.stdout.splitlines()
+        assert lines[0] == "node-5" and json.loads(lines[1])["env"] == "debian12:1" and "root=UUID=" in lines[2], lines
     except (AssertionError, QemuError, TimeoutError, json.JSONDecodeError, ValueError, IndexError, subprocess.SubprocessError) as exc:
         tails = "".join(f"\n--- {n} serial tail ---\n{vm.serial_text()[-3000:]}\n--- {n} qemu ---\n{vm.stderr_text()[-500:]}"
                         for n, vm in vms.items())
