@@ -77,7 +77,7 @@ def load_plan(name: str) -> TestbedPlan:
 
 def neighbour_entries_needed(plan: TestbedPlan) -> int:
     """ARP entries a booted testbed holds: the appliance's for every node and BMC, each node's for the appliance."""
-    return 3 * plan.nodes + 256
+    return 3 * (plan.nodes + plan.qemu) + 256
 
 
 def ensure_neighbour_table(needed: int, say: Callable[[str], None] = lambda _m: None) -> None:
