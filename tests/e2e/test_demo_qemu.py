@@ -54,7 +54,7 @@ def test_demo_deploys_a_bios_vm_beside_two_namespace_nodes_and_removes_everythin
     lines = out.strip().splitlines()
     assert lines[-1] == "deployed 3/3 nodes", out[-6000:] + done.stderr[-3000:]
     assert done.returncode == 0, done.stderr[-3000:]
-    assert "ssh root@10.78.1.3 (node-3): hostname node-3" in out  # the VM, checked over SSH
+    assert "ssh root@10.78.1.3 (node-3): hostname node-3, /etc/rackboot/deployed.json env debian12:" in out  # the VM, over SSH
     assert "ok: node-[1-2]" in out  # the namespace nodes' sample deployment
     # Torn down: no namespace, no state, no QEMU or daemon left.
     assert existing_namespaces(f"rbt-{name}-") == []

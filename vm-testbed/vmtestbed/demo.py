@@ -171,28 +171,29 @@ def _deploy_vms(plan: TestbedPlan, args: argparse.Namespace) -> int:
         if n.name not in ok:
             continue
         t1 = time.monotonic()
-        problem = check_installed(plan, key, n.name, n.ip)
+        problem, env = check_installed(plan, key, n.name, n.ip)
         if problem:
             print(f"  ssh root@{n.ip} ({n.name}): FAILED: {problem}", flush=True)
         else:
             checked += 1
-            print(f"  ssh root@{n.ip} ({n.name}): hostname {n.name}, /etc/rackboot/deployed.json env {DEBIAN_ENV}:* "
+            print(f"  ssh root@{n.ip} ({n.name}): hostname {n.name}, /etc/rackboot/deployed.json env {env} "
                   f"({time.monotonic() - t1:.1f}s)", flush=True)
     return checked
 
 
-def check_installed(plan: TestbedPlan, key: Path, name: str, ip: str) -> str:
-    """Log in as root with OpenSSH's client from the appliance's namespace; return "" when the node runs debian12 as name, else why not."""
+def check_installed(plan: TestbedPlan, key: Path, name: str, ip: str) -> tuple[str, str]:
+    """Log in as root with OpenSSH's client from the appliance's namespace; return (why it is not debian12 as name, or "", its env)."""
     argv = ["ip", "netns", "exec", plan.appliance_ns, "ssh", "-i", str(key), "-o", "BatchMode=yes", "-o", "StrictHostKeyChecking=no",
             "-o", "UserKnownHostsFile=/dev/null", "-o", "ConnectTimeout=20", "-o", "LogLevel=ERROR", f"root@{ip}",
             "hostname; cat /etc/rackboot/deployed.json"]
     try:
         done = subprocess.run(argv, capture_output=True, text=True, timeout=90)
     except subprocess.TimeoutExpired:
-        return "ssh timed out after 90 s"
+        return "ssh timed out after 90 s", ""
     if done.returncode != 0:
-        return f"ssh exited {done.returncode}: {done.stderr.strip()[-300:]}"
-    return installed_problem(done.stdout, name)
+        return f"ssh exited {done.returncode}: {done.stderr.strip()[-300:]}", ""
+    env = re.search(r'"env":\s*"([^"]*)"', done.stdout)
+    return installed_problem(done.stdout, name), env.group(1) if env else ""
 
 
 def installed_problem(output: str, name: str) -> str:
