@@ -273,12 +273,13 @@ def _watch(plan: TestbedPlan, proc: subprocess.Popen[bytes], timeout: float, t0:
     """Print where the nodes are (the testbed's view) until the deploy command ends or the time is up."""
     deadline = time.monotonic() + timeout
     last_line, last_print = "", 0.0
-    every = 10.0 if plan.qemu else 1.0  # a VM's console changes all the time: a line every 10 s at most
     with Control(plan.state_dir) as ctl:
         while proc.poll() is None:
             nodes = ctl.call("status")["nodes"]
             line = watch_line(nodes)
             now = time.monotonic()
+            # A running VM's console changes all the time: then a line every 10 s at most.
+            every = 10.0 if any(n["stage"] == "qemu running" for n in nodes) else 1.0
             if line != last_line and now - last_print >= every:
                 print(f"  t={time.time() - t0:5.1f}s  {line}", flush=True)
                 last_line, last_print = line, now
