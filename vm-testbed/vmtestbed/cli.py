@@ -24,6 +24,7 @@ def register(sub: "argparse._SubParsersAction[argparse.ArgumentParser]") -> None
     p.add_argument("--faults", default="", help="fault SPEC, e.g. loss=0.05,posthang=0.1,bmcdead=0.02,die=0.05@tftp")
     p.add_argument("--seed", type=int, default=0, help="seed of every random draw (faults, POST, xids)")
     p.add_argument("--firmware", default="bios", choices=("bios", "uefi", "mixed"))
+    _qemu_options(p)
     p.set_defaults(func=_cmd_up)
 
     p = tsub.add_parser("status", help="each node's power and boot state")
@@ -53,7 +54,16 @@ def register(sub: "argparse._SubParsersAction[argparse.ArgumentParser]") -> None
     p.add_argument("--image-mib", type=int, default=8, help="payload of the sample image, in MiB")
     p.add_argument("--timeout", type=float, default=0.0, help="seconds to wait for the deployment (default: 180 + nodes/2)")
     p.add_argument("--keep", action="store_true", help="leave the testbed up at the end (for debugging)")
+    _qemu_options(p)
     p.set_defaults(func=_cmd_demo)
+
+
+def _qemu_options(p: argparse.ArgumentParser) -> None:
+    """The QEMU VM options shared by `testbed up` and `demo`."""
+    p.add_argument("--qemu", type=int, default=0, metavar="K",
+                   help="also K QEMU VMs (TCG, 1024 MiB, virtio disk) after the namespace nodes, each with an IPMI BMC driving it through QMP")
+    p.add_argument("--qemu-firmware", default="bios", choices=("bios", "uefi", "mixed"), help="SeaBIOS + iPXE ROM, OVMF, or alternating")
+    p.add_argument("--qemu-disk-mb", type=int, default=4096, help="each VM's sparse raw virtio disk, in MiB")
 
 
 def _cmd_up(args: argparse.Namespace) -> int:
@@ -63,7 +73,8 @@ def _cmd_up(args: argparse.Namespace) -> int:
     try:
         parse_faults(args.faults)
         parse_post_delay(args.post_s)
-        plan = make_plan(args.name, args.nodes, args.racks, args.link_mbit, args.uplink_mbit, args.post_s, args.faults, args.seed, args.firmware)
+        plan = make_plan(args.name, args.nodes, args.racks, args.link_mbit, args.uplink_mbit, args.post_s, args.faults, args.seed, args.firmware,
+                         qemu=args.qemu, qemu_firmware=args.qemu_firmware, qemu_disk_mb=args.qemu_disk_mb)
     except ValueError as exc:
         print(f"rackboot testbed up: {exc}", file=sys.stderr)
         return 2
@@ -76,12 +87,16 @@ def _cmd_up(args: argparse.Namespace) -> int:
         print("rackboot testbed up: interrupted; everything removed", file=sys.stderr)
         return 130
     f = result.files
-    print(f"testbed {plan.name}: {plan.nodes} nodes in {plan.racks} racks, up in {result.total_s:.1f}s (node daemon pid {result.daemon_pid})")
+    vms = f" and {plan.qemu} QEMU VMs ({plan.vms[0].name}..{plan.vms[-1].name}, {plan.qemu_firmware})" if plan.qemu else ""
+    print(f"testbed {plan.name}: {plan.nodes} nodes{vms} in {plan.racks} racks, up in {result.total_s:.1f}s (node daemon pid {result.daemon_pid})")
     print(f"  appliance config  {f.config}")
     print(f"  inventory         {f.inventory}")
     print(f"  BMC credentials   {f.credentials}")
     print(f"  run the appliance rackboot testbed exec --name {plan.name} appliance -- {sys.executable} -m appliance.cli serve --config {f.config}")
     print(f"  power a node on   rackboot testbed exec --name {plan.name} appliance -- ipmitool -I lanplus -H {plan.node_list[0].bmc_ip} -U admin -P $(awk '/password/{{print $2}}' {f.credentials}) power on")
+    if plan.qemu:
+        print(f"  VM files          {plan.qemu_dir} (disks, serial logs, QMP sockets, pid files)")
+        print(f"  the VMs need a real deploy environment: rackboot build deploy-env --config {f.config}")
     print(f"  remove it         rackboot testbed down --name {plan.name}")
     return 0
 
@@ -113,7 +128,8 @@ def _cmd_status(args: argparse.Namespace) -> int:
 
     nodes = reply["nodes"]
     now = time.time()
-    table = Table(title=f"testbed {args.name}: {len(nodes)} nodes, {reply['bmcs']} BMCs, daemon pid {reply['pid']}, {reply['rss'] / 1e6:.0f} MB")
+    vms = f" ({reply['vms']} QEMU VMs)" if reply.get("vms") else ""
+    table = Table(title=f"testbed {args.name}: {len(nodes)} nodes{vms}, {reply['bmcs']} BMCs, daemon pid {reply['pid']}, {reply['rss'] / 1e6:.0f} MB")
     for col in ("node", "rack", "power", "stage", "for", "ip", "boots", "bootdev", "detail", "faults"):
         table.add_column(col)
     for n in nodes:

@@ -1,5 +1,7 @@
 """The node daemon: every virtual node and BMC of a testbed in one asyncio process, with a control socket.
 
+It also starts the testbed's QEMU VMs (paused: powered off) and serves their BMCs from the same farm.
+
 `rackboot testbed up` starts it in the testbed's BMC namespace (`python -m vmtestbed.daemon STATE_DIR`);
 it writes STATE_DIR/daemon.ready once every BMC is bound, and answers JSON requests, one per line, on
 the Unix socket STATE_DIR/control.sock (vmtestbed.control is the client).
@@ -26,6 +28,7 @@ from vmtestbed.bmc import BmcFarm
 from vmtestbed.faults import assign_faults, parse_faults, parse_post_delay
 from vmtestbed.firmware import FirmwareSettings, VirtualNode
 from vmtestbed.plan import TestbedPlan
+from vmtestbed.qemunodes import QemuNode
 
 log = logging.getLogger("rackboot.testbed.daemon")
 CONTROL_SOCKET = "control.sock"
@@ -55,7 +58,8 @@ class NodeDaemon:
     def __init__(self, state_dir: Path) -> None:
         self.state_dir = state_dir
         self.plan = TestbedPlan.load(state_dir / PLAN_FILE)
-        self.nodes: dict[str, VirtualNode] = {}
+        self.nodes: dict[str, VirtualNode | QemuNode] = {}
+        self.vms: list[QemuNode] = []
         self.farm: BmcFarm | None = None
         self.started = time.time()
         self.loop_lag_max = 0.0
@@ -77,16 +81,28 @@ class NodeDaemon:
         """Create nodes and BMCs, serve the control socket until SIGTERM, then power everything off."""
         loop = asyncio.get_running_loop()
         plan = self.plan
-        faults = assign_faults(parse_faults(plan.faults), [n.name for n in plan.node_list], plan.seed)
+        faults = assign_faults(parse_faults(plan.faults), [n.name for n in plan.netns_nodes], plan.seed)
         settings = FirmwareSettings(appliance_url=plan.appliance_url, post=parse_post_delay(plan.post_s), seed=plan.seed)
         pool = ThreadPoolExecutor(max_workers=2, thread_name_prefix="netlink")
-        for n in plan.node_list:
+        for n in plan.netns_nodes:
             self.nodes[n.name] = VirtualNode(n, faults[n.name], disk_path(self.state_dir, n.name), node_workdir(self.state_dir, n.name), settings, pool)
+        try:
+            for n in plan.vms:  # QEMU paused = powered off, until its BMC (or the control socket) powers it on
+                vm = QemuNode(plan, n)
+                self.vms.append(vm)
+                self.nodes[n.name] = vm
+                await vm.start()
+                log.info("%s: QEMU %s started paused (pid file %s)", n.name, n.firmware, vm.vm.pidfile)
+        except BaseException:
+            await self._stop_vms()
+            raise
         self.farm = BmcFarm(loop)
         users = {BMC_USER: bmc_password(plan)}
-        for n in plan.node_list:
+        for n in plan.netns_nodes:
             if not faults[n.name].bmc_dead:
-                self.farm.add(self.nodes[n.name], n.bmc_ip, users, faults[n.name].bmc_slow_s)
+                self.farm.add(self.nodes[n.name], n.bmc_ip, users, faults[n.name].bmc_slow_s)  # type: ignore[arg-type]
+        for vm in self.vms:
+            self.farm.add(vm.bmc_side, vm.plan.bmc_ip, users)  # type: ignore[arg-type]  # QemuPower: the node side of a BMC
         self.farm.wake()
         sock_path = self.state_dir / CONTROL_SOCKET
         sock_path.unlink(missing_ok=True)
@@ -105,16 +121,31 @@ class NodeDaemon:
             lag_task.cancel()
             server.close()
             for node in self.nodes.values():
-                node.power_off()
+                if isinstance(node, VirtualNode):
+                    node.power_off()
             self.farm.close()
+            await self._stop_vms()
             await asyncio.sleep(0.2)
             pool.shutdown(wait=False, cancel_futures=True)
+
+    async def _stop_vms(self) -> None:
+        """Stop every QEMU (its tap goes with it)."""
+        for vm in self.vms:
+            try:
+                await vm.vm.stop()
+            except Exception:  # stop the others whatever happens to one
+                log.exception("%s: stopping QEMU", vm.name)
 
     async def _client(self, reader: asyncio.StreamReader, writer: asyncio.StreamWriter) -> None:
         try:
             while line := await reader.readline():
                 try:
-                    reply = self.handle(json.loads(line))
+                    req = json.loads(line)
+                    if req.get("op") == "status" and self.vms:
+                        names = req.get("nodes")
+                        wanted = None if names in (None, "all") else set(names)
+                        await asyncio.gather(*(vm.refresh() for vm in self.vms if wanted is None or vm.name in wanted))
+                    reply = self.handle(req)
                 except (ValueError, KeyError, TypeError) as exc:
                     reply = {"ok": False, "error": f"{exc.__class__.__name__}: {exc}"}
                 writer.write(json.dumps(reply).encode() + b"\n")
@@ -124,7 +155,7 @@ class NodeDaemon:
         finally:
             writer.close()
 
-    def _select(self, names: Any) -> list[VirtualNode]:
+    def _select(self, names: Any) -> list[VirtualNode | QemuNode]:
         if names in (None, "all"):
             return list(self.nodes.values())
         return [self.nodes[n] for n in names]
@@ -138,6 +169,7 @@ class NodeDaemon:
                 for s in nodes:
                     s.pop("history")
             return {"ok": True, "name": self.plan.name, "pid": os.getpid(), "rss": rss_bytes(), "uptime": time.time() - self.started,
+                    "vms": len(self.vms),
                     "bmcs": len(self.farm.bmcs) if self.farm else 0,
                     "loop_lag_max": round(self.loop_lag_max, 3), "nodes": nodes}
         if op == "power":

@@ -80,8 +80,10 @@ def read_deploy_keys(initrds: Iterable[bytes]) -> DeployKeys:
         try:
             with libarchive.memory_reader(data) as archive:
                 for entry in archive:
-                    if entry.isfile:
-                        found[entry.pathname.lstrip("./")] = b"".join(entry.get_blocks())
+                    # Only the agent's keys are kept: a real deploy environment's initrd unpacks to ~195 MB.
+                    path = entry.pathname.lstrip("./")
+                    if entry.isfile and path in (AUTHORIZED_KEYS, TREE_KEY):
+                        found[path] = b"".join(entry.get_blocks())
         except libarchive.ArchiveError as exc:
             raise InitrdError(f"initrd: {exc}") from exc
     if AUTHORIZED_KEYS not in found:

@@ -38,6 +38,12 @@ class NodePlan:
     namespace: str
     fabric_if: str
     firmware: str = "bios"
+    kind: str = "netns"  # "netns": a namespace node of the node daemon; "qemu": a QEMU VM on a tap (fabric_if) in its rack bridge
+
+    @property
+    def is_vm(self) -> bool:
+        """True for a QEMU VM (no namespace of its own: its tap is in the fabric namespace)."""
+        return self.kind == "qemu"
 
 
 @dataclass(frozen=True)
@@ -53,6 +59,10 @@ class TestbedPlan:
     faults: str = ""
     seed: int = 0
     firmware: str = "bios"
+    qemu: int = 0
+    qemu_firmware: str = "bios"
+    qemu_disk_mb: int = 4096
+    qemu_memory_mb: int = 1024
     node_list: tuple[NodePlan, ...] = field(default=(), repr=False)
 
     @property
@@ -88,7 +98,26 @@ class TestbedPlan:
     @property
     def namespaces(self) -> list[str]:
         """Every namespace this testbed makes."""
-        return [self.fabric_ns, self.appliance_ns, self.bmc_ns] + [n.namespace for n in self.node_list]
+        return [self.fabric_ns, self.appliance_ns, self.bmc_ns] + [n.namespace for n in self.node_list if not n.is_vm]
+
+    @property
+    def netns_nodes(self) -> list[NodePlan]:
+        """The nodes the node daemon plays in namespaces (not the QEMU VMs)."""
+        return [n for n in self.node_list if not n.is_vm]
+
+    @property
+    def vms(self) -> list[NodePlan]:
+        """The QEMU VMs, after the namespace nodes in name, MAC, IP and BMC address order."""
+        return [n for n in self.node_list if n.is_vm]
+
+    @property
+    def qemu_dir(self) -> Path:
+        """Where the VMs' disks, serial logs, QMP sockets and pid files live."""
+        return self.state_dir / "qemu"
+
+    def vm_name(self, node: NodePlan) -> str:
+        """QEMU's -name of a VM: carries the testbed's prefix, so a leftover process is recognised as this testbed's."""
+        return f"{self.prefix}{node.name}"
 
     @property
     def appliance_url(self) -> str:
@@ -140,25 +169,43 @@ def make_plan(
     faults: str = "",
     seed: int = 0,
     firmware: str = "bios",
+    qemu: int = 0,
+    qemu_firmware: str = "bios",
+    qemu_disk_mb: int = 4096,
+    qemu_memory_mb: int = 1024,
 ) -> TestbedPlan:
-    """Compute the plan of a testbed: nodes spread evenly over racks, addresses and names assigned in order."""
+    """Compute the plan of a testbed: nodes spread evenly over racks, addresses and names assigned in order.
+
+    The qemu QEMU VMs come after the nodes namespace nodes (node-(nodes+1)..., MACs, IPs and BMC addresses
+    counting on), and the racks are filled in that order, so each rack holds a run of consecutive nodes.
+    """
     validate_name(name)
-    if nodes < 1 or racks < 1:
-        raise ValueError("a testbed needs at least one node and one rack")
-    if racks > nodes:
-        raise ValueError(f"{racks} racks for {nodes} nodes: some racks would be empty")
-    per_rack = -(-nodes // racks)
+    if nodes < 0 or qemu < 0:
+        raise ValueError("node and VM counts cannot be negative")
+    total = nodes + qemu
+    if total < 1 or racks < 1:
+        raise ValueError("a testbed needs at least one node (or VM) and one rack")
+    if racks > total:
+        raise ValueError(f"{racks} racks for {total} nodes: some racks would be empty")
+    if qemu_firmware not in ("bios", "uefi", "mixed"):
+        raise ValueError(f"QEMU firmware {qemu_firmware!r}: expected bios, uefi or mixed")
+    if qemu and qemu_disk_mb < 1024:
+        raise ValueError(f"a {qemu_disk_mb} MiB VM disk is too small for Debian 12 (at least 1024)")
+    per_rack = -(-total // racks)
     if per_rack > MAX_PORTS_PER_BRIDGE:
         raise ValueError(f"{per_rack} nodes per rack: a Linux bridge takes at most 1024 ports, use more racks")
-    if nodes > 60000:
+    if total > 60000:
         raise ValueError("at most 60000 nodes (the 10.78.0.0/16 node network)")
     if firmware not in ("bios", "uefi", "mixed"):
         raise ValueError(f"firmware {firmware!r}: expected bios, uefi or mixed")
     prefix = f"rbt-{name}-"
     node_list = []
-    for i in range(nodes):
-        rack = i * racks // nodes
-        fw = firmware if firmware != "mixed" else ("uefi" if i % 2 else "bios")
+    for i in range(total):
+        rack = i * racks // total
+        vm = i >= nodes
+        j = i - nodes if vm else i
+        kind_fw = qemu_firmware if vm else firmware
+        fw = kind_fw if kind_fw != "mixed" else ("uefi" if j % 2 else "bios")
         node_list.append(
             NodePlan(
                 index=i,
@@ -167,12 +214,14 @@ def make_plan(
                 ip=str(FIRST_NODE_IP + i),
                 rack=f"r{rack + 1}",
                 bmc_ip=str(FIRST_BMC_IP + i),
-                namespace=f"{prefix}node-{i + 1}",
-                fabric_if=f"n{i + 1}",
+                namespace="" if vm else f"{prefix}node-{i + 1}",
+                fabric_if=f"q{i + 1}" if vm else f"n{i + 1}",  # a VM's tap, in the fabric namespace
                 firmware=fw,
+                kind="qemu" if vm else "netns",
             )
         )
     return TestbedPlan(
         name=name, nodes=nodes, racks=racks, link_mbit=link_mbit, uplink_mbit=uplink_mbit,
-        post_s=post_s, faults=faults, seed=seed, firmware=firmware, node_list=tuple(node_list),
+        post_s=post_s, faults=faults, seed=seed, firmware=firmware, qemu=qemu, qemu_firmware=qemu_firmware,
+        qemu_disk_mb=qemu_disk_mb, qemu_memory_mb=qemu_memory_mb, node_list=tuple(node_list),
     )

@@ -40,6 +40,11 @@ _OFF_STATES = frozenset({"prelaunch", "paused", "shutdown", "suspended", "guest-
 _NEEDS_RESET = frozenset({"shutdown", "guest-panicked", "internal-error"})
 
 
+def power_of(run_state: str) -> str:
+    """Return 'on' or 'off' as a BMC reports it, for a QEMU run state (query-status)."""
+    return "off" if run_state in _OFF_STATES else "on"
+
+
 class QemuError(RuntimeError):
     """QEMU could not be started, died, or refused a QMP command."""
 
@@ -287,7 +292,7 @@ class QemuVm:
 
     async def power_state(self) -> str:
         """Return 'on' or 'off' as a BMC reports it (from QMP query-status)."""
-        return "off" if (await self.run_state()) in _OFF_STATES else "on"
+        return power_of(await self.run_state())
 
     async def run_state(self) -> str:
         """Return QEMU's run state (prelaunch, running, paused, shutdown, ...)."""

@@ -77,7 +77,7 @@ def load_plan(name: str) -> TestbedPlan:
 
 def neighbour_entries_needed(plan: TestbedPlan) -> int:
     """ARP entries a booted testbed holds: the appliance's for every node and BMC, each node's for the appliance."""
-    return 3 * plan.nodes + 256
+    return 3 * (plan.nodes + plan.qemu) + 256
 
 
 def ensure_neighbour_table(needed: int, say: Callable[[str], None] = lambda _m: None) -> None:
@@ -139,7 +139,7 @@ def up(plan: TestbedPlan, say: Callable[[str], None] = lambda _m: None, daemon_a
         say(f"network: {len(plan.namespaces)} namespaces in {network_s:.1f}s")
         files = write_appliance_files(plan, sd / "appliance")
         (sd / "disks").mkdir()
-        for n in plan.node_list:
+        for n in plan.netns_nodes:  # a VM's disk is made beside its QEMU files (plan.qemu_dir)
             with disk_path(sd, n.name).open("wb") as f:
                 f.truncate(DISK_BYTES)
         log = (sd / "daemon.log").open("ab")
@@ -149,7 +149,7 @@ def up(plan: TestbedPlan, say: Callable[[str], None] = lambda _m: None, daemon_a
         )
         log.close()
         write_state(plan, phase="starting", daemon_pid=proc.pid)
-        deadline = time.monotonic() + 60 + plan.nodes * 0.05
+        deadline = time.monotonic() + 60 + plan.nodes * 0.05 + plan.qemu * 10
         while not (sd / READY_FILE).exists():
             if proc.poll() is not None:
                 raise TestbedError(f"the node daemon exited with status {proc.returncode}; see {sd / 'daemon.log'}")
@@ -260,6 +260,18 @@ def down(name: str) -> list[str]:
             except ProcessLookupError:
                 pass
     # Then everything inside the namespaces (recorded or not), then the namespaces themselves.
+    # QEMU VMs (their pid files are in the state dir): they run in the fabric namespace, so the scan below
+    # would find them too; by pid first, for a crashed daemon whose VMs are still running.
+    for pidfile in sorted((sd / "qemu").glob("*.pid")):
+        try:
+            pid = int(pidfile.read_text().strip())
+        except (OSError, ValueError):
+            continue
+        if pid > 1 and _alive(pid) and _belongs(pid, prefix, sd):
+            try:
+                os.kill(pid, signal.SIGKILL)
+            except ProcessLookupError:
+                pass
     removed = destroy(prefix)
     if sd.exists():
         shutil.rmtree(sd, ignore_errors=True)
@@ -287,6 +299,8 @@ def exec_in(name: str, target: str, argv: list[str]) -> None:
             ns = plan.node(target).namespace
         except KeyError:
             raise TestbedError(f"testbed {name}: no node {target!r} (nodes are node-1..node-{plan.nodes}; also appliance, fabric, bmc)") from None
+        if not ns:
+            raise TestbedError(f"testbed {name}: {target} is a QEMU VM, it has no namespace (its serial log: {plan.qemu_dir / (plan.vm_name(plan.node(target)) + '.serial.log')})")
     if not argv:
         argv = [os.environ.get("SHELL", "/bin/sh")]
     os.execvp("ip", ["ip", "netns", "exec", ns, *argv])

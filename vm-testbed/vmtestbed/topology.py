@@ -6,6 +6,7 @@ Layout (nothing in the root namespace):
   node ns:   eth0 (the node's MAC), veth to port nK of its rack bridge; no address until its firmware's DHCP.
   appliance: rb0 on the core bridge (10.78.0.1/16), mgmt0 on the management bridge (10.79.0.1/16).
   bmc ns:    eth0 on the management bridge carrying every BMC address; the node daemon runs here.
+  QEMU VMs:  no namespace; the node daemon puts each VM's tap (qK) on its rack bridge when it starts QEMU.
 Links are shaped with tbf on both ends (tbf shapes egress only; sch_netem is not in this kernel).
 """
 from __future__ import annotations
@@ -92,7 +93,7 @@ def build(plan: TestbedPlan, progress: Callable[[str], None] | None = None) -> f
                 bmc.addr("add", index=eth0, address=n.bmc_ip, prefixlen=MGMT_NET.prefixlen)
         say(f"fabric: {plan.racks} racks, core and management bridges, appliance and BMC namespaces")
 
-        for n in plan.node_list:
+        for n in plan.netns_nodes:  # a QEMU VM's tap is made by the node daemon when it starts the VM
             with created(n.namespace):
                 node = IPRoute()
             with node:
@@ -104,7 +105,7 @@ def build(plan: TestbedPlan, progress: Callable[[str], None] | None = None) -> f
             fabric.link("set", index=port, master=racks[n.rack], state="up")
             shape(fabric, n.fabric_if, plan.link_mbit)
             if (n.index + 1) % 250 == 0:
-                say(f"nodes: {n.index + 1}/{plan.nodes}")
+                say(f"nodes: {n.index + 1}/{plan.nodes}")  # namespace nodes come first
     finally:
         fabric.close()
     return time.monotonic() - t0
