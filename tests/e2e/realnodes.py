@@ -9,11 +9,14 @@ import subprocess
 import sys
 import time
 from pathlib import Path
-from typing import Any, Iterator
+from typing import TYPE_CHECKING, Any, Iterator
 
 import pytest
 
 from broadcast.agent_client import load_or_create_key
+
+if TYPE_CHECKING:  # conftest.py's
+    from conftest import E2eAppliance
 
 DEPLOYENV_CACHE = Path(os.environ.get("RACKBOOT_DEPLOYENV_CACHE", "/var/cache/rackboot/deploy-env"))
 DEPLOYENV_KEY = DEPLOYENV_CACHE / "test-deploy-key"  # kept across runs: the key is one of the build's inputs
@@ -59,3 +62,22 @@ def deploy_env() -> Iterator[dict[str, Any]]:
           f"{manifest['initrd_bytes'] / 1e6:.1f} MB ({manifest['tree_bytes'] / 1e6:.0f} MB unpacked), "
           f"cold build took {manifest['build_seconds']}s")
     yield {"digest": digest, "manifest": manifest}
+
+
+def give_vms_bmcs(app: "E2eAppliance", bmc_ports: dict[str, int]) -> None:
+    """Before `rackboot serve`: the test deploy key as the appliance's (so the deploy environment build is the cached
+    one), and an inventory whose nodes named in bmc_ports have an IPMI BMC on the appliance's address at that port."""
+    app.state_dir.mkdir(parents=True, exist_ok=True)
+    for suffix in ("", ".pub"):
+        shutil.copyfile(f"{DEPLOYENV_KEY}{suffix}", app.state_dir / f"deploy_key{suffix}")
+    (app.state_dir / "deploy_key").chmod(0o600)
+    creds = app.workdir / "bmc.yaml"
+    creds.write_text(f"username: {BMC_USER}\npassword: {BMC_PASSWORD}\n")
+    creds.chmod(0o600)
+    entries = []
+    for n in app.inventory:
+        entries.append(f"  - name: {n.name}\n    mac: \"{n.mac}\"\n    ip: {n.ip}\n    rack: r1\n")
+        if n.name in bmc_ports:
+            entries.append(f"    bmc: {{driver: ipmi, address: \"{app.address}\", port: {bmc_ports[n.name]}, "
+                           f"credentials: {creds.name}}}\n")
+    (app.workdir / "nodes.yaml").write_text("nodes:\n" + "".join(entries))

@@ -13,7 +13,6 @@ from __future__ import annotations
 
 import asyncio
 import json
-import shutil
 import subprocess
 import sys
 import time
@@ -21,8 +20,8 @@ from typing import TYPE_CHECKING, Any, Iterator
 
 import pytest
 
-from realnodes import BMC_PASSWORD, BMC_USER, BUILD_TIMEOUT_S, DEPLOYENV_CACHE as CACHE, DEPLOYENV_KEY as TEST_KEY, REBOOT_TIMEOUT_S
-from realnodes import rackboot as _rackboot
+from realnodes import BMC_PASSWORD, BMC_USER, BUILD_TIMEOUT_S, DEPLOYENV_CACHE as CACHE, REBOOT_TIMEOUT_S
+from realnodes import give_vms_bmcs, rackboot as _rackboot
 from vmtestbed.bmc import BmcFarm
 from vmtestbed.qemu import QemuError, QemuVm
 from vmtestbed.qemubmc import QemuPower, serve_bmc
@@ -37,19 +36,7 @@ NODE = "node-4"
 
 def _prepare(app: "E2eAppliance") -> None:
     """Before `rackboot serve`: the test deploy key as the appliance's, node-4 with a BMC, the deploy env installed."""
-    app.state_dir.mkdir(parents=True, exist_ok=True)
-    for suffix in ("", ".pub"):
-        shutil.copyfile(f"{TEST_KEY}{suffix}", app.state_dir / f"deploy_key{suffix}")
-    (app.state_dir / "deploy_key").chmod(0o600)
-    creds = app.workdir / "bmc.yaml"
-    creds.write_text(f"username: {BMC_USER}\npassword: {BMC_PASSWORD}\n")
-    creds.chmod(0o600)
-    entries = []
-    for n in app.inventory:
-        entries.append(f"  - name: {n.name}\n    mac: \"{n.mac}\"\n    ip: {n.ip}\n    rack: r1\n")
-        if n.name == NODE:  # its BMC listens on the appliance's own address (port 623), in the appliance's namespace
-            entries.append(f"    bmc: {{driver: ipmi, address: \"{app.address}\", credentials: {creds.name}}}\n")
-    (app.workdir / "nodes.yaml").write_text("nodes:\n" + "".join(entries))
+    give_vms_bmcs(app, {NODE: 623})  # its BMC listens on the appliance's own address, in the appliance's namespace
     with open(app.config_path, "a") as config:
         config.write("deploy:\n  deadlines:\n    kernel_after_script: 300\n    agent_after_kernel: 300\n")
     done = _rackboot("build", "deploy-env", "--config", str(app.config_path), "--cache-dir", str(CACHE))

@@ -29,7 +29,7 @@ from typing import TYPE_CHECKING, Any, Iterator
 import pytest
 
 from broadcast.agent_client import load_or_create_key
-from realnodes import BMC_PASSWORD, BMC_USER, BUILD_TIMEOUT_S, DEPLOYENV_KEY, rackboot, require_builders
+from realnodes import BMC_PASSWORD, BMC_USER, BUILD_TIMEOUT_S, give_vms_bmcs, rackboot, require_builders
 from vmtestbed.bmc import BmcFarm
 from vmtestbed.qemu import QemuError, QemuVm
 from vmtestbed.qemubmc import QemuPower, serve_bmcs
@@ -88,20 +88,8 @@ async def _rackboot_in(app: "E2eAppliance", args: list[str], timeout: float) -> 
 
 def _prepare() -> Any:
     def prepare(app: "E2eAppliance") -> None:
-        """Before `rackboot serve`: the test deploy key, node-4/5 with BMCs, the deploy env and the image under http.files."""
-        app.state_dir.mkdir(parents=True, exist_ok=True)
-        for suffix in ("", ".pub"):
-            (app.state_dir / f"deploy_key{suffix}").write_bytes(Path(f"{DEPLOYENV_KEY}{suffix}").read_bytes())
-        (app.state_dir / "deploy_key").chmod(0o600)
-        creds = app.workdir / "bmc.yaml"
-        creds.write_text(f"username: {BMC_USER}\npassword: {BMC_PASSWORD}\n")
-        creds.chmod(0o600)
-        entries = []
-        for n in app.inventory:
-            entries.append(f"  - name: {n.name}\n    mac: \"{n.mac}\"\n    ip: {n.ip}\n    rack: r1\n")
-            if n.name in VMS:
-                entries.append(f"    bmc: {{driver: ipmi, address: \"{app.address}\", port: {VMS[n.name][1]}, credentials: {creds.name}}}\n")
-        (app.workdir / "nodes.yaml").write_text("nodes:\n" + "".join(entries))
+        """Before `rackboot serve`: the test deploy key, node-4/5 with BMCs, slow deadlines (TCG), the user's key."""
+        give_vms_bmcs(app, {name: port for name, (_, port) in VMS.items()})
         with open(app.config_path, "a") as config:
             config.write("deploy:\n  deadlines:\n    kernel_after_script: 300\n    agent_after_kernel: 300\n"
                          "    os_after_script: 600\n    callback_after_os_dhcp: 300\n    kexec_alive: 180\n")
