@@ -52,6 +52,18 @@ def test_vm_is_started_paused_on_its_rack_bridge_with_its_disk_in_the_state_dir(
     assert vm.serial_log.parent == plan.state_dir / "qemu"
 
 
+def test_mixed_vms_go_round_bios_uefi_pxe_and_uefi_http_boot() -> None:
+    plan = make_plan("tq", 0, 1, qemu=3, qemu_firmware="mixed")
+    vms = [vm_of(plan, plan.node(f"node-{i}")) for i in (1, 2, 3)]
+    assert [vm.firmware for vm in vms] == ["bios", "uefi", "uefi-http"]
+    bios, pxe, http = (vm.command() for vm in vms)
+    assert "-bios" not in bios and "-fw_cfg" not in bios
+    assert "-bios" in pxe and "-fw_cfg" not in pxe  # OVMF, its UEFI PXE client first
+    # OVMF with both PXE clients off: HTTPv4 is the NIC's first boot option (field notes)
+    assert "-bios" in http and "name=opt/org.tianocore/IPv4PXESupport,string=no" in http
+    assert "name=opt/org.tianocore/IPv6PXESupport,string=no" in http
+
+
 def test_inventory_lists_vms_like_the_other_nodes(tmp_path: Path) -> None:
     plan = make_plan("tq", 3, 2, qemu=2)
     files = write_appliance_files(plan, tmp_path)

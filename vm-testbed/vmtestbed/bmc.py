@@ -268,7 +268,7 @@ class VirtualBmc(pyghmi_bmc.Bmc):
         if request["data"][0] != 5:
             return super().get_system_boot_options(request, session)
         persistent = self.node.bootdev_persistent
-        flags1 = 0x80 | (0x40 if persistent else 0) | (0x20 if self.node.plan.firmware == "uefi" else 0)
+        flags1 = 0x80 | (0x40 if persistent else 0) | (0x20 if self.node.plan.firmware.startswith("uefi") else 0)
         flags2 = BOOTDEV_CODES.get(self.node.bootdev, 0) << 2
         session.send_ipmi_response(data=[1, 5, flags1, flags2, 0, 0, 0])
 

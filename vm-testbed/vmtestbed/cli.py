@@ -62,7 +62,8 @@ def _qemu_options(p: argparse.ArgumentParser) -> None:
     """The QEMU VM options shared by `testbed up` and `demo`."""
     p.add_argument("--qemu", type=int, default=0, metavar="K",
                    help="also K QEMU VMs (TCG, 1024 MiB, virtio disk) after the namespace nodes, each with an IPMI BMC driving it through QMP")
-    p.add_argument("--qemu-firmware", default="bios", choices=("bios", "uefi", "mixed"), help="SeaBIOS + iPXE ROM, OVMF, or alternating")
+    p.add_argument("--qemu-firmware", default="bios", choices=("bios", "uefi", "uefi-http", "mixed"),
+                       help="SeaBIOS + iPXE ROM, OVMF with UEFI PXE, OVMF with UEFI HTTP boot, or the three in turn")
     p.add_argument("--qemu-disk-mb", type=int, default=4096, help="each VM's sparse raw virtio disk, in MiB")
 
 

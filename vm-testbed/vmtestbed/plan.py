@@ -10,6 +10,7 @@ from pathlib import Path
 from domain.nodes import mac_add
 
 NAME_RE = re.compile(r"^[a-z0-9][a-z0-9-]{0,15}$")
+QEMU_FIRMWARES = ("bios", "uefi", "uefi-http")  # vmtestbed.qemu.FIRMWARES (not imported: the plan stays light)
 MAX_PORTS_PER_BRIDGE = 1000  # a Linux bridge takes at most 1024 ports (BR_MAX_PORTS)
 STATE_ROOT = Path("/run/rackboot-testbed")
 
@@ -187,8 +188,8 @@ def make_plan(
         raise ValueError("a testbed needs at least one node (or VM) and one rack")
     if racks > total:
         raise ValueError(f"{racks} racks for {total} nodes: some racks would be empty")
-    if qemu_firmware not in ("bios", "uefi", "mixed"):
-        raise ValueError(f"QEMU firmware {qemu_firmware!r}: expected bios, uefi or mixed")
+    if qemu_firmware not in (*QEMU_FIRMWARES, "mixed"):
+        raise ValueError(f"QEMU firmware {qemu_firmware!r}: expected {', '.join(QEMU_FIRMWARES)} or mixed")
     if qemu and qemu_disk_mb < 1024:
         raise ValueError(f"a {qemu_disk_mb} MiB VM disk is too small for Debian 12 (at least 1024)")
     per_rack = -(-total // racks)
@@ -205,7 +206,10 @@ def make_plan(
         vm = i >= nodes
         j = i - nodes if vm else i
         kind_fw = qemu_firmware if vm else firmware
-        fw = kind_fw if kind_fw != "mixed" else ("uefi" if j % 2 else "bios")
+        if kind_fw != "mixed":
+            fw = kind_fw
+        else:  # namespace nodes alternate BIOS and UEFI PXE; VMs go round their three firmwares
+            fw = QEMU_FIRMWARES[j % 3] if vm else ("uefi" if j % 2 else "bios")
         node_list.append(
             NodePlan(
                 index=i,

@@ -6,7 +6,8 @@ from the namespace it lives in. KVM does not work on these machines (see the fie
 always runs under TCG with a capped translation cache, under a hard `timeout`, and is killed on `stop()`.
 
 Firmware: ``bios`` is SeaBIOS with QEMU's own iPXE option ROM on the NIC; ``uefi`` is OVMF with the NIC's
-option ROM disabled (``romfile=``) so OVMF's own UEFI PXE client boots.
+option ROM disabled (``romfile=``) so OVMF's own UEFI PXE client boots; ``uefi-http`` is OVMF with its PXE
+clients switched off through fw_cfg, so its UEFI HTTP boot client is the NIC's first boot option (field notes).
 
 Power: started with ``paused=True`` the VM is created stopped (``-S``, QMP on a unix socket), which a
 virtual BMC reads as "powered off"; `power_on()` is QMP ``cont``, `power_reset()` ``system_reset``,
@@ -33,7 +34,12 @@ from typing import Any, Literal
 
 QEMU_BINARY = "qemu-system-x86_64"
 OVMF_FD = Path("/usr/share/ovmf/OVMF.fd")
-Firmware = Literal["bios", "uefi"]
+Firmware = Literal["bios", "uefi", "uefi-http"]
+FIRMWARES = ("bios", "uefi", "uefi-http")
+# OVMF's knobs (Debian's OVMF 2022.11): with both PXE clients off, the NIC's first boot option is HTTPv4. Leaving
+# IPv6 PXE on costs minutes of stalling before HTTP boot is tried.
+UEFI_HTTP_FW_CFG = ("-fw_cfg", "name=opt/org.tianocore/IPv4PXESupport,string=no",
+                    "-fw_cfg", "name=opt/org.tianocore/IPv6PXESupport,string=no")
 # QEMU run states that mean "the guest is not executing" as a BMC reports power.
 _OFF_STATES = frozenset({"prelaunch", "paused", "shutdown", "suspended", "guest-panicked", "internal-error", "io-error"})
 # Run states from which `cont` is refused until the machine is reset.
@@ -163,16 +169,21 @@ class QemuVm:
 
     def __post_init__(self) -> None:
         self.workdir = Path(self.workdir)
-        if self.firmware not in ("bios", "uefi"):
-            raise ValueError(f"firmware must be 'bios' or 'uefi', not {self.firmware!r}")
+        if self.firmware not in FIRMWARES:
+            raise ValueError(f"firmware must be one of {', '.join(FIRMWARES)}, not {self.firmware!r}")
         if not self.tap:
             self.tap = ("tap" + re.sub(r"[^0-9a-zA-Z]", "", self.mac)[-8:])[:15]
         if not self.memory_mb:
-            self.memory_mb = 256 if self.firmware == "uefi" else 128
+            self.memory_mb = 256 if self.uefi else 128
         if self.no_reboot is None:
             # With -no-reboot any reset, a guest's or QMP's system_reset, makes QEMU exit: right for a one-shot
             # boot, wrong for a BMC-driven VM whose power off and reset are system_reset.
             self.no_reboot = not self.paused
+
+    @property
+    def uefi(self) -> bool:
+        """True for OVMF (UEFI PXE or UEFI HTTP boot)."""
+        return self.firmware != "bios"
 
     @property
     def serial_log(self) -> Path:
@@ -220,9 +231,11 @@ class QemuVm:
             nic += ",bootindex=1"
             argv += ["-drive", f"file={self.disk},if=none,id=disk0,format=raw,cache=unsafe",
                      "-device", "virtio-blk-pci,drive=disk0,bootindex=2"]
-        if self.firmware == "uefi":
-            # No option ROM on the NIC: OVMF's own VirtioNetDxe + UEFI PXE boot, not QEMU's iPXE.
+        if self.uefi:
+            # No option ROM on the NIC: OVMF's own VirtioNetDxe + UEFI PXE (or HTTP) boot, not QEMU's iPXE.
             argv += ["-bios", str(OVMF_FD), "-device", nic + ",romfile="]
+            if self.firmware == "uefi-http":
+                argv += list(UEFI_HTTP_FW_CFG)
         else:
             argv += ["-device", nic]
         if self.no_reboot:
@@ -237,7 +250,7 @@ class QemuVm:
             raise QemuError(f"{self.name} is already started")
         if shutil.which(QEMU_BINARY) is None:
             raise QemuError(f"{QEMU_BINARY} not found (Debian package qemu-system-x86)")
-        if self.firmware == "uefi" and not OVMF_FD.is_file():
+        if self.uefi and not OVMF_FD.is_file():
             raise QemuError(f"{OVMF_FD} not found (Debian package ovmf)")
         self.workdir.mkdir(parents=True, exist_ok=True)
         for stale in (self.serial_log, self.qmp_socket, self.pidfile):
