@@ -61,10 +61,12 @@ def register(sub: "argparse._SubParsersAction[argparse.ArgumentParser]") -> None
 def _qemu_options(p: argparse.ArgumentParser) -> None:
     """The QEMU VM options shared by `testbed up` and `demo`."""
     p.add_argument("--qemu", type=int, default=0, metavar="K",
-                   help="also K QEMU VMs (TCG, 1024 MiB, virtio disk) after the namespace nodes, each with an IPMI BMC driving it through QMP")
+                   help="also K QEMU VMs (KVM or TCG, 1024 MiB, virtio disk) after the namespace nodes, each with an IPMI BMC driving it through QMP")
     p.add_argument("--qemu-firmware", default="bios", choices=("bios", "uefi", "uefi-http", "mixed"),
                        help="SeaBIOS + iPXE ROM, OVMF with UEFI PXE, OVMF with UEFI HTTP boot, or the three in turn")
     p.add_argument("--qemu-disk-mb", type=int, default=4096, help="each VM's sparse raw virtio disk, in MiB")
+    p.add_argument("--qemu-accel", default="auto", choices=("auto", "kvm", "tcg"),
+                   help="auto: KVM when a probe shows it runs SeaBIOS+iPXE and OVMF, else TCG (see docs/testbed.md)")
 
 
 def _cmd_up(args: argparse.Namespace) -> int:
@@ -75,7 +77,8 @@ def _cmd_up(args: argparse.Namespace) -> int:
         parse_faults(args.faults)
         parse_post_delay(args.post_s)
         plan = make_plan(args.name, args.nodes, args.racks, args.link_mbit, args.uplink_mbit, args.post_s, args.faults, args.seed, args.firmware,
-                         qemu=args.qemu, qemu_firmware=args.qemu_firmware, qemu_disk_mb=args.qemu_disk_mb)
+                         qemu=args.qemu, qemu_firmware=args.qemu_firmware, qemu_disk_mb=args.qemu_disk_mb,
+                         qemu_accel=args.qemu_accel)
     except ValueError as exc:
         print(f"rackboot testbed up: {exc}", file=sys.stderr)
         return 2

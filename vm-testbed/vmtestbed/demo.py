@@ -62,7 +62,8 @@ def run_demo(args: argparse.Namespace) -> int:
     try:
         racks = max(1, min(args.racks, total))  # `--nodes 0 --qemu 1`: one rack, not an empty second one
         plan = make_plan(name, args.nodes, racks, post_s=args.post_s, faults=args.faults, seed=args.seed, firmware=args.firmware,
-                         qemu=qemu, qemu_firmware=getattr(args, "qemu_firmware", "bios"), qemu_disk_mb=getattr(args, "qemu_disk_mb", 4096))
+                         qemu=qemu, qemu_firmware=getattr(args, "qemu_firmware", "bios"), qemu_disk_mb=getattr(args, "qemu_disk_mb", 4096),
+                         qemu_accel=getattr(args, "qemu_accel", "auto"))
         vms = f" and {qemu} QEMU VMs ({plan.qemu_firmware})" if qemu else ""
         print(f"rackboot demo: {args.nodes} nodes{vms} in {racks} racks, testbed {name}", flush=True)
         deployed = _demo(plan, args)

@@ -8,6 +8,7 @@ from dataclasses import asdict, dataclass, field
 from pathlib import Path
 
 from domain.nodes import mac_add
+from vmtestbed.accel import ACCELS
 
 NAME_RE = re.compile(r"^[a-z0-9][a-z0-9-]{0,15}$")
 QEMU_FIRMWARES = ("bios", "uefi", "uefi-http")  # vmtestbed.qemu.FIRMWARES (not imported: the plan stays light)
@@ -64,6 +65,7 @@ class TestbedPlan:
     qemu_firmware: str = "bios"
     qemu_disk_mb: int = 4096
     qemu_memory_mb: int = 1024
+    qemu_accel: str = "auto"
     node_list: tuple[NodePlan, ...] = field(default=(), repr=False)
 
     @property
@@ -174,6 +176,7 @@ def make_plan(
     qemu_firmware: str = "bios",
     qemu_disk_mb: int = 4096,
     qemu_memory_mb: int = 1024,
+    qemu_accel: str = "auto",
 ) -> TestbedPlan:
     """Compute the plan of a testbed: nodes spread evenly over racks, addresses and names assigned in order.
 
@@ -190,6 +193,8 @@ def make_plan(
         raise ValueError(f"{racks} racks for {total} nodes: some racks would be empty")
     if qemu_firmware not in (*QEMU_FIRMWARES, "mixed"):
         raise ValueError(f"QEMU firmware {qemu_firmware!r}: expected {', '.join(QEMU_FIRMWARES)} or mixed")
+    if qemu_accel not in ACCELS:
+        raise ValueError(f"QEMU accelerator {qemu_accel!r}: expected {', '.join(ACCELS)}")
     if qemu and qemu_disk_mb < 1024:
         raise ValueError(f"a {qemu_disk_mb} MiB VM disk is too small for Debian 12 (at least 1024)")
     per_rack = -(-total // racks)
@@ -227,5 +232,5 @@ def make_plan(
     return TestbedPlan(
         name=name, nodes=nodes, racks=racks, link_mbit=link_mbit, uplink_mbit=uplink_mbit,
         post_s=post_s, faults=faults, seed=seed, firmware=firmware, qemu=qemu, qemu_firmware=qemu_firmware,
-        qemu_disk_mb=qemu_disk_mb, qemu_memory_mb=qemu_memory_mb, node_list=tuple(node_list),
+        qemu_disk_mb=qemu_disk_mb, qemu_memory_mb=qemu_memory_mb, qemu_accel=qemu_accel, node_list=tuple(node_list),
     )

@@ -2,8 +2,9 @@
 
 A `QemuVm` is one x86_64 VM with one virtio-net NIC on a tap device. The tap is created in the namespace
 that holds the bridge, and QEMU runs in that same namespace (`ip netns exec`): a tap can only be opened
-from the namespace it lives in. KVM does not work on these machines (see the field notes), so QEMU
-always runs under TCG with a capped translation cache, under a hard `timeout`, and is killed on `stop()`.
+from the namespace it lives in. QEMU runs under KVM when a probe shows KVM runs our firmware, else under TCG
+with a capped translation cache (vmtestbed.accel; on these machines KVM does not: see the field notes), always
+under a hard `timeout`, and is killed on `stop()`.
 
 Firmware: ``bios`` is SeaBIOS with QEMU's own iPXE option ROM on the NIC; ``uefi`` is OVMF with the NIC's
 option ROM disabled (``romfile=``) so OVMF's own UEFI PXE client boots; ``uefi-http`` is OVMF with its PXE
@@ -31,6 +32,8 @@ from collections import deque
 from dataclasses import dataclass, field
 from pathlib import Path
 from typing import Any, Literal
+
+from vmtestbed.accel import ACCELS, AccelChoice, choose_accel
 
 QEMU_BINARY = "qemu-system-x86_64"
 OVMF_FD = Path("/usr/share/ovmf/OVMF.fd")
@@ -161,16 +164,21 @@ class QemuVm:
     # in its boot order and is sent to its disk by the appliance's local-boot profile.
     disk: Path | None = None
     disk_size_mb: int = 4096
+    # "auto": KVM when a probe shows it runs our firmware (vmtestbed.accel), else TCG; or "kvm" / "tcg".
+    accel: str = "auto"
 
     process: asyncio.subprocess.Process | None = field(default=None, init=False, repr=False)
     qmp: QmpClient | None = field(default=None, init=False, repr=False)
     started_at: float | None = field(default=None, init=False)
     powered_on_at: float | None = field(default=None, init=False)
+    accel_choice: AccelChoice = field(default=AccelChoice("tcg", "not started"), init=False)
 
     def __post_init__(self) -> None:
         self.workdir = Path(self.workdir)
         if self.firmware not in FIRMWARES:
             raise ValueError(f"firmware must be one of {', '.join(FIRMWARES)}, not {self.firmware!r}")
+        if self.accel not in ACCELS:
+            raise ValueError(f"accel must be one of {', '.join(ACCELS)}, not {self.accel!r}")
         if not self.tap:
             self.tap = ("tap" + re.sub(r"[^0-9a-zA-Z]", "", self.mac)[-8:])[:15]
         if not self.memory_mb:
@@ -212,7 +220,7 @@ class QemuVm:
             QEMU_BINARY,
             "-name", self.name,
             "-machine", self.machine,
-            "-accel", "tcg,tb-size=64",
+            *self.accel_choice.argv(),
             "-m", str(self.memory_mb),
             "-smp", "1",
             "-uuid", self.uuid,
@@ -252,6 +260,7 @@ class QemuVm:
             raise QemuError(f"{QEMU_BINARY} not found (Debian package qemu-system-x86)")
         if self.uefi and not OVMF_FD.is_file():
             raise QemuError(f"{OVMF_FD} not found (Debian package ovmf)")
+        self.accel_choice = await choose_accel(self.accel, QEMU_BINARY)
         self.workdir.mkdir(parents=True, exist_ok=True)
         for stale in (self.serial_log, self.qmp_socket, self.pidfile):
             stale.unlink(missing_ok=True)

@@ -29,6 +29,7 @@ def vm_of(plan: TestbedPlan, node: NodePlan) -> QemuVm:
         firmware=node.firmware,  # type: ignore[arg-type]  # "bios" or "uefi", checked by QemuVm
         tap=node.fabric_if, memory_mb=plan.qemu_memory_mb, paused=True,
         disk=plan.qemu_dir / f"{node.name}.disk", disk_size_mb=plan.qemu_disk_mb, timeout_s=VM_TIMEOUT_S,
+        accel=plan.qemu_accel,
     )
 
 
