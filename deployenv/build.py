@@ -7,9 +7,7 @@ from __future__ import annotations
 
 import json
 import lzma
-import os
 import shutil
-import subprocess
 import time
 from dataclasses import dataclass
 from pathlib import Path
@@ -17,6 +15,7 @@ from typing import Callable
 
 from deployenv import recipe
 from deployenv.cpio import pack
+from deployenv.debian import BuildError, cache_slot, chroot, kernel_in, mmdebstrap, need_root_and, package_versions
 from deployenv.inputs import BuildInputs
 from deployenv.modules import load_order
 
@@ -31,10 +30,6 @@ SMOKE = ("import importlib, pkgutil, broadcast, domain\n"
          "import broadcast.agent; print('agent imports ok')\n")
 
 Say = Callable[[str], None]
-
-
-class BuildError(Exception):
-    """The deploy environment could not be built (a tool failed, or the tree lacks what the agent needs)."""
 
 
 @dataclass(frozen=True)
@@ -77,23 +72,15 @@ def build(inputs: BuildInputs, cache_dir: Path = DEFAULT_CACHE, say: Say = print
     t0 = time.monotonic()
     if not force and (hit := cached(inputs, cache_dir)) is not None:
         return hit
-    if os.geteuid() != 0:
-        raise BuildError("building the deploy environment needs root (mmdebstrap into a directory, chroot)")
-    if shutil.which("mmdebstrap") is None:
-        raise BuildError("mmdebstrap not found (Debian package mmdebstrap; ./setup.sh installs it)")
+    need_root_and(("mmdebstrap",), "the deploy environment")
     digest = inputs.digest()
-    work = cache_dir / f"{digest}.tmp-{os.getpid()}"
-    shutil.rmtree(work, ignore_errors=True)
-    work.mkdir(parents=True)
-    try:
+    with cache_slot(cache_dir, digest) as work:
         root = work / "root"
         say(f"mmdebstrap {recipe.SUITE}: {len(recipe.PACKAGES)} packages and their dependencies (apt's sources of this machine)")
-        _run(["mmdebstrap", "--variant=minbase", "--include=" + ",".join(recipe.PACKAGES),
-              *[f"--dpkgopt=path-exclude=/usr/share/{d}/*" for d in ("doc", "man", "info", "locale")],
-              recipe.SUITE, str(root)])
-        kernel_version, kernel = _kernel(root)
+        mmdebstrap(recipe.SUITE, recipe.PACKAGES, root, [f"/usr/share/{d}/*" for d in ("doc", "man", "info", "locale")])
+        kernel_version, kernel = kernel_in(root)
         shutil.copyfile(kernel, work / KERNEL)
-        packages = _versions(root)
+        packages = package_versions(root)
         say(f"kernel {kernel_version}; keeping {len(recipe.MODULES)} modules and their dependencies")
         modules, missing = _keep_modules(root, kernel_version)
         for name in missing:
@@ -107,12 +94,12 @@ def build(inputs: BuildInputs, cache_dir: Path = DEFAULT_CACHE, say: Say = print
         _restore_modules(root, work / "modules", kernel_version)
         _make_localboot(root, work / LOCALBOOT)
         _add_agent(root, inputs)
-        out = _run(["chroot", str(root), "/usr/bin/env", f"PYTHONPATH=/{AGENT_DIR}", "/usr/bin/python3", "-c", SMOKE])
+        out = chroot(root, f"PYTHONPATH=/{AGENT_DIR}", "/usr/bin/python3", "-c", SMOKE)
         if "agent imports ok" not in out:
             raise BuildError(f"the agent does not import inside the tree: {out}")
-        _run(["chroot", str(root), "/usr/bin/python3", "-m", "compileall", "-q", f"/{AGENT_DIR}"])
+        chroot(root, "/usr/bin/python3", "-m", "compileall", "-q", f"/{AGENT_DIR}")
         for argv in recipe.TOOLS:
-            _run(["chroot", str(root), "/usr/bin/env", "PATH=/usr/sbin:/usr/bin", *argv])
+            chroot(root, *argv)
         shutil.rmtree(root / "var/lib/dpkg", ignore_errors=True)
         say("packing the initramfs (newc cpio, zstd)")
         tree_bytes = sum(p.lstat().st_size for p in root.rglob("*") if p.is_file() and not p.is_symlink())
@@ -127,31 +114,8 @@ def build(inputs: BuildInputs, cache_dir: Path = DEFAULT_CACHE, say: Say = print
         (work / MANIFEST).write_text(json.dumps(manifest, indent=1) + "\n")
         shutil.rmtree(root)
         shutil.rmtree(work / "modules", ignore_errors=True)
-        done = cache_dir / digest
-        shutil.rmtree(done, ignore_errors=True)
-        work.rename(done)
-    finally:
-        shutil.rmtree(work, ignore_errors=True)
+    done = cache_dir / digest
     return BuildResult(done, digest, False, time.monotonic() - t0, manifest)
-
-
-def _run(argv: list[str]) -> str:
-    done = subprocess.run(argv, stdin=subprocess.DEVNULL, capture_output=True, text=True)
-    if done.returncode != 0:
-        raise BuildError(f"{argv[0]} failed ({done.returncode}): {(done.stderr or done.stdout).strip()[-3000:]}")
-    return done.stdout
-
-
-def _kernel(root: Path) -> tuple[str, Path]:
-    found = sorted((root / "boot").glob("vmlinuz-*"))
-    if len(found) != 1:
-        raise BuildError(f"expected one kernel in {root / 'boot'}, found {[p.name for p in found]}")
-    return found[0].name.removeprefix("vmlinuz-"), found[0]
-
-
-def _versions(root: Path) -> dict[str, str]:
-    out = _run(["dpkg-query", f"--admindir={root / 'var/lib/dpkg'}", "-W", "-f", "${Package} ${Version}\n"])
-    return dict(line.split(" ", 1) for line in out.splitlines() if " " in line)
 
 
 def _keep_modules(root: Path, version: str) -> tuple[list[str], list[str]]:
@@ -180,7 +144,7 @@ def _restore_modules(root: Path, keep: Path, version: str) -> None:
     shutil.copytree(keep, moddir)
     (root / "etc/rackboot").mkdir(parents=True, exist_ok=True)
     shutil.copyfile(keep / "modules.order", root / "etc/rackboot/modules.order")
-    _run(["chroot", str(root), "/usr/sbin/depmod", version])  # kmod is in the tree (linux-image depends on it)
+    chroot(root, "/usr/sbin/depmod", version)  # kmod is in the tree (linux-image depends on it)
 
 
 def _make_localboot(root: Path, out: Path) -> None:
@@ -191,10 +155,10 @@ def _make_localboot(root: Path, out: Path) -> None:
     (work / recipe.LOCALBOOT_PREFIX).mkdir(parents=True, exist_ok=True)
     (work / recipe.LOCALBOOT_PREFIX / "grub.cfg").write_text(recipe.LOCALBOOT_CFG)
     (work / "early.cfg").write_text(f"set prefix=(memdisk)/{recipe.LOCALBOOT_PREFIX}\n")
-    _run(["chroot", str(root), "/usr/bin/tar", "-C", "/tmp/localboot", "-cf", "/tmp/localboot/memdisk.tar", recipe.LOCALBOOT_PREFIX])
-    _run(["chroot", str(root), "/usr/bin/grub-mkimage", "-O", "x86_64-efi", "-p", f"(memdisk)/{recipe.LOCALBOOT_PREFIX}",
-          "-c", "/tmp/localboot/early.cfg", "-m", "/tmp/localboot/memdisk.tar", "-o", "/tmp/localboot/localboot.efi",
-          *recipe.LOCALBOOT_MODULES])
+    chroot(root, "/usr/bin/tar", "-C", "/tmp/localboot", "-cf", "/tmp/localboot/memdisk.tar", recipe.LOCALBOOT_PREFIX)
+    chroot(root, "/usr/bin/grub-mkimage", "-O", "x86_64-efi", "-p", f"(memdisk)/{recipe.LOCALBOOT_PREFIX}",
+           "-c", "/tmp/localboot/early.cfg", "-m", "/tmp/localboot/memdisk.tar", "-o", "/tmp/localboot/localboot.efi",
+           *recipe.LOCALBOOT_MODULES)
     shutil.move(work / "localboot.efi", out)
     shutil.rmtree(work)
 

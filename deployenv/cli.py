@@ -10,7 +10,8 @@ import asyncssh
 
 from broadcast.agent_client import load_or_create_key
 from deployenv import image
-from deployenv.build import DEFAULT_CACHE, BuildError, build
+from deployenv.build import DEFAULT_CACHE, build
+from deployenv.debian import BuildError
 from deployenv.image_recipe import IMAGES
 from deployenv.inputs import collect
 from deployenv.register import RegisterError, config_lines, export, install, read_target

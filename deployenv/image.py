@@ -10,13 +10,12 @@ import hashlib
 import json
 import os
 import shutil
-import subprocess
 import time
 from dataclasses import dataclass
 from pathlib import Path
 from typing import Callable
 
-from deployenv.build import BuildError
+from deployenv.debian import BuildError, cache_slot, chroot, kernel_in, mmdebstrap, need_root_and, package_versions, run
 from deployenv.image_recipe import ImageRecipe
 
 DEFAULT_CACHE = Path("/var/cache/rackboot/images")
@@ -107,22 +106,14 @@ def build_image(recipe: ImageRecipe, cache_dir: Path = DEFAULT_CACHE, say: Say =
     t0 = time.monotonic()
     if not force and (hit := cached(recipe, cache_dir)) is not None:
         return hit
-    if os.geteuid() != 0:
-        raise BuildError("building an image needs root (mmdebstrap into a directory, chroot)")
-    for tool in ("mmdebstrap", "zstd", "tar"):
-        if shutil.which(tool) is None:
-            raise BuildError(f"{tool} not found (./setup.sh installs it)")
+    need_root_and(("mmdebstrap", "zstd", "tar"), "an image")
     digest = recipe.digest()
-    work = cache_dir / f"{digest}.tmp-{os.getpid()}"
-    shutil.rmtree(work, ignore_errors=True)
-    work.mkdir(parents=True)
-    try:
+    with cache_slot(cache_dir, digest) as work:
         root = work / "root"
         say(f"mmdebstrap {recipe.suite}: {len(recipe.packages)} packages and their dependencies (apt's sources of this machine)")
-        _run(["mmdebstrap", "--variant=minbase", "--include=" + ",".join(recipe.packages),
-              *[f"--dpkgopt=path-exclude={p}" for p in recipe.dpkg_excludes], recipe.suite, str(root)])
+        mmdebstrap(recipe.suite, recipe.packages, root, recipe.dpkg_excludes)
         kernel_version = customize(root, recipe)
-        packages = _versions(root)
+        packages = package_versions(root)
         unpacked = tree_bytes(root)
         tar = work / f"{recipe.name}.tar.zst"
         say(f"kernel {kernel_version}; packing {unpacked / 1e6:.0f} MB (tar, zstd -{recipe.zstd_level})")
@@ -137,11 +128,7 @@ def build_image(recipe: ImageRecipe, cache_dir: Path = DEFAULT_CACHE, say: Say =
         }
         (work / MANIFEST).write_text(json.dumps(manifest, indent=1) + "\n")
         shutil.rmtree(root)
-        done = cache_dir / digest
-        shutil.rmtree(done, ignore_errors=True)
-        work.rename(done)
-    finally:
-        shutil.rmtree(work, ignore_errors=True)
+    done = cache_dir / digest
     return ImageResult(done, recipe.name, digest, False, time.monotonic() - t0, manifest)
 
 
@@ -165,11 +152,11 @@ def customize(root: Path, recipe: ImageRecipe) -> str:
         for path in root.glob(pattern):
             if path.is_file() or path.is_symlink():
                 path.unlink()
-    _chroot(root, "systemctl", "enable", *recipe.enable)
-    version = kernel_version(root)
+    chroot(root, "systemctl", "enable", *recipe.enable)
+    version, _ = kernel_in(root)
     boot = root / "boot"
     if not (boot / f"initrd.img-{version}").is_file():
-        _chroot(root, "update-initramfs", "-c", "-k", version)
+        chroot(root, "update-initramfs", "-c", "-k", version)
     for link, target in (("vmlinuz", f"boot/vmlinuz-{version}"), ("initrd.img", f"boot/initrd.img-{version}")):
         (root / f"{link}.old").unlink(missing_ok=True)  # linux-update-symlinks makes .old links to the same kernel
         if not (root / link).is_symlink() or os.readlink(root / link).lstrip("/") != target:
@@ -180,14 +167,6 @@ def customize(root: Path, recipe: ImageRecipe) -> str:
     if not root_hash.startswith(("*", "!")):
         raise BuildError("root's password is not locked in the image (etc/shadow)")
     return version
-
-
-def kernel_version(root: Path) -> str:
-    """Return the version of the one kernel under root/boot."""
-    found = sorted((root / "boot").glob("vmlinuz-*"))
-    if len(found) != 1:
-        raise BuildError(f"expected one kernel in {root / 'boot'}, found {[p.name for p in found]}")
-    return found[0].name.removeprefix("vmlinuz-")
 
 
 def tree_bytes(root: Path) -> int:
@@ -210,7 +189,7 @@ def pack(root: Path, dest: Path, level: int) -> None:
     """Write root as dest: GNU tar (numeric owners, xattrs, sorted names, /dev left empty), zstd on every core."""
     entries = sorted(p.name for p in root.iterdir())
     # --anchored: unanchored, dev/* would also drop e.g. kernel/drivers/net/can/dev/can-dev.ko
-    _run(["tar", "--numeric-owner", "--xattrs", "--xattrs-include=*", "--sort=name", "--anchored", "--exclude=dev/*",
+    run(["tar", "--numeric-owner", "--xattrs", "--xattrs-include=*", "--sort=name", "--anchored", "--exclude=dev/*",
           "-I", f"zstd -T0 -{level}", "-C", str(root), "-cf", str(dest), *entries])
 
 
@@ -221,19 +200,3 @@ def sha256_file(path: Path) -> str:
         while chunk := f.read(CHUNK):
             h.update(chunk)
     return h.hexdigest()
-
-
-def _run(argv: list[str]) -> str:
-    done = subprocess.run(argv, stdin=subprocess.DEVNULL, capture_output=True, text=True)
-    if done.returncode != 0:
-        raise BuildError(f"{argv[0]} failed ({done.returncode}): {(done.stderr or done.stdout).strip()[-3000:]}")
-    return done.stdout
-
-
-def _chroot(root: Path, *argv: str) -> str:
-    return _run(["chroot", str(root), "/usr/bin/env", "PATH=/usr/sbin:/usr/bin:/sbin:/bin", *argv])
-
-
-def _versions(root: Path) -> dict[str, str]:
-    out = _run(["dpkg-query", f"--admindir={root / 'var/lib/dpkg'}", "-W", "-f", "${Package} ${Version}\n"])
-    return dict(line.split(" ", 1) for line in out.splitlines() if " " in line)
