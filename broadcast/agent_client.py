@@ -15,11 +15,16 @@ from typing import Any, Awaitable, Callable, Mapping, Sequence
 import asyncssh
 
 from broadcast.disk import PartitionSpec
-from broadcast.errors import AgentError
+from broadcast.errors import AgentError, AgentMissing
 from broadcast.image import SinkSpec
 from broadcast.wire import SocketFactory
 
 AGENT_COMMAND = "rackboot-agent"
+# POSIX shells exit 127 when the command is not found (XCU 2.8.2): the node runs no agent.
+COMMAND_NOT_FOUND = 127
+# How a stock installed system is rebooted when it has no agent: systemd queues the reboot and returns (so the
+# SSH exchange ends cleanly); a system without systemd has reboot(8).
+OS_REBOOT_COMMAND = "systemctl --no-block reboot || reboot"
 
 
 @dataclass
@@ -80,6 +85,8 @@ class AgentClient:
     async def call(self, op: str, timeout: float | None = None, **request: Any) -> dict[str, Any]:
         """Run one agent operation; return its reply; raise AgentError with the agent's message on failure."""
         r = await self.run(f"{AGENT_COMMAND} {op}", timeout=timeout, stdin=json.dumps(request).encode())
+        if r.status == COMMAND_NOT_FOUND and not r.stdout:
+            raise AgentMissing(f"{op}: no {AGENT_COMMAND} on the node: {r.stderr.strip()[-200:]}")
         try:
             reply = json.loads(r.stdout)
         except ValueError as exc:
@@ -116,8 +123,15 @@ class AgentClient:
         return await self.call("kexec", kernel=kernel, initrd=initrd, cmdline=cmdline, root=root)
 
     async def reboot(self) -> dict[str, Any]:
-        """Reboot the node (soft reboot); the reply comes before the reboot."""
-        return await self.call("reboot", timeout=15)
+        """Reboot the node (soft reboot) through its agent, or through its own init when it runs none (a stock
+        installed system reached with the deploy key); the reply comes before the reboot."""
+        try:
+            return await self.call("reboot", timeout=15)
+        except AgentMissing:
+            r = await self.run(OS_REBOOT_COMMAND, timeout=15)
+            if r.status not in (0, None):  # None: the connection went down with the system
+                raise AgentError(f"reboot: `{OS_REBOOT_COMMAND}` exited {r.status}: {r.stderr.strip()[-200:]}") from None
+            return {"rebooting": True, "by": "os"}
 
 
 async def ssh_connect(host: str, port: int, key: asyncssh.SSHKey, *, username: str = "root", timeout: float = 10.0,

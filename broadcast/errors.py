@@ -18,6 +18,10 @@ class AgentError(RackbootError):
     """A deploy-agent operation failed (partitioning, post-install, kexec, callback)."""
 
 
+class AgentMissing(AgentError):
+    """The node answers SSH but runs no deploy agent (a stock installed system): its shell found no such command."""
+
+
 def describe_error(exc: BaseException) -> str:
     """Return a short human reason for an exception: "timed out", the OS error text, or the message."""
     if isinstance(exc, asyncio.TimeoutError):

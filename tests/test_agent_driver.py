@@ -116,3 +116,54 @@ def test_partition_sizes() -> None:
                                                                      (None, "linux", "ext4", "root")]
     with pytest.raises(DeployError):
         partition_specs((Partition("x", "lots"),))
+
+
+async def test_soft_reboot_of_a_stock_installed_system_goes_through_its_init(tmp_path: Path) -> None:
+    """A stock OS answers SSH with the deploy key but has no rackboot-agent: the soft reboot falls back to
+    `systemctl --no-block reboot` run by its own shell."""
+    bindir = tmp_path / "bin"
+    bindir.mkdir()
+    asked = tmp_path / "systemctl.args"
+    (bindir / "systemctl").write_text(f"#!/bin/sh\necho \"$@\" > {asked}\n")
+    (bindir / "systemctl").chmod(0o755)
+    key = load_or_create_key(tmp_path / "deploy_key")
+
+    async def shell(process: asyncssh.SSHServerProcess[bytes]) -> None:
+        # What sshd does with an exec request: the user's shell runs the command (here with only bindir on PATH).
+        proc = await asyncio.create_subprocess_exec("/bin/sh", "-c", process.command or "", env={"PATH": str(bindir)},
+                                                    stdout=asyncio.subprocess.PIPE, stderr=asyncio.subprocess.PIPE,
+                                                    stdin=asyncio.subprocess.PIPE)
+        assert proc.stdin is not None and proc.stdout is not None and proc.stderr is not None
+
+        async def feed() -> None:
+            proc.stdin.write(await process.stdin.read())  # type: ignore[union-attr]
+            proc.stdin.close()  # type: ignore[union-attr]
+
+        feeding = asyncio.ensure_future(feed())  # like sshd: the command runs whether or not stdin ever ends
+        out, err = await asyncio.gather(proc.stdout.read(), proc.stderr.read())
+        await proc.wait()
+        feeding.cancel()
+        process.stdout.write(out)
+        process.stderr.write(err)
+        process.exit(proc.returncode or 0)
+
+    server = await asyncssh.create_server(asyncssh.SSHServer, "127.0.0.21", 0, encoding=None,
+                                          server_host_keys=[asyncssh.generate_private_key("ssh-ed25519")],
+                                          authorized_client_keys=asyncssh.import_authorized_keys(key.export_public_key().decode()),
+                                          process_factory=shell)
+    port = server.sockets[0].getsockname()[1]
+    node = Node(name="node-1", mac="52:54:00:77:00:01", ip=ipaddress.IPv4Address("127.0.0.21"))
+    config = ApplianceConfig(interface="lo", address=ipaddress.IPv4Interface("127.0.0.1/8"), state_dir=tmp_path,
+                             inventory=Inventory((node,)), deploy=DeployConfig(ssh_key=tmp_path / "deploy_key", ssh_port=port))
+    try:
+        await AgentDeployDriver(config, NodeTokens()).soft_reboot(node)
+        assert asked.read_text() == "--no-block reboot\n"
+        # Both fail (fakes: this shell's PATH holds only bindir, so nothing of the host's can run).
+        (bindir / "systemctl").write_text("#!/bin/sh\necho 'Failed to connect to bus' >&2\nexit 1\n")
+        (bindir / "reboot").write_text("#!/bin/sh\necho 'reboot: no init answers' >&2\nexit 1\n")
+        (bindir / "reboot").chmod(0o755)
+        with pytest.raises(DeployError, match=r"^soft reboot: reboot: .* exited 1: Failed to connect to bus\nreboot: no init answers$"):
+            await AgentDeployDriver(config, NodeTokens()).soft_reboot(node)
+    finally:
+        server.close()
+        await server.wait_closed()

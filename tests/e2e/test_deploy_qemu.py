@@ -193,6 +193,22 @@ async def test_bios_and_uefi_vms_deployed_with_debian_boot_from_their_disks(qemu
         more = await asyncio.to_thread(_ssh, app, key, nodes["node-5"].ip, "hostname; cat /etc/rackboot/deployed.json; cat /proc/cmdline")
         lines = more.stdout.splitlines()
         assert lines[0] == "node-5" and json.loads(lines[1])["env"] == "debian12:1" and "root=UUID=" in lines[2], lines
+
+        # A soft reboot of the stock installed system (no agent in it): its own systemd reboots it, no BMC involved.
+        boot_id = (await asyncio.to_thread(_ssh, app, key, nodes["node-5"].ip, "cat /proc/sys/kernel/random/boot_id")).stdout
+        restarts = vms["node-5"].serial_text().count("reboot: Restarting system")
+        t0 = time.time()
+        rc, out, err = await _rackboot_in(app, ["reboot", "-m", "node-5", "--to", "local", "--level", "soft", "--json",
+                                                "--config", str(app.config_path)], DEPLOY_TIMEOUT_S)
+        assert rc == 0 and json.loads(out)[0]["ok"], out + err
+        assert vms["node-5"].serial_text().count("reboot: Restarting system") == restarts + 1  # the kernel's clean restart
+        assert "soft reboot impossible" not in app.server_log()
+        again = ""
+        while time.time() - t0 < 300 and not again:
+            seen = await asyncio.to_thread(_ssh, app, key, nodes["node-5"].ip, "cat /proc/sys/kernel/random/boot_id")
+            again = seen.stdout if seen.returncode == 0 else ""
+        assert again and again != boot_id, (boot_id, again)
+        print(f"[deploy-qemu] node-5 soft-rebooted (systemctl over SSH) to its disk and back in SSH in {time.time() - t0:.0f}s")
     except (AssertionError, QemuError, TimeoutError, json.JSONDecodeError, ValueError, IndexError, subprocess.SubprocessError) as exc:
         tails = "".join(f"\n--- {n} serial tail ---\n{vm.serial_text()[-3000:]}\n--- {n} qemu ---\n{vm.stderr_text()[-500:]}"
                         for n, vm in vms.items())
