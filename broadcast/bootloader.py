@@ -22,6 +22,7 @@ from pathlib import Path
 from typing import Any, Sequence
 
 from broadcast.errors import AgentError
+from broadcast.tools import run_tool
 
 BIOS_TARGET, EFI_TARGET = "i386-pc", "x86_64-efi"
 REMOVABLE_EFI = "EFI/BOOT/BOOTX64.EFI"
@@ -99,25 +100,10 @@ def kernel_args(root_uuid: str, cmdline: str) -> str:
     return cmdline.strip() if "root=" in cmdline else f"root=UUID={root_uuid} {cmdline}".strip()
 
 
-async def _run(argv: Sequence[str], timeout: float = 120.0) -> str:
-    proc = await asyncio.create_subprocess_exec(*argv, stdin=asyncio.subprocess.DEVNULL, stdout=asyncio.subprocess.PIPE,
-                                                stderr=asyncio.subprocess.PIPE)
-    try:
-        out, err = await asyncio.wait_for(proc.communicate(), timeout)
-    except asyncio.TimeoutError:
-        proc.kill()
-        await proc.wait()
-        raise AgentError(f"{argv[0]} timed out after {timeout:g} s") from None
-    if proc.returncode != 0:
-        text = (err or out).decode(errors="replace").strip()
-        raise AgentError(f"{' '.join(argv)} failed ({proc.returncode}): {text[-1500:]}")
-    return out.decode(errors="replace")
-
-
 async def uuid_of(device: str) -> str:
     """The filesystem (or swap) UUID of a partition, from blkid; empty when it has none."""
     try:
-        return (await _run(["blkid", "-s", "UUID", "-o", "value", device], timeout=30)).strip()
+        return (await run_tool(["blkid", "-s", "UUID", "-o", "value", device], timeout=30)).strip()
     except AgentError:
         return ""
 
@@ -132,7 +118,7 @@ async def mount_others(root: str, parts: Sequence[MountedPart]) -> list[str]:
         where.mkdir(parents=True, exist_ok=True)
         if os.path.ismount(where):
             continue
-        await _run(["mount", "-t", p.fs, p.device, str(where)], timeout=60)
+        await run_tool(["mount", "-t", p.fs, p.device, str(where)], timeout=60)
         done.append(str(where))
     return done
 
@@ -195,7 +181,7 @@ async def _install_grub(targets: Sequence[str], boot: Path, disk: str, esp_dir: 
             argv += [f"--efi-directory={esp_dir}", "--removable", "--no-nvram"]
         else:
             argv.append(disk)
-        await _run(argv, timeout=GRUB_TIMEOUT_S)
+        await run_tool(argv, timeout=GRUB_TIMEOUT_S)
 
 
 ROOT_FILESYSTEMS = ("ext4", "ext3", "ext2", "xfs", "btrfs")
@@ -206,10 +192,10 @@ async def mount_installed_root(disk: str, where: str, wait_s: float = 10.0) -> d
     the installed system (a Linux filesystem with etc/os-release), mount it at where; return {device, uuid, fs}."""
     for argv in (["blockdev", "--rereadpt", disk], ["partx", "-u", disk], ["partx", "-a", disk]):
         try:
-            await _run(argv, timeout=30)
+            await run_tool(argv, timeout=30)
         except (AgentError, FileNotFoundError):
             pass
-    table = json.loads(await _run(["sfdisk", "--json", disk], timeout=30)).get("partitiontable", {})
+    table = json.loads(await run_tool(["sfdisk", "--json", disk], timeout=30)).get("partitiontable", {})
     nodes = [str(p["node"]) for p in table.get("partitions", [])]
     loop = asyncio.get_running_loop()
     deadline = loop.time() + wait_s
@@ -221,10 +207,10 @@ async def mount_installed_root(disk: str, where: str, wait_s: float = 10.0) -> d
         fs = await _fs_type(node)
         if fs not in ROOT_FILESYSTEMS:
             continue
-        await _run(["mount", "-t", fs, node, where], timeout=60)
+        await run_tool(["mount", "-t", fs, node, where], timeout=60)
         if (Path(where) / "etc" / "os-release").is_file() or (Path(where) / "usr/lib/os-release").is_file():
             return {"device": node, "uuid": await uuid_of(node), "fs": fs}
-        await _run(["umount", where], timeout=60)
+        await run_tool(["umount", where], timeout=60)
         tried.append(f"{node} ({fs})")
     raise AgentError(f"no installed system found on {disk}: none of its partitions ({', '.join(tried) or 'no Linux filesystem'}) "
                      "holds etc/os-release")
@@ -233,7 +219,7 @@ async def mount_installed_root(disk: str, where: str, wait_s: float = 10.0) -> d
 async def _fs_type(device: str) -> str:
     """The filesystem type blkid finds on a partition, or ''."""
     try:
-        return (await _run(["blkid", "-s", "TYPE", "-o", "value", device], timeout=30)).strip()
+        return (await run_tool(["blkid", "-s", "TYPE", "-o", "value", device], timeout=30)).strip()
     except AgentError:
         return ""
 
@@ -249,7 +235,7 @@ async def unmount_below(directory: str) -> list[str]:
     done = []
     for m in sorted(set(below), key=lambda m: m.count("/"), reverse=True):
         try:
-            await _run(["umount", m], timeout=60)
+            await run_tool(["umount", m], timeout=60)
             done.append(m)
         except AgentError:
             pass

@@ -20,6 +20,7 @@ from pathlib import Path
 from typing import Any, Sequence
 
 from broadcast.errors import AgentError
+from broadcast.tools import run_tool
 
 SECTOR = 512
 ALIGN = 1 << 20  # first partition and every start on a 1 MiB boundary
@@ -81,20 +82,6 @@ def is_block_device(path: str | Path) -> bool:
 def partition_device(disk: str, number: int) -> str:
     """The device node of partition `number` of a block device (sda -> sda2, nvme0n1 -> nvme0n1p2)."""
     return f"{disk}p{number}" if disk[-1].isdigit() else f"{disk}{number}"
-
-
-async def _run(argv: Sequence[str], stdin: bytes | None = None, timeout: float = 120) -> str:
-    proc = await asyncio.create_subprocess_exec(*argv, stdin=asyncio.subprocess.PIPE, stdout=asyncio.subprocess.PIPE,
-                                                stderr=asyncio.subprocess.PIPE)
-    try:
-        out, err = await asyncio.wait_for(proc.communicate(stdin), timeout)
-    except asyncio.TimeoutError:
-        proc.kill()
-        await proc.wait()
-        raise AgentError(f"{argv[0]} timed out after {timeout:g} s")
-    if proc.returncode != 0:
-        raise AgentError(f"{' '.join(argv)} failed ({proc.returncode}): {err.decode(errors='replace').strip()}")
-    return out.decode(errors="replace")
 
 
 def sfdisk_script(parts: Sequence[PartitionSpec], label: str) -> str:
@@ -161,8 +148,8 @@ async def partition_disk(disk: str, parts: Sequence[PartitionSpec], label: str =
             raise AgentError("sfdisk is not installed (needed for GPT and for block devices)")
         return write_mbr(disk, parts)
     argv = [sfdisk, "--quiet", "--wipe", "always"] + ([] if block else ["--no-reread", "--no-tell-kernel"]) + [disk]
-    await _run(argv, sfdisk_script(parts, label).encode())
-    table = json.loads(await _run([sfdisk, "--json", disk]))["partitiontable"]
+    await run_tool(argv, sfdisk_script(parts, label).encode())
+    table = json.loads(await run_tool([sfdisk, "--json", disk]))["partitiontable"]
     sector = int(table.get("sectorsize", SECTOR))
     out = []
     for i, (p, spec) in enumerate(zip(table["partitions"], parts), 1):
@@ -171,6 +158,10 @@ async def partition_disk(disk: str, parts: Sequence[PartitionSpec], label: str =
     if block:
         await _settle(disk, [p.device for p in out])
     return out
+
+
+# How long the partition nodes may take to appear after the re-read before partx adds them itself.
+PARTX_AFTER_S = 1.0
 
 
 async def _settle(disk: str, devices: Sequence[str], wait_s: float = 10.0) -> None:
@@ -182,19 +173,20 @@ async def _settle(disk: str, devices: Sequence[str], wait_s: float = 10.0) -> No
     for tool in (["partprobe", disk], ["udevadm", "settle", "--timeout=10"]):
         if shutil.which(tool[0]):
             try:
-                await _run(tool, timeout=30)
+                await run_tool(tool, timeout=30)
             except AgentError:
                 pass
     loop = asyncio.get_running_loop()
-    deadline = loop.time() + wait_s
+    started = loop.time()
+    deadline = started + wait_s
     added = False
     while missing := [d for d in devices if not os.path.exists(d)]:
-        if not added and loop.time() > deadline - wait_s + 1.0 and shutil.which("partx"):
+        if not added and loop.time() > started + PARTX_AFTER_S and shutil.which("partx"):
             # The re-read did not make them (seen with loop devices whose driver ignores BLKRRPART): add each
             # partition to the kernel one by one (BLKPG), as partx does.
             added = True
             try:
-                await _run(["partx", "-a", disk], timeout=30)
+                await run_tool(["partx", "-a", disk], timeout=30)
             except AgentError:
                 pass
         if loop.time() > deadline:
@@ -281,6 +273,6 @@ async def format_partitions(disk: str, parts: Sequence[Partition]) -> list[str]:
             raise AgentError(f"{p.fs} inside a disk file is not supported (ext2/3/4 and swap are)")
         if shutil.which(argv[0]) is None:
             raise AgentError(f"{argv[0]} is not installed")
-        await _run(argv, timeout=600)
+        await run_tool(argv, timeout=600)
         done.append(f"{p.number}:{p.fs}")
     return done
