@@ -22,6 +22,8 @@ def register(sub: "argparse._SubParsersAction[argparse.ArgumentParser]") -> None
     p.add_argument("--uplink-mbit", type=int, default=10000, help="rack-to-core uplink rate (0: unshaped)")
     p.add_argument("--post-s", default="1", help="POST duration: S, A-B (uniform), exp:MEAN, normal:MEAN,SD")
     p.add_argument("--faults", default="", help="fault SPEC, e.g. loss=0.05,posthang=0.1,bmcdead=0.02,die=0.05@tftp")
+    p.add_argument("--wire-loss", type=float, default=0.0, metavar="P",
+                   help="drop P (0-1) of the nodes' UDP and TCP frames on their bridge ports, both ways (nftables)")
     p.add_argument("--seed", type=int, default=0, help="seed of every random draw (faults, POST, xids)")
     p.add_argument("--firmware", default="bios", choices=("bios", "uefi", "mixed"))
     _qemu_options(p)
@@ -78,7 +80,7 @@ def _cmd_up(args: argparse.Namespace) -> int:
         parse_post_delay(args.post_s)
         plan = make_plan(args.name, args.nodes, args.racks, args.link_mbit, args.uplink_mbit, args.post_s, args.faults, args.seed, args.firmware,
                          qemu=args.qemu, qemu_firmware=args.qemu_firmware, qemu_disk_mb=args.qemu_disk_mb,
-                         qemu_accel=args.qemu_accel)
+                         qemu_accel=args.qemu_accel, wire_loss=args.wire_loss)
     except ValueError as exc:
         print(f"rackboot testbed up: {exc}", file=sys.stderr)
         return 2

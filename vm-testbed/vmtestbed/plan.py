@@ -66,6 +66,7 @@ class TestbedPlan:
     qemu_disk_mb: int = 4096
     qemu_memory_mb: int = 1024
     qemu_accel: str = "auto"
+    wire_loss: float = 0.0
     node_list: tuple[NodePlan, ...] = field(default=(), repr=False)
 
     @property
@@ -177,6 +178,7 @@ def make_plan(
     qemu_disk_mb: int = 4096,
     qemu_memory_mb: int = 1024,
     qemu_accel: str = "auto",
+    wire_loss: float = 0.0,
 ) -> TestbedPlan:
     """Compute the plan of a testbed: nodes spread evenly over racks, addresses and names assigned in order.
 
@@ -193,6 +195,8 @@ def make_plan(
         raise ValueError(f"{racks} racks for {total} nodes: some racks would be empty")
     if qemu_firmware not in (*QEMU_FIRMWARES, "mixed"):
         raise ValueError(f"QEMU firmware {qemu_firmware!r}: expected {', '.join(QEMU_FIRMWARES)} or mixed")
+    if not 0.0 <= wire_loss < 1.0:
+        raise ValueError(f"wire loss {wire_loss}: expected a fraction in [0, 1)")
     if qemu_accel not in ACCELS:
         raise ValueError(f"QEMU accelerator {qemu_accel!r}: expected {', '.join(ACCELS)}")
     if qemu and qemu_disk_mb < 1024:
@@ -232,5 +236,5 @@ def make_plan(
     return TestbedPlan(
         name=name, nodes=nodes, racks=racks, link_mbit=link_mbit, uplink_mbit=uplink_mbit,
         post_s=post_s, faults=faults, seed=seed, firmware=firmware, qemu=qemu, qemu_firmware=qemu_firmware,
-        qemu_disk_mb=qemu_disk_mb, qemu_memory_mb=qemu_memory_mb, qemu_accel=qemu_accel, node_list=tuple(node_list),
+        qemu_disk_mb=qemu_disk_mb, qemu_memory_mb=qemu_memory_mb, qemu_accel=qemu_accel, wire_loss=wire_loss, node_list=tuple(node_list),
     )

@@ -21,6 +21,7 @@ from vmtestbed.appliance_files import ApplianceFiles, write_appliance_files
 from vmtestbed.daemon import PLAN_FILE, READY_FILE, disk_path, rss_bytes
 from vmtestbed.plan import STATE_ROOT, TestbedPlan, validate_name
 from vmtestbed.topology import build, destroy, existing_namespaces
+from vmtestbed.wireloss import set_loss
 
 STATE_FILE = "state.json"
 NEIGH_SYSCTLS = (Path("/proc/sys/net/ipv4/neigh/default"), Path("/proc/sys/net/ipv6/neigh/default"))  # ARP, NDP
@@ -137,6 +138,9 @@ def up(plan: TestbedPlan, say: Callable[[str], None] = lambda _m: None, daemon_a
         ensure_neighbour_table(sum(neighbour_entries_needed(p) for p in [plan, *others]), say)
         network_s = build(plan, progress=say)
         say(f"network: {len(plan.namespaces)} namespaces in {network_s:.1f}s")
+        if plan.wire_loss:
+            set_loss(plan.fabric_ns, plan.wire_loss)
+            say(f"wire loss: {plan.wire_loss:.0%} of the nodes' UDP and TCP frames dropped, both ways (nftables)")
         files = write_appliance_files(plan, sd / "appliance")
         (sd / "disks").mkdir()
         for n in plan.netns_nodes:  # a VM's disk is made beside its QEMU files (plan.qemu_dir)
