@@ -23,8 +23,10 @@ from netboot.dhcp4.codec import (
     ZERO_IP,
     DhcpPacket,
     encode_reply,
+    peek_source,
 )
 from netboot.dhcp4.leases import LeaseTable, int_to_ip, ip_to_int
+from netboot.dhcp4.ratelimit import SourceLimiter
 from netboot.dhcp4.settings import DhcpSettings, Reservation
 
 log = logging.getLogger("rackboot.dhcp")
@@ -43,6 +45,8 @@ _PXE_FIRMWARE = {o.ARCH_BIOS: FirmwareKind.BIOS_PXE, o.ARCH_EFI_IA32: FirmwareKi
                  o.ARCH_EFI_BC: FirmwareKind.UEFI_PXE, o.ARCH_EFI_X64: FirmwareKind.UEFI_PXE,
                  o.ARCH_EFI_ARM64: FirmwareKind.UEFI_PXE}
 MAX_TRACKED_EXCHANGES = 65536  # MACs whose last transaction id is remembered (oldest forgotten first)
+POOL_EXHAUSTED = "pool exhausted"  # Decision.ignored when a new client gets no address (the transport counts it)
+QUIET_S = 60.0  # at most one warning a minute per kind (exhaustion, rate limiting, DECLINE)
 
 
 @dataclass(frozen=True, slots=True)
@@ -130,6 +134,51 @@ class DhcpPolicy:
         self._ipxe_cache: dict[tuple[str, bool], BootAnswer] = {}  # inventory MACs only: bounded
         self._quiet_until = 0.0
         self._decline_quiet_until = 0.0
+        # Rate limiting of MACs outside the inventory, per relay or ingress port, decided before the decode.
+        self._node_chaddrs = frozenset(bytes.fromhex(mac.replace(":", "")) for mac in reservations)
+        self.limiter = SourceLimiter(settings.unknown_rate) if settings.unknown_rate is not None else None
+        self._ingress = {VIA_DHCP: f"{settings.interface} port {settings.port}",
+                         VIA_PXE: f"{settings.interface} port {settings.proxy_port}"}
+        self._rate_quiet_until = 0.0
+        self._rate_window_start: float | None = None
+
+    # ------------------------------------------------------------------ admission (before the decode)
+
+    def admit(self, data: bytes, via: str, now: float) -> bool:
+        """False when a datagram from a MAC outside the inventory exceeds its source's rate: drop it undecoded.
+
+        The source is the relay (giaddr, RFC 2131 4.1 / RFC 3046 2: one relay interface is one client segment) or,
+        for a client on our own segment, the ingress port. Inventory MACs are always admitted, and spend no token.
+        """
+        limiter = self.limiter
+        if limiter is None:
+            return True
+        peeked = peek_source(data)
+        if peeked is None or peeked[0] in self._node_chaddrs:
+            return True  # too short to be DHCP (decode drops it), or an inventory node
+        chaddr, giaddr = peeked
+        key = giaddr if giaddr != ZERO_IP else via
+        if limiter.admit(key, now):
+            return True
+        if self._rate_window_start is None:
+            self._rate_window_start = now
+        if now >= self._rate_quiet_until:  # one line a minute at most, never one per packet
+            self._rate_quiet_until = now + QUIET_S
+            report = limiter.take_report()
+            worst = sorted(report.items(), key=lambda kv: -kv[1])[:3]
+            where = ", ".join(f"{self._source_name(k)}: {n}" for k, n in worst)
+            log.warning("dhcp: rate limit of MACs outside the inventory (%g/s, burst %d per relay or port): "
+                        "%d requests dropped in %.0f s (%s%s)", limiter.limit.rate, limiter.limit.burst,
+                        sum(report.values()), now - self._rate_window_start, where,
+                        ", ..." if len(report) > len(worst) else "")
+            self._rate_window_start = now
+        return False
+
+    def _source_name(self, key: object) -> str:
+        """A rate-limited source for a log line: 'relay 10.1.2.3' or the ingress interface and port."""
+        if isinstance(key, bytes):
+            return f"relay {_ntoa(key)}"
+        return self._ingress.get(str(key), str(key))
 
     # ------------------------------------------------------------------ entry point
 
@@ -189,7 +238,7 @@ class DhcpPolicy:
         if mt == o.DECLINE:
             wanted = req.option_ip(o.REQUESTED_IP) or ip
             if now >= self._decline_quiet_until:  # one line a minute at most
-                self._decline_quiet_until = now + 60
+                self._decline_quiet_until = now + QUIET_S
                 log.warning("dhcp: %s declined its reserved address %s: another host uses it", mac, _ntoa(wanted))
             return Decision()
         if mt == o.RELEASE:
@@ -209,9 +258,11 @@ class DhcpPolicy:
             value = leases.offer(mac, ip_to_int(requested) if requested else None, now)
             if value is None:
                 if now >= self._quiet_until:  # one warning per minute, not one per DISCOVER
-                    log.warning("dhcp: pool exhausted, no address for %s (and maybe others)", mac)
-                    self._quiet_until = now + 60
-                return Decision(None, event, "pool exhausted")
+                    self._quiet_until = now + QUIET_S
+                    log.warning("dhcp: pool %s-%s exhausted: %d leases, %d offers pending; no address for %s "
+                                "(and maybe others for a minute)", _ntoa(int_to_ip(leases.first)),
+                                _ntoa(int_to_ip(leases.last)), len(leases), leases.offers_pending, mac)
+                return Decision(None, event, POOL_EXHAUSTED)
             ip = int_to_ip(value)
             boot = self._boot_for(req, mac, proxy=False) if self.discovery else None
             return Decision(self._lease_reply(req, o.OFFER, ip, b"", boot), event)
@@ -246,7 +297,7 @@ class DhcpPolicy:
             if not leases.decline(mac, ip_to_int(wanted), now):
                 return Decision(ignored="DECLINE of an address this client does not hold")
             if now >= self._decline_quiet_until:  # one line a minute at most: DECLINEs must not fill the log
-                self._decline_quiet_until = now + 60
+                self._decline_quiet_until = now + QUIET_S
                 log.warning("dhcp: %s declined %s: another host uses it; held back for a while", mac, _ntoa(wanted))
             return Decision()
         if mt == o.RELEASE:
@@ -297,6 +348,11 @@ class DhcpPolicy:
         return Decision(Reply(data, dest, reply_type), event)
 
     # ------------------------------------------------------------------ node progress
+
+    @property
+    def exchanges_tracked(self) -> int:
+        """How many MACs' last exchange is remembered (at most MAX_TRACKED_EXCHANGES)."""
+        return len(self._exchanges)
 
     def _seen(self, req: DhcpPacket, mac: str) -> NodeEvent | None:
         """The node record of a request: one per exchange (transaction id) of a MAC, classified once here."""

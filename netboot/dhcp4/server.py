@@ -22,7 +22,7 @@ from domain.progress import EventSink
 from netboot.dhcp4 import options as o
 from netboot.dhcp4.codec import decode, ipv4_udp_packet
 from netboot.dhcp4.leases import LeaseTable
-from netboot.dhcp4.policy import BROADCAST_IP, VIA_DHCP, VIA_PXE, DhcpPolicy, Reply
+from netboot.dhcp4.policy import BROADCAST_IP, POOL_EXHAUSTED, VIA_DHCP, VIA_PXE, DhcpPolicy, Reply
 from netboot.dhcp4.settings import DhcpSettings, Reservation
 from netboot.link import ARPHRD_ETHER, interface_hardware
 
@@ -34,7 +34,8 @@ RECEIVE_BUFFER = 4 << 20   # absorbs bursts (perfdhcp, a rack powering on)
 _SO_RCVBUFFORCE = 33        # <asm/socket.h>: SO_RCVBUF above rmem_max, for CAP_NET_ADMIN
 _ETH_P_IP = 0x0800
 _COUNTERS = ("received", "sent", "dropped_malformed", "ignored", "errors", "send_errors", "offers", "acks",
-             "naks", "proxy_replies", "relayed", "broadcast", "unicast_chaddr", "lease_write_errors")
+             "naks", "proxy_replies", "relayed", "broadcast", "unicast_chaddr", "lease_write_errors",
+             "rate_limited", "pool_exhausted")
 _REPLY_COUNTER = {o.OFFER: "offers", o.ACK: "acks", o.NAK: "naks"}
 
 
@@ -132,8 +133,11 @@ class DhcpService:
             self.leases.close()
 
     def stats(self) -> dict[str, int]:
-        """Return the counters plus lease table sizes."""
-        return dict(self.counters, leases=len(self.leases), lease_rows_pending=self.leases.dirty)
+        """Return the counters plus the sizes of the per-MAC tables (all bounded, see docs/reliability.md)."""
+        limiter = self.policy.limiter
+        return dict(self.counters, leases=len(self.leases), lease_rows_pending=self.leases.dirty,
+                    offers_pending=self.leases.offers_pending, exchanges_tracked=self.policy.exchanges_tracked,
+                    rate_limit_sources=len(limiter) if limiter is not None else 0)
 
     def mac_for_ip(self, addr: ipaddress.IPv4Address) -> str | None:
         """Return the MAC holding a dynamic lease on addr, or None."""
@@ -145,6 +149,10 @@ class DhcpService:
         """Decode, decide, publish events and send the reply of one datagram; never raises."""
         counters = self.counters
         counters["received"] += 1
+        now = time.time()
+        if not self.policy.admit(data, via, now):
+            counters["rate_limited"] += 1  # a MAC outside the inventory over its relay's (or port's) rate
+            return
         try:
             req = decode(data)
         except MalformedPacket as exc:
@@ -153,13 +161,15 @@ class DhcpService:
                 log.debug("dhcp: dropped malformed datagram from %s:%d: %s", addr[0], addr[1], exc)
             return
         try:
-            decision = self.policy.handle(req, time.time(), via, addr)
+            decision = self.policy.handle(req, now, via, addr)
             if decision.event is not None:
                 self.emit(decision.event)
             reply = decision.reply
             if reply is None:
                 if decision.ignored:
                     counters["ignored"] += 1
+                    if decision.ignored == POOL_EXHAUSTED:
+                        counters["pool_exhausted"] += 1
                 if log.isEnabledFor(logging.DEBUG):
                     log.debug("dhcp: no reply to %s from %s: %s", req, addr[0], decision.ignored)
             else:
