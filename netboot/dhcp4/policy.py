@@ -113,6 +113,7 @@ class DhcpPolicy:
                               for mac, r in reservations.items()}
         self._broadcast_dest = Destination(BROADCAST_IP, settings.client_port)
         self._exchanges: dict[str, tuple[int, str]] = {}  # mac -> (xid, client kind) of its last exchange
+        self.max_exchanges = MAX_TRACKED_EXCHANGES
         sid_tlv = o.tlv(o.SERVER_ID, self.sid)
         network_tlvs = (
             o.tlv(o.SUBNET_MASK, self.network.netmask.packed)
@@ -358,7 +359,7 @@ class DhcpPolicy:
         """The node record of a request: one per exchange (transaction id) of a MAC, classified once here."""
         event = classify_client(req, mac)
         last = self._exchanges.pop(mac, None)
-        if len(self._exchanges) >= MAX_TRACKED_EXCHANGES:
+        if len(self._exchanges) >= self.max_exchanges:
             del self._exchanges[next(iter(self._exchanges))]
         key = (req.xid, event.firmware if isinstance(event, DhcpFromFirmware) else event.kind)
         self._exchanges[mac] = key
