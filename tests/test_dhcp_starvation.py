@@ -26,7 +26,7 @@ from helpers import make_dhcp as make_config
 from netboot.dhcp4 import options as o
 from netboot.dhcp4.codec import DhcpPacket, decode, encode
 from netboot.dhcp4.leases import LeaseTable
-from netboot.dhcp4.policy import POOL_EXHAUSTED, VIA_DHCP, VIA_PXE, DhcpPolicy
+from netboot.dhcp4.policy import POOL_EXHAUSTED, VIA_DHCP, VIA_PXE, Admission, DhcpPolicy
 from netboot.dhcp4.ratelimit import RateLimit, SourceLimiter, TokenBucket, parse_rate
 from netboot.dhcp4.server import DhcpService
 from test_dhcp_service import free_udp_port, lo_client, serving
@@ -85,14 +85,15 @@ def test_unknown_macs_are_limited_per_relay_and_per_port_inventory_never(fake_cl
     assert policy.admit(direct, VIA_PXE, now)
     # inventory nodes: never limited, and they spend no token of their segment
     for _ in range(1000):
-        assert policy.admit(request_bytes(NODE1_MAC, "discover"), VIA_DHCP, now)
-        assert policy.admit(request_bytes(NODE2_MAC, "request", giaddr="10.9.0.1"), VIA_DHCP, now)
+        assert policy.admit(request_bytes(NODE1_MAC, "discover"), VIA_DHCP, now) is Admission.NODE
+        assert policy.admit(request_bytes(NODE2_MAC, "request", giaddr="10.9.0.1"), VIA_DHCP, now) is Admission.NODE
     assert not policy.admit(direct, VIA_DHCP, now)
     fake_clock.advance(0.5)  # one token back at 2/s
     assert policy.admit(direct, VIA_DHCP, fake_clock.now()) and not policy.admit(direct, VIA_DHCP, fake_clock.now())
     assert policy.admit(b"short", VIA_DHCP, now)  # not DHCP at all: the decoder drops it as malformed
     assert policy.limiter is not None and policy.limiter.dropped == 4
-    assert _policy(rate=None).admit(direct, VIA_DHCP, now)  # unknown_rate: off
+    assert _policy(rate=None).admit(direct, VIA_DHCP, now) is Admission.OTHER  # unknown_rate: off
+    assert _policy(rate=None).admit(request_bytes(NODE1_MAC, "discover"), VIA_DHCP, now) is Admission.NODE
 
 
 def test_rate_limiting_warns_once_a_minute_naming_the_sources(fake_clock: FakeClock,

@@ -7,6 +7,7 @@ Option bytes that do not depend on the request are encoded once at construction.
 """
 from __future__ import annotations
 
+import enum
 import ipaddress
 import logging
 import socket
@@ -47,6 +48,14 @@ _PXE_FIRMWARE = {o.ARCH_BIOS: FirmwareKind.BIOS_PXE, o.ARCH_EFI_IA32: FirmwareKi
 MAX_TRACKED_EXCHANGES = 65536  # MACs whose last transaction id is remembered (oldest forgotten first)
 POOL_EXHAUSTED = "pool exhausted"  # Decision.ignored when a new client gets no address (the transport counts it)
 QUIET_S = 60.0  # at most one warning a minute per kind (exhaustion, rate limiting, DECLINE)
+
+
+class Admission(enum.IntEnum):
+    """What admit() says of a datagram before its decode: drop it, handle it, or handle it first (false only for DROP)."""
+
+    DROP = 0    # a MAC outside the inventory over its source's rate
+    OTHER = 1   # anything else: decoded and decided after the inventory nodes of the same read
+    NODE = 2    # an inventory node: never rate-limited, answered first
 
 
 @dataclass(frozen=True, slots=True)
@@ -145,22 +154,25 @@ class DhcpPolicy:
 
     # ------------------------------------------------------------------ admission (before the decode)
 
-    def admit(self, data: bytes, via: str, now: float) -> bool:
-        """False when a datagram from a MAC outside the inventory exceeds its source's rate: drop it undecoded.
+    def admit(self, data: bytes, via: str, now: float) -> Admission:
+        """DROP when a datagram from a MAC outside the inventory exceeds its source's rate (drop it undecoded);
+        NODE for an inventory node's, to be answered first; OTHER for the rest.
 
         The source is the relay (giaddr, RFC 2131 4.1 / RFC 3046 2: one relay interface is one client segment) or,
         for a client on our own segment, the ingress port. Inventory MACs are always admitted, and spend no token.
         """
+        peeked = peek_source(data)
+        if peeked is None:
+            return Admission.OTHER  # too short to be DHCP: the decoder drops it as malformed
+        chaddr, giaddr = peeked
+        if chaddr in self._node_chaddrs:
+            return Admission.NODE
         limiter = self.limiter
         if limiter is None:
-            return True
-        peeked = peek_source(data)
-        if peeked is None or peeked[0] in self._node_chaddrs:
-            return True  # too short to be DHCP (decode drops it), or an inventory node
-        chaddr, giaddr = peeked
+            return Admission.OTHER
         key = giaddr if giaddr != ZERO_IP else via
         if limiter.admit(key, now):
-            return True
+            return Admission.OTHER
         if self._rate_window_start is None:
             self._rate_window_start = now
         if now >= self._rate_quiet_until:  # one line a minute at most, never one per packet
@@ -173,7 +185,7 @@ class DhcpPolicy:
                         sum(report.values()), now - self._rate_window_start, where,
                         ", ..." if len(report) > len(worst) else "")
             self._rate_window_start = now
-        return False
+        return Admission.DROP
 
     def _source_name(self, key: object) -> str:
         """A rate-limited source for a log line: 'relay 10.1.2.3' or the ingress interface and port."""

@@ -4,6 +4,10 @@ One UDP socket bound to the appliance interface on the DHCP port (and, in proxy 
 PXE port 4011). Replies go where RFC 2131 4.1 says; a reply to a client that has no address yet and
 did not ask for broadcast is sent as a link-layer frame to its chaddr through an AF_PACKET socket
 (as ISC dhcpd does with LPF), falling back to broadcast when that is impossible.
+
+Each wake-up drains up to READ_BATCH datagrams: requests from MACs outside the inventory over their relay's
+(or port's) rate are dropped undecoded (`DhcpPolicy.admit`), inventory nodes' requests are answered before
+the others of the same read. This keeps the kernel queue short under a flood (docs/reliability.md, Starvation).
 """
 from __future__ import annotations
 
@@ -22,7 +26,7 @@ from domain.progress import EventSink
 from netboot.dhcp4 import options as o
 from netboot.dhcp4.codec import decode, ipv4_udp_packet
 from netboot.dhcp4.leases import LeaseTable
-from netboot.dhcp4.policy import BROADCAST_IP, POOL_EXHAUSTED, VIA_DHCP, VIA_PXE, DhcpPolicy, Reply
+from netboot.dhcp4.policy import BROADCAST_IP, POOL_EXHAUSTED, VIA_DHCP, VIA_PXE, Admission, DhcpPolicy, Reply
 from netboot.dhcp4.settings import DhcpSettings, Reservation
 from netboot.link import ARPHRD_ETHER, interface_hardware
 
@@ -31,6 +35,8 @@ log = logging.getLogger("rackboot.dhcp")
 FLUSH_INTERVAL_S = 0.25    # write-behind period of lease rows
 FLUSH_BATCH = 2048         # flush at once when this many rows wait
 RECEIVE_BUFFER = 4 << 20   # absorbs bursts (perfdhcp, a rack powering on)
+READ_BATCH = 256           # datagrams read per wake-up; inventory nodes' requests of a batch are answered first
+MAX_DATAGRAM = 65536
 _SO_RCVBUFFORCE = 33        # <asm/socket.h>: SO_RCVBUF above rmem_max, for CAP_NET_ADMIN
 _ETH_P_IP = 0x0800
 _COUNTERS = ("received", "sent", "dropped_malformed", "ignored", "errors", "send_errors", "offers", "acks",
@@ -39,29 +45,33 @@ _COUNTERS = ("received", "sent", "dropped_malformed", "ignored", "errors", "send
 _REPLY_COUNTER = {o.OFFER: "offers", o.ACK: "acks", o.NAK: "naks"}
 
 
-class _DhcpProtocol(asyncio.DatagramProtocol):
-    """Hands every datagram of one socket to the service, tagged with the port it came in on."""
+class _Endpoint:
+    """One bound UDP socket, read in batches by the event loop's reader callback and written to directly."""
 
-    def __init__(self, service: "DhcpService", via: str) -> None:
+    def __init__(self, service: "DhcpService", sock: socket.socket, via: str) -> None:
         self.service = service
+        self.sock = sock
         self.via = via
-        self.transport: asyncio.DatagramTransport | None = None
-        self.closed: asyncio.Future[None] = asyncio.get_running_loop().create_future()
+        self._loop = asyncio.get_running_loop()
+        self._loop.add_reader(sock.fileno(), service.read_batch, self)
 
-    def connection_lost(self, exc: Exception | None) -> None:
-        if not self.closed.done():
-            self.closed.set_result(None)
+    def sendto(self, data: bytes, addr: tuple[str, int]) -> bool:
+        """Send one datagram; False (counted) when the kernel refuses it (full buffer, no route): UDP may drop."""
+        try:
+            self.sock.sendto(data, addr)
+            return True
+        except OSError as exc:
+            self.service.counters["send_errors"] += 1
+            log.debug("dhcp: cannot send to %s:%d: %s", addr[0], addr[1], exc)
+            return False
 
-    def connection_made(self, transport: asyncio.BaseTransport) -> None:
-        self.transport = transport  # type: ignore[assignment]
+    def close(self) -> None:
+        """Stop reading and close the socket (the port can be bound again at once); safe to call twice."""
+        if self.sock.fileno() >= 0:
+            self._loop.remove_reader(self.sock.fileno())
+            self.sock.close()
 
-    def datagram_received(self, data: bytes, addr: tuple[str, int]) -> None:
-        assert self.transport is not None
-        self.service.datagram_received(data, addr, self.via, self.transport)
-
-    def error_received(self, exc: Exception) -> None:
-        self.service.counters["send_errors"] += 1
-        log.debug("dhcp: socket error %s", exc)
+    abort = close
 
 
 class DhcpService:
@@ -79,7 +89,7 @@ class DhcpService:
         self.leases = LeaseTable(db, settings.pool, reserved, journal)
         self.policy = DhcpPolicy(settings, reservations, self.leases)
         self.counters: dict[str, int] = dict.fromkeys(_COUNTERS, 0)
-        self._transports: list[tuple[asyncio.DatagramTransport, _DhcpProtocol]] = []
+        self._endpoints: list[_Endpoint] = []
         self._raw: socket.socket | None = None
         self._sid = settings.server_ip.packed
         self._closed = False
@@ -91,15 +101,17 @@ class DhcpService:
         dhcp = self.settings
         if dhcp.mode == "off":
             return
-        loop = asyncio.get_running_loop()
         ports = [(dhcp.port, VIA_DHCP)]
         if dhcp.mode == "proxy":
             ports.append((dhcp.proxy_port, VIA_PXE))
         try:
             for port, via in ports:
                 sock = _bind_udp(dhcp.interface, port)
-                transport, protocol = await loop.create_datagram_endpoint(lambda via=via: _DhcpProtocol(self, via), sock=sock)
-                self._transports.append((transport, protocol))  # type: ignore[arg-type]
+                try:
+                    self._endpoints.append(_Endpoint(self, sock, via))
+                except BaseException:
+                    sock.close()
+                    raise
         except BaseException:
             await self.close()
             raise
@@ -119,11 +131,9 @@ class DhcpService:
 
     async def close(self) -> None:
         """Close the sockets and write pending lease rows; safe to call twice."""
-        transports, self._transports = self._transports, []
-        for transport, _ in transports:
-            transport.close()
-        for _, protocol in transports:
-            await protocol.closed  # the socket is really closed: a restart can bind the port again
+        endpoints, self._endpoints = self._endpoints, []
+        for endpoint in endpoints:
+            endpoint.close()
         if self._raw is not None:
             self._raw.close()
             self._raw = None
@@ -145,14 +155,41 @@ class DhcpService:
 
     # ------------------------------------------------------------------ hot path
 
-    def datagram_received(self, data: bytes, addr: tuple[str, int], via: str, transport: asyncio.DatagramTransport) -> None:
+    def read_batch(self, endpoint: _Endpoint) -> None:
+        """Read what waits on a socket (up to READ_BATCH datagrams): admit, then answer inventory nodes first.
+
+        Draining the socket in one wake-up, and dropping the requests over their source's rate before any decode,
+        keeps the kernel's receive queue short under a flood, so a node's request is not lost behind it.
+        """
+        counters = self.counters
+        admit = self.policy.admit
+        sock, via = endpoint.sock, endpoint.via
+        now = time.time()
+        later: list[tuple[bytes, tuple[str, int]]] = []
+        for _ in range(READ_BATCH):
+            try:
+                data, addr = sock.recvfrom(MAX_DATAGRAM)
+            except (BlockingIOError, InterruptedError):
+                break
+            except OSError as exc:  # the socket was closed under us, or a pending error: try again at the next wake-up
+                log.debug("dhcp: receive error %s", exc)
+                break
+            counters["received"] += 1
+            admission = admit(data, via, now)
+            if admission is Admission.NODE:
+                self._handle(data, addr, via, endpoint, now)
+            elif admission is Admission.OTHER:
+                later.append((data, addr))
+            else:
+                counters["rate_limited"] += 1  # a MAC outside the inventory over its relay's (or port's) rate
+        for data, addr in later:
+            self._handle(data, addr, via, endpoint, now)
+        if self.leases.dirty >= FLUSH_BATCH:
+            self._flush()
+
+    def _handle(self, data: bytes, addr: tuple[str, int], via: str, endpoint: _Endpoint, now: float) -> None:
         """Decode, decide, publish events and send the reply of one datagram; never raises."""
         counters = self.counters
-        counters["received"] += 1
-        now = time.time()
-        if not self.policy.admit(data, via, now):
-            counters["rate_limited"] += 1  # a MAC outside the inventory over its relay's (or port's) rate
-            return
         try:
             req = decode(data)
         except MalformedPacket as exc:
@@ -173,14 +210,12 @@ class DhcpService:
                 if log.isEnabledFor(logging.DEBUG):
                     log.debug("dhcp: no reply to %s from %s: %s", req, addr[0], decision.ignored)
             else:
-                self._send(reply, transport, via)
+                self._send(reply, endpoint, via)
         except Exception:  # one bad request must not stop the service
             counters["errors"] += 1
             log.exception("dhcp: error handling a request from %s:%d", addr[0], addr[1])
-        if self.leases.dirty >= FLUSH_BATCH:
-            self._flush()
 
-    def _send(self, reply: Reply, transport: asyncio.DatagramTransport, via: str) -> None:
+    def _send(self, reply: Reply, transport: _Endpoint, via: str) -> None:
         """Send one reply where its destination says (RFC 2131 4.1)."""
         counters = self.counters
         dest = reply.dest
@@ -207,8 +242,8 @@ class DhcpService:
             counters["broadcast"] += 1
         elif dest.port == self.settings.port and via == VIA_DHCP:
             counters["relayed"] += 1
-        transport.sendto(reply.data, target)
-        counters["sent"] += 1
+        if transport.sendto(reply.data, target):
+            counters["sent"] += 1
 
     def _flush(self) -> None:
         """Write pending lease rows; a failure is logged and retried at the next flush."""
