@@ -19,6 +19,8 @@ from typing import AsyncIterator
 
 import pytest
 
+from appliance.app import dhcp_settings
+from appliance.config import load_config
 from appliance.events import EventBus
 from fakes import FakeClock
 from helpers import NODE1_MAC, NODE2_MAC, NOW, STRANGER, opts_of, pool, request_bytes
@@ -29,6 +31,7 @@ from netboot.dhcp4.leases import LeaseTable
 from netboot.dhcp4.policy import POOL_EXHAUSTED, VIA_DHCP, VIA_PXE, Admission, DhcpPolicy
 from netboot.dhcp4.ratelimit import RateLimit, SourceLimiter, TokenBucket, parse_rate
 from netboot.dhcp4.server import DhcpService
+from test_config import MINIMAL_CONFIG, MINIMAL_NODES, problems_of, write
 from test_dhcp_service import free_udp_port, lo_client, serving
 
 # ---------------------------------------------------------------- policy tier
@@ -65,6 +68,23 @@ def test_rates_read_per_second_or_per_minute() -> None:
     for bad in ("0/s", "-1/s", "ten/s", "5/h", "nan", "inf/s"):
         with pytest.raises(ValueError):
             parse_rate(bad)
+
+
+@pytest.mark.parametrize("value, expected", [("", (200.0, 1000)), ("\n  unknown_rate: 50/s\n  unknown_burst: 20", (50.0, 20)),
+                                             ("\n  unknown_rate: 600/min", (10.0, 1000)), ("\n  unknown_rate: off", None),
+                                             ("\n  unknown_rate: 'off'", None)])
+def test_unknown_rate_in_the_config(tmp_path: Path, value: str, expected: tuple[float, int] | None) -> None:
+    config = load_config(write(tmp_path, MINIMAL_CONFIG.replace("  mode: authoritative", "  mode: authoritative" + value),
+                               MINIMAL_NODES))
+    rate = dhcp_settings(config).unknown_rate
+    assert (rate.rate, rate.burst) == expected if rate is not None else expected is None
+
+
+def test_a_bad_unknown_rate_is_a_config_error(tmp_path: Path) -> None:
+    config = MINIMAL_CONFIG.replace("  mode: authoritative", "  mode: authoritative\n  unknown_rate: lots\n  unknown_burst: 0")
+    text = "\n".join(problems_of(write(tmp_path, config, MINIMAL_NODES)))
+    assert "dhcp.unknown_rate: expected a rate like 200/s or 6000/min, or 'off', got 'lots'" in text
+    assert "dhcp.unknown_burst: expected a positive int" in text
 
 
 def _policy(rate: RateLimit | None = RateLimit(rate=2.0, burst=3), **dhcp: object) -> DhcpPolicy:
