@@ -31,6 +31,7 @@ from netboot.dhcp4.leases import LeaseTable
 from netboot.dhcp4.policy import POOL_EXHAUSTED, VIA_DHCP, VIA_PXE, Admission, DhcpPolicy
 from netboot.dhcp4.ratelimit import RateLimit, SourceLimiter, TokenBucket, parse_rate
 from netboot.dhcp4.server import DhcpService
+from netboot.dhcp4.steering import DROP, KEEP, NODE_SOCKET, OTHER_SOCKET, run_program, socket_filters, steering_program
 from test_config import MINIMAL_CONFIG, MINIMAL_NODES, problems_of, write
 from test_dhcp_service import free_udp_port, lo_client, serving
 
@@ -155,12 +156,31 @@ def test_pool_exhaustion_is_reported_once_a_minute_with_leases_and_offers(caplog
     assert len(lines) == 2  # once at NOW, once a minute later
 
 
+def test_steering_programs_tell_inventory_nodes_from_the_rest() -> None:
+    nodes = [bytes.fromhex(m.replace(":", "")) for m in (NODE1_MAC, NODE2_MAC)]
+    nodes += [bytes([2, 0, 0, 0x10, i >> 8, i & 0xff]) for i in range(450)]  # one prefix, three chunks of comparisons
+    prog = steering_program(nodes)
+    filters = socket_filters(nodes)
+    assert prog is not None and filters is not None
+    udp = bytes(8)  # a socket filter sees the UDP header first
+    for mac, node in ((NODE1_MAC, True), (NODE2_MAC, True), ("02:00:00:10:01:c1", True), ("02:00:00:10:01:c2", False),
+                      (STRANGER, False), ("52:54:00:77:00:03", False), ("52:54:00:78:00:01", False)):
+        data = request_bytes(mac, "discover")
+        assert run_program(prog, data) == (NODE_SOCKET if node else OTHER_SOCKET), mac
+        assert run_program(filters[0], udp + data) == (KEEP if node else DROP), mac
+        assert run_program(filters[1], udp + data) == (DROP if node else KEEP), mac
+    short = request_bytes(NODE1_MAC, "discover")[:239]  # too short for DHCP: never on the nodes' socket
+    assert run_program(prog, short) == OTHER_SOCKET and run_program(filters[0], udp + short) == DROP
+    assert steering_program([bytes([i >> 16, 0, i >> 8 & 0xff, 0, i & 0xff, 1]) for i in range(5000)]) is None
+
+
 # ---------------------------------------------------------------- service tier: real sockets on loopback
 
 POOL_FIRST, POOL_LAST = "127.0.0.100", "127.0.0.119"  # 20 addresses for 2,000 random MACs
 NODES = tuple((f"node-{i}", f"52:54:00:77:01:{i:02x}", f"127.0.0.{10 + i}") for i in range(1, 9))
 FLOOD_MACS = 2000
 SID = socket.inet_aton("127.0.0.1")
+NODE_MAC = NODES[0][1]
 
 
 def flood_packets(count: int, seed: int) -> list[bytes]:
@@ -305,3 +325,21 @@ async def test_flood_without_rate_limit_inventory_served_and_every_table_bounded
     assert stats["exchanges_tracked"] == 500 and len(bus.macs()) == 500
     assert all(int(ipaddress.IPv4Address(POOL_FIRST)) <= leases.lease_for(m).ip <= int(ipaddress.IPv4Address(POOL_LAST))  # type: ignore[union-attr]
                for m in bus.macs() if leases.lease_for(m) is not None)
+
+
+async def test_inventory_nodes_have_a_socket_of_their_own_for_unicasts_and_broadcasts(tmp_path: Path) -> None:
+    async with flooded_service(tmp_path, RateLimit(rate=50.0, burst=100)) as (service, replies, _):
+        assert service.steered and len(service._endpoints) == 2
+        nodes, others = service._endpoints
+        replies.sock.setsockopt(socket.SOL_SOCKET, socket.SO_BROADCAST, 1)
+        port = service.settings.port
+        for n, dest in enumerate(("127.0.0.1", "255.255.255.255")):  # a relay's unicast, a client's broadcast
+            for mac in (NODE_MAC, STRANGER):
+                xid = 0x700 + 2 * n + (mac == STRANGER)
+                replies.sock.sendto(request_bytes(mac, "discover", xid=xid, flags=0x8000), (dest, port))
+        await asyncio.sleep(0)
+        await flood(service, replies.sock, flood_packets(200, seed=13))
+        while service.counters["received"] < 404:
+            await asyncio.sleep(0.01)
+        await asyncio.sleep(0.2)  # a duplicate (a broadcast given to both sockets) would arrive by now
+        assert (nodes.received, others.received, service.counters["received"]) == (2, 402, 404)

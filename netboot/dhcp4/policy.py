@@ -187,6 +187,11 @@ class DhcpPolicy:
             self._rate_window_start = now
         return Admission.DROP
 
+    @property
+    def node_chaddrs(self) -> frozenset[bytes]:
+        """The inventory nodes' hardware addresses (6 octets each), never rate-limited."""
+        return self._node_chaddrs
+
     def _source_name(self, key: object) -> str:
         """A rate-limited source for a log line: 'relay 10.1.2.3' or the ingress interface and port."""
         if isinstance(key, bytes):

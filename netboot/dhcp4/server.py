@@ -12,11 +12,13 @@ the others of the same read. This keeps the kernel queue short under a flood (do
 from __future__ import annotations
 
 import asyncio
+import ctypes
 import errno
 import ipaddress
 import logging
 import socket
 import sqlite3
+import struct
 import time
 from pathlib import Path
 from typing import Mapping
@@ -28,6 +30,7 @@ from netboot.dhcp4.codec import decode, ipv4_udp_packet
 from netboot.dhcp4.leases import LeaseTable
 from netboot.dhcp4.policy import BROADCAST_IP, POOL_EXHAUSTED, VIA_DHCP, VIA_PXE, Admission, DhcpPolicy, Reply
 from netboot.dhcp4.settings import DhcpSettings, Reservation
+from netboot.dhcp4.steering import Insn, encode_program, socket_filters, steering_program
 from netboot.link import ARPHRD_ETHER, interface_hardware
 
 log = logging.getLogger("rackboot.dhcp")
@@ -38,6 +41,8 @@ RECEIVE_BUFFER = 4 << 20   # absorbs bursts (perfdhcp, a rack powering on)
 READ_BATCH = 256           # datagrams read per wake-up; inventory nodes' requests of a batch are answered first
 MAX_DATAGRAM = 65536
 _SO_RCVBUFFORCE = 33        # <asm/socket.h>: SO_RCVBUF above rmem_max, for CAP_NET_ADMIN
+_SO_ATTACH_FILTER = 26          # <asm/socket.h>
+_SO_ATTACH_REUSEPORT_CBPF = 51  # <asm/socket.h>, Linux 4.5
 _ETH_P_IP = 0x0800
 _COUNTERS = ("received", "sent", "dropped_malformed", "ignored", "errors", "send_errors", "offers", "acks",
              "naks", "proxy_replies", "relayed", "broadcast", "unicast_chaddr", "lease_write_errors",
@@ -52,6 +57,7 @@ class _Endpoint:
         self.service = service
         self.sock = sock
         self.via = via
+        self.received = 0  # datagrams read from this socket
         self._loop = asyncio.get_running_loop()
         self._loop.add_reader(sock.fileno(), service.read_batch, self)
 
@@ -92,6 +98,7 @@ class DhcpService:
         self._endpoints: list[_Endpoint] = []
         self._raw: socket.socket | None = None
         self._sid = settings.server_ip.packed
+        self.steered = False  # inventory nodes' requests have a socket (a kernel queue) of their own
         self._closed = False
 
     # ------------------------------------------------------------------ Service contract
@@ -106,12 +113,13 @@ class DhcpService:
             ports.append((dhcp.proxy_port, VIA_PXE))
         try:
             for port, via in ports:
-                sock = _bind_udp(dhcp.interface, port)
-                try:
-                    self._endpoints.append(_Endpoint(self, sock, via))
-                except BaseException:
-                    sock.close()
-                    raise
+                socks = self._bind_steered(port) if via == VIA_DHCP else None
+                for sock in socks or [_bind_udp(dhcp.interface, port)]:
+                    try:
+                        self._endpoints.append(_Endpoint(self, sock, via))
+                    except BaseException:
+                        sock.close()
+                        raise
         except BaseException:
             await self.close()
             raise
@@ -119,6 +127,30 @@ class DhcpService:
             self._raw = _open_packet_socket(dhcp.interface)
         log.info("dhcp: %s on %s ports %s%s", dhcp.mode, dhcp.interface, ", ".join(str(p) for p, _ in ports),
                  f", pool {dhcp.pool[0]}-{dhcp.pool[1]}" if dhcp.pool else "")
+
+    def _bind_steered(self, port: int) -> list[socket.socket] | None:
+        """Two sockets on the DHCP port, the first for inventory nodes only (steering.py); None when impossible."""
+        macs = self.policy.node_chaddrs
+        prog = steering_program(macs) if macs else None
+        filters = socket_filters(macs) if macs else None
+        if prog is None or filters is None:
+            return None
+        _bind_udp(self.settings.interface, port).close()  # BindError when another server holds the port
+        socks: list[socket.socket] = []
+        try:
+            for _ in range(2):
+                socks.append(_bind_udp(self.settings.interface, port, reuseport=True))
+            # unicasts: the kernel picks the socket; broadcasts: each socket keeps its share (steering.py)
+            _attach(socks[0], _SO_ATTACH_FILTER, filters[0])
+            _attach(socks[1], _SO_ATTACH_FILTER, filters[1])
+            _attach(socks[0], _SO_ATTACH_REUSEPORT_CBPF, prog)
+        except (OSError, BindError) as exc:
+            for sock in socks:
+                sock.close()
+            log.info("dhcp: no socket of its own for the inventory nodes (%s): one queue for all", exc)
+            return None
+        self.steered = True
+        return socks
 
     async def serve(self) -> None:
         """Write lease rows behind, a few times a second, until cancelled."""
@@ -175,6 +207,7 @@ class DhcpService:
                 log.debug("dhcp: receive error %s", exc)
                 break
             counters["received"] += 1
+            endpoint.received += 1
             admission = admit(data, via, now)
             if admission is Admission.NODE:
                 self._handle(data, addr, via, endpoint, now)
@@ -256,7 +289,7 @@ class DhcpService:
             log.warning("dhcp: cannot write leases (%s); will retry", exc)
 
 
-def _bind_udp(interface: str, port: int) -> socket.socket:
+def _bind_udp(interface: str, port: int, reuseport: bool = False) -> socket.socket:
     """Return a UDP socket bound to port on one interface only (SO_BINDTODEVICE), broadcast-capable."""
     try:
         socket.if_nametoindex(interface)
@@ -266,6 +299,8 @@ def _bind_udp(interface: str, port: int) -> socket.socket:
     try:
         sock.setsockopt(socket.SOL_SOCKET, socket.SO_BINDTODEVICE, interface.encode())
         sock.setsockopt(socket.SOL_SOCKET, socket.SO_BROADCAST, 1)
+        if reuseport:
+            sock.setsockopt(socket.SOL_SOCKET, socket.SO_REUSEPORT, 1)
         try:
             sock.setsockopt(socket.SOL_SOCKET, _SO_RCVBUFFORCE, RECEIVE_BUFFER)
         except OSError:
@@ -285,6 +320,13 @@ def _bind_udp(interface: str, port: int) -> socket.socket:
         raise BindError(f"dhcp: cannot bind UDP port {port} on {interface}: {exc.strerror}") from None
     sock.setblocking(False)
     return sock
+
+
+def _attach(sock: socket.socket, option: int, prog: list[Insn]) -> None:
+    """Attach a classic BPF program to a socket (the kernel copies it: the buffer need not outlive the call)."""
+    code = encode_program(prog)
+    buffer = ctypes.create_string_buffer(code, len(code))
+    sock.setsockopt(socket.SOL_SOCKET, option, struct.pack("HL", len(prog), ctypes.addressof(buffer)))  # sock_fprog
 
 
 def _open_packet_socket(interface: str) -> socket.socket | None:
