@@ -173,17 +173,18 @@ class DhcpPolicy:
         key = giaddr if giaddr != ZERO_IP else via
         if limiter.admit(key, now):
             return Admission.OTHER
-        if self._rate_window_start is None:
-            self._rate_window_start = now
         if now >= self._rate_quiet_until:  # one line a minute at most, never one per packet
             self._rate_quiet_until = now + QUIET_S
             report = limiter.take_report()
             worst = sorted(report.items(), key=lambda kv: -kv[1])[:3]
-            where = ", ".join(f"{self._source_name(k)}: {n}" for k, n in worst)
-            log.warning("dhcp: rate limit of MACs outside the inventory (%g/s, burst %d per relay or port): "
-                        "%d requests dropped in %.0f s (%s%s)", limiter.limit.rate, limiter.limit.burst,
-                        sum(report.values()), now - self._rate_window_start, where,
-                        ", ..." if len(report) > len(worst) else "")
+            where = ", ".join(f"{self._source_name(k)}: {n}" for k, n in worst) + (", ..." if len(report) > 3 else "")
+            rule = f"rate limit of MACs outside the inventory ({limiter.limit.rate:g}/s, burst {limiter.limit.burst} per relay or port)"
+            if self._rate_window_start is None:
+                log.warning("dhcp: %s exceeded by %s: dropping the excess (counted as rate_limited; "
+                            "one line a minute at most)", rule, where.rsplit(":", 1)[0])
+            else:
+                log.warning("dhcp: %s: %d requests dropped in the last %.0f s (%s)", rule, sum(report.values()),
+                            now - self._rate_window_start, where)
             self._rate_window_start = now
         return Admission.DROP
 
