@@ -134,6 +134,8 @@ class DhcpService:
         prog = steering_program(macs) if macs else None
         filters = socket_filters(macs) if macs else None
         if prog is None or filters is None:
+            if macs:
+                log.info("dhcp: %d inventory MACs are too many for a BPF program: one socket for all", len(macs))
             return None
         _bind_udp(self.settings.interface, port).close()  # BindError when another server holds the port
         socks: list[socket.socket] = []
