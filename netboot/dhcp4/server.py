@@ -140,12 +140,11 @@ class DhcpService:
         _bind_udp(self.settings.interface, port).close()  # BindError when another server holds the port
         socks: list[socket.socket] = []
         try:
-            for _ in range(2):
-                socks.append(_bind_udp(self.settings.interface, port, reuseport=True))
-            # unicasts: the kernel picks the socket; broadcasts: each socket keeps its share (steering.py)
-            _attach(socks[0], _SO_ATTACH_FILTER, filters[0])
-            _attach(socks[1], _SO_ATTACH_FILTER, filters[1])
-            _attach(socks[0], _SO_ATTACH_REUSEPORT_CBPF, prog)
+            # Unicasts: the kernel picks the socket; broadcasts: each socket keeps its share (steering.py). Attached
+            # before the bind: no datagram is ever read by both sockets.
+            socks.append(_bind_udp(self.settings.interface, port, [(_SO_ATTACH_FILTER, filters[0]),
+                                                                   (_SO_ATTACH_REUSEPORT_CBPF, prog)]))
+            socks.append(_bind_udp(self.settings.interface, port, [(_SO_ATTACH_FILTER, filters[1])]))
         except (OSError, BindError) as exc:
             for sock in socks:
                 sock.close()
@@ -291,8 +290,12 @@ class DhcpService:
             log.warning("dhcp: cannot write leases (%s); will retry", exc)
 
 
-def _bind_udp(interface: str, port: int, reuseport: bool = False) -> socket.socket:
-    """Return a UDP socket bound to port on one interface only (SO_BINDTODEVICE), broadcast-capable."""
+def _bind_udp(interface: str, port: int, programs: list[tuple[int, list[Insn]]] | None = None) -> socket.socket:
+    """Return a UDP socket bound to port on one interface only (SO_BINDTODEVICE), broadcast-capable.
+
+    With programs (socket option, classic BPF program), the socket shares the port (SO_REUSEPORT) and gets
+    them before it is bound.
+    """
     try:
         socket.if_nametoindex(interface)
     except OSError:
@@ -301,8 +304,10 @@ def _bind_udp(interface: str, port: int, reuseport: bool = False) -> socket.sock
     try:
         sock.setsockopt(socket.SOL_SOCKET, socket.SO_BINDTODEVICE, interface.encode())
         sock.setsockopt(socket.SOL_SOCKET, socket.SO_BROADCAST, 1)
-        if reuseport:
+        if programs is not None:
             sock.setsockopt(socket.SOL_SOCKET, socket.SO_REUSEPORT, 1)
+            for option, prog in programs:
+                _attach(sock, option, prog)
         try:
             sock.setsockopt(socket.SOL_SOCKET, _SO_RCVBUFFORCE, RECEIVE_BUFFER)
         except OSError:
