@@ -18,10 +18,13 @@ from pathlib import Path
 from typing import AsyncIterator
 
 import pytest
+from prometheus_client import CollectorRegistry, generate_latest
+from prometheus_client.parser import text_string_to_metric_families
 
 from appliance.app import dhcp_settings
 from appliance.config import load_config
 from appliance.events import EventBus
+from appliance.metrics import ApplianceCollector
 from fakes import FakeClock
 from helpers import NODE1_MAC, NODE2_MAC, NOW, STRANGER, opts_of, pool, request_bytes
 from helpers import make_dhcp as make_config
@@ -302,6 +305,13 @@ async def test_flood_rate_limited_inventory_served_exhaustion_reported_tables_bo
     assert stats["rate_limit_sources"] == 1  # every flood packet came in on the one port, without a relay
     assert stats["leases"] + stats["offers_pending"] <= 20 and stats["exchanges_tracked"] <= 500
     assert stats["errors"] == 0 and len(bus.macs()) <= 500
+    # what Prometheus scrapes: the drops and exhaustion as counters, the table sizes as gauges
+    registry = CollectorRegistry(auto_describe=False)
+    registry.register(ApplianceCollector(lambda: {"dhcp": stats}, lambda: []))  # type: ignore[arg-type]
+    samples = {s.name: s.value for f in text_string_to_metric_families(generate_latest(registry).decode()) for s in f.samples}
+    assert samples["rackboot_dhcp_rate_limited_total"] == stats["rate_limited"]
+    assert samples["rackboot_dhcp_pool_exhausted_total"] == stats["pool_exhausted"]
+    assert samples["rackboot_dhcp_offers_pending"] == stats["offers_pending"] and "rackboot_dhcp_exchanges_tracked" in samples
     messages = [r.getMessage() for r in caplog.records]
     assert any(m.startswith(f"dhcp: pool {POOL_FIRST}-{POOL_LAST} exhausted: ") for m in messages)
     assert any("rate limit of MACs outside the inventory (50/s, burst 100" in m and "lo port" in m for m in messages)
