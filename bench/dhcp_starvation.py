@@ -173,7 +173,7 @@ async def probe_nodes(nodes: int, port: int, client_port: int, until: float) -> 
     loop = asyncio.get_running_loop()
     waiting: dict[int, asyncio.Future[bytes]] = {}
     latencies: list[float] = []
-    result = {"exchanges": 0, "wrong_address": 0, "resends": 0, "unanswered": 0}
+    result: dict[str, Any] = {"exchanges": 0, "wrong_address": 0, "resends": 0, "unanswered": 0}
 
     async def reader() -> None:
         while True:

@@ -15,7 +15,7 @@ import random
 import socket
 import time
 from pathlib import Path
-from typing import AsyncIterator
+from typing import Any, AsyncIterator
 
 import pytest
 from prometheus_client import CollectorRegistry, generate_latest
@@ -91,7 +91,7 @@ def test_a_bad_unknown_rate_is_a_config_error(tmp_path: Path) -> None:
     assert "dhcp.unknown_burst: expected a positive int" in text
 
 
-def _policy(rate: RateLimit | None = RateLimit(rate=2.0, burst=3), **dhcp: object) -> DhcpPolicy:
+def _policy(rate: RateLimit | None = RateLimit(rate=2.0, burst=3), **dhcp: Any) -> DhcpPolicy:
     config = make_config(unknown_rate=rate, **dhcp)
     reserved = [r.ip for r in config.reservations.values()] + [config.settings.server_ip]
     return DhcpPolicy(config.settings, config.reservations, LeaseTable(None, config.settings.pool, reserved))
