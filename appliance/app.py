@@ -29,6 +29,7 @@ from domain.profiles import BootProfile
 from domain.progress import ProfileSet
 from ipxe.script import ScriptRenderer
 from netboot.dhcp4.server import DhcpService
+from netboot.dhcp4.ratelimit import RateLimit
 from netboot.dhcp4.settings import BootPrograms, DhcpSettings, Reservation
 from netboot.dns import DnsService, DnsSettings
 from netboot.http import HttpService, HttpSettings
@@ -206,6 +207,7 @@ def dhcp_settings(config: ApplianceConfig) -> DhcpSettings:
         mode=d.mode, port=d.port, client_port=d.client_port, proxy_port=d.proxy_port, lease_time=d.lease_time,
         pool=d.pool, router=d.router, dns_servers=d.dns_servers, domain=config.dns.domain,
         discovery=d.unknown_macs == "discovery", broadcast_replies=d.broadcast_replies,
+        unknown_rate=RateLimit(d.unknown_rate, d.unknown_burst) if d.unknown_rate is not None else None,
     )
 
 

@@ -10,6 +10,8 @@ from appliance.deploy.workflow import BootDeadlines
 from appliance.inventory import Inventory, load_inventory
 from appliance.yamlsource import Located, load_yaml_mapping
 from domain.errors import ConfigError
+from netboot.dhcp4.ratelimit import parse_rate
+from netboot.dhcp4.settings import DEFAULT_UNKNOWN_RATE
 
 DHCP_MODES = ("authoritative", "proxy", "off")
 UNKNOWN_MAC_POLICIES = ("ignore", "discovery")
@@ -31,6 +33,8 @@ class DhcpConfig:
     unknown_macs: str = "ignore"
     router_advertisements: bool = True
     broadcast_replies: bool = False
+    unknown_rate: float | None = DEFAULT_UNKNOWN_RATE.rate   # requests/s per relay or port from non-inventory MACs; None: off
+    unknown_burst: int = DEFAULT_UNKNOWN_RATE.burst
 
 
 @dataclass(frozen=True)
@@ -189,6 +193,14 @@ def _pool(v: Any) -> tuple[ipaddress.IPv4Address, ipaddress.IPv4Address]:
     return (a, b)
 
 
+def _rate(v: Any) -> float | None:
+    if v is False or str(v) == "off":  # an unquoted off is read as false by YAML 1.1: both mean off here
+        return None
+    if isinstance(v, bool):
+        raise ValueError("")
+    return parse_rate(str(v))
+
+
 def _upstream(v: Any) -> tuple[tuple[str, int], ...]:
     items = v if isinstance(v, list) else [v]
     out = []
@@ -215,7 +227,8 @@ def load_config(path: str | Path) -> ApplianceConfig:
 
     dhcp = DhcpConfig()
     if (d := _child(root, "dhcp", problems)) is not None:
-        r = _Reader(d, problems, ("mode", "port", "client_port", "proxy_port", "lease_time", "pool", "router", "dns_servers", "unknown_macs", "router_advertisements", "broadcast_replies"))
+        r = _Reader(d, problems, ("mode", "port", "client_port", "proxy_port", "lease_time", "pool", "router", "dns_servers", "unknown_macs", "router_advertisements", "broadcast_replies",
+                                     "unknown_rate", "unknown_burst"))
         dhcp = DhcpConfig(
             mode=r.choice("mode", "authoritative", DHCP_MODES),
             port=r.port("port", 67),
@@ -228,6 +241,8 @@ def load_config(path: str | Path) -> ApplianceConfig:
             unknown_macs=r.choice("unknown_macs", "ignore", UNKNOWN_MAC_POLICIES),
             router_advertisements=r.boolean("router_advertisements", True),
             broadcast_replies=r.boolean("broadcast_replies", False),
+            unknown_rate=r.get("unknown_rate", DEFAULT_UNKNOWN_RATE.rate, _rate, "a rate like 200/s or 6000/min, or 'off'"),
+            unknown_burst=r.positive("unknown_burst", DEFAULT_UNKNOWN_RATE.burst),
         )
         if dhcp.pool and address.ip.packed != b"\0\0\0\0":
             for end in dhcp.pool:
@@ -381,7 +396,9 @@ def summarize(config: ApplianceConfig) -> str:
         f"state     {config.state_dir}",
         f"dhcp      mode={config.dhcp.mode} port={config.dhcp.port}"
         + (f" pool={config.dhcp.pool[0]}-{config.dhcp.pool[1]}" if config.dhcp.pool else "")
-        + f" unknown_macs={config.dhcp.unknown_macs} ra={'on' if config.dhcp.router_advertisements else 'off'}",
+        + f" unknown_macs={config.dhcp.unknown_macs} ra={'on' if config.dhcp.router_advertisements else 'off'}"
+        + (f" unknown_rate={config.dhcp.unknown_rate:g}/s burst {config.dhcp.unknown_burst}"
+           if config.dhcp.unknown_rate is not None else " unknown_rate=off"),
         f"tftp      port={config.tftp.port} root={config.tftp.root} blksize<={config.tftp.max_blksize} windowsize<={config.tftp.max_windowsize}",
         f"http      {config.http_base}/ files={config.http.files}",
         f"dns       domain={config.dns.domain} port={config.dns.port} unknown={config.dns.unknown}",

@@ -16,7 +16,8 @@ from prometheus_client.core import CounterMetricFamily, GaugeMetricFamily, Metri
 from prometheus_client.exposition import CONTENT_TYPE_LATEST
 
 # Counters that are levels, not totals (everything else a service counts only grows).
-GAUGES = frozenset({"transfers_active", "leases", "lease_rows_pending", "pending_forwards", "cache_bytes"})
+GAUGES = frozenset({"transfers_active", "leases", "lease_rows_pending", "pending_forwards", "cache_bytes",
+                    "offers_pending", "exchanges_tracked", "rate_limit_sources"})
 Stats = Callable[[], Mapping[str, Mapping[str, int]]]
 NodeStates = Callable[[], Iterable[tuple[str, str]]]  # (deployment status, node state) of every live run
 

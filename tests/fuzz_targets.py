@@ -23,7 +23,7 @@ from netboot import dns
 from netboot.dhcp4 import codec as dhcp_codec
 from netboot.dhcp4 import options as o
 from netboot.dhcp4.leases import LeaseTable
-from netboot.dhcp4.policy import VIA_DHCP, VIA_PXE, DhcpPolicy
+from netboot.dhcp4.policy import Admission, DhcpPolicy, VIA_DHCP, VIA_PXE
 from netboot.tftp import codec as tftp_codec
 from netboot.tftp.files import TftpFileError, normalize_path
 from netboot.tftp.session import BLKSIZE_RANGE, TIMEOUT_RANGE, WINDOWSIZE_RANGE, ReadSession, SessionLimits
@@ -153,11 +153,15 @@ def dhcp_reply_limit(req: dhcp_codec.DhcpPacket) -> int:
 
 def check_dhcp(target: DhcpTarget, data: bytes, now: float = NOW, via: str = VIA_DHCP,
                scapy_check: bool = True) -> str:
-    """decode + handle one datagram; every reply re-decodes (ours, scapy), fits the client, keeps reservations."""
+    """admit + decode + handle one datagram; every reply re-decodes (ours, scapy), fits the client, keeps reservations."""
+    admission = target.policy.admit(data, via, now)  # never raises; its verdict does not gate the checks below
+    assert admission in (Admission.DROP, Admission.OTHER, Admission.NODE), admission
     try:
         req = dhcp_codec.decode(data)
     except MalformedPacket:
         return MALFORMED
+    # an inventory node's datagram is always admitted and answered first (the rate limit is for the others)
+    assert (admission is Admission.NODE) == (bytes(req.chaddr[:6]) in target.policy.node_chaddrs), (admission, req)
     decision = target.policy.handle(req, now, via, ("10.77.0.50", 68) if via == VIA_PXE else None)
     reply = decision.reply
     if reply is None:

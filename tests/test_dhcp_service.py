@@ -209,8 +209,8 @@ async def test_a_lease_acked_just_before_a_crash_is_kept(tmp_path: Path) -> None
             data, _ = await recv_reply(client, 51)
             assert opts_of(data)["message-type"] == 5
         # The process dies here: no flush, no close (the sockets go with the crash).
-        for transport, _ in service._transports:
-            transport.abort()
+        for endpoint in service._endpoints:
+            endpoint.abort()
     finally:
         db.close()
     assert sqlite3.connect(str(tmp_path / "state.db")).execute("SELECT count(*) FROM dhcp4_leases").fetchone()[0] == 0

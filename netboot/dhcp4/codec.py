@@ -92,6 +92,20 @@ class DhcpPacket:
         return b"iPXE" in self.options.get(o.USER_CLASS, b"") or o.IPXE_ENCAP in self.options
 
 
+_CHADDR_OFFSET = 28   # RFC 2131 2: op(1) htype(1) hlen(1) hops(1) xid(4) secs(2) flags(2) ciaddr yiaddr siaddr giaddr
+_GIADDR_OFFSET = 24
+
+
+def peek_source(data: bytes) -> tuple[bytes, bytes] | None:
+    """The first 6 octets of chaddr and giaddr of a datagram, without decoding it; None when too short to be DHCP.
+
+    For decisions taken before the full decode (rate limiting): the caller still decodes what it admits.
+    """
+    if len(data) < OPTIONS_OFFSET:
+        return None
+    return bytes(data[_CHADDR_OFFSET:_CHADDR_OFFSET + 6]), bytes(data[_GIADDR_OFFSET:_GIADDR_OFFSET + 4])
+
+
 def decode(data: bytes) -> DhcpPacket:
     """Decode one DHCP message; raise MalformedPacket on anything that is not a well-formed one."""
     if len(data) < OPTIONS_OFFSET:

@@ -156,6 +156,11 @@ class LeaseTable:
     def __len__(self) -> int:
         return len(self._leases)
 
+    @property
+    def offers_pending(self) -> int:
+        """How many offers are held (each for its own address, so never more than the pool's size)."""
+        return len(self._offers)
+
     def _load(self) -> None:
         assert self._db is not None
         for mac, ip, expires, hostname in self._db.execute("SELECT mac, ip, expires, hostname FROM dhcp4_leases"):

@@ -7,6 +7,7 @@ Option bytes that do not depend on the request are encoded once at construction.
 """
 from __future__ import annotations
 
+import enum
 import ipaddress
 import logging
 import socket
@@ -23,8 +24,10 @@ from netboot.dhcp4.codec import (
     ZERO_IP,
     DhcpPacket,
     encode_reply,
+    peek_source,
 )
 from netboot.dhcp4.leases import LeaseTable, int_to_ip, ip_to_int
+from netboot.dhcp4.ratelimit import SourceLimiter
 from netboot.dhcp4.settings import DhcpSettings, Reservation
 
 log = logging.getLogger("rackboot.dhcp")
@@ -43,6 +46,16 @@ _PXE_FIRMWARE = {o.ARCH_BIOS: FirmwareKind.BIOS_PXE, o.ARCH_EFI_IA32: FirmwareKi
                  o.ARCH_EFI_BC: FirmwareKind.UEFI_PXE, o.ARCH_EFI_X64: FirmwareKind.UEFI_PXE,
                  o.ARCH_EFI_ARM64: FirmwareKind.UEFI_PXE}
 MAX_TRACKED_EXCHANGES = 65536  # MACs whose last transaction id is remembered (oldest forgotten first)
+POOL_EXHAUSTED = "pool exhausted"  # Decision.ignored when a new client gets no address (the transport counts it)
+QUIET_S = 60.0  # at most one warning a minute per kind (exhaustion, rate limiting, DECLINE)
+
+
+class Admission(enum.IntEnum):
+    """What admit() says of a datagram before its decode: drop it, handle it, or handle it first (false only for DROP)."""
+
+    DROP = 0    # a MAC outside the inventory over its source's rate
+    OTHER = 1   # anything else: decoded and decided after the inventory nodes of the same read
+    NODE = 2    # an inventory node: never rate-limited, answered first
 
 
 @dataclass(frozen=True, slots=True)
@@ -109,6 +122,7 @@ class DhcpPolicy:
                               for mac, r in reservations.items()}
         self._broadcast_dest = Destination(BROADCAST_IP, settings.client_port)
         self._exchanges: dict[str, tuple[int, str]] = {}  # mac -> (xid, client kind) of its last exchange
+        self.max_exchanges = MAX_TRACKED_EXCHANGES
         sid_tlv = o.tlv(o.SERVER_ID, self.sid)
         network_tlvs = (
             o.tlv(o.SUBNET_MASK, self.network.netmask.packed)
@@ -130,6 +144,60 @@ class DhcpPolicy:
         self._ipxe_cache: dict[tuple[str, bool], BootAnswer] = {}  # inventory MACs only: bounded
         self._quiet_until = 0.0
         self._decline_quiet_until = 0.0
+        # Rate limiting of MACs outside the inventory, per relay or ingress port, decided before the decode.
+        self._node_chaddrs = frozenset(bytes.fromhex(mac.replace(":", "")) for mac in reservations)
+        self.limiter = SourceLimiter(settings.unknown_rate) if settings.unknown_rate is not None else None
+        self._ingress = {VIA_DHCP: f"{settings.interface} port {settings.port}",
+                         VIA_PXE: f"{settings.interface} port {settings.proxy_port}"}
+        self._rate_quiet_until = 0.0
+        self._rate_window_start: float | None = None
+
+    # ------------------------------------------------------------------ admission (before the decode)
+
+    def admit(self, data: bytes, via: str, now: float) -> Admission:
+        """DROP when a datagram from a MAC outside the inventory exceeds its source's rate (drop it undecoded);
+        NODE for an inventory node's, to be answered first; OTHER for the rest.
+
+        The source is the relay (giaddr, RFC 2131 4.1 / RFC 3046 2: one relay interface is one client segment) or,
+        for a client on our own segment, the ingress port. Inventory MACs are always admitted, and spend no token.
+        """
+        peeked = peek_source(data)
+        if peeked is None:
+            return Admission.OTHER  # too short to be DHCP: the decoder drops it as malformed
+        chaddr, giaddr = peeked
+        if chaddr in self._node_chaddrs:
+            return Admission.NODE
+        limiter = self.limiter
+        if limiter is None:
+            return Admission.OTHER
+        key = giaddr if giaddr != ZERO_IP else via
+        if limiter.admit(key, now):
+            return Admission.OTHER
+        if now >= self._rate_quiet_until:  # one line a minute at most, never one per packet
+            self._rate_quiet_until = now + QUIET_S
+            report = limiter.take_report()
+            worst = sorted(report.items(), key=lambda kv: -kv[1])[:3]
+            where = ", ".join(f"{self._source_name(k)}: {n}" for k, n in worst) + (", ..." if len(report) > 3 else "")
+            rule = f"rate limit of MACs outside the inventory ({limiter.limit.rate:g}/s, burst {limiter.limit.burst} per relay or port)"
+            if self._rate_window_start is None:
+                log.warning("dhcp: %s exceeded by %s: dropping the excess (counted as rate_limited; "
+                            "one line a minute at most)", rule, where.rsplit(":", 1)[0])
+            else:
+                log.warning("dhcp: %s: %d requests dropped in the last %.0f s (%s)", rule, sum(report.values()),
+                            now - self._rate_window_start, where)
+            self._rate_window_start = now
+        return Admission.DROP
+
+    @property
+    def node_chaddrs(self) -> frozenset[bytes]:
+        """The inventory nodes' hardware addresses (6 octets each), never rate-limited."""
+        return self._node_chaddrs
+
+    def _source_name(self, key: object) -> str:
+        """A rate-limited source for a log line: 'relay 10.1.2.3' or the ingress interface and port."""
+        if isinstance(key, bytes):
+            return f"relay {_ntoa(key)}"
+        return self._ingress.get(str(key), str(key))
 
     # ------------------------------------------------------------------ entry point
 
@@ -189,7 +257,7 @@ class DhcpPolicy:
         if mt == o.DECLINE:
             wanted = req.option_ip(o.REQUESTED_IP) or ip
             if now >= self._decline_quiet_until:  # one line a minute at most
-                self._decline_quiet_until = now + 60
+                self._decline_quiet_until = now + QUIET_S
                 log.warning("dhcp: %s declined its reserved address %s: another host uses it", mac, _ntoa(wanted))
             return Decision()
         if mt == o.RELEASE:
@@ -209,9 +277,11 @@ class DhcpPolicy:
             value = leases.offer(mac, ip_to_int(requested) if requested else None, now)
             if value is None:
                 if now >= self._quiet_until:  # one warning per minute, not one per DISCOVER
-                    log.warning("dhcp: pool exhausted, no address for %s (and maybe others)", mac)
-                    self._quiet_until = now + 60
-                return Decision(None, event, "pool exhausted")
+                    self._quiet_until = now + QUIET_S
+                    log.warning("dhcp: pool %s-%s exhausted: %d leases, %d offers pending; no address for %s "
+                                "(and maybe others for a minute)", _ntoa(int_to_ip(leases.first)),
+                                _ntoa(int_to_ip(leases.last)), len(leases), leases.offers_pending, mac)
+                return Decision(None, event, POOL_EXHAUSTED)
             ip = int_to_ip(value)
             boot = self._boot_for(req, mac, proxy=False) if self.discovery else None
             return Decision(self._lease_reply(req, o.OFFER, ip, b"", boot), event)
@@ -246,7 +316,7 @@ class DhcpPolicy:
             if not leases.decline(mac, ip_to_int(wanted), now):
                 return Decision(ignored="DECLINE of an address this client does not hold")
             if now >= self._decline_quiet_until:  # one line a minute at most: DECLINEs must not fill the log
-                self._decline_quiet_until = now + 60
+                self._decline_quiet_until = now + QUIET_S
                 log.warning("dhcp: %s declined %s: another host uses it; held back for a while", mac, _ntoa(wanted))
             return Decision()
         if mt == o.RELEASE:
@@ -298,11 +368,16 @@ class DhcpPolicy:
 
     # ------------------------------------------------------------------ node progress
 
+    @property
+    def exchanges_tracked(self) -> int:
+        """How many MACs' last exchange is remembered (at most MAX_TRACKED_EXCHANGES)."""
+        return len(self._exchanges)
+
     def _seen(self, req: DhcpPacket, mac: str) -> NodeEvent | None:
         """The node record of a request: one per exchange (transaction id) of a MAC, classified once here."""
         event = classify_client(req, mac)
         last = self._exchanges.pop(mac, None)
-        if len(self._exchanges) >= MAX_TRACKED_EXCHANGES:
+        if len(self._exchanges) >= self.max_exchanges:
             del self._exchanges[next(iter(self._exchanges))]
         key = (req.xid, event.firmware if isinstance(event, DhcpFromFirmware) else event.kind)
         self._exchanges[mac] = key

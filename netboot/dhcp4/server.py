@@ -4,15 +4,21 @@ One UDP socket bound to the appliance interface on the DHCP port (and, in proxy 
 PXE port 4011). Replies go where RFC 2131 4.1 says; a reply to a client that has no address yet and
 did not ask for broadcast is sent as a link-layer frame to its chaddr through an AF_PACKET socket
 (as ISC dhcpd does with LPF), falling back to broadcast when that is impossible.
+
+Each wake-up drains up to READ_BATCH datagrams: requests from MACs outside the inventory over their relay's
+(or port's) rate are dropped undecoded (`DhcpPolicy.admit`), inventory nodes' requests are answered before
+the others of the same read. This keeps the kernel queue short under a flood (docs/reliability.md, Starvation).
 """
 from __future__ import annotations
 
 import asyncio
+import ctypes
 import errno
 import ipaddress
 import logging
 import socket
 import sqlite3
+import struct
 import time
 from pathlib import Path
 from typing import Mapping
@@ -22,8 +28,9 @@ from domain.progress import EventSink
 from netboot.dhcp4 import options as o
 from netboot.dhcp4.codec import decode, ipv4_udp_packet
 from netboot.dhcp4.leases import LeaseTable
-from netboot.dhcp4.policy import BROADCAST_IP, VIA_DHCP, VIA_PXE, DhcpPolicy, Reply
+from netboot.dhcp4.policy import BROADCAST_IP, POOL_EXHAUSTED, VIA_DHCP, VIA_PXE, Admission, DhcpPolicy, Reply
 from netboot.dhcp4.settings import DhcpSettings, Reservation
+from netboot.dhcp4.steering import Insn, encode_program, socket_filters, steering_program
 from netboot.link import ARPHRD_ETHER, interface_hardware
 
 log = logging.getLogger("rackboot.dhcp")
@@ -31,36 +38,46 @@ log = logging.getLogger("rackboot.dhcp")
 FLUSH_INTERVAL_S = 0.25    # write-behind period of lease rows
 FLUSH_BATCH = 2048         # flush at once when this many rows wait
 RECEIVE_BUFFER = 4 << 20   # absorbs bursts (perfdhcp, a rack powering on)
+READ_BATCH = 256           # datagrams read per wake-up; inventory nodes' requests of a batch are answered first
+MAX_DATAGRAM = 65536
 _SO_RCVBUFFORCE = 33        # <asm/socket.h>: SO_RCVBUF above rmem_max, for CAP_NET_ADMIN
+_SO_ATTACH_FILTER = 26          # <asm/socket.h>
+_SO_ATTACH_REUSEPORT_CBPF = 51  # <asm/socket.h>, Linux 4.5
 _ETH_P_IP = 0x0800
 _COUNTERS = ("received", "sent", "dropped_malformed", "ignored", "errors", "send_errors", "offers", "acks",
-             "naks", "proxy_replies", "relayed", "broadcast", "unicast_chaddr", "lease_write_errors")
+             "naks", "proxy_replies", "relayed", "broadcast", "unicast_chaddr", "lease_write_errors",
+             "rate_limited", "pool_exhausted")
 _REPLY_COUNTER = {o.OFFER: "offers", o.ACK: "acks", o.NAK: "naks"}
 
 
-class _DhcpProtocol(asyncio.DatagramProtocol):
-    """Hands every datagram of one socket to the service, tagged with the port it came in on."""
+class _Endpoint:
+    """One bound UDP socket, read in batches by the event loop's reader callback and written to directly."""
 
-    def __init__(self, service: "DhcpService", via: str) -> None:
+    def __init__(self, service: "DhcpService", sock: socket.socket, via: str) -> None:
         self.service = service
+        self.sock = sock
         self.via = via
-        self.transport: asyncio.DatagramTransport | None = None
-        self.closed: asyncio.Future[None] = asyncio.get_running_loop().create_future()
+        self.received = 0  # datagrams read from this socket
+        self._loop = asyncio.get_running_loop()
+        self._loop.add_reader(sock.fileno(), service.read_batch, self)
 
-    def connection_lost(self, exc: Exception | None) -> None:
-        if not self.closed.done():
-            self.closed.set_result(None)
+    def sendto(self, data: bytes, addr: tuple[str, int]) -> bool:
+        """Send one datagram; False (counted) when the kernel refuses it (full buffer, no route): UDP may drop."""
+        try:
+            self.sock.sendto(data, addr)
+            return True
+        except OSError as exc:
+            self.service.counters["send_errors"] += 1
+            log.debug("dhcp: cannot send to %s:%d: %s", addr[0], addr[1], exc)
+            return False
 
-    def connection_made(self, transport: asyncio.BaseTransport) -> None:
-        self.transport = transport  # type: ignore[assignment]
+    def close(self) -> None:
+        """Stop reading and close the socket (the port can be bound again at once); safe to call twice."""
+        if self.sock.fileno() >= 0:
+            self._loop.remove_reader(self.sock.fileno())
+            self.sock.close()
 
-    def datagram_received(self, data: bytes, addr: tuple[str, int]) -> None:
-        assert self.transport is not None
-        self.service.datagram_received(data, addr, self.via, self.transport)
-
-    def error_received(self, exc: Exception) -> None:
-        self.service.counters["send_errors"] += 1
-        log.debug("dhcp: socket error %s", exc)
+    abort = close
 
 
 class DhcpService:
@@ -78,9 +95,10 @@ class DhcpService:
         self.leases = LeaseTable(db, settings.pool, reserved, journal)
         self.policy = DhcpPolicy(settings, reservations, self.leases)
         self.counters: dict[str, int] = dict.fromkeys(_COUNTERS, 0)
-        self._transports: list[tuple[asyncio.DatagramTransport, _DhcpProtocol]] = []
+        self._endpoints: list[_Endpoint] = []
         self._raw: socket.socket | None = None
         self._sid = settings.server_ip.packed
+        self.steered = False  # inventory nodes' requests have a socket (a kernel queue) of their own
         self._closed = False
 
     # ------------------------------------------------------------------ Service contract
@@ -90,15 +108,18 @@ class DhcpService:
         dhcp = self.settings
         if dhcp.mode == "off":
             return
-        loop = asyncio.get_running_loop()
         ports = [(dhcp.port, VIA_DHCP)]
         if dhcp.mode == "proxy":
             ports.append((dhcp.proxy_port, VIA_PXE))
         try:
             for port, via in ports:
-                sock = _bind_udp(dhcp.interface, port)
-                transport, protocol = await loop.create_datagram_endpoint(lambda via=via: _DhcpProtocol(self, via), sock=sock)
-                self._transports.append((transport, protocol))  # type: ignore[arg-type]
+                socks = self._bind_steered(port) if via == VIA_DHCP else None
+                for sock in socks or [_bind_udp(dhcp.interface, port)]:
+                    try:
+                        self._endpoints.append(_Endpoint(self, sock, via))
+                    except BaseException:
+                        sock.close()
+                        raise
         except BaseException:
             await self.close()
             raise
@@ -106,6 +127,31 @@ class DhcpService:
             self._raw = _open_packet_socket(dhcp.interface)
         log.info("dhcp: %s on %s ports %s%s", dhcp.mode, dhcp.interface, ", ".join(str(p) for p, _ in ports),
                  f", pool {dhcp.pool[0]}-{dhcp.pool[1]}" if dhcp.pool else "")
+
+    def _bind_steered(self, port: int) -> list[socket.socket] | None:
+        """Two sockets on the DHCP port, the first for inventory nodes only (steering.py); None when impossible."""
+        macs = self.policy.node_chaddrs
+        prog = steering_program(macs) if macs else None
+        filters = socket_filters(macs) if macs else None
+        if prog is None or filters is None:
+            if macs:
+                log.info("dhcp: %d inventory MACs are too many for a BPF program: one socket for all", len(macs))
+            return None
+        _bind_udp(self.settings.interface, port).close()  # BindError when another server holds the port
+        socks: list[socket.socket] = []
+        try:
+            # Unicasts: the kernel picks the socket; broadcasts: each socket keeps its share (steering.py). Attached
+            # before the bind: no datagram is ever read by both sockets.
+            socks.append(_bind_udp(self.settings.interface, port, [(_SO_ATTACH_FILTER, filters[0]),
+                                                                   (_SO_ATTACH_REUSEPORT_CBPF, prog)]))
+            socks.append(_bind_udp(self.settings.interface, port, [(_SO_ATTACH_FILTER, filters[1])]))
+        except (OSError, BindError) as exc:
+            for sock in socks:
+                sock.close()
+            log.info("dhcp: no socket of its own for the inventory nodes (%s): one queue for all", exc)
+            return None
+        self.steered = True
+        return socks
 
     async def serve(self) -> None:
         """Write lease rows behind, a few times a second, until cancelled."""
@@ -118,11 +164,9 @@ class DhcpService:
 
     async def close(self) -> None:
         """Close the sockets and write pending lease rows; safe to call twice."""
-        transports, self._transports = self._transports, []
-        for transport, _ in transports:
-            transport.close()
-        for _, protocol in transports:
-            await protocol.closed  # the socket is really closed: a restart can bind the port again
+        endpoints, self._endpoints = self._endpoints, []
+        for endpoint in endpoints:
+            endpoint.close()
         if self._raw is not None:
             self._raw.close()
             self._raw = None
@@ -132,8 +176,11 @@ class DhcpService:
             self.leases.close()
 
     def stats(self) -> dict[str, int]:
-        """Return the counters plus lease table sizes."""
-        return dict(self.counters, leases=len(self.leases), lease_rows_pending=self.leases.dirty)
+        """Return the counters plus the sizes of the per-MAC tables (all bounded, see docs/reliability.md)."""
+        limiter = self.policy.limiter
+        return dict(self.counters, leases=len(self.leases), lease_rows_pending=self.leases.dirty,
+                    offers_pending=self.leases.offers_pending, exchanges_tracked=self.policy.exchanges_tracked,
+                    rate_limit_sources=len(limiter) if limiter is not None else 0)
 
     def mac_for_ip(self, addr: ipaddress.IPv4Address) -> str | None:
         """Return the MAC holding a dynamic lease on addr, or None."""
@@ -141,10 +188,42 @@ class DhcpService:
 
     # ------------------------------------------------------------------ hot path
 
-    def datagram_received(self, data: bytes, addr: tuple[str, int], via: str, transport: asyncio.DatagramTransport) -> None:
+    def read_batch(self, endpoint: _Endpoint) -> None:
+        """Read what waits on a socket (up to READ_BATCH datagrams): admit, then answer inventory nodes first.
+
+        Draining the socket in one wake-up, and dropping the requests over their source's rate before any decode,
+        keeps the kernel's receive queue short under a flood, so a node's request is not lost behind it.
+        """
+        counters = self.counters
+        admit = self.policy.admit
+        sock, via = endpoint.sock, endpoint.via
+        now = time.time()
+        later: list[tuple[bytes, tuple[str, int]]] = []
+        for _ in range(READ_BATCH):
+            try:
+                data, addr = sock.recvfrom(MAX_DATAGRAM)
+            except (BlockingIOError, InterruptedError):
+                break
+            except OSError as exc:  # the socket was closed under us, or a pending error: try again at the next wake-up
+                log.debug("dhcp: receive error %s", exc)
+                break
+            counters["received"] += 1
+            endpoint.received += 1
+            admission = admit(data, via, now)
+            if admission is Admission.NODE:
+                self._handle(data, addr, via, endpoint, now)
+            elif admission is Admission.OTHER:
+                later.append((data, addr))
+            else:
+                counters["rate_limited"] += 1  # a MAC outside the inventory over its relay's (or port's) rate
+        for data, addr in later:
+            self._handle(data, addr, via, endpoint, now)
+        if self.leases.dirty >= FLUSH_BATCH:
+            self._flush()
+
+    def _handle(self, data: bytes, addr: tuple[str, int], via: str, endpoint: _Endpoint, now: float) -> None:
         """Decode, decide, publish events and send the reply of one datagram; never raises."""
         counters = self.counters
-        counters["received"] += 1
         try:
             req = decode(data)
         except MalformedPacket as exc:
@@ -153,24 +232,24 @@ class DhcpService:
                 log.debug("dhcp: dropped malformed datagram from %s:%d: %s", addr[0], addr[1], exc)
             return
         try:
-            decision = self.policy.handle(req, time.time(), via, addr)
+            decision = self.policy.handle(req, now, via, addr)
             if decision.event is not None:
                 self.emit(decision.event)
             reply = decision.reply
             if reply is None:
                 if decision.ignored:
                     counters["ignored"] += 1
+                    if decision.ignored == POOL_EXHAUSTED:
+                        counters["pool_exhausted"] += 1
                 if log.isEnabledFor(logging.DEBUG):
                     log.debug("dhcp: no reply to %s from %s: %s", req, addr[0], decision.ignored)
             else:
-                self._send(reply, transport, via)
+                self._send(reply, endpoint, via)
         except Exception:  # one bad request must not stop the service
             counters["errors"] += 1
             log.exception("dhcp: error handling a request from %s:%d", addr[0], addr[1])
-        if self.leases.dirty >= FLUSH_BATCH:
-            self._flush()
 
-    def _send(self, reply: Reply, transport: asyncio.DatagramTransport, via: str) -> None:
+    def _send(self, reply: Reply, transport: _Endpoint, via: str) -> None:
         """Send one reply where its destination says (RFC 2131 4.1)."""
         counters = self.counters
         dest = reply.dest
@@ -197,8 +276,8 @@ class DhcpService:
             counters["broadcast"] += 1
         elif dest.port == self.settings.port and via == VIA_DHCP:
             counters["relayed"] += 1
-        transport.sendto(reply.data, target)
-        counters["sent"] += 1
+        if transport.sendto(reply.data, target):
+            counters["sent"] += 1
 
     def _flush(self) -> None:
         """Write pending lease rows; a failure is logged and retried at the next flush."""
@@ -211,8 +290,12 @@ class DhcpService:
             log.warning("dhcp: cannot write leases (%s); will retry", exc)
 
 
-def _bind_udp(interface: str, port: int) -> socket.socket:
-    """Return a UDP socket bound to port on one interface only (SO_BINDTODEVICE), broadcast-capable."""
+def _bind_udp(interface: str, port: int, programs: list[tuple[int, list[Insn]]] | None = None) -> socket.socket:
+    """Return a UDP socket bound to port on one interface only (SO_BINDTODEVICE), broadcast-capable.
+
+    With programs (socket option, classic BPF program), the socket shares the port (SO_REUSEPORT) and gets
+    them before it is bound.
+    """
     try:
         socket.if_nametoindex(interface)
     except OSError:
@@ -221,6 +304,10 @@ def _bind_udp(interface: str, port: int) -> socket.socket:
     try:
         sock.setsockopt(socket.SOL_SOCKET, socket.SO_BINDTODEVICE, interface.encode())
         sock.setsockopt(socket.SOL_SOCKET, socket.SO_BROADCAST, 1)
+        if programs is not None:
+            sock.setsockopt(socket.SOL_SOCKET, socket.SO_REUSEPORT, 1)
+            for option, prog in programs:
+                _attach(sock, option, prog)
         try:
             sock.setsockopt(socket.SOL_SOCKET, _SO_RCVBUFFORCE, RECEIVE_BUFFER)
         except OSError:
@@ -240,6 +327,13 @@ def _bind_udp(interface: str, port: int) -> socket.socket:
         raise BindError(f"dhcp: cannot bind UDP port {port} on {interface}: {exc.strerror}") from None
     sock.setblocking(False)
     return sock
+
+
+def _attach(sock: socket.socket, option: int, prog: list[Insn]) -> None:
+    """Attach a classic BPF program to a socket (the kernel copies it: the buffer need not outlive the call)."""
+    code = encode_program(prog)
+    buffer = ctypes.create_string_buffer(code, len(code))
+    sock.setsockopt(socket.SOL_SOCKET, option, struct.pack("HL", len(prog), ctypes.addressof(buffer)))  # sock_fprog
 
 
 def _open_packet_socket(interface: str) -> socket.socket | None:

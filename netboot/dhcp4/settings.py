@@ -4,7 +4,12 @@ from __future__ import annotations
 import ipaddress
 from dataclasses import dataclass, field
 
+from netboot.dhcp4.ratelimit import RateLimit
+
 DHCP_MODES = ("authoritative", "proxy", "off")
+# Requests a second per relay (or per ingress port) from MACs outside the inventory, and the burst: see
+# docs/configuration.md (dhcp.unknown_rate) for why it is on by default and why this high.
+DEFAULT_UNKNOWN_RATE = RateLimit(rate=200.0, burst=1000)
 
 
 @dataclass(frozen=True, slots=True)
@@ -44,6 +49,7 @@ class DhcpSettings:
     discovery: bool = False                  # boot MACs outside the reservations too (unknown_macs: discovery)
     broadcast_replies: bool = False
     reserved: tuple[ipaddress.IPv4Address, ...] = field(default=())  # never handed out from the pool
+    unknown_rate: RateLimit | None = DEFAULT_UNKNOWN_RATE  # None: MACs outside the inventory are not rate-limited
 
     @property
     def server_ip(self) -> ipaddress.IPv4Address:
