@@ -8,6 +8,7 @@ from __future__ import annotations
 
 import argparse
 import asyncio
+import contextlib
 import json
 import os
 import sys
@@ -144,12 +145,19 @@ async def _deploy(args: argparse.Namespace, api: Api) -> int:
         print(dep["id"])
         return EXIT_OK
     result = None
-    async for entry in api.stream(f"/api/v1/deployments/{dep['id']}/events"):
-        if entry.get("what") == "result":
-            result = entry["result"]
-        elif args.verbose and not args.json:
-            detail = " ".join(f"{k}={v}" for k, v in entry.items() if k not in ("ts", "node", "what") and v)
-            print(f"  {entry.get('node') or '*':12} {entry['what']:14} {detail}", file=sys.stderr)
+    from appliance.progress import DeployProgress
+
+    # Progress goes to stderr (stdout keeps the report, or the JSON): live on a terminal, plain lines elsewhere.
+    view = DeployProgress([n["node"] for n in dep["nodes"]], sys.stderr, live=None if not args.verbose else False)
+    with contextlib.nullcontext() if args.json else view:
+        async for entry in api.stream(f"/api/v1/deployments/{dep['id']}/events"):
+            if entry.get("what") == "result":
+                result = entry["result"]
+            elif args.verbose and not args.json:
+                detail = " ".join(f"{k}={v}" for k, v in entry.items() if k not in ("ts", "node", "what") and v)
+                print(f"  {entry.get('node') or '*':12} {entry['what']:14} {detail}", file=sys.stderr)
+            elif not args.json:
+                view.feed(entry)
     if result is None:
         result = await api.call("GET", f"/api/v1/deployments/{dep['id']}")
     return _print_report(result, args)
