@@ -11,6 +11,7 @@ import urllib.error
 import urllib.request
 from pathlib import Path
 from importlib.metadata import PackageNotFoundError, entry_points, version
+from typing import NoReturn
 
 from appliance.config import load_config, summarize
 from domain.errors import BindError, ConfigError
@@ -111,9 +112,21 @@ def _version() -> str:
         return "unknown"
 
 
+EXIT_USAGE = 64  # sysexits.h EX_USAGE: a wrong command line, never confused with 2 ("some nodes failed")
+
+
+class _Parser(argparse.ArgumentParser):
+    """argparse, but a usage error exits EXIT_USAGE (argparse's own 2 means "some nodes failed" here)."""
+
+    def error(self, message: str) -> NoReturn:
+        """Print the usage and the error; exit EXIT_USAGE."""
+        self.print_usage(sys.stderr)
+        self.exit(EXIT_USAGE, f"{self.prog}: error: {message}\n")
+
+
 def build_parser() -> argparse.ArgumentParser:
-    """Build the argument parser of every rackboot subcommand."""
-    parser = argparse.ArgumentParser(prog="rackboot", description=__doc__)
+    """Build the argument parser of every rackboot subcommand (their parsers are of the same class)."""
+    parser = _Parser(prog="rackboot", description=__doc__)
     parser.add_argument("-v", "--verbose", action="count", default=0, help="more logging (-vv for debug)")
     parser.add_argument("--version", action="version", version=f"rackboot {_version()}")
     sub = parser.add_subparsers(dest="command", required=True)

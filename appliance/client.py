@@ -187,19 +187,29 @@ def _results(results: list[dict[str, Any]], args: argparse.Namespace, text: Any)
     return EXIT_OK if all(r["ok"] for r in results) else EXIT_SOME_FAILED
 
 
+def _emit(args: argparse.Namespace, data: Any, text: str) -> None:
+    """Print the API's answer as JSON with --json, else the human text (every command prints one or the other)."""
+    print(json.dumps(data, indent=2) if args.json else text)
+
+
+def _human(data: Any) -> str:
+    """A readable rendering of a JSON answer (YAML block style, keys in the API's order)."""
+    return yaml.safe_dump(data, sort_keys=False, default_flow_style=False, allow_unicode=True).rstrip()
+
+
 async def _env(args: argparse.Namespace, api: Api) -> int:
     if args.env_cmd == "list":
         envs = (await api.call("GET", "/api/v1/environments"))["environments"]
-        if args.json:
-            print(json.dumps(envs, indent=2))
-        for e in envs if not args.json else []:
-            print(f"{e['name']}:{e['version']:<4} {e['owner']:10} {e['visibility']:8} {e['image_kind']}/{e['compression']:5} {e['size']:>12}  {e['description']}")
+        _emit(args, envs, "\n".join(f"{e['name']}:{e['version']:<4} {e['owner']:10} {e['visibility']:8} {e['image_kind']}/{e['compression']:5} "
+                                    f"{e['size']:>12}  {e['description']}" for e in envs))
         return EXIT_OK
     if args.env_cmd == "show":
-        print(json.dumps(await api.call("GET", f"/api/v1/environments/{args.ref}"), indent=2))
+        env = await api.call("GET", f"/api/v1/environments/{args.ref}")
+        _emit(args, env, _human(env))
         return EXIT_OK
     if args.env_cmd == "rm":
-        print((await api.call("DELETE", f"/api/v1/environments/{args.ref}"))["removed"], "removed")
+        out = await api.call("DELETE", f"/api/v1/environments/{args.ref}")
+        _emit(args, out, f"{out['removed']} removed")
         return EXIT_OK
     desc = Path(args.file)
     data = yaml.safe_load(desc.read_text()) or {}
@@ -218,7 +228,7 @@ async def _env(args: argparse.Namespace, api: Api) -> int:
     finally:
         if handle:
             handle.close()
-    print(f"added {env['name']}:{env['version']} sha256={env['sha256']} size={env['size']}")
+    _emit(args, env, f"added {env['name']}:{env['version']} sha256={env['sha256']} size={env['size']}")
     return EXIT_OK
 
 
@@ -238,19 +248,25 @@ async def _stats(args: argparse.Namespace, api: Api) -> int:
 
 async def _user(args: argparse.Namespace, api: Api) -> int:
     if args.user_cmd == "list":
-        print(json.dumps((await api.call("GET", "/api/v1/users"))["users"], indent=2))
+        users = (await api.call("GET", "/api/v1/users"))["users"]
+        _emit(args, users, _human(users))
     elif args.user_cmd == "add":
         out = await api.call("POST", "/api/v1/users", json={"name": args.name, "admin": args.admin})
-        print(out["token"])
+        _emit(args, out, out["token"])  # the token alone: `TOKEN=$(rackboot user add bob)`
     elif args.user_cmd == "rm":
-        await api.call("DELETE", f"/api/v1/users/{args.name}")
+        out = await api.call("DELETE", f"/api/v1/users/{args.name}")
+        _emit(args, out, f"{args.name} removed")
     elif args.user_cmd == "revoke":
         out = await api.call("DELETE", f"/api/v1/users/{args.name}/rights", json={"nodes": node_set(args)})
         if not out["revoked"]:
+            if args.json:
+                print(json.dumps(out, indent=2))
             print(f"rackboot: {args.name} had no rights on exactly {out['nodes']}", file=sys.stderr)
             return EXIT_ERROR
+        _emit(args, out, f"{args.name}: rights on {out['nodes']} revoked")
     else:
-        await api.call("POST", f"/api/v1/users/{args.name}/rights", json={"nodes": node_set(args), "perms": args.rights.split(",")})
+        out = await api.call("POST", f"/api/v1/users/{args.name}/rights", json={"nodes": node_set(args), "perms": args.rights.split(",")})
+        _emit(args, out, f"{args.name}: {args.rights} on {node_set(args)}")
     return EXIT_OK
 
 
@@ -274,16 +290,17 @@ async def _exec(args: argparse.Namespace, api: Api) -> int:
 
 async def _deployments(args: argparse.Namespace, api: Api) -> int:
     if args.id:
-        print(json.dumps(await api.call("GET", f"/api/v1/deployments/{args.id}"), indent=2))
+        dep = await api.call("GET", f"/api/v1/deployments/{args.id}")
+        _emit(args, dep, _human(dep))
         return EXIT_OK
-    for d in (await api.call("GET", "/api/v1/deployments"))["deployments"]:
-        print(f"{d['id']:26} {d['status']:10} {d['env']:16} {d['node_count']:>5} nodes  {d['user']}")
+    deps = (await api.call("GET", "/api/v1/deployments"))["deployments"]
+    _emit(args, deps, "\n".join(f"{d['id']:26} {d['status']:10} {d['env']:16} {d['node_count']:>5} nodes  {d['user']}" for d in deps))
     return EXIT_OK
 
 
 async def _cancel(args: argparse.Namespace, api: Api) -> int:
-    await api.call("DELETE", f"/api/v1/deployments/{args.id}")
-    print(f"{args.id} cancelled")
+    out = await api.call("DELETE", f"/api/v1/deployments/{args.id}")
+    _emit(args, out, f"{args.id} cancelled")
     return EXIT_OK
 
 

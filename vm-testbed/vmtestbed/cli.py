@@ -8,6 +8,8 @@ from collections import Counter
 
 from vmtestbed.faults import parse_faults, parse_post_delay
 
+EXIT_USAGE = 64  # as rackboot's other commands (appliance.cli): a bad value on the command line, not "some failed"
+
 
 def register(sub: "argparse._SubParsersAction[argparse.ArgumentParser]") -> None:
     """Add the testbed and demo subcommands to rackboot's parser."""
@@ -83,7 +85,7 @@ def _cmd_up(args: argparse.Namespace) -> int:
                          qemu_accel=args.qemu_accel, wire_loss=args.wire_loss)
     except ValueError as exc:
         print(f"rackboot testbed up: {exc}", file=sys.stderr)
-        return 2
+        return EXIT_USAGE
     try:
         result = up(plan, say=lambda m: print(f"  {m}", flush=True))
     except TestbedError as exc:
@@ -170,7 +172,7 @@ def _cmd_down(args: argparse.Namespace) -> int:
         removed = down(args.name)
     except ValueError as exc:
         print(f"rackboot testbed down: {exc}", file=sys.stderr)
-        return 2
+        return EXIT_USAGE
     if removed:
         print(f"testbed {args.name}: removed {len(removed)} namespaces in {time.monotonic() - t0:.1f}s")
     else:
