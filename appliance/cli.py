@@ -42,7 +42,16 @@ def _cmd_check_config(args: argparse.Namespace) -> int:
         _print_problems(exc)
         return 1
     print(summarize(config))
-    return 0
+    if not args.host:
+        return 0
+    from appliance.hostcheck import check_host
+
+    problems = check_host(config)
+    for problem in problems:
+        print(f"{args.config}: host: {problem}", file=sys.stderr)
+    if not problems:
+        print("host: the interface, its address, the NBPs, the deploy environment and the ports are ready")
+    return 1 if any(p.severity == "error" for p in problems) else 0
 
 
 def _cmd_install_service(args: argparse.Namespace) -> int:
@@ -136,7 +145,9 @@ def build_parser() -> argparse.ArgumentParser:
     p.set_defaults(func=_cmd_serve)
 
     p = sub.add_parser("check-config", help="validate the config and the node inventory, print a summary")
-    p.add_argument("--config", "-c", required=True)
+    p.add_argument("--config", "-c", required=True, help="the appliance config (rackboot.yaml)")
+    p.add_argument("--host", action="store_true",
+                   help="also check this machine: the interface and its address, NBPs, deploy environment, free ports")
     p.set_defaults(func=_cmd_check_config)
 
     p = sub.add_parser("install-service", help="write a systemd unit (Type=notify, watchdog, hardened) that serves this config")
