@@ -233,6 +233,16 @@ async def _env(args: argparse.Namespace, api: Api) -> int:
 
 
 async def _stats(args: argparse.Namespace, api: Api) -> int:
+    if args.svg:
+        if not args.deployment:
+            raise ClientError("--svg draws one deployment: give --deployment ID")
+        from appliance.timeline import gantt_svg
+
+        moves = await api.call("GET", f"/api/v1/deployments/{args.deployment}/transitions")
+        Path(args.svg).write_text(gantt_svg(moves["transitions"], f"deployment {args.deployment}"))
+        _emit(args, {"svg": args.svg, "transitions": len(moves["transitions"])},
+              f"{args.svg}: the per-node timeline of {args.deployment} ({len(moves['transitions'])} transitions)")
+        return EXIT_OK
     query = f"?deployment={args.deployment}" if args.deployment else ""
     if args.csv:
         print(await api.call("GET", "/api/v1/stats" + (query + "&" if query else "?") + "format=csv"), end="")
@@ -400,8 +410,9 @@ def register(sub: Any) -> None:
     p.set_defaults(func=_run(_env))
 
     p = common(sub.add_parser("stats", help="durations, retries and errors per deployment, node and step"))
-    p.add_argument("--deployment")
-    p.add_argument("--csv", action="store_true")
+    p.add_argument("--deployment", help="one deployment (ID) only")
+    p.add_argument("--csv", action="store_true", help="per node and step, as CSV")
+    p.add_argument("--svg", metavar="FILE", help="write the deployment's per-node timeline (a Gantt chart) to FILE")
     p.set_defaults(func=_run(_stats))
 
     p = sub.add_parser("user", help="users and rights (admin)")
