@@ -18,6 +18,7 @@ import threading
 import time
 import urllib.error
 import urllib.request
+import xml.etree.ElementTree as ET
 from pathlib import Path
 from typing import Any, Iterator
 
@@ -135,6 +136,15 @@ def test_deployment_with_faulty_nodes_rights_and_tokens(testbed: testbed_plan.Te
     # seen from the boot services (no DHCP after the reboot), not from the end of a step timeout.
     assert ko[noreturn]["step"] == "BootNewEnv"
     assert "no DHCP" in ko[noreturn]["reason"], ko[noreturn]
+
+    # The per-node timeline from the CLI: a bar for each node's stays, the two failures marked with their reasons.
+    svg = plan.state_dir / "timeline.svg"
+    drawn = cli(plan, "stats", "--deployment", report["id"], "--svg", str(svg))
+    assert drawn.returncode == 0, drawn.stderr
+    root = ET.fromstring(svg.read_text())
+    rects = list(root.iter("{http://www.w3.org/2000/svg}rect"))
+    assert {r.get("data-state") for r in rects if r.get("class") == "stay"} == {"SetDeploymentEnv", "BroadcastEnv", "BootNewEnv"}
+    assert len([r for r in rects if r.get("class") == "failed"]) == 2
 
     # Every healthy node runs the installed system it reported, the image's files on its deploy partition.
     with Control(plan.state_dir) as ctl:
