@@ -277,7 +277,7 @@ def test_unknown_mac_script_says_so_and_exits() -> None:
     text = render_unknown_script("52:54:00:00:00:99")
     structure(text)
     assert "52:54:00:00:00:99 is not in the inventory" in text
-    assert run(text).end == "exit"
+    assert run(text).end == "exit 1"  # a failure, so a site menu that chained us can take its own path
 
 
 def test_command_line_cannot_inject_script_lines_and_initrd_names_stay_unique() -> None:
