@@ -34,7 +34,8 @@ from netboot.dhcp4.leases import LeaseTable
 from netboot.dhcp4.policy import POOL_EXHAUSTED, VIA_DHCP, VIA_PXE, Admission, DhcpPolicy
 from netboot.dhcp4.ratelimit import RateLimit, SourceLimiter, TokenBucket, parse_rate
 from netboot.dhcp4.server import DhcpService
-from netboot.dhcp4.steering import DROP, KEEP, NODE_SOCKET, OTHER_SOCKET, run_program, socket_filters, steering_program
+from bpf_interpreter import run_program
+from netboot.dhcp4.steering import DROP, KEEP, NODE_SOCKET, OTHER_SOCKET, socket_filters, steering_program
 from test_config import MINIMAL_CONFIG, MINIMAL_NODES, problems_of, write
 from test_dhcp_service import free_udp_port, lo_client, serving
 

@@ -65,26 +65,3 @@ def socket_filters(chaddrs: Iterable[bytes]) -> tuple[list[Insn], list[Insn]] | 
 def encode_program(prog: list[Insn]) -> bytes:
     """The program as an array of struct sock_filter (native byte order, as setsockopt takes it)."""
     return b"".join(struct.pack("=HBBI", *insn) for insn in prog)
-
-
-def run_program(prog: list[Insn], data: bytes) -> int:
-    """Interpret the program on a UDP payload as the kernel would (for tests); an out-of-bounds load returns 0."""
-    a, pc = 0, 0
-    while True:
-        code, jt, jf, k = prog[pc]
-        if code == _LD_LEN:
-            a = len(data)
-        elif code in (_LD_W, _LD_H):
-            size = 4 if code == _LD_W else 2
-            if k + size > len(data):
-                return 0
-            a = int.from_bytes(data[k:k + size], "big")
-        elif code == _RET:
-            return k
-        elif code == _JA:
-            pc += k
-        elif code in (_JEQ, _JGE):
-            pc += jt if (a == k if code == _JEQ else a >= k) else jf
-        else:
-            raise ValueError(f"opcode {code:#x}")
-        pc += 1
