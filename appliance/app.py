@@ -6,14 +6,18 @@ import ipaddress
 import logging
 import os
 import signal
+import time
 from dataclasses import replace
 from pathlib import Path
+
+from ClusterShell.NodeSet import NodeSet
 
 from appliance.api import Api
 from appliance.auth import NodeTokens, Users
 from appliance.booting import DEFAULT_DISCOVERY_PROFILE, NodeBootTargets
 from appliance.catalog import Catalog
-from appliance.config import ApplianceConfig
+from appliance.config import ApplianceConfig, load_config
+from appliance.inventory import Inventory
 from appliance.deploy.agent_driver import AgentDeployDriver
 from appliance.deploy.controller import Controller, ControllerDeps
 from appliance.deploy.power import IpmiPower, PowerByDriver
@@ -25,6 +29,7 @@ from appliance.sdnotify import notify, watchdog_interval
 from appliance.profiles import ProfileStore
 from appliance.service import Service
 from appliance.statedb import open_state_db
+from domain.errors import ConfigError
 from domain.profiles import BootProfile
 from domain.progress import ProfileSet
 from ipxe.script import ScriptRenderer
@@ -116,6 +121,43 @@ class Appliance:
             for node in stranded:
                 self.events.publish(ProfileSet(node.mac, self.profiles.default.kind, "", "restart"))
 
+    def reload(self) -> str:
+        """Reload the inventory from the config's files (SIGHUP): check-config first; new, changed and removed
+        nodes take effect at once, except nodes of a running deployment, which keep their entry until it ends
+        (the next reload applies it). Leases, profiles and deployments are kept. Return what changed; raise
+        ConfigError (nothing changed) when the files do not validate or the result would be inconsistent."""
+        fresh = load_config(self.config.source)
+        ignored = [f for f in ("interface", "address", "state_dir", "dhcp", "tftp", "http", "dns", "boot", "deploy")
+                   if getattr(fresh, f) != getattr(self.config, f)]
+        old = self.config.inventory
+        new_by_name = dict(fresh.inventory.by_name)
+        busy = set(self.controller.busy([n.name for n in old.nodes]))
+        kept = []
+        for name in sorted(busy):
+            if new_by_name.get(name) != old.by_name[name]:
+                new_by_name[name] = old.by_name[name]  # its deployment holds this entry: it waits
+                kept.append(name)
+        nodes = [new_by_name[n.name] for n in fresh.inventory.nodes if n.name in new_by_name]
+        nodes += [old.by_name[name] for name in kept if name not in fresh.inventory.by_name]
+        merged = Inventory(tuple(nodes), fresh.inventory.source, origin=dict(fresh.inventory.origin))
+        if len(merged.by_mac) != len(nodes) or len(merged.by_ip) != len(nodes):
+            raise ConfigError([f"{', '.join(kept)}: being deployed, their old entries clash with the new inventory's "
+                               f"MACs or addresses: reload again when the deployment has ended"])
+        added = sorted(set(merged.by_name) - set(old.by_name))
+        removed = sorted(set(old.by_name) - set(merged.by_name))
+        changed = sorted(n for n in set(merged.by_name) & set(old.by_name) if merged.by_name[n] != old.by_name[n])
+        old.take(merged)  # every holder of the inventory (API, controller, scripts, this) sees it now
+        self.dhcp.set_reservations({n.mac: Reservation(n.ip, n.name) for n in merged.nodes})
+        self.dns.set_hosts({n.name: n.ip for n in merged.nodes})
+        summary = (f"inventory reloaded: {len(merged)} nodes; added {_names(added)}, changed {_names(changed)}, "
+                   f"removed {_names(removed)}")
+        if kept:
+            summary += f"; {_names(kept)} kept as they were until their deployment ends"
+        if ignored:
+            summary += f"; changes to {', '.join(ignored)} need a restart"
+        log.info("%s", summary)
+        return summary
+
     def mac_for_ip(self, ip: ipaddress.IPv4Address | str) -> str | None:
         """Return the MAC behind a node address (inventory first, then dynamic leases)."""
         addr = ipaddress.IPv4Address(str(ip))
@@ -171,6 +213,7 @@ async def serve_forever(config: ApplianceConfig) -> None:
     loop = asyncio.get_running_loop()
     for sig in (signal.SIGTERM, signal.SIGINT):
         loop.add_signal_handler(sig, app.stop)
+    loop.add_signal_handler(signal.SIGHUP, _reload, app)
     ready.write_text(f"{os.getpid()}\n")
     notify(f"READY=1\nSTATUS=serving {', '.join(s.name for s in app.services)} on {config.interface}")
     watchdog = None
@@ -184,6 +227,23 @@ async def serve_forever(config: ApplianceConfig) -> None:
         if watchdog is not None:
             watchdog.cancel()
         ready.unlink(missing_ok=True)
+
+
+def _reload(app: Appliance) -> None:
+    """SIGHUP: reload the inventory; a config that does not validate changes nothing and says why."""
+    notify(f"RELOADING=1\nMONOTONIC_USEC={time.clock_gettime_ns(time.CLOCK_MONOTONIC) // 1000}")
+    try:
+        summary = app.reload()
+    except ConfigError as exc:
+        log.error("reload refused, nothing changed: %s", "; ".join(exc.problems))
+        notify("READY=1\nSTATUS=reload refused: the config does not validate (see the log)")
+        return
+    notify(f"READY=1\nSTATUS={summary}")
+
+
+def _names(names: list[str]) -> str:
+    """A node set for a log line ('-' when empty)."""
+    return str(NodeSet.fromlist(names)) if names else "-"
 
 
 async def _watchdog(interval: float) -> None:

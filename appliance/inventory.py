@@ -53,6 +53,16 @@ class Inventory:
             raise ConfigError([f"unknown nodes: {', '.join(unknown[:10])}"])
         return [self.by_name[n] for n in names]
 
+    def take(self, other: "Inventory") -> None:
+        """Become other (a reloaded inventory) in place: whoever holds this object, or its indexes, sees the new
+        nodes at once (the appliance reloads on SIGHUP; everything runs on one event loop, so no reader sees half)."""
+        object.__setattr__(self, "nodes", other.nodes)
+        object.__setattr__(self, "source", other.source)
+        for mine, theirs in ((self.by_name, other.by_name), (self.by_mac, other.by_mac), (self.by_ip, other.by_ip),
+                             (self.origin, other.origin)):
+            mine.clear()
+            mine.update(theirs)  # type: ignore[arg-type]
+
 
 def _expand_field(entry: Located, key: str, count: int, problems: list[str]) -> list[str] | None:
     """Expand a folded value to count items, or to one start value that the caller increments per node."""

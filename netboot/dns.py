@@ -237,6 +237,10 @@ class DnsService:
             0,
         )
 
+    def set_hosts(self, hosts: Mapping[str, ipaddress.IPv4Address]) -> None:
+        """Answer for a reloaded inventory's names from now on."""
+        self.zone = DnsZone(self._settings, hosts, recursion_available=self._forward)
+
     # -- Service contract ---------------------------------------------------------------------------
 
     async def start(self) -> None:

@@ -172,6 +172,10 @@ class LeaseTable:
             self._leases[mac] = lease
             self._lease_ip[value] = mac
 
+    def set_reserved(self, reserved: Iterable[ipaddress.IPv4Address]) -> None:
+        """Addresses never handed out from the pool from now on (a reload); leases held already are kept."""
+        self._reserved = {int(a) for a in reserved}
+
     def in_pool(self, ip: int) -> bool:
         """True when ip lies in the pool and is not reserved (inventory, appliance)."""
         return self.first <= ip <= self.last and ip not in self._reserved

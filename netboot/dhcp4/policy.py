@@ -188,6 +188,14 @@ class DhcpPolicy:
             self._rate_window_start = now
         return Admission.DROP
 
+    def set_reservations(self, reservations: Mapping[str, Reservation]) -> None:
+        """Serve another inventory's reservations from now on (a reload); leases and exchanges are kept."""
+        self._nodes = reservations
+        self._node_ip = {mac: r.ip.packed for mac, r in reservations.items()}
+        self._hostname_tlv = {mac: o.text_option(o.HOST_NAME, r.hostname) if r.hostname else b""
+                              for mac, r in reservations.items()}
+        self._node_chaddrs = frozenset(bytes.fromhex(mac.replace(":", "")) for mac in reservations)
+
     @property
     def node_chaddrs(self) -> frozenset[bytes]:
         """The inventory nodes' hardware addresses (6 octets each), never rate-limited."""

@@ -128,6 +128,31 @@ class DhcpService:
         log.info("dhcp: %s on %s ports %s%s", dhcp.mode, dhcp.interface, ", ".join(str(p) for p, _ in ports),
                  f", pool {dhcp.pool[0]}-{dhcp.pool[1]}" if dhcp.pool else "")
 
+    def set_reservations(self, reservations: Mapping[str, Reservation]) -> None:
+        """Serve a reloaded inventory's reservations: leases and offers are kept, the reserved addresses leave the
+        pool, and the steering programs are replaced so the new nodes' requests reach the nodes' socket."""
+        network = self.settings.address.network
+        self.leases.set_reserved([r.ip for r in reservations.values()] + [self.settings.server_ip, network.network_address,
+                                                                         network.broadcast_address, *self.settings.reserved])
+        self.policy.set_reservations(reservations)
+        socks = [e.sock for e in self._endpoints if e.via == VIA_DHCP]
+        if not self.steered or len(socks) != 2:
+            return
+        macs = self.policy.node_chaddrs
+        prog = steering_program(macs) if macs else None
+        filters = socket_filters(macs) if macs else None
+        if prog is None or filters is None:
+            log.warning("dhcp: %d inventory MACs are too many for a BPF program: the nodes added keep the shared queue", len(macs))
+            return
+        try:
+            # The kernel swaps each program atomically; between the three calls a broadcast may reach both
+            # sockets or neither for a moment, which DHCP's retransmissions absorb (RFC 2131 4.1).
+            _attach(socks[0], _SO_ATTACH_FILTER, filters[0])
+            _attach(socks[1], _SO_ATTACH_FILTER, filters[1])
+            _attach(socks[0], _SO_ATTACH_REUSEPORT_CBPF, prog)
+        except OSError as exc:
+            log.warning("dhcp: could not steer the reloaded inventory's nodes to their socket: %s", exc)
+
     def _bind_steered(self, port: int) -> list[socket.socket] | None:
         """Two sockets on the DHCP port, the first for inventory nodes only (steering.py); None when impossible."""
         macs = self.policy.node_chaddrs
