@@ -179,7 +179,7 @@ async def test_unknown_mac_is_told_so_when_ignored(appliance: Appliance) -> None
             text = await r.text()
         async with http.get(f"{appliance.base}/boot/not-a-mac.ipxe") as r:
             assert r.status == 404
-    assert "not in the inventory" in text and text.rstrip().endswith("exit")
+    assert "not in the inventory" in text and text.rstrip().endswith("exit 1")
     assert appliance.events.last(UNKNOWN_MAC)[0].profile == "unknown"  # type: ignore[union-attr]
 
 
