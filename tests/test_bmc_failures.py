@@ -1,7 +1,7 @@
 """BMC failures under load: the appliance's real IPMI driver (pyghmi, RMCP+ over UDP) against 30 pyghmi BMCs on
 loopback, some healthy, slow, refusing or dead; then the API and the logs, searched for the IPMI passwords.
 
-30, not 100: at 100 BMCs (60 healthy) two calls each, pyghmi's client hung for over 4 minutes in this process
+30, not 100: at 100 BMCs pyghmi's client deadlocks on its own keepalive lock, every pool thread blocked
 (docs/reliability.md, "BMCs"); that is left open, and this test holds what works at 30.
 
 The BMCs are the vm-testbed's (tests/bmc_farm.py), one child process per kind, on 127.R.S.x: a prefix drawn for
