@@ -79,7 +79,12 @@ class Users:
         return out
 
     def remove(self, name: str) -> None:
-        """Delete a user and its rights."""
+        """Delete a user and its rights; AuthError 404 for no such user, 409 for the last admin (nobody could manage users)."""
+        row = self._db.execute("SELECT admin FROM users WHERE name=?", (name,)).fetchone()
+        if row is None:
+            raise AuthError(f"no user {name!r}", 404)
+        if row[0] and self._db.execute("SELECT COUNT(*) FROM users WHERE admin=1").fetchone()[0] <= 1:
+            raise AuthError(f"{name!r} is the last admin: add another admin first", 409)
         self._db.execute("DELETE FROM users WHERE name=?", (name,))
         self._db.execute("DELETE FROM rights WHERE user=?", (name,))
 

@@ -98,15 +98,19 @@ def _construct(node: yaml.Node) -> Any:
 def load_yaml_mapping(path: Path) -> Located:
     """Parse a YAML file whose top level is a mapping; raise ConfigError with file:line on failure."""
     try:
-        text = path.read_text()
+        text = path.read_text(encoding="utf-8")
     except OSError as exc:
         raise ConfigError([f"{path}: cannot read: {exc.strerror or exc}"]) from exc
+    except UnicodeDecodeError as exc:
+        raise ConfigError([f"{path}: not UTF-8 text (byte {exc.start})"]) from exc
     try:
         node = yaml.compose(text, Loader=yaml.SafeLoader)
     except yaml.MarkedYAMLError as exc:
         mark = exc.problem_mark
         line = mark.line + 1 if mark else 0
         raise ConfigError([f"{path}:{line}: YAML syntax error: {exc.problem}"]) from exc
+    except yaml.YAMLError as exc:  # the reader's errors (a control character, a NUL byte) carry no mark
+        raise ConfigError([f"{path}: not YAML: {exc}"]) from exc
     if node is None:
         raise ConfigError([f"{path}:1: empty file"])
     if not isinstance(node, yaml.MappingNode):

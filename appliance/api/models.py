@@ -31,9 +31,10 @@ def redact_cmdline(cmdline: str) -> str:
 
 
 class Request(BaseModel):
-    """A JSON request body: unknown fields are refused."""
+    """A JSON request body: unknown fields are refused, and so are values of another JSON type than the
+    document says (strict: `"admin": 0` is not a boolean, `"fanout": "4"` not an integer)."""
 
-    model_config = ConfigDict(extra="forbid")
+    model_config = ConfigDict(extra="forbid", strict=True)
 
 
 class Query(BaseModel):

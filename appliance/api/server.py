@@ -38,6 +38,8 @@ class Api:
                             power=power, exec_runner=exec_runner, profiles=profiles, events=events, stats=stats,
                             stage_dir=stage_dir, image_files=image_files, openapi=build_openapi(routes))
         self._routes: dict[web.AbstractRoute, Route] = {}
+        # Paths whose every route is open: another method on them is answered 405 without a token, as with one.
+        self._open_paths = {r.path for r in routes if r.access == "open"} - {r.path for r in routes if r.access != "open"}
         for route in routes:
             self._routes[app.router.add_route(route.method, route.path, bind(route, self.deps))] = route
         app.middlewares.append(self._auth_middleware)
@@ -53,8 +55,9 @@ class Api:
     async def _auth_middleware(self, request: web.Request, handler: Handler) -> web.StreamResponse:
         path = request.path
         try:
-            if path.startswith(API_PREFIX):
-                authorize(self.users, request, self._routes.get(request.match_info.route))
+            route = self._routes.get(request.match_info.route)
+            if path.startswith(API_PREFIX) and not (route is None and path in self._open_paths):
+                authorize(self.users, request, route)
             return await handler(request)
         except AuthError as exc:
             return error(exc.status, str(exc))

@@ -13,7 +13,7 @@ from appliance.deploy.bootwatch import INSTALLED, BootWatch, Stage
 from appliance.deploy.clock import Clock
 from appliance.deploy.drivers import DeployDriver, DeployError
 from appliance.deploy.nodestate import NodeRun
-from appliance.deploy.power import BmcUnreachable, PowerDriver, PowerError
+from appliance.deploy.power import BmcAuthRefused, BmcUnreachable, PowerDriver, PowerError
 from appliance.deploy.workflow import BootDeadlines
 from domain.errors import RackbootError
 
@@ -73,7 +73,7 @@ class Rebooter:
                 # Where the driver supports it, the next boot goes to the network whatever the installed
                 # OS did to the boot order, so the appliance keeps control of the node.
                 await self.power.set_boot_device(node, "network", persistent=False)
-            except BmcUnreachable:
+            except (BmcUnreachable, BmcAuthRefused):
                 raise
             except PowerError as exc:
                 run.notes.append(f"bootdev network not set: {exc}")
@@ -84,7 +84,7 @@ class Rebooter:
                 await self.power.power(node, "off")
                 await self.clock.sleep(self.power_off_wait)
                 await self.power.power(node, "on")
-        except BmcUnreachable as exc:
+        except (BmcUnreachable, BmcAuthRefused) as exc:  # no other level does better with a silent BMC or refused credentials
             raise Hopeless(f"{level} reboot failed: {exc}") from exc
         except PowerError as exc:
             return f"{level} reboot failed: {exc}"
