@@ -30,6 +30,7 @@ from appliance.profiles import ProfileStore
 from appliance.service import Service
 from appliance.statedb import open_state_db
 from domain.errors import ConfigError
+from domain.latency import Latency
 from domain.profiles import BootProfile
 from domain.progress import ProfileSet
 from ipxe.script import ScriptRenderer
@@ -97,7 +98,7 @@ class Appliance:
         self.controller = Controller(
             deps, lambda method, kexec: replace(default_workflow(method, kexec), deadlines=deadlines,
                                                 reboot_window=d.reboot_window))
-        add_metrics_route(self.http.app, self.stats, self._live_node_states)
+        add_metrics_route(self.http.app, self.stats, self._live_node_states, self.latencies)
         self.api = Api(self.http.app, inventory=config.inventory, users=self.users, catalog=self.catalog,
                        controller=self.controller, deployments=self.store, power=power, exec_runner=self.agent.exec,
                        profiles=self.profiles, events=self.events, stats=self.stats, stage_dir=config.state_dir / "upload",
@@ -198,6 +199,10 @@ class Appliance:
                 await service.close()
             self.ipmi.close()
             self.db.close()
+
+    def latencies(self) -> dict[str, dict[str, Latency]]:
+        """Return the latency histograms every service keeps (for /metrics)."""
+        return {s.name: dict(getattr(s, "latency", {})) for s in self.services if getattr(s, "latency", None)}
 
     def stats(self) -> dict[str, dict[str, int]]:
         """Return the counters of every service."""

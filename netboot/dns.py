@@ -17,6 +17,7 @@ from typing import Callable, Mapping
 
 from dnslib import EDNS0, NS, OPCODE, PTR, QTYPE, RCODE, RR, SOA, A, DNSRecord
 
+from domain.latency import Latency
 from domain.errors import BindError, MalformedPacket
 
 log = logging.getLogger("rackboot.dns")
@@ -230,6 +231,7 @@ class DnsService:
         self._tcp_writers: set[asyncio.StreamWriter] = set()
         self.port = settings.port
         self._quiet_until = 0.0
+        self.latency = {"query": Latency()}
         self._counters = dict.fromkeys(
             ("received", "sent", "dropped_malformed", "dropped_not_query", "answered", "nxdomain", "refused",
              "formerr", "notimp", "forwarded", "forward_replies", "forward_timeouts", "forward_dropped",
@@ -344,8 +346,10 @@ class DnsService:
             if self._udp is not None:
                 self._udp.sendto(payload, addr)
 
+        started = time.perf_counter()
         try:
             self._handle(data, reply_to, True)
+            self.latency["query"].observe(time.perf_counter() - started)  # forwarded: until handed upstream
         except Exception:  # a datagram nobody foresaw: count it; one traceback a minute at most (logs stay bounded)
             self._counters["errors"] += 1
             now = time.monotonic()

@@ -12,6 +12,7 @@ is), `NodeReport` or `BootFailed`. Records carry no token.
 from __future__ import annotations
 
 import asyncio
+import time
 import ipaddress
 import json
 import logging
@@ -22,6 +23,7 @@ from typing import Any, Callable, Protocol
 from aiohttp import web
 from aiohttp.abc import AbstractStreamWriter
 
+from domain.latency import Latency
 from domain.errors import BindError
 from domain.nodes import normalize_mac
 from domain.progress import (
@@ -138,6 +140,8 @@ class HttpService:
         self._files_root = settings.files
         self._nbp_names = frozenset(n for n in settings.nbp_names if n)
         self._counters = dict.fromkeys(_COUNTERS, 0)
+        # Handler time of the small answers nodes wait on (files stream for as long as the client reads).
+        self.latency = {"script": Latency(), "callback": Latency()}
         # mac -> profile of the last script served (quiet polls); any host can ask for any MAC's script, so the
         # MAC heard from longest ago is forgotten first, as in the event bus and the DHCP policy
         self._last_script: dict[str, str] = {}
@@ -271,6 +275,13 @@ class HttpService:
 
     async def _script(self, request: web.Request) -> web.Response:
         """GET /boot/MAC.ipxe: the node's iPXE script for its current boot profile."""
+        started = time.perf_counter()
+        try:
+            return self._script_answer(request)
+        finally:
+            self.latency["script"].observe(time.perf_counter() - started)
+
+    def _script_answer(self, request: web.Request) -> web.Response:
         mac = self._mac_param(request)
         script = self._scripts.render(mac)
         self._counters["scripts"] += 1
@@ -341,6 +352,14 @@ class HttpService:
     # -- callbacks ----------------------------------------------------------------------------------
 
     async def _callback(self, request: web.Request) -> web.Response:
+        """A node's callback (see _callback_answer), timed."""
+        started = time.perf_counter()
+        try:
+            return await self._callback_answer(request)
+        finally:
+            self.latency["callback"].observe(time.perf_counter() - started)
+
+    async def _callback_answer(self, request: web.Request) -> web.Response:
         """POST /callback/MAC with JSON {stage, status, message, token, ...} (or GET with a query, from iPXE).
 
         The body is read and decoded once, here (JSON in UTF-8, RFC 8259 8.1). A stage that claims a deployment

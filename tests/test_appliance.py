@@ -182,6 +182,11 @@ async def test_metrics_page_serves_the_services_counters_for_prometheus(tmp_path
     assert samples["rackboot_tftp_transfers_active"] == 0 and "rackboot_dns_received_total" in samples
     assert samples["rackboot_events_published_total"] >= 1
     assert "token" not in text
+    # Latency histograms: the script's handler time was observed once, under a second.
+    buckets = {s.labels["le"]: s.value for family in text_string_to_metric_families(text) for s in family.samples
+               if s.name == "rackboot_http_script_seconds_bucket"}
+    assert samples["rackboot_http_script_seconds_count"] == 1 and buckets["1.0"] == 1 and buckets["+Inf"] == 1
+    assert samples["rackboot_dns_query_seconds_count"] == 0 and "rackboot_tftp_transfer_seconds_sum" in samples
 
 
 def test_metrics_count_live_nodes_by_state() -> None:

@@ -111,6 +111,7 @@ async def test_discover_request_ack_over_loopback(tmp_path: Path) -> None:
             assert opts_of(data)["message-type"] == 5
     stats = service.stats()
     assert stats["received"] == 2 and stats["offers"] == 1 and stats["acks"] == 1 and stats["broadcast"] == 2
+    assert service.latency["request"].count == 2  # each request's time in the server, for /metrics
     # two exchanges (xid 1 and 2), each classified once: BIOS PXE, then a plain client's REQUEST
     assert [type(e).__name__ for e in events] == ["DhcpFromFirmware", "DhcpFromOs"]
     assert isinstance(events[0], DhcpFromFirmware) and events[0].firmware is FirmwareKind.BIOS_PXE

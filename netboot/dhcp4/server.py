@@ -25,6 +25,7 @@ from typing import Mapping
 
 from domain.errors import BindError, MalformedPacket
 from domain.progress import EventSink
+from domain.latency import Latency
 from netboot.dhcp4 import options as o
 from netboot.dhcp4.codec import decode, ipv4_udp_packet
 from netboot.dhcp4.leases import LeaseTable
@@ -99,6 +100,9 @@ class DhcpService:
         self._raw: socket.socket | None = None
         self._sid = settings.server_ip.packed
         self.steered = False  # inventory nodes' requests have a socket (a kernel queue) of their own
+        # From the wake-up that read a request to its reply sent (or the decision not to answer): the time a request
+        # spends in the server once the kernel hands it over, batch-mates ahead of it included.
+        self.latency = {"request": Latency()}
         self._closed = False
 
     # ------------------------------------------------------------------ Service contract
@@ -223,6 +227,8 @@ class DhcpService:
         admit = self.policy.admit
         sock, via = endpoint.sock, endpoint.via
         now = time.time()
+        woke = time.perf_counter()
+        observe = self.latency["request"].observe
         later: list[tuple[bytes, tuple[str, int]]] = []
         for _ in range(READ_BATCH):
             try:
@@ -237,12 +243,14 @@ class DhcpService:
             admission = admit(data, via, now)
             if admission is Admission.NODE:
                 self._handle(data, addr, via, endpoint, now)
+                observe(time.perf_counter() - woke)
             elif admission is Admission.OTHER:
                 later.append((data, addr))
             else:
                 counters["rate_limited"] += 1  # a MAC outside the inventory over its relay's (or port's) rate
         for data, addr in later:
             self._handle(data, addr, via, endpoint, now)
+            observe(time.perf_counter() - woke)
         if self.leases.dirty >= FLUSH_BATCH:
             self._flush()
 

@@ -17,6 +17,7 @@ from dataclasses import dataclass, field, replace
 from pathlib import Path
 from typing import Callable
 
+from domain.latency import TRANSFER_BUCKETS, Latency
 from domain.errors import BindError, MalformedPacket
 from domain.progress import (
     EventSink,
@@ -107,6 +108,7 @@ class _Transfer:
     endpoint: "_TransferEndpoint | None" = None
     file: TftpFile | None = None
     closed: bool = field(default=False)
+    started: float = field(default_factory=time.perf_counter)  # the RRQ
 
 
 class _RequestEndpoint(asyncio.DatagramProtocol):
@@ -228,6 +230,7 @@ class TftpService:
         self._transfers: dict[Address, _Transfer] = {}
         self._per_host: dict[str, int] = {}  # transfers per client address
         self._counters: dict[str, int] = dict.fromkeys(_COUNTERS, 0)
+        self.latency = {"transfer": Latency(TRANSFER_BUCKETS)}
 
     @property
     def address(self) -> Address:
@@ -440,6 +443,7 @@ class TftpService:
         file = transfer.file
         path = file.name if file is not None else transfer.request.filename
         if session.outcome is Outcome.SENT:
+            self.latency["transfer"].observe(time.perf_counter() - transfer.started)  # RRQ to the last ACK
             counters["transfers_sent"] += 1
             counters["bytes_sent"] += session.size
             counters["transfers_windowed"] += session.windowsize > 1  # RFC 7440 clients
