@@ -30,17 +30,33 @@ def free_port(kind: int = socket.SOCK_DGRAM) -> int:
         return int(s.getsockname()[1])
 
 
+def free_port_both(*taken: int) -> int:
+    """A port free for both UDP and TCP (DNS binds both), other than the ones given: the kernel may hand the same
+    number to a UDP and a TCP probe (seen: the DNS port equal to the HTTP port, the TCP bind refused)."""
+    while True:
+        port = free_port()
+        if port in taken:
+            continue
+        with socket.socket(socket.AF_INET, socket.SOCK_STREAM) as s:
+            try:
+                s.bind(("127.0.0.1", port))
+            except OSError:
+                continue
+        return port
+
+
 def write_config(tmp_path: Path, tftp_port: int, dhcp: str = "mode: 'off'", interface: str = "lo") -> Path:
     (tmp_path / "nodes.yaml").write_text("nodes:\n  - {name: node-1, mac: '52:54:00:77:00:01', ip: 127.0.0.11}\n"
                                          "  - {name: node-2, mac: '52:54:00:77:00:02', ip: 127.0.0.12}\n")
+    http_port = free_port(socket.SOCK_STREAM)
     (tmp_path / "rackboot.yaml").write_text(textwrap.dedent(f"""\
         interface: {interface}
         address: 127.0.0.1/8
         state_dir: {tmp_path / 'state'}
-        http_port: {free_port(socket.SOCK_STREAM)}
+        http_port: {http_port}
         dhcp: {{{dhcp}, router_advertisements: false}}
         tftp: {{port: {tftp_port}}}
-        dns: {{domain: cluster.test, port: {free_port()}}}
+        dns: {{domain: cluster.test, port: {free_port_both(http_port, tftp_port)}}}
         inventory: nodes.yaml
         """))
     return tmp_path / "rackboot.yaml"

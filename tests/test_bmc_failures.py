@@ -43,6 +43,7 @@ from ipxe.script import ScriptRenderer
 from netboot.http import HttpService, HttpSettings
 from test_api import _bound
 
+pytestmark = pytest.mark.pyghmi_client  # first in a run: see tests/conftest.py
 FARM = Path(__file__).with_name("bmc_farm.py")
 PORT = 10623
 SLOW_S = 0.4  # hundreds of times a healthy answer, under pyghmi's first retransmission (0.5-1 s): see docs/reliability.md for slower

@@ -132,7 +132,11 @@ _installed = False
 
 
 def install_many_bmc_support() -> None:
-    """Patch pyghmi's session module for many BMCs in one process (see the module docstring); idempotent."""
+    """Patch pyghmi's session module for many BMCs in one process (see the module docstring); idempotent.
+
+    pyghmi's IPMI *client* no longer works in a process so patched (its answers are never matched): the
+    appliance's client runs in `rackboot serve`, never beside a farm; tests that drive the client in-process run
+    before any test that serves BMCs in-process (tests/conftest.py)."""
     global _installed
     if _installed:
         return
