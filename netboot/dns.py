@@ -222,7 +222,7 @@ class DnsService:
         self._settings = settings
         self._forward_timeout_s = forward_timeout
         self._forward = settings.unknown == "forward" and bool(settings.upstream)
-        self.zone = DnsZone(settings, hosts, recursion_available=self._forward)
+        self.set_hosts(hosts)
         self._udp: asyncio.DatagramTransport | None = None
         self._tcp: asyncio.Server | None = None
         self._upstreams: list[asyncio.DatagramTransport] = []

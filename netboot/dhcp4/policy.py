@@ -116,10 +116,7 @@ class DhcpPolicy:
         self.sid = settings.server_ip.packed
         self.http_base = settings.boot.http_base
         self.boot = settings.boot
-        self._nodes = reservations
-        self._node_ip = {mac: r.ip.packed for mac, r in reservations.items()}
-        self._hostname_tlv = {mac: o.text_option(o.HOST_NAME, r.hostname) if r.hostname else b""
-                              for mac, r in reservations.items()}
+        self.set_reservations(reservations)
         self._broadcast_dest = Destination(BROADCAST_IP, settings.client_port)
         self._exchanges: dict[str, tuple[int, str]] = {}  # mac -> (xid, client kind) of its last exchange
         self.max_exchanges = MAX_TRACKED_EXCHANGES
@@ -145,7 +142,6 @@ class DhcpPolicy:
         self._quiet_until = 0.0
         self._decline_quiet_until = 0.0
         # Rate limiting of MACs outside the inventory, per relay or ingress port, decided before the decode.
-        self._node_chaddrs = frozenset(bytes.fromhex(mac.replace(":", "")) for mac in reservations)
         self.limiter = SourceLimiter(settings.unknown_rate) if settings.unknown_rate is not None else None
         self._ingress = {VIA_DHCP: f"{settings.interface} port {settings.port}",
                          VIA_PXE: f"{settings.interface} port {settings.proxy_port}"}

@@ -90,10 +90,7 @@ class DhcpService:
                  db: sqlite3.Connection | None, journal: Path | None = None) -> None:
         self.settings = settings
         self.emit = emit
-        network = settings.address.network
-        reserved = [r.ip for r in reservations.values()] + [settings.server_ip, network.network_address,
-                                                            network.broadcast_address, *settings.reserved]
-        self.leases = LeaseTable(db, settings.pool, reserved, journal)
+        self.leases = LeaseTable(db, settings.pool, self._reserved(reservations), journal)
         self.policy = DhcpPolicy(settings, reservations, self.leases)
         self.counters: dict[str, int] = dict.fromkeys(_COUNTERS, 0)
         self._endpoints: list[_Endpoint] = []
@@ -135,19 +132,15 @@ class DhcpService:
     def set_reservations(self, reservations: Mapping[str, Reservation]) -> None:
         """Serve a reloaded inventory's reservations: leases and offers are kept, the reserved addresses leave the
         pool, and the steering programs are replaced so the new nodes' requests reach the nodes' socket."""
-        network = self.settings.address.network
-        self.leases.set_reserved([r.ip for r in reservations.values()] + [self.settings.server_ip, network.network_address,
-                                                                         network.broadcast_address, *self.settings.reserved])
+        self.leases.set_reserved(self._reserved(reservations))
         self.policy.set_reservations(reservations)
         socks = [e.sock for e in self._endpoints if e.via == VIA_DHCP]
         if not self.steered or len(socks) != 2:
             return
-        macs = self.policy.node_chaddrs
-        prog = steering_program(macs) if macs else None
-        filters = socket_filters(macs) if macs else None
-        if prog is None or filters is None:
-            log.warning("dhcp: %d inventory MACs are too many for a BPF program: the nodes added keep the shared queue", len(macs))
+        programs = self._steering_programs("the nodes added keep the shared queue", logging.WARNING)
+        if programs is None:
             return
+        prog, filters = programs
         try:
             # The kernel swaps each program atomically; between the three calls a broadcast may reach both
             # sockets or neither for a moment, which DHCP's retransmissions absorb (RFC 2131 4.1).
@@ -157,15 +150,30 @@ class DhcpService:
         except OSError as exc:
             log.warning("dhcp: could not steer the reloaded inventory's nodes to their socket: %s", exc)
 
-    def _bind_steered(self, port: int) -> list[socket.socket] | None:
-        """Two sockets on the DHCP port, the first for inventory nodes only (steering.py); None when impossible."""
+    def _reserved(self, reservations: Mapping[str, Reservation]) -> list[ipaddress.IPv4Address]:
+        """The addresses the pool never hands out: the inventory's, the server's, the network's and broadcast."""
+        network = self.settings.address.network
+        return [r.ip for r in reservations.values()] + [self.settings.server_ip, network.network_address,
+                                                         network.broadcast_address, *self.settings.reserved]
+
+    def _steering_programs(self, otherwise: str, level: int) -> tuple[list[Insn], tuple[list[Insn], list[Insn]]] | None:
+        """The steering program and the two sockets' filters for the inventory's MACs (steering.py); None, said
+        once in the log with what happens `otherwise`, when the MACs are too many for BPF."""
         macs = self.policy.node_chaddrs
         prog = steering_program(macs) if macs else None
         filters = socket_filters(macs) if macs else None
         if prog is None or filters is None:
             if macs:
-                log.info("dhcp: %d inventory MACs are too many for a BPF program: one socket for all", len(macs))
+                log.log(level, "dhcp: %d inventory MACs are too many for a BPF program: %s", len(macs), otherwise)
             return None
+        return prog, filters
+
+    def _bind_steered(self, port: int) -> list[socket.socket] | None:
+        """Two sockets on the DHCP port, the first for inventory nodes only (steering.py); None when impossible."""
+        programs = self._steering_programs("one socket for all", logging.INFO)
+        if programs is None:
+            return None
+        prog, filters = programs
         _bind_udp(self.settings.interface, port).close()  # BindError when another server holds the port
         socks: list[socket.socket] = []
         try:
