@@ -39,7 +39,6 @@ from collections import Counter
 from pathlib import Path
 from typing import Any
 
-import yaml
 from scapy.layers.dhcp import BOOTP, DHCP
 
 from vmtestbed.appliance_files import ApplianceFiles, write_sample_environment
@@ -47,11 +46,10 @@ from vmtestbed.control import Control
 from vmtestbed.demo import rackboot_cli
 from vmtestbed.netns import entered
 from vmtestbed.plan import TestbedPlan, make_plan
-from vmtestbed.testbed import admin_token, down, read_state, start_appliance, up
-from vmtestbed.topology import CORE_BRIDGE, existing_namespaces
+from vmtestbed.testbed import add_namespace, add_pool, admin_token, down, read_state, start_appliance, up
+from vmtestbed.topology import existing_namespaces
 
 DEPLOY_TIMEOUT_S = 300.0
-POOL = "10.78.200.1-10.78.229.254"  # inside the node network, clear of the nodes (10.78.1.x...) and the appliance
 CHURN_PER_S = 20.0
 
 
@@ -59,16 +57,11 @@ class PoolChurn:
     """DHCP clients with random MACs, one at a time, from a namespace on the testbed's core bridge."""
 
     def __init__(self, plan: TestbedPlan) -> None:
-        self.ns = f"{plan.prefix}pool"  # the testbed's prefix: `down` removes it with the others
+        self.ns = add_namespace(plan, "pool")  # no address: a DHCP client's interface
         self.acked: list[tuple[float, str, str]] = []  # (time, mac, ip)
         self.naks = 0
         self._stop = threading.Event()
         self._thread: threading.Thread | None = None
-        for argv in (["netns", "add", self.ns],
-                     ["-n", plan.fabric_ns, "link", "add", "c-pool", "type", "veth", "peer", "name", "eth0", "netns", self.ns],
-                     ["-n", plan.fabric_ns, "link", "set", "c-pool", "master", CORE_BRIDGE, "up"],
-                     ["-n", self.ns, "link", "set", "eth0", "up"], ["-n", self.ns, "link", "set", "lo", "up"]):
-            subprocess.run(["ip", *argv], check=True, capture_output=True)
         with entered(self.ns):
             self.sock = socket.socket(socket.AF_INET, socket.SOCK_DGRAM)
         self.sock.setsockopt(socket.SOL_SOCKET, socket.SO_BROADCAST, 1)
@@ -215,9 +208,7 @@ def main() -> int:
     churn: PoolChurn | None = None
     try:
         result = up(plan)
-        config = yaml.safe_load(result.files.config.read_text())
-        config["dhcp"]["pool"] = POOL
-        result.files.config.write_text(yaml.safe_dump(config, sort_keys=False))
+        add_pool(result.files)
         start_appliance(plan, result.files)
         churn = PoolChurn(plan)
         with tempfile.TemporaryDirectory(prefix="rackboot-crash-") as tmp:

@@ -36,7 +36,6 @@ import urllib.request
 from pathlib import Path
 from typing import Any
 
-import yaml
 
 ROOT = Path(__file__).resolve().parent.parent
 sys.path[:0] = [str(ROOT / "tests")]
@@ -44,24 +43,10 @@ import fuzz_targets as ft  # noqa: E402
 
 from vmtestbed.netns import entered  # noqa: E402
 from vmtestbed.plan import APPLIANCE_IP, TestbedPlan, make_plan  # noqa: E402
-from vmtestbed.testbed import admin_token, down, read_state, start_appliance, up  # noqa: E402
-from vmtestbed.topology import CORE_BRIDGE, existing_namespaces  # noqa: E402
+from vmtestbed.testbed import add_namespace, add_pool, admin_token, down, read_state, start_appliance, up  # noqa: E402
+from vmtestbed.topology import existing_namespaces  # noqa: E402
 
-POOL = "10.78.200.1-10.78.229.254"
 SERVER = str(APPLIANCE_IP)
-
-
-def add_namespace(plan: TestbedPlan, suffix: str, address: str, mac: str = "") -> str:
-    """A namespace of the bench on the testbed's core bridge, with a static address (and a MAC); return its name."""
-    ns = f"{plan.prefix}{suffix}"
-    for argv in (["netns", "add", ns],
-                 ["-n", plan.fabric_ns, "link", "add", f"c-{suffix}", "type", "veth", "peer", "name", "eth0", "netns", ns],
-                 *([["-n", ns, "link", "set", "eth0", "address", mac]] if mac else []),
-                 ["-n", plan.fabric_ns, "link", "set", f"c-{suffix}", "master", CORE_BRIDGE, "up"],
-                 ["-n", ns, "addr", "add", f"{address}/16", "dev", "eth0"],
-                 ["-n", ns, "link", "set", "eth0", "up"], ["-n", ns, "link", "set", "lo", "up"]):
-        subprocess.run(["ip", *argv], check=True, capture_output=True)
-    return ns
 
 
 def storm(ns: str, seconds: float, seed: int, rate: float, sent: Any) -> None:
@@ -182,9 +167,7 @@ def main() -> int:
     report: dict[str, Any] = {}
     try:
         result = up(plan)
-        config = yaml.safe_load(result.files.config.read_text())
-        config["dhcp"]["pool"] = POOL
-        result.files.config.write_text(yaml.safe_dump(config, sort_keys=False))
+        add_pool(result.files)
         start_appliance(plan, result.files)
         pid = int(read_state(plan.name)["appliance_pid"])
         storm_ns = add_namespace(plan, "storm", "10.78.250.10")

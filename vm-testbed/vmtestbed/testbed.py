@@ -20,7 +20,7 @@ from typing import Any, Callable
 from vmtestbed.appliance_files import ApplianceFiles, write_appliance_files
 from vmtestbed.daemon import PLAN_FILE, READY_FILE, disk_path, rss_bytes
 from vmtestbed.plan import STATE_ROOT, TestbedPlan, validate_name
-from vmtestbed.topology import build, destroy, existing_namespaces
+from vmtestbed.topology import CORE_BRIDGE, build, destroy, existing_namespaces
 from vmtestbed.wireloss import set_loss
 
 STATE_FILE = "state.json"
@@ -320,3 +320,31 @@ def list_testbeds() -> list[str]:
 def self_rss() -> int:
     """Resident memory of this process (for the scale benchmark)."""
     return rss_bytes()
+
+
+# Inside the node network, clear of the nodes (10.78.1.x...) and the appliance: what benchmarks lease from.
+BENCH_POOL = "10.78.200.1-10.78.229.254"
+
+
+def add_pool(files: ApplianceFiles, pool: str = BENCH_POOL) -> None:
+    """Give the generated appliance config a dynamic DHCP pool (before `start_appliance`): the testbed's nodes all
+    have reservations, so clients that lease (benchmarks) need one."""
+    import yaml
+
+    config = yaml.safe_load(files.config.read_text())
+    config["dhcp"]["pool"] = pool
+    files.config.write_text(yaml.safe_dump(config, sort_keys=False))
+
+
+def add_namespace(plan: TestbedPlan, suffix: str, address: str = "", mac: str = "") -> str:
+    """A namespace on the testbed's core bridge (eth0, optionally a static /16 address and a MAC), named with the
+    testbed's prefix so `down` removes it with the others; return its name."""
+    ns = f"{plan.prefix}{suffix}"
+    for argv in (["netns", "add", ns],
+                 ["-n", plan.fabric_ns, "link", "add", f"c-{suffix}", "type", "veth", "peer", "name", "eth0", "netns", ns],
+                 *([["-n", ns, "link", "set", "eth0", "address", mac]] if mac else []),
+                 ["-n", plan.fabric_ns, "link", "set", f"c-{suffix}", "master", CORE_BRIDGE, "up"],
+                 *([["-n", ns, "addr", "add", f"{address}/16", "dev", "eth0"]] if address else []),
+                 ["-n", ns, "link", "set", "eth0", "up"], ["-n", ns, "link", "set", "lo", "up"]):
+        subprocess.run(["ip", *argv], check=True, capture_output=True)
+    return ns
