@@ -20,10 +20,11 @@ from typing import Literal
 Accel = Literal["kvm", "tcg"]
 ACCELS = ("auto", "kvm", "tcg")
 KVM_DEVICE = Path("/dev/kvm")
+OVMF_FD = Path("/usr/share/ovmf/OVMF.fd")  # Debian's ovmf (vmtestbed.qemu boots it too)
 PROBE_TIMEOUT_S = 20.0
 # What each probe guest prints on its serial port once its firmware really runs: iPXE's banner after it initialised
 # its devices (under kvm_pvm it stops at "starting execution.."), OVMF's boot manager (BdsDxe) trying its options.
-_PROBES = {"seabios+ipxe": ((), "Open Source Network Boot Firmware"), "ovmf": (("-bios", "/usr/share/ovmf/OVMF.fd"), "BdsDxe")}
+_PROBES = {"seabios+ipxe": ((), "Open Source Network Boot Firmware"), "ovmf": (("-bios", str(OVMF_FD)), "BdsDxe")}
 _chosen: dict[str, "AccelChoice"] = {}
 
 

@@ -33,10 +33,9 @@ from dataclasses import dataclass, field
 from pathlib import Path
 from typing import Any, Literal
 
-from vmtestbed.accel import ACCELS, AccelChoice, choose_accel
+from vmtestbed.accel import ACCELS, OVMF_FD, AccelChoice, choose_accel
 
 QEMU_BINARY = "qemu-system-x86_64"
-OVMF_FD = Path("/usr/share/ovmf/OVMF.fd")
 Firmware = Literal["bios", "uefi", "uefi-http"]
 FIRMWARES = ("bios", "uefi", "uefi-http")
 # OVMF's knobs (Debian's OVMF 2022.11): with both PXE clients off, the NIC's first boot option is HTTPv4. Leaving
