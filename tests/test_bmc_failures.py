@@ -16,6 +16,7 @@ import logging
 import random
 import secrets
 import subprocess
+import threading
 import sys
 from dataclasses import replace
 from pathlib import Path
@@ -239,3 +240,35 @@ async def test_ipmi_passwords_appear_in_no_log_answer_or_event(farm: tuple[list[
     records = [repr(e) for n in nodes for e in events.last(n.mac)]
     _assert_no_password(passwords, [r.getMessage() for r in caplog.records], [r.exc_text or "" for r in caplog.records],
                         answers, records, [str(row) for row in store.list(100)])
+
+
+def test_a_login_error_lost_to_pyghmis_race_is_recovered() -> None:
+    """pyghmi's Session.__init__ may read errormsg before the thread that failed the login writes it (see
+    power._lost_login_error): the driver waits for it, so a refused login is classed as refused, not retried."""
+    from pyghmi.ipmi.private.session import Session
+
+    from appliance.deploy.power import BmcAuthRefused, _classify, _LoginFailed, _lost_login_error
+
+    session = object.__new__(Session)  # no login: __init__ below stands for pyghmi's, as the traceback shows it
+
+    def __init__(self: Session) -> None:  # noqa: N807 - the frame's name is what the driver looks for
+        raise exc_type(f"'Session' object has no attribute {'errormsg'!r}")
+
+    exc_type = AttributeError
+    writer = threading.Timer(0.05, lambda: setattr(session, "errormsg", "Unauthorized name in RAKP2"))
+    writer.start()
+    try:
+        __init__(session)
+    except AttributeError as exc:
+        lost = exc
+    writer.join()
+    recovered = _lost_login_error(lost)
+    assert recovered is not None and str(recovered) == "Unauthorized name in RAKP2"
+    assert _classify(_LoginFailed(recovered)) is BmcAuthRefused
+    # Another AttributeError, or the race with nothing ever written, is left as it is.
+    assert _lost_login_error(AttributeError("'Command' object has no attribute 'x'")) is None
+    quiet = object.__new__(Session)
+    try:
+        __init__(quiet)
+    except AttributeError as exc:
+        assert _lost_login_error(exc, wait_s=0.05) is None

@@ -11,6 +11,7 @@ from __future__ import annotations
 import asyncio
 import logging
 import random
+import time
 from collections import Counter
 from concurrent.futures import ThreadPoolExecutor
 from typing import Any, Callable, Protocol
@@ -109,8 +110,9 @@ class IpmiPower:
                 try:
                     cmd = Command(bmc=bmc.address, userid=user, password=password, port=bmc.port, keepalive=True)
                 except Exception as exc:  # noqa: BLE001 - pyghmi raises bare exceptions
+                    cause = _lost_login_error(exc) or exc
                     _forget_session(bmc.address, bmc.port)
-                    raise _LoginFailed(exc) from exc
+                    raise _LoginFailed(cause) from exc
                 self._commands[key] = cmd
             try:
                 return fn(cmd)
@@ -228,6 +230,37 @@ def _classify(exc: BaseException) -> type[PowerError]:
     if isinstance(exc, OSError):
         return BmcUnreachable
     return PowerError
+
+
+LOST_ERROR_WAIT_S = 1.0  # how long the login's real error may take to be written by pyghmi's other thread
+
+
+def _lost_login_error(exc: BaseException, wait_s: float = LOST_ERROR_WAIT_S) -> Exception | None:
+    """The real reason of a failed login that pyghmi lost to a race, or None when exc is not that race.
+
+    pyghmi 1.6's `Session._mark_broken` calls `logout()`, which sets `broken`, before it sets `errormsg`; the
+    thread that handled the BMC's answer (any thread in `wait_for_rsp` may) does this while the thread in
+    `Session.__init__` polls `broken` and raises `IpmiException(self.errormsg)`: it can then read an
+    `errormsg` not yet written and raise AttributeError instead of e.g. "Unauthorized name in RAKP2". The
+    session is still in the traceback's `__init__` frame; its errormsg is written microseconds later.
+    """
+    if not (isinstance(exc, AttributeError) and "errormsg" in str(exc)):
+        return None
+    from pyghmi.ipmi.private.session import Session
+
+    tb = exc.__traceback__
+    while tb is not None:
+        frame = tb.tb_frame
+        session = frame.f_locals.get("self") if frame.f_code.co_name == "__init__" else None
+        if isinstance(session, Session):
+            deadline = time.monotonic() + wait_s
+            while time.monotonic() < deadline:
+                if hasattr(session, "errormsg"):
+                    return Exception(str(session.errormsg))
+                time.sleep(0.005)
+            return None
+        tb = tb.tb_next
+    return None
 
 
 def _forget_session(address: str, port: int) -> None:
