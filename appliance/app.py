@@ -20,7 +20,9 @@ from appliance.config import ApplianceConfig, load_config
 from appliance.inventory import Inventory
 from appliance.deploy.agent_driver import AgentDeployDriver
 from appliance.deploy.controller import Controller, ControllerDeps
-from appliance.deploy.power import IpmiPower, PowerByDriver
+from appliance.deploy.ipmitool_power import IpmitoolPower
+from appliance.deploy.power import PowerByDriver
+from appliance.deploy.pyghmi_power import PyghmiPower
 from appliance.deploy.store import DeploymentStore
 from appliance.deploy.workflow import BootDeadlines, default_workflow
 from appliance.events import EventBus
@@ -86,7 +88,7 @@ class Appliance:
         self.catalog = Catalog(self.db, config.state_dir / "images")
         self.store = DeploymentStore(self.db)
         self._recover_interrupted(self.store.mark_interrupted())
-        self.ipmi = IpmiPower()
+        self.ipmi = IpmitoolPower() if config.deploy.ipmi_client == "ipmitool" else PyghmiPower()
         deadlines = replace(BootDeadlines(), **config.deploy.deadlines)
         d = config.deploy
         power = PowerByDriver({"ipmi": self.ipmi})

@@ -98,6 +98,8 @@ class DeployConfig:
     ssh_port: int = 22
     reboot_window: int = 100
     deadlines: dict[str, float] = field(default_factory=dict)
+    # The IPMI client: ipmitool (a process a call) or pyghmi (in-process; deadlocks at ~100 BMCs with failing ones)
+    ipmi_client: str = "ipmitool"
 
 
 @dataclass(frozen=True)
@@ -308,7 +310,8 @@ def load_config(path: str | Path) -> ApplianceConfig:
     deploy = DeployConfig(ssh_key=state_dir / "deploy_key")
     if (dp := _child(root, "deploy", problems)) is not None:
         deadline_keys = tuple(k for k in BootDeadlines.__dataclass_fields__ if k != "nbp_loop_limit")
-        r = _Reader(dp, problems, ("kernel", "initrds", "cmdline", "local_efi", "ssh_key", "ssh_port", "reboot_window", "deadlines"))
+        r = _Reader(dp, problems, ("kernel", "initrds", "cmdline", "local_efi", "ssh_key", "ssh_port", "reboot_window", "deadlines",
+                                     "ipmi_client"))
         deadlines: dict[str, float] = {}
         if (dl := _child(dp, "deadlines", problems)) is not None:
             rd = _Reader(dl, problems, deadline_keys)
@@ -322,6 +325,7 @@ def load_config(path: str | Path) -> ApplianceConfig:
             ssh_port=r.port("ssh_port", 22),
             reboot_window=r.positive("reboot_window", 100),
             deadlines=deadlines,
+            ipmi_client=r.choice("ipmi_client", "ipmitool", ("ipmitool", "pyghmi")),
         )
 
     inventory: Inventory | None = None

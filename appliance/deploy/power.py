@@ -1,24 +1,22 @@
-"""Power drivers: one interface (on/off/reset/cycle/status, next boot device) and a real IPMI one.
+"""Power drivers: one interface (on/off/reset/cycle/status, next boot device), the error classes every IPMI
+client reports in, and what every client shares: retries with backoff, one call at a time per BMC, a refused
+login never retried with the same credentials.
 
-pyghmi blocks, so IPMI calls run in a bounded thread pool, one at a time per BMC, with retries and
-backoff: BMCs are known to fail under bursts of calls. One at a time is pyghmi's limit, not a setting:
-`pyghmi.ipmi.private.session.Session.__new__` hands every Command to the same BMC with the same
-credentials the one cached session (keyed by the BMC's address, user, password and Kg), so a second
-session per BMC cannot be had from one process, and two threads on one session hang.
+The IPMI clients themselves live beside this module: `ipmitool_power` (the default: one ipmitool process a
+call) and `pyghmi_power` (pyghmi's RMCP+ client in threads; it deadlocks at ~100 BMCs with failing ones
+among them, see docs/reliability.md "BMCs").
 """
 from __future__ import annotations
 
 import asyncio
 import logging
 import random
-import time
 from collections import Counter
-from concurrent.futures import ThreadPoolExecutor
-from typing import Any, Callable, Protocol
+from typing import Generic, Protocol, TypeVar
 
 from appliance.inventory import read_bmc_credentials
 from domain.errors import RackbootError
-from domain.nodes import Node
+from domain.nodes import BmcSpec, Node
 
 log = logging.getLogger("rackboot.power")
 
@@ -46,15 +44,16 @@ class BmcTimedOut(PowerError):
     """The BMC set a session up but did not answer the command in time (a slow or overloaded BMC)."""
 
 
-# pyghmi's words when the BMC refused the login (RAKP errors, IPMI 2.0 table 13-15), as opposed to silence.
-_AUTH_REFUSED = ("incorrect password", "unauthorized name", "invalid role", "unauthorized role", "invalid username",
-                 "invalid integrity check", "wrong kg", "password is too long")
-# pyghmi's words when the BMC refused to open a session at all (RMCP+ open session status 0x01 or 0x0b).
-_SESSION_REFUSED = ("insufficient resources",)
-# pyghmi's words for "nobody answered" (as opposed to a BMC that answered with an error).
-_UNREACHABLE = ("no longer connected", "timeout", "timed out", "unable to establish", "unreachable", "no route")
-PER_BMC = 1  # calls in flight per BMC: pyghmi's limit (see the module docstring)
+PER_BMC = 1  # calls in flight per BMC: a BMC has a handful of session slots, and pyghmi cannot do more (pyghmi_power)
 BACKOFF_S = 0.5  # before the first retry; doubled for each next one, with up to 100 % jitter
+
+EXPLAIN: dict[type[PowerError], str] = {
+    BmcUnreachable: "unreachable, no answer",
+    BmcAuthRefused: "authentication refused, not retried: check the credentials file",
+    BmcSessionRefused: "session refused: the BMC has no free session slot",
+    BmcTimedOut: "timed out: the BMC set a session up but did not answer the command",
+    PowerError: "failed",
+}
 
 
 class PowerDriver(Protocol):
@@ -67,69 +66,61 @@ class PowerDriver(Protocol):
         """Set the next boot device ('network' or 'disk'), for the next boot only unless persistent."""
 
 
-class IpmiPower:
-    """IPMI over LAN (RMCP+) through pyghmi, behind a thread pool, one call at a time per BMC.
+Request = TypeVar("Request")
+
+
+class RetriedBmcCalls(Generic[Request]):
+    """The retry discipline of an IPMI client; a client says how to make one try and what its failures mean.
 
     A call is tried at most retries + 1 times; silence (BmcUnreachable) at most twice; a refused login
-    (BmcAuthRefused) once, and not again with the same credentials. `attempts` counts the tries per BMC and `most_in_flight` the most calls one BMC
+    (BmcAuthRefused) once, and not again with the same credentials until the credentials file changes. One call
+    at a time per BMC (PER_BMC). `attempts` counts the tries per BMC and `most_in_flight` the most calls one BMC
     had at once, for the tests and the metrics.
     """
 
-    def __init__(self, threads: int = 32, retries: int = 3, backoff_s: float = BACKOFF_S) -> None:
-        self._pool = ThreadPoolExecutor(max_workers=threads, thread_name_prefix="ipmi")
+    def __init__(self, retries: int = 3, backoff_s: float = BACKOFF_S) -> None:
         self._sems: dict[tuple[str, int], asyncio.Semaphore] = {}
-        self._commands: dict[tuple[str, int], Any] = {}  # pyghmi Command per BMC
         self._retries = retries
         self._backoff_s = backoff_s
         self.attempts: Counter[tuple[str, int]] = Counter()
         self.most_in_flight: Counter[tuple[str, int]] = Counter()
         self._in_flight: Counter[tuple[str, int]] = Counter()
-        # BMC -> (credentials, pyghmi's words) of a refused login: not tried again until the credentials file changes
+        # BMC -> (credentials, the client's words) of a refused login: not tried again until the credentials file changes
         self._refused: dict[tuple[str, int], tuple[tuple[str, str], str]] = {}
 
-    def _sem(self, key: tuple[str, int]) -> asyncio.Semaphore:
-        if key not in self._sems:
-            self._sems[key] = asyncio.Semaphore(PER_BMC)
-        return self._sems[key]
+    async def _try(self, bmc: BmcSpec, user: str, password: str, request: Request) -> object:
+        """Make one try of a request on a BMC; return the client's answer, raise its failure."""
+        raise NotImplementedError
 
-    async def _call(self, node: Node, what: str, fn: Callable[..., object]) -> object:
+    def _classify(self, exc: BaseException) -> type[PowerError]:
+        """Which PowerError a failure of one try is."""
+        raise NotImplementedError
+
+    def _words(self, exc: BaseException | None) -> str:
+        """The client's message of a failure, for the node's error (never a password)."""
+        return "no answer" if exc is None else str(exc) or type(exc).__name__
+
+    def _telling(self, new: BaseException, last: BaseException | None) -> bool:
+        """Whether a try's failure says more than the one kept so far (the one reported at the end): a retry may
+        only meet what the first try left behind (pyghmi's stale session of a failed login)."""
+        return last is None or self._classify(new) is not PowerError or self._classify(last) is PowerError
+
+    async def _call(self, node: Node, what: str, request: Request) -> object:
+        """Run a request on the node's BMC with the retry discipline; raise the PowerError of the telling failure."""
         if node.bmc is None:
             raise PowerError(f"{node.name}: no BMC in the inventory")
         bmc = node.bmc
         user, password = read_bmc_credentials(bmc)
         key = (bmc.address, bmc.port)
-
-        def run() -> object:
-            from pyghmi.ipmi.command import Command
-
-            # One long-lived session per BMC, used by one call at a time (the per-BMC semaphore): pyghmi
-            # caches sessions per BMC, and a Command made after logging out of the cached one fails
-            # ("'<' not supported between ... 'NoneType'"); two threads on one BMC's session hang.
-            cmd = self._commands.get(key)
-            if cmd is None:
-                try:
-                    cmd = Command(bmc=bmc.address, userid=user, password=password, port=bmc.port, keepalive=True)
-                except Exception as exc:  # noqa: BLE001 - pyghmi raises bare exceptions
-                    cause = _lost_login_error(exc) or exc
-                    _forget_session(bmc.address, bmc.port)
-                    raise _LoginFailed(cause) from exc
-                self._commands[key] = cmd
-            try:
-                return fn(cmd)
-            except Exception:
-                self._commands.pop(key, None)
-                _forget_session(bmc.address, bmc.port)
-                raise
-
         where = f"{node.name}: BMC {bmc.address}:{bmc.port} {what}"
-        loop = asyncio.get_running_loop()
         delay = self._backoff_s
-        last: Exception | None = None
+        last: BaseException | None = None
         tries = self._retries + 1
-        async with self._sem(key):
+        sem = self._sems.setdefault(key, asyncio.Semaphore(PER_BMC))
+        async with sem:
             refused = self._refused.get(key)  # looked at once the calls before this one on the BMC have ended
             if refused is not None and refused[0] == (user, password):
-                raise BmcAuthRefused(f"{where}: {_EXPLAIN[BmcAuthRefused]} ({refused[1]}; not tried again with the same credentials)")
+                raise BmcAuthRefused(f"{where}: {EXPLAIN[BmcAuthRefused]} ({refused[1]}; not tried again with the same credentials)")
             self._in_flight[key] += 1
             self.most_in_flight[key] = max(self.most_in_flight[key], self._in_flight[key])
             try:
@@ -138,19 +129,14 @@ class IpmiPower:
                     attempt += 1
                     self.attempts[key] += 1
                     try:
-                        # No timeout of ours around the thread: pyghmi times out on its own (a silent BMC fails in
-                        # seconds), and a call abandoned while its thread runs on would let a retry reset the node
-                        # twice, the late reset landing in the middle of the deployment.
-                        return await loop.run_in_executor(self._pool, run)
-                    except Exception as exc:  # noqa: BLE001 - pyghmi raises bare exceptions
-                        kind = _classify(exc)
-                        if last is None or kind is not PowerError or _classify(last) is PowerError:
-                            # The most telling failure is reported: a retry may only meet pyghmi's stale session
-                            # of the failed login ("'Session' object has no attribute 'errormsg'").
+                        return await self._try(bmc, user, password, request)
+                    except Exception as exc:  # noqa: BLE001 - clients raise bare exceptions
+                        kind = self._classify(exc)
+                        if self._telling(exc, last):
                             last = exc
-                        log.debug("%s: %s failed (attempt %d, %s): %s", node.name, what, attempt, kind.__name__, _words(exc))
+                        log.debug("%s: %s failed (attempt %d, %s): %s", node.name, what, attempt, kind.__name__, self._words(exc))
                         if kind is BmcAuthRefused:
-                            self._refused[key] = ((user, password), _words(exc))
+                            self._refused[key] = ((user, password), self._words(exc))
                             break  # a BMC locks accounts out after a few refused logins: never insist
                         if kind is BmcUnreachable:
                             # Silence is retried once (a BMC may drop a burst); busy or erroring BMCs get every retry.
@@ -160,121 +146,9 @@ class IpmiPower:
                             delay *= 2
             finally:
                 self._in_flight[key] -= 1
-        kind = _classify(last) if last is not None else BmcUnreachable
+        kind = self._classify(last) if last is not None else BmcUnreachable
         tried = f"{attempt} {'try' if attempt == 1 else 'tries'}"
-        raise kind(f"{where}: {_EXPLAIN[kind]} ({_words(last)}; {tried})")
-
-    async def power(self, node: Node, op: str) -> str:
-        """Apply or read the power state through IPMI."""
-        if op not in POWER_OPS:
-            raise ValueError(f"unknown power op {op!r}")
-        if op == "status":
-            result = await self._call(node, "power status", lambda c: c.get_power())
-        else:
-            state = {"cycle": "boot"}.get(op, op)
-            result = await self._call(node, f"power {op}", lambda c: c.set_power(state, wait=False))
-        if isinstance(result, dict):
-            if "error" in result:
-                raise PowerError(f"{node.name}: BMC answered {result['error']}")
-            got = result.get("powerstate") or ("on" if op in ("on", "reset", "cycle") else "off")
-            return str(got)
-        return "on" if op in ("on", "reset", "cycle") else "off"
-
-    async def set_boot_device(self, node: Node, device: str, persistent: bool = False) -> None:
-        """Set the next boot device through IPMI (chassis bootdev)."""
-        dev = {"network": "network", "pxe": "network", "disk": "hd", "hd": "hd"}[device]
-        await self._call(node, f"bootdev {dev}", lambda c: c.set_bootdev(dev, persist=persistent))
-
-    def close(self) -> None:
-        """Stop the thread pool."""
-        self._pool.shutdown(wait=False, cancel_futures=True)
-
-
-class _LoginFailed(Exception):
-    """pyghmi could not set a session up (Command() raised): the BMC was silent, busy or refused the login."""
-
-    def __init__(self, cause: BaseException) -> None:
-        super().__init__(_words(cause))
-        self.cause = cause
-
-
-_EXPLAIN: dict[type[PowerError], str] = {
-    BmcUnreachable: "unreachable, no answer",
-    BmcAuthRefused: "authentication refused, not retried: check the credentials file",
-    BmcSessionRefused: "session refused: the BMC has no free session slot",
-    BmcTimedOut: "timed out: the BMC set a session up but did not answer the command",
-    PowerError: "failed",
-}
-
-
-def _words(exc: BaseException | None) -> str:
-    """pyghmi's message of a failure ('no answer' for the None it gives when a login saw no reply)."""
-    if exc is None:
-        return "no answer"
-    text = str(exc.cause if isinstance(exc, _LoginFailed) else exc)
-    return "no answer" if text in ("", "None") else text
-
-
-def _classify(exc: BaseException) -> type[PowerError]:
-    """Tell a silent BMC from one that refused the login, one that timed out on a command, and other errors."""
-    text = _words(exc).lower()
-    if any(w in text for w in _AUTH_REFUSED):
-        return BmcAuthRefused
-    if any(w in text for w in _SESSION_REFUSED):
-        return BmcSessionRefused
-    if isinstance(exc, _LoginFailed):
-        # Silence during the login: nothing came back at all. Anything else (a busy BMC refusing a session) is an answer.
-        return BmcUnreachable if text == "no answer" or any(w in text for w in _UNREACHABLE) else PowerError
-    if isinstance(exc, (TimeoutError, asyncio.TimeoutError)) or any(w in text for w in _UNREACHABLE):
-        return BmcTimedOut
-    if isinstance(exc, OSError):
-        return BmcUnreachable
-    return PowerError
-
-
-LOST_ERROR_WAIT_S = 1.0  # how long the login's real error may take to be written by pyghmi's other thread
-
-
-def _lost_login_error(exc: BaseException, wait_s: float = LOST_ERROR_WAIT_S) -> Exception | None:
-    """The real reason of a failed login that pyghmi lost to a race, or None when exc is not that race.
-
-    pyghmi 1.6's `Session._mark_broken` calls `logout()`, which sets `broken`, before it sets `errormsg`; the
-    thread that handled the BMC's answer (any thread in `wait_for_rsp` may) does this while the thread in
-    `Session.__init__` polls `broken` and raises `IpmiException(self.errormsg)`: it can then read an
-    `errormsg` not yet written and raise AttributeError instead of e.g. "Unauthorized name in RAKP2". The
-    session is still in the traceback's `__init__` frame; its errormsg is written microseconds later.
-    """
-    if not (isinstance(exc, AttributeError) and "errormsg" in str(exc)):
-        return None
-    from pyghmi.ipmi.private.session import Session
-
-    tb = exc.__traceback__
-    while tb is not None:
-        frame = tb.tb_frame
-        session = frame.f_locals.get("self") if frame.f_code.co_name == "__init__" else None
-        if isinstance(session, Session):
-            deadline = time.monotonic() + wait_s
-            while time.monotonic() < deadline:
-                if hasattr(session, "errormsg"):
-                    return Exception(str(session.errormsg))
-                time.sleep(0.005)
-            return None
-        tb = tb.tb_next
-    return None
-
-
-def _forget_session(address: str, port: int) -> None:
-    """Drop pyghmi's cached session of a BMC after a failure, so that a retry logs in anew.
-
-    pyghmi keeps a session whose login failed in `Session.initting_sessions`, and hands it to the next
-    Command for the same BMC and credentials: the retry then fails in seconds with "Session no longer
-    connected" without sending anything.
-    """
-    from pyghmi.ipmi.private import session as ipmisession
-
-    cls = ipmisession.Session
-    for k in [k for k in list(cls.initting_sessions) if k[0] == address and k[3] == port]:
-        cls.initting_sessions.pop(k, None)
+        raise kind(f"{where}: {EXPLAIN[kind]} ({self._words(last)}; {tried})")
 
 
 class PowerByDriver:
