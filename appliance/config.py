@@ -33,7 +33,7 @@ class DhcpConfig:
     unknown_macs: str = "ignore"
     router_advertisements: bool = True
     broadcast_replies: bool = False
-    unknown_rate: float | None = DEFAULT_UNKNOWN_RATE.rate   # requests/s per relay or port from non-inventory MACs; None: off
+    unknown_rate: float | None = DEFAULT_UNKNOWN_RATE.rate   # requests/s per relay circuit, relay or port from non-inventory MACs; None: off
     unknown_burst: int = DEFAULT_UNKNOWN_RATE.burst
 
 
