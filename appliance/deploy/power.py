@@ -18,6 +18,7 @@ from typing import Any, Callable, Protocol
 
 from appliance.inventory import read_bmc_credentials
 from domain.errors import RackbootError
+from domain.logfields import fields
 from domain.nodes import Node
 
 log = logging.getLogger("rackboot.power")
@@ -148,7 +149,8 @@ class IpmiPower:
                             # The most telling failure is reported: a retry may only meet pyghmi's stale session
                             # of the failed login ("'Session' object has no attribute 'errormsg'").
                             last = exc
-                        log.debug("%s: %s failed (attempt %d, %s): %s", node.name, what, attempt, kind.__name__, _words(exc))
+                        log.debug("%s: %s failed (attempt %d, %s): %s", node.name, what, attempt, kind.__name__, _words(exc),
+                                  extra=fields(node=node.name, mac=node.mac))
                         if kind is BmcAuthRefused:
                             self._refused[key] = ((user, password), _words(exc))
                             break  # a BMC locks accounts out after a few refused logins: never insist

@@ -15,6 +15,7 @@ from dataclasses import dataclass
 from typing import Mapping
 
 import ipxe
+from domain.logfields import fields
 from domain.progress import DhcpFromFirmware, DhcpFromOs, FirmwareKind, NodeEvent
 from netboot.dhcp4 import options as o
 from netboot.dhcp4.codec import (
@@ -279,7 +280,8 @@ class DhcpPolicy:
             wanted = req.option_ip(o.REQUESTED_IP) or ip
             if now >= self._decline_quiet_until:  # one line a minute at most
                 self._decline_quiet_until = now + QUIET_S
-                log.warning("dhcp: %s declined its reserved address %s: another host uses it", mac, _ntoa(wanted))
+                log.warning("dhcp: %s declined its reserved address %s: another host uses it", mac, _ntoa(wanted),
+                            extra=fields(mac=mac))
             return Decision()
         if mt == o.RELEASE:
             return Decision()
@@ -338,7 +340,8 @@ class DhcpPolicy:
                 return Decision(ignored="DECLINE of an address this client does not hold")
             if now >= self._decline_quiet_until:  # one line a minute at most: DECLINEs must not fill the log
                 self._decline_quiet_until = now + QUIET_S
-                log.warning("dhcp: %s declined %s: another host uses it; held back for a while", mac, _ntoa(wanted))
+                log.warning("dhcp: %s declined %s: another host uses it; held back for a while", mac, _ntoa(wanted),
+                            extra=fields(mac=mac))
             return Decision()
         if mt == o.RELEASE:
             sid = req.option_ip(o.SERVER_ID)
