@@ -46,6 +46,8 @@ def test_option_82_is_read_without_a_decode_from_golden_bytes() -> None:
     split = data[:236] + bytes.fromhex("63825363" "350101" "520a") + CIRCUIT_17[:10] + b"\x52\x08" + CIRCUIT_17[10:] + b"\xff"
     assert peek_relay_agent_info(split) == CIRCUIT_17
     assert peek_relay_agent_info(request_bytes(STRANGER, "discover")) is None  # no option 82
+    asks_82 = request_bytes(STRANGER, "discover", giaddr="10.9.0.1", options=[("param_req_list", [1, 3, 82])])
+    assert b"\x52" in asks_82[240:] and peek_relay_agent_info(asks_82) is None  # octet 82 as a value only
     assert peek_relay_agent_info(data[:239]) is None  # too short
     assert peek_relay_agent_info(data[:236] + b"\0\0\0\0" + data[240:]) is None  # no magic cookie
     assert peek_relay_agent_info(data[:236] + bytes.fromhex("63825363" "350101" "5212" "0108")) is None  # overruns

@@ -115,6 +115,8 @@ def peek_relay_agent_info(data: bytes) -> bytes | None:
     """
     if len(data) < OPTIONS_OFFSET or data[HEADER_LEN:OPTIONS_OFFSET] != MAGIC:
         return None
+    if data.find(b"\x52", OPTIONS_OFFSET) < 0:  # no octet 82 at all, so no option 82: the parse is not needed
+        return None
     opts: dict[int, bytes] = {}
     try:
         _parse_options(bytes(data), OPTIONS_OFFSET, len(data), opts)
