@@ -58,7 +58,7 @@ class AccessLog(AbstractAccessLogger):
             if value and any(word in name.lower() for word in _SECRET_WORDS):
                 target = target.replace(value, REDACTED)
         stamp = time.strftime("%d/%b/%Y:%H:%M:%S %z", time.localtime(time.time() - time_taken))
-        extra = {}
+        extra: dict[str, str] = {}
         if mac := request.match_info.get("mac"):
             try:
                 extra = fields(mac=normalize_mac(mac))
