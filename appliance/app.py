@@ -18,6 +18,7 @@ from appliance.booting import DEFAULT_DISCOVERY_PROFILE, NodeBootTargets
 from appliance.catalog import Catalog
 from appliance.config import ApplianceConfig, load_config
 from appliance.inventory import Inventory
+from appliance.logs import LogLevels, setup_serve_logging
 from appliance.deploy.agent_driver import AgentDeployDriver
 from appliance.deploy.controller import Controller, ControllerDeps
 from appliance.deploy.ipmitool_power import IpmitoolPower
@@ -53,8 +54,10 @@ class Appliance:
     The only place that reads the whole config: each service gets its own settings and narrow lookups.
     """
 
-    def __init__(self, config: ApplianceConfig) -> None:
+    def __init__(self, config: ApplianceConfig, log_levels: LogLevels | None = None) -> None:
         self.config = config
+        self.log_levels = log_levels  # serve's: a reload applies the config's log levels again
+        self._log = config.log
         self.events = EventBus()
         config.state_dir.mkdir(parents=True, exist_ok=True)
         self.db = open_state_db(config.state_dir / "rackboot.db")
@@ -132,6 +135,7 @@ class Appliance:
         fresh = load_config(self.config.source)
         ignored = [f for f in ("interface", "address", "state_dir", "dhcp", "tftp", "http", "dns", "boot", "deploy")
                    if getattr(fresh, f) != getattr(self.config, f)]
+        log_changed = fresh.log != self._log
         old = self.config.inventory
         new_by_name = dict(fresh.inventory.by_name)
         busy = set(self.controller.busy([n.name for n in old.nodes]))
@@ -152,10 +156,15 @@ class Appliance:
         old.take(merged)  # every holder of the inventory (API, controller, scripts, this) sees it now
         self.dhcp.set_reservations({n.mac: Reservation(n.ip, n.name) for n in merged.nodes})
         self.dns.set_hosts({n.name: n.ip for n in merged.nodes})
+        if self.log_levels is not None:
+            self.log_levels.apply(fresh.log)
+            self._log = fresh.log
         summary = (f"inventory reloaded: {len(merged)} nodes; added {_names(added)}, changed {_names(changed)}, "
                    f"removed {_names(removed)}")
         if kept:
             summary += f"; {_names(kept)} kept as they were until their deployment ends"
+        if log_changed and self.log_levels is not None:
+            summary += "; log levels applied"
         if ignored:
             summary += f"; changes to {', '.join(ignored)} need a restart"
         log.info("%s", summary)
@@ -215,7 +224,7 @@ async def serve_forever(config: ApplianceConfig) -> None:
     """Build the appliance, bind, serve until SIGTERM or SIGINT."""
     ready = Path(config.state_dir / "serve.ready")
     ready.unlink(missing_ok=True)
-    app = Appliance(config)
+    app = Appliance(config, setup_serve_logging(config.log))
     await app.start()
     loop = asyncio.get_running_loop()
     for sig in (signal.SIGTERM, signal.SIGINT):

@@ -16,6 +16,7 @@ from netboot.dhcp4.settings import DEFAULT_UNKNOWN_RATE
 DHCP_MODES = ("authoritative", "proxy", "off")
 UNKNOWN_MAC_POLICIES = ("ignore", "discovery")
 DNS_UNKNOWN_POLICIES = ("refuse", "forward")
+LOG_LEVELS = ("debug", "info", "warning", "error", "critical")
 
 
 @dataclass(frozen=True)
@@ -33,7 +34,7 @@ class DhcpConfig:
     unknown_macs: str = "ignore"
     router_advertisements: bool = True
     broadcast_replies: bool = False
-    unknown_rate: float | None = DEFAULT_UNKNOWN_RATE.rate   # requests/s per relay or port from non-inventory MACs; None: off
+    unknown_rate: float | None = DEFAULT_UNKNOWN_RATE.rate   # requests/s per relay circuit, relay or port from non-inventory MACs; None: off
     unknown_burst: int = DEFAULT_UNKNOWN_RATE.burst
 
 
@@ -103,6 +104,15 @@ class DeployConfig:
 
 
 @dataclass(frozen=True)
+class LogConfig:
+    """Log levels, by logger name, and the HTTP access log: applied when serve starts and at each reload."""
+
+    level: str | None = None  # the root logger's; None: the command line's (info for serve, debug with -vv)
+    levels: tuple[tuple[str, str], ...] = ()  # (logger name, level), e.g. ("rackboot.dhcp", "debug")
+    http_access: bool = False  # the HTTP access log (logger rackboot.http.access, at info)
+
+
+@dataclass(frozen=True)
 class ApplianceConfig:
     """Everything the appliance needs, validated once."""
 
@@ -116,6 +126,7 @@ class ApplianceConfig:
     dns: DnsConfig = field(default_factory=DnsConfig)
     boot: BootConfig = field(default_factory=BootConfig)
     deploy: DeployConfig = field(default_factory=DeployConfig)
+    log: LogConfig = field(default_factory=LogConfig)
     source: str = ""
 
     @property
@@ -218,7 +229,8 @@ def load_config(path: str | Path) -> ApplianceConfig:
     path = Path(path)
     root = load_yaml_mapping(path)
     problems: list[str] = []
-    top = _Reader(root, problems, ("interface", "address", "state_dir", "http_port", "dhcp", "tftp", "http", "dns", "boot", "deploy", "inventory"))
+    top = _Reader(root, problems, ("interface", "address", "state_dir", "http_port", "dhcp", "tftp", "http", "dns", "boot", "deploy", "inventory",
+                                        "log"))
     for required in ("interface", "address", "inventory"):
         if not root.has(required):
             problems.append(f"{root.where}: {required}: missing (required)")
@@ -328,6 +340,16 @@ def load_config(path: str | Path) -> ApplianceConfig:
             ipmi_client=r.choice("ipmi_client", "ipmitool", ("ipmitool", "pyghmi")),
         )
 
+    log_config = LogConfig()
+    if (lg := _child(root, "log", problems)) is not None:
+        r = _Reader(lg, problems, ("level", "levels", "http_access"))
+        named: list[tuple[str, str]] = []
+        if (lv := _child(lg, "levels", problems)) is not None:
+            rl = _Reader(lv, problems, tuple(lv.keys()))  # any logger name: rackboot.dhcp, aiohttp.server, ...
+            named = [(name, level) for name in lv.keys() if (level := rl.get(name, None, _level, _LEVEL_WHAT))]
+        log_config = LogConfig(level=r.get("level", None, _level, _LEVEL_WHAT), levels=tuple(named),
+                               http_access=r.boolean("http_access", False))
+
     inventory: Inventory | None = None
     inv_name = root.raw("inventory")
     if inv_name:
@@ -355,7 +377,7 @@ def load_config(path: str | Path) -> ApplianceConfig:
         raise ConfigError(problems or [f"{path}: no inventory"])
     return ApplianceConfig(
         interface=interface, address=address, state_dir=state_dir, inventory=inventory,
-        dhcp=dhcp, tftp=tftp, http=http, dns=dns, boot=boot, deploy=deploy, source=str(path),
+        dhcp=dhcp, tftp=tftp, http=http, dns=dns, boot=boot, deploy=deploy, log=log_config, source=str(path),
     )
 
 
@@ -365,6 +387,15 @@ def _child(root: Located, key: str, problems: list[str]) -> Located | None:
     except ConfigError as exc:
         problems.extend(exc.problems)
         return None
+
+
+_LEVEL_WHAT = "a log level: " + " | ".join(LOG_LEVELS)
+
+
+def _level(v: Any) -> str:
+    if isinstance(v, bool) or str(v).lower() not in LOG_LEVELS:
+        raise ValueError("")
+    return str(v).lower()
 
 
 def _nonempty(s: str) -> str:
@@ -406,6 +437,9 @@ def summarize(config: ApplianceConfig) -> str:
         f"tftp      port={config.tftp.port} root={config.tftp.root} blksize<={config.tftp.max_blksize} windowsize<={config.tftp.max_windowsize}",
         f"http      {config.http_base}/ files={config.http.files}",
         f"dns       domain={config.dns.domain} port={config.dns.port} unknown={config.dns.unknown}",
+        f"log       level={config.log.level or 'info (serve; debug with -vv)'}"
+        + "".join(f" {name}={level}" for name, level in config.log.levels)
+        + f" http_access={'on' if config.log.http_access else 'off'}",
         f"inventory {inv.source}: {len(inv)} nodes {NodeSet.fromlist([n.name for n in inv.nodes])}",
         "racks     " + ", ".join(f"{k}: {v}" for k, v in sorted(racks.items())),
         f"bmcs      {with_bmc}/{len(inv)} nodes have a BMC",

@@ -313,7 +313,7 @@ def main(argv: list[str] | None = None) -> int:
     parser.add_argument("--nodes", type=int, default=20)
     parser.add_argument("--seconds", type=float, default=20.0)
     parser.add_argument("--flooders", type=int, default=1)
-    parser.add_argument("--unknown-rate", default="200", help="requests/s per relay or port, or 'off'")
+    parser.add_argument("--unknown-rate", default="200", help="requests/s per relay circuit, relay or port, or 'off'")
     parser.add_argument("--unknown-burst", type=int, default=1000)
     parser.add_argument("--phases", default="200,off", help="unknown_rate of each phase, comma-separated")
     parser.add_argument("--json")

@@ -25,6 +25,7 @@ from aiohttp.abc import AbstractStreamWriter
 
 from domain.latency import Latency
 from domain.errors import BindError
+from domain.logfields import fields
 from domain.nodes import normalize_mac
 from domain.progress import (
     AGENT_STAGES,
@@ -44,6 +45,7 @@ from domain.progress import (
     event_json,
 )
 from ipxe import callback_path, nbp_path, script_path
+from netboot.httplog import ACCESS_LOGGER, AccessLog
 from ipxe.script import ScriptRenderer
 
 log = logging.getLogger("rackboot.http")
@@ -165,7 +167,8 @@ class HttpService:
         self._files_root = settings.files.resolve()
         runner = web.AppRunner(
             self.app,
-            access_log=None,
+            access_log=logging.getLogger(ACCESS_LOGGER),  # off until log.http_access turns it on (httplog.py)
+            access_log_class=AccessLog,
             keepalive_timeout=KEEPALIVE_TIMEOUT_S,
             shutdown_timeout=SHUTDOWN_TIMEOUT_S,
             handle_signals=False,
@@ -387,7 +390,7 @@ class HttpService:
             if deployment is None:
                 self._counters["callbacks_refused"] += 1
                 log.warning("http: callback %r for %s from %s refused: no claim expected from there, or a wrong, "
-                            "used or missing token", stage, mac, remote)
+                            "used or missing token", stage, mac, remote, extra=fields(mac=mac))
                 raise web.HTTPForbidden(text=f"callback for {mac}: not expected from this address, or a wrong, "
                                              "used or missing token\n")
             if stage in AGENT_STAGES:

@@ -19,7 +19,7 @@ from appliance.config import load_config
 ROOT = Path(__file__).resolve().parent.parent
 DOCS = [ROOT / "README.md", *sorted((ROOT / "docs").glob("*.md"))]
 BLOCK = re.compile(r"^```yaml\n(.*?)^```", re.M | re.S)
-CONFIG_SECTIONS = ("dhcp", "tftp", "http", "dns", "boot", "deploy")
+CONFIG_SECTIONS = ("dhcp", "tftp", "http", "dns", "boot", "deploy", "log")
 
 
 def yaml_blocks() -> list[tuple[str, str]]:

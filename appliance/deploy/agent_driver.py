@@ -28,6 +28,7 @@ from broadcast.image import SinkSpec
 from broadcast.methods import BroadcastJob, run_broadcast
 from broadcast.params import ChainParams
 from broadcast.topology import Target
+from domain.logfields import fields
 from domain.nodes import Node
 from ipxe import callback_path
 
@@ -119,7 +120,8 @@ class AgentDeployDriver:
                 except (OSError, asyncio.TimeoutError) as exc:
                     if attempt == connect_tries - 1:
                         raise
-                    log.info("%s: %s: connecting to the agent failed (%s), retrying", node.name, what, str(exc) or type(exc).__name__)
+                    log.info("%s: %s: connecting to the agent failed (%s), retrying", node.name, what, str(exc) or type(exc).__name__,
+                             extra=fields(node=node.name, mac=node.mac))
                     await asyncio.sleep(1.0 * 2**attempt)
             try:
                 return await fn(client)
@@ -230,7 +232,8 @@ class AgentDeployDriver:
                 boot = await client.bootloader(root, parts, env.cmdline or "ro")
                 if boot.get("kernel_args"):
                     self._kernel_args[node.mac] = str(boot["kernel_args"])
-                log.info("%s: bootloader: %s", node.name, boot.get("grub") or boot.get("skipped"))
+                log.info("%s: bootloader: %s", node.name, boot.get("grub") or boot.get("skipped"),
+                         extra=fields(node=node.name, mac=node.mac))
             reply = await client.postinstall(scripts, root, env={"RACKBOOT_ENV": env.ref})
             if not reply.get("ok"):
                 bad = next((s for s in reply.get("scripts", []) if s.get("status") != 0 or s.get("timed_out")), {})

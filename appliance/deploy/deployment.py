@@ -23,6 +23,7 @@ from appliance.deploy.reboot import Rebooter
 from appliance.deploy.report import Journal, build_report
 from appliance.deploy.steps import RUNNERS
 from appliance.deploy.workflow import Workflow
+from domain.logfields import fields
 from domain.nodes import Node
 from domain.progress import AgentUp, NodeEvent, OsReachable, OsUp
 
@@ -80,7 +81,8 @@ class Deployment:
         """
         if run.finished:
             return
-        log.info("%s: %s failed in %s/%s: %s", self.id, run.node.name, step, impl, reason)
+        log.info("%s: %s failed in %s/%s: %s", self.id, run.node.name, step, impl, reason,
+                 extra=fields(node=run.node.name, mac=run.node.mac, deployment=self.id, step=step))
         self.journal.move(run, NodeState.FAILED, step, impl, reason)
         self.deps.tokens.revoke(run.node.mac, self.id)
 

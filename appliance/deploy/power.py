@@ -16,6 +16,7 @@ from typing import Generic, Protocol, TypeVar
 
 from appliance.inventory import read_bmc_credentials
 from domain.errors import RackbootError
+from domain.logfields import fields
 from domain.nodes import BmcSpec, Node
 
 log = logging.getLogger("rackboot.power")
@@ -134,7 +135,8 @@ class RetriedBmcCalls(Generic[Request]):
                         kind = self._classify(exc)
                         if self._telling(exc, last):
                             last = exc
-                        log.debug("%s: %s failed (attempt %d, %s): %s", node.name, what, attempt, kind.__name__, self._words(exc))
+                        log.debug("%s: %s failed (attempt %d, %s): %s", node.name, what, attempt, kind.__name__, self._words(exc),
+                                  extra=fields(node=node.name, mac=node.mac))
                         if kind is BmcAuthRefused:
                             self._refused[key] = ((user, password), self._words(exc))
                             break  # a BMC locks accounts out after a few refused logins: never insist

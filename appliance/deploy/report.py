@@ -3,6 +3,7 @@ and its report (nodes OK and KO, with the step and the reason of each failure)."
 from __future__ import annotations
 
 import asyncio
+import logging
 import time
 from typing import Any, Callable, Iterable
 
@@ -10,6 +11,9 @@ from ClusterShell.NodeSet import NodeSet
 
 from appliance.deploy.nodestate import NodeRun, NodeState, Transition, advance
 from appliance.deploy.store import DeploymentStore
+
+log = logging.getLogger("rackboot.deploy")
+from domain.logfields import fields
 
 
 class Journal:
@@ -38,8 +42,11 @@ class Journal:
 
     def move(self, run: NodeRun, to: NodeState, step: str = "", impl: str = "", reason: str = "") -> Transition:
         """Perform one node transition: check it against the table, record it, persist it, log it."""
+        before = run.state
         record = advance(run, to, time.time(), step, impl, reason)
         self.store.transition(self.dep_id, record)
+        log.info("%s: %s %s -> %s%s", self.dep_id, run.node.name, before.value, to.value, f" ({reason})" if reason else "",
+                 extra=fields(node=run.node.name, mac=run.node.mac, deployment=self.dep_id, step=run.step))
         self.note(run, to.value, step=run.step, impl=run.impl, reason=reason)
         return record
 

@@ -106,6 +106,25 @@ def peek_source(data: bytes) -> tuple[bytes, bytes] | None:
     return bytes(data[_CHADDR_OFFSET:_CHADDR_OFFSET + 6]), bytes(data[_GIADDR_OFFSET:_GIADDR_OFFSET + 4])
 
 
+def peek_relay_agent_info(data: bytes) -> bytes | None:
+    """The relay agent information (option 82) of a datagram's options field, without decoding the rest; None when
+    absent or when the options are malformed (the decoder then drops the datagram).
+
+    RFC 3046 2.1: a relay agent appends the option to the options field (never to 'file' or 'sname', so option
+    overload is not followed here); RFC 3396 instances of it are concatenated, as decode() does.
+    """
+    if len(data) < OPTIONS_OFFSET or data[HEADER_LEN:OPTIONS_OFFSET] != MAGIC:
+        return None
+    if data.find(b"\x52", OPTIONS_OFFSET) < 0:  # no octet 82 at all, so no option 82: the parse is not needed
+        return None
+    opts: dict[int, bytes] = {}
+    try:
+        _parse_options(bytes(data), OPTIONS_OFFSET, len(data), opts)
+    except MalformedPacket:
+        return None
+    return opts.get(o.RELAY_AGENT_INFO)
+
+
 def decode(data: bytes) -> DhcpPacket:
     """Decode one DHCP message; raise MalformedPacket on anything that is not a well-formed one."""
     if len(data) < OPTIONS_OFFSET:

@@ -36,6 +36,8 @@ TFTP_SERVER_NAME = 66
 BOOTFILE_NAME = 67
 USER_CLASS = 77
 RELAY_AGENT_INFO = 82         # RFC 3046
+AGENT_CIRCUIT_ID = 1          # sub-option of 82 (RFC 3046 3.1): the circuit (switch port, VLAN) the request came in on
+AGENT_REMOTE_ID = 2           # sub-option of 82 (RFC 3046 3.2): the remote host end of that circuit
 CLIENT_ARCH = 93              # RFC 4578 2.1
 CLIENT_NDI = 94               # RFC 4578 2.2
 CLIENT_UUID = 97              # RFC 4578 2.3
@@ -97,3 +99,11 @@ def parse_suboptions(value: bytes) -> dict[int, bytes]:
         out[code] = value[i + 2:end]
         i = end
     return out
+
+
+def agent_circuit(value: bytes) -> tuple[bytes | None, bytes | None] | None:
+    """The agent circuit ID and remote ID (RFC 3046 3.1, 3.2) of an option 82 value, each None when absent;
+    None when the option carries neither."""
+    subs = parse_suboptions(value)
+    circuit, remote = subs.get(AGENT_CIRCUIT_ID), subs.get(AGENT_REMOTE_ID)
+    return None if circuit is None and remote is None else (circuit, remote)

@@ -15,6 +15,7 @@ from dataclasses import dataclass
 from typing import Mapping
 
 import ipxe
+from domain.logfields import fields
 from domain.progress import DhcpFromFirmware, DhcpFromOs, FirmwareKind, NodeEvent
 from netboot.dhcp4 import options as o
 from netboot.dhcp4.codec import (
@@ -24,6 +25,7 @@ from netboot.dhcp4.codec import (
     ZERO_IP,
     DhcpPacket,
     encode_reply,
+    peek_relay_agent_info,
     peek_source,
 )
 from netboot.dhcp4.leases import LeaseTable, int_to_ip, ip_to_int
@@ -141,7 +143,7 @@ class DhcpPolicy:
         self._ipxe_cache: dict[tuple[str, bool], BootAnswer] = {}  # inventory MACs only: bounded
         self._quiet_until = 0.0
         self._decline_quiet_until = 0.0
-        # Rate limiting of MACs outside the inventory, per relay or ingress port, decided before the decode.
+        # Rate limiting of MACs outside the inventory, per relay circuit (option 82), relay or ingress port, decided before the decode.
         self.limiter = SourceLimiter(settings.unknown_rate) if settings.unknown_rate is not None else None
         self._ingress = {VIA_DHCP: f"{settings.interface} port {settings.port}",
                          VIA_PXE: f"{settings.interface} port {settings.proxy_port}"}
@@ -154,8 +156,10 @@ class DhcpPolicy:
         """DROP when a datagram from a MAC outside the inventory exceeds its source's rate (drop it undecoded);
         NODE for an inventory node's, to be answered first; OTHER for the rest.
 
-        The source is the relay (giaddr, RFC 2131 4.1 / RFC 3046 2: one relay interface is one client segment) or,
-        for a client on our own segment, the ingress port. Inventory MACs are always admitted, and spend no token.
+        The source is the relay's circuit (giaddr with option 82's agent circuit and remote IDs, RFC 3046 3.1-3.2:
+        the switch port the relay heard the client on), the relay alone (giaddr, RFC 2131 4.1 / RFC 3046 2: one
+        relay interface is one client segment) when it sends no option 82, or, for a client on our own segment,
+        the ingress port. Inventory MACs are always admitted, and spend no token.
         """
         peeked = peek_source(data)
         if peeked is None:
@@ -166,15 +170,24 @@ class DhcpPolicy:
         limiter = self.limiter
         if limiter is None:
             return Admission.OTHER
-        key = giaddr if giaddr != ZERO_IP else via
-        if limiter.admit(key, now):
+        if giaddr == ZERO_IP:
+            # Option 82 from our own segment is the client's own word (RFC 3046 2.1: only a relay agent adds it,
+            # and 5: a server trusts it from relays only): not a source of its own, the ingress is.
+            admitted = limiter.admit(via, now)
+        else:
+            info = peek_relay_agent_info(data)
+            circuit = o.agent_circuit(info) if info is not None else None
+            admitted = (limiter.admit(giaddr, now) if circuit is None
+                        else limiter.admit((giaddr, *circuit), now, group=giaddr))
+        if admitted:
             return Admission.OTHER
         if now >= self._rate_quiet_until:  # one line a minute at most, never one per packet
             self._rate_quiet_until = now + QUIET_S
             report = limiter.take_report()
             worst = sorted(report.items(), key=lambda kv: -kv[1])[:3]
             where = ", ".join(f"{self._source_name(k)}: {n}" for k, n in worst) + (", ..." if len(report) > 3 else "")
-            rule = f"rate limit of MACs outside the inventory ({limiter.limit.rate:g}/s, burst {limiter.limit.burst} per relay or port)"
+            rule = (f"rate limit of MACs outside the inventory ({limiter.limit.rate:g}/s, burst {limiter.limit.burst} "
+                    "per relay circuit, relay or port)")
             if self._rate_window_start is None:
                 log.warning("dhcp: %s exceeded by %s: dropping the excess (counted as rate_limited; "
                             "one line a minute at most)", rule, where.rsplit(":", 1)[0])
@@ -198,9 +211,14 @@ class DhcpPolicy:
         return self._node_chaddrs
 
     def _source_name(self, key: object) -> str:
-        """A rate-limited source for a log line: 'relay 10.1.2.3' or the ingress interface and port."""
+        """A rate-limited source for a log line: 'relay 10.1.2.3', with 'circuit-id ... remote-id ...' when keyed by
+        option 82, or the ingress interface and port."""
         if isinstance(key, bytes):
             return f"relay {_ntoa(key)}"
+        if isinstance(key, tuple):
+            giaddr, circuit, remote = key
+            ids = (("circuit-id", circuit), ("remote-id", remote))
+            return " ".join([f"relay {_ntoa(giaddr)}"] + [f"{name} {_printable(v)}" for name, v in ids if v is not None])
         return self._ingress.get(str(key), str(key))
 
     # ------------------------------------------------------------------ entry point
@@ -262,7 +280,8 @@ class DhcpPolicy:
             wanted = req.option_ip(o.REQUESTED_IP) or ip
             if now >= self._decline_quiet_until:  # one line a minute at most
                 self._decline_quiet_until = now + QUIET_S
-                log.warning("dhcp: %s declined its reserved address %s: another host uses it", mac, _ntoa(wanted))
+                log.warning("dhcp: %s declined its reserved address %s: another host uses it", mac, _ntoa(wanted),
+                            extra=fields(mac=mac))
             return Decision()
         if mt == o.RELEASE:
             return Decision()
@@ -321,7 +340,8 @@ class DhcpPolicy:
                 return Decision(ignored="DECLINE of an address this client does not hold")
             if now >= self._decline_quiet_until:  # one line a minute at most: DECLINEs must not fill the log
                 self._decline_quiet_until = now + QUIET_S
-                log.warning("dhcp: %s declined %s: another host uses it; held back for a while", mac, _ntoa(wanted))
+                log.warning("dhcp: %s declined %s: another host uses it; held back for a while", mac, _ntoa(wanted),
+                            extra=fields(mac=mac))
             return Decision()
         if mt == o.RELEASE:
             sid = req.option_ip(o.SERVER_ID)
@@ -534,6 +554,14 @@ def max_reply_size(req: DhcpPacket) -> int:
 
 def _ntoa(packed: bytes) -> str:
     return socket.inet_ntoa(packed)
+
+
+def _printable(value: bytes, limit: int = 32) -> str:
+    """A relay's sub-option for a log line: quoted when printable ASCII, else hex; at most `limit` octets shown."""
+    shown, more = value[:limit], "..." if len(value) > limit else ""
+    if shown and all(0x20 <= c < 0x7f for c in shown):
+        return repr(shown.decode("ascii") + more)
+    return "0x" + shown.hex() + more
 
 
 def classify_client(req: DhcpPacket, mac: str) -> DhcpFromFirmware | DhcpFromOs:

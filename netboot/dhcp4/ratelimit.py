@@ -1,16 +1,18 @@
 """Token buckets per source for DHCP requests from MACs outside the inventory: pure, the time is passed in.
 
-The source of a request is its relay agent (giaddr, RFC 2131 4.1; RFC 3046 2: a relay sets giaddr to the
-address of the interface it heard the client on, so one relay is one segment) or, for a client on the
-appliance's own segment (giaddr 0), the ingress: the one interface and UDP port the request came in on.
-A flood of random MACs on one segment therefore spends that segment's tokens only; inventory nodes are
-never looked up here.
+The source of a request is, for a relayed request (giaddr set, RFC 2131 4.1), the relay's circuit: giaddr with
+the relay agent information's agent circuit ID and remote ID (RFC 3046 2.0 and 3.1-3.2: the switch port or VLAN
+the relay heard the client on) when the relay sends option 82, the relay (giaddr: one relay interface is one
+segment, RFC 3046 2) when it does not; for a client on the appliance's own segment (giaddr 0), the ingress: the
+one interface and UDP port the request came in on. A flood of random MACs on one switch port therefore spends
+that port's tokens only, not those of the other ports of its relay; inventory nodes are never looked up here.
 """
 from __future__ import annotations
 
 from dataclasses import dataclass
 
 MAX_SOURCES = 4096  # buckets kept; the source heard from longest ago is forgotten first
+MAX_CIRCUITS_PER_RELAY = 256  # circuit buckets of one relay; its further circuits share the relay's bucket
 
 
 @dataclass(frozen=True, slots=True)
@@ -49,26 +51,42 @@ class TokenBucket:
 
 
 class SourceLimiter:
-    """A token bucket per source key, at most `max_sources` of them (least recently heard forgotten first)."""
+    """A token bucket per source key, at most `max_sources` of them (least recently heard forgotten first).
 
-    def __init__(self, limit: RateLimit, max_sources: int = MAX_SOURCES) -> None:
+    A key may belong to a group (a relay circuit to its relay): a group has at most `max_per_group` buckets of
+    its own keys, and a key of a full group spends from the group's bucket instead, so keys a sender makes up
+    (a relay that passes on a client's option 82) buy at most that many buckets and evict no other source's.
+    """
+
+    def __init__(self, limit: RateLimit, max_sources: int = MAX_SOURCES,
+                 max_per_group: int = MAX_CIRCUITS_PER_RELAY) -> None:
         self.limit = limit
         self.max_sources = max_sources
+        self.max_per_group = max_per_group
         self._buckets: dict[object, TokenBucket] = {}
+        self._group_of: dict[object, object] = {}  # key -> its group, for the keys that have one
+        self._members: dict[object, int] = {}      # group -> how many of its keys have a bucket
         self.dropped = 0                       # requests refused, in all
         self.dropped_by: dict[object, int] = {}  # refused since the last `take_report()`, by source
 
     def __len__(self) -> int:
         return len(self._buckets)
 
-    def admit(self, key: object, now: float) -> bool:
-        """True when a request from source `key` at `now` is within its rate; a refusal is counted."""
+    def admit(self, key: object, now: float, group: object = None) -> bool:
+        """True when a request from source `key` (of `group`, if not None) at `now` is within its rate; a refusal
+        is counted."""
         buckets = self._buckets
         bucket = buckets.pop(key, None)
+        if bucket is None and group is not None and self._members.get(group, 0) >= self.max_per_group:
+            key, group = group, None  # the group has all the buckets it may have: this key shares the group's
+            bucket = buckets.pop(key, None)
         if bucket is None:
             bucket = TokenBucket(self.limit, now)
             if len(buckets) >= self.max_sources:
-                del buckets[next(iter(buckets))]
+                self._forget(next(iter(buckets)))
+            if group is not None:
+                self._group_of[key] = group
+                self._members[group] = self._members.get(group, 0) + 1
         buckets[key] = bucket  # re-inserted: insertion order is recency order
         if bucket.take(now):
             return True
@@ -76,6 +94,17 @@ class SourceLimiter:
         if key in self.dropped_by or len(self.dropped_by) < self.max_sources:
             self.dropped_by[key] = self.dropped_by.get(key, 0) + 1
         return False
+
+    def _forget(self, key: object) -> None:
+        """Drop the bucket of `key` (the least recently heard), and its place in its group."""
+        del self._buckets[key]
+        group = self._group_of.pop(key, None)
+        if group is not None:
+            left = self._members[group] - 1
+            if left:
+                self._members[group] = left
+            else:
+                del self._members[group]
 
     def take_report(self) -> dict[object, int]:
         """Return the refusals by source since the last call, and start counting anew."""

@@ -5,8 +5,8 @@ PXE port 4011). Replies go where RFC 2131 4.1 says; a reply to a client that has
 did not ask for broadcast is sent as a link-layer frame to its chaddr through an AF_PACKET socket
 (as ISC dhcpd does with LPF), falling back to broadcast when that is impossible.
 
-Each wake-up drains up to READ_BATCH datagrams: requests from MACs outside the inventory over their relay's
-(or port's) rate are dropped undecoded (`DhcpPolicy.admit`), inventory nodes' requests are answered before
+Each wake-up drains up to READ_BATCH datagrams: requests from MACs outside the inventory over their source's
+rate (relay circuit, relay or port) are dropped undecoded (`DhcpPolicy.admit`), inventory nodes' requests are answered before
 the others of the same read. This keeps the kernel queue short under a flood (docs/reliability.md, Starvation).
 """
 from __future__ import annotations
@@ -255,7 +255,7 @@ class DhcpService:
             elif admission is Admission.OTHER:
                 later.append((data, addr))
             else:
-                counters["rate_limited"] += 1  # a MAC outside the inventory over its relay's (or port's) rate
+                counters["rate_limited"] += 1  # a MAC outside the inventory over its source's rate (relay circuit, relay or port)
         for data, addr in later:
             self._handle(data, addr, via, endpoint, now)
             observe(time.perf_counter() - woke)

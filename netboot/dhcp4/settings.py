@@ -7,7 +7,7 @@ from dataclasses import dataclass, field
 from netboot.dhcp4.ratelimit import RateLimit
 
 DHCP_MODES = ("authoritative", "proxy", "off")
-# Requests a second per relay (or per ingress port) from MACs outside the inventory, and the burst: see
+# Requests a second per relay circuit (option 82), relay or ingress port from MACs outside the inventory, and the burst: see
 # docs/configuration.md (dhcp.unknown_rate) for why it is on by default and why this high.
 DEFAULT_UNKNOWN_RATE = RateLimit(rate=200.0, burst=1000)
 
