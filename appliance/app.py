@@ -213,11 +213,13 @@ class Appliance:
 
     def latencies(self) -> dict[str, dict[str, Latency]]:
         """Return the latency histograms every service keeps (for /metrics)."""
-        return {s.name: dict(getattr(s, "latency", {})) for s in self.services if getattr(s, "latency", None)}
+        return ({s.name: dict(getattr(s, "latency", {})) for s in self.services if getattr(s, "latency", None)}
+                | {"bmc": dict(self.ipmi.latency)})
 
     def stats(self) -> dict[str, dict[str, int]]:
         """Return the counters of every service."""
-        return {s.name: s.stats() for s in self.services} | {"events": {"published": self.events.published}}
+        return ({s.name: s.stats() for s in self.services} | {"events": {"published": self.events.published}}
+                | {"bmc": self.ipmi.stats()})
 
 
 async def serve_forever(config: ApplianceConfig) -> None:

@@ -19,7 +19,7 @@ from domain.latency import Latency
 
 # Counters that are levels, not totals (everything else a service counts only grows).
 GAUGES = frozenset({"transfers_active", "leases", "lease_rows_pending", "pending_forwards", "cache_bytes",
-                    "offers_pending", "exchanges_tracked", "rate_limit_sources"})
+                    "offers_pending", "exchanges_tracked", "rate_limit_sources", "calls_in_flight"})
 Stats = Callable[[], Mapping[str, Mapping[str, int]]]
 Histograms = Callable[[], Mapping[str, Mapping[str, Latency]]]  # service -> what is timed -> its histogram
 NodeStates = Callable[[], Iterable[tuple[str, str]]]  # (deployment status, node state) of every live run

@@ -203,6 +203,9 @@ async def test_metrics_page_serves_the_services_counters_for_prometheus(tmp_path
                if s.name == "rackboot_http_script_seconds_bucket"}
     assert samples["rackboot_http_script_seconds_count"] == 1 and buckets["1.0"] == 1 and buckets["+Inf"] == 1
     assert samples["rackboot_dns_query_seconds_count"] == 0 and "rackboot_tftp_transfer_seconds_sum" in samples
+    # BMC calls by result and their durations (none made here; tests/test_bmc_failures.py counts real ones).
+    assert samples["rackboot_bmc_calls_ok_total"] == 0 and samples["rackboot_bmc_calls_unreachable_total"] == 0
+    assert samples["rackboot_bmc_calls_in_flight"] == 0 and samples["rackboot_bmc_call_failed_seconds_count"] == 0
 
 
 def test_metrics_count_live_nodes_by_state() -> None:

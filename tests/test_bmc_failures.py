@@ -17,6 +17,7 @@ import random
 import secrets
 import subprocess
 import threading
+from collections import Counter
 import sys
 from dataclasses import replace
 from pathlib import Path
@@ -152,6 +153,14 @@ async def test_dead_slow_and_refusing_bmcs_under_load(client: str, farm: tuple[l
         counters = await _counters(procs)
     finally:
         ipmi.close()
+    # What /metrics counts: every call once, by its result; every try.
+    kinds = Counter(_kind(n) for n in nodes)
+    stats = ipmi.stats()
+    assert stats["calls_ok"] == 2 * (kinds["ok"] + kinds["slow"]), stats
+    assert stats["calls_auth_refused"] == 2 * (kinds["badpass"] + kinds["noname"]), stats
+    assert stats["calls_session_refused"] == 2 * kinds["busy"] and stats["calls_unreachable"] == 2 * kinds["dead"], stats
+    assert stats["tries"] == sum(ipmi.attempts.values()) and stats["calls_in_flight"] == 0, stats
+    assert ipmi.latency["call_ok"].count == stats["calls_ok"] and ipmi.latency["call_failed"].count == len(results) - stats["calls_ok"]
     by_node: dict[str, list[str]] = {}
     for name, op, outcome in results:
         by_node.setdefault(name, []).append(outcome)

@@ -11,11 +11,13 @@ from __future__ import annotations
 import asyncio
 import logging
 import random
+import time
 from collections import Counter
 from typing import Generic, Protocol, TypeVar
 
 from appliance.inventory import read_bmc_credentials
 from domain.errors import RackbootError
+from domain.latency import TRANSFER_BUCKETS, Latency
 from domain.logfields import fields
 from domain.nodes import BmcSpec, Node
 
@@ -55,6 +57,9 @@ EXPLAIN: dict[type[PowerError], str] = {
     BmcTimedOut: "timed out: the BMC set a session up but did not answer the command",
     PowerError: "failed",
 }
+# The result of a call, as /metrics counts it (rackboot_bmc_calls_<result>).
+RESULT = {BmcUnreachable: "unreachable", BmcAuthRefused: "auth_refused", BmcSessionRefused: "session_refused",
+          BmcTimedOut: "timed_out", PowerError: "failed"}
 
 
 class PowerDriver(Protocol):
@@ -88,6 +93,14 @@ class RetriedBmcCalls(Generic[Request]):
         self._in_flight: Counter[tuple[str, int]] = Counter()
         # BMC -> (credentials, the client's words) of a refused login: not tried again until the credentials file changes
         self._refused: dict[tuple[str, int], tuple[tuple[str, str], str]] = {}
+        self.results: Counter[str] = Counter()  # calls by result: ok, or a RESULT value
+        # How long calls took (all their tries), ok and failed apart: a BMC that fails is slow to fail.
+        self.latency = {"call_ok": Latency(TRANSFER_BUCKETS), "call_failed": Latency(TRANSFER_BUCKETS)}
+
+    def stats(self) -> dict[str, int]:
+        """Calls by result, tries, and calls in flight (for /metrics; no address, no credential)."""
+        return ({f"calls_{r}": self.results[r] for r in ("ok", *RESULT.values())}
+                | {"tries": sum(self.attempts.values()), "calls_in_flight": sum(self._in_flight.values())})
 
     async def _try(self, bmc: BmcSpec, user: str, password: str, request: Request) -> object:
         """Make one try of a request on a BMC; return the client's answer, raise its failure."""
@@ -121,16 +134,22 @@ class RetriedBmcCalls(Generic[Request]):
         async with sem:
             refused = self._refused.get(key)  # looked at once the calls before this one on the BMC have ended
             if refused is not None and refused[0] == (user, password):
+                self.results[RESULT[BmcAuthRefused]] += 1
+                self.latency["call_failed"].observe(0.0)
                 raise BmcAuthRefused(f"{where}: {EXPLAIN[BmcAuthRefused]} ({refused[1]}; not tried again with the same credentials)")
             self._in_flight[key] += 1
             self.most_in_flight[key] = max(self.most_in_flight[key], self._in_flight[key])
+            started = time.monotonic()
             try:
                 attempt = 0
                 while attempt < tries:
                     attempt += 1
                     self.attempts[key] += 1
                     try:
-                        return await self._try(bmc, user, password, request)
+                        answer = await self._try(bmc, user, password, request)
+                        self.results["ok"] += 1
+                        self.latency["call_ok"].observe(time.monotonic() - started)
+                        return answer
                     except Exception as exc:  # noqa: BLE001 - clients raise bare exceptions
                         kind = self._classify(exc)
                         if self._telling(exc, last):
@@ -149,6 +168,8 @@ class RetriedBmcCalls(Generic[Request]):
             finally:
                 self._in_flight[key] -= 1
         kind = self._classify(last) if last is not None else BmcUnreachable
+        self.results[RESULT[kind]] += 1
+        self.latency["call_failed"].observe(time.monotonic() - started)
         tried = f"{attempt} {'try' if attempt == 1 else 'tries'}"
         raise kind(f"{where}: {EXPLAIN[kind]} ({self._words(last)}; {tried})")
 
