@@ -9,6 +9,7 @@ from __future__ import annotations
 
 import errno
 import json
+import shutil
 import socket
 import subprocess
 from dataclasses import dataclass
@@ -32,6 +33,7 @@ def check_host(config: ApplianceConfig) -> list[HostProblem]:
     problems = _interface(config)
     problems += _boot_files(config)
     problems += _ports(config)
+    problems += _ipmi_client(config)
     return problems
 
 
@@ -72,6 +74,16 @@ def _boot_files(config: ApplianceConfig) -> list[HostProblem]:
         problems.append(HostProblem("warning", f"no deploy key at {deploy.ssh_key} yet (`serve` makes one at its first "
                                                f"start; the deploy environment must be built with it)"))
     return problems
+
+
+def _ipmi_client(config: ApplianceConfig) -> list[HostProblem]:
+    """ipmitool on the PATH when it is the IPMI client and some node has an IPMI BMC."""
+    ipmi_nodes = [n.name for n in (config.inventory.nodes if config.inventory else ()) if n.bmc and n.bmc.driver == "ipmi"]
+    if not ipmi_nodes or config.deploy.ipmi_client != "ipmitool" or shutil.which("ipmitool"):
+        return []
+    return [HostProblem("error", f"ipmitool is not installed, and it is the IPMI client of {len(ipmi_nodes)} node(s) "
+                                 f"({ipmi_nodes[0]}, ...): every power call fails (apt-get install ipmitool, or "
+                                 f"deploy.ipmi_client: pyghmi)")]
 
 
 def _ports(config: ApplianceConfig) -> list[HostProblem]:

@@ -14,6 +14,24 @@ from domain.nodes import BMC_DRIVERS, BmcSpec, Node, mac_add, normalize_mac
 BMC_KEYS = ("driver", "address", "port", "credentials")
 
 
+IPMI_PASSWORD_MAX = 20  # bytes: IPMI 2.0 section 13.31 (RAKP keys), ipmitool refuses more ("password is longer than 20 bytes")
+
+
+def _ipmi_credentials(cred_path: Path) -> list[str]:
+    """What is wrong with an IPMI credentials file (never its password in the message)."""
+    try:
+        loc = load_yaml_mapping(cred_path)
+    except ConfigError as exc:
+        return [str(exc)]
+    password = loc.raw("password", "")
+    if not isinstance(password, str):
+        return [f"{loc.at('password')}: password: expected a string (quote it), got a {type(password).__name__}"]
+    if len(password.encode()) > IPMI_PASSWORD_MAX:
+        return [f"{loc.at('password')}: password: {len(password.encode())} bytes, IPMI 2.0 allows at most "
+                f"{IPMI_PASSWORD_MAX} (BMCs and ipmitool refuse longer)"]
+    return []
+
+
 def read_bmc_credentials(bmc: BmcSpec) -> tuple[str, str]:
     """Read (username, password) from a BMC's credentials file ('' and '' when it names none)."""
     if bmc.credentials_file is None:
@@ -147,6 +165,8 @@ def load_inventory(path: Path) -> Inventory:
             cred_path = (path.parent / str(cred)) if cred else None
             if cred_path is not None and not cred_path.is_file():
                 problems.append(f"{bmc_loc.at('credentials')}: {bmc_loc.name('credentials')}: no such file {cred_path}")
+            elif cred_path is not None and driver == "ipmi":
+                problems += _ipmi_credentials(cred_path)
         tags_raw = entry.raw("tags", [])
         tags = tuple(str(t) for t in (tags_raw if isinstance(tags_raw, list) else [tags_raw]))
         for i, name in enumerate(names):

@@ -198,3 +198,21 @@ def test_yaml_traps_get_a_hint(tmp_path: Path) -> None:
     assert any("quote the MAC" in p for p in problems), problems
     problems = problems_of(write(tmp_path, MINIMAL_CONFIG.replace("mode: authoritative", "mode: off"), MINIMAL_NODES))
     assert any("dhcp.mode" in p and "quote it" in p for p in problems), problems
+
+
+@pytest.mark.parametrize("password,expected", [
+    ("abcdefghijklmnopqrstu", "password: 21 bytes, IPMI 2.0 allows at most 20"),
+    ("0123", None),  # quoted: a string
+    (None, "password: expected a string (quote it), got a int"),
+])
+def test_ipmi_passwords_ipmitool_would_refuse_are_config_errors(tmp_path: Path, password: str | None, expected: str | None) -> None:
+    """ipmitool refuses passwords over 20 bytes (IPMI 2.0), and YAML reads an unquoted 0123 as a number (83)."""
+    (tmp_path / "bmc.yaml").write_text(f"username: admin\npassword: {password!r}\n" if password else "username: admin\npassword: 0123\n")
+    bmc = "      driver: ipmi\n      address: 10.78.0.11\n      credentials: bmc.yaml\n"
+    path = write(tmp_path, MINIMAL_CONFIG, BMC_NODE.format(bmc=bmc))
+    if expected is None:
+        assert read_bmc_credentials(load_config(path).inventory.nodes[0].bmc) == ("admin", "0123")  # type: ignore[union-attr,arg-type]
+    else:
+        problems = problems_of(path)
+        assert any(expected in p and "bmc.yaml:2:" in p for p in problems), problems
+        assert all("abcdefghij" not in p for p in problems), problems  # never the password

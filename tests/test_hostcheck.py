@@ -62,3 +62,24 @@ def test_an_address_not_on_the_interface_and_a_missing_interface(tmp_path: Path)
     config.write_text(config.read_text().replace("interface: lo", "interface: rbnope0"))
     done = check(config)
     assert done.returncode == 1 and "error: interface 'rbnope0' does not exist on this machine" in done.stderr, done.stderr
+
+
+def test_ipmitool_missing_when_it_is_the_ipmi_client(tmp_path: Path) -> None:
+    import os
+    import shutil
+
+    config = write_config(tmp_path, free_port())
+    ready(tmp_path, config)
+    (tmp_path / "bmc.yaml").write_text("username: admin\npassword: secret\n")
+    (tmp_path / "nodes.yaml").write_text("nodes:\n  - {name: node-1, mac: '52:54:00:77:00:01', ip: 127.0.0.11,\n"
+                                         "     bmc: {driver: ipmi, address: 127.0.0.99, credentials: bmc.yaml}}\n")
+    bin_dir = tmp_path / "bin"  # a PATH with `ip` (the interface check) and no ipmitool
+    bin_dir.mkdir()
+    (bin_dir / "ip").symlink_to(shutil.which("ip") or "/usr/sbin/ip")
+    env = os.environ | {"PATH": str(bin_dir)}
+    argv = [sys.executable, "-m", "appliance.cli", "check-config", "--host", "--config", str(config)]
+    done = subprocess.run(argv, capture_output=True, text=True, timeout=60, env=env)
+    assert done.returncode == 1 and "error: ipmitool is not installed" in done.stderr and "node-1" in done.stderr, done.stderr
+    config.write_text(config.read_text() + "deploy: {ipmi_client: pyghmi}\n")
+    done = subprocess.run(argv, capture_output=True, text=True, timeout=60, env=env)
+    assert done.returncode == 0 and "ipmitool" not in done.stderr, done.stderr
