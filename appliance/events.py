@@ -55,11 +55,16 @@ class Subscription:
 
 
 class EventBus:
-    """Publishes node records to subscribers and keeps the last records of each MAC (MACs are lower case)."""
+    """Publishes node records to subscribers and keeps the last records of each MAC it is told to keep (MACs are
+    lower case)."""
 
-    def __init__(self, history: int = 32, max_macs: int = 65536) -> None:
+    def __init__(self, history: int = 32, max_macs: int = 65536, keep: Callable[[str], bool] | None = None) -> None:
         self._history = history
         self._max_macs = max_macs
+        # Which MACs have a history (the inventory's: what `rackboot nodes` and the API show); None: every MAC.
+        # A history is ~33 objects the cyclic GC walks at each full collection: kept for 20,000 pool clients they
+        # made 100-200 ms pauses of the event loop (docs/benchmarks.md, "Where rackboot's DHCP time goes").
+        self._keep = keep
         # insertion-ordered: the MAC heard from longest ago is dropped first, so random MACs (perfdhcp, a
         # hostile segment) cannot grow the history without bound
         self._last: dict[str, deque[NodeEvent]] = {}
@@ -69,13 +74,14 @@ class EventBus:
     def publish(self, event: NodeEvent) -> None:
         """Record and fan out one record; never blocks (the boot services' EventSink)."""
         mac = event.mac
-        history = self._last.pop(mac, None)
-        if history is None:
-            history = deque(maxlen=self._history)
-            if len(self._last) >= self._max_macs:
-                del self._last[next(iter(self._last))]
-        self._last[mac] = history
-        history.append(event)
+        if self._keep is None or self._keep(mac):
+            history = self._last.pop(mac, None)
+            if history is None:
+                history = deque(maxlen=self._history)
+                if len(self._last) >= self._max_macs:
+                    del self._last[next(iter(self._last))]
+            self._last[mac] = history
+            history.append(event)
         self.published += 1
         for sub in self._subs:
             sub._offer(event)

@@ -385,6 +385,8 @@ def report(searches: list[Search], args: argparse.Namespace, loads: list[dict[st
                 row.append("-")
                 continue
             row.append(f"{fmt(median([p.do_avg_ms for p in ps]), 2)} / {fmt(median([p.ra_avg_ms for p in ps]), 2)} ms, "
+                       f"max {fmt(median([p.do_max_ms for p in ps if p.do_max_ms is not None]), 1)} / "
+                       f"{fmt(median([p.ra_max_ms for p in ps if p.ra_max_ms is not None]), 1)} ms, "
                        f"drop {fmt(median([p.drop_pct for p in ps]), 2)} %")
         lat_rows.append(row)
     return "\n".join([
@@ -395,7 +397,7 @@ def report(searches: list[Search], args: argparse.Namespace, loads: list[dict[st
         "",
         markdown_table(headers, rows),
         "",
-        "Average DISCOVER-OFFER / REQUEST-ACK delay and drops by offered rate (medians over the repeats that probed it):",
+        "Average and maximum DISCOVER-OFFER / REQUEST-ACK delay and drops by offered rate (medians over the repeats that probed it):",
         "",
         markdown_table(["offered rate", *args.servers], lat_rows),
     ])
