@@ -187,8 +187,8 @@ function onNodeRecord({ node, event }) {
 }
 
 function onDeploymentEntry({ id, entry }) {
-  if (!state.deployments.has(id)) { scheduleReload(); return; }  // a deployment started since the snapshot
   const d = state.deployments.get(id);
+  if (!d) scheduleReload();  // a deployment started since the snapshot: its row comes with the next one
   if (entry.node && STATES.includes(entry.what)) {
     setNodeState(entry.node, id, entry.what, entry.step, entry.reason);
     const n = state.nodes.get(entry.node);
@@ -196,7 +196,7 @@ function onDeploymentEntry({ id, entry }) {
   } else if (entry.node && entry.what === "boot") {
     const n = state.nodes.get(entry.node);
     if (n && n.dep) { n.dep.stage = entry.stage; renderNode(n); }
-  } else if (entry.what === "finished") {
+  } else if (entry.what === "finished" && d) {
     d.status = entry.status;
     d.finished = entry.ts;
     renderDeployments();
@@ -316,22 +316,26 @@ async function showDetail(id) {
   link.download = `${id}-timeline.svg`;
 }
 
+// Per macro-step: the nodes through it out of those that entered it, and those that failed in it. A node in a later
+// step (or done) went through the earlier ones; a failed node entered the steps up to the one it failed in.
 function renderSteps(nodes) {
-  const seen = STEPS.filter((s) => nodes.some((n) => n.step === s || n.state === s));
+  const reboot = nodes.some((n) => n.state === "Reboot" || n.step === "Reboot");
+  const where = (n) => STEPS.indexOf(n.state === "done" || n.state === "failed" ? n.step : n.state);
+  const furthest = Math.max(-1, ...nodes.map(where));
+  const steps = reboot ? ["Reboot"] : STEPS.slice(0, Math.min(furthest + 1, 3));
   const holder = $("steps");
   holder.replaceChildren();
-  seen.forEach((step, i) => {
-    const later = new Set([...seen.slice(i + 1), "done"]);
-    const entered = nodes.filter((n) => n.state === step || later.has(n.state) || (n.state === "failed" && seen.indexOf(n.step) >= i));
-    const through = entered.filter((n) => later.has(n.state)).length;
+  for (const step of steps) {
+    const i = STEPS.indexOf(step);
+    const entered = nodes.filter((n) => n.state === "done" || where(n) >= i);
+    const through = entered.filter((n) => n.state === "done" || where(n) > i).length;
     const failed = entered.filter((n) => n.state === "failed" && n.step === step).length;
-    const total = Math.max(entered.length, 1);
     const bar = el("div", { class: "bar" }, el("i"));
-    bar.firstChild.style.width = `${(100 * through) / total}%`;
+    bar.firstChild.style.width = `${(100 * through) / Math.max(entered.length, 1)}%`;
     bar.firstChild.style.background = `var(--${step})`;
     holder.append(el("div", { class: "step", "data-step": step }, el("span", {}, step), bar,
                      el("span", {}, `${through}/${entered.length}${failed ? ` · ${failed} failed` : ""}`)));
-  });
+  }
 }
 
 // -- start --------------------------------------------------------------------------------------------
