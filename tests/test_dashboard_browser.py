@@ -109,6 +109,11 @@ async def test_a_user_logs_in_and_watches_a_deployment_live(world: World, tmp_pa
         # the token went out in headers only: no URL the page asked for carries it
         urls = [e["params"]["request"]["url"] for e in page.events if e["method"] == "Network.requestWillBeSent"]
         assert any(u.endswith("/api/v1/live") for u in urls) and not [u for u in urls if admin in u]
+        # reloaded, the tab is still logged in, and the grid shows the same results, from the REST API this time
+        await page.send("Page.reload")
+        await page.until("window.notReloaded === undefined && document.readyState === 'complete'")
+        await page.until(f"{node_state('node-1')} === 'done' && {node_state('node-3')} === 'failed'"
+                         f" && {node_state('node-5')} === 'idle'")
         # logging out forgets the token and shows the login form again
         await page.js("document.getElementById('logout').click()")
         assert await page.js("sessionStorage.getItem('rackboot.token')") is None

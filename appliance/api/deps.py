@@ -34,6 +34,7 @@ class DeploymentReader(Protocol):
 class LiveDeployment(Protocol):
     """A deployment the controller runs or ran since the appliance started."""
 
+    user: str
     status: str
     log: list[dict[str, Any]]
 

@@ -50,9 +50,8 @@ class _Deployments:
             if len(log) <= seen:
                 continue
             self.seen[dep_id] = len(log)
-            owner = dep.result()["user"]
-            if self.admin or owner == self.user:
-                out += [frame("deployment", {"id": dep_id, "user": owner, "entry": entry}) for entry in log[seen:]]
+            if self.admin or dep.user == self.user:
+                out += [frame("deployment", {"id": dep_id, "user": dep.user, "entry": entry}) for entry in log[seen:]]
         return out
 
 

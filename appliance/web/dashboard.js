@@ -7,6 +7,7 @@
 const TOKEN_KEY = "rackboot.token";
 const STATES = ["pending", "SetDeploymentEnv", "BroadcastEnv", "BootNewEnv", "Reboot", "done", "failed"];
 const STEPS = ["SetDeploymentEnv", "BroadcastEnv", "BootNewEnv", "Reboot"];
+const LATEST = 5;  // finished deployments whose node results the grid shows after a (re)load
 
 const $ = (id) => document.getElementById(id);
 const state = { token: null, me: null, nodes: new Map(), deployments: new Map(), selected: null, stream: null,
@@ -155,9 +156,14 @@ async function snapshot() {
     }
     state.deployments.clear();
     for (const d of deps.deployments) state.deployments.set(d.id, d);
-    const running = deps.deployments.filter((d) => d.status === "running");
-    const reports = await Promise.all(running.map((d) => api(`/api/v1/deployments/${encodeURIComponent(d.id)}`)));
+    // Node states: those of the running deployments, else the result of the node's latest deployment among the
+    // last LATEST listed (as the live feed leaves them when a deployment ends); applied oldest first.
+    const wanted = deps.deployments.filter((d, i) => d.status === "running" || i < LATEST).reverse();
+    const reports = await Promise.all(wanted.map((d) => api(`/api/v1/deployments/${encodeURIComponent(d.id)}`)));
     for (const r of reports) {
+      for (const n of r.nodes) setNodeState(n.node, r.id, n.state, n.step, n.reason);
+    }
+    for (const r of reports.filter((r) => r.status === "running")) {
       for (const n of r.nodes) setNodeState(n.node, r.id, n.state, n.step, n.reason);
     }
     renderNodes();
