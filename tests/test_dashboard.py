@@ -11,12 +11,17 @@ from fnmatch import fnmatch
 from pathlib import Path
 from typing import Any, AsyncIterator
 
+import aiohttp
+
 import test_api
+from appliance.app import Appliance
+from appliance.config import load_config
 from appliance.dashboard import ASSETS, WEB_DIR
 from appliance.inventory import Inventory
 from domain.nodes import BmcSpec
 from domain.progress import DhcpFromFirmware, FirmwareKind
 from test_api import World, add_env
+from test_appliance import free_port, write_config
 
 world = test_api.world  # the fixture: the API and the dashboard on loopback, with the controller and fakes behind it
 ROOT = Path(__file__).resolve().parents[1]
@@ -183,3 +188,24 @@ async def test_a_shutdown_ends_the_live_streams_at_once(world: World) -> None:
         assert time.monotonic() - started < 1.5  # not the server's shutdown timeout
         rest = await asyncio.wait_for(resp.content.read(), 1)  # the stream has ended: the client reads its end
         assert b"event: node" not in rest
+
+
+async def test_the_appliance_serves_the_dashboard_and_stops_at_once_with_a_stream_open(tmp_path: Path) -> None:
+    """The composition root puts the dashboard on its HTTP server; an open live stream does not hold its stop."""
+    app = Appliance(load_config(write_config(tmp_path, free_port())))
+    admin = (tmp_path / "state" / "admin.token").read_text().strip()
+    await app.start()
+    runner = asyncio.create_task(app.run())
+    try:
+        async with aiohttp.ClientSession() as http:
+            async with http.get(f"{app.config.http_base}/") as r:
+                assert r.status == 200 and 'id="login-form"' in await r.text()
+            async with http.get(f"{app.config.http_base}/api/v1/live", headers={"Authorization": f"Bearer {admin}"}) as r:
+                assert r.status == 200 and await r.content.readline() == b"event: hello\n"
+                started = time.monotonic()
+                app.stop()
+                await asyncio.wait_for(asyncio.shield(runner), 10)
+                assert time.monotonic() - started < 1.5
+    finally:
+        app.stop()
+        await runner
