@@ -118,6 +118,16 @@ async def test_a_user_logs_in_and_watches_a_deployment_live(world: World, tmp_pa
         await page.js("document.getElementById('logout').click()")
         assert await page.js("sessionStorage.getItem('rackboot.token')") is None
         assert await page.js("document.getElementById('app').hidden && !document.getElementById('login').hidden")
+        assert await page.js("document.getElementById('detail').hidden && !document.querySelector('.node')"
+                             " && !document.getElementById('timeline').firstChild")
+        # a user without rights sees the nodes, and neither the admin's deployment nor its results
+        _, bob = await client.call("POST", "/api/v1/users", admin, json={"name": "bob"})
+        await page.js(f"document.getElementById('token').value = {json.dumps(bob['token'])};"
+                      "document.getElementById('login-form').requestSubmit()")
+        await page.until("document.querySelectorAll('.node').length === 6"
+                         " && document.querySelector('#deployments tbody').textContent === 'no deployment yet'")
+        assert await page.js("document.getElementById('who').textContent") == "bob"
+        assert await page.js(node_state("node-3")) == "idle" and await page.js("document.getElementById('detail').hidden")
     # the browser and everything it forked are gone, and so is its profile
     assert browser.proc is not None and browser.proc.poll() is not None and not browser.profile.exists()
     assert not [pid for pid in os.listdir("/proc") if pid.isdigit() and _runs_from(pid, browser.profile)]

@@ -75,6 +75,10 @@ function showLogin(message) {
   state.nodes.clear();
   state.deployments.clear();
   state.selected = null;
+  // nothing of the last user's stays in the page
+  for (const id of ["racks", "steps", "timeline", "legend"]) $(id).replaceChildren();
+  for (const id of ["deployments", "detail-nodes", "environments"]) $(id).tBodies[0].replaceChildren();
+  $("detail").hidden = true;
   $("app").hidden = true;
   $("logout").hidden = true;
   $("conn").hidden = true;
@@ -139,7 +143,8 @@ function dispatch(block) {
   }
   if (!data) return;
   const payload = JSON.parse(data);
-  if (name === "hello" || name === "resync") { connected(true); snapshot(); }
+  if (name === "hello") { connected(true); snapshot(); }
+  else if (name === "resync") scheduleReload();  // records were dropped: reload, at most every 300 ms
   else if (name === "node") onNodeRecord(payload);
   else if (name === "deployment") onDeploymentEntry(payload);
 }
@@ -278,6 +283,7 @@ function renderDeployments() {
     row.addEventListener("click", () => { state.selected = d.id; renderDeployments(); showDetail(d.id); });
     body.append(row);
   }
+  if (!state.deployments.size) body.append(el("tr", {}, el("td", { colspan: "7" }, "no deployment yet")));
 }
 
 function renderEnvironments(envs) {
