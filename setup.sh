@@ -26,9 +26,11 @@ pkgs=(ipxe iproute2 busybox ipmitool nftables fdisk e2fsprogs libarchive13 ca-ce
       mmdebstrap zstd)
 # Tests: the real clients and firmware the end-to-end tier drives; GRUB's installers (only the -bin image
 # packages and grub-install: nothing that touches this machine's own bootloader) and mkfs.vfat for the bootloader
-# test on a loop device; OpenSSH's client to log in to deployed VMs as a user would.
+# test on a loop device; OpenSSH's client to log in to deployed VMs as a user would; headless Chromium for the
+# web dashboard's browser test (tests/test_dashboard_browser.py drives it over the DevTools protocol, on loopback).
 [ $want_test = 1 ] && pkgs+=(udhcpc isc-dhcp-client tftp-hpa atftp bind9-dnsutils curl iputils-ping tcpdump openssl
-                             qemu-system-x86 ipxe-qemu ovmf grub2-common grub-pc-bin grub-efi-amd64-bin dosfstools openssh-client)
+                             qemu-system-x86 ipxe-qemu ovmf grub2-common grub-pc-bin grub-efi-amd64-bin dosfstools openssh-client
+                             chromium)
 # Benchmarks: the peers we measure against in the same run.
 [ $want_bench = 1 ] && pkgs+=(kea-admin kea-dhcp4-server dnsmasq-base tftpd-hpa udpcast pdsh clustershell)
 

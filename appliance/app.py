@@ -18,6 +18,7 @@ from appliance.auth import NodeTokens, Users
 from appliance.booting import DEFAULT_DISCOVERY_PROFILE, NodeBootTargets
 from appliance.catalog import Catalog
 from appliance.config import ApplianceConfig, load_config
+from appliance.dashboard import add_dashboard
 from appliance.inventory import Inventory
 from appliance.logs import LogLevels, setup_serve_logging
 from appliance.deploy.agent_driver import AgentDeployDriver
@@ -110,6 +111,7 @@ class Appliance:
                        controller=self.controller, deployments=self.store, power=power, exec_runner=self.agent.exec,
                        profiles=self.profiles, events=self.events, stats=self.stats, stage_dir=config.state_dir / "upload",
                        image_files=(config.http.files,))
+        add_dashboard(self.http.app)
 
     def _live_node_states(self) -> list[tuple[str, str]]:
         """(deployment status, node state) of every node of the deployments in memory, for /metrics."""

@@ -17,6 +17,7 @@ import pytest
 from appliance.api import Api
 from appliance.auth import NodeTokens, Users
 from appliance.catalog import Catalog
+from appliance.dashboard import add_dashboard
 from appliance.booting import NodeBootTargets
 from appliance.deploy.controller import Controller, ControllerDeps
 from appliance.deploy.store import DeploymentStore
@@ -89,6 +90,7 @@ async def world(tmp_path: Path) -> AsyncIterator[World]:
     api = Api(http.app, inventory=inventory, users=users, catalog=deps.catalog, controller=controller,
               deployments=store, power=power, exec_runner=fake_exec, profiles=profiles, events=events,
               stats=lambda: {"http": http.stats()}, stage_dir=tmp_path / "upload", image_files=(files,))
+    add_dashboard(http.app)  # as the appliance does (appliance/app.py)
     await http.start()
     serve = asyncio.create_task(controller.serve())
     host, port = _bound(http)
@@ -409,6 +411,8 @@ async def test_every_operation_refuses_no_token_a_wrong_token_and_a_user_without
         url = path
         for key, value in PATH_VALUES.items():
             url = url.replace(key, value)
+        if path == "/api/v1/live":
+            url += "?seconds=0.3"  # the dashboard's feed lasts until the client goes away, unless told otherwise
         for method, op in ops.items():
             access, right = op.get("x-rackboot-access"), op.get("x-rackboot-right")
             kwargs: dict[str, Any] = {}

@@ -30,6 +30,7 @@ from appliance.api import Api
 from appliance.auth import NodeTokens, Users
 from appliance.booting import NodeBootTargets
 from appliance.catalog import Catalog
+from appliance.dashboard import add_dashboard
 from appliance.deploy.controller import Controller, ControllerDeps
 from appliance.deploy.ipmitool_power import IpmitoolPower
 from appliance.deploy.power import PER_BMC, PowerError
@@ -225,6 +226,7 @@ async def test_ipmi_passwords_appear_in_no_log_answer_or_event(client: str, farm
     controller = Controller(deps, lambda m, k: replace(default_workflow(m, k), deadlines=FAST))
     Api(http.app, inventory=inventory, users=users, catalog=deps.catalog, controller=controller, deployments=store, power=ipmi,
         exec_runner=None, profiles=profiles, events=events, stats=lambda: {"http": http.stats()}, stage_dir=tmp_path / "up")
+    add_dashboard(http.app)
     await http.start()
     serve = asyncio.create_task(controller.serve())
     answers: list[str] = []
@@ -237,6 +239,14 @@ async def test_ipmi_passwords_appear_in_no_log_answer_or_event(client: str, farm
                     answers.append(await resp.text())
                     return json.loads(answers[-1]) if resp.content_type == "application/json" else None
 
+            streamed: list[str] = []
+
+            async def follow_live() -> None:  # the web dashboard's feed, all along: node records, the reboot's progress
+                async with session.get("/api/v1/live") as resp:
+                    async for chunk in resp.content.iter_any():
+                        streamed.append(chunk.decode())
+
+            live = asyncio.create_task(follow_live())
             some = "ok-1,slow-15,badpass-21,noname-24,busy-27,dead-30"
             power = await call("POST", "/api/v1/power", json={"nodes": some, "op": "status"})
             errors = {r["node"]: r["error"] for r in power["results"] if not r["ok"]}
@@ -252,6 +262,14 @@ async def test_ipmi_passwords_appear_in_no_log_answer_or_event(client: str, farm
                 await call("GET", f"/api/v1/deployments/{dep['id']}/events")
             await call("GET", "/api/v1/stats")
             await call("GET", "/api/v1/stats?format=csv")
+            for path in ("/", "/ui/dashboard.js", "/ui/dashboard.css"):
+                await call("GET", path)
+            for dep in listing["deployments"]:
+                await call("GET", f"/api/v1/deployments/{dep['id']}/timeline")
+            await asyncio.sleep(0.5)  # the feed looks at the deployments' logs every 0.25 s
+            live.cancel()
+            answers.append("".join(streamed))
+            assert "event: deployment" in answers[-1] and "authentication refused" in answers[-1], answers[-1][-2000:]
     finally:
         serve.cancel()
         await controller.close()

@@ -14,6 +14,7 @@ from appliance.api.deps import ApiDeps
 from appliance.catalog import CatalogError
 from appliance.deploy.controller import OverlapError
 from appliance.deploy.workflow import parse_steps
+from appliance.timeline import gantt_svg
 
 STREAM_KEEPALIVE_S = 15.0
 STATS_CSV_FIELDS = ("deployment", "node", "step", "impl", "attempt", "started", "ended", "duration", "ok", "reason")
@@ -72,6 +73,14 @@ async def transitions(deps: ApiDeps, call: Call) -> m.TransitionList:
         m.TransitionRecord(node=t["node"], ts=t["ts"], from_state=t["from"], to_state=t["to"], step=t["step"],
                            impl=t["impl"], reason=t["reason"])
         for t in deps.deployments.transitions(stored["id"])])
+
+
+async def timeline(deps: ApiDeps, call: Call) -> web.Response:
+    """GET /api/v1/deployments/ID/timeline: its per-node timeline, the SVG Gantt chart of `rackboot stats --svg`."""
+    found = await transitions(deps, call)
+    svg = gantt_svg([t.model_dump() for t in found.transitions], f"deployment {found.id}")
+    return web.Response(text=svg, content_type="image/svg+xml",
+                        headers={"Content-Disposition": f'inline; filename="{found.id}-timeline.svg"'})
 
 
 async def events(deps: ApiDeps, call: Call) -> web.StreamResponse:

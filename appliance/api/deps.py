@@ -1,6 +1,7 @@
 """What the API's handlers work with: narrow interfaces the composition root passes in, nothing reached through."""
 from __future__ import annotations
 
+import asyncio
 import builtins
 from dataclasses import dataclass, field
 from pathlib import Path
@@ -33,6 +34,7 @@ class DeploymentReader(Protocol):
 class LiveDeployment(Protocol):
     """A deployment the controller runs or ran since the appliance started."""
 
+    user: str
     status: str
     log: list[dict[str, Any]]
 
@@ -98,14 +100,35 @@ class Profiles(Protocol):
         """Switch MACs to a profile."""
 
 
+class EventFeed(Protocol):
+    """One consumer's bounded queue of node records (appliance.events.Subscription)."""
+
+    dropped: int
+
+    async def get(self) -> NodeEvent:
+        """Wait for the next record."""
+
+    def get_nowait(self) -> NodeEvent | None:
+        """Return the next record if one is queued."""
+
+    def __enter__(self) -> "EventFeed":
+        """Start receiving."""
+
+    def __exit__(self, *exc: object) -> None:
+        """Stop receiving."""
+
+
 class NodeEvents(Protocol):
-    """The per-MAC event history (the EventBus)."""
+    """The per-MAC event history and its live feed (the EventBus)."""
 
     def last(self, mac: str, n: int | None = None) -> list[NodeEvent]:
         """Return the last events of a MAC, oldest first."""
 
     def publish(self, event: NodeEvent) -> None:
         """Record one node record."""
+
+    def subscribe(self, maxsize: int = 10000, accept: Callable[[NodeEvent], bool] | None = None) -> EventFeed:
+        """Return a new feed of the records `accept` takes."""
 
 
 @dataclass
@@ -125,3 +148,4 @@ class ApiDeps:
     stage_dir: Path
     image_files: tuple[Path, ...] = ()  # where an environment's image.file may point besides its upload
     openapi: dict[str, Any] = field(default_factory=dict)
+    closing: asyncio.Event = field(default_factory=asyncio.Event)  # set when the server shuts down: streams end

@@ -180,6 +180,13 @@ class EventsQuery(Query):
     after: int = Field(0, ge=0, description="skip that many log entries")
 
 
+class LiveQuery(Query):
+    """How long a live stream lasts."""
+
+    seconds: float | None = Field(None, gt=0, le=86400, description="end the stream after that many seconds "
+                                  "(default: until the client goes away)")
+
+
 class StatsQuery(Query):
     """Which deployment's steps, in which format."""
 

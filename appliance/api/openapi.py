@@ -69,6 +69,8 @@ def _operation(route: Route, refs: Refs) -> dict[str, Any]:
         content[route.media] = {"schema": refs[(route.response, "serialization")]}
     elif route.media == "application/json":
         content[route.media] = {"schema": {"type": "object"}}
+    else:
+        content[route.media] = {"schema": {"type": "string"}}
     for media, when in route.also.items():
         content[media] = {"schema": {"type": "string", "description": when}}
     responses: dict[str, Any] = {str(route.status): {"description": STATUS_TEXT.get(route.status, "OK"), "content": content}}

@@ -14,7 +14,7 @@ from typing import Any, Awaitable, Callable, Literal, Mapping
 from aiohttp import web
 from pydantic import BaseModel, ValidationError
 
-from appliance.api import deployments, environments, nodes, users
+from appliance.api import deployments, environments, live, nodes, users
 from appliance.api import models as m
 from appliance.api.base import USER_KEY, ApiError, Call, Handler, error
 from appliance.api.deps import ApiDeps
@@ -122,9 +122,13 @@ ROUTES: tuple[Route, ...] = (
           query=m.EventsQuery, response=m.ProgressLine, media="application/x-ndjson"),
     Route("GET", "/api/v1/deployments/{id}/transitions", deployments.transitions,
           "every state change of a deployment's nodes, with when and why", response=m.TransitionList),
+    Route("GET", "/api/v1/deployments/{id}/timeline", deployments.timeline,
+          "read a deployment's per-node timeline, an SVG Gantt chart", media="image/svg+xml"),
     Route("DELETE", "/api/v1/deployments/{id}", deployments.cancel, "cancel a deployment", response=m.Cancelled, errors=(409,)),
     Route("GET", "/api/v1/stats", deployments.stats, "read per deployment, node and step: durations, retries, errors",
           query=m.StatsQuery, response=m.Stats, also={"text/csv": "with ?format=csv: one row per step attempt"}),
+    Route("GET", "/api/v1/live", live.live, "follow node records and deployment progress: server-sent events (the dashboard's feed)",
+          query=m.LiveQuery, media="text/event-stream"),
     # environments
     Route("GET", "/api/v1/environments", environments.list_envs, "list the environments visible to the user",
           response=m.EnvironmentList),

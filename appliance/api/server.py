@@ -43,6 +43,11 @@ class Api:
         for route in routes:
             self._routes[app.router.add_route(route.method, route.path, bind(route, self.deps))] = route
         app.middlewares.append(self._auth_middleware)
+        app.on_shutdown.append(self._closing)
+
+    async def _closing(self, app: web.Application) -> None:
+        """The server shuts down: end the live streams now rather than at its shutdown timeout."""
+        self.deps.closing.set()
 
     @property
     def openapi(self) -> dict[str, Any]:
