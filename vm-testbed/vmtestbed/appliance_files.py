@@ -14,6 +14,7 @@ import yaml
 
 from broadcast.agent_client import load_or_create_key
 from vmtestbed.deploy_env import write_deploy_environment
+from vmtestbed.faults import parse_post_delay
 from vmtestbed.plan import APPLIANCE_IF, APPLIANCE_IP, HTTP_PORT, NODE_NET, NodePlan, TestbedPlan
 
 BMC_USER = "admin"
@@ -32,6 +33,14 @@ class ApplianceFiles:
     credentials: Path
     state_dir: Path
     files_dir: Path
+
+
+def dhcp_after_reset_s(post_s: str) -> int:
+    """The deadline from a reset to the node's first DHCP: 30 s, or longer when the POST distribution reaches
+    further (its upper end, or mean + 4 sd, or 5 means), with 15 s to spare."""
+    kind, a, b = parse_post_delay(post_s)
+    longest = {"uniform": b, "exp": 5 * a, "normal": a + 4 * b}.get(kind, a)
+    return max(30, int(longest + 15))
 
 
 def bmc_password(plan: TestbedPlan) -> str:
@@ -83,7 +92,7 @@ def write_appliance_files(plan: TestbedPlan, root: Path) -> ApplianceFiles:
         # Virtual firmware posts in seconds (--post-s), not the minutes of a big server: a node silent
         # after a reset is known sooner. The rest keeps the appliance's defaults (a kexec storm of hundreds
         # of virtual nodes sharing one process needs the default 30 s to get their DHCP out).
-        "deploy": {"deadlines": {"dhcp_after_reset": 30}},
+        "deploy": {"deadlines": {"dhcp_after_reset": dhcp_after_reset_s(plan.post_s)}},
     }
     if plan.qemu:
         # QEMU under TCG (no KVM here) is slow: a 50 MB initrd over iPXE, the kernel unpacking it, Debian's first

@@ -61,6 +61,13 @@ def register(sub: "argparse._SubParsersAction[argparse.ArgumentParser]") -> None
     _qemu_options(p)
     p.set_defaults(func=_cmd_demo)
 
+    p = sub.add_parser("experiment", help="described, seeded deployment experiments on the vm-testbed, with a report")
+    esub = p.add_subparsers(dest="experiment_command", required=True)
+    e = esub.add_parser("run", help="build each testbed of FILE, run its deployments, write a report directory")
+    e.add_argument("file", help="an experiment file (vm-testbed/experiments/*.yaml)")
+    e.add_argument("--out", help="the report directory (default: experiment-NAME-DATE here)")
+    e.set_defaults(func=_cmd_experiment)
+
 
 def _qemu_options(p: argparse.ArgumentParser) -> None:
     """The QEMU VM options shared by `testbed up` and `demo`."""
@@ -184,3 +191,36 @@ def _cmd_demo(args: argparse.Namespace) -> int:
     from vmtestbed.demo import run_demo
 
     return run_demo(args)
+
+
+def _cmd_experiment(args: argparse.Namespace) -> int:
+    import os
+    import shutil
+    import tempfile
+    from pathlib import Path
+
+    from vmtestbed.experiment import ExperimentError, load_experiment, run_experiment
+    from vmtestbed.experiment_report import commit, write_report
+
+    try:
+        spec = load_experiment(Path(args.file))
+    except ExperimentError as exc:
+        print(f"rackboot experiment run: {exc}", file=sys.stderr)
+        return EXIT_USAGE
+    if os.geteuid() != 0:
+        print("rackboot experiment run: needs root (network namespaces)", file=sys.stderr)
+        return 1
+    out = Path(args.out or f"experiment-{spec.name}-{time.strftime('%Y%m%d-%H%M%S')}")
+    work = Path(tempfile.mkdtemp(prefix="rackboot-experiment-"))
+    code = commit(Path(__file__).resolve().parents[2])
+    try:
+        runs = run_experiment(spec, work, say=lambda m: print(f"  {m}", flush=True))
+    except KeyboardInterrupt:
+        print("rackboot experiment run: interrupted; every testbed removed", file=sys.stderr)
+        return 130
+    finally:
+        shutil.rmtree(work, ignore_errors=True)
+    report = write_report(spec, runs, out, code)
+    failed = sum(len(r.ko) for r in runs) + sum(1 for r in runs if r.error)
+    print(f"experiment {spec.name}: {len(runs)} runs, report in {report}")
+    return 0 if not failed else 2

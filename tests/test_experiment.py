@@ -1,0 +1,106 @@
+"""`rackboot experiment run`: the experiment files (all that ship load; mistakes name their key), the report
+directory written from runs (markdown, SVG, CSV, JSON), and, as root, the tiny experiment run end to end on a
+vm-testbed (4 nodes, about a minute)."""
+from __future__ import annotations
+
+import csv
+import json
+import subprocess
+import sys
+import xml.etree.ElementTree as ET
+from pathlib import Path
+
+import pytest
+
+from vmtestbed.appliance_files import dhcp_after_reset_s
+from vmtestbed.experiment import ExperimentError, RunResult, load_experiment
+from vmtestbed.experiment_report import physical_floor_s, write_report
+
+EXPERIMENTS = Path(__file__).resolve().parent.parent / "vm-testbed" / "experiments"
+
+
+@pytest.mark.parametrize("path", sorted(EXPERIMENTS.glob("*.yaml")), ids=lambda p: p.stem)
+def test_every_shipped_experiment_file_loads(path: Path) -> None:
+    spec = load_experiment(path)
+    assert spec.name == path.stem and spec.nodes and spec.deployments
+
+
+@pytest.mark.parametrize("text,expected", [
+    ("name: x\nnodes: 0\n", "nodes: expected a node count"),
+    ("name: x\nnodes: [10, many]\n", "nodes: expected a node count"),
+    ("name: x\nnodes: 4\nlink: 10\n", "link: unknown key"),
+    ("name: x\nnodes: 4\npost_s: soon\n", "post_s: --post-s 'soon'"),
+    ("name: x\nnodes: 4\nfaults: gremlins=1\n", "faults:"),
+    ("name: x\nnodes: 4\ndeployments: [{broadcast: carrier-pigeon}]\n", "deployments[0].broadcast: expected one of chain, tree, star"),
+    ("name: x\nnodes: 4\ndeployments: [{env: debian12}]\n", "deployments[0].env: only the testbed's 'sample'"),
+    ("name: x\nnodes: 4\ndeployments: [{repeats: 0}]\n", "deployments[0].repeats: expected 1-100"),
+    ("name: X Y\nnodes: 4\n", "name: expected a short lower-case name"),
+    ("- 1\n", "expected a mapping"),
+])
+def test_experiment_file_mistakes_name_their_key(tmp_path: Path, text: str, expected: str) -> None:
+    path = tmp_path / "e.yaml"
+    path.write_text(text)
+    with pytest.raises(ExperimentError, match=None) as info:
+        load_experiment(path)
+    assert str(path) in str(info.value) and expected in str(info.value), str(info.value)
+
+
+def test_the_dhcp_deadline_follows_the_post_distribution() -> None:
+    assert dhcp_after_reset_s("1") == 30 and dhcp_after_reset_s("0.5-5") == 30
+    assert dhcp_after_reset_s("normal:60,20") == 60 + 80 + 15 and dhcp_after_reset_s("20-90") == 105
+
+
+def _run(nodes: int, repeat: int, deploy_s: float, failed: int = 0) -> RunResult:
+    steps = []
+    for i in range(1, nodes + 1):
+        t = 1000.0
+        for step, took in (("SetDeploymentEnv", 20.0 + i), ("BroadcastEnv", 10.0), ("BootNewEnv", 5.0)):
+            steps.append({"node": f"node-{i}", "step": step, "impl": "x", "attempt": 1, "started": t, "ended": t + took,
+                          "duration": took, "ok": 1, "reason": ""})
+            t += took
+    ko = [{"node": f"node-{nodes - j}", "step": "BootNewEnv", "reason": f"no callback within {100 + j}s"} for j in range(failed)]
+    ok = [f"node-{i}" for i in range(1, nodes + 1 - failed)]
+    return RunResult(nodes=nodes, racks=2, broadcast="chain", repeat=repeat, up_s=3.0, deploy_env_bytes=2**20, deploy_s=deploy_s,
+                     ok=ok, ko=ko, steps=steps, boots_per_node={"2": nodes}, timeline_svg="<svg xmlns='http://www.w3.org/2000/svg'/>")
+
+
+def test_the_report_directory(tmp_path: Path) -> None:
+    path = tmp_path / "e.yaml"
+    path.write_text("name: curve\nnodes: [10, 20]\npost_s: '10-20'\nlink_mbit: 1000\nimage_mib: 8\n")
+    spec = load_experiment(path)
+    runs = [_run(10, 1, 60.0), _run(10, 2, 70.0), _run(20, 1, 90.0, failed=2)]
+    report = write_report(spec, runs, tmp_path / "out", "abc1234")
+    text = report.read_text()
+    assert "rackboot abc1234" in text and "| 20 | 2 | chain | 1 | 3.0 s | 18/20 (90.0 %) | 90.0 s |" in text
+    floor = physical_floor_s(spec, 2**20)  # 2 x 15 s POST + 9 MiB at 125 MB/s
+    assert abs(floor - (30 + 9 * 2**20 / 125e6)) < 1e-6 and f"{90.0 / floor:.2f}x" in text
+    assert "| 2 | BootNewEnv: no callback within Ns |" in text  # failures by reason, numbers folded
+    assert "node-10 " in text  # the slowest node of N=10 (its SetDeploymentEnv took the longest)
+    for svg in ("spans.svg", "failures.svg", "timeline-20-chain-1.svg"):
+        ET.parse(tmp_path / "out" / svg)  # well-formed
+    spans = (tmp_path / "out" / "spans.svg").read_text()
+    assert "deployment: 65 s at N=10" in spans and "BroadcastEnv" in spans  # median of 60 and 70
+    rows = list(csv.DictReader((tmp_path / "out" / "steps.csv").open()))
+    assert len(rows) == 3 * (10 + 10 + 20) and rows[0]["nodes"] == "10" and rows[0]["step"] == "SetDeploymentEnv"
+    data = json.loads((tmp_path / "out" / "runs.json").read_text())
+    assert data["commit"] == "abc1234" and len(data["runs"]) == 3 and data["machine"]["cpus"]
+
+
+@pytest.mark.netns
+@pytest.mark.timeout(600)
+def test_the_tiny_experiment_runs_end_to_end(tmp_path: Path) -> None:
+    """As root: `rackboot experiment run vm-testbed/experiments/tiny.yaml` builds a 4-node testbed, deploys it,
+    removes it, and writes a report in which every node was deployed."""
+    out = tmp_path / "report"
+    done = subprocess.run([sys.executable, "-m", "appliance.cli", "experiment", "run", str(EXPERIMENTS / "tiny.yaml"), "--out", str(out)],
+                          capture_output=True, text=True, timeout=540)
+    assert done.returncode == 0, done.stdout + done.stderr
+    text = (out / "report.md").read_text()
+    assert "| 4 | 2 | chain | 1 |" in text and "4/4 (100.0 %)" in text, text
+    assert "None: every node of every run was deployed." in text
+    rows = list(csv.DictReader((out / "steps.csv").open()))
+    assert {r["step"] for r in rows} >= {"SetDeploymentEnv", "BroadcastEnv", "BootNewEnv"} and {r["node"] for r in rows} == {f"node-{i}" for i in range(1, 5)}
+    assert list(out.glob("timeline-4-chain-1.svg")), list(out.iterdir())
+    ET.parse(out / "spans.svg")
+    left = subprocess.run(["ip", "netns", "list"], capture_output=True, text=True).stdout
+    assert "rbt-x" not in left, left  # the testbed is gone

@@ -1,0 +1,215 @@
+"""What `rackboot experiment run` writes: a report directory anyone can read and rerun.
+
+    report.md       the experiment, the commit and the machine, one row per run, spans per macro-step, failures
+                    by reason, the slowest nodes, the time over the physical floor
+    spans.svg       per macro-step span and the whole deployment against N (medians over repeats)
+    failures.svg    failed nodes by reason, over every run
+    timeline-*.svg  the appliance's per-node timeline of each deployment (`rackboot stats --svg`)
+    steps.csv       the raw per-node step records of every run; runs.json every run whole
+"""
+from __future__ import annotations
+
+import csv
+import json
+import os
+import re
+import statistics
+import subprocess
+from collections import Counter
+from html import escape
+from pathlib import Path
+from typing import Any, Sequence
+
+from vmtestbed.demo import step_spans
+from vmtestbed.experiment import ExperimentSpec, RunResult
+from vmtestbed.faults import parse_post_delay
+
+MACRO_STEPS = ("SetDeploymentEnv", "BroadcastEnv", "BootNewEnv")
+CSV_FIELDS = ("nodes", "broadcast", "repeat", "node", "step", "impl", "attempt", "started", "ended", "duration", "ok", "reason")
+COLOURS = ("#1f77b4", "#ff7f0e", "#2ca02c", "#d62728", "#9467bd", "#8c564b")
+
+
+def physical_floor_s(spec: ExperimentSpec, deploy_env_bytes: int) -> float:
+    """The least a deployment can take on this testbed: two POSTs (the distribution's mean), the deploy
+    environment's download and the image through one node link, and the chain's pipeline fill (one block per hop,
+    negligible at these sizes)."""
+    kind, a, b = parse_post_delay(spec.post_s)
+    post = {"uniform": (a + b) / 2, "exp": a, "normal": a}.get(kind, a)
+    link_bytes_s = (spec.link_mbit or 10000) * 1e6 / 8
+    return 2 * post + (deploy_env_bytes + spec.image_mib * 2**20) / link_bytes_s
+
+
+def failure_reasons(runs: Sequence[RunResult]) -> Counter[str]:
+    """Failed nodes by step and reason, numbers folded ("no DHCP within N s after ...")."""
+    return Counter(f"{k['step']}: " + re.sub(r"\d+(\.\d+)*", "N", k["reason"])[:100] for r in runs for k in r.ko)
+
+
+def machine() -> dict[str, Any]:
+    """The machine the experiment ran on: CPUs, memory, kernel."""
+    mem = next((int(line.split()[1]) // 1024 for line in Path("/proc/meminfo").read_text().splitlines()
+                if line.startswith("MemTotal:")), 0)
+    return {"cpus": os.cpu_count(), "memory_mib": mem, "kernel": os.uname().release}
+
+
+def commit(repo: Path) -> str:
+    """The git commit of the code that ran (with '+dirty' when the tree has changes), or 'unknown'."""
+    try:
+        head = subprocess.run(["git", "-C", str(repo), "rev-parse", "--short", "HEAD"], capture_output=True, text=True,
+                              timeout=10, check=True).stdout.strip()
+        dirty = subprocess.run(["git", "-C", str(repo), "status", "--porcelain", "--untracked-files=no"], capture_output=True,
+                               text=True, timeout=10).stdout.strip()
+        return head + ("+dirty" if dirty else "")
+    except (OSError, subprocess.SubprocessError):
+        return "unknown"
+
+
+def write_report(spec: ExperimentSpec, runs: Sequence[RunResult], out: Path, code: str) -> Path:
+    """Write the report directory; return report.md's path."""
+    deploy_env_bytes = max((r.deploy_env_bytes for r in runs), default=0)
+    out.mkdir(parents=True, exist_ok=True)
+    (out / "runs.json").write_text(json.dumps({"experiment": spec.source, "commit": code, "machine": machine(),
+                                               "runs": [r.to_json() | {"timeline_svg": None} for r in runs]}, indent=1))
+    with (out / "steps.csv").open("w", newline="") as f:
+        w = csv.DictWriter(f, fieldnames=CSV_FIELDS, extrasaction="ignore")
+        w.writeheader()
+        for r in runs:
+            for row in r.steps:
+                w.writerow({**row, "nodes": r.nodes, "broadcast": r.broadcast, "repeat": r.repeat})
+    timelines = []
+    for r in runs:
+        if r.timeline_svg:
+            name = f"timeline-{r.nodes}-{r.broadcast}-{r.repeat}.svg"
+            (out / name).write_text(r.timeline_svg)
+            timelines.append(name)
+    (out / "spans.svg").write_text(spans_svg(runs))
+    (out / "failures.svg").write_text(failures_svg(failure_reasons(runs)))
+    report = out / "report.md"
+    report.write_text(_markdown(spec, runs, code, deploy_env_bytes, timelines))
+    return report
+
+
+def _markdown(spec: ExperimentSpec, runs: Sequence[RunResult], code: str, deploy_env_bytes: int, timelines: list[str]) -> str:
+    m = machine()
+    floor = physical_floor_s(spec, deploy_env_bytes)
+    lines = [f"# Experiment {spec.name}", "",
+             f"File `{spec.source}`; rackboot {code}; {m['cpus']} CPUs, {m['memory_mib']} MiB, Linux {m['kernel']}.",
+             f"Testbed: N = {', '.join(map(str, spec.nodes))}; links {spec.link_mbit} Mbit/s, uplinks {spec.uplink_mbit} Mbit/s; "
+             f"POST {spec.post_s} s; faults `{spec.faults or 'none'}`; seed {spec.seed}; image {spec.image_mib} MiB.", "",
+             "| N | racks | broadcast | # | testbed up | deployed | deployment | " + " | ".join(MACRO_STEPS)
+             + " | over the floor | node daemon CPU | appliance CPU | load before / after |",
+             "| ---: | ---: | --- | ---: | ---: | ---: | ---: | " + " | ".join("---:" for _ in MACRO_STEPS) + " | ---: | ---: | ---: | --- |"]
+    for r in runs:
+        spans = step_spans(r.steps)
+        ratio = f"{r.deploy_s / floor:.2f}x" if floor > 0 and r.deploy_s else "-"
+        lines.append(f"| {r.nodes} | {r.racks} | {r.broadcast} | {r.repeat} | {r.up_s} s | {len(r.ok)}/{r.nodes} "
+                     f"({100 * len(r.ok) / r.nodes:.1f} %) | {r.deploy_s} s | "
+                     + " | ".join(f"{spans[s]} s" if s in spans else "-" for s in MACRO_STEPS)
+                     + f" | {ratio} | {r.daemon_cpu_s} s | {r.appliance_cpu_s} s | "
+                     f"{' '.join(f'{x:.2f}' for x in r.load_before)} / {' '.join(f'{x:.2f}' for x in r.load_after)} |")
+    lines += ["", f"The physical floor ({floor:.1f} s): two POSTs at the distribution's mean, the deploy environment "
+              f"({deploy_env_bytes / 2**20:.1f} MiB) and the image through one node link; the pipeline fill is negligible here.", "",
+              "![spans against N](spans.svg)", "", "## Failures by reason", ""]
+    reasons = failure_reasons(runs)
+    if reasons:
+        lines += ["| failed nodes | step: reason |", "| ---: | --- |"] + [f"| {n} | {why} |" for why, n in reasons.most_common()]
+        lines += ["", "![failures by reason](failures.svg)"]
+    else:
+        lines.append("None: every node of every run was deployed.")
+    errors = [f"- N={r.nodes} {r.broadcast} #{r.repeat}: {r.error}" for r in runs if r.error]
+    if errors:
+        lines += ["", "Runs that did not complete:", *errors]
+    lines += ["", "## The slowest nodes", "", "Per run, the five nodes that finished last: when each macro-step ended (s from the deployment's start).", ""]
+    for r in runs:
+        slow = _slowest(r.steps, 5)
+        if slow:
+            lines.append(f"- N={r.nodes} {r.broadcast} #{r.repeat}: " + "; ".join(
+                f"{node} " + ", ".join(f"{step} {end:.0f}" for step, end in ends) for node, ends in slow))
+    if timelines:
+        lines += ["", "Per-node timelines of each deployment: " + ", ".join(f"[{t}]({t})" for t in timelines) + "."]
+    lines += ["", "Raw per-node step records: [steps.csv](steps.csv); every run: [runs.json](runs.json).", ""]
+    return "\n".join(lines)
+
+
+def _slowest(rows: Sequence[dict[str, Any]], k: int) -> list[tuple[str, list[tuple[str, float]]]]:
+    """The k nodes whose last step ended last, with the end of each of their steps (s from the first start)."""
+    if not rows:
+        return []
+    t0 = min(r["started"] for r in rows)
+    ends: dict[str, dict[str, float]] = {}
+    for r in rows:
+        ends.setdefault(r["node"], {})[r["step"]] = max(ends.get(r["node"], {}).get(r["step"], 0.0), r["ended"] - t0)
+    last = sorted(ends, key=lambda n: -max(ends[n].values()))[:k]
+    return [(n, sorted(ends[n].items(), key=lambda kv: kv[1])) for n in last]
+
+
+def spans_svg(runs: Sequence[RunResult]) -> str:
+    """A line chart: per macro-step span and the whole deployment (medians over repeats) against N."""
+    series: dict[str, list[tuple[float, float]]] = {}
+    for n in sorted({r.nodes for r in runs}):
+        mine = [r for r in runs if r.nodes == n and r.deploy_s]
+        if not mine:
+            continue
+        series.setdefault("deployment", []).append((n, statistics.median(r.deploy_s for r in mine)))
+        for step in MACRO_STEPS:
+            values = [s[step] for s in (step_spans(r.steps) for r in mine) if step in s]
+            if values:
+                series.setdefault(step, []).append((n, statistics.median(values)))
+    return line_chart(series, "nodes", "seconds", "Deployment and macro-step spans against N (medians over repeats)")
+
+
+def line_chart(series: dict[str, list[tuple[float, float]]], x_label: str, y_label: str, title: str,
+               width: int = 720, height: int = 420) -> str:
+    """A plain SVG line chart of named (x, y) series, axes from 0."""
+    pad_l, pad_r, pad_t, pad_b = 64, 170, 36, 48
+    xs = [x for pts in series.values() for x, _ in pts] or [1.0]
+    ys = [y for pts in series.values() for _, y in pts] or [1.0]
+    x_max, y_max = max(xs) * 1.05 or 1.0, max(ys) * 1.1 or 1.0
+    w, h = width - pad_l - pad_r, height - pad_t - pad_b
+
+    def px(x: float, y: float) -> tuple[float, float]:
+        return pad_l + w * x / x_max, pad_t + h * (1 - y / y_max)
+
+    out = [f'<svg xmlns="http://www.w3.org/2000/svg" width="{width}" height="{height}" font-family="sans-serif" font-size="12">',
+           f'<text x="{width / 2}" y="20" text-anchor="middle" font-size="14">{escape(title)}</text>',
+           f'<line x1="{pad_l}" y1="{pad_t + h}" x2="{pad_l + w}" y2="{pad_t + h}" stroke="#333"/>',
+           f'<line x1="{pad_l}" y1="{pad_t}" x2="{pad_l}" y2="{pad_t + h}" stroke="#333"/>',
+           f'<text x="{pad_l + w / 2}" y="{height - 10}" text-anchor="middle">{escape(x_label)}</text>',
+           f'<text x="16" y="{pad_t + h / 2}" text-anchor="middle" transform="rotate(-90 16 {pad_t + h / 2})">{escape(y_label)}</text>']
+    for i in range(6):
+        yv = y_max * i / 5
+        _, y = px(0, yv)
+        out.append(f'<text x="{pad_l - 6}" y="{y + 4:.1f}" text-anchor="end">{yv:.0f}</text>')
+        out.append(f'<line x1="{pad_l}" y1="{y:.1f}" x2="{pad_l + w}" y2="{y:.1f}" stroke="#eee"/>')
+    for x in sorted(set(xs)):
+        gx, _ = px(x, 0)
+        out.append(f'<text x="{gx:.1f}" y="{pad_t + h + 16}" text-anchor="middle">{x:g}</text>')
+    for i, (name, pts) in enumerate(series.items()):
+        colour = COLOURS[i % len(COLOURS)]
+        path = " ".join(f"{a:.1f},{b:.1f}" for a, b in (px(x, y) for x, y in sorted(pts)))
+        out.append(f'<polyline fill="none" stroke="{colour}" stroke-width="2" points="{path}"/>')
+        for x, y in pts:
+            cx, cy = px(x, y)
+            out.append(f'<circle cx="{cx:.1f}" cy="{cy:.1f}" r="3" fill="{colour}"><title>{escape(name)}: {y:g} s at N={x:g}</title></circle>')
+        ly = pad_t + 16 * i + 8
+        out.append(f'<rect x="{pad_l + w + 16}" y="{ly - 8}" width="12" height="3" fill="{colour}"/>'
+                   f'<text x="{pad_l + w + 34}" y="{ly}">{escape(name)}</text>')
+    out.append("</svg>")
+    return "\n".join(out)
+
+
+def failures_svg(reasons: Counter[str], width: int = 720) -> str:
+    """A horizontal bar chart of failed nodes by reason (an empty chart says there were none)."""
+    rows = reasons.most_common(12)
+    height = 60 + 22 * max(1, len(rows))
+    top = max((n for _, n in rows), default=1)
+    out = [f'<svg xmlns="http://www.w3.org/2000/svg" width="{width}" height="{height}" font-family="sans-serif" font-size="11">',
+           f'<text x="{width / 2}" y="20" text-anchor="middle" font-size="14">Failed nodes by reason</text>']
+    if not rows:
+        out.append(f'<text x="{width / 2}" y="45" text-anchor="middle">none: every node was deployed</text>')
+    for i, (why, n) in enumerate(rows):
+        y = 36 + 22 * i
+        bar = 200 * n / top
+        out.append(f'<rect x="8" y="{y}" width="{bar:.1f}" height="16" fill="#d62728"/>'
+                   f'<text x="{bar + 14:.1f}" y="{y + 12}">{n}  {escape(why)}</text>')
+    out.append("</svg>")
+    return "\n".join(out)
