@@ -224,6 +224,75 @@ async def test_a_lease_acked_just_before_a_crash_is_kept(tmp_path: Path) -> None
     await again.close()
 
 
+async def test_lease_rows_are_written_behind_by_a_thread_with_its_own_connection(tmp_path: Path) -> None:
+    """The table gets the rows from the writer thread while the loop serves; close leaves nothing pending."""
+    config = lo_config(tmp_path, pool=pool("127.0.1.1", "127.0.1.20"))
+    journal = tmp_path / "dhcp4-leases.journal"
+    db = open_state_db(tmp_path / "state.db")
+    service = dhcp_service(config, db, journal=journal)
+    await service.start()
+    serving = asyncio.create_task(service.serve())
+    try:
+        with lo_client(config.settings.client_port) as client:
+            for i, xid in enumerate((60, 62)):
+                mac = f"02:00:00:00:01:{i:02x}"
+                client.sendto(request_bytes(mac, "discover", xid=xid, flags=0x8000), ("127.0.0.1", config.settings.port))
+                offered = BOOTP((await recv_reply(client, xid))[0]).yiaddr
+                client.sendto(request_bytes(mac, "request", xid=xid + 1, flags=0x8000,
+                                            options=[("requested_addr", offered), ("server_id", "127.0.0.1")]),
+                              ("127.0.0.1", config.settings.port))
+                await recv_reply(client, xid + 1)
+        reader = sqlite3.connect(str(tmp_path / "state.db"))
+        for _ in range(100):  # a few write-behind periods
+            if reader.execute("SELECT count(*) FROM dhcp4_leases").fetchone()[0] == 2:
+                break
+            await asyncio.sleep(0.05)
+        assert reader.execute("SELECT count(*) FROM dhcp4_leases").fetchone()[0] == 2
+        assert service._writer is not None and service._writer_db is not None  # written by the thread
+    finally:
+        serving.cancel()
+        with contextlib.suppress(asyncio.CancelledError):
+            await serving
+        await service.close()
+        db.close()
+    assert service.leases.dirty == 0 and not (tmp_path / "dhcp4-leases.journal.old").exists()
+
+
+def test_a_crash_while_a_batch_is_written_loses_no_lease(tmp_path: Path) -> None:
+    """A batch handed to the writer moves the journal to JOURNAL.old; a crash before its commit replays it, then
+    the changes made meanwhile (JOURNAL), in that order."""
+    from netboot.dhcp4.leases import LeaseTable, write_batch
+
+    journal = tmp_path / "j"
+    db = open_state_db(tmp_path / "state.db")
+    table = LeaseTable(db, (ipaddress.IPv4Address("10.0.0.1"), ipaddress.IPv4Address("10.0.0.9")), journal=journal)
+    first = table.offer("02:00:00:00:00:01", None, now=100.0)
+    assert first is not None and table.bind("02:00:00:00:00:01", first, 100.0, 900)
+    batch = table.take_batch()
+    assert batch is not None and batch.rotated and (tmp_path / "j.old").exists()
+    second = table.offer("02:00:00:00:00:02", None, now=100.0)
+    assert second is not None and table.bind("02:00:00:00:00:02", second, 100.0, 900)
+    table.bind("02:00:00:00:00:01", first, 1100.0, 900)  # renewed after the batch was taken: JOURNAL only
+    # The crash: the batch never committed.
+    again = LeaseTable(open_state_db(tmp_path / "state.db"), (ipaddress.IPv4Address("10.0.0.1"), ipaddress.IPv4Address("10.0.0.9")),
+                       journal=journal)
+    assert again.mac_for_ip(first) == "02:00:00:00:00:01" and again.mac_for_ip(second) == "02:00:00:00:00:02"
+    rows = dict(sqlite3.connect(str(tmp_path / "state.db")).execute("SELECT mac, expires FROM dhcp4_leases").fetchall())
+    assert rows == {"02:00:00:00:00:01": 2000.0, "02:00:00:00:00:02": 1000.0}  # the renewal won: replayed last
+    assert not (tmp_path / "j.old").exists() and journal.stat().st_size == 0
+    # A failed batch gives its rows back and keeps JOURNAL.old until a later batch commits them.
+    again.bind("02:00:00:00:00:02", second, 2100.0, 900)
+    failed = again.take_batch()
+    assert failed is not None
+    again.batch_done(failed, sqlite3.OperationalError("database is locked"))
+    assert again.dirty == 1 and (tmp_path / "j.old").exists()
+    retry = again.take_batch()
+    assert retry is not None and not retry.rotated  # JOURNAL keeps growing until the retry commits
+    write_batch(db, retry)
+    again.batch_done(retry, None)
+    assert not (tmp_path / "j.old").exists()
+
+
 async def test_bind_errors_are_clear(tmp_path: Path) -> None:
     config = lo_config(tmp_path)
     with socket.socket(socket.AF_INET, socket.SOCK_DGRAM) as squatter:

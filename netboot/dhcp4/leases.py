@@ -4,10 +4,12 @@ Addresses are ints internally (cheap to compare and hash). Offers are held in me
 (RFC 2131 4.3.1: the server SHOULD reserve an offered address). Every change of a bound lease is
 appended at once to a journal file (one `write()` of one line, as Kea's memfile appends to its CSV): it
 is in the kernel before the ACK is sent, so a crash of the process loses no lease and gives no address
-out twice. The `dhcp4_leases` table gets the changes in batches by `flush()`, which the service calls a
-few times a second and on close; after a batch is committed the journal is emptied, and at start-up
-what the journal holds is replayed onto the table. A lease costs a dict update and a write() on the hot
-path instead of a SQLite transaction. (Like Kea's memfile, the journal is not fsync'ed: a power cut may
+out twice. The `dhcp4_leases` table gets the changes in batches: `take_batch()` hands the changed rows
+over and starts a new journal file (the old one is kept as JOURNAL.old), `write_batch()` commits them,
+in the service's writer thread with a connection of its own, so that the event loop never waits on
+SQLite, and `batch_done()` removes JOURNAL.old once its changes are in the table. At start-up what
+JOURNAL.old and JOURNAL hold is replayed onto the table, in that order. A lease costs a dict update and
+a write() on the hot path instead of a SQLite transaction. (Like Kea's memfile, the journal is not fsync'ed: a power cut may
 lose the last leases; a process crash does not.)
 """
 from __future__ import annotations
@@ -87,10 +89,11 @@ class LeaseTable:
             db.execute(_SCHEMA)
             self._load()
         if journal is not None:
+            self._replay(_old(journal))
             self._replay(journal)
-            self._journal = os.open(journal, os.O_WRONLY | os.O_APPEND | os.O_CREAT | os.O_CLOEXEC, 0o600)
+            self._journal = _open_journal(journal)
             if self._dirty and db is not None:
-                self.flush()  # what the journal held is in the table now; the journal starts empty
+                self.flush()  # what the journals held is in the table now; the journal starts empty
 
     def _replay(self, journal: Path) -> None:
         """Apply the lease changes a crash left in the journal (lines 'mac ip expires hostname', or 'mac -')."""
@@ -329,28 +332,83 @@ class LeaseTable:
             self.forget_offer(mac)
         return True
 
-    def flush(self) -> int:
-        """Write every changed lease row in one transaction; return how many rows were written."""
+    def take_batch(self) -> LeaseBatch | None:
+        """Hand every changed row over for writing (the next changes start a new batch and a new journal file);
+        None when nothing changed."""
         if not self._dirty or self._db is None:
             self._dirty.clear()
-            return 0
+            return None
         dirty, self._dirty = self._dirty, {}
-        gone = [(mac,) for mac, lease in dirty.items() if lease is None]
-        rows = [(lease.mac, socket.inet_ntoa(int_to_ip(lease.ip)), lease.expires, lease.hostname)
-                for lease in dirty.values() if lease is not None]
-        try:
-            self._db.execute("BEGIN")
-            if gone:
-                self._db.executemany("DELETE FROM dhcp4_leases WHERE mac = ?", gone)
-            # OR REPLACE also drops another MAC's old row on the same address (the UNIQUE ip column).
-            self._db.executemany("INSERT OR REPLACE INTO dhcp4_leases (mac, ip, expires, hostname) VALUES (?, ?, ?, ?)", rows)
-            self._db.execute("COMMIT")
-            if self._journal is not None and not self._dirty:
-                os.ftruncate(self._journal, 0)  # all of it is in the table now
-        except sqlite3.Error:
-            if self._db.in_transaction:
-                self._db.execute("ROLLBACK")
-            for mac, lease in dirty.items():
+        rotated = False
+        if self._journal is not None and self._journal_path is not None and not _old(self._journal_path).exists():
+            # JOURNAL.old holds exactly this batch's changes until it is committed. When it still exists (a batch
+            # failed), the changes stay in JOURNAL too until a batch taken later commits them all.
+            os.rename(self._journal_path, _old(self._journal_path))
+            os.close(self._journal)
+            self._journal = _open_journal(self._journal_path)
+            rotated = True
+        return LeaseBatch(dirty, rotated)
+
+    def batch_done(self, batch: LeaseBatch, error: BaseException | None) -> None:
+        """After write_batch: drop the batch's journal file, or (it failed) take its rows back for the next batch."""
+        if error is not None:
+            for mac, lease in batch.dirty.items():
                 self._dirty.setdefault(mac, lease)
+            return
+        if self._journal_path is not None:
+            # Committed: so is every change made before the batch was taken, JOURNAL.old's whether this batch made
+            # it or an earlier batch failed and this one took its rows back.
+            _old(self._journal_path).unlink(missing_ok=True)
+
+    def flush(self) -> int:
+        """Write every changed lease row now, on this thread, with the table's connection; return how many rows."""
+        batch = self.take_batch()
+        if batch is None:
+            return 0
+        try:
+            write_batch(self._db, batch)  # type: ignore[arg-type]  # take_batch returns None without a database
+        except sqlite3.Error as exc:
+            self.batch_done(batch, exc)
             raise
-        return len(dirty)
+        self.batch_done(batch, None)
+        if self._journal is not None and not self._dirty:
+            os.ftruncate(self._journal, 0)  # nothing can have changed meanwhile: all of it is in the table now
+        return len(batch.dirty)
+
+
+class LeaseBatch:
+    """Changed lease rows on their way to the table (None: the MAC's lease is gone), and whether the journal was
+    started anew for them."""
+
+    __slots__ = ("dirty", "rotated")
+
+    def __init__(self, dirty: dict[str, Lease | None], rotated: bool) -> None:
+        self.dirty = dirty
+        self.rotated = rotated
+
+
+def write_batch(db: sqlite3.Connection, batch: LeaseBatch) -> None:
+    """Commit a batch in one transaction (on any thread, with a connection used by that thread only)."""
+    gone = [(mac,) for mac, lease in batch.dirty.items() if lease is None]
+    rows = [(lease.mac, socket.inet_ntoa(int_to_ip(lease.ip)), lease.expires, lease.hostname)
+            for lease in batch.dirty.values() if lease is not None]
+    try:
+        db.execute("BEGIN")
+        if gone:
+            db.executemany("DELETE FROM dhcp4_leases WHERE mac = ?", gone)
+        # OR REPLACE also drops another MAC's old row on the same address (the UNIQUE ip column).
+        db.executemany("INSERT OR REPLACE INTO dhcp4_leases (mac, ip, expires, hostname) VALUES (?, ?, ?, ?)", rows)
+        db.execute("COMMIT")
+    except sqlite3.Error:
+        if db.in_transaction:
+            db.execute("ROLLBACK")
+        raise
+
+
+def _old(journal: Path) -> Path:
+    """The journal file of the batch being written."""
+    return journal.with_name(journal.name + ".old")
+
+
+def _open_journal(path: Path) -> int:
+    return os.open(path, os.O_WRONLY | os.O_APPEND | os.O_CREAT | os.O_CLOEXEC, 0o600)
