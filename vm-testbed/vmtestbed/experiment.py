@@ -62,6 +62,7 @@ class ExperimentSpec:
     faults: str = ""
     seed: int = 1
     image_mib: int = 8
+    reboot_window: int = 0  # the appliance's deploy.reboot_window (0: its default, 100)
     deployments: tuple[DeploymentSpec, ...] = (DeploymentSpec(),)
     source: str = ""
 
@@ -97,7 +98,7 @@ def load_experiment(path: Path) -> ExperimentSpec:
     if not counts or not all(isinstance(n, int) and not isinstance(n, bool) and 1 <= n <= 10000 for n in counts):
         raise bad("nodes", "expected a node count 1-10000, or a list of them")
     ints = {}
-    for key, low in (("racks", 0), ("link_mbit", 0), ("uplink_mbit", 0), ("seed", 0), ("image_mib", 1)):
+    for key, low in (("racks", 0), ("link_mbit", 0), ("uplink_mbit", 0), ("seed", 0), ("image_mib", 1), ("reboot_window", 0)):
         value = raw.get(key, getattr(ExperimentSpec, key))
         if not isinstance(value, int) or isinstance(value, bool) or value < low:
             raise bad(key, f"expected an integer >= {low}")
@@ -187,6 +188,10 @@ def _one_testbed(spec: ExperimentSpec, n: int, work: Path, say: Callable[[str], 
         built = up(plan)
         up_s = round(time.monotonic() - t0, 1)
         say(f"N={n}: testbed {name} up in {up_s} s ({racks} racks)")
+        if spec.reboot_window:
+            config = yaml.safe_load(built.files.config.read_text())
+            config.setdefault("deploy", {})["reboot_window"] = spec.reboot_window
+            built.files.config.write_text(yaml.safe_dump(config, sort_keys=False))
         appliance = start_appliance(plan, built.files, timeout=300)
         desc = write_sample_environment(work / name, size_mib=spec.image_mib)
         added = subprocess.run(rackboot_cli(plan, "env", "add", str(desc)), capture_output=True, text=True, timeout=600)
