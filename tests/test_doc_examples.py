@@ -2,7 +2,8 @@
 
 A block that is a whole config (it has `interface:`) is checked with the README's inventory beside it; an
 inventory (`nodes:`) with the README's config; a fragment of the config (e.g. a `deploy:` section) merged
-into the README's config; an environment description (`image:`) as `rackboot env add` reads it. Files the examples name (BMC credentials) are made with placeholder contents.
+into the README's config; an environment description (`image:`) as `rackboot env add` reads it; an experiment file (`name:` and
+node counts) as `rackboot experiment run` reads it. Files the examples name (BMC credentials) are made with placeholder contents.
 """
 from __future__ import annotations
 
@@ -71,6 +72,13 @@ def test_every_yaml_example_is_a_valid_config(where: str, text: str, tmp_path: P
             (tmp_path / image).write_bytes(b"image")
         (tmp_path / "env.yaml").write_text(text)
         parse_environment_file(tmp_path / "env.yaml", "admin", image_roots=[tmp_path])  # raises ConfigError
+        return
+    nodes = data.get("nodes")
+    if "name" in data and (isinstance(nodes, int) or isinstance(nodes, list) and all(isinstance(n, int) for n in nodes)):
+        from vmtestbed.experiment import load_experiment  # an experiment file (docs/scale.md)
+
+        (tmp_path / "experiment.yaml").write_text(text)
+        load_experiment(tmp_path / "experiment.yaml")  # raises ExperimentError naming the key
         return
     config, inventory = readme_pair()
     if "interface" in data:
