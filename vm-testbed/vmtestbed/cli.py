@@ -210,6 +210,10 @@ def _cmd_experiment(args: argparse.Namespace) -> int:
     if os.geteuid() != 0:
         print("rackboot experiment run: needs root (network namespaces)", file=sys.stderr)
         return 1
+    import signal
+
+    # SIGTERM (timeout, systemd, kill) ends the run as Ctrl-C does: the testbed of the moment is removed.
+    signal.signal(signal.SIGTERM, lambda *_: (_ for _ in ()).throw(KeyboardInterrupt()))
     out = Path(args.out or f"experiment-{spec.name}-{time.strftime('%Y%m%d-%H%M%S')}")
     work = Path(tempfile.mkdtemp(prefix="rackboot-experiment-"))
     code = commit(Path(__file__).resolve().parents[2])
