@@ -1,7 +1,7 @@
 """The TFTP service: a thin asyncio transport around the codec, the file store and one ReadSession per transfer.
 
 Requests arrive on settings.port and are handled in the event loop; every transfer gets its own ephemeral
-socket (its TID, RFC 1350 sec. 4) whose per-block DATA/ACK loop runs in a thread of its own (datapath.py).
+socket (its TID, RFC 1350 sec. 4) whose per-block DATA/ACK exchange runs in the data plane's thread (datapath.py).
 One node record per transfer that ends: `NbpSent`, `ScriptServed` (the per-MAC `boot.ipxe`, rendered by
 the same `ipxe.script.ScriptRenderer` as over HTTP), `FileSent` or `TransferFailed`.
 """
@@ -44,7 +44,7 @@ from netboot.tftp.files import (
     TftpFileError,
     VirtualFile,
 )
-from netboot.tftp.datapath import TransferWorker
+from netboot.tftp.datapath import DataPlane, TransferWorker
 from netboot.tftp.session import Outcome, ReadSession, SessionLimits
 
 log = logging.getLogger("rackboot.tftp")
@@ -164,6 +164,7 @@ class TftpService:
         self._transfers: dict[Address, _Transfer] = {}
         self._per_host: dict[str, int] = {}  # transfers per client address
         self._counters: dict[str, int] = dict.fromkeys(_COUNTERS, 0)
+        self._plane = DataPlane()  # every transfer's DATA/ACK exchange, in a thread of its own (datapath.py)
         self.latency = {"transfer": Latency(TRANSFER_BUCKETS)}
 
     @property
@@ -210,13 +211,11 @@ class TftpService:
     async def close(self) -> None:
         """Abort every transfer and release every socket; safe to call twice."""
         tasks = [t.task for t in self._transfers.values() if t.task is not None and not t.task.done()]
-        threads = [t.worker.thread for t in self._transfers.values() if t.worker is not None]
         for transfer in list(self._transfers.values()):
             self._drop(transfer)
         if tasks:
             await asyncio.gather(*tasks, return_exceptions=True)
-        if threads:  # stopped and woken by _drop; each closes its socket on the way out
-            await asyncio.to_thread(lambda: [t.join(2.0) for t in threads])
+        await asyncio.to_thread(self._plane.close)  # the data plane closes every transfer socket it still holds
         if self._transport is not None:
             self._transport.close()
             self._transport = None
@@ -346,7 +345,7 @@ class TftpService:
                     pass
 
             transfer.worker = TransferWorker(sock, addr, session, done)
-            transfer.worker.start()
+            self._plane.add(transfer.worker)
         except asyncio.CancelledError:
             raise
         except OSError as exc:
@@ -372,7 +371,7 @@ class TftpService:
             else:
                 self._per_host.pop(host, None)
         if transfer.worker is not None:
-            transfer.worker.stop()
+            self._plane.remove(transfer.worker)
 
     def _drop(self, transfer: _Transfer) -> None:
         """End a transfer without an outcome (superseded, or the service closes)."""

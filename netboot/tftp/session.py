@@ -118,6 +118,9 @@ class ReadSession:
         self._resent = False  # the current window went out more than once: no RTT sample from it (Karn)
         self._progress_at: float | None = None  # start, or the last ACK that moved the window
         self._dup_resent = -1  # the window base a duplicate ACK already made us resend
+        self._first = self._base
+        first_retries = min(limits.first_retries, limits.retries)
+        self._budgets = (give_up_after(self.params.timeout, limits.retries), give_up_after(self.params.timeout, first_retries))
         if "timeout" in self.params.oack:
             # RFC 2349 sec. 2: the client asked for this retransmission timeout; it is used as is.
             self.rtt = RtoEstimator(self.params.timeout, floor=self.params.timeout)
@@ -160,9 +163,7 @@ class ReadSession:
         # from forged ports); it asks again if it is alive (RFC 1350: the RRQ is retransmitted on timeout). So
         # it is given up sooner than a client in the middle of its transfer, and its slot freed. The limit is
         # in time (what that many fixed-timer retransmissions took), as the adaptive timer may be much shorter.
-        never_answered = self._base == (0 if self.params.oack else 1)
-        retries = min(self.limits.first_retries, self.limits.retries) if never_answered else self.limits.retries
-        return give_up_after(self.params.timeout, retries)
+        return self._budgets[self._base == self._first]
 
     def _send_window(self, now: float) -> list[bytes]:
         # RFC 7440 sec. 4: a window of up to windowsize blocks goes out back to back; the OACK travels alone.
