@@ -20,6 +20,7 @@ from domain.errors import BindError
 from domain.progress import FileSent, NbpSent, NodeEvent, ScriptServed, TransferFailed, Via
 from netboot.tftp.codec import Data, Error, OptionAck, decode, encode_ack, encode_error, encode_request
 from netboot.tftp.server import TftpService, TftpSettings
+from helpers import RawPeer, settled
 
 HOST = "127.0.0.1"
 MAC = "52:54:00:77:00:01"
@@ -191,16 +192,6 @@ async def make_service(tmp_path: Path) -> AsyncIterator[Callable[..., object]]:
         assert svc.stats()["transfers_active"] == 0
 
 
-async def settled(svc: TftpService) -> dict[str, int]:
-    """The service's counters once no transfer is in flight (each transfer's thread reports its end to the loop)."""
-    for _ in range(500):
-        stats = svc.stats()
-        if stats["transfers_active"] == 0:
-            return stats
-        await asyncio.sleep(0.01)
-    raise AssertionError(f"transfers still active: {svc.stats()}")
-
-
 def write(root: Path, name: str, data: bytes) -> bytes:
     path = root / name
     path.parent.mkdir(parents=True, exist_ok=True)
@@ -213,25 +204,6 @@ def events_of(sub: object) -> list[NodeEvent]:
     while (e := sub.get_nowait()) is not None:  # type: ignore[attr-defined]
         out.append(e)
     return out
-
-
-class RawPeer:
-    """A bare UDP socket on loopback for hand-made exchanges."""
-
-    def __init__(self) -> None:
-        self.sock = socket.socket(socket.AF_INET, socket.SOCK_DGRAM)
-        self.sock.bind((HOST, 0))
-        self.sock.setblocking(False)
-
-    async def send(self, data: bytes, addr: tuple[str, int]) -> None:
-        await asyncio.get_running_loop().sock_sendto(self.sock, data, addr)
-
-    async def recv(self, timeout: float = 5.0) -> tuple[object, tuple[str, int]]:
-        data, addr = await asyncio.wait_for(asyncio.get_running_loop().sock_recvfrom(self.sock, 70000), timeout)
-        return decode(data), addr
-
-    def close(self) -> None:
-        self.sock.close()
 
 
 async def test_bind_error_when_port_is_taken(tmp_path: Path) -> None:
