@@ -256,14 +256,16 @@ def report(timings: list[Timing], args: argparse.Namespace, loads: list[dict[str
         row = [variant]
         for label, test in tests:
             mine = [t for t in timings if t.variant == variant and t.test == test]
-            good = [t for t in mine if t.failed == 0 and t.seconds is not None]
+            # Under loss a peer's clients may give up: its wall time still counts, with the failures beside it.
+            good = [t for t in mine if t.seconds is not None and (t.failed == 0 or args.loss)]
             secs = median([t.seconds for t in good])  # type: ignore[misc]
             med[(variant, test)] = secs
             size = files[test][1] * (1 if test == "big" else args.concurrent)
             cpu = median([t.server_cpu_s for t in good if t.server_cpu_s is not None])  # type: ignore[misc]
             each = median([t.each_median for t in good if t.each_median is not None])  # type: ignore[misc]
             fails = sum(t.failed for t in mine)
-            runs = " / ".join(fmt(t.seconds, 2) if t.failed == 0 else "fail" for t in mine)
+            runs = " / ".join(fmt(t.seconds, 2) + (f" ({t.failed} failed)" if t.failed else "")
+                              if t.seconds is not None and (t.failed == 0 or args.loss) else "fail" for t in mine)
             row += [fmt(secs, 2) + f" ({runs})", fmt(each, 2), fmt(size / secs / 1e6 if secs else None, 1), fmt(cpu, 2),
                     str(fails)]
         rows.append(row)
