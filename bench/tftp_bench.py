@@ -1,5 +1,5 @@
 #!/usr/bin/env python3
-"""TFTP benchmark: one 30 MiB file, then 200 concurrent 1 MiB fetches, rackboot vs tftpd-hpa, same client (atftp).
+"""TFTP benchmark: one 30 MiB file, 200 concurrent fetches, rackboot vs tftpd-hpa, same clients (atftp, tftp-hpa, curl).
 
 Topology (made with vmtestbed.netns.Lab through measure.NamespacePair, removed on success, failure, Ctrl-C):
 
@@ -7,12 +7,16 @@ Topology (made with vmtestbed.netns.Lab through measure.NamespacePair, removed o
      rackboot serve / in.tftpd -L             atftp processes, started by this script re-run
                                               inside the namespace (so its start-up is not timed)
 
-The client is atftp (C, one process per transfer) for both servers. Variants are client option
-sets: blksize 1468 for both (fills a 1500-byte MTU), and for rackboot also blksize 1468 with
-windowsize (RFC 7440; tftpd-hpa does not implement it and answers without it). Each server is
+The clients are atftp, tftp-hpa's `tftp` (RFC 1350 only: blksize 512, lock-step) and curl, one process
+per transfer, the same for both servers. Variants are client + option sets: blksize 1468 for both
+(fills a 1500-byte MTU), and for rackboot also blksize 1468 with windowsize (RFC 7440; tftpd-hpa does
+not implement it and answers without it, so those rows are compared with tftpd-hpa's lock-step row of
+the same client). With --loss P, nftables rules on both ends of the veth (netdev ingress of s0 and c0,
+in the namespaces this script made; this kernel has no sch_netem) drop a fraction P of the UDP frames
+in each direction during the timed fetches; they go with the namespaces. Each server is
 started fresh for each repeat, every file is fetched once untimed (warm caches for both), then
-each variant is timed. The 200 concurrent fetches all read the same 1 MiB file, as 200 nodes
-booting the same program do. Every received file is checked (size and SHA-256) after the timing.
+each variant is timed. The concurrent fetches all read the same file (1 MiB, or a copy of
+/usr/lib/ipxe/snponly.efi for the `nbp` test), as 200 nodes booting the same program do. Every received file is checked (size and SHA-256) after the timing.
 Repeats alternate the server order; figures are medians, ratios are tftpd-hpa time / rackboot time.
 
 Run (as root, after ./setup.sh --bench):  .venv/bin/python bench/tftp_bench.py
@@ -24,6 +28,7 @@ import hashlib
 import json
 import os
 import random
+import re
 import shutil
 import subprocess
 import sys
@@ -43,17 +48,40 @@ SERVER_IP = "10.98.0.1"
 CLIENT_IP = "10.98.0.2"
 BIG = ("big.bin", 30 << 20)
 SMALL = ("small.bin", 1 << 20)
+LOSS_TABLE = "rackboot_bench_loss"
 
-# name -> (server, atftp --option values)
-VARIANTS: dict[str, tuple[str, tuple[str, ...]]] = {
-    "tftpd-hpa blksize 1468": ("tftpd-hpa", ("blksize 1468",)),
-    "rackboot blksize 1468": ("rackboot", ("blksize 1468",)),
-    "rackboot blksize 1468 windowsize 4": ("rackboot", ("blksize 1468", "windowsize 4")),
-    "rackboot blksize 1468 windowsize 16": ("rackboot", ("blksize 1468", "windowsize 16")),
-    "tftpd-hpa blksize 512": ("tftpd-hpa", ()),
-    "rackboot blksize 512": ("rackboot", ()),
-}
-DEFAULT_VARIANTS = [v for v in VARIANTS if "512" not in v]
+NBP = ("snponly.efi", 0)  # size taken from /usr/lib/ipxe/snponly.efi (or a random 173,792 bytes without it)
+CLIENTS = ("atftp", "tftp", "curl")
+
+
+@dataclass(frozen=True)
+class Variant:
+    """One server, one client and its options; `peer` names the tftpd-hpa variant it is compared with."""
+
+    server: str
+    client: str
+    options: tuple[str, ...] = ()
+    peer: str = ""
+
+
+def _variants() -> dict[str, Variant]:
+    out: dict[str, Variant] = {}
+    for client, sets in (("atftp", [("blksize 1468",), ("blksize 1468", "windowsize 4"), ("blksize 1468", "windowsize 16"), ()]),
+                         ("tftp", [()]), ("curl", [("blksize 1468",)])):
+        for options in sets:
+            plain = tuple(o for o in options if not o.startswith("windowsize"))
+            label = " ".join(options) or "blksize 512"
+            peer = f"tftpd-hpa {client} " + (" ".join(plain) or "blksize 512")
+            if not any(o.startswith("windowsize") for o in options):
+                out[peer] = Variant("tftpd-hpa", client, options)
+            out[f"rackboot {client} {label}"] = Variant("rackboot", client, options, peer)
+    return out
+
+
+# name -> server, client, options, peer; e.g. "rackboot atftp blksize 1468 windowsize 4"
+VARIANTS = _variants()
+DEFAULT_VARIANTS = [v for v in VARIANTS if VARIANTS[v].client == "atftp" and "512" not in v]
+TESTS = ("big", "many", "nbp")
 
 
 @dataclass
@@ -70,28 +98,67 @@ class Timing:
     load1: float | None = None
     busy_pct: float | None = None
     error: str = ""
+    each_median: float | None = None  # the median fetch's own time (from the common start to its end)
+    dropped: int = 0  # frames the loss rules dropped during this fetch set
+
+
+def client_argv(client: str, options: list[str], server: str, file: str, dest: Path) -> list[str]:
+    """The command line that fetches file from server into dest with one of CLIENTS and its options."""
+    if client == "atftp":
+        return ["atftp", *[a for opt in options for a in ("--option", opt)], "-g", "-r", file, "-l", str(dest), server, "69"]
+    if client == "tftp":  # tftp-hpa: RFC 1350 only (blksize 512, lock-step)
+        return ["tftp", "-m", "binary", server, "-c", "get", file, str(dest)]
+    blksize = [o.split()[1] for o in options if o.startswith("blksize")]
+    return ["curl", "-sS", "--fail", *(["--tftp-blksize", blksize[0]] if blksize else []), "-o", str(dest), f"tftp://{server}/{file}"]
 
 
 def fetch_in_namespace(args: argparse.Namespace) -> int:
-    """(Runs inside the client namespace.) Start N atftp fetches at once, wait for all; print JSON timing."""
-    options: list[str] = []
-    for opt in args.option:
-        options += ["--option", opt]
+    """(Runs inside the client namespace.) Start N fetches at once, wait for all; print JSON timing."""
     out = Path(args.out)
     t0 = time.monotonic()
-    procs = [
-        subprocess.Popen(["atftp", *options, "-g", "-r", args.file, "-l", str(out / f"{i}"), args.server, "69"],
-                         stdout=subprocess.DEVNULL, stderr=subprocess.PIPE)
-        for i in range(args.count)
-    ]
-    errors = []
-    for p in procs:
-        _, err = p.communicate()
-        if p.returncode != 0:
-            errors.append(err.decode(errors="replace").strip()[-200:])
+    procs = {}
+    for i in range(args.count):
+        p = subprocess.Popen(client_argv(args.client, args.option, args.server, args.file, out / f"{i}"),
+                             stdout=subprocess.DEVNULL, stderr=subprocess.DEVNULL)
+        procs[p.pid] = p
+    each, failed = [], 0
+    while procs:
+        pid, status = os.wait()  # reaps in the order they end: each fetch's own time
+        if procs.pop(pid, None) is None:
+            continue
+        each.append(time.monotonic() - t0)
+        failed += os.waitstatus_to_exitcode(status) != 0
     elapsed = time.monotonic() - t0
-    print(json.dumps({"seconds": elapsed, "failed": len(errors), "errors": errors[:5]}))
+    print(json.dumps({"seconds": elapsed, "failed": failed, "errors": [f"{failed} client(s) exited non-zero"] if failed else [],
+                      "each_median": sorted(each)[len(each) // 2] if each else None}))
     return 0
+
+
+def loss_ruleset(device: str, fraction: float) -> str:
+    """nft script: drop `fraction` of the UDP frames entering `device` (netdev ingress), replacing an earlier table."""
+    per_million = round(fraction * 1_000_000)
+    rule = f"        meta l4proto udp numgen random mod 1000000 < {per_million} counter drop" if per_million else ""
+    return "\n".join([f"add table netdev {LOSS_TABLE}", f"delete table netdev {LOSS_TABLE}", f"table netdev {LOSS_TABLE} {{",
+                      "    chain ingress {", f'        type filter hook ingress device "{device}" priority 0; policy accept;',
+                      rule, "    }", "}", ""])
+
+
+def set_loss(pair: NamespacePair, fraction: float) -> None:
+    """Drop `fraction` of the UDP frames in each direction on the pair's veth (0: remove the rules)."""
+    for ns, dev in ((pair.server, "s0"), (pair.client, "c0")):
+        script = loss_ruleset(dev, fraction) if fraction else f"add table netdev {LOSS_TABLE}\ndelete table netdev {LOSS_TABLE}\n"
+        done = subprocess.run(["ip", "netns", "exec", ns, "nft", "-f", "-"], input=script, capture_output=True, text=True)
+        if done.returncode != 0:
+            raise RuntimeError(f"nft in {ns}: {done.stderr.strip()}")
+
+
+def dropped(pair: NamespacePair) -> int:
+    """Frames the loss rules dropped so far, both directions."""
+    total = 0
+    for ns in (pair.server, pair.client):
+        done = subprocess.run(["ip", "netns", "exec", ns, "nft", "list", "table", "netdev", LOSS_TABLE], capture_output=True, text=True)
+        total += sum(int(n) for n in re.findall(r"counter packets (\d+)", done.stdout))
+    return total
 
 
 class TftpServer:
@@ -142,70 +209,81 @@ def sha256(path: Path) -> str:
 
 
 def timed_fetch(lab: Lab, client_ns: str, server: TftpServer, file: tuple[str, int], digest: str, count: int,
-                options: tuple[str, ...], out: Path, timeout: float) -> tuple[float | None, int, int, float | None, str]:
-    """Fetch a file count times at once from the client namespace; return seconds, ok, failed, server CPU s, error."""
+                variant: Variant, out: Path, timeout: float) -> tuple[float | None, int, int, float | None, str, float | None]:
+    """Fetch a file count times at once from the client namespace; return seconds, ok, failed, server CPU s, error, median fetch."""
     shutil.rmtree(out, ignore_errors=True)
     out.mkdir(parents=True)
     argv = [sys.executable, str(Path(__file__).resolve()), "--fetch", "--server", SERVER_IP, "--file", file[0],
-            "--count", str(count), "--out", str(out)]
-    for opt in options:
+            "--count", str(count), "--out", str(out), "--client", variant.client]
+    for opt in variant.options:
         argv += ["--option", opt]
     assert server.proc is not None
     cpu0 = cpu_seconds(server.proc.pid)
     try:
         res = lab.run(client_ns, argv, timeout=timeout)
     except subprocess.TimeoutExpired:
-        return None, 0, count, None, f"no result after {timeout:.0f} s"
+        return None, 0, count, None, f"no result after {timeout:.0f} s", None
     # in.tftpd forks a child per transfer and lets the kernel reap it (SIGCHLD SIG_IGN + SA_NOCLDWAIT),
     # so the children's CPU time is lost to /proc: only rackboot's (one process) is reported.
     cpu = cpu_seconds(server.proc.pid) - cpu0 if server.proc.poll() is None and server.kind == "rackboot" else None
     try:
         data = json.loads(res.stdout.strip().splitlines()[-1])
     except (IndexError, json.JSONDecodeError):
-        return None, 0, count, cpu, f"fetcher failed: {res.stderr.strip()[-300:]}"
+        return None, 0, count, cpu, f"fetcher failed: {res.stderr.strip()[-300:]}", None
     ok = sum(1 for i in range(count) if (out / str(i)).exists() and (out / str(i)).stat().st_size == file[1]
              and sha256(out / str(i)) == digest)
     error = "; ".join(data["errors"][:2])
     if server.proc.poll() is not None:
         error = f"server exited with status {server.proc.returncode}; " + error
     shutil.rmtree(out, ignore_errors=True)
-    return data["seconds"], ok, count - ok, cpu, error
+    return data["seconds"], ok, count - ok, cpu, error, data.get("each_median")
 
 
-def report(timings: list[Timing], args: argparse.Namespace, loads: list[dict[str, Any]]) -> str:
-    """Markdown: median seconds per variant and test, MB/s, server CPU, ratio against tftpd-hpa at the same blksize."""
-    tests = [("30 MiB x 1", "big"), (f"1 MiB x {args.concurrent} at once", "many")]
+def test_label(test: str, args: argparse.Namespace, files: dict[str, tuple[str, int]]) -> str:
+    """A column title for one test."""
+    if test == "big":
+        return "30 MiB x 1"
+    what = "1 MiB" if test == "many" else "snponly.efi"
+    return f"{what} x {args.concurrent} at once"
+
+
+def report(timings: list[Timing], args: argparse.Namespace, loads: list[dict[str, Any]], files: dict[str, tuple[str, int]]) -> str:
+    """Markdown: median seconds per variant and test, MB/s, server CPU, ratio against its tftpd-hpa peer (same client)."""
+    tests = [(test_label(t, args, files), t) for t in args.tests]
     med: dict[tuple[str, str], float | None] = {}
     rows = []
     for variant in args.variants:
         row = [variant]
         for label, test in tests:
             mine = [t for t in timings if t.variant == variant and t.test == test]
-            good = [t for t in mine if t.failed == 0 and t.seconds is not None]
+            # Under loss a peer's clients may give up: its wall time still counts, with the failures beside it.
+            good = [t for t in mine if t.seconds is not None and (t.failed == 0 or args.loss)]
             secs = median([t.seconds for t in good])  # type: ignore[misc]
             med[(variant, test)] = secs
-            size = BIG[1] if test == "big" else SMALL[1] * args.concurrent
+            size = files[test][1] * (1 if test == "big" else args.concurrent)
             cpu = median([t.server_cpu_s for t in good if t.server_cpu_s is not None])  # type: ignore[misc]
+            each = median([t.each_median for t in good if t.each_median is not None])  # type: ignore[misc]
             fails = sum(t.failed for t in mine)
-            runs = " / ".join(fmt(t.seconds, 2) if t.failed == 0 else "fail" for t in mine)
-            row += [fmt(secs, 2) + f" ({runs})", fmt(size / secs / 1e6 if secs else None, 1), fmt(cpu, 2),
+            runs = " / ".join(fmt(t.seconds, 2) + (f" ({t.failed} failed)" if t.failed else "")
+                              if t.seconds is not None and (t.failed == 0 or args.loss) else "fail" for t in mine)
+            row += [fmt(secs, 2) + f" ({runs})", fmt(each, 2), fmt(size / secs / 1e6 if secs else None, 1), fmt(cpu, 2),
                     str(fails)]
         rows.append(row)
     for row, variant in zip(rows, args.variants):
-        server = VARIANTS[variant][0]
-        blk = "512" if "512" in variant else "1468"
-        peer = f"tftpd-hpa blksize {blk}"
+        peer = VARIANTS[variant].peer
         for label, test in tests:
             mine, theirs = med.get((variant, test)), med.get((peer, test))
-            row.append("-" if server == "tftpd-hpa" or not mine or not theirs else f"{theirs / mine:.2f}")
+            row.append("-" if not peer or not mine or not theirs else f"{theirs / mine:.2f}")
     headers = ["variant"]
     for label, _ in tests:
-        headers += [f"{label}: s, median (runs)", "MB/s", "server CPU s", "failed fetches"]
+        headers += [f"{label}: s, median (runs)", "median fetch s", "MB/s", "server CPU s", "failed fetches"]
     headers += [f"speed-up vs tftpd-hpa, {label}" for label, _ in tests]
     loads_txt = "; ".join(f"{l['when']}: load {l['load1']:.2f} {l['load5']:.2f} {l['load15']:.2f}, CPUs {l['busy_pct']} % busy" for l in loads)
+    lost = sum(t.dropped for t in timings)
     return "\n".join([
-        f"atftp --option ... -g; {args.repeats} repeats, server order alternating; "
-        "speed-up = tftpd-hpa median time / this variant's median time, same blksize (>1: rackboot faster).",
+        f"{args.repeats} repeats, server order alternating; speed-up = the tftpd-hpa peer's median time (same client, "
+        "same blksize, no windowsize) / this variant's median time (>1: rackboot faster)."
+        + (f" Loss: {args.loss:.0%} of UDP frames dropped each way ({lost} frames dropped in all)." if args.loss else ""),
         f"Machine: {loads_txt}.",
         f"rackboot: {code_description(args.rackboot_commit)}.",
         "",
@@ -217,7 +295,9 @@ def main(argv: list[str] | None = None) -> int:
     """Run the TFTP benchmark and print a markdown report."""
     ap = argparse.ArgumentParser(description=__doc__.split("\n\n")[0])
     ap.add_argument("--repeats", type=int, default=3)
-    ap.add_argument("--concurrent", type=int, default=200, help="how many 1 MiB fetches run at once")
+    ap.add_argument("--concurrent", type=int, default=200, help="how many fetches run at once in the many/nbp tests")
+    ap.add_argument("--tests", default="big,many", help="comma-separated, from: " + ", ".join(TESTS))
+    ap.add_argument("--loss", type=float, default=0.0, help="fraction of UDP frames dropped in each direction (nftables)")
     ap.add_argument("--variants", default=",".join(DEFAULT_VARIANTS),
                     help="comma-separated, from: " + ", ".join(VARIANTS))
     ap.add_argument("--timeout", type=float, default=600, help="give up on one timed fetch set after this many seconds")
@@ -231,6 +311,7 @@ def main(argv: list[str] | None = None) -> int:
     ap.add_argument("--file", help=argparse.SUPPRESS)
     ap.add_argument("--count", type=int, default=1, help=argparse.SUPPRESS)
     ap.add_argument("--out", help=argparse.SUPPRESS)
+    ap.add_argument("--client", default="atftp", choices=CLIENTS, help=argparse.SUPPRESS)
     ap.add_argument("--option", action="append", default=[], help=argparse.SUPPRESS)
     args = ap.parse_args(argv)
     if args.fetch:
@@ -239,8 +320,14 @@ def main(argv: list[str] | None = None) -> int:
     unknown = [v for v in args.variants if v not in VARIANTS]
     if unknown:
         ap.error(f"unknown variants: {unknown}")
-    kinds = sorted({VARIANTS[v][0] for v in args.variants}, reverse=True)  # tftpd-hpa first, then rackboot
-    require_root_and_tools(["atftp", "ss"] + (["in.tftpd"] if "tftpd-hpa" in kinds else []))
+    args.tests = [t.strip() for t in args.tests.split(",") if t.strip()]
+    if not args.tests or any(t not in TESTS for t in args.tests):
+        ap.error(f"--tests: choose from {', '.join(TESTS)}")
+    if not 0.0 <= args.loss < 1.0:
+        ap.error("--loss must be in [0, 1)")
+    kinds = sorted({VARIANTS[v].server for v in args.variants}, reverse=True)  # tftpd-hpa first, then rackboot
+    clients = sorted({VARIANTS[v].client for v in args.variants})
+    require_root_and_tools(clients + ["ss"] + (["in.tftpd"] if "tftpd-hpa" in kinds else []) + (["nft"] if args.loss else []))
     exit_cleanly_on_sigterm()
     args.rackboot_commit = resolve_commit(args.rackboot_commit)
     code_dir = ScratchDir(prefix="rackboot-bench-code-")
@@ -253,7 +340,7 @@ def main(argv: list[str] | None = None) -> int:
 
 def measure_and_report(args: argparse.Namespace, rackboot: list[str]) -> int:
     """Build the namespaces, run every measurement, print the report."""
-    kinds = sorted({VARIANTS[v][0] for v in args.variants}, reverse=True)
+    kinds = sorted({VARIANTS[v].server for v in args.variants}, reverse=True)
 
     loads = [dict(machine_load(), when="start")]
     say(f"machine at start: {loads[0]['uptime']} (CPUs {loads[0]['busy_pct']} % busy)")
@@ -266,13 +353,17 @@ def measure_and_report(args: argparse.Namespace, rackboot: list[str]) -> int:
         root = tmp / "root"
         root.mkdir(mode=0o755)
         rng = random.Random(7440)
+        nbp = Path("/usr/lib/ipxe/snponly.efi")
+        contents = {BIG[0]: rng.randbytes(BIG[1]), SMALL[0]: rng.randbytes(SMALL[1]),
+                    NBP[0]: nbp.read_bytes() if nbp.is_file() else rng.randbytes(173_792)}
+        files = {"big": BIG, "many": SMALL, "nbp": (NBP[0], len(contents[NBP[0]]))}
         digests = {}
-        for name, size in (BIG, SMALL):
-            (root / name).write_bytes(rng.randbytes(size))
+        for name, data in contents.items():
+            (root / name).write_bytes(data)
             (root / name).chmod(0o644)
             digests[name] = sha256(root / name)
         out = Path(outname)
-        say(f"namespaces {pair.server} (server) and {pair.client} (atftp)")
+        say(f"namespaces {pair.server} (server) and {pair.client} (clients)")
         for repeat in range(1, args.repeats + 1):
             order = kinds if repeat % 2 else list(reversed(kinds))
             for kind in order:
@@ -280,24 +371,35 @@ def measure_and_report(args: argparse.Namespace, rackboot: list[str]) -> int:
                 lab = pair.ensure()
                 client_ns = pair.client
                 with TftpServer(kind, lab, pair.server, root, rackboot) as server:
-                    for name, size in (BIG, SMALL):  # warm-up, untimed
-                        timed_fetch(lab, client_ns, server, (name, size), digests[name], 1, ("blksize 1468",), out / "warm", args.timeout)
-                    for variant in [v for v in args.variants if VARIANTS[v][0] == kind]:
-                        options = VARIANTS[variant][1]
-                        for test, file, count in (("big", BIG, 1), ("many", SMALL, args.concurrent)):
+                    set_loss(pair, 0.0)
+                    for test in args.tests:  # warm-up, untimed, without loss
+                        name, size = files[test]
+                        timed_fetch(lab, client_ns, server, (name, size), digests[name], 1, Variant(kind, "atftp", ("blksize 1468",)),
+                                    out / "warm", args.timeout)
+                    for variant in [v for v in args.variants if VARIANTS[v].server == kind]:
+                        for test in args.tests:
+                            file = files[test]
+                            count = 1 if test == "big" else args.concurrent
                             load = machine_load(0.5)
-                            secs, ok, failed, cpu, error = timed_fetch(
-                                lab, client_ns, server, file, digests[file[0]], count, options, out / "got", args.timeout)
+                            set_loss(pair, args.loss)
+                            before = dropped(pair) if args.loss else 0
+                            try:
+                                secs, ok, failed, cpu, error, each = timed_fetch(
+                                    lab, client_ns, server, file, digests[file[0]], count, VARIANTS[variant], out / "got", args.timeout)
+                                lost = dropped(pair) - before if args.loss else 0
+                            finally:
+                                set_loss(pair, 0.0)
                             if not pair.intact():
                                 error = error or "the namespaces vanished during the fetch (removed by someone else?)"
-                            t = Timing(variant, test, repeat, secs, ok, failed, cpu, load["load1"], load["busy_pct"], error)
+                            t = Timing(variant, test, repeat, secs, ok, failed, cpu, load["load1"], load["busy_pct"], error, each, lost)
                             timings.append(t)
-                            say(f"  {variant:38s} {test:4s}: {fmt(secs, 2)} s, {ok} ok, {failed} failed, "
+                            say(f"  {variant:44s} {test:4s}: {fmt(secs, 2)} s (median fetch {fmt(each, 2)} s), {ok} ok, {failed} failed, "
                                 f"server CPU {fmt(cpu, 2)} s, load {t.load1} busy {t.busy_pct} %"
+                                + (f", {lost} frames dropped" if args.loss else "")
                                 + (f" [{error[:300]}]" if error else ""))
             loads.append(dict(machine_load(), when=f"after repeat {repeat}"))
         rebuilt = pair.rebuilt
-    text = report(timings, args, loads)
+    text = report(timings, args, loads, files)
     if rebuilt:
         text += f"\n\nThe namespace pair vanished and was rebuilt {rebuilt} time(s) during the run (not by this script)."
     print(text)

@@ -9,6 +9,7 @@ any other exception escaping a check is a bug of the code under test.
 from __future__ import annotations
 
 import ipaddress
+import math
 import random
 import unicodedata
 from dataclasses import dataclass
@@ -26,7 +27,9 @@ from netboot.dhcp4.leases import LeaseTable
 from netboot.dhcp4.policy import Admission, DhcpPolicy, VIA_DHCP, VIA_PXE
 from netboot.tftp import codec as tftp_codec
 from netboot.tftp.files import TftpFileError, normalize_path
-from netboot.tftp.session import BLKSIZE_RANGE, TIMEOUT_RANGE, WINDOWSIZE_RANGE, ReadSession, SessionLimits
+from netboot.tftp.session import (
+    BACKOFF_CAP, BLKSIZE_RANGE, TIMEOUT_RANGE, WINDOWSIZE_RANGE, ReadSession, SessionLimits, give_up_after,
+)
 
 MALFORMED, DECODED, REPLY = "malformed", "decoded", "reply"
 NOW = 1_700_000_000.0
@@ -240,7 +243,8 @@ def check_tftp_session(file: bytes, requested: dict[str, str], limits: SessionLi
 
     Checks: negotiation stays within the limits and RFC 2348/2349/7440 ranges; every DATA block lies inside
     the file with the right bytes; a window is never wider than negotiated; once the client is silent the
-    session ends within retries + 1 ticks.
+    session ends within the time `retries` fixed-timer retransmissions take (session.give_up_after), in at most
+    retries + 1 ticks plus the doublings that take the adaptive timeout from its floor to its cap.
     """
     s = ReadSession(file, requested, limits)
     p = s.params
@@ -287,9 +291,12 @@ def check_tftp_session(file: bytes, requested: dict[str, str], limits: SessionLi
             now += arg
             sent_ok(s.tick(now))
     ticks = 0
-    bound = limits.retries + 1
+    doublings = math.ceil(math.log2(max(p.timeout, limits.timeout) * BACKOFF_CAP / min(limits.rto_floor, p.timeout)))
+    bound = limits.retries + 1 + doublings
+    silent_from = now
     while not s.finished:
         assert s.deadline is not None and ticks <= bound, f"not finished after {ticks} ticks"
+        assert s.deadline - silent_from <= give_up_after(p.timeout, limits.retries) + 1e-6
         now = max(now, s.deadline)
         sent_ok(s.tick(now))
         ticks += 1

@@ -1,9 +1,11 @@
-"""Helpers shared by several test files: DHCP requests built by scapy, small per-service settings, a root file system."""
+"""Helpers shared by several test files: DHCP requests built by scapy, small per-service settings, a root file system, TFTP peers."""
 from __future__ import annotations
 
+import asyncio
 import gzip
 import io
 import ipaddress
+import socket
 import tarfile
 from dataclasses import dataclass, field
 from typing import Any
@@ -11,6 +13,8 @@ from typing import Any
 from scapy.layers.dhcp import BOOTP, DHCP
 
 from netboot.dhcp4.settings import BootPrograms, DhcpSettings, Reservation
+from netboot.tftp.codec import decode
+from netboot.tftp.server import TftpService
 
 NODE1_MAC, NODE1_IP = "52:54:00:77:00:01", "10.77.0.11"
 NODE2_MAC, NODE2_IP = "52:54:00:77:00:02", "10.77.0.12"
@@ -73,3 +77,32 @@ def rootfs_tar_gz() -> bytes:
             info.size = len(data)
             tar.addfile(info, io.BytesIO(data))
     return gzip.compress(buf.getvalue())
+
+
+class RawPeer:
+    """A bare UDP socket on loopback for hand-made exchanges."""
+
+    def __init__(self) -> None:
+        self.sock = socket.socket(socket.AF_INET, socket.SOCK_DGRAM)
+        self.sock.bind(("127.0.0.1", 0))
+        self.sock.setblocking(False)
+
+    async def send(self, data: bytes, addr: tuple[str, int]) -> None:
+        await asyncio.get_running_loop().sock_sendto(self.sock, data, addr)
+
+    async def recv(self, timeout: float = 5.0) -> tuple[object, tuple[str, int]]:
+        data, addr = await asyncio.wait_for(asyncio.get_running_loop().sock_recvfrom(self.sock, 70000), timeout)
+        return decode(data), addr
+
+    def close(self) -> None:
+        self.sock.close()
+
+
+async def settled(svc: TftpService) -> dict[str, int]:
+    """The service's counters once no transfer is in flight (each transfer's thread reports its end to the loop)."""
+    for _ in range(500):
+        stats = svc.stats()
+        if stats["transfers_active"] == 0:
+            return stats
+        await asyncio.sleep(0.01)
+    raise AssertionError(f"transfers still active: {svc.stats()}")

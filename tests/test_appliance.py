@@ -72,6 +72,10 @@ async def test_appliance_binds_everything_and_serves_per_mac_tftp_file(tmp_path:
         client = tftpy.TftpClient("127.0.0.1", app.tftp.address[1], localip="127.0.0.11")
         await asyncio.to_thread(client.download, "boot.ipxe", str(out), timeout=2)
         assert out.read_bytes().startswith(b"#!ipxe") and b"node-1" in out.read_bytes()
+        for _ in range(500):  # the transfer's end reaches the loop from the TFTP data plane's thread
+            if app.tftp.stats()["transfers_active"] == 0:
+                break
+            await asyncio.sleep(0.01)
         [served] = [e for e in app.events.last("52:54:00:77:00:01") if isinstance(e, ScriptServed)]
         assert (served.via, served.profile) == (Via.TFTP, "none")
         assert app.mac_for_ip("127.0.0.11") == "52:54:00:77:00:01"

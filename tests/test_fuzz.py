@@ -174,9 +174,9 @@ def test_tftp_decode_takes_any_bytes(data: bytes) -> None:
 def test_tftp_session_stays_in_bounds_and_ends(file: bytes, requested: dict[str, str], limits: SessionLimits,
                                                events: list[tuple[str, Any]]) -> None:
     """Any options and any ACK/ERROR/junk/tick sequence: negotiation within limits and RFC ranges, no DATA past
-    the file, windows no wider than negotiated, and the end within retries + 1 ticks of silence."""
-    run = ft.check_tftp_session(file, requested, limits, events)
-    assert run.ticks_to_end <= limits.retries + 1
+    the file, windows no wider than negotiated, and the end within the fixed timer's give-up time of silence
+    (check_tftp_session bounds the ticks too: retries + 1 plus the adaptive timeout's doublings)."""
+    ft.check_tftp_session(file, requested, limits, events)
 
 
 _path_pieces = st.sampled_from(("..", ".", "/", "\\", "a", "boot", "%2e%2e", "\x00", "\x1f", "\x7f", "\x85", "\x9b",

@@ -20,6 +20,7 @@ from domain.errors import BindError
 from domain.progress import FileSent, NbpSent, NodeEvent, ScriptServed, TransferFailed, Via
 from netboot.tftp.codec import Data, Error, OptionAck, decode, encode_ack, encode_error, encode_request
 from netboot.tftp.server import TftpService, TftpSettings
+from helpers import RawPeer, settled
 
 HOST = "127.0.0.1"
 MAC = "52:54:00:77:00:01"
@@ -205,25 +206,6 @@ def events_of(sub: object) -> list[NodeEvent]:
     return out
 
 
-class RawPeer:
-    """A bare UDP socket on loopback for hand-made exchanges."""
-
-    def __init__(self) -> None:
-        self.sock = socket.socket(socket.AF_INET, socket.SOCK_DGRAM)
-        self.sock.bind((HOST, 0))
-        self.sock.setblocking(False)
-
-    async def send(self, data: bytes, addr: tuple[str, int]) -> None:
-        await asyncio.get_running_loop().sock_sendto(self.sock, data, addr)
-
-    async def recv(self, timeout: float = 5.0) -> tuple[object, tuple[str, int]]:
-        data, addr = await asyncio.wait_for(asyncio.get_running_loop().sock_recvfrom(self.sock, 70000), timeout)
-        return decode(data), addr
-
-    def close(self) -> None:
-        self.sock.close()
-
-
 async def test_bind_error_when_port_is_taken(tmp_path: Path) -> None:
     holder = socket.socket(socket.AF_INET, socket.SOCK_DGRAM)
     holder.bind((HOST, 0))
@@ -245,8 +227,9 @@ async def test_tftpy_client_in_a_thread(make_service, tmp_path: Path) -> None:
     client = tftpy.TftpClient(HOST, svc.address[1], options={"blksize": 1400, "tsize": 0})
     await asyncio.to_thread(client.download, "/images/blob.bin", str(out), timeout=2)
     assert out.read_bytes() == data
+    await settled(svc)
     assert [(type(e), e.path) for e in events_of(sub)] == [(FileSent, "images/blob.bin")]  # type: ignore[union-attr]
-    assert svc.stats()["transfers_sent"] == 1
+    assert (await settled(svc))["transfers_sent"] == 1
 
 
 @pytest.mark.parametrize("windowsize", ["1", "8"])
@@ -255,7 +238,7 @@ async def test_lossy_client_gets_the_file_through_retransmission(make_service, t
     data = write(tmp_path / "tftp", "lossy.bin", os.urandom(20_000 * int(windowsize)))
     got = await fetch(svc.address[1], "lossy.bin", {"blksize": "512", "windowsize": windowsize}, drop=0.1, seed=7, timeout=0.15)
     assert got == data
-    stats = svc.stats()
+    stats = await settled(svc)
     assert stats["retransmitted"] > 0 and stats["transfers_sent"] == 1 and stats["transfers_failed"] == 0
 
 
@@ -320,7 +303,7 @@ async def test_malformed_datagrams_are_dropped_counted_and_service_keeps_serving
         assert await fetch(svc.address[1], "a.bin") == data
     finally:
         peer.close()
-    stats = svc.stats()
+    stats = await settled(svc)
     assert stats["dropped_malformed"] == 5 and stats["transfers_sent"] == 1
 
 
@@ -372,9 +355,10 @@ async def test_ovmf_tsize_probe_aborted_with_error_8_is_silent(make_service, tmp
     finally:
         peer.close()
     assert await fetch(svc.address[1], "snponly.efi", {"blksize": "1468", "windowsize": "4"}) == data
-    stats = svc.stats()
+    stats = await settled(svc)
     assert stats["transfers_aborted"] == 1 and stats["transfers_failed"] == 0
     # snponly.efi is an NBP name: served from the root, reported as NbpSent once; the probe is not a failure.
+    await settled(svc)
     assert [type(e) for e in events_of(sub)] == [NbpSent]
 
 
@@ -496,7 +480,7 @@ async def test_cache_is_invalidated_when_the_file_changes(make_service, tmp_path
     path.write_bytes(b"version 2")
     os.utime(path, ns=(path.stat().st_atime_ns, path.stat().st_mtime_ns + 1_000_000_000))
     assert await fetch(svc.address[1], "v.txt") == b"version 2"
-    stats = svc.stats()
+    stats = await settled(svc)
     assert (stats["cache_hits"], stats["cache_misses"]) == (1, 2)
 
 
@@ -529,6 +513,7 @@ async def test_nbps_come_from_ipxe_dir_only_by_their_configured_names(make_servi
     expected = (IPXE_DIR / "undionly.kpxe").read_bytes()
     got = await fetch(svc.address[1], "undionly.kpxe", {"blksize": "1432", "tsize": "0"})  # what iPXE asks
     assert hashlib.sha256(got).digest() == hashlib.sha256(expected).digest()
+    await settled(svc)
     assert [type(e) for e in events_of(sub)] == [NbpSent]
     with pytest.raises(TftpClientError) as err:
         await fetch(svc.address[1], "ipxe.lkrn")  # in ipxe_dir but not an NBP name
@@ -544,7 +529,7 @@ async def test_200_concurrent_1mb_fetches_complete_intact(make_service, tmp_path
         *(fetch(svc.address[1], f"node-{i % 4}.img", {"blksize": "1468", "windowsize": "16"}, timeout=2.0) for i in range(200))
     )
     assert [hashlib.sha256(r).digest() for r in results] == [digests[i % 4] for i in range(200)]
-    stats = svc.stats()
+    stats = await settled(svc)
     assert stats["transfers_sent"] == 200 and stats["cache_misses"] == 4
 
 
@@ -577,8 +562,9 @@ async def test_real_client_atftp_with_blksize_and_windowsize(make_service, tmp_p
         HOST, str(svc.address[1]), cwd=tmp_path,
     )
     assert out.read_bytes() == data
+    await settled(svc)
     assert [type(e) for e in events_of(sub)] == [FileSent]
-    stats = svc.stats()
+    stats = await settled(svc)
     assert stats["transfers_windowed"] == 1 and stats["transfers_large_blocks"] == 1  # windowsize 8, blksize 1428
 
 

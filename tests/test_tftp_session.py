@@ -4,7 +4,7 @@ from __future__ import annotations
 from netboot.tftp.codec import Ack, Data, Error, OptionAck, decode
 from netboot.tftp.session import Outcome, ReadSession, SessionLimits, negotiate
 
-LIMITS = SessionLimits(max_blksize=1468, max_windowsize=8, timeout=1.0, retries=3)
+LIMITS = SessionLimits(max_blksize=1468, max_windowsize=8, timeout=1.0, retries=3, rto_floor=1.0)  # a fixed 1 s timer
 
 
 def blocks(datagrams: list[bytes]) -> list[int]:

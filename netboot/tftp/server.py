@@ -1,6 +1,7 @@
 """The TFTP service: a thin asyncio transport around the codec, the file store and one ReadSession per transfer.
 
-Requests arrive on settings.port; every transfer gets its own ephemeral socket (its TID, RFC 1350 sec. 4).
+Requests arrive on settings.port and are handled in the event loop; every transfer gets its own ephemeral
+socket (its TID, RFC 1350 sec. 4) whose per-block DATA/ACK exchange runs in the data plane's thread (datapath.py).
 One node record per transfer that ends: `NbpSent`, `ScriptServed` (the per-MAC `boot.ipxe`, rendered by
 the same `ipxe.script.ScriptRenderer` as over HTTP), `FileSent` or `TransferFailed`.
 """
@@ -43,6 +44,7 @@ from netboot.tftp.files import (
     TftpFileError,
     VirtualFile,
 )
+from netboot.tftp.datapath import DataPlane, TransferWorker
 from netboot.tftp.session import Outcome, ReadSession, SessionLimits
 
 log = logging.getLogger("rackboot.tftp")
@@ -78,6 +80,7 @@ class TftpSettings:
     first_retries: int = 2
     max_sessions: int = 4096
     max_sessions_per_host: int = 64          # one host cannot take the whole table (a node needs one or two)
+    rto_floor: float = 0.02                  # the adaptive retransmission timeout's floor (timeout is its start and cap)
 
 
 def raise_nofile_limit() -> int:
@@ -105,7 +108,7 @@ class _Transfer:
     request: ReadRequest
     mac: str | None
     task: asyncio.Task[None] | None = None
-    endpoint: "_TransferEndpoint | None" = None
+    worker: TransferWorker | None = None
     file: TftpFile | None = None
     closed: bool = field(default=False)
     started: float = field(default_factory=time.perf_counter)  # the RRQ
@@ -122,76 +125,6 @@ class _RequestEndpoint(asyncio.DatagramProtocol):
 
     def error_received(self, exc: Exception) -> None:
         log.debug("tftp: request socket error: %s", exc)
-
-
-class _TransferEndpoint(asyncio.DatagramProtocol):
-    """One transfer's socket: feeds the client's datagrams and timer ticks to its ReadSession."""
-
-    def __init__(self, service: "TftpService", transfer: _Transfer, session: ReadSession) -> None:
-        self.service = service
-        self.transfer = transfer
-        self.client = transfer.client
-        self.session = session
-        self.loop = asyncio.get_running_loop()
-        self.transport: asyncio.DatagramTransport | None = None
-        self.timer: asyncio.TimerHandle | None = None
-
-    def connection_made(self, transport: asyncio.BaseTransport) -> None:
-        self.transport = transport  # type: ignore[assignment]
-
-    def send(self, datagrams: list[bytes]) -> None:
-        """Send datagrams to the client and re-arm the retransmission timer."""
-        if self.transport is None:
-            return
-        for d in datagrams:
-            self.transport.sendto(d, self.client)
-        self.service._counters["sent"] += len(datagrams)
-        if self.session.finished:
-            self.service._finish(self.transfer)
-            return
-        deadline = self.session.deadline
-        if deadline is None:
-            return
-        if self.timer is not None:
-            if self.timer.when() <= deadline:
-                return  # fires early, sees the later deadline, re-arms
-            self.timer.cancel()
-        self.timer = self.loop.call_at(deadline, self._on_timer)
-
-    def _on_timer(self) -> None:
-        when = self.timer.when() if self.timer is not None else 0.0
-        self.timer = None
-        self.send(self.session.tick(max(self.loop.time(), when)))
-
-    def datagram_received(self, data: bytes, addr: Address) -> None:
-        counters = self.service._counters
-        counters["received"] += 1
-        if addr != self.client:
-            # RFC 1350 sec. 4: a packet from a wrong TID gets ERROR 5 and does not disturb the transfer.
-            counters["dropped_wrong_tid"] += 1
-            if self.transport is not None:
-                self.transport.sendto(encode_error(ErrorCode.UNKNOWN_TID, "unknown transfer ID"), addr)
-                counters["sent"] += 1
-            return
-        try:
-            packet = decode(data)
-        except MalformedPacket as exc:
-            counters["dropped_malformed"] += 1
-            log.debug("tftp: malformed datagram from %s:%d: %s", addr[0], addr[1], exc)
-            return
-        self.send(self.session.receive(packet, self.loop.time()))
-
-    def error_received(self, exc: Exception) -> None:
-        log.debug("tftp: transfer socket error for %s:%d: %s", self.client[0], self.client[1], exc)
-
-    def close(self) -> None:
-        """Stop the timer and release the socket."""
-        if self.timer is not None:
-            self.timer.cancel()
-            self.timer = None
-        if self.transport is not None:
-            self.transport.close()
-            self.transport = None
 
 
 class TftpService:
@@ -224,12 +157,14 @@ class TftpService:
             timeout=settings.timeout,
             retries=settings.retries,
             first_retries=settings.first_retries,
+            rto_floor=settings.rto_floor,
         )
         self._host = str(settings.address)
         self._transport: asyncio.DatagramTransport | None = None
         self._transfers: dict[Address, _Transfer] = {}
         self._per_host: dict[str, int] = {}  # transfers per client address
         self._counters: dict[str, int] = dict.fromkeys(_COUNTERS, 0)
+        self._plane = DataPlane()  # every transfer's DATA/ACK exchange, in a thread of its own (datapath.py)
         self.latency = {"transfer": Latency(TRANSFER_BUCKETS)}
 
     @property
@@ -280,6 +215,7 @@ class TftpService:
             self._drop(transfer)
         if tasks:
             await asyncio.gather(*tasks, return_exceptions=True)
+        await asyncio.to_thread(self._plane.close)  # the data plane closes every transfer socket it still holds
         if self._transport is not None:
             self._transport.close()
             self._transport = None
@@ -287,7 +223,18 @@ class TftpService:
     def stats(self) -> dict[str, int]:
         """Return counters: datagrams, drops, requests, transfers, retransmissions, cache."""
         cache = self.files.cache
-        return dict(self._counters) | {
+        counters = dict(self._counters)
+        for transfer in list(self._transfers.values()):  # transfers in flight count too (their threads own them)
+            worker = transfer.worker
+            if worker is not None and not transfer.closed:
+                seen = worker.counts
+                counters["received"] += seen.received
+                counters["sent"] += seen.sent
+                counters["dropped_wrong_tid"] += seen.dropped_wrong_tid
+                counters["dropped_malformed"] += seen.dropped_malformed
+                counters["retransmitted"] += worker.session.retransmitted
+                counters["duplicate_acks"] += worker.session.duplicate_acks
+        return counters | {
             "transfers_active": len(self._transfers),
             "cache_hits": cache.hits,
             "cache_misses": cache.misses,
@@ -383,21 +330,22 @@ class TftpService:
                 return
             transfer.file = file
             session = ReadSession(file.data, request.options, self.limits)
-            endpoint = _TransferEndpoint(self, transfer, session)
             sock = socket.socket(socket.AF_INET, socket.SOCK_DGRAM)
             try:
-                sock.setblocking(False)
                 sock.bind((self._host, 0))
             except OSError:
                 sock.close()
                 raise
             loop = asyncio.get_running_loop()
-            await loop.create_datagram_endpoint(lambda: endpoint, sock=sock)
-            transfer.endpoint = endpoint
-            if transfer.closed:
-                endpoint.close()
-                return
-            endpoint.send(session.start(loop.time()))
+
+            def done(worker: TransferWorker) -> None:
+                try:
+                    loop.call_soon_threadsafe(self._finish, transfer)
+                except RuntimeError:  # the loop is gone: the service was closed
+                    pass
+
+            transfer.worker = TransferWorker(sock, addr, session, done)
+            self._plane.add(transfer.worker)
         except asyncio.CancelledError:
             raise
         except OSError as exc:
@@ -422,8 +370,8 @@ class TftpService:
                 self._per_host[host] = left
             else:
                 self._per_host.pop(host, None)
-        if transfer.endpoint is not None:
-            transfer.endpoint.close()
+        if transfer.worker is not None:
+            self._plane.remove(transfer.worker)
 
     def _drop(self, transfer: _Transfer) -> None:
         """End a transfer without an outcome (superseded, or the service closes)."""
@@ -433,11 +381,17 @@ class TftpService:
 
     def _finish(self, transfer: _Transfer) -> None:
         """Account for a transfer whose session ended, publish its outcome, release its socket."""
-        if transfer.closed or transfer.endpoint is None:
+        if transfer.closed or transfer.worker is None:
             return
-        session = transfer.endpoint.session
+        worker = transfer.worker
+        session = worker.session
         self._forget(transfer)
         counters = self._counters
+        seen = worker.counts
+        counters["received"] += seen.received
+        counters["sent"] += seen.sent
+        counters["dropped_wrong_tid"] += seen.dropped_wrong_tid
+        counters["dropped_malformed"] += seen.dropped_malformed
         counters["retransmitted"] += session.retransmitted
         counters["duplicate_acks"] += session.duplicate_acks
         file = transfer.file
@@ -457,6 +411,7 @@ class TftpService:
         elif session.outcome is Outcome.ABORTED:
             counters["transfers_aborted"] += 1  # e.g. OVMF's tsize probe: not a failure
         else:
+            reason = session.reason or worker.error or "data path ended"
             counters["transfers_failed"] += 1
-            log.info("tftp: %s to %s:%d failed: %s", path, transfer.client[0], transfer.client[1], session.reason)
-            self._publish(transfer.mac, lambda mac: TransferFailed(mac, path, Via.TFTP, session.reason))
+            log.info("tftp: %s to %s:%d failed: %s", path, transfer.client[0], transfer.client[1], reason)
+            self._publish(transfer.mac, lambda mac: TransferFailed(mac, path, Via.TFTP, reason))

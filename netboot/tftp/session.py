@@ -10,13 +10,14 @@ from enum import Enum
 from typing import Mapping
 
 from netboot.tftp.codec import Ack, Error, Packet, encode_data, encode_oack
+from netboot.tftp.rto import DEFAULT_FLOOR, RtoEstimator
 
 # RFC 2348 sec. 2: valid blksize values; RFC 7440 sec. 3: valid windowsize values; RFC 2349 sec. 2: timeout.
 BLKSIZE_RANGE = (8, 65464)
 WINDOWSIZE_RANGE = (1, 65535)
 TIMEOUT_RANGE = (1, 255)
 DEFAULT_BLKSIZE = 512  # RFC 1350
-BACKOFF_CAP = 8  # retransmission waits double per retry up to this many times the base timeout
+BACKOFF_CAP = 8  # retransmission waits double per retry, up to this many times the configured timeout
 
 
 @dataclass(frozen=True)
@@ -28,6 +29,12 @@ class SessionLimits:
     timeout: float = 1.0
     retries: int = 6
     first_retries: int = 2  # retransmissions of the first datagram before a client that never answered is given up
+    rto_floor: float = DEFAULT_FLOOR  # the adaptive timeout's lower bound (rto.py); timeout is its start and cap
+
+
+def give_up_after(timeout: float, retries: int) -> float:
+    """Seconds without progress after which a transfer is given up: what `retries` fixed-timer retransmissions took."""
+    return timeout * sum(min(2**i, BACKOFF_CAP) for i in range(retries + 1))
 
 
 @dataclass(frozen=True)
@@ -107,6 +114,18 @@ class ReadSession:
         self._base = 0 if self.params.oack else 1  # lowest unacknowledged block
         self._next = self._base  # next block not yet sent in this window
         self._retry = 0
+        self._sent_at = 0.0  # when the current window last went out
+        self._resent = False  # the current window went out more than once: no RTT sample from it (Karn)
+        self._progress_at: float | None = None  # start, or the last ACK that moved the window
+        self._dup_resent = -1  # the window base a duplicate ACK already made us resend
+        self._first = self._base
+        first_retries = min(limits.first_retries, limits.retries)
+        self._budgets = (give_up_after(self.params.timeout, limits.retries), give_up_after(self.params.timeout, first_retries))
+        if "timeout" in self.params.oack:
+            # RFC 2349 sec. 2: the client asked for this retransmission timeout; it is used as is.
+            self.rtt = RtoEstimator(self.params.timeout, floor=self.params.timeout)
+        else:
+            self.rtt = RtoEstimator(limits.timeout, floor=limits.rto_floor)
         self.deadline: float | None = None
         self.outcome: Outcome | None = None
         self.reason = ""
@@ -126,6 +145,7 @@ class ReadSession:
 
     def start(self, now: float) -> list[bytes]:
         """Return the first datagrams: the OACK when options were accepted, else the first window of DATA."""
+        self._progress_at = now
         return self._send_window(now)
 
     def _block(self, seq: int) -> bytes:
@@ -135,14 +155,24 @@ class ReadSession:
         return encode_data(seq, self.data[off : off + self.blksize])
 
     def _wait(self) -> float:
-        return self.params.timeout * min(2**self._retry, BACKOFF_CAP)
+        # The adaptive timeout (rto.py) doubles per retry (RFC 6298 sec. 5.5), never past the fixed timer's cap.
+        return min(self.rtt.rto * 2**self._retry, self.params.timeout * BACKOFF_CAP)
+
+    def _budget(self) -> float:
+        # A client that never answered our first datagram is likely gone (or was never there: a flood of RRQs
+        # from forged ports); it asks again if it is alive (RFC 1350: the RRQ is retransmitted on timeout). So
+        # it is given up sooner than a client in the middle of its transfer, and its slot freed. The limit is
+        # in time (what that many fixed-timer retransmissions took), as the adaptive timer may be much shorter.
+        return self._budgets[self._base == self._first]
 
     def _send_window(self, now: float) -> list[bytes]:
         # RFC 7440 sec. 4: a window of up to windowsize blocks goes out back to back; the OACK travels alone.
         end = 1 if self._base == 0 else min(self._base + self.windowsize, self.last_block + 1)
         out = [self._block(seq) for seq in range(self._base, end)]
         self._next = end
-        self.deadline = now + self._wait()
+        self._sent_at = now
+        # Never past the give-up time, so a dead client is given up when the fixed timer would have done it.
+        self.deadline = min(now + self._wait(), (self._progress_at if self._progress_at is not None else now) + self._budget())
         self.datagrams_sent += len(out)
         return out
 
@@ -164,18 +194,39 @@ class ReadSession:
             return self._finish(Outcome.FAILED, f"client sent error {packet.code}: {packet.message}")
         if not isinstance(packet, Ack):
             return []
+        return self.on_ack(packet.block, now)
+
+    def on_ack(self, block: int, now: float) -> list[bytes]:
+        """Feed the block number of one ACK from the client's TID; return datagrams to send."""
+        if self.outcome is not None:
+            return []
         highest = self._next - 1
         # Map the 16-bit block number onto the highest sequence number sent that carries it.
-        seq = highest - ((highest - packet.block) & 0xFFFF)
+        seq = highest - ((highest - block) & 0xFFFF)
         if seq < self._base:
-            # An ACK for what was already acknowledged: never resend on it (RFC 1350's Sorcerer's
-            # Apprentice bug); the retransmission timer alone recovers lost DATA.
             self.duplicate_acks += 1
-            return []
+            if self.windowsize == 1 or seq != self._base - 1 or self._dup_resent == self._base:
+                # Lock-step: never resend on a duplicate ACK (RFC 1350's Sorcerer's Apprentice bug, RFC 1123
+                # 4.2.3.1); the retransmission timer alone recovers lost DATA.
+                return []
+            # RFC 7440 sec. 4: a receiver that misses a block acknowledges the last one it got in order. Coming
+            # more than a round trip after the window went out, it says the window's first block was lost: resend
+            # the window now rather than at the timeout, once per window (further copies wait for the timer).
+            if now - self._sent_at <= (self.rtt.srtt or 0.0):
+                return []
+            self._dup_resent = self._base
+            self._resent = True
+            out = self._send_window(now)
+            self.retransmitted += len(out)
+            return out
+        if not self._resent:
+            self.rtt.sample(now - self._sent_at)  # Karn: only from a window that went out once
         # RFC 7440 sec. 4: an ACK for a block inside the window acknowledges up to that block; the next
         # window starts right after it (resending blocks the receiver dropped after a gap).
         self._base = seq + 1
         self._retry = 0
+        self._resent = False
+        self._progress_at = now
         if self._base > self.last_block:
             return self._finish(Outcome.SENT)
         return self._send_window(now)
@@ -185,13 +236,10 @@ class ReadSession:
         if self.deadline is None or now < self.deadline:
             return []
         self._retry += 1
-        # A client that never answered our first datagram is likely gone (or was never there: a flood of RRQs
-        # from forged ports); it asks again if it is alive (RFC 1350: the RRQ is retransmitted on timeout). So
-        # it is given up sooner than a client in the middle of its transfer, and its slot freed.
-        never_answered = self._base == (0 if self.params.oack else 1)
-        retries = min(self.limits.first_retries, self.limits.retries) if never_answered else self.limits.retries
-        if self._retry > retries:
-            return self._finish(Outcome.FAILED, f"timeout: no ACK after {retries} retransmissions of block {self._base & 0xFFFF}")
+        budget = self._budget()
+        if now - (self._progress_at if self._progress_at is not None else now) >= budget - 1e-9:
+            return self._finish(Outcome.FAILED, f"timeout: no ACK for {budget:g} s ({self._retry - 1} retransmissions) of block {self._base & 0xFFFF}")
+        self._resent = True
         out = self._send_window(now)
         self.retransmitted += len(out)
         return out
