@@ -13,15 +13,16 @@ from dataclasses import dataclass
 from typing import Any, Iterable, Mapping
 
 # stage key -> (label, colour), in boot order
+# (colours apart from the macro-steps' of appliance/timeline.py)
 STAGES: dict[str, tuple[str, str]] = {
     "dhcp": ("DHCP", "#9c755f"),
     "nbp": ("NBP", "#edc948"),
     "script": ("script", "#b07aa1"),
     "kernel": ("kernel/initrd", "#ff9da7"),
-    "agent": ("agent up", "#4e79a7"),
-    "image": ("image written", "#f28e2b"),
-    "os_boot": ("installed system booting", "#8cd17d"),
-    "os": ("installed system up", "#59a14f"),
+    "agent": ("agent up", "#17becf"),
+    "image": ("image written", "#bcbd22"),
+    "os_boot": ("installed system booting", "#c7e9c0"),
+    "os": ("installed system up", "#2e7d32"),
 }
 # boot record kind (domain/progress.py) -> stage
 STAGE_OF_RECORD = {

@@ -63,9 +63,11 @@ def testbed(tmp_path: Path) -> Iterator[testbed_plan.TestbedPlan]:
     """A 4-node testbed with its appliance up and the sample environment in the catalog; always torn down."""
     name = f"db{secrets.token_hex(3)}"
     plan = make_plan(name, len(NODES), 2, post_s="0.2-1", seed=1)
-    previous = signal.getsignal(signal.SIGTERM)
+    previous, owner = signal.getsignal(signal.SIGTERM), os.getpid()
 
     def _sigterm(signum: int, frame: object) -> None:
+        if os.getpid() != owner:
+            os._exit(128 + signum)  # a forked helper just dies
         raise KeyboardInterrupt  # the Ctrl-C path: the browser and the testbed go
 
     signal.signal(signal.SIGTERM, _sigterm)
@@ -132,9 +134,11 @@ async def _watch(plan: testbed_plan.TestbedPlan, tmp_path: Path) -> Chromium:
                              headers={"Authorization": f"Bearer {token}"}) as resp:
             assert resp.status == 201, await resp.text()
             dep_id = (await resp.json())["id"]
-        await page.until(" || ".join(f"['SetDeploymentEnv', 'BroadcastEnv', 'BootNewEnv'].includes({node_state(n)})"
-                                     for n in NODES), timeout=120)
-        await page.screenshot(shots / "dashboard-nodes.png", "#app > section")  # the grid, nodes on their way
+        # the grid, nodes on their way: once one is past its deploy kernel (or, if the page went by that, all done)
+        later = "['kernel_fetched', 'initrd_fetched', 'dhcp_from_os', 'agent_up'].includes(c.textContent.split(' ')[0])"
+        await page.until(f"[...document.querySelectorAll('.node .last')].some(c => {later})"
+                         " || [...document.querySelectorAll('.node')].every(c => c.dataset.state === 'done')", timeout=180)
+        await page.screenshot(shots / "dashboard-nodes.png", "#app > section")
         await page.until(" && ".join(f"['done', 'failed'].includes({node_state(n)})" for n in NODES), timeout=420)
         assert await page.js("window.notReloaded === true")
         seen, records = await page.js("window.seenStates"), await page.js("window.seenRecords")
