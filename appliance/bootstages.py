@@ -66,7 +66,8 @@ def _windows(transitions: list[dict[str, Any]]) -> dict[str, tuple[float, float]
 
 def _image_marks(transitions: list[dict[str, Any]]) -> list[dict[str, Any]]:
     """The moments nodes left the image step for another step (not for failed): their image is on disk."""
-    out, where = [], {}
+    out: list[dict[str, Any]] = []
+    where: dict[str, str] = {}
     for t in sorted(transitions, key=lambda t: t["ts"]):
         node, to = t["node"], t["to_state"]
         if where.get(node) == IMAGE_STEP and to not in (IMAGE_STEP, "failed"):
