@@ -236,10 +236,13 @@ async def _stats(args: argparse.Namespace, api: Api) -> int:
     if args.svg:
         if not args.deployment:
             raise ClientError("--svg draws one deployment: give --deployment ID")
+        from appliance.bootstages import boot_records
         from appliance.timeline import gantt_svg
 
         moves = await api.call("GET", f"/api/v1/deployments/{args.deployment}/transitions")
-        Path(args.svg).write_text(gantt_svg(moves["transitions"], f"deployment {args.deployment}"))
+        nodes = await api.call("GET", "/api/v1/nodes")  # their boot records, for the boot-stage lane
+        records = boot_records(nodes["nodes"])
+        Path(args.svg).write_text(gantt_svg(moves["transitions"], f"deployment {args.deployment}", records))
         _emit(args, {"svg": args.svg, "transitions": len(moves["transitions"])},
               f"{args.svg}: the per-node timeline of {args.deployment} ({len(moves['transitions'])} transitions)")
         return EXIT_OK

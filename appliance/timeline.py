@@ -1,9 +1,12 @@
-"""A deployment's per-node timeline as an SVG Gantt chart, from its persisted node transitions (pure: text out).
+"""A deployment's per-node timeline as an SVG Gantt chart, from its persisted node transitions and the nodes' boot
+records (pure: text out).
 
-One row per node, one bar per stay in a state (a macro-step, with the implementation that ran it: a retry or a
-fallback implementation starts a new bar), coloured by macro-step; a failed node ends with a red mark whose
-tooltip is the reason. Time runs left to right from the deployment's first transition. `rackboot stats
---deployment ID --svg FILE` writes it.
+One row per node. Its upper lane has one bar per stay in a state (a macro-step, with the implementation that ran
+it: a retry or a fallback implementation starts a new bar), coloured by macro-step; a failed node ends with a red
+mark whose tooltip is the reason. Its lower lane has the boot stages (`appliance/bootstages.py`: DHCP, NBP,
+script, kernel/initrd, agent up, image written, installed system up), one bar per stage. Time runs left to right
+from the deployment's first transition. `rackboot stats --deployment ID --svg FILE` writes it, and
+`GET /api/v1/deployments/ID/timeline` serves it to the dashboard.
 """
 from __future__ import annotations
 
@@ -11,9 +14,11 @@ import re
 from typing import Any
 from xml.sax.saxutils import escape
 
+from appliance.bootstages import STAGES, Segment, segments as boot_segments
+
 COLOURS = {"SetDeploymentEnv": "#4e79a7", "BroadcastEnv": "#f28e2b", "BootNewEnv": "#59a14f", "Reboot": "#76b7b2"}
 OTHER = "#bab0ac"
-ROW, BAR, LEFT, RIGHT, TOP, WIDTH = 18, 12, 110, 20, 40, 900
+ROW, BAR, LANE, LEFT, RIGHT, TOP, WIDTH = 30, 12, 9, 110, 20, 62, 900  # LANE: the boot-stage bars
 FINAL = ("done", "failed")
 
 
@@ -32,13 +37,14 @@ def _segments(transitions: list[dict[str, Any]]) -> dict[str, list[tuple[float, 
     return out
 
 
-def gantt_svg(transitions: list[dict[str, Any]], title: str = "") -> str:
-    """The SVG chart of a deployment's transitions (records with node, ts, to_state, impl, reason)."""
+def gantt_svg(transitions: list[dict[str, Any]], title: str = "", records: list[dict[str, Any]] | None = None) -> str:
+    """The SVG chart of a deployment's transitions (node, ts, to_state, impl, reason) and boot records (node, kind, ts)."""
     segments = _segments(transitions)
     if not segments:
         return _svg(WIDTH, TOP + ROW, [f'<text x="{LEFT}" y="{TOP}">no transitions</text>'], title)
+    stages = boot_segments(transitions, records or [])
     start = min(s[0] for stays in segments.values() for s in stays)
-    end = max(s[1] for stays in segments.values() for s in stays)
+    end = max([s[1] for stays in segments.values() for s in stays] + [g.end for row in stages.values() for g in row])
     span = max(end - start, 1e-3)
     scale = (WIDTH - LEFT - RIGHT) / span
     reasons = {t["node"]: t.get("reason", "") for t in transitions if t["to_state"] == "failed"}
@@ -59,10 +65,19 @@ def gantt_svg(transitions: list[dict[str, Any]], title: str = "") -> str:
             tip = escape(f"{node} {state}{'/' + impl if impl else ''}: {t1 - t0:.1f} s")
             body.append(f'<rect class="stay" data-state="{escape(state)}" x="{x:.1f}" y="{y}" width="{w:.1f}" '
                         f'height="{BAR}" fill="{COLOURS.get(state, OTHER)}"><title>{tip}</title></rect>')
+        body += [_stage_bar(g, LEFT + (g.start - start) * scale, y + BAR + 2, scale, start) for g in stages.get(node, [])]
     height = TOP + len(segments) * ROW + 30
     body += _axis(span, scale, height - 24)
     body += _legend()
     return _svg(WIDTH, height, body, title)
+
+
+def _stage_bar(g: Segment, x: float, y: float, scale: float, t0: float) -> str:
+    """One boot stage of a node: a bar in the row's lower lane, its tooltip when it began and how long it lasted."""
+    w = max((g.end - g.start) * scale, 2.0)
+    tip = escape(f"{g.node} {g.label}: at {g.start - t0:.1f} s" + (f", {g.end - g.start:.1f} s" if g.end > g.start else ""))
+    return (f'<rect class="stage" data-node="{escape(g.node)}" data-stage="{g.stage}" x="{x:.1f}" y="{y}" '
+            f'width="{w:.1f}" height="{LANE}" fill="{STAGES[g.stage][1]}"><title>{tip}</title></rect>')
 
 
 def _axis(span: float, scale: float, y: float) -> list[str]:
@@ -78,11 +93,14 @@ def _axis(span: float, scale: float, y: float) -> list[str]:
 
 
 def _legend() -> list[str]:
-    out, x = [], LEFT
-    for state, colour in [*COLOURS.items(), ("failed", "#e15759")]:
-        out.append(f'<rect x="{x}" y="12" width="10" height="10" fill="{colour}"/>')
-        out.append(f'<text x="{x + 14}" y="21">{state}</text>')
-        x += 16 + 8 * len(state) + 12
+    out: list[str] = []
+    lines = [[*COLOURS.items(), ("failed", "#e15759")], [(label, colour) for label, colour in STAGES.values()]]
+    for y, items in zip((12, 30), lines):
+        x = 10
+        for name, colour in items:
+            out.append(f'<rect class="legend" x="{x}" y="{y}" width="10" height="10" fill="{colour}"/>')
+            out.append(f'<text x="{x + 14}" y="{y + 9}">{escape(name)}</text>')
+            x += 16 + 6 * len(name) + 12
     return out
 
 

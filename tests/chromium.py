@@ -1,7 +1,8 @@
 """Headless Chromium (Debian's `chromium`) driven over the DevTools protocol with aiohttp's websocket client.
 
-Loopback only: the browser's DevTools port is bound on 127.0.0.1, every host name but 127.0.0.1 resolves to
-nothing, background networking is off. Its profile is a temporary directory, removed afterwards. The browser
+Loopback only: the browser's DevTools port is bound on 127.0.0.1, every host name but 127.0.0.1 (and the
+addresses a test allows: an appliance inside the test's own namespace) resolves to nothing, background networking
+is off. Its profile is a temporary directory, removed afterwards. The browser
 runs in a process group of its own that is killed on success, failure and Ctrl-C (and by the kernel if the test
 process itself dies: PR_SET_PDEATHSIG).
 """
@@ -28,8 +29,9 @@ PR_SET_PDEATHSIG = 1
 FLAGS = ("--headless=new", "--disable-gpu", "--no-first-run", "--no-default-browser-check", "--disable-extensions",
          "--disable-background-networking", "--disable-sync", "--disable-component-update", "--disable-default-apps",
          "--disable-breakpad", "--disable-crash-reporter", "--metrics-recording-only", "--mute-audio", "--no-proxy-server",
-         "--password-store=basic", "--use-mock-keychain", "--host-resolver-rules=MAP * ~NOTFOUND, EXCLUDE 127.0.0.1",
-         "--remote-debugging-address=127.0.0.1", "--remote-debugging-port=0", "--window-size=1280,900")
+         "--password-store=basic", "--use-mock-keychain", "--remote-debugging-address=127.0.0.1",
+         "--remote-debugging-port=0", "--window-size=1280,900")
+RESOLVE_NOTHING = "MAP * ~NOTFOUND, EXCLUDE 127.0.0.1"  # every host name resolves to nothing, but loopback
 
 
 def executable() -> str | None:
@@ -94,11 +96,16 @@ class Page:
         await self.send("Page.navigate", url=url)
         await self.until("document.readyState === 'complete'")
 
-    async def screenshot(self, path: Path) -> None:
-        """Write a PNG of the whole page."""
+    async def screenshot(self, path: Path, selector: str | None = None) -> None:
+        """Write a PNG of the whole page, or of the element a CSS selector picks."""
         height = await self.js("Math.ceil(document.documentElement.scrollHeight)")
         await self.send("Emulation.setDeviceMetricsOverride", width=1280, height=int(height), deviceScaleFactor=1, mobile=False)
-        shot = await self.send("Page.captureScreenshot", format="png", captureBeyondViewport=True)
+        clip: dict[str, Any] = {}
+        if selector is not None:
+            box = await self.js(f"(() => {{ const r = document.querySelector({json.dumps(selector)}).getBoundingClientRect();"
+                                " return [r.left + scrollX, r.top + scrollY, r.width, r.height]; })()")
+            clip = {"clip": {"x": box[0], "y": box[1], "width": box[2], "height": box[3], "scale": 1}}
+        shot = await self.send("Page.captureScreenshot", format="png", captureBeyondViewport=True, **clip)
         path.write_bytes(base64.b64decode(shot["data"]))
 
     async def close(self) -> None:
@@ -110,7 +117,8 @@ class Page:
 class Chromium:
     """A headless browser for one test: `async with Chromium() as browser: page = await browser.page()`."""
 
-    def __init__(self) -> None:
+    def __init__(self, allow: tuple[str, ...] = ()) -> None:
+        self.allow = allow  # addresses the browser may reach besides loopback (an appliance in a test's namespace)
         self.profile = Path(tempfile.mkdtemp(prefix="rackboot-chromium-"))
         self.proc: subprocess.Popen[bytes] | None = None
         self.session: aiohttp.ClientSession | None = None
@@ -130,7 +138,8 @@ class Chromium:
     async def _start(self) -> None:
         exe = executable()
         assert exe is not None, "no chromium"
-        args = [exe, *FLAGS, f"--user-data-dir={self.profile}"]
+        rules = ", ".join([RESOLVE_NOTHING, *(f"EXCLUDE {a}" for a in self.allow)])
+        args = [exe, *FLAGS, f"--host-resolver-rules={rules}", f"--user-data-dir={self.profile}"]
         if os.geteuid() == 0:
             args.append("--no-sandbox")  # Chromium refuses to run as root with its sandbox
         args.append("about:blank")

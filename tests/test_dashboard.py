@@ -21,6 +21,7 @@ from appliance.inventory import Inventory
 from domain.nodes import BmcSpec
 from domain.progress import DhcpFromFirmware, FirmwareKind
 from test_api import World, add_env
+from test_timeline import stage_bars
 from test_appliance import free_port, write_config
 
 world = test_api.world  # the fixture: the API and the dashboard on loopback, with the controller and fakes behind it
@@ -124,6 +125,13 @@ async def test_the_timeline_is_the_gantt_svg_of_the_deployment(world: World) -> 
     assert status == 200 and headers["Content-Type"].startswith("image/svg+xml")
     assert svg.startswith("<svg") and f"deployment {dep['id']}" in svg
     assert 'data-state="BroadcastEnv"' in svg and 'class="failed"' in svg and "node-3 failed: no DHCP" in svg
+    # under the steps, each node's boot stages from the records of its boot (the fake cluster's, as the boot
+    # services publish them): the deploy environment netbooted, the image written, the installed system up
+    bars = stage_bars(svg)
+    assert [s for s, _, _ in bars["node-1"]] == [
+        "dhcp", "nbp", "dhcp", "script", "kernel", "agent", "image", "os"]  # iPXE asks DHCP again; kexec
+    assert all(a[1] <= b[1] for a, b in zip(bars["node-1"], bars["node-1"][1:]))
+    assert "node-3" not in bars  # it never sent DHCP
     assert (await get(world, f"/api/v1/deployments/{dep['id']}/timeline"))[0] == 401
     assert (await get(world, "/api/v1/deployments/nope/timeline", admin))[0] == 404
     _, bob = await client.call("POST", "/api/v1/users", admin, json={"name": "bob"})

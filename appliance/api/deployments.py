@@ -14,6 +14,7 @@ from appliance.api.deps import ApiDeps
 from appliance.catalog import CatalogError
 from appliance.deploy.controller import OverlapError
 from appliance.deploy.workflow import parse_steps
+from appliance.bootstages import STAGE_OF_RECORD
 from appliance.timeline import gantt_svg
 
 STREAM_KEEPALIVE_S = 15.0
@@ -78,7 +79,10 @@ async def transitions(deps: ApiDeps, call: Call) -> m.TransitionList:
 async def timeline(deps: ApiDeps, call: Call) -> web.Response:
     """GET /api/v1/deployments/ID/timeline: its per-node timeline, the SVG Gantt chart of `rackboot stats --svg`."""
     found = await transitions(deps, call)
-    svg = gantt_svg([t.model_dump() for t in found.transitions], f"deployment {found.id}")
+    nodes = [n for name in sorted({t.node for t in found.transitions}) if (n := deps.inventory.by_name.get(name))]
+    records = [{"node": n.name, "kind": e.kind, "ts": e.ts}  # the nodes' boot records the appliance still holds
+               for n in nodes for e in deps.events.last(n.mac) if e.kind in STAGE_OF_RECORD]
+    svg = gantt_svg([t.model_dump() for t in found.transitions], f"deployment {found.id}", records)
     return web.Response(text=svg, content_type="image/svg+xml",
                         headers={"Content-Disposition": f'inline; filename="{found.id}-timeline.svg"'})
 

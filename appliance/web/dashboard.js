@@ -11,7 +11,7 @@ const LATEST = 5;  // finished deployments whose node results the grid shows aft
 
 const $ = (id) => document.getElementById(id);
 const state = { token: null, me: null, nodes: new Map(), deployments: new Map(), selected: null, stream: null,
-                reload: null, detailTimer: null };
+                reload: null, detailTimer: null, detailSeq: 0 };
 
 function el(tag, attrs, ...children) {
   const node = document.createElement(tag);
@@ -299,6 +299,7 @@ function renderEnvironments(envs) {
 }
 
 async function showDetail(id) {
+  const seq = ++state.detailSeq;  // an older request answered late must not overwrite a newer one's answer
   let report, svg;
   try {
     [report, svg] = await Promise.all([api(`/api/v1/deployments/${encodeURIComponent(id)}`),
@@ -307,7 +308,7 @@ async function showDetail(id) {
     if (e instanceof Unauthorized) logout();
     return;
   }
-  if (state.selected !== id) return;
+  if (state.selected !== id || seq !== state.detailSeq) return;
   $("detail").hidden = false;
   $("detail-id").textContent = id;
   $("detail-status").textContent = `${report.status} · ${report.env} · ${report.user}`;
