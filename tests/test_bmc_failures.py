@@ -33,7 +33,7 @@ from appliance.catalog import Catalog
 from appliance.dashboard import add_dashboard
 from appliance.deploy.controller import Controller, ControllerDeps
 from appliance.deploy.ipmitool_power import IpmitoolPower
-from appliance.deploy.power import PER_BMC, PowerError
+from appliance.deploy.power import PER_BMC, BmcClientMissing, PowerError
 from appliance.deploy.pyghmi_power import PyghmiPower
 from appliance.deploy.store import DeploymentStore
 from appliance.deploy.workflow import default_workflow
@@ -338,3 +338,20 @@ async def test_ipmitool_never_reads_a_late_answer_as_another(tmp_path: Path) -> 
         proc.stdin.close()
         await proc.wait()
     assert "off" not in outcomes, outcomes  # the farm's node is on
+
+
+async def test_a_missing_ipmitool_ends_the_call_at_the_first_try(tmp_path: Path) -> None:
+    """No ipmitool on the appliance: the call fails at once with words that say so (check-config --host says it
+    too), instead of being retried with backoff as if the BMC were busy."""
+    creds = tmp_path / "bmc.yaml"
+    creds.write_text("username: rbadmin\npassword: pw-x\n")
+    node = Node(name="nt-1", mac="52:54:00:66:fe:01", ip=ipaddress.IPv4Address("10.66.0.251"),
+                bmc=BmcSpec("ipmi", "127.0.0.1", PORT, creds))
+    ipmi = IpmitoolPower(retries=3, backoff_s=5.0, binary=str(tmp_path / "no-such-ipmitool"))
+    try:
+        with pytest.raises(BmcClientMissing, match="not installed") as caught:
+            await asyncio.wait_for(ipmi.power(node, "status"), 4.0)  # one backoff would already take 5-10 s
+    finally:
+        ipmi.close()
+    assert "1 try" in str(caught.value) and "pw-x" not in str(caught.value)
+    assert sum(ipmi.attempts.values()) == 1 and ipmi.stats()["calls_failed"] == 1

@@ -25,6 +25,7 @@ from appliance.deploy.power import (
     BACKOFF_S,
     POWER_OPS,
     BmcAuthRefused,
+    BmcClientMissing,
     BmcSessionRefused,
     BmcTimedOut,
     BmcUnreachable,
@@ -75,7 +76,6 @@ class IpmitoolPower(RetriedBmcCalls[list[str]]):
         self._timing = ["-N", str(timeout_s), "-R", str(retransmits)]
         self._kill_after_s = kill_after_s
         self._home: Path | None = None
-        self.processes_run = 0
 
     def _private_home(self) -> Path:
         """A HOME for the ipmitool processes with the one-entry IANA registry (see the module docstring)."""
@@ -95,13 +95,12 @@ class IpmitoolPower(RetriedBmcCalls[list[str]]):
         env = {"PATH": os.environ.get("PATH", "/usr/sbin:/usr/bin:/sbin:/bin"), "HOME": str(self._private_home()),
                "IPMI_PASSWORD": password}
         async with self._slots:
-            self.processes_run += 1
             try:
                 proc = await asyncio.create_subprocess_exec(
                     *argv, env=env, stdin=asyncio.subprocess.DEVNULL, stdout=asyncio.subprocess.PIPE,
                     stderr=asyncio.subprocess.PIPE, start_new_session=True)
             except FileNotFoundError as exc:
-                raise PowerError(f"{self._binary} is not installed (apt-get install ipmitool)") from exc
+                raise BmcClientMissing(f"{self._binary} is not installed (apt-get install ipmitool)") from exc
             try:
                 out, err = await asyncio.wait_for(proc.communicate(), self._kill_after_s)
             except (TimeoutError, asyncio.CancelledError) as exc:

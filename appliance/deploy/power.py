@@ -47,6 +47,10 @@ class BmcTimedOut(PowerError):
     """The BMC set a session up but did not answer the command in time (a slow or overloaded BMC)."""
 
 
+class BmcClientMissing(PowerError):
+    """The IPMI client program is not on this host: no try can do better, so the call ends at the first."""
+
+
 PER_BMC = 1  # calls in flight per BMC: a BMC has a handful of session slots, and pyghmi cannot do more (pyghmi_power)
 BACKOFF_S = 0.5  # before the first retry; doubled for each next one, with up to 100 % jitter
 
@@ -55,11 +59,12 @@ EXPLAIN: dict[type[PowerError], str] = {
     BmcAuthRefused: "authentication refused, not retried: check the credentials file",
     BmcSessionRefused: "session refused: the BMC has no free session slot",
     BmcTimedOut: "timed out: the BMC set a session up but did not answer the command",
+    BmcClientMissing: "the IPMI client is not installed on the appliance, not retried",
     PowerError: "failed",
 }
 # The result of a call, as /metrics counts it (rackboot_bmc_calls_<result>).
 RESULT = {BmcUnreachable: "unreachable", BmcAuthRefused: "auth_refused", BmcSessionRefused: "session_refused",
-          BmcTimedOut: "timed_out", PowerError: "failed"}
+          BmcTimedOut: "timed_out", BmcClientMissing: "failed", PowerError: "failed"}
 
 
 class PowerDriver(Protocol):
@@ -99,7 +104,7 @@ class RetriedBmcCalls(Generic[Request]):
 
     def stats(self) -> dict[str, int]:
         """Calls by result, tries, and calls in flight (for /metrics; no address, no credential)."""
-        return ({f"calls_{r}": self.results[r] for r in ("ok", *RESULT.values())}
+        return ({f"calls_{r}": self.results[r] for r in ("ok", *dict.fromkeys(RESULT.values()))}
                 | {"tries": sum(self.attempts.values()), "calls_in_flight": sum(self._in_flight.values())})
 
     async def _try(self, bmc: BmcSpec, user: str, password: str, request: Request) -> object:
@@ -159,6 +164,8 @@ class RetriedBmcCalls(Generic[Request]):
                         if kind is BmcAuthRefused:
                             self._refused[key] = ((user, password), self._words(exc))
                             break  # a BMC locks accounts out after a few refused logins: never insist
+                        if kind is BmcClientMissing:
+                            break
                         if kind is BmcUnreachable:
                             # Silence is retried once (a BMC may drop a burst); busy or erroring BMCs get every retry.
                             tries = min(tries, 2)
