@@ -5,7 +5,7 @@
 #   ./setup.sh --test   also the real clients and firmware the test suite drives
 #   ./setup.sh --bench  also the peers the benchmarks compare against (dnsmasq, Kea, tftpd-hpa, ...)
 # Needs root (apt-get, network namespaces). Starts no service: Debian packages that ship one
-# (tftpd-hpa, kea-dhcp4-server) are installed with service start-up blocked and stay disabled.
+# (tftpd-hpa, kea-dhcp4-server, isc-dhcp-relay) are installed with service start-up blocked and stay disabled.
 set -euo pipefail
 cd "$(dirname "$0")"
 
@@ -27,10 +27,11 @@ pkgs=(ipxe iproute2 busybox ipmitool nftables fdisk e2fsprogs libarchive13 ca-ce
 # Tests: the real clients and firmware the end-to-end tier drives; GRUB's installers (only the -bin image
 # packages and grub-install: nothing that touches this machine's own bootloader) and mkfs.vfat for the bootloader
 # test on a loop device; OpenSSH's client to log in to deployed VMs as a user would; headless Chromium for the
-# web dashboard's browser test (tests/test_dashboard_browser.py drives it over the DevTools protocol, on loopback).
+# web dashboard's browser test (tests/test_dashboard_browser.py drives it over the DevTools protocol, on loopback);
+# ISC's dhcrelay for the relayed-network test (its service stays disabled: the test runs it in its namespaces).
 [ $want_test = 1 ] && pkgs+=(udhcpc isc-dhcp-client tftp-hpa atftp bind9-dnsutils curl iputils-ping tcpdump openssl
                              qemu-system-x86 ipxe-qemu ovmf grub2-common grub-pc-bin grub-efi-amd64-bin dosfstools openssh-client
-                             chromium)
+                             chromium isc-dhcp-relay)
 # Benchmarks: the peers we measure against in the same run.
 [ $want_bench = 1 ] && pkgs+=(kea-admin kea-dhcp4-server dnsmasq-base tftpd-hpa udpcast pdsh clustershell)
 
@@ -50,7 +51,7 @@ if [ ${#missing[@]} -gt 0 ]; then
   export DEBIAN_FRONTEND=noninteractive
   apt-get update -q
   apt-get install -y -q --no-install-recommends "${missing[@]}"
-  for svc in tftpd-hpa kea-dhcp4-server kea-dhcp6-server kea-dhcp-ddns-server kea-ctrl-agent; do
+  for svc in tftpd-hpa kea-dhcp4-server kea-dhcp6-server kea-dhcp-ddns-server kea-ctrl-agent isc-dhcp-relay; do
     if command -v systemctl >/dev/null 2>&1 && [ -d /run/systemd/system ]; then
       systemctl disable --now "$svc" >/dev/null 2>&1 || true
     fi

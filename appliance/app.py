@@ -295,6 +295,7 @@ def dhcp_settings(config: ApplianceConfig) -> DhcpSettings:
         pool=d.pool, router=d.router, dns_servers=d.dns_servers, domain=config.dns.domain,
         discovery=d.unknown_macs == "discovery", broadcast_replies=d.broadcast_replies,
         unknown_rate=RateLimit(d.unknown_rate, d.unknown_burst) if d.unknown_rate is not None else None,
+        relayed_subnets=d.relayed_subnets,
     )
 
 

@@ -11,7 +11,7 @@ from appliance.inventory import Inventory, load_inventory
 from appliance.yamlsource import Located, load_yaml_mapping
 from domain.errors import ConfigError
 from netboot.dhcp4.ratelimit import parse_rate
-from netboot.dhcp4.settings import DEFAULT_UNKNOWN_RATE
+from netboot.dhcp4.settings import DEFAULT_UNKNOWN_RATE, RelayedSubnet
 
 DHCP_MODES = ("authoritative", "proxy", "off")
 UNKNOWN_MAC_POLICIES = ("ignore", "discovery")
@@ -36,6 +36,7 @@ class DhcpConfig:
     broadcast_replies: bool = False
     unknown_rate: float | None = DEFAULT_UNKNOWN_RATE.rate   # requests/s per relay circuit, relay or port from non-inventory MACs; None: off
     unknown_burst: int = DEFAULT_UNKNOWN_RATE.burst
+    relayed_subnets: tuple[RelayedSubnet, ...] = ()   # networks of nodes behind DHCP relays (authoritative mode)
 
 
 @dataclass(frozen=True)
@@ -206,6 +207,28 @@ def _pool(v: Any) -> tuple[ipaddress.IPv4Address, ipaddress.IPv4Address]:
     return (a, b)
 
 
+def _relayed_subnets(v: Any) -> tuple[RelayedSubnet, ...]:
+    """A list of {network: CIDR, router: ADDRESS}: the networks whose relays forward to us, none overlapping."""
+    if not isinstance(v, list):
+        raise ValueError("a list of {network: 10.80.0.0/24, router: 10.80.0.1}")
+    out: list[RelayedSubnet] = []
+    for i, item in enumerate(v):
+        if not isinstance(item, dict) or set(item) - {"network", "router"} or "network" not in item:
+            raise ValueError(f"item {i}: expected a mapping with network (and router), like {{network: 10.80.0.0/24, router: 10.80.0.1}}")
+        try:
+            net = ipaddress.IPv4Network(str(item["network"]))
+        except ValueError as exc:
+            raise ValueError(f"item {i}: network: {exc}") from None
+        router = ipaddress.IPv4Address(str(item["router"])) if item.get("router") is not None else None
+        if router is not None and (router not in net or router in (net.network_address, net.broadcast_address)):
+            raise ValueError(f"item {i}: router {router} is not a host address of {net}")
+        for other in out:
+            if net.overlaps(other.network):
+                raise ValueError(f"item {i}: {net} overlaps {other.network}")
+        out.append(RelayedSubnet(net, router))
+    return tuple(out)
+
+
 def _rate(v: Any) -> float | None:
     if v is False or str(v) == "off":  # an unquoted off is read as false by YAML 1.1: both mean off here
         return None
@@ -222,6 +245,12 @@ def _upstream(v: Any) -> tuple[tuple[str, int], ...]:
         ipaddress.ip_address(host)
         out.append((host, int(port)))
     return tuple(out)
+
+
+def _network_of(ip: ipaddress.IPv4Address, own: ipaddress.IPv4Network,
+                relayed: tuple[RelayedSubnet, ...]) -> ipaddress.IPv4Network | None:
+    """The network of the appliance's (its own, or one behind a relay) an address is on."""
+    return next((net for net in (own, *(s.network for s in relayed)) if ip in net), None)
 
 
 def load_config(path: str | Path) -> ApplianceConfig:
@@ -242,7 +271,7 @@ def load_config(path: str | Path) -> ApplianceConfig:
     dhcp = DhcpConfig()
     if (d := _child(root, "dhcp", problems)) is not None:
         r = _Reader(d, problems, ("mode", "port", "client_port", "proxy_port", "lease_time", "pool", "router", "dns_servers", "unknown_macs", "router_advertisements", "broadcast_replies",
-                                     "unknown_rate", "unknown_burst"))
+                                     "unknown_rate", "unknown_burst", "relayed_subnets"))
         dhcp = DhcpConfig(
             mode=r.choice("mode", "authoritative", DHCP_MODES),
             port=r.port("port", 67),
@@ -257,7 +286,12 @@ def load_config(path: str | Path) -> ApplianceConfig:
             broadcast_replies=r.boolean("broadcast_replies", False),
             unknown_rate=r.get("unknown_rate", DEFAULT_UNKNOWN_RATE.rate, _rate, "a rate like 200/s or 6000/min, or 'off'"),
             unknown_burst=r.positive("unknown_burst", DEFAULT_UNKNOWN_RATE.burst),
+            relayed_subnets=r.get("relayed_subnets", (), _relayed_subnets, "networks behind DHCP relays"),
         )
+        for subnet in dhcp.relayed_subnets:
+            if address.ip.packed != b"\0\0\0\0" and subnet.network.overlaps(address.network):
+                problems.append(f"{d.at('relayed_subnets')}: dhcp.relayed_subnets: {subnet.network} overlaps the appliance's "
+                                f"own network {address.network}")
         if dhcp.pool and address.ip.packed != b"\0\0\0\0":
             for end in dhcp.pool:
                 if end not in address.network:
@@ -366,11 +400,14 @@ def load_config(path: str | Path) -> ApplianceConfig:
             where = inventory.origin.get(node.name, inventory.source)
             if node.ip == address.ip:
                 problems.append(f"{where}: node {node.name} has the appliance's own address {node.ip}")
-            elif node.ip not in address.network:
+            elif (network := _network_of(node.ip, address.network, dhcp.relayed_subnets)) is None:
                 problems.append(f"{where}: node {node.name}: {node.ip} is outside the appliance's network {address.network}"
-                                " (nodes are served on the appliance's own segment)")
-            elif node.ip in (address.network.network_address, address.network.broadcast_address):
+                                + (" and every dhcp.relayed_subnets network" if dhcp.relayed_subnets else
+                                   " (nodes behind a DHCP relay need their network in dhcp.relayed_subnets)"))
+            elif node.ip in (network.network_address, network.broadcast_address):
                 problems.append(f"{where}: node {node.name}: {node.ip} is the network's own or broadcast address")
+            elif any(node.ip == s.router for s in dhcp.relayed_subnets):
+                problems.append(f"{where}: node {node.name}: {node.ip} is the router of its network (dhcp.relayed_subnets)")
             if dhcp.pool and dhcp.pool[0] <= node.ip <= dhcp.pool[1]:
                 problems.append(f"{where}: node {node.name}: {node.ip} lies inside the dynamic pool")
     if problems or inventory is None:

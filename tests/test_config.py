@@ -191,6 +191,42 @@ def test_nodes_outside_the_appliances_network_are_errors(tmp_path: Path) -> None
     assert any("node-3: 10.77.1.0 is outside" in p for p in problems), problems
 
 
+RELAYED = MINIMAL_CONFIG.replace("  mode: authoritative       # authoritative | proxy | off\n", """\
+  mode: authoritative
+  relayed_subnets:          # racks routed to the appliance through a DHCP relay (ip helper)
+    - {network: 10.80.1.0/24, router: 10.80.1.1}
+    - network: 10.80.2.0/24
+      router: 10.80.2.1
+""")
+
+
+def test_nodes_behind_dhcp_relays_load_with_their_networks(tmp_path: Path) -> None:
+    nodes = MINIMAL_NODES.replace("10.77.0.12", "10.80.2.12")
+    cfg = load_config(write(tmp_path, RELAYED, nodes))
+    assert [(str(s.network), str(s.router)) for s in cfg.dhcp.relayed_subnets] == [("10.80.1.0/24", "10.80.1.1"), ("10.80.2.0/24", "10.80.2.1")]
+    assert cfg.inventory.by_name["node-2"].ip == ipaddress.IPv4Address("10.80.2.12")
+    outside = problems_of(write(tmp_path, RELAYED, MINIMAL_NODES.replace("10.77.0.12", "10.80.3.12")))
+    assert any("node-2: 10.80.3.12 is outside the appliance's network 10.77.0.0/24 and every dhcp.relayed_subnets network" in p
+               for p in outside), outside
+    hint = problems_of(write(tmp_path, MINIMAL_CONFIG, nodes))
+    assert any("need their network in dhcp.relayed_subnets" in p for p in hint), hint
+    router = problems_of(write(tmp_path, RELAYED, MINIMAL_NODES.replace("10.77.0.12", "10.80.2.1")))
+    assert any("node-2: 10.80.2.1 is the router of its network" in p for p in router), router
+
+
+@pytest.mark.parametrize("subnets, expected", [
+    ("[{network: 10.80.1.0/24, router: 10.80.2.1}]", "item 0: router 10.80.2.1 is not a host address of 10.80.1.0/24"),
+    ("[{network: 10.80.0.0/16}, {network: 10.80.1.0/24}]", "item 1: 10.80.1.0/24 overlaps 10.80.0.0/16"),
+    ("[{network: 10.80.1.7/24}]", "item 0: network: 10.80.1.7/24 has host bits set"),
+    ("[{net: 10.80.1.0/24}]", "item 0: expected a mapping with network"),
+    ("[{network: 10.77.0.0/16}]", "10.77.0.0/16 overlaps the appliance's own network 10.77.0.0/24"),
+])
+def test_relayed_subnet_mistakes_are_errors_with_a_line(tmp_path: Path, subnets: str, expected: str) -> None:
+    config = MINIMAL_CONFIG.replace("  mode: authoritative       # authoritative | proxy | off\n", f"  relayed_subnets: {subnets}\n")
+    problems = problems_of(write(tmp_path, config, MINIMAL_NODES))
+    assert any(expected in p and "rackboot.yaml:" in p for p in problems), problems
+
+
 def test_yaml_traps_get_a_hint(tmp_path: Path) -> None:
     """Issue 12: YAML 1.1 reads an unquoted MAC as a base-60 integer and an unquoted `off` as false."""
     nodes = MINIMAL_NODES.replace('mac: "52:54:00:77:00:01"', "mac: 52:54:00:12:34:56")  # all groups < 60: a number

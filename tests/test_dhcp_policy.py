@@ -19,7 +19,7 @@ from netboot.dhcp4 import options as o
 from netboot.dhcp4.codec import decode
 from netboot.dhcp4.leases import LeaseTable
 from netboot.dhcp4.policy import VIA_DHCP, VIA_PXE, Decision, DhcpPolicy
-from netboot.dhcp4.settings import BootPrograms
+from netboot.dhcp4.settings import BootPrograms, RelayedSubnet
 
 
 class Harness:
@@ -196,19 +196,64 @@ def test_broadcast_replies_config_forces_broadcast() -> None:
     assert d.reply is not None and d.reply.dest.ip == "255.255.255.255" and d.reply.dest.mac is None
 
 
+RACK9 = RelayedSubnet(ipaddress.IPv4Network("10.9.0.0/24"), ipaddress.IPv4Address("10.9.0.1"))
+RACK9_MAC = "52:54:00:09:00:21"
+RACK9_NODES = (("node-1", NODE1_MAC, NODE1_IP), ("r9-1", RACK9_MAC, "10.9.0.21"))
+
+
 def test_relayed_request_goes_to_giaddr_port_67_with_option_82_echoed_last() -> None:
-    h = Harness(make_config())
+    h = Harness(make_config(nodes=RACK9_NODES, relayed_subnets=(RACK9,)))
     agent = b"\x01\x04port\x02\x06switch"
-    d = h(NODE1_MAC, "discover", giaddr="10.9.0.1", options=[("relay_agent_information", agent)])
+    d = h(RACK9_MAC, "discover", giaddr="10.9.0.1", options=[("relay_agent_information", agent)])
     assert d.reply is not None
     assert (d.reply.dest.ip, d.reply.dest.port, d.reply.dest.mac) == ("10.9.0.1", 67, None)
     b = BOOTP(d.reply.data)
-    assert b.giaddr == "10.9.0.1"
+    assert b.giaddr == "10.9.0.1" and b.yiaddr == "10.9.0.21"
     options = [x for x in b[DHCP].options if isinstance(x, tuple)]
     assert options[-1] == ("relay_agent_information", agent)
-    nak = h(NODE1_MAC, "request", giaddr="10.9.0.1", options=[("requested_addr", "10.77.0.99")])
+    nak = h(RACK9_MAC, "request", giaddr="10.9.0.1", options=[("requested_addr", "10.9.0.99")])
     assert nak.reply is not None and nak.reply.dest.ip == "10.9.0.1"
     assert BOOTP(nak.reply.data).flags & 0x8000  # RFC 2131 4.3.2: the relay broadcasts the NAK
+
+
+def test_a_relayed_node_gets_the_mask_router_and_broadcast_of_its_own_network() -> None:
+    """RFC 2131 4.3.1: the network of giaddr; RFC 2132 3.3, 3.5, 5.3: its mask, router and broadcast address,
+    not the server's (10.77.0.0/24, no router)."""
+    h = Harness(make_config(nodes=RACK9_NODES, relayed_subnets=(RACK9,)))
+    ack = h(RACK9_MAC, "request", giaddr="10.9.0.1", options=[("requested_addr", "10.9.0.21")])
+    assert ack.reply is not None
+    got = opts_of(ack.reply.data)
+    assert got["message-type"] == 5 and BOOTP(ack.reply.data).yiaddr == "10.9.0.21"
+    assert (got["subnet_mask"], got["router"], got["broadcast_address"]) == ("255.255.255.0", "10.9.0.1", "10.9.0.255")
+    assert got["server_id"] == "10.77.0.1" and got["hostname"] == b"r9-1"
+    own = opts_of(h(NODE1_MAC, "discover").reply.data)  # type: ignore[union-attr]
+    assert own["subnet_mask"] == "255.255.255.0" and own["broadcast_address"] == "10.77.0.255" and "router" not in own
+
+
+def test_a_request_relayed_from_a_network_the_server_does_not_serve_is_ignored() -> None:
+    """As ISC dhcpd ("unknown network segment") and Kea: no address fits a client on a network we know nothing of."""
+    h = Harness(make_config(nodes=RACK9_NODES, relayed_subnets=(RACK9,), pool=pool("10.77.0.100", "10.77.0.109")))
+    for mac in (RACK9_MAC, NODE1_MAC, STRANGER):
+        d = h(mac, "discover", giaddr="10.8.0.1")
+        assert d.reply is None and d.ignored == "relayed from 10.8.0.1, on no network in dhcp.relayed_subnets"
+
+
+def test_a_node_heard_on_another_network_than_its_reservation_is_not_offered_and_its_request_is_naked() -> None:
+    h = Harness(make_config(nodes=RACK9_NODES, relayed_subnets=(RACK9,)))
+    moved = h(NODE1_MAC, "discover", giaddr="10.9.0.1")  # node-1's address is on the server's own network
+    assert moved.reply is None and moved.ignored == f"reserved address {NODE1_IP} is not on the request's network 10.9.0.0/24"
+    nak = h(NODE1_MAC, "request", giaddr="10.9.0.1", options=[("requested_addr", NODE1_IP)])
+    assert nak.reply is not None and opts_of(nak.reply.data)["message-type"] == 6
+    direct = h(RACK9_MAC, "discover")  # r9-1 heard on the server's own segment, without a relay
+    assert direct.reply is None and "10.9.0.21 is not on the request's network 10.77.0.0/24" in (direct.ignored or "")
+
+
+def test_the_pool_serves_the_servers_own_network_only() -> None:
+    h = Harness(make_config(nodes=RACK9_NODES, relayed_subnets=(RACK9,), pool=pool("10.77.0.100", "10.77.0.109")))
+    far = h(STRANGER, "discover", giaddr="10.9.0.1")
+    assert far.reply is None and far.ignored == "unknown MAC on 10.9.0.0/24: the pool is on the server's own network only"
+    near = h(STRANGER, "discover", giaddr="10.77.0.2")  # a relay on our own network (what perfdhcp does)
+    assert near.reply is not None and BOOTP(near.reply.data).yiaddr == "10.77.0.100"
 
 
 def test_pool_offer_request_ack_and_persistence_across_restart(tmp_path: Path) -> None:

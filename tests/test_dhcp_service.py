@@ -9,6 +9,7 @@ import os
 import shutil
 import socket
 import sqlite3
+import subprocess
 import time
 from pathlib import Path
 from typing import Any, AsyncIterator, Iterator
@@ -26,6 +27,7 @@ from helpers import BIOS_VC, NODE1_IP, NODE1_MAC, STRANGER, DhcpSetup, opts_of, 
 from helpers import make_dhcp as make_config
 from netboot.dhcp4.codec import decode
 from netboot.dhcp4.server import DhcpService
+from netboot.dhcp4.settings import RelayedSubnet
 from vmtestbed.netns import Lab, entered, socket_in
 
 REPLY_TIMEOUT = 3.0
@@ -470,3 +472,52 @@ async def test_perfdhcp_gets_pool_leases_through_its_relay_behaviour(pair: tuple
     assert service.stats()["acks"] == 100
     assert db.execute("SELECT count(*) FROM dhcp4_leases").fetchone()[0] == 100
     db.close()
+
+
+@pytest.fixture
+def routed_rack(tmp_path: Path) -> Iterator[tuple[str, str]]:
+    """srv (rb0 10.77.0.1/24) routed to a rack network 10.80.5.0/24 through rtr, which runs ISC's dhcrelay
+    towards 10.77.0.1; cli (eth0 with node-1's MAC, no address) on the rack network."""
+    if os.geteuid() != 0:
+        pytest.skip("needs root for network namespaces")
+    for tool in ("udhcpc", "dhcrelay"):
+        if shutil.which(tool) is None:
+            pytest.skip(f"{tool} not installed (./setup.sh --test)")
+    with Lab() as lab:
+        srv, rtr, cli = lab.ns("srv"), lab.ns("rtr"), lab.ns("cli")
+        lab.veth(srv, SERVER_IF, rtr, "up0")
+        lab.veth(rtr, "down0", cli, CLIENT_IF)
+        lab.addr(srv, SERVER_IF, "10.77.0.1/24")
+        lab.addr(rtr, "up0", "10.77.0.254/24")
+        lab.addr(rtr, "down0", "10.80.5.1/24")
+        lab.run(srv, ["ip", "route", "add", "10.80.5.0/24", "via", "10.77.0.254"], check=True)
+        lab.run(rtr, ["sysctl", "-qw", "net.ipv4.ip_forward=1"], check=True)  # the namespace's own setting
+        with NetNS(cli) as ipr:
+            idx = ipr.link_lookup(ifname=CLIENT_IF)[0]
+            ipr.link("set", index=idx, state="down")
+            ipr.link("set", index=idx, address=NODE1_MAC)
+            ipr.link("set", index=idx, state="up")
+        lab.popen(rtr, ["dhcrelay", "-4", "-d", "-q", "-pf", str(tmp_path / "dhcrelay.pid"), "-id", "down0", "-iu", "up0",
+                        "10.77.0.1"], stdout=subprocess.DEVNULL, stderr=subprocess.DEVNULL)
+        yield srv, cli
+
+
+@pytest.mark.netns
+async def test_udhcpc_behind_iscs_dhcrelay_gets_its_reservation_on_the_relayed_network(routed_rack: tuple[str, str],
+                                                                                       tmp_path: Path) -> None:
+    """A rack routed to the appliance: udhcpc on 10.80.5.0/24, ISC's dhcrelay on the router between the two
+    networks, the server on 10.77.0.0/24 with that network in relayed_subnets. The client gets its reservation
+    with its own network's mask and router (RFC 2131 4.3.1), the reply going back through the relay."""
+    srv, cli = routed_rack
+    rack = RelayedSubnet(ipaddress.IPv4Network("10.80.5.0/24"), ipaddress.IPv4Address("10.80.5.1"))
+    script = tmp_path / "udhcpc.sh"
+    script.write_text(f"#!/bin/sh\n[ \"$1\" = bound ] && env > {tmp_path}/udhcpc.env\nexit 0\n")
+    script.chmod(0o755)
+    service = dhcp_service(make_config(nodes=(("r5-1", NODE1_MAC, "10.80.5.21"),), relayed_subnets=(rack,)))
+    async with serving(service, srv):
+        await asyncio.sleep(0.5)  # dhcrelay opens its sockets
+        rc, out = await run_in(cli, "udhcpc", "-f", "-q", "-n", "-t", "4", "-T", "1", "-i", CLIENT_IF, "-s", str(script))
+    assert rc == 0, out
+    env = env_file(tmp_path / "udhcpc.env")
+    assert (env["ip"], env["subnet"], env["router"]) == ("10.80.5.21", "255.255.255.0", "10.80.5.1")
+    assert env["serverid"] == "10.77.0.1" and env["hostname"] == "r5-1"

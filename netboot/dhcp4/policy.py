@@ -30,7 +30,7 @@ from netboot.dhcp4.codec import (
 )
 from netboot.dhcp4.leases import LeaseTable, int_to_ip, ip_to_int
 from netboot.dhcp4.ratelimit import SourceLimiter
-from netboot.dhcp4.settings import DhcpSettings, Reservation
+from netboot.dhcp4.settings import DhcpSettings, RelayedSubnet, Reservation
 
 log = logging.getLogger("rackboot.dhcp")
 
@@ -94,6 +94,23 @@ class Decision:
 
 
 @dataclass(frozen=True, slots=True)
+class Segment:
+    """A network the server hands addresses on: the server's own, or one behind a relay (RFC 2131 4.3.1), with the
+    encoded options that differ between networks (mask, broadcast address, router)."""
+
+    network: ipaddress.IPv4Network
+    first: int                 # the network's address as an int
+    last: int                  # its broadcast address as an int
+    own: bool                  # the server's own network (the dynamic pool lives here)
+    lease_opts: bytes          # server id, lease times, network options: what every OFFER and ACK carries
+    inform_opts: bytes         # the same without lease times (RFC 2131 4.3.5)
+
+    def holds(self, packed: bytes) -> bool:
+        """Whether a packed IPv4 address lies in this network."""
+        return self.first <= int.from_bytes(packed, "big") <= self.last
+
+
+@dataclass(frozen=True, slots=True)
 class BootAnswer:
     """The boot part of a reply: header 'file' and 'siaddr', encoded options, and what it is (ipxe, http, or the NBP role)."""
 
@@ -123,20 +140,10 @@ class DhcpPolicy:
         self._exchanges: dict[str, tuple[int, str]] = {}  # mac -> (xid, client kind) of its last exchange
         self.max_exchanges = MAX_TRACKED_EXCHANGES
         sid_tlv = o.tlv(o.SERVER_ID, self.sid)
-        network_tlvs = (
-            o.tlv(o.SUBNET_MASK, self.network.netmask.packed)
-            + o.tlv(o.BROADCAST_ADDRESS, self.network.broadcast_address.packed)
-            + (o.tlv(o.ROUTER, settings.router.packed) if settings.router else b"")
-            + o.ip_option(o.DNS_SERVERS, [a.packed for a in (settings.dns_servers or (settings.server_ip,))])
-            + (o.text_option(o.DOMAIN_NAME, settings.domain) if settings.domain else b"")
-        )
-        # RFC 2131 4.3.1 / RFC 2132 9.11: T1 = 0.5 * lease, T2 = 0.875 * lease.
-        lease_tlvs = (o.u32_option(o.LEASE_TIME, settings.lease_time)
-                      + o.u32_option(o.RENEWAL_TIME, settings.lease_time // 2)
-                      + o.u32_option(o.REBINDING_TIME, settings.lease_time * 7 // 8))
         self._sid_tlv = sid_tlv
-        self._lease_opts = sid_tlv + lease_tlvs + network_tlvs
-        self._inform_opts = sid_tlv + network_tlvs
+        self._own = self._segment(settings, RelayedSubnet(self.network, settings.router), own=True)
+        # RFC 2131 4.3.1: a relayed request gets an address on the network of its giaddr; few networks, scanned in turn.
+        self._relayed = tuple(self._segment(settings, subnet, own=False) for subnet in settings.relayed_subnets)
         self._tftp_server_tlv = o.text_option(o.TFTP_SERVER_NAME, str(settings.server_ip))
         self._no_pxedhcp_tlv = o.tlv(o.IPXE_ENCAP, o.tlv(o.IPXE_NO_PXEDHCP, b"\x01"))
         self._boot_cache: dict[tuple[str, str, bool], BootAnswer | None] = {}
@@ -248,20 +255,30 @@ class DhcpPolicy:
             return self._proxy(req, mt, via, source)
         if via != VIA_DHCP:
             return Decision(ignored="PXE port request in authoritative mode")
+        segment = self._segment_for(req)
+        if segment is None:
+            return Decision(ignored=f"relayed from {_ntoa(req.giaddr)}, on no network in dhcp.relayed_subnets")
         mac = req.mac
         if mac in self._nodes:
-            return self._reserved(req, mt, mac, now)
-        return self._pooled(req, mt, mac, now)
+            return self._reserved(req, mt, mac, now, segment)
+        return self._pooled(req, mt, mac, now, segment)
 
     # ------------------------------------------------------------------ authoritative: inventory nodes
 
-    def _reserved(self, req: DhcpPacket, mt: int, mac: str, now: float) -> Decision:
+    def _reserved(self, req: DhcpPacket, mt: int, mac: str, now: float, segment: Segment) -> Decision:
         """Answer a node of the inventory with its reservation (RFC 2131 4.3)."""
         ip = self._node_ip[mac]
         extra = self._hostname_tlv[mac]
+        if not segment.holds(ip):
+            # The node's request came from another network than its reservation's (moved to another rack, a
+            # wrong relay): RFC 2131 4.3.1 gives addresses on the client's network only; 4.3.2 NAKs a REQUEST there.
+            if mt == o.REQUEST:
+                return Decision(self._nak(req, f"reserved address {_ntoa(ip)} is not on this network"), self._seen(req, mac))
+            return Decision(None, self._seen(req, mac) if mt == o.DISCOVER else None,
+                            f"reserved address {_ntoa(ip)} is not on the request's network {segment.network}")
         if mt == o.DISCOVER:
             boot = self._boot_for(req, mac, proxy=False)
-            return Decision(self._lease_reply(req, o.OFFER, ip, extra, boot), self._seen(req, mac))
+            return Decision(self._lease_reply(req, o.OFFER, ip, extra, boot, segment), self._seen(req, mac))
         if mt == o.REQUEST:
             event = self._seen(req, mac)
             sid = req.option_ip(o.SERVER_ID)
@@ -273,9 +290,9 @@ class DhcpPolicy:
             if wanted != ip:
                 return Decision(self._nak(req, f"address reserved for this client is {_ntoa(ip)}"), event)
             boot = self._boot_for(req, mac, proxy=False)
-            return Decision(self._lease_reply(req, o.ACK, ip, extra, boot), event)
+            return Decision(self._lease_reply(req, o.ACK, ip, extra, boot, segment), event)
         if mt == o.INFORM:
-            return self._inform(req, extra)
+            return self._inform(req, extra, segment)
         if mt == o.DECLINE:
             wanted = req.option_ip(o.REQUESTED_IP) or ip
             if now >= self._decline_quiet_until:  # one line a minute at most
@@ -289,11 +306,13 @@ class DhcpPolicy:
 
     # ------------------------------------------------------------------ authoritative: the dynamic pool
 
-    def _pooled(self, req: DhcpPacket, mt: int, mac: str, now: float) -> Decision:
+    def _pooled(self, req: DhcpPacket, mt: int, mac: str, now: float, segment: Segment) -> Decision:
         """Answer a MAC outside the inventory from the dynamic pool (if any)."""
         leases = self.leases
         if not leases.has_pool:
             return Decision(ignored="unknown MAC and no pool")
+        if not segment.own:
+            return Decision(ignored=f"unknown MAC on {segment.network}: the pool is on the server's own network only")
         if mt == o.DISCOVER:
             event = self._seen(req, mac)
             requested = req.option_ip(o.REQUESTED_IP)
@@ -307,7 +326,7 @@ class DhcpPolicy:
                 return Decision(None, event, POOL_EXHAUSTED)
             ip = int_to_ip(value)
             boot = self._boot_for(req, mac, proxy=False) if self.discovery else None
-            return Decision(self._lease_reply(req, o.OFFER, ip, b"", boot), event)
+            return Decision(self._lease_reply(req, o.OFFER, ip, b"", boot, segment), event)
         if mt == o.REQUEST:
             event = self._seen(req, mac)
             sid = req.option_ip(o.SERVER_ID)
@@ -321,7 +340,7 @@ class DhcpPolicy:
             known = leases.lease_for(mac) is not None
             if leases.bind(mac, value, now, self.lease_time):
                 boot = self._boot_for(req, mac, proxy=False) if self.discovery else None
-                return Decision(self._lease_reply(req, o.ACK, wanted, b"", boot), event)
+                return Decision(self._lease_reply(req, o.ACK, wanted, b"", boot, segment), event)
             # RFC 2131 4.3.2: NAK what we are authoritative for (our offer, a client we know, our pool,
             # an address from another network); stay silent about other addresses of clients we do not know.
             ours = (sid is not None or known or leases.first <= value <= leases.last
@@ -330,7 +349,7 @@ class DhcpPolicy:
                 return Decision(None, event, "REQUEST for an address outside the pool from an unknown client")
             return Decision(self._nak(req, "requested address not available"), event)
         if mt == o.INFORM:
-            return self._inform(req, b"")
+            return self._inform(req, b"", segment)
         if mt == o.DECLINE:
             wanted = req.option_ip(o.REQUESTED_IP)
             sid = req.option_ip(o.SERVER_ID)
@@ -389,6 +408,35 @@ class DhcpPolicy:
         else:
             dest = self._broadcast_dest  # no yiaddr in a proxy offer: broadcast it
         return Decision(Reply(data, dest, reply_type), event)
+
+    # ------------------------------------------------------------------ networks
+
+    def _segment(self, settings: DhcpSettings, subnet: RelayedSubnet, own: bool) -> Segment:
+        """Encode the options of one network once (RFC 2132 3.3 mask, 3.5 router, 5.3 broadcast address)."""
+        net = subnet.network
+        network_tlvs = (
+            o.tlv(o.SUBNET_MASK, net.netmask.packed)
+            + o.tlv(o.BROADCAST_ADDRESS, net.broadcast_address.packed)
+            + (o.tlv(o.ROUTER, subnet.router.packed) if subnet.router else b"")
+            + o.ip_option(o.DNS_SERVERS, [a.packed for a in (settings.dns_servers or (settings.server_ip,))])
+            + (o.text_option(o.DOMAIN_NAME, settings.domain) if settings.domain else b"")
+        )
+        # RFC 2131 4.3.1 / RFC 2132 9.11: T1 = 0.5 * lease, T2 = 0.875 * lease.
+        lease_tlvs = (o.u32_option(o.LEASE_TIME, settings.lease_time)
+                      + o.u32_option(o.RENEWAL_TIME, settings.lease_time // 2)
+                      + o.u32_option(o.REBINDING_TIME, settings.lease_time * 7 // 8))
+        return Segment(net, int(net.network_address), int(net.broadcast_address), own,
+                       self._sid_tlv + lease_tlvs + network_tlvs, self._sid_tlv + network_tlvs)
+
+    def _segment_for(self, req: DhcpPacket) -> Segment | None:
+        """RFC 2131 4.3.1: the network of giaddr for a relayed request, else the server's own; None when the relay
+        sits on a network the server is not told about."""
+        if req.giaddr == ZERO_IP or self._own.holds(req.giaddr):
+            return self._own  # on our segment, or a relay on it (perfdhcp always acts as one)
+        for segment in self._relayed:
+            if segment.holds(req.giaddr):
+                return segment
+        return None
 
     # ------------------------------------------------------------------ node progress
 
@@ -463,9 +511,10 @@ class DhcpPolicy:
                 out += o.tlv(code, value)
         return out
 
-    def _lease_reply(self, req: DhcpPacket, mt: int, ip: bytes, extra: bytes, boot: BootAnswer | None) -> Reply:
-        """Encode an OFFER or ACK of `ip` with the lease options, host name and boot answer."""
-        opts = _MT[mt] + self._lease_opts + extra
+    def _lease_reply(self, req: DhcpPacket, mt: int, ip: bytes, extra: bytes, boot: BootAnswer | None,
+                     segment: Segment) -> Reply:
+        """Encode an OFFER or ACK of `ip` with the lease options of its network, host name and boot answer."""
+        opts = _MT[mt] + segment.lease_opts + extra
         if boot is not None:
             opts += boot.options
             siaddr, file = boot.siaddr, boot.file
@@ -478,9 +527,9 @@ class DhcpPolicy:
                             req.chaddr, b"", file, opts)
         return Reply(data, self._destination(req, ip), mt)
 
-    def _inform(self, req: DhcpPacket, extra: bytes) -> Decision:
+    def _inform(self, req: DhcpPacket, extra: bytes, segment: Segment) -> Decision:
         """RFC 2131 4.3.5: an ACK with configuration but no lease and no yiaddr, sent to ciaddr."""
-        opts = _MT[o.ACK] + self._inform_opts + extra + self._echoed(req)
+        opts = _MT[o.ACK] + segment.inform_opts + extra + self._echoed(req)
         data = encode_reply(BOOTREPLY, req.htype, req.hlen, req.xid, req.flags, req.ciaddr, ZERO_IP, ZERO_IP,
                             req.giaddr, req.chaddr, b"", b"", opts)
         return Decision(Reply(data, self._destination(req, ZERO_IP), o.ACK))

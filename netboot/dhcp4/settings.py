@@ -20,6 +20,14 @@ class Reservation:
     hostname: str = ""
 
 
+@dataclass(frozen=True, slots=True)
+class RelayedSubnet:
+    """A network whose nodes reach the server through a DHCP relay (its giaddr lies in it), and its gateway."""
+
+    network: ipaddress.IPv4Network
+    router: ipaddress.IPv4Address | None = None   # option 3; usually the relay's own address on that network
+
+
 @dataclass(frozen=True)
 class BootPrograms:
     """What network-boot clients are pointed at: NBP file names by role, and the HTTP server iPXE scripts live on."""
@@ -50,6 +58,7 @@ class DhcpSettings:
     broadcast_replies: bool = False
     reserved: tuple[ipaddress.IPv4Address, ...] = field(default=())  # never handed out from the pool
     unknown_rate: RateLimit | None = DEFAULT_UNKNOWN_RATE  # None: MACs outside the inventory are not rate-limited
+    relayed_subnets: tuple[RelayedSubnet, ...] = ()  # networks served through relays, besides the server's own
 
     @property
     def server_ip(self) -> ipaddress.IPv4Address:
