@@ -21,6 +21,7 @@ from appliance.config import ApplianceConfig, load_config
 from appliance.dashboard import add_dashboard
 from appliance.inventory import Inventory
 from appliance.logs import LogLevels, setup_serve_logging
+from appliance.loopwatch import LoopWatch
 from appliance.deploy.agent_driver import AgentDeployDriver
 from appliance.deploy.controller import Controller, ControllerDeps
 from appliance.deploy.ipmitool_power import IpmitoolPower
@@ -83,6 +84,7 @@ class Appliance:
         self.dns = DnsService(dns_settings(config), {n.name: n.ip for n in inventory.nodes})
         self._build_controller(config)
         self.services: list[Service] = [self.tftp, self.http, self.dns]
+        self.loop_watch = LoopWatch()
         if config.dhcp.mode != "off":
             self.services.insert(0, self.dhcp)
         if config.dhcp.router_advertisements:
@@ -205,10 +207,13 @@ class Appliance:
             async with asyncio.TaskGroup() as tg:
                 tasks = [tg.create_task(s.serve(), name=s.name) for s in self.services]
                 tasks.append(tg.create_task(self.controller.serve(), name="controller"))
+                self.loop_watch.install()
+                tasks.append(tg.create_task(self.loop_watch.watch(), name="loop-watch"))
                 await self._stop.wait()
                 for t in tasks:
                     t.cancel()
         finally:
+            self.loop_watch.uninstall()
             await self.controller.close()
             for service in reversed(self.services):
                 await service.close()
@@ -218,12 +223,12 @@ class Appliance:
     def latencies(self) -> dict[str, dict[str, Latency]]:
         """Return the latency histograms every service keeps (for /metrics)."""
         return ({s.name: dict(getattr(s, "latency", {})) for s in self.services if getattr(s, "latency", None)}
-                | {"bmc": dict(self.ipmi.latency)})
+                | {"bmc": dict(self.ipmi.latency), "loop": dict(self.loop_watch.latency)})
 
     def stats(self) -> dict[str, dict[str, int]]:
         """Return the counters of every service."""
         return ({s.name: s.stats() for s in self.services} | {"events": {"published": self.events.published}}
-                | {"bmc": self.ipmi.stats()})
+                | {"bmc": self.ipmi.stats(), "loop": self.loop_watch.stats()})
 
 
 async def serve_forever(config: ApplianceConfig) -> None:

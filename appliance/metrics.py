@@ -19,7 +19,8 @@ from domain.latency import Latency
 
 # Counters that are levels, not totals (everything else a service counts only grows).
 GAUGES = frozenset({"transfers_active", "leases", "lease_rows_pending", "pending_forwards", "cache_bytes",
-                    "offers_pending", "exchanges_tracked", "rate_limit_sources", "calls_in_flight"})
+                    "offers_pending", "exchanges_tracked", "rate_limit_sources", "calls_in_flight",
+                    "gc_pause_gen0_max_us", "gc_pause_gen1_max_us", "gc_pause_gen2_max_us", "lag_max_us"})
 Stats = Callable[[], Mapping[str, Mapping[str, int]]]
 Histograms = Callable[[], Mapping[str, Mapping[str, Latency]]]  # service -> what is timed -> its histogram
 NodeStates = Callable[[], Iterable[tuple[str, str]]]  # (deployment status, node state) of every live run

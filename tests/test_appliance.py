@@ -210,6 +210,9 @@ async def test_metrics_page_serves_the_services_counters_for_prometheus(tmp_path
     # BMC calls by result and their durations (none made here; tests/test_bmc_failures.py counts real ones).
     assert samples["rackboot_bmc_calls_ok_total"] == 0 and samples["rackboot_bmc_calls_unreachable_total"] == 0
     assert samples["rackboot_bmc_calls_in_flight"] == 0 and samples["rackboot_bmc_call_failed_seconds_count"] == 0
+    # Event-loop stalls: GC pauses per generation and timer lateness (tests/test_loopwatch.py measures real ones).
+    assert "rackboot_loop_lag_seconds_count" in samples and "rackboot_loop_gc_pause_gen2_seconds_count" in samples
+    assert "rackboot_loop_lag_max_us" in samples and "rackboot_loop_gc_collections_gen0_total" in samples
 
 
 def test_metrics_count_live_nodes_by_state() -> None:
