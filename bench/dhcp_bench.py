@@ -63,6 +63,7 @@ class Probe:
     server_cpu_s: float | None = None
     load1: float | None = None
     busy_pct: float | None = None
+    stalls: dict[str, float] = field(default_factory=dict)  # rackboot only: its /metrics' loop lag and GC pauses, ms
     error: str = ""
 
     @property
@@ -226,6 +227,8 @@ def run_probe(pair: NamespacePair, kind: str, rackboot: list[str], rate: int, ar
             probe.exit_status = out.returncode
             if srv.alive():
                 probe.server_cpu_s = cpu_seconds(srv.proc.pid) - cpu0
+                if kind == "rackboot":
+                    probe.stalls = loop_stalls(lab, client_ns)
             else:
                 probe.error = f"server exited with status {srv.proc.returncode} during the run"
             # Status 3: some exchanges unanswered (not a crash); anything else but 0 is a perfdhcp failure.
@@ -242,8 +245,25 @@ def run_probe(pair: NamespacePair, kind: str, rackboot: list[str], rate: int, ar
     say(f"  {kind:9s} rate {rate:6d}/s: {probe.leases_per_s:8.1f} leases/s, drop {probe.drop_pct:5.2f} %, "
         f"DO avg {fmt(probe.do_avg_ms, 2)} ms, RA avg {fmt(probe.ra_avg_ms, 2)} ms, "
         f"server CPU {fmt(probe.cpu_us_per_lease)} us/lease, load {probe.load1} busy {probe.busy_pct} % -> {verdict}"
+        + (f"; stalls (ms, worst): {', '.join(f'{k} {v:g}' for k, v in probe.stalls.items())}" if probe.stalls else "")
         + (f" [{probe.error[-700:]}]" if probe.error else ""))
     return probe
+
+
+STALL_METRICS = {"rackboot_loop_lag_max_us": "loop lag", "rackboot_loop_gc_pause_gen0_max_us": "gc0",
+                 "rackboot_loop_gc_pause_gen1_max_us": "gc1", "rackboot_loop_gc_pause_gen2_max_us": "gc2",
+                 "rackboot_loop_gc_collections_gen2_total": "gc2 passes"}
+
+
+def loop_stalls(lab: Lab, ns: str) -> dict[str, float]:
+    """The worst event-loop lag and GC pauses rackboot's /metrics saw during the probe (ms; gc2 passes a count)."""
+    out = lab.run(ns, ["curl", "-s", "--max-time", "5", f"http://{SERVER_IP}:8080/metrics"], timeout=15)
+    found: dict[str, float] = {}
+    for line in out.stdout.splitlines():
+        name, _, value = line.partition(" ")
+        if name in STALL_METRICS:
+            found[STALL_METRICS[name]] = float(value) if name.endswith("_total") else round(float(value) / 1000, 2)
+    return found
 
 
 def search_rate(pair: NamespacePair, kind: str, rackboot: list[str], repeat: int, args: argparse.Namespace) -> Search:
