@@ -1,4 +1,4 @@
-"""A testbed's life: up (network, files, node daemon), status, exec, down (also after a crash).
+"""A testbed's life: up (network, files, node daemons), status, exec, down (also after a crash).
 
 Everything a testbed makes is found again from its name: namespaces are named rbt-NAME-*, its state,
 generated files and disks live in /run/rackboot-testbed/NAME/. The plan and state are written to disk
