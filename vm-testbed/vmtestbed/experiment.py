@@ -189,7 +189,7 @@ def _one_testbed(spec: ExperimentSpec, n: int, work: Path, say: Callable[[str], 
         t0 = time.monotonic()
         built = up(plan)
         up_s = round(time.monotonic() - t0, 1)
-        say(f"N={n}: testbed {name} up in {up_s} s ({racks} racks, {plan.daemons} node daemons)")
+        say(f"N={n}: testbed {name} up in {up_s} s ({racks} racks, {plan.daemons} node daemon{'s' if plan.daemons > 1 else ''})")
         if spec.reboot_window:
             config = yaml.safe_load(built.files.config.read_text())
             config.setdefault("deploy", {})["reboot_window"] = spec.reboot_window
