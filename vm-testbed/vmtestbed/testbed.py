@@ -83,8 +83,11 @@ def load_plan(name: str) -> TestbedPlan:
 
 
 def neighbour_entries_needed(plan: TestbedPlan) -> int:
-    """ARP entries a booted testbed holds: the appliance's for every node and BMC, each node's for the appliance."""
-    return 3 * (plan.nodes + plan.qemu) + 256
+    """ARP entries a deploying testbed holds: the appliance's for every node and BMC, each node's for the appliance and
+    for its two neighbours in a chain broadcast (a tree's parent and children: as many on average).
+
+    3 per node (without the broadcast peers) overflowed at 1000 nodes reaching their post-install together."""
+    return 5 * (plan.nodes + plan.qemu) + 256
 
 
 def ensure_neighbour_table(needed: int, say: Callable[[str], None] = lambda _m: None) -> None:
