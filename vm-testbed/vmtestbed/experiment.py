@@ -151,6 +151,7 @@ class RunResult:
     boots_per_node: dict[str, int] = field(default_factory=dict)
     daemon_cpu_s: float = 0.0  # every node daemon together
     daemon_cpu_per_shard_s: list[float] = field(default_factory=list)
+    daemon_shards: list[dict[str, Any]] = field(default_factory=list)  # each node daemon after the run: pid, RSS, loop lag
     appliance_cpu_s: float = 0.0
     load_before: tuple[float, float, float] = (0.0, 0.0, 0.0)
     load_after: tuple[float, float, float] = (0.0, 0.0, 0.0)
@@ -248,5 +249,7 @@ def _deploy(plan: Any, d: DeploymentSpec, run: RunResult, daemons: list[int], ap
     if drawn.returncode == 0 and svg.is_file():
         run.timeline_svg = svg.read_text()
     with Control(plan.state_dir) as ctl:  # boots per node: 2 when nothing went wrong (deploy env, installed system)
-        boots = Counter(str(node["boots"]) for node in ctl.call("status")["nodes"])
+        status = ctl.call("status")
+    boots = Counter(str(node["boots"]) for node in status["nodes"])
     run.boots_per_node = dict(sorted(boots.items()))
+    run.daemon_shards = [{k: shard[k] for k in ("shard", "pid", "nodes", "rss", "loop_lag_max")} for shard in status["shards"]]

@@ -89,10 +89,11 @@ def write_report(spec: ExperimentSpec, runs: Sequence[RunResult], out: Path, cod
 
 
 def _daemon_cpu(r: RunResult) -> str:
-    """The node daemons' CPU: the total, and each process's when there are several ("253 s (2: 130 + 123)")."""
+    """The node daemons' CPU: the total, each process's when there are several, the largest loop lag ("253 s (2: 130 + 123), loop lag max 2.1 s")."""
+    lag = f", loop lag max {max(s['loop_lag_max'] for s in r.daemon_shards):.1f} s" if r.daemon_shards else ""
     if len(r.daemon_cpu_per_shard_s) < 2:
-        return f"{r.daemon_cpu_s} s"
-    return f"{r.daemon_cpu_s} s ({len(r.daemon_cpu_per_shard_s)}: {' + '.join(str(c) for c in r.daemon_cpu_per_shard_s)})"
+        return f"{r.daemon_cpu_s} s{lag}"
+    return f"{r.daemon_cpu_s} s ({len(r.daemon_cpu_per_shard_s)}: {' + '.join(str(c) for c in r.daemon_cpu_per_shard_s)}){lag}"
 
 
 def _markdown(spec: ExperimentSpec, runs: Sequence[RunResult], code: str, deploy_env_bytes: int, timelines: list[str]) -> str:
