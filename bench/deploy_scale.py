@@ -8,7 +8,7 @@ namespace, the sample environment added with `rackboot env add`, then `rackboot 
 the deployment, nodes deployed, and per macro-step the time from the first node entering it to the last
 node leaving it (the appliance's per-node step records, `GET /api/v1/stats`), which is what Kadeploy's
 scalability slides give for 3999 VMs (first reboot 11 min, broadcast 15 min, second reboot 7 min, 57 min in
-all). Also the node daemon's CPU time, since every virtual node of a testbed shares one process here.
+all). Also the node daemons' CPU time (one process per 500 nodes by default; vmtestbed.shards), each and in all.
 Takes /tmp/rackboot-bench.lock for each run so that two benchmarks never share the cores.
 """
 from __future__ import annotations
@@ -33,6 +33,7 @@ def figures(run: RunResult) -> dict[str, Any]:
     """The figures of one run (an experiment's RunResult, as `rackboot experiment run` measures it)."""
     return {"nodes": run.nodes, "racks": run.racks, "broadcast": run.broadcast, "up_s": run.up_s, "deploy_s": run.deploy_s,
             "ok": len(run.ok), "ko": run.ko[:10], "boots_per_node": run.boots_per_node, "daemon_cpu_s": run.daemon_cpu_s,
+            "daemon_cpu_per_shard_s": run.daemon_cpu_per_shard_s,
             "appliance_cpu_s": run.appliance_cpu_s, "steps": step_spans(run.steps), "retries": sum(1 for r in run.steps if not r["ok"]),
             "load_before": [round(x, 2) for x in run.load_before], "error": run.error}
 

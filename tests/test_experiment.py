@@ -34,6 +34,7 @@ def test_every_shipped_experiment_file_loads(path: Path) -> None:
     ("name: x\nnodes: 4\ndeployments: [{broadcast: carrier-pigeon}]\n", "deployments[0].broadcast: expected one of chain, tree, star"),
     ("name: x\nnodes: 4\ndeployments: [{env: debian12}]\n", "deployments[0].env: only the testbed's 'sample'"),
     ("name: x\nnodes: 4\ndeployments: [{repeats: 0}]\n", "deployments[0].repeats: expected 1-100"),
+    ("name: x\nnodes: 4\ndaemons: -1\n", "daemons: expected an integer >= 0"),
     ("name: X Y\nnodes: 4\n", "name: expected a short lower-case name"),
     ("- 1\n", "expected a mapping"),
 ])
@@ -88,15 +89,23 @@ def test_the_report_directory(tmp_path: Path) -> None:
 
 @pytest.mark.netns
 @pytest.mark.timeout(600)
-def test_the_tiny_experiment_runs_end_to_end(tmp_path: Path) -> None:
+@pytest.mark.parametrize("daemons", [0, 2], ids=["one-daemon", "two-daemons"])
+def test_the_tiny_experiment_runs_end_to_end(tmp_path: Path, daemons: int) -> None:
     """As root: `rackboot experiment run vm-testbed/experiments/tiny.yaml` builds a 4-node testbed, deploys it,
-    removes it, and writes a report in which every node was deployed."""
+    removes it, and writes a report in which every node was deployed; also with the nodes split between two node
+    daemons (`daemons: 2`, one rack each)."""
     out = tmp_path / "report"
-    done = subprocess.run([sys.executable, "-m", "appliance.cli", "experiment", "run", str(EXPERIMENTS / "tiny.yaml"), "--out", str(out)],
+    path = EXPERIMENTS / "tiny.yaml"
+    if daemons:
+        path = tmp_path / "tiny.yaml"
+        path.write_text((EXPERIMENTS / "tiny.yaml").read_text() + f"daemons: {daemons}\n")
+    done = subprocess.run([sys.executable, "-m", "appliance.cli", "experiment", "run", str(path), "--out", str(out)],
                           capture_output=True, text=True, timeout=540)
     assert done.returncode == 0, done.stdout + done.stderr
     text = (out / "report.md").read_text()
     assert "| 4 | 2 | chain | 1 |" in text and "4/4 (100.0 %)" in text, text
+    if daemons:
+        assert f"{daemons} node daemons" in done.stdout and " s (2: " in text, text  # the CPU of each daemon
     assert "None: every node of every run was deployed." in text
     rows = list(csv.DictReader((out / "steps.csv").open()))
     assert {r["step"] for r in rows} >= {"SetDeploymentEnv", "BroadcastEnv", "BootNewEnv"} and {r["node"] for r in rows} == {f"node-{i}" for i in range(1, 5)}

@@ -17,7 +17,7 @@ import pytest
 from appliance.config import load_config
 from appliance.inventory import read_bmc_credentials
 from vmtestbed.appliance_files import BMC_USER, bmc_password
-from vmtestbed.control import Control
+from vmtestbed.control import Control, ControlError
 from vmtestbed.netns import entered
 from vmtestbed.plan import make_plan
 from vmtestbed.testbed import admin_token, down, start_appliance, up
@@ -146,3 +146,61 @@ def test_down_removes_a_crashed_testbed() -> None:
         down(name)
     assert existing_namespaces(plan.prefix) == []
     assert not plan.state_dir.exists()
+
+
+def _ipmi_listeners(ns: str) -> dict[int, set[str]]:
+    """pid -> the addresses it listens on for IPMI (UDP 623) inside a namespace."""
+    out = subprocess.run(["ip", "netns", "exec", ns, "ss", "-Hulnp", "sport", "=", ":623"], capture_output=True, text=True, check=True).stdout
+    found: dict[int, set[str]] = {}
+    for line in out.splitlines():
+        address = line.split()[3].rsplit(":", 1)[0]
+        for pid in (int(p.split(",")[0]) for p in line.split("pid=")[1:]):
+            found.setdefault(pid, set()).add(address)
+    return found
+
+
+def test_two_node_daemons_each_serve_their_racks_and_down_stops_both_after_one_was_killed() -> None:
+    """--daemons 2: each process binds only its own nodes' BMC addresses, ipmitool reaches nodes of both, the control
+    client answers for all of them as one; after one daemon is killed, down still removes everything."""
+    name = f"ci{secrets.token_hex(3)}"
+    plan = make_plan(name, 6, 3, post_s="0.2-1", seed=1, daemons=2)
+    try:
+        result = up(plan)
+        assert len(set(result.daemon_pids)) == 2
+        by_rack = {0: {n.bmc_ip for n in plan.node_list if n.rack in ("r1", "r2")}, 1: {n.bmc_ip for n in plan.node_list if n.rack == "r3"}}
+        assert _ipmi_listeners(plan.bmc_ns) == {result.daemon_pids[i]: by_rack[i] for i in (0, 1)}
+
+        start_appliance(plan, result.files)
+        password = bmc_password(plan)
+        for n in plan.node_list:  # rack r3 is the second daemon's
+            on = _ipmitool(plan.appliance_ns, n.bmc_ip, password, "power", "on")
+            assert on.returncode == 0, f"{n.name}: {on.stderr}"
+        with Control(plan.state_dir) as ctl:
+            def all_at_script() -> list[dict[str, object]] | None:
+                nodes = ctl.call("status")["nodes"]
+                return nodes if all(n["stage"] == "script" for n in nodes) else None
+
+            nodes = _wait_for(all_at_script, "every node of both daemons to fetch its per-MAC script")
+            assert [n["name"] for n in nodes] == [n.name for n in plan.node_list]
+            status = ctl.call("status")
+            assert [(s["pid"], s["nodes"], s["bmcs"]) for s in status["shards"]] == [(result.daemon_pids[0], 4, 4), (result.daemon_pids[1], 2, 2)]
+            assert all(s["cpu_s"] > 0 and s["rss"] > 0 for s in status["shards"])
+            assert ctl.call("power", nodes=["node-6", "node-1"], action="off")["changed"] == {"node-1": True, "node-6": True}
+            stages = [n["stage"] for n in ctl.call("status", nodes=["node-1", "node-5", "node-6"])["nodes"]]
+            assert stages[0] == stages[2] == "off" and stages[1] != "off", stages
+
+        os.kill(result.daemon_pids[1], 9)
+
+        def unreachable() -> bool:
+            try:
+                Control(plan.state_dir).close()
+            except ControlError:
+                return True
+            return False
+
+        _wait_for(unreachable, "the killed daemon's control socket to refuse", limit=10)
+    finally:
+        down(name)
+    assert existing_namespaces(plan.prefix) == []
+    assert not plan.state_dir.exists()
+    assert _processes_mentioning(str(plan.state_dir)) == []

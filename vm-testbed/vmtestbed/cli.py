@@ -28,6 +28,7 @@ def register(sub: "argparse._SubParsersAction[argparse.ArgumentParser]") -> None
                    help="drop P (0-1) of the nodes' UDP and TCP frames on their bridge ports, both ways (nftables)")
     p.add_argument("--seed", type=int, default=0, help="seed of every random draw (faults, POST, xids)")
     p.add_argument("--firmware", default="bios", choices=("bios", "uefi", "mixed"))
+    _daemons_option(p)
     _qemu_options(p)
     p.set_defaults(func=_cmd_up)
 
@@ -58,6 +59,7 @@ def register(sub: "argparse._SubParsersAction[argparse.ArgumentParser]") -> None
     p.add_argument("--image-mib", type=int, default=8, help="payload of the sample image, in MiB")
     p.add_argument("--timeout", type=float, default=0.0, help="seconds to wait for the deployment (default: 180 + nodes/2)")
     p.add_argument("--keep", action="store_true", help="leave the testbed up at the end (for debugging)")
+    _daemons_option(p)
     _qemu_options(p)
     p.set_defaults(func=_cmd_demo)
 
@@ -67,6 +69,12 @@ def register(sub: "argparse._SubParsersAction[argparse.ArgumentParser]") -> None
     e.add_argument("file", help="an experiment file (vm-testbed/experiments/*.yaml)")
     e.add_argument("--out", help="the report directory (default: experiment-NAME-DATE here)")
     e.set_defaults(func=_cmd_experiment)
+
+
+def _daemons_option(p: argparse.ArgumentParser) -> None:
+    """--daemons, shared by `testbed up` and `demo`."""
+    p.add_argument("--daemons", type=int, default=0, metavar="K",
+                   help="node-daemon processes, each owning whole racks of nodes and their BMCs (default: 1 per 500 namespace nodes)")
 
 
 def _qemu_options(p: argparse.ArgumentParser) -> None:
@@ -89,7 +97,7 @@ def _cmd_up(args: argparse.Namespace) -> int:
         parse_post_delay(args.post_s)
         plan = make_plan(args.name, args.nodes, args.racks, args.link_mbit, args.uplink_mbit, args.post_s, args.faults, args.seed, args.firmware,
                          qemu=args.qemu, qemu_firmware=args.qemu_firmware, qemu_disk_mb=args.qemu_disk_mb,
-                         qemu_accel=args.qemu_accel, wire_loss=args.wire_loss)
+                         qemu_accel=args.qemu_accel, wire_loss=args.wire_loss, daemons=args.daemons)
     except ValueError as exc:
         print(f"rackboot testbed up: {exc}", file=sys.stderr)
         return EXIT_USAGE
@@ -103,7 +111,8 @@ def _cmd_up(args: argparse.Namespace) -> int:
         return 130
     f = result.files
     vms = f" and {plan.qemu} QEMU VMs ({plan.vms[0].name}..{plan.vms[-1].name}, {plan.qemu_firmware})" if plan.qemu else ""
-    print(f"testbed {plan.name}: {plan.nodes} nodes{vms} in {plan.racks} racks, up in {result.total_s:.1f}s (node daemon pid {result.daemon_pid})")
+    print(f"testbed {plan.name}: {plan.nodes} nodes{vms} in {plan.racks} racks, up in {result.total_s:.1f}s "
+          f"({plan.daemons} node daemon{'s' if plan.daemons > 1 else ''}, pid {', '.join(map(str, result.daemon_pids))})")
     print(f"  appliance config  {f.config}")
     print(f"  inventory         {f.inventory}")
     print(f"  BMC credentials   {f.credentials}")
@@ -144,7 +153,8 @@ def _cmd_status(args: argparse.Namespace) -> int:
     nodes = reply["nodes"]
     now = time.time()
     vms = f" ({reply['vms']} QEMU VMs)" if reply.get("vms") else ""
-    table = Table(title=f"testbed {args.name}: {len(nodes)} nodes{vms}, {reply['bmcs']} BMCs, daemon pid {reply['pid']}, {reply['rss'] / 1e6:.0f} MB")
+    shards = reply.get("shards", [])
+    table = Table(title=f"testbed {args.name}: {len(nodes)} nodes{vms}, {reply['bmcs']} BMCs, {len(shards)} node daemon(s), {reply['rss'] / 1e6:.0f} MB")
     for col in ("node", "rack", "power", "stage", "for", "ip", "boots", "bootdev", "detail", "faults"):
         table.add_column(col)
     for n in nodes:
@@ -153,6 +163,9 @@ def _cmd_status(args: argparse.Namespace) -> int:
     console.print(table)
     counts = Counter(n["stage"] for n in nodes)
     console.print("stages: " + ", ".join(f"{k} {v}" for k, v in sorted(counts.items())))
+    for sh in shards:
+        console.print(f"node daemon {sh['shard']}: pid {sh['pid']}, {sh['nodes']} nodes, {sh['bmcs']} BMCs, CPU {sh['cpu_s']:.1f} s, "
+                      f"RSS {sh['rss'] / 1e6:.0f} MB, loop lag max {sh['loop_lag_max']:.2f} s")
     if args.node:
         for h in nodes[0]["history"]:
             console.print(f"  {time.strftime('%H:%M:%S', time.localtime(h['ts']))}.{int(h['ts'] * 1000) % 1000:03d} {h['stage']:<14} {h['detail']}")

@@ -1,10 +1,12 @@
-"""The node daemon: every virtual node and BMC of a testbed in one asyncio process, with a control socket.
+"""The node daemon: the virtual nodes and BMCs of one shard of a testbed in one asyncio process, with a control socket.
 
-It also starts the testbed's QEMU VMs (paused: powered off) and serves their BMCs from the same farm.
+A testbed runs plan.daemons of them (vmtestbed.shards says which nodes each owns); the shard holding the QEMU
+VMs also starts them (paused: powered off) and serves their BMCs from the same farm. Faults are drawn over
+every node of the testbed, then each shard keeps its own, so they do not depend on the number of shards.
 
-`rackboot testbed up` starts it in the testbed's BMC namespace (`python -m vmtestbed.daemon STATE_DIR`);
-it writes STATE_DIR/daemon.ready once every BMC is bound, and answers JSON requests, one per line, on
-the Unix socket STATE_DIR/control.sock (vmtestbed.control is the client).
+`rackboot testbed up` starts each in the testbed's BMC namespace (`python -m vmtestbed.daemon STATE_DIR --shard I`);
+it binds only its own nodes' BMC addresses, writes STATE_DIR/daemon-I.ready once they are bound, and answers
+JSON requests, one per line, on the Unix socket STATE_DIR/control-I.sock (vmtestbed.control is the client).
 """
 from __future__ import annotations
 
@@ -29,11 +31,9 @@ from vmtestbed.faults import assign_faults, parse_faults, parse_post_delay
 from vmtestbed.firmware import FirmwareSettings, VirtualNode
 from vmtestbed.plan import TestbedPlan
 from vmtestbed.qemunodes import QemuNode
+from vmtestbed.shards import PLAN_FILE, control_socket, ready_file, shard_nodes
 
 log = logging.getLogger("rackboot.testbed.daemon")
-CONTROL_SOCKET = "control.sock"
-READY_FILE = "daemon.ready"
-PLAN_FILE = "plan.json"
 
 
 def disk_path(state_dir: Path, node: str) -> Path:
@@ -52,12 +52,21 @@ def rss_bytes() -> int:
         return int(f.read().split()[1]) * os.sysconf("SC_PAGE_SIZE")
 
 
-class NodeDaemon:
-    """Owns the nodes, their BMCs and the control socket."""
+def cpu_seconds_self() -> float:
+    """User + system CPU seconds of this process."""
+    t = os.times()
+    return t.user + t.system
 
-    def __init__(self, state_dir: Path) -> None:
+
+class NodeDaemon:
+    """Owns one shard's nodes, their BMCs and its control socket."""
+
+    def __init__(self, state_dir: Path, shard: int = 0) -> None:
         self.state_dir = state_dir
+        self.shard = shard
         self.plan = TestbedPlan.load(state_dir / PLAN_FILE)
+        if not 0 <= shard < self.plan.daemons:
+            raise ValueError(f"shard {shard}: the testbed has {self.plan.daemons} node daemons (0-{self.plan.daemons - 1})")
         self.nodes: dict[str, VirtualNode | QemuNode] = {}
         self.vms: list[QemuNode] = []
         self.farm: BmcFarm | None = None
@@ -81,13 +90,16 @@ class NodeDaemon:
         """Create nodes and BMCs, serve the control socket until SIGTERM, then power everything off."""
         loop = asyncio.get_running_loop()
         plan = self.plan
+        # Over every node of the testbed, then this shard's: the same nodes are faulty whatever the number of shards.
         faults = assign_faults(parse_faults(plan.faults), [n.name for n in plan.netns_nodes], plan.seed)
         settings = FirmwareSettings(appliance_url=plan.appliance_url, post=parse_post_delay(plan.post_s), seed=plan.seed)
         pool = ThreadPoolExecutor(max_workers=2, thread_name_prefix="netlink")
-        for n in plan.netns_nodes:
+        mine = shard_nodes(plan)[self.shard]
+        netns_nodes, vm_nodes = [n for n in mine if not n.is_vm], [n for n in mine if n.is_vm]
+        for n in netns_nodes:
             self.nodes[n.name] = VirtualNode(n, faults[n.name], disk_path(self.state_dir, n.name), node_workdir(self.state_dir, n.name), settings, pool)
         try:
-            for n in plan.vms:  # QEMU paused = powered off, until its BMC (or the control socket) powers it on
+            for n in vm_nodes:  # QEMU paused = powered off, until its BMC (or the control socket) powers it on
                 vm = QemuNode(plan, n)
                 self.vms.append(vm)
                 self.nodes[n.name] = vm
@@ -98,13 +110,13 @@ class NodeDaemon:
             raise
         self.farm = BmcFarm(loop)
         users = {BMC_USER: bmc_password(plan)}
-        for n in plan.netns_nodes:
+        for n in netns_nodes:
             if not faults[n.name].bmc_dead:
                 self.farm.add(self.nodes[n.name], n.bmc_ip, users, faults[n.name].bmc_slow_s)  # type: ignore[arg-type]
         for vm in self.vms:
             self.farm.add(vm.bmc_side, vm.plan.bmc_ip, users)  # type: ignore[arg-type]  # QemuPower: the node side of a BMC
         self.farm.wake()
-        sock_path = self.state_dir / CONTROL_SOCKET
+        sock_path = control_socket(self.state_dir, self.shard)
         sock_path.unlink(missing_ok=True)
         server = await asyncio.start_unix_server(self._client, path=str(sock_path), limit=1 << 20)
         for sig in (signal.SIGTERM, signal.SIGINT):
@@ -113,8 +125,8 @@ class NodeDaemon:
         # Thousands of long-lived node and BMC objects: keep them out of the collector's full passes,
         # which otherwise stall the event loop of every node for a noticeable time.
         gc.freeze()
-        (self.state_dir / READY_FILE).write_text(f"{os.getpid()}\n")
-        log.info("%d nodes, %d BMCs ready (%.1f MB)", len(self.nodes), len(self.farm.bmcs), rss_bytes() / 1e6)
+        ready_file(self.state_dir, self.shard).write_text(f"{os.getpid()}\n")
+        log.info("shard %d: %d nodes, %d BMCs ready (%.1f MB)", self.shard, len(self.nodes), len(self.farm.bmcs), rss_bytes() / 1e6)
         try:
             await self._stop.wait()
         finally:
@@ -168,8 +180,9 @@ class NodeDaemon:
             if not req.get("history"):
                 for s in nodes:
                     s.pop("history")
-            return {"ok": True, "name": self.plan.name, "pid": os.getpid(), "rss": rss_bytes(), "uptime": time.time() - self.started,
-                    "vms": len(self.vms),
+            return {"ok": True, "name": self.plan.name, "shard": self.shard, "pid": os.getpid(), "rss": rss_bytes(),
+                    "cpu_s": round(cpu_seconds_self(), 2), "uptime": time.time() - self.started,
+                    "owned": len(self.nodes), "vms": len(self.vms),
                     "bmcs": len(self.farm.bmcs) if self.farm else 0,
                     "loop_lag_max": round(self.loop_lag_max, 3), "nodes": nodes}
         if op == "power":
@@ -189,9 +202,10 @@ class NodeDaemon:
 
 
 def main(argv: list[str] | None = None) -> int:
-    """Entry point: python -m vmtestbed.daemon STATE_DIR."""
+    """Entry point: python -m vmtestbed.daemon STATE_DIR [--shard I]."""
     parser = argparse.ArgumentParser(prog="vmtestbed.daemon")
     parser.add_argument("state_dir", type=Path)
+    parser.add_argument("--shard", type=int, default=0, help="which of the testbed's node daemons this is (vmtestbed.shards)")
     parser.add_argument("-v", "--verbose", action="store_true")
     args = parser.parse_args(argv)
     logging.basicConfig(level=logging.DEBUG if args.verbose else logging.INFO, format="%(asctime)s %(levelname)s %(name)s: %(message)s")
@@ -202,7 +216,7 @@ def main(argv: list[str] | None = None) -> int:
         resource.setrlimit(resource.RLIMIT_NOFILE, (want, max(hard, want)))
     except (ValueError, OSError):
         resource.setrlimit(resource.RLIMIT_NOFILE, (hard, hard))
-    asyncio.run(NodeDaemon(args.state_dir).run(), debug=args.verbose)
+    asyncio.run(NodeDaemon(args.state_dir, args.shard).run(), debug=args.verbose)
     return 0
 
 

@@ -63,7 +63,7 @@ def run_demo(args: argparse.Namespace) -> int:
         racks = max(1, min(args.racks, total))  # `--nodes 0 --qemu 1`: one rack, not an empty second one
         plan = make_plan(name, args.nodes, racks, post_s=args.post_s, faults=args.faults, seed=args.seed, firmware=args.firmware,
                          qemu=qemu, qemu_firmware=getattr(args, "qemu_firmware", "bios"), qemu_disk_mb=getattr(args, "qemu_disk_mb", 4096),
-                         qemu_accel=getattr(args, "qemu_accel", "auto"))
+                         qemu_accel=getattr(args, "qemu_accel", "auto"), daemons=getattr(args, "daemons", 0))
         vms = f" and {qemu} QEMU VMs ({plan.qemu_firmware})" if qemu else ""
         print(f"rackboot demo: {args.nodes} nodes{vms} in {racks} racks, testbed {name}", flush=True)
         deployed = _demo(plan, args)
@@ -95,7 +95,8 @@ def _demo(plan: TestbedPlan, args: argparse.Namespace) -> int:
     result = up(plan)
     sd = plan.state_dir
     vms = f", {plan.qemu} QEMU VMs started paused" if plan.qemu else ""
-    print(f"  testbed up in {result.total_s:.1f}s: {len(plan.namespaces)} namespaces{vms}, node daemon pid {result.daemon_pid}", flush=True)
+    print(f"  testbed up in {result.total_s:.1f}s: {len(plan.namespaces)} namespaces{vms}, "
+          f"node daemon pid {', '.join(map(str, result.daemon_pids))}", flush=True)
     if plan.qemu:
         _build_for_vms(plan, result.files)
     t1 = time.monotonic()

@@ -29,7 +29,7 @@ from vmtestbed.control import Control
 from vmtestbed.demo import rackboot_cli
 from vmtestbed.faults import parse_faults, parse_post_delay
 from vmtestbed.plan import make_plan
-from vmtestbed.testbed import TestbedError, down, read_state, start_appliance, up
+from vmtestbed.testbed import TestbedError, daemon_pids, down, start_appliance, up
 
 BROADCASTS = ("chain", "tree", "star")
 NODES_PER_RACK = 500  # a Linux bridge takes at most 1024 ports (BR_MAX_PORTS): racks of 500 nodes leave room
@@ -63,6 +63,7 @@ class ExperimentSpec:
     seed: int = 1
     image_mib: int = 8
     reboot_window: int = 0  # the appliance's deploy.reboot_window (0: its default, 100)
+    daemons: int = 0  # node-daemon processes of each testbed (0: vmtestbed.plan.default_daemons)
     deployments: tuple[DeploymentSpec, ...] = (DeploymentSpec(),)
     source: str = ""
 
@@ -98,7 +99,7 @@ def load_experiment(path: Path) -> ExperimentSpec:
     if not counts or not all(isinstance(n, int) and not isinstance(n, bool) and 1 <= n <= 10000 for n in counts):
         raise bad("nodes", "expected a node count 1-10000, or a list of them")
     ints = {}
-    for key, low in (("racks", 0), ("link_mbit", 0), ("uplink_mbit", 0), ("seed", 0), ("image_mib", 1), ("reboot_window", 0)):
+    for key, low in (("racks", 0), ("link_mbit", 0), ("uplink_mbit", 0), ("seed", 0), ("image_mib", 1), ("reboot_window", 0), ("daemons", 0)):
         value = raw.get(key, getattr(ExperimentSpec, key))
         if not isinstance(value, int) or isinstance(value, bool) or value < low:
             raise bad(key, f"expected an integer >= {low}")
@@ -148,7 +149,9 @@ class RunResult:
     ko: list[dict[str, str]] = field(default_factory=list)  # node, step, reason
     steps: list[dict[str, Any]] = field(default_factory=list)  # the appliance's per-node step records
     boots_per_node: dict[str, int] = field(default_factory=dict)
-    daemon_cpu_s: float = 0.0
+    daemon_cpu_s: float = 0.0  # every node daemon together
+    daemon_cpu_per_shard_s: list[float] = field(default_factory=list)
+    daemon_shards: list[dict[str, Any]] = field(default_factory=list)  # each node daemon after the run: pid, RSS, loop lag
     appliance_cpu_s: float = 0.0
     load_before: tuple[float, float, float] = (0.0, 0.0, 0.0)
     load_after: tuple[float, float, float] = (0.0, 0.0, 0.0)
@@ -181,13 +184,13 @@ def _one_testbed(spec: ExperimentSpec, n: int, work: Path, say: Callable[[str], 
     racks = spec.racks_for(n)
     name = f"x{secrets.token_hex(2)}"
     plan = make_plan(name, n, racks, link_mbit=spec.link_mbit, uplink_mbit=spec.uplink_mbit, post_s=spec.post_s,
-                     faults=spec.faults, seed=spec.seed)
+                     faults=spec.faults, seed=spec.seed, daemons=min(spec.daemons, n))
     runs: list[RunResult] = []
     try:
         t0 = time.monotonic()
         built = up(plan)
         up_s = round(time.monotonic() - t0, 1)
-        say(f"N={n}: testbed {name} up in {up_s} s ({racks} racks)")
+        say(f"N={n}: testbed {name} up in {up_s} s ({racks} racks, {plan.daemons} node daemon{'s' if plan.daemons > 1 else ''})")
         if spec.reboot_window:
             config = yaml.safe_load(built.files.config.read_text())
             config.setdefault("deploy", {})["reboot_window"] = spec.reboot_window
@@ -197,12 +200,12 @@ def _one_testbed(spec: ExperimentSpec, n: int, work: Path, say: Callable[[str], 
         added = subprocess.run(rackboot_cli(plan, "env", "add", str(desc)), capture_output=True, text=True, timeout=600)
         if added.returncode != 0:
             raise RuntimeError(f"env add: {(added.stderr or added.stdout)[-500:]}")
-        daemon = int(read_state(name)["daemon_pid"])
+        daemons = daemon_pids(name)
         env_bytes = sum(p.stat().st_size for p in (built.files.files_dir / "deploy").glob("*") if p.is_file())
         for d in spec.deployments:
             for repeat in range(1, d.repeats + 1):
                 run = RunResult(nodes=n, racks=racks, broadcast=d.broadcast, repeat=repeat, up_s=up_s, deploy_env_bytes=env_bytes)
-                _deploy(plan, d, run, daemon, appliance.pid, work / name)
+                _deploy(plan, d, run, daemons, appliance.pid, work / name)
                 say(f"N={n} {d.broadcast} #{repeat}: {len(run.ok)}/{n} deployed in {run.deploy_s} s"
                     + (f" ({run.error})" if run.error else ""))
                 runs.append(run)
@@ -214,16 +217,17 @@ def _one_testbed(spec: ExperimentSpec, n: int, work: Path, say: Callable[[str], 
     return runs
 
 
-def _deploy(plan: Any, d: DeploymentSpec, run: RunResult, daemon: int, appliance: int, work: Path) -> None:
+def _deploy(plan: Any, d: DeploymentSpec, run: RunResult, daemons: list[int], appliance: int, work: Path) -> None:
     """One deployment through the CLI; fills run."""
     run.load_before = os.getloadavg()
-    cpu_daemon, cpu_appliance = cpu_seconds(daemon), cpu_seconds(appliance)
+    cpu_daemons, cpu_appliance = [cpu_seconds(p) for p in daemons], cpu_seconds(appliance)
     t0 = time.monotonic()
     argv = ["deploy", "-m", str(NodeSet.fromlist([node.name for node in plan.node_list])), "-e", d.env,
             "--broadcast", d.broadcast, "--json"] + (["--steps", d.steps] if d.steps else [])
     done = subprocess.run(rackboot_cli(plan, *argv), capture_output=True, text=True, timeout=6 * 3600)
     run.deploy_s = round(time.monotonic() - t0, 1)
-    run.daemon_cpu_s = round(cpu_seconds(daemon) - cpu_daemon, 1)
+    run.daemon_cpu_per_shard_s = [round(cpu_seconds(p) - c, 1) for p, c in zip(daemons, cpu_daemons)]
+    run.daemon_cpu_s = round(sum(run.daemon_cpu_per_shard_s), 1)
     run.appliance_cpu_s = round(cpu_seconds(appliance) - cpu_appliance, 1)
     run.load_after = os.getloadavg()
     try:
@@ -245,5 +249,7 @@ def _deploy(plan: Any, d: DeploymentSpec, run: RunResult, daemon: int, appliance
     if drawn.returncode == 0 and svg.is_file():
         run.timeline_svg = svg.read_text()
     with Control(plan.state_dir) as ctl:  # boots per node: 2 when nothing went wrong (deploy env, installed system)
-        boots = Counter(str(node["boots"]) for node in ctl.call("status")["nodes"])
+        status = ctl.call("status")
+    boots = Counter(str(node["boots"]) for node in status["nodes"])
     run.boots_per_node = dict(sorted(boots.items()))
+    run.daemon_shards = [{k: shard[k] for k in ("shard", "pid", "nodes", "rss", "loop_lag_max")} for shard in status["shards"]]

@@ -88,13 +88,22 @@ def write_report(spec: ExperimentSpec, runs: Sequence[RunResult], out: Path, cod
     return report
 
 
+def _daemon_cpu(r: RunResult) -> str:
+    """The node daemons' CPU: the total, each process's when there are several, the largest loop lag ("253 s (2: 130 + 123), loop lag max 2.1 s")."""
+    lag = f", loop lag max {max(s['loop_lag_max'] for s in r.daemon_shards):.1f} s" if r.daemon_shards else ""
+    if len(r.daemon_cpu_per_shard_s) < 2:
+        return f"{r.daemon_cpu_s} s{lag}"
+    return f"{r.daemon_cpu_s} s ({len(r.daemon_cpu_per_shard_s)}: {' + '.join(str(c) for c in r.daemon_cpu_per_shard_s)}){lag}"
+
+
 def _markdown(spec: ExperimentSpec, runs: Sequence[RunResult], code: str, deploy_env_bytes: int, timelines: list[str]) -> str:
     m = machine()
     floor = physical_floor_s(spec, deploy_env_bytes)
     lines = [f"# Experiment {spec.name}", "",
              f"File `{spec.source}`; rackboot {code}; {m['cpus']} CPUs, {m['memory_mib']} MiB, Linux {m['kernel']}.",
              f"Testbed: N = {', '.join(map(str, spec.nodes))}; links {spec.link_mbit} Mbit/s, uplinks {spec.uplink_mbit} Mbit/s; "
-             f"POST {spec.post_s} s; faults `{spec.faults or 'none'}`; seed {spec.seed}; image {spec.image_mib} MiB.", "",
+             f"POST {spec.post_s} s; faults `{spec.faults or 'none'}`; seed {spec.seed}; image {spec.image_mib} MiB; "
+             f"node daemons {spec.daemons or 'default (1 per 500 nodes)'}.", "",
              "| N | racks | broadcast | # | testbed up | deployed | deployment | " + " | ".join(MACRO_STEPS)
              + " | over the floor | node daemon CPU | appliance CPU | load before / after |",
              "| ---: | ---: | --- | ---: | ---: | ---: | ---: | " + " | ".join("---:" for _ in MACRO_STEPS) + " | ---: | ---: | ---: | --- |"]
@@ -104,7 +113,7 @@ def _markdown(spec: ExperimentSpec, runs: Sequence[RunResult], code: str, deploy
         lines.append(f"| {r.nodes} | {r.racks} | {r.broadcast} | {r.repeat} | {r.up_s} s | {len(r.ok)}/{r.nodes} "
                      f"({100 * len(r.ok) / r.nodes:.1f} %) | {r.deploy_s} s | "
                      + " | ".join(f"{spans[s]} s" if s in spans else "-" for s in MACRO_STEPS)
-                     + f" | {ratio} | {r.daemon_cpu_s} s | {r.appliance_cpu_s} s | "
+                     + f" | {ratio} | {_daemon_cpu(r)} | {r.appliance_cpu_s} s | "
                      f"{' '.join(f'{x:.2f}' for x in r.load_before)} / {' '.join(f'{x:.2f}' for x in r.load_after)} |")
     lines += ["", f"The physical floor ({floor:.1f} s): two POSTs at the distribution's mean, the deploy environment "
               f"({deploy_env_bytes / 2**20:.1f} MiB) and the image through one node link; the pipeline fill is negligible here.", "",

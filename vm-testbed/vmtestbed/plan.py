@@ -13,6 +13,8 @@ from vmtestbed.accel import ACCELS
 NAME_RE = re.compile(r"^[a-z0-9][a-z0-9-]{0,15}$")
 QEMU_FIRMWARES = ("bios", "uefi", "uefi-http")  # vmtestbed.qemu.FIRMWARES (not imported: the plan stays light)
 MAX_PORTS_PER_BRIDGE = 1000  # a Linux bridge takes at most 1024 ports (BR_MAX_PORTS)
+NODES_PER_DAEMON = 500  # the default: one node-daemon process per 500 namespace nodes (1 up to 500)
+MAX_DAEMONS = 64
 STATE_ROOT = Path("/run/rackboot-testbed")
 
 NODE_NET = ipaddress.IPv4Network("10.78.0.0/16")
@@ -67,6 +69,7 @@ class TestbedPlan:
     qemu_memory_mb: int = 1024
     qemu_accel: str = "auto"
     wire_loss: float = 0.0
+    daemons: int = 1  # node-daemon processes, each owning a shard of the nodes (vmtestbed.shards)
     node_list: tuple[NodePlan, ...] = field(default=(), repr=False)
 
     @property
@@ -163,6 +166,12 @@ def validate_name(name: str) -> str:
     return name
 
 
+def default_daemons(netns_nodes: int) -> int:
+    """How many node-daemon processes a testbed gets by default: 1 up to NODES_PER_DAEMON namespace nodes, then one per
+    NODES_PER_DAEMON (at most MAX_DAEMONS); vmtestbed.shards gives each whole racks where it can."""
+    return max(1, min(MAX_DAEMONS, -(-netns_nodes // NODES_PER_DAEMON)))
+
+
 def make_plan(
     name: str,
     nodes: int,
@@ -179,11 +188,13 @@ def make_plan(
     qemu_memory_mb: int = 1024,
     qemu_accel: str = "auto",
     wire_loss: float = 0.0,
+    daemons: int = 0,
 ) -> TestbedPlan:
     """Compute the plan of a testbed: nodes spread evenly over racks, addresses and names assigned in order.
 
     The qemu QEMU VMs come after the nodes namespace nodes (node-(nodes+1)..., MACs, IPs and BMC addresses
     counting on), and the racks are filled in that order, so each rack holds a run of consecutive nodes.
+    daemons is the number of node-daemon processes (0: default_daemons).
     """
     validate_name(name)
     if nodes < 0 or qemu < 0:
@@ -208,6 +219,9 @@ def make_plan(
         raise ValueError("at most 60000 nodes (the 10.78.0.0/16 node network)")
     if firmware not in ("bios", "uefi", "mixed"):
         raise ValueError(f"firmware {firmware!r}: expected bios, uefi or mixed")
+    daemons = daemons or default_daemons(nodes)
+    if not 1 <= daemons <= min(MAX_DAEMONS, max(1, nodes)):
+        raise ValueError(f"{daemons} node daemons: expected 1 to {min(MAX_DAEMONS, max(1, nodes))} (each owns at least one namespace node)")
     prefix = f"rbt-{name}-"
     node_list = []
     for i in range(total):
@@ -236,5 +250,6 @@ def make_plan(
     return TestbedPlan(
         name=name, nodes=nodes, racks=racks, link_mbit=link_mbit, uplink_mbit=uplink_mbit,
         post_s=post_s, faults=faults, seed=seed, firmware=firmware, qemu=qemu, qemu_firmware=qemu_firmware,
-        qemu_disk_mb=qemu_disk_mb, qemu_memory_mb=qemu_memory_mb, qemu_accel=qemu_accel, wire_loss=wire_loss, node_list=tuple(node_list),
+        qemu_disk_mb=qemu_disk_mb, qemu_memory_mb=qemu_memory_mb, qemu_accel=qemu_accel, wire_loss=wire_loss, daemons=daemons,
+        node_list=tuple(node_list),
     )

@@ -1,4 +1,4 @@
-"""A testbed's life: up (network, files, node daemon), status, exec, down (also after a crash).
+"""A testbed's life: up (network, files, node daemons), status, exec, down (also after a crash).
 
 Everything a testbed makes is found again from its name: namespaces are named rbt-NAME-*, its state,
 generated files and disks live in /run/rackboot-testbed/NAME/. The plan and state are written to disk
@@ -18,8 +18,9 @@ from pathlib import Path
 from typing import Any, Callable
 
 from vmtestbed.appliance_files import ApplianceFiles, write_appliance_files
-from vmtestbed.daemon import PLAN_FILE, READY_FILE, disk_path, rss_bytes
+from vmtestbed.daemon import disk_path, rss_bytes
 from vmtestbed.plan import STATE_ROOT, TestbedPlan, validate_name
+from vmtestbed.shards import PLAN_FILE, log_file, ready_file
 from vmtestbed.topology import CORE_BRIDGE, build, destroy, existing_namespaces
 from vmtestbed.wireloss import set_loss
 
@@ -40,9 +41,14 @@ class UpResult:
 
     plan: TestbedPlan
     files: ApplianceFiles
-    daemon_pid: int
+    daemon_pids: tuple[int, ...]  # one node daemon per shard, in shard order
     network_s: float
     total_s: float
+
+    @property
+    def daemon_pid(self) -> int:
+        """The first node daemon's pid (the only one when plan.daemons is 1)."""
+        return self.daemon_pids[0]
 
 
 def state_dir(name: str) -> Path:
@@ -77,8 +83,11 @@ def load_plan(name: str) -> TestbedPlan:
 
 
 def neighbour_entries_needed(plan: TestbedPlan) -> int:
-    """ARP entries a booted testbed holds: the appliance's for every node and BMC, each node's for the appliance."""
-    return 3 * (plan.nodes + plan.qemu) + 256
+    """ARP entries a deploying testbed holds: the appliance's for every node and BMC, each node's for the appliance and
+    for its two neighbours in a chain broadcast (a tree's parent and children: as many on average).
+
+    3 per node (without the broadcast peers) overflowed at 1000 nodes reaching their post-install together."""
+    return 5 * (plan.nodes + plan.qemu) + 256
 
 
 def ensure_neighbour_table(needed: int, say: Callable[[str], None] = lambda _m: None) -> None:
@@ -146,25 +155,42 @@ def up(plan: TestbedPlan, say: Callable[[str], None] = lambda _m: None, daemon_a
         for n in plan.netns_nodes:  # a VM's disk is made beside its QEMU files (plan.qemu_dir)
             with disk_path(sd, n.name).open("wb") as f:
                 f.truncate(DISK_BYTES)
-        log = (sd / "daemon.log").open("ab")
-        proc = subprocess.Popen(
-            ["ip", "netns", "exec", plan.bmc_ns, sys.executable, "-m", "vmtestbed.daemon", str(sd), *daemon_args],
-            stdin=subprocess.DEVNULL, stdout=log, stderr=subprocess.STDOUT, start_new_session=True,
-        )
-        log.close()
-        write_state(plan, phase="starting", daemon_pid=proc.pid)
+        procs = start_daemons(plan, daemon_args)
         deadline = time.monotonic() + 60 + plan.nodes * 0.05 + plan.qemu * 10
-        while not (sd / READY_FILE).exists():
-            if proc.poll() is not None:
-                raise TestbedError(f"the node daemon exited with status {proc.returncode}; see {sd / 'daemon.log'}")
+        while waiting := [i for i in range(len(procs)) if not ready_file(sd, i).exists()]:
+            for i in waiting:
+                if procs[i].poll() is not None:
+                    raise TestbedError(f"node daemon {i} exited with status {procs[i].returncode}; see {log_file(sd, i)}")
             if time.monotonic() > deadline:
-                raise TestbedError(f"the node daemon did not get ready in time; see {sd / 'daemon.log'}")
+                raise TestbedError(f"node daemon {waiting[0]} did not get ready in time; see {log_file(sd, waiting[0])}")
             time.sleep(0.05)
         write_state(plan, phase="up", config=str(files.config), inventory=str(files.inventory))
     except BaseException:
         down(plan.name)
         raise
-    return UpResult(plan=plan, files=files, daemon_pid=proc.pid, network_s=network_s, total_s=time.monotonic() - t0)
+    return UpResult(plan=plan, files=files, daemon_pids=tuple(p.pid for p in procs), network_s=network_s, total_s=time.monotonic() - t0)
+
+
+def start_daemons(plan: TestbedPlan, daemon_args: tuple[str, ...] = ()) -> list[subprocess.Popen[bytes]]:
+    """Start one node daemon per shard in the BMC namespace, recording each pid in the state as it starts."""
+    sd = plan.state_dir
+    procs: list[subprocess.Popen[bytes]] = []
+    for i in range(plan.daemons):
+        log = log_file(sd, i).open("ab")
+        procs.append(subprocess.Popen(
+            ["ip", "netns", "exec", plan.bmc_ns, sys.executable, "-m", "vmtestbed.daemon", str(sd), "--shard", str(i), *daemon_args],
+            stdin=subprocess.DEVNULL, stdout=log, stderr=subprocess.STDOUT, start_new_session=True,
+        ))
+        log.close()
+        write_state(plan, phase="starting", daemon_pid=procs[0].pid, daemon_pids=[p.pid for p in procs])
+    return procs
+
+
+def daemon_pids(name: str) -> list[int]:
+    """The recorded pids of a testbed's node daemons, in shard order (also from a state written before shards)."""
+    state = read_state(name)
+    pids = state.get("daemon_pids") or ([state["daemon_pid"]] if "daemon_pid" in state else [])
+    return [p for p in pids if isinstance(p, int)]
 
 
 def start_appliance(plan: TestbedPlan, files: ApplianceFiles, timeout: float = 30.0) -> subprocess.Popen[bytes]:
@@ -255,9 +281,10 @@ def down(name: str) -> list[str]:
     sd = STATE_ROOT / name
     state = read_state(name)
     prefix = str(state.get("prefix") or f"rbt-{name}-")
-    # Processes recorded by pid: stop them first so that nothing restarts a boot while the network goes.
-    for key in ("appliance_pid", "daemon_pid"):
-        pid = state.get(key)
+    # Processes recorded by pid (the appliance, every node daemon): stop them first so that nothing restarts a
+    # boot while the network goes.
+    recorded = [state.get("appliance_pid"), state.get("daemon_pid"), *(state.get("daemon_pids") or [])]
+    for pid in dict.fromkeys(recorded):
         if isinstance(pid, int) and pid > 1 and _alive(pid) and _belongs(pid, prefix, sd):
             try:
                 os.kill(pid, signal.SIGTERM)
