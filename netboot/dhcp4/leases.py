@@ -22,7 +22,7 @@ import sqlite3
 import struct
 from collections import deque
 from pathlib import Path
-from typing import Iterable, NamedTuple
+from typing import Iterable
 
 log = logging.getLogger("rackboot.dhcp")
 
@@ -49,17 +49,16 @@ def int_to_ip(value: int) -> bytes:
     return value.to_bytes(4, "big")
 
 
-class Lease(NamedTuple):
-    """One bound lease: client MAC, address (int), absolute expiry (epoch seconds), host name.
+class Lease:
+    """One bound lease: client MAC, address (int), absolute expiry (epoch seconds), host name."""
 
-    A tuple of atoms, so the cyclic GC stops tracking it at its first pass: 20,000 leases then cost the
-    collector's young-generation passes nothing (they were most of what a generation-1 pass walked under a
-    perfdhcp run: docs/benchmarks.md). Changed by replacing it in the table, never in place."""
+    __slots__ = ("mac", "ip", "expires", "hostname")
 
-    mac: str
-    ip: int
-    expires: float
-    hostname: str = ""
+    def __init__(self, mac: str, ip: int, expires: float, hostname: str = "") -> None:
+        self.mac = mac
+        self.ip = ip
+        self.expires = expires
+        self.hostname = hostname
 
     def __repr__(self) -> str:
         return f"Lease({self.mac} {socket.inet_ntoa(int_to_ip(self.ip))} expires={self.expires:.0f})"
@@ -296,7 +295,9 @@ class LeaseTable:
             if lease.ip != ip:
                 self._lease_ip.pop(lease.ip, None)
                 self._recycled.append(lease.ip)
-            lease = self._leases[mac] = Lease(mac, ip, now + lease_time, hostname)
+                lease.ip = ip
+            lease.expires = now + lease_time
+            lease.hostname = hostname
         self._lease_ip[ip] = mac
         self._changed(mac, lease)
         return True
@@ -306,7 +307,7 @@ class LeaseTable:
         lease = self._leases.get(mac)
         if lease is None or lease.ip != ip:
             return False
-        lease = self._leases[mac] = lease._replace(expires=min(lease.expires, now))
+        lease.expires = min(lease.expires, now)
         self._changed(mac, lease)
         return True
 
