@@ -12,6 +12,7 @@ from __future__ import annotations
 
 import asyncio
 import collections
+import itertools
 import os
 import select
 import threading
@@ -40,10 +41,10 @@ def _settle(future: asyncio.Future[int], result: int, error: BaseException | Non
             future.set_result(result)
 
 
-class SendfilePlane:
+class _Lane:
     """A thread that sends every body handed to it with sendfile(2), each as its socket becomes writable."""
 
-    def __init__(self, name: str = "http sendfile") -> None:
+    def __init__(self, name: str) -> None:
         self._name = name
         self._epoll: select.epoll | None = None
         self._wake_r = self._wake_w = -1
@@ -52,27 +53,11 @@ class SendfilePlane:
         self._thread: threading.Thread | None = None
         self._lock = threading.Lock()
 
-    async def send(self, sock_fd: int, file_fd: int, offset: int, count: int) -> int:
-        """Send count bytes of the file from offset on the (non-blocking) socket; return the bytes sent.
-
-        Up to INLINE_LIMIT bytes go out at once from the caller (as asyncio's own sendfile starts); the rest
-        from the plane's thread.
-        """
-        try:
-            sent = os.sendfile(sock_fd, file_fd, offset, min(count, INLINE_LIMIT))
-        except BlockingIOError:
-            sent = 0
-        else:
-            if sent == 0:
-                raise ConnectionResetError("the file ended before the body did")
-        if sent >= count:
-            return sent
-        loop = asyncio.get_running_loop()
-        future: asyncio.Future[int] = loop.create_future()
-        body = _Body(os.dup(sock_fd), os.dup(file_fd), offset + sent, count - sent, loop, future)
+    async def send(self, body: _Body) -> int:
+        """Send a body from this lane's thread; return the bytes sent."""
         self._command("add", body)
         try:
-            return sent + await future
+            return await body.future
         except asyncio.CancelledError:
             body.cancelled = True
             self._command("cancel", body)
@@ -162,6 +147,44 @@ class SendfilePlane:
         epoll.close()
         os.close(wake_r)
         os.close(wake_w)
+
+
+class SendfilePlane:
+    """Threads (lanes, one per CPU by default, as nginx's workers) that send the bodies handed to them, round-robin."""
+
+    def __init__(self, name: str = "http sendfile", lanes: int | None = None) -> None:
+        self._lanes = [_Lane(f"{name} {i}") for i in range(lanes or os.cpu_count() or 1)]
+        self._next_lane = itertools.cycle(self._lanes)
+
+    async def send(self, sock_fd: int, file_fd: int, offset: int, count: int) -> int:
+        """Send count bytes of the file from offset on the (non-blocking) socket; return the bytes sent.
+
+        Up to INLINE_LIMIT bytes go out at once from the caller (as asyncio's own sendfile starts); the rest
+        from the plane's thread.
+        """
+        try:
+            sent = os.sendfile(sock_fd, file_fd, offset, min(count, INLINE_LIMIT))
+        except BlockingIOError:
+            sent = 0
+        else:
+            if sent == 0:
+                raise ConnectionResetError("the file ended before the body did")
+        if sent >= count:
+            return sent
+        loop = asyncio.get_running_loop()
+        future: asyncio.Future[int] = loop.create_future()
+        body = _Body(os.dup(sock_fd), os.dup(file_fd), offset + sent, count - sent, loop, future)
+        return sent + await next(self._next_lane).send(body)
+
+    def close(self, timeout: float = 2.0) -> None:
+        """Fail every body in flight, end the threads and release their descriptors (blocks up to timeout each)."""
+        for lane in self._lanes:
+            lane.close(timeout)
+
+    @property
+    def started(self) -> bool:
+        """True once some body went through a thread."""
+        return any(lane._thread is not None for lane in self._lanes)
 
 
 def socket_fd(transport: Any) -> int:

@@ -35,7 +35,7 @@ async def test_the_plane_sends_exactly_the_asked_part_of_the_file(tmp_path: Path
         with open(tmp_path / "f", "rb") as fobj:
             sent, got = await asyncio.gather(plane.send(server.fileno(), fobj.fileno(), offset, count), read_all(client, count))
         assert sent == count and got == data[offset:offset + count]
-        assert count <= INLINE_LIMIT or plane._thread is not None  # a large body went through the thread
+        assert count <= INLINE_LIMIT or plane.started  # a large body went through the thread
     finally:
         plane.close()
         server.close()
