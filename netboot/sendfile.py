@@ -4,8 +4,8 @@ With the event loop's own sendfile (asyncio's sock_sendfile), every writable soc
 sendfile call that, on a fast link, moves a whole socket buffer (megabytes) before it returns: 200
 downloads at once made one loop iteration last tens to hundreds of milliseconds, and DHCP answers
 waited that long behind them (docs/benchmarks.md, "HTTP downloads"). Here the loop hands each body to
-a thread running a lean epoll loop over every download's socket; the GIL is released during each
-sendfile and epoll_wait, so the loop runs meanwhile. The thread works on duplicates of the socket and
+one of a few threads (lanes, one per CPU) each running a lean epoll loop over its downloads' sockets; the
+GIL is released during each sendfile and epoll_wait, so the loop and the other lanes run meanwhile. The thread works on duplicates of the socket and
 file descriptors, so a connection or file the loop closes early cannot be confused with a new one.
 """
 from __future__ import annotations
