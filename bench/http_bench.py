@@ -48,9 +48,8 @@ from typing import Any
 sys.path.insert(0, str(Path(__file__).resolve().parent))
 from dhcp_bench import Probe, parse_perfdhcp  # noqa: E402
 from measure import (  # noqa: E402
-    code_description, cpu_seconds, exit_cleanly_on_sigterm, fmt, machine_load, markdown_table, median, pyspy_path,
-    pyspy_summary, rackboot_command, NamespacePair, ScratchDir, require_root_and_tools, resolve_commit, say, stop,
-    wait_until, write_json,
+    code_description, cpu_seconds, exit_cleanly_on_sigterm, fmt, machine_load, markdown_table, median, NamespacePair,
+    pyspy_path, pyspy_summary, require_root_and_tools, say, ScratchDir, stop, wait_until, with_rackboot, write_json,
 )
 from vmtestbed.netns import Lab  # noqa: E402
 
@@ -537,13 +536,7 @@ def main(argv: list[str] | None = None) -> int:
     require_root_and_tools(["ss", "pgrep"] + (["nginx"] if "nginx" in args.servers else [])
                            + (["perfdhcp"] if args.dhcp_rate and "rackboot" in args.servers else []))
     exit_cleanly_on_sigterm()
-    args.rackboot_commit = resolve_commit(args.rackboot_commit)
-    code_dir = ScratchDir(prefix="rackboot-bench-code-")
-    try:
-        rackboot = rackboot_command(args.rackboot, args.rackboot_commit, Path(code_dir.name)) if "rackboot" in args.servers else []
-        return measure_and_report(args, rackboot)
-    finally:
-        code_dir.cleanup()
+    return with_rackboot(args, "rackboot" in args.servers, measure_and_report)
 
 
 def measure_and_report(args: argparse.Namespace, rackboot: list[str]) -> int:

@@ -15,7 +15,7 @@ import re
 import time
 from collections import Counter
 from pathlib import Path
-from typing import Any, Iterable, Sequence
+from typing import Any, Callable, Iterable, Sequence
 
 from vmtestbed.netns import Lab, unique_prefix
 
@@ -239,6 +239,21 @@ def rackboot_command(executable: str | None, commit: str | None, workdir: Path) 
     if found is None:
         sys.exit("rackboot is not installed next to this Python (run ./setup.sh --bench, then use .venv/bin/python)")
     return [found]
+
+
+def with_rackboot(args: Any, wanted: bool, measure: Callable[[Any, list[str]], int]) -> int:
+    """Run measure(args, rackboot argv) with args.rackboot / args.rackboot_commit resolved ([] when not wanted).
+
+    The commit is pinned to its full hash (args.rackboot_commit is replaced) and exported into a temporary
+    directory that is removed afterwards.
+    """
+    args.rackboot_commit = resolve_commit(args.rackboot_commit)
+    code_dir = ScratchDir(prefix="rackboot-bench-code-")
+    try:
+        rackboot = rackboot_command(args.rackboot, args.rackboot_commit, Path(code_dir.name)) if wanted else []
+        return measure(args, rackboot)
+    finally:
+        code_dir.cleanup()
 
 
 def resolve_commit(rev: str | None) -> str | None:
