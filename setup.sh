@@ -3,9 +3,9 @@
 # environment in .venv with rackboot installed in it.
 #   ./setup.sh          runtime + vm-testbed (enough for `rackboot serve` and `rackboot demo`)
 #   ./setup.sh --test   also the real clients and firmware the test suite drives
-#   ./setup.sh --bench  also the peers the benchmarks compare against (dnsmasq, Kea, tftpd-hpa, ...)
+#   ./setup.sh --bench  also the peers the benchmarks compare against (dnsmasq, Kea, tftpd-hpa, nginx, ...)
 # Needs root (apt-get, network namespaces). Starts no service: Debian packages that ship one
-# (tftpd-hpa, kea-dhcp4-server, isc-dhcp-relay) are installed with service start-up blocked and stay disabled.
+# (tftpd-hpa, kea-dhcp4-server, isc-dhcp-relay, nginx-light) are installed with service start-up blocked and stay disabled.
 set -euo pipefail
 cd "$(dirname "$0")"
 
@@ -33,7 +33,7 @@ pkgs=(ipxe iproute2 busybox ipmitool nftables fdisk e2fsprogs libarchive13 ca-ce
                              qemu-system-x86 ipxe-qemu ovmf grub2-common grub-pc-bin grub-efi-amd64-bin dosfstools openssh-client
                              chromium isc-dhcp-relay)
 # Benchmarks: the peers we measure against in the same run.
-[ $want_bench = 1 ] && pkgs+=(kea-admin kea-dhcp4-server dnsmasq-base tftpd-hpa udpcast pdsh clustershell)
+[ $want_bench = 1 ] && pkgs+=(kea-admin kea-dhcp4-server dnsmasq-base tftpd-hpa udpcast pdsh clustershell nginx-light)
 
 missing=()
 for p in "${pkgs[@]}"; do
@@ -51,7 +51,7 @@ if [ ${#missing[@]} -gt 0 ]; then
   export DEBIAN_FRONTEND=noninteractive
   apt-get update -q
   apt-get install -y -q --no-install-recommends "${missing[@]}"
-  for svc in tftpd-hpa kea-dhcp4-server kea-dhcp6-server kea-dhcp-ddns-server kea-ctrl-agent isc-dhcp-relay; do
+  for svc in tftpd-hpa kea-dhcp4-server kea-dhcp6-server kea-dhcp-ddns-server kea-ctrl-agent isc-dhcp-relay nginx; do
     if command -v systemctl >/dev/null 2>&1 && [ -d /run/systemd/system ]; then
       systemctl disable --now "$svc" >/dev/null 2>&1 || true
     fi

@@ -31,8 +31,9 @@ from typing import Any
 
 sys.path.insert(0, str(Path(__file__).resolve().parent))
 from measure import (  # noqa: E402
-    code_description, cpu_seconds, exit_cleanly_on_sigterm, fmt, machine_load, markdown_table, median, rackboot_command,
-    NamespacePair, ScratchDir, require_root_and_tools, resolve_commit, say, stop, udp_port_bound, wait_until, write_json,
+    code_description, cpu_seconds, exit_cleanly_on_sigterm, fmt, machine_load, markdown_table, median, NamespacePair,
+    pyspy_path, pyspy_summary, require_root_and_tools, say, ScratchDir, stop, udp_port_bound, wait_until, with_rackboot,
+    write_json,
 )
 from vmtestbed.netns import Lab  # noqa: E402
 
@@ -307,10 +308,7 @@ def profile_rackboot(pair: NamespacePair, rackboot: list[str], args: argparse.Na
     """Run one rackboot probe at --profile-rate with py-spy sampling the server; return the hottest functions."""
     lab = pair.ensure()
     server_ns, client_ns = pair.server, pair.client
-    import shutil
-    from collections import Counter
-
-    pyspy = str(Path(sys.executable).with_name("py-spy")) if Path(sys.executable).with_name("py-spy").exists() else shutil.which("py-spy")
+    pyspy = pyspy_path()
     if pyspy is None:
         return "(no profile: py-spy is not installed; `.venv/bin/pip install py-spy`)"
     out_file = Path(args.profile_out).resolve()
@@ -330,23 +328,7 @@ def profile_rackboot(pair: NamespacePair, rackboot: list[str], args: argparse.Na
             stop(spy)
     if not out_file.exists():
         return f"(no profile: py-spy wrote nothing: {spy.stderr.read().decode(errors='replace')[-300:] if spy.stderr else ''})"
-    own: Counter[str] = Counter()
-    inclusive: Counter[str] = Counter()
-    total = 0
-    for line in out_file.read_text().splitlines():
-        stack, _, count = line.rpartition(" ")
-        n = int(count)
-        total += n
-        frames = [re.sub(r":\d+\)$", ")", f) for f in stack.split(";")]  # per function, not per line
-        own[frames[-1]] += n
-        for f in set(frames):
-            inclusive[f] += n
-    lines = [f"py-spy at {args.profile_rate}/s: {probe.leases_per_s:.0f} leases/s, drop {probe.drop_pct:.2f} %, "
-             f"{total} samples, raw stacks in {out_file}", "", "| own time | function |", "| --- | --- |"]
-    lines += [f"| {100 * n / total:.1f} % | `{f}` |" for f, n in own.most_common(15)]
-    lines += ["", "| inclusive | function |", "| --- | --- |"]
-    lines += [f"| {100 * n / total:.1f} % | `{f}` |" for f, n in inclusive.most_common(30) if 100 * n / total < 99]
-    return "\n".join(lines)
+    return pyspy_summary(out_file, f"py-spy at {args.profile_rate}/s: {probe.leases_per_s:.0f} leases/s, drop {probe.drop_pct:.2f} %")
 
 
 def report(searches: list[Search], args: argparse.Namespace, loads: list[dict[str, Any]]) -> str:
@@ -452,13 +434,7 @@ def main(argv: list[str] | None = None) -> int:
     tools = ["perfdhcp", "ss"] + [{"kea": "kea-dhcp4", "dnsmasq": "dnsmasq"}[s] for s in args.servers if s != "rackboot"]
     require_root_and_tools(tools)
     exit_cleanly_on_sigterm()
-    args.rackboot_commit = resolve_commit(args.rackboot_commit)
-    code_dir = ScratchDir(prefix="rackboot-bench-code-")
-    try:
-        rackboot = rackboot_command(args.rackboot, args.rackboot_commit, Path(code_dir.name)) if "rackboot" in args.servers else []
-        return measure_and_report(args, rackboot)
-    finally:
-        code_dir.cleanup()
+    return with_rackboot(args, "rackboot" in args.servers, measure_and_report)
 
 
 def measure_and_report(args: argparse.Namespace, rackboot: list[str]) -> int:

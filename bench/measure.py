@@ -11,9 +11,11 @@ import signal
 import statistics
 import subprocess
 import sys
+import re
 import time
+from collections import Counter
 from pathlib import Path
-from typing import Any, Iterable, Sequence
+from typing import Any, Callable, Iterable, Sequence
 
 from vmtestbed.netns import Lab, unique_prefix
 
@@ -239,6 +241,21 @@ def rackboot_command(executable: str | None, commit: str | None, workdir: Path) 
     return [found]
 
 
+def with_rackboot(args: Any, wanted: bool, measure: Callable[[Any, list[str]], int]) -> int:
+    """Run measure(args, rackboot argv) with args.rackboot / args.rackboot_commit resolved ([] when not wanted).
+
+    The commit is pinned to its full hash (args.rackboot_commit is replaced) and exported into a temporary
+    directory that is removed afterwards.
+    """
+    args.rackboot_commit = resolve_commit(args.rackboot_commit)
+    code_dir = ScratchDir(prefix="rackboot-bench-code-")
+    try:
+        rackboot = rackboot_command(args.rackboot, args.rackboot_commit, Path(code_dir.name)) if wanted else []
+        return measure(args, rackboot)
+    finally:
+        code_dir.cleanup()
+
+
 def resolve_commit(rev: str | None) -> str | None:
     """Return the full hash of a revision of this repository now (so a moving HEAD is pinned), or None."""
     if not rev:
@@ -288,3 +305,33 @@ def write_json(path: str | None, data: Any) -> None:
 def say(*parts: object) -> None:
     """Print progress to stderr (stdout carries the final report)."""
     print(*parts, file=sys.stderr, flush=True)
+
+
+def pyspy_path() -> str | None:
+    """Return the py-spy next to this Python (or on PATH), or None when it is not installed."""
+    import shutil
+
+    beside = Path(sys.executable).with_name("py-spy")
+    return str(beside) if beside.exists() else shutil.which("py-spy")
+
+
+def pyspy_summary(raw: Path, headline: str) -> str:
+    """Markdown: the hottest functions (own and inclusive share of samples) of a py-spy `-f raw` recording."""
+    own: Counter[str] = Counter()
+    inclusive: Counter[str] = Counter()
+    total = 0
+    for line in raw.read_text().splitlines():
+        stack, _, count = line.rpartition(" ")
+        n = int(count)
+        total += n
+        frames = [re.sub(r":\d+\)$", ")", f) for f in stack.split(";")]  # per function, not per line
+        own[frames[-1]] += n
+        for f in set(frames):
+            inclusive[f] += n
+    if total == 0:
+        return f"{headline}: py-spy took no samples ({raw})"
+    lines = [f"{headline}, {total} samples, raw stacks in {raw}", "", "| own time | function |", "| --- | --- |"]
+    lines += [f"| {100 * n / total:.1f} % | `{f}` |" for f, n in own.most_common(15)]
+    lines += ["", "| inclusive | function |", "| --- | --- |"]
+    lines += [f"| {100 * n / total:.1f} % | `{f}` |" for f, n in inclusive.most_common(30) if 100 * n / total < 99]
+    return "\n".join(lines)

@@ -39,8 +39,8 @@ from typing import Any
 
 sys.path.insert(0, str(Path(__file__).resolve().parent))
 from measure import (  # noqa: E402
-    code_description, cpu_seconds, exit_cleanly_on_sigterm, fmt, machine_load, markdown_table, median, rackboot_command,
-    NamespacePair, ScratchDir, require_root_and_tools, resolve_commit, say, stop, udp_port_bound, wait_until, write_json,
+    code_description, cpu_seconds, exit_cleanly_on_sigterm, fmt, machine_load, markdown_table, median, NamespacePair,
+    require_root_and_tools, say, ScratchDir, stop, udp_port_bound, wait_until, with_rackboot, write_json,
 )
 from vmtestbed.netns import Lab  # noqa: E402
 
@@ -329,13 +329,7 @@ def main(argv: list[str] | None = None) -> int:
     clients = sorted({VARIANTS[v].client for v in args.variants})
     require_root_and_tools(clients + ["ss"] + (["in.tftpd"] if "tftpd-hpa" in kinds else []) + (["nft"] if args.loss else []))
     exit_cleanly_on_sigterm()
-    args.rackboot_commit = resolve_commit(args.rackboot_commit)
-    code_dir = ScratchDir(prefix="rackboot-bench-code-")
-    try:
-        rackboot = rackboot_command(args.rackboot, args.rackboot_commit, Path(code_dir.name)) if "rackboot" in kinds else []
-        return measure_and_report(args, rackboot)
-    finally:
-        code_dir.cleanup()
+    return with_rackboot(args, "rackboot" in kinds, measure_and_report)
 
 
 def measure_and_report(args: argparse.Namespace, rackboot: list[str]) -> int:

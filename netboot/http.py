@@ -46,6 +46,7 @@ from domain.progress import (
 )
 from ipxe import callback_path, nbp_path, script_path
 from netboot.httplog import ACCESS_LOGGER, AccessLog
+from netboot.sendfile import SendfilePlane, socket_fd
 from ipxe.script import ScriptRenderer
 
 log = logging.getLogger("rackboot.http")
@@ -98,11 +99,46 @@ class HttpSettings:
         return f"http://{self.address}:{self.port}"
 
 
-class _ReportingFileResponse(web.FileResponse):
-    """A FileResponse that reports once the whole body went out (sendfile, Range handled by aiohttp)."""
+class _PlaneFileResponse(web.FileResponse):
+    """A FileResponse (sendfile, Range handled by aiohttp) whose body goes out from a SendfilePlane's thread.
 
-    def __init__(self, path: Path, on_sent: Callable[[web.StreamResponse], None], on_aborted: Callable[[], None]) -> None:
+    Not from the event loop: netboot/sendfile.py says why. Without a plane, or on a transport without a
+    socket, aiohttp sends it.
+    """
+
+    def __init__(self, path: Path, plane: SendfilePlane | None) -> None:
         super().__init__(path, chunk_size=FILE_CHUNK_SIZE)
+        self._plane = plane
+
+    async def _sendfile(self, request: web.BaseRequest, fobj: Any, offset: int, count: int) -> AbstractStreamWriter:
+        """Send the headers from the loop, then count bytes of the file from offset from the plane's thread."""
+        transport = request.transport
+        fd = socket_fd(transport)
+        if self._plane is None or fd < 0 or self.compression:
+            return await super()._sendfile(request, fobj, offset, count)
+        writer = await web.StreamResponse.prepare(self, request)  # the status line and headers, written now
+        assert writer is not None and transport is not None
+        while transport.get_write_buffer_size():  # rare: the headers did not fit the socket at once
+            if transport.is_closing():
+                raise ConnectionResetError("Connection lost")
+            await asyncio.sleep(0.001)
+        reading = transport.is_reading()
+        transport.pause_reading()
+        try:
+            await self._plane.send(fd, fobj.fileno(), offset, count)
+        finally:
+            if reading and not transport.is_closing():
+                transport.resume_reading()
+        await web.StreamResponse.write_eof(self)
+        return writer
+
+
+class _ReportingFileResponse(_PlaneFileResponse):
+    """A _PlaneFileResponse that reports once the whole body went out."""
+
+    def __init__(self, path: Path, plane: SendfilePlane, on_sent: Callable[[web.StreamResponse], None],
+                 on_aborted: Callable[[], None]) -> None:
+        super().__init__(path, plane)
         self._on_sent = on_sent
         self._on_aborted = on_aborted
 
@@ -149,6 +185,7 @@ class HttpService:
         self._last_script: dict[str, str] = {}
         self._max_tracked_macs = max_tracked_macs
         self._runner: web.AppRunner | None = None
+        self._sender = SendfilePlane()  # file bodies go out from its thread
         self.app = web.Application(middlewares=[self._count_middleware])
         r = self.app.router
         r.add_get(script_path("{mac}"), self._script)
@@ -209,6 +246,7 @@ class HttpService:
         runner, self._runner = self._runner, None
         if runner is not None:
             await runner.cleanup()
+        self._sender.close()
 
     def stats(self) -> dict[str, int]:
         """Return request counters."""
@@ -309,7 +347,8 @@ class HttpService:
         if name not in self._nbp_names or not path.is_file():
             raise web.HTTPNotFound()
         self._counters["nbps"] += 1
-        return _ReportingFileResponse(path, lambda response: self._publish_nbp(request, name, response), self._aborted)
+        return _ReportingFileResponse(path, self._sender, lambda response: self._publish_nbp(request, name, response),
+                                      self._aborted)
 
     def _publish_nbp(self, request: web.Request, name: str, response: web.StreamResponse) -> None:
         mac = self._requester_mac(request)
@@ -323,8 +362,9 @@ class HttpService:
         relative = request.match_info["path"]
         path = self._safe_file(relative)
         if request.method != "GET":
-            return web.FileResponse(path, chunk_size=FILE_CHUNK_SIZE)
-        return _ReportingFileResponse(path, lambda response: self._publish_fetch(request, relative, response), self._aborted)
+            return _PlaneFileResponse(path, self._sender)
+        return _ReportingFileResponse(path, self._sender, lambda response: self._publish_fetch(request, relative, response),
+                                      self._aborted)
 
     def _publish_fetch(self, request: web.Request, relative: str, response: web.StreamResponse) -> None:
         self._counters["files"] += 1
@@ -350,7 +390,7 @@ class HttpService:
         if path is None:
             raise web.HTTPForbidden(text="no image behind this token\n")
         self._counters["images"] += 1
-        return web.FileResponse(path, chunk_size=FILE_CHUNK_SIZE)
+        return _PlaneFileResponse(path, self._sender)
 
     # -- callbacks ----------------------------------------------------------------------------------
 
