@@ -50,6 +50,7 @@ class TftpConfig:
     retries: int = 6
     max_sessions: int = 4096
     max_sessions_per_host: int = 64
+    data_workers: int | None = None  # data-plane worker processes; None: one per CPU when there are 2 or more
 
 
 @dataclass(frozen=True)
@@ -266,7 +267,7 @@ def load_config(path: str | Path) -> ApplianceConfig:
     tftp = TftpConfig(root=state_dir / "tftp")
     if (t := _child(root, "tftp", problems)) is not None:
         r = _Reader(t, problems, ("port", "root", "max_blksize", "max_windowsize", "timeout", "retries", "max_sessions",
-                                     "max_sessions_per_host"))
+                                     "max_sessions_per_host", "data_workers"))
         tftp = TftpConfig(
             port=r.port("port", 69),
             root=r.get("root", state_dir / "tftp", lambda v: (path.parent / str(v)).resolve(), "a directory"),
@@ -276,6 +277,7 @@ def load_config(path: str | Path) -> ApplianceConfig:
             retries=r.positive("retries", 6),
             max_sessions=r.positive("max_sessions", 4096),
             max_sessions_per_host=r.positive("max_sessions_per_host", 64),
+            data_workers=r.get("data_workers", None, _workers, "'auto' or an integer 0-64"),
         )
 
     http = HttpConfig(port=http_port, files=state_dir / "files")
@@ -408,6 +410,13 @@ def _iface(v: Any) -> ipaddress.IPv4Interface:
     if "/" not in str(v):
         raise ValueError("a prefix length is required")
     return ipaddress.IPv4Interface(str(v))
+
+
+def _workers(value: Any) -> int | None:
+    """'auto' (None) or a count of worker processes."""
+    if value == "auto":
+        return None
+    return _int_range(value, 0, 64)
 
 
 def _int_range(v: Any, lo: int, hi: int) -> int:

@@ -21,11 +21,12 @@ import select
 import socket
 import threading
 import time
+from dataclasses import dataclass
 from typing import Callable
 
 from domain.errors import MalformedPacket
 from netboot.tftp.codec import ErrorCode, decode, encode_error
-from netboot.tftp.session import ReadSession
+from netboot.tftp.session import Outcome, ReadSession
 
 Address = tuple[str, int]
 _RECV_SIZE = 65536
@@ -43,6 +44,23 @@ class TransferCounts:
         self.received = self.sent = self.dropped_wrong_tid = self.dropped_malformed = 0
 
 
+@dataclass(frozen=True)
+class TransferResult:
+    """How one transfer's data path ended, as the event loop accounts for it (from a thread or a worker process)."""
+
+    outcome: Outcome | None  # None: the data path ended it (an exception, a worker process gone)
+    reason: str
+    size: int
+    blksize: int
+    windowsize: int
+    received: int = 0
+    sent: int = 0
+    dropped_wrong_tid: int = 0
+    dropped_malformed: int = 0
+    retransmitted: int = 0
+    duplicate_acks: int = 0
+
+
 class TransferWorker:
     """One transfer's socket (its TID, RFC 1350 sec. 4), session and counters, run by a DataPlane."""
 
@@ -55,6 +73,16 @@ class TransferWorker:
         self.done = done
         self.error = ""  # what ended the transfer when the session did not end by itself
         self.timer_at = _INF  # the earliest heap entry of this transfer
+
+    def result(self) -> TransferResult:
+        """What the transfer came to so far: the session's outcome and the counters."""
+        session, counts = self.session, self.counts
+        return TransferResult(
+            outcome=session.outcome, reason=session.reason or self.error, size=session.size, blksize=session.blksize,
+            windowsize=session.windowsize, received=counts.received, sent=counts.sent,
+            dropped_wrong_tid=counts.dropped_wrong_tid, dropped_malformed=counts.dropped_malformed,
+            retransmitted=session.retransmitted, duplicate_acks=session.duplicate_acks,
+        )
 
     def send(self, datagrams: list[bytes]) -> None:
         """Send datagrams to the client; a transient error is a lost datagram."""
