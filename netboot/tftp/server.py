@@ -181,6 +181,11 @@ class TftpService:
         host, port = self._transport.get_extra_info("sockname")[:2]
         return (host, port)
 
+    @property
+    def data_worker_pids(self) -> list[int]:
+        """The process ids of the data-plane worker processes running now (empty: transfers run in a thread)."""
+        return self._pool.pids if self._pool is not None else []
+
     async def start(self) -> None:
         """Bind the request socket on (settings.address, settings.port); raise BindError with the reason on failure."""
         if self._transport is not None:
