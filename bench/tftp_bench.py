@@ -39,8 +39,9 @@ from typing import Any
 
 sys.path.insert(0, str(Path(__file__).resolve().parent))
 from measure import (  # noqa: E402
-    code_description, cpu_seconds, exit_cleanly_on_sigterm, fmt, machine_load, markdown_table, median, rackboot_command,
-    NamespacePair, ScratchDir, require_root_and_tools, resolve_commit, say, stop, udp_port_bound, wait_until, write_json,
+    code_description, exit_cleanly_on_sigterm, fmt, machine_load, markdown_table, median, rackboot_command,
+    NamespacePair, ScratchDir, require_root_and_tools, resolve_commit, say, stop, tree_cpu_seconds, udp_port_bound, wait_until,
+    write_json,
 )
 from vmtestbed.netns import Lab  # noqa: E402
 
@@ -218,14 +219,14 @@ def timed_fetch(lab: Lab, client_ns: str, server: TftpServer, file: tuple[str, i
     for opt in variant.options:
         argv += ["--option", opt]
     assert server.proc is not None
-    cpu0 = cpu_seconds(server.proc.pid)
+    cpu0 = tree_cpu_seconds(server.proc.pid)
     try:
         res = lab.run(client_ns, argv, timeout=timeout)
     except subprocess.TimeoutExpired:
         return None, 0, count, None, f"no result after {timeout:.0f} s", None
     # in.tftpd forks a child per transfer and lets the kernel reap it (SIGCHLD SIG_IGN + SA_NOCLDWAIT),
     # so the children's CPU time is lost to /proc: only rackboot's (one process) is reported.
-    cpu = cpu_seconds(server.proc.pid) - cpu0 if server.proc.poll() is None and server.kind == "rackboot" else None
+    cpu = tree_cpu_seconds(server.proc.pid) - cpu0 if server.proc.poll() is None and server.kind == "rackboot" else None
     try:
         data = json.loads(res.stdout.strip().splitlines()[-1])
     except (IndexError, json.JSONDecodeError):
