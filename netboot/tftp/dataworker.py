@@ -1,6 +1,6 @@
 """A data-plane worker process: runs the DATA/ACK exchange of the transfers the TFTP service hands it.
 
-Started by the service's WorkerPool (workers.py) as `python -P -m netboot.tftp.dataworker FD PARENT_PID` (-P: not
+Started by the service's WorkerPool (workers.py) as `python -P -m netboot.tftp.dataworker FD PARENT_PID BUSY_POLL` (-P: not
 the working directory's checkout), FD being its end of a SOCK_SEQPACKET socketpair. Each AddTransfer comes with the transfer's socket and the file's memfd
 (SCM_RIGHTS); the transfer runs in this process's DataPlane (datapath.py: the same loop, session and RTO as the
 service's own thread) and its end goes back as TransferDone. The process ends when the service closes its end of
@@ -38,9 +38,9 @@ def die_with_parent(parent_pid: int) -> None:
 class WorkerProcess:
     """The worker's state: its data plane, the mapped files, the transfers running, the control socket."""
 
-    def __init__(self, control: socket.socket) -> None:
+    def __init__(self, control: socket.socket, busy_poll: float = 0.0) -> None:
         self.control = control
-        self.plane = DataPlane()
+        self.plane = DataPlane(spin=busy_poll)
         self.files = MappedFiles()
         self.running: dict[int, tuple[TransferWorker, int]] = {}  # transfer id -> (worker, mapped file key)
         self.lock = threading.Lock()  # running and files: the control thread and the plane's thread use them
@@ -118,11 +118,12 @@ class WorkerProcess:
 
 
 def main(argv: list[str]) -> int:
-    """Entry point: `python -m netboot.tftp.dataworker CONTROL_FD PARENT_PID`."""
+    """Entry point: `python -m netboot.tftp.dataworker CONTROL_FD PARENT_PID [BUSY_POLL_SECONDS]`."""
     control_fd, parent_pid = int(argv[0]), int(argv[1])
+    busy_poll = float(argv[2]) if len(argv) > 2 else 0.0
     signal.signal(signal.SIGINT, signal.SIG_IGN)  # a terminal's Ctrl-C is the service's to handle; it closes us
     die_with_parent(parent_pid)
-    WorkerProcess(socket.socket(fileno=control_fd)).serve()
+    WorkerProcess(socket.socket(fileno=control_fd), busy_poll).serve()
     return 0
 
 

@@ -85,6 +85,7 @@ class TftpSettings:
     max_sessions_per_host: int = 64          # one host cannot take the whole table (a node needs one or two)
     rto_floor: float = 0.02                  # the adaptive retransmission timeout's floor (timeout is its start and cap)
     data_workers: int = 0                    # data-plane worker processes; 0 or 1: a thread of this process
+    busy_poll: float = 0.0                   # seconds the data plane polls without sleeping after an answer (few transfers)
 
 
 def raise_nofile_limit() -> int:
@@ -169,8 +170,8 @@ class TftpService:
         self._transfers: dict[Address, _Transfer] = {}
         self._per_host: dict[str, int] = {}  # transfers per client address
         self._counters: dict[str, int] = dict.fromkeys(_COUNTERS, 0)
-        self._plane = DataPlane()  # every transfer's DATA/ACK exchange, in a thread of its own (datapath.py)
-        self._pool = WorkerPool(settings.data_workers) if settings.data_workers > 1 else None  # or in processes
+        self._plane = DataPlane(spin=settings.busy_poll)  # every transfer's DATA/ACK exchange, in a thread of its own (datapath.py)
+        self._pool = WorkerPool(settings.data_workers, settings.busy_poll) if settings.data_workers > 1 else None  # or in processes
         self.latency = {"transfer": Latency(TRANSFER_BUCKETS)}
 
     @property

@@ -62,8 +62,9 @@ class _Worker:
 class WorkerPool:
     """count data-plane worker processes, started by start() and ended by close() (or with this process)."""
 
-    def __init__(self, count: int, max_restarts: int = 5) -> None:
+    def __init__(self, count: int, busy_poll: float = 0.0, max_restarts: int = 5) -> None:
         self.count = count
+        self.busy_poll = busy_poll
         self.max_restarts = max_restarts
         self.restarts = 0
         self.shared = SharedFiles()
@@ -99,7 +100,8 @@ class WorkerPool:
             env = dict(os.environ)
             env["PYTHONPATH"] = os.pathsep.join(p for p in (str(_PROJECT_ROOT), env.get("PYTHONPATH", "")) if p)
             proc = subprocess.Popen(
-                [sys.executable, "-P", "-m", "netboot.tftp.dataworker", str(theirs.fileno()), str(os.getpid())],
+                [sys.executable, "-P", "-m", "netboot.tftp.dataworker", str(theirs.fileno()), str(os.getpid()),
+                 repr(self.busy_poll)],
                 pass_fds=(theirs.fileno(),), env=env, stdin=subprocess.DEVNULL,
             )
         except BaseException:
