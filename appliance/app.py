@@ -304,7 +304,8 @@ def tftp_settings(config: ApplianceConfig) -> TftpSettings:
     return TftpSettings(address=config.ip, root=t.root, ipxe_dir=config.boot.ipxe_dir, nbp_names=_nbp_names(config),
                         port=t.port, interface=config.interface, max_blksize=t.max_blksize,
                         max_windowsize=t.max_windowsize, timeout=t.timeout, retries=t.retries, max_sessions=t.max_sessions,
-                        max_sessions_per_host=t.max_sessions_per_host, data_workers=_data_workers(t.data_workers))
+                        max_sessions_per_host=t.max_sessions_per_host, data_workers=_data_workers(t.data_workers),
+                        busy_poll=t.busy_poll)
 
 
 def _data_workers(configured: int | None) -> int:

@@ -51,6 +51,7 @@ class TftpConfig:
     max_sessions: int = 4096
     max_sessions_per_host: int = 64
     data_workers: int | None = None  # data-plane worker processes; None: one per CPU when there are 2 or more
+    busy_poll: float = 0.0  # seconds the data plane polls without sleeping after answering, when few transfers run
 
 
 @dataclass(frozen=True)
@@ -267,7 +268,7 @@ def load_config(path: str | Path) -> ApplianceConfig:
     tftp = TftpConfig(root=state_dir / "tftp")
     if (t := _child(root, "tftp", problems)) is not None:
         r = _Reader(t, problems, ("port", "root", "max_blksize", "max_windowsize", "timeout", "retries", "max_sessions",
-                                     "max_sessions_per_host", "data_workers"))
+                                     "max_sessions_per_host", "data_workers", "busy_poll"))
         tftp = TftpConfig(
             port=r.port("port", 69),
             root=r.get("root", state_dir / "tftp", lambda v: (path.parent / str(v)).resolve(), "a directory"),
@@ -278,6 +279,7 @@ def load_config(path: str | Path) -> ApplianceConfig:
             max_sessions=r.positive("max_sessions", 4096),
             max_sessions_per_host=r.positive("max_sessions_per_host", 64),
             data_workers=r.get("data_workers", None, _workers, "'auto' or an integer 0-64"),
+            busy_poll=r.get("busy_poll", 0.0, _busy_poll, "seconds, 0-0.01"),
         )
 
     http = HttpConfig(port=http_port, files=state_dir / "files")
@@ -417,6 +419,13 @@ def _workers(value: Any) -> int | None:
     if value == "auto":
         return None
     return _int_range(value, 0, 64)
+
+
+def _busy_poll(value: Any) -> float:
+    """Seconds of busy polling, 0 (off) to 10 ms."""
+    if isinstance(value, bool) or not 0 <= float(value) <= 0.01:
+        raise ValueError("")
+    return float(value)
 
 
 def _int_range(v: Any, lo: int, hi: int) -> int:

@@ -258,7 +258,7 @@ class DataPlane:
                         self._fail(worker, exc)
                         continue
                     session = worker.session
-                    if session.finished:
+                    if session.outcome is not None:  # session.finished, without a property call per block
                         self._drop(worker, report=True)
                     elif session.deadline is not None and session.deadline < worker.timer_at:
                         worker.timer_at = session.deadline
