@@ -51,7 +51,7 @@ class TftpConfig:
     max_sessions: int = 4096
     max_sessions_per_host: int = 64
     data_workers: int | None = None  # data-plane worker processes; None: one per CPU when there are 2 or more
-    busy_poll: float = 0.0  # seconds the data plane polls without sleeping after answering, when few transfers run
+    busy_poll: float = 0.0001  # seconds the data plane polls without sleeping after answering, when few transfers run
 
 
 @dataclass(frozen=True)
@@ -279,7 +279,7 @@ def load_config(path: str | Path) -> ApplianceConfig:
             max_sessions=r.positive("max_sessions", 4096),
             max_sessions_per_host=r.positive("max_sessions_per_host", 64),
             data_workers=r.get("data_workers", None, _workers, "'auto' or an integer 0-64"),
-            busy_poll=r.get("busy_poll", 0.0, _busy_poll, "seconds, 0-0.01"),
+            busy_poll=r.get("busy_poll", 0.0001, _busy_poll, "seconds, 0-0.01"),
         )
 
     http = HttpConfig(port=http_port, files=state_dir / "files")
