@@ -22,15 +22,16 @@ HOST = "127.0.0.1"
 SLOW = {"timeout": 5.0, "rto_floor": 5.0}  # the retransmission timer never fires within these tests
 
 
-@pytest.fixture(params=[0, 2], ids=["thread", "processes"])
+@pytest.fixture(params=[{"data_workers": 0}, {"data_workers": 2}, {"data_workers": 2, "busy_poll": 0.0001}],
+                ids=["thread", "processes", "processes-busy-poll"])
 async def service(request: pytest.FixtureRequest, tmp_path: Path) -> AsyncIterator[Callable[..., object]]:
     """Start one TftpService on loopback with the given settings (the data plane in a thread, or in 2 worker
-    processes); close it after the test."""
+    processes, busy-polling or not); close it after the test."""
     made: list[TftpService] = []
 
     async def factory(**settings: object) -> TftpService:
         (tmp_path / "tftp").mkdir(exist_ok=True)
-        settings = {"data_workers": request.param} | settings
+        settings = request.param | settings
         svc = TftpService(TftpSettings(address=ipaddress.IPv4Address(HOST), root=tmp_path / "tftp", port=0, **settings),  # type: ignore[arg-type]
                           EventBus().publish, mac_for_ip=lambda ip: None)
         await svc.start()
