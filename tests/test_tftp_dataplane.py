@@ -1,5 +1,6 @@
 """The TFTP data plane with real sockets on loopback, in the service's thread and in worker processes: duplicate ACKs
-(lock-step and windowed), closing mid-transfer, a worker killed mid-transfer, no descriptor left behind."""
+(lock-step and windowed), closing mid-transfer, a worker killed mid-transfer, no descriptor left behind; the memfds
+that carry files to the workers and the messages to and from them."""
 from __future__ import annotations
 
 import asyncio
@@ -13,9 +14,15 @@ from typing import AsyncIterator, Callable
 import pytest
 
 from appliance.events import EventBus
+from domain.errors import MalformedPacket
 from domain.progress import TransferFailed
 from netboot.tftp.codec import Data, Error, OptionAck, encode_ack, encode_request
 from netboot.tftp.server import TftpService, TftpSettings
+from netboot.tftp import handoff
+from netboot.tftp.datapath import TransferResult
+from netboot.tftp.handoff import AddTransfer, RemoveTransfer, TransferDone
+from netboot.tftp.session import Outcome, SessionLimits
+from netboot.tftp.sharedfiles import MappedFiles, SharedFiles
 from helpers import RawPeer, settled
 
 HOST = "127.0.0.1"
@@ -254,3 +261,35 @@ async def test_service_with_workers_leaves_no_descriptor_or_process_behind(tmp_p
     await asyncio.sleep(0.01)
     assert set(os.listdir("/proc/self/fd")) <= before
     assert not [pid for pid in workers if Path(f"/proc/{pid}").exists()]
+
+
+def test_shared_files_share_one_memfd_per_content_and_bound_the_idle_ones() -> None:
+    shared = SharedFiles(keep_bytes=1 << 20, keep_count=2)
+    nbp = os.urandom(3000)
+    fd = shared.acquire(nbp)
+    assert shared.acquire(nbp) == fd and os.pread(fd, 3000, 0) == nbp  # 200 fetches of one NBP: one memfd
+    shared.release(nbp)
+    shared.release(nbp)
+    scripts = [os.urandom(100) for _ in range(5)]  # boot.ipxe: rendered anew for every request
+    for script in scripts:
+        shared.acquire(script)
+        shared.release(script)
+    assert shared.open_descriptors == 2  # idle ones beyond keep_count closed, the oldest first (the NBP's too)
+    mapped = MappedFiles()
+    key, contents = mapped.open(os.dup(shared.acquire(scripts[-1])))
+    assert bytes(contents) == scripts[-1] and len(mapped) == 1
+    mapped.release(key)
+    assert len(mapped) == 0
+    shared.close()
+    assert shared.open_descriptors == 0
+
+
+def test_handoff_messages_round_trip_and_junk_is_refused() -> None:
+    limits = SessionLimits(max_blksize=1468, max_windowsize=16, timeout=2.0, retries=4, first_retries=1, rto_floor=0.01)
+    result = TransferResult(Outcome.SENT, "", 173792, 1468, 1, received=120, sent=119, retransmitted=1, duplicate_acks=2)
+    for message in (AddTransfer(7, ("10.0.0.5", 2070), {"blksize": "1468", "tsize": "0"}, limits), RemoveTransfer(7),
+                    TransferDone(7, result), TransferDone(8, TransferResult(None, "data-plane worker: boom", 0, 0, 0))):
+        assert handoff.decode(handoff.encode(message)) == message
+    for junk in (b"", b"{}", b"[1]", b'{"op": "add", "id": 1}', b'{"op": "nope", "id": 1}', b"\xff"):
+        with pytest.raises(MalformedPacket):
+            handoff.decode(junk)

@@ -3,7 +3,7 @@
 The service holds a file's bytes (from its FileCache, a rendered boot.ipxe, a netascii conversion); a worker
 process needs them without a copy per transfer. `SharedFiles` (service side) writes each distinct content into a
 memfd once, seals it, and hands out its descriptor for as long as transfers use it (then keeps a few idle ones,
-bounded in bytes). `MappedFiles` (worker side) maps a received memfd read-only, once per memfd (by inode).
+bounded in bytes and in number). `MappedFiles` (worker side) maps a received memfd read-only, once per memfd (by inode).
 """
 from __future__ import annotations
 
@@ -24,10 +24,11 @@ class _Shared:
 
 
 class SharedFiles:
-    """Service side: a sealed memfd per distinct bytes object in use, closed once idle beyond keep_bytes."""
+    """Service side: a sealed memfd per distinct bytes object in use; idle ones kept up to keep_bytes and keep_count."""
 
-    def __init__(self, keep_bytes: int = 256 << 20) -> None:
+    def __init__(self, keep_bytes: int = 256 << 20, keep_count: int = 64) -> None:
         self.keep_bytes = keep_bytes
+        self.keep_count = keep_count  # a rendered boot.ipxe is a new object per request: bound descriptors too
         self._entries: dict[int, _Shared] = {}
         self._idle: OrderedDict[int, _Shared] = OrderedDict()
         self._idle_bytes = 0
@@ -62,7 +63,7 @@ class SharedFiles:
             return
         self._idle[id(data)] = entry
         self._idle_bytes += len(data)
-        while self._idle and self._idle_bytes > self.keep_bytes:
+        while self._idle and (self._idle_bytes > self.keep_bytes or len(self._idle) > self.keep_count):
             key, old = self._idle.popitem(last=False)
             self._idle_bytes -= len(old.data)
             del self._entries[key]
