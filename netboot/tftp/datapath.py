@@ -31,6 +31,7 @@ from netboot.tftp.session import Outcome, ReadSession
 Address = tuple[str, int]
 _RECV_SIZE = 65536
 _INF = float("inf")
+SPIN_BACKOFF = 16  # wake-ups without busy polling after a busy poll that found nothing
 # Send errors that mean a lost datagram (the retransmission timer recovers it), not a broken transfer.
 _TRANSIENT = (errno.ENOBUFS, errno.EAGAIN, errno.ECONNREFUSED, errno.EHOSTUNREACH, errno.ENETUNREACH, errno.EPERM)
 
@@ -133,6 +134,8 @@ class DataPlane:
         # Busy-poll: after answering, poll without sleeping for up to `spin` seconds while at most spin_transfers
         # run. A lock-step transfer waits one round trip a block; an ACK that arrives while the thread is
         # awake costs no wake-up of it (on a VM, a sleeping vCPU's wake-up is a good part of that round trip).
+        # A spin that found nothing (a client slower than `spin`) pauses spinning for SPIN_BACKOFF wake-ups, so a
+        # slow client costs about spin / SPIN_BACKOFF of CPU a block rather than spin.
         self._spin = spin
         self._spin_transfers = spin_transfers
         self._epoll: select.epoll | None = None
@@ -234,16 +237,22 @@ class DataPlane:
     def _run(self) -> None:
         assert self._epoll is not None
         epoll, workers, heap, clock, wake = self._epoll, self._workers, self._heap, time.monotonic, self._wake_r
-        spin, spin_transfers, spin_until = self._spin, self._spin_transfers, 0.0
+        spin, spin_transfers, spin_until, spin_pause = self._spin, self._spin_transfers, 0.0, 0
         try:
             while True:
                 events = epoll.poll(0.0) if spin_until else None
                 while not events and spin_until and clock() < spin_until:
                     events = epoll.poll(0.0)
                 if not events:
+                    if spin_until:
+                        spin_pause = SPIN_BACKOFF
                     wait = max(heap[0][0] - clock(), 0.0) if heap else -1.0
                     events = epoll.poll(wait)
-                spin_until = clock() + spin if spin and events and 0 < len(workers) <= spin_transfers else 0.0
+                if spin_pause:
+                    spin_pause -= 1
+                    spin_until = 0.0
+                else:
+                    spin_until = clock() + spin if spin and events and 0 < len(workers) <= spin_transfers else 0.0
                 for fd, _ in events:
                     if fd == wake:
                         if not self._commands_due():
