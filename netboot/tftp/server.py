@@ -170,8 +170,9 @@ class TftpService:
         self._transfers: dict[Address, _Transfer] = {}
         self._per_host: dict[str, int] = {}  # transfers per client address
         self._counters: dict[str, int] = dict.fromkeys(_COUNTERS, 0)
-        self._plane = DataPlane(spin=settings.busy_poll)  # every transfer's DATA/ACK exchange, in a thread of its own (datapath.py)
-        self._pool = WorkerPool(settings.data_workers, settings.busy_poll) if settings.data_workers > 1 else None  # or in processes
+        # Every transfer's DATA/ACK exchange: in worker processes (workers.py), or in a thread of this one (datapath.py).
+        self._plane = DataPlane(spin=settings.busy_poll)
+        self._pool = WorkerPool(settings.data_workers, settings.busy_poll) if settings.data_workers > 1 else None
         self.latency = {"transfer": Latency(TRANSFER_BUCKETS)}
 
     @property
