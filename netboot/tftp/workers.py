@@ -85,10 +85,14 @@ class WorkerPool:
         return [w.pid for w in self._workers]
 
     def start(self) -> None:
-        """Start the worker processes (from the event loop's thread)."""
+        """Start the worker processes (from the event loop's thread); with none started, the pool is not usable."""
         self._loop = asyncio.get_running_loop()
         for _ in range(self.count):
-            self._spawn()
+            try:
+                self._spawn()
+            except OSError as exc:
+                log.error("tftp: cannot start a data-plane worker (%s); transfers run in the service's own thread", exc)
+                break
 
     def _spawn(self) -> None:
         assert self._loop is not None
