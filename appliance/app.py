@@ -310,7 +310,16 @@ def tftp_settings(config: ApplianceConfig) -> TftpSettings:
     return TftpSettings(address=config.ip, root=t.root, ipxe_dir=config.boot.ipxe_dir, nbp_names=_nbp_names(config),
                         port=t.port, interface=config.interface, max_blksize=t.max_blksize,
                         max_windowsize=t.max_windowsize, timeout=t.timeout, retries=t.retries, max_sessions=t.max_sessions,
-                        max_sessions_per_host=t.max_sessions_per_host)
+                        max_sessions_per_host=t.max_sessions_per_host, data_workers=_data_workers(t.data_workers),
+                        busy_poll=t.busy_poll)
+
+
+def _data_workers(configured: int | None) -> int:
+    """TFTP data-plane worker processes: as configured, or one per CPU when there are 2 or more (else the thread)."""
+    if configured is not None:
+        return configured
+    cpus = os.cpu_count() or 1
+    return cpus if cpus > 1 else 0
 
 
 def http_settings(config: ApplianceConfig) -> HttpSettings:

@@ -51,6 +51,8 @@ class TftpConfig:
     retries: int = 6
     max_sessions: int = 4096
     max_sessions_per_host: int = 64
+    data_workers: int | None = None  # data-plane worker processes; None: one per CPU when there are 2 or more
+    busy_poll: float = 0.0001  # seconds the data plane polls without sleeping after answering, when few transfers run
 
 
 @dataclass(frozen=True)
@@ -300,7 +302,7 @@ def load_config(path: str | Path) -> ApplianceConfig:
     tftp = TftpConfig(root=state_dir / "tftp")
     if (t := _child(root, "tftp", problems)) is not None:
         r = _Reader(t, problems, ("port", "root", "max_blksize", "max_windowsize", "timeout", "retries", "max_sessions",
-                                     "max_sessions_per_host"))
+                                     "max_sessions_per_host", "data_workers", "busy_poll"))
         tftp = TftpConfig(
             port=r.port("port", 69),
             root=r.get("root", state_dir / "tftp", lambda v: (path.parent / str(v)).resolve(), "a directory"),
@@ -310,6 +312,8 @@ def load_config(path: str | Path) -> ApplianceConfig:
             retries=r.positive("retries", 6),
             max_sessions=r.positive("max_sessions", 4096),
             max_sessions_per_host=r.positive("max_sessions_per_host", 64),
+            data_workers=r.get("data_workers", None, _workers, "'auto' or an integer 0-64"),
+            busy_poll=r.get("busy_poll", 0.0001, _busy_poll, "seconds, 0-0.01"),
         )
 
     http = HttpConfig(port=http_port, files=state_dir / "files")
@@ -445,6 +449,20 @@ def _iface(v: Any) -> ipaddress.IPv4Interface:
     if "/" not in str(v):
         raise ValueError("a prefix length is required")
     return ipaddress.IPv4Interface(str(v))
+
+
+def _workers(value: Any) -> int | None:
+    """'auto' (None) or a count of worker processes."""
+    if value == "auto":
+        return None
+    return _int_range(value, 0, 64)
+
+
+def _busy_poll(value: Any) -> float:
+    """Seconds of busy polling, 0 (off) to 10 ms."""
+    if isinstance(value, bool) or not 0 <= float(value) <= 0.01:
+        raise ValueError("")
+    return float(value)
 
 
 def _int_range(v: Any, lo: int, hi: int) -> int:

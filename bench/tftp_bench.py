@@ -39,8 +39,8 @@ from typing import Any
 
 sys.path.insert(0, str(Path(__file__).resolve().parent))
 from measure import (  # noqa: E402
-    code_description, cpu_seconds, exit_cleanly_on_sigterm, fmt, machine_load, markdown_table, median, NamespacePair,
-    require_root_and_tools, say, ScratchDir, stop, udp_port_bound, wait_until, with_rackboot, write_json,
+    code_description, exit_cleanly_on_sigterm, fmt, machine_load, markdown_table, median, NamespacePair,
+    require_root_and_tools, say, ScratchDir, stop, tree_cpu_seconds, udp_port_bound, wait_until, with_rackboot, write_json,
 )
 from vmtestbed.netns import Lab  # noqa: E402
 
@@ -164,8 +164,9 @@ def dropped(pair: NamespacePair) -> int:
 class TftpServer:
     """rackboot serve (DHCP off) or in.tftpd in the server namespace, serving ROOT."""
 
-    def __init__(self, kind: str, lab: Lab, ns: str, root: Path, rackboot: list[str]) -> None:
+    def __init__(self, kind: str, lab: Lab, ns: str, root: Path, rackboot: list[str], tftp_keys: tuple[str, ...] = ()) -> None:
         self.kind, self.lab, self.ns, self.root, self.rackboot = kind, lab, ns, root, rackboot
+        self.tftp_keys = tftp_keys  # extra `key: value` lines of rackboot's tftp section
         self.proc: subprocess.Popen[bytes] | None = None
         self._tmp: ScratchDir | None = None
 
@@ -179,7 +180,8 @@ class TftpServer:
             (tmp / "rackboot.yaml").write_text(
                 f"interface: s0\naddress: {SERVER_IP}/24\nstate_dir: {tmp / 'state'}\nhttp_port: 8080\n"
                 f"inventory: nodes.yaml\ndhcp:\n  mode: 'off'\n  router_advertisements: false\n"
-                f"tftp:\n  root: {self.root}\n  max_sessions_per_host: 4096\nhttp:\n  files: {tmp / 'files'}\ndns:\n  domain: bench.test\n"
+                f"tftp:\n  root: {self.root}\n  max_sessions_per_host: 4096\n"
+                + "".join(f"  {key}\n" for key in self.tftp_keys) + f"http:\n  files: {tmp / 'files'}\ndns:\n  domain: bench.test\n"
             )
             argv = [*self.rackboot, "serve", "--config", str(tmp / "rackboot.yaml")]
             ready = (tmp / "state" / "serve.ready").exists
@@ -218,14 +220,14 @@ def timed_fetch(lab: Lab, client_ns: str, server: TftpServer, file: tuple[str, i
     for opt in variant.options:
         argv += ["--option", opt]
     assert server.proc is not None
-    cpu0 = cpu_seconds(server.proc.pid)
+    cpu0 = tree_cpu_seconds(server.proc.pid)
     try:
         res = lab.run(client_ns, argv, timeout=timeout)
     except subprocess.TimeoutExpired:
         return None, 0, count, None, f"no result after {timeout:.0f} s", None
     # in.tftpd forks a child per transfer and lets the kernel reap it (SIGCHLD SIG_IGN + SA_NOCLDWAIT),
     # so the children's CPU time is lost to /proc: only rackboot's (one process) is reported.
-    cpu = cpu_seconds(server.proc.pid) - cpu0 if server.proc.poll() is None and server.kind == "rackboot" else None
+    cpu = tree_cpu_seconds(server.proc.pid) - cpu0 if server.proc.poll() is None and server.kind == "rackboot" else None
     try:
         data = json.loads(res.stdout.strip().splitlines()[-1])
     except (IndexError, json.JSONDecodeError):
@@ -285,7 +287,7 @@ def report(timings: list[Timing], args: argparse.Namespace, loads: list[dict[str
         "same blksize, no windowsize) / this variant's median time (>1: rackboot faster)."
         + (f" Loss: {args.loss:.0%} of UDP frames dropped each way ({lost} frames dropped in all)." if args.loss else ""),
         f"Machine: {loads_txt}.",
-        f"rackboot: {code_description(args.rackboot_commit)}.",
+        f"rackboot: {code_description(args.rackboot_commit)}" + (f", tftp config: {'; '.join(args.rackboot_tftp)}" if args.rackboot_tftp else "") + ".",
         "",
         markdown_table(headers, rows),
     ])
@@ -304,6 +306,8 @@ def main(argv: list[str] | None = None) -> int:
     ap.add_argument("--rackboot", default=None, help="rackboot executable (default: the one next to this Python)")
     ap.add_argument("--rackboot-commit", default=None,
                     help="measure this git commit of rackboot (exported to a temp dir) instead of the installed checkout")
+    ap.add_argument("--rackboot-tftp", action="append", default=[], metavar="KEY: VALUE",
+                    help="a line for rackboot's tftp config section, e.g. 'data_workers: 0' (repeatable)")
     ap.add_argument("--json", help="also write every timing as JSON to this file")
     # Internal: what the script runs inside the client namespace.
     ap.add_argument("--fetch", action="store_true", help=argparse.SUPPRESS)
@@ -364,7 +368,7 @@ def measure_and_report(args: argparse.Namespace, rackboot: list[str]) -> int:
                 say(f"repeat {repeat}/{args.repeats}: {kind}")
                 lab = pair.ensure()
                 client_ns = pair.client
-                with TftpServer(kind, lab, pair.server, root, rackboot) as server:
+                with TftpServer(kind, lab, pair.server, root, rackboot, tuple(args.rackboot_tftp)) as server:
                     set_loss(pair, 0.0)
                     for test in args.tests:  # warm-up, untimed, without loss
                         name, size = files[test]

@@ -2,12 +2,14 @@
 from __future__ import annotations
 
 import ipaddress
+import os
 import textwrap
 from pathlib import Path
 
 import pytest
 
 from appliance.cli import main
+from appliance.app import tftp_settings
 from appliance.config import load_config
 from domain.errors import ConfigError
 from domain.nodes import mac_add, normalize_mac
@@ -252,3 +254,14 @@ def test_ipmi_passwords_ipmitool_would_refuse_are_config_errors(tmp_path: Path, 
         problems = problems_of(path)
         assert any(expected in p and "bmc.yaml:2:" in p for p in problems), problems
         assert all("abcdefghij" not in p for p in problems), problems  # never the password
+
+
+def test_tftp_data_plane_keys(tmp_path: Path) -> None:
+    cfg = load_config(write(tmp_path, MINIMAL_CONFIG, MINIMAL_NODES))
+    assert cfg.tftp.data_workers is None and cfg.tftp.busy_poll == 0.0001  # auto: one worker per CPU when >= 2
+    cpus = os.cpu_count() or 1
+    assert tftp_settings(cfg).data_workers == (cpus if cpus > 1 else 0)
+    cfg = load_config(write(tmp_path, MINIMAL_CONFIG + "tftp:\n  data_workers: 0\n  busy_poll: 0\n", MINIMAL_NODES))
+    assert tftp_settings(cfg).data_workers == 0 and tftp_settings(cfg).busy_poll == 0.0
+    bad = problems_of(write(tmp_path, MINIMAL_CONFIG + "tftp:\n  data_workers: many\n  busy_poll: 1\n", MINIMAL_NODES))
+    assert any("tftp.data_workers" in p for p in bad) and any("tftp.busy_poll" in p for p in bad)

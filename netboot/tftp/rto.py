@@ -30,11 +30,14 @@ class RtoEstimator:
 
     def sample(self, rtt: float) -> None:
         """Fold one measured round trip (seconds, from a datagram sent once to its ACK) into the estimate."""
-        rtt = max(rtt, 0.0)
-        if self.srtt is None:  # RFC 6298 sec. 2.2
-            self.srtt, self.rttvar = rtt, rtt / 2
+        if rtt < 0.0:
+            rtt = 0.0
+        srtt = self.srtt
+        if srtt is None:  # RFC 6298 sec. 2.2
+            self.srtt, self.rttvar = srtt, rttvar = rtt, rtt / 2
         else:  # RFC 6298 sec. 2.3: RTTVAR first, from the old SRTT
-            self.rttvar = (1 - BETA) * self.rttvar + BETA * abs(self.srtt - rtt)
-            self.srtt = (1 - ALPHA) * self.srtt + ALPHA * rtt
+            self.rttvar = rttvar = (1 - BETA) * self.rttvar + BETA * abs(srtt - rtt)
+            self.srtt = srtt = (1 - ALPHA) * srtt + ALPHA * rtt
         self.samples += 1
-        self.rto = min(max(self.srtt + K * self.rttvar, self.floor), self.cap)
+        rto = srtt + K * rttvar  # once per block in lock-step: the bounds without min() and max() calls
+        self.rto = self.floor if rto < self.floor else self.cap if rto > self.cap else rto

@@ -1,7 +1,9 @@
 """The TFTP service: a thin asyncio transport around the codec, the file store and one ReadSession per transfer.
 
 Requests arrive on settings.port and are handled in the event loop; every transfer gets its own ephemeral
-socket (its TID, RFC 1350 sec. 4) whose per-block DATA/ACK exchange runs in the data plane's thread (datapath.py).
+socket (its TID, RFC 1350 sec. 4) whose per-block DATA/ACK exchange runs in the data plane (datapath.py): in
+data_workers worker processes (workers.py: the socket and a memfd of the file passed by SCM_RIGHTS, more than one
+core) when there are at least 2, else in a thread of this process.
 One node record per transfer that ends: `NbpSent`, `ScriptServed` (the per-MAC `boot.ipxe`, rendered by
 the same `ipxe.script.ScriptRenderer` as over HTTP), `FileSent` or `TransferFailed`.
 """
@@ -44,8 +46,9 @@ from netboot.tftp.files import (
     TftpFileError,
     VirtualFile,
 )
-from netboot.tftp.datapath import DataPlane, TransferWorker
+from netboot.tftp.datapath import DataPlane, TransferResult, TransferWorker
 from netboot.tftp.session import Outcome, ReadSession, SessionLimits
+from netboot.tftp.workers import WorkerPool
 
 log = logging.getLogger("rackboot.tftp")
 
@@ -81,6 +84,8 @@ class TftpSettings:
     max_sessions: int = 4096
     max_sessions_per_host: int = 64          # one host cannot take the whole table (a node needs one or two)
     rto_floor: float = 0.02                  # the adaptive retransmission timeout's floor (timeout is its start and cap)
+    data_workers: int = 0                    # data-plane worker processes; 0 or 1: a thread of this process
+    busy_poll: float = 0.0                   # seconds the data plane polls without sleeping after an answer (few transfers)
 
 
 def raise_nofile_limit() -> int:
@@ -108,7 +113,8 @@ class _Transfer:
     request: ReadRequest
     mac: str | None
     task: asyncio.Task[None] | None = None
-    worker: TransferWorker | None = None
+    worker: TransferWorker | None = None     # run by the service's own data-plane thread
+    handoff: int | None = None               # or by a worker process: its id in the WorkerPool
     file: TftpFile | None = None
     closed: bool = field(default=False)
     started: float = field(default_factory=time.perf_counter)  # the RRQ
@@ -164,7 +170,9 @@ class TftpService:
         self._transfers: dict[Address, _Transfer] = {}
         self._per_host: dict[str, int] = {}  # transfers per client address
         self._counters: dict[str, int] = dict.fromkeys(_COUNTERS, 0)
-        self._plane = DataPlane()  # every transfer's DATA/ACK exchange, in a thread of its own (datapath.py)
+        # Every transfer's DATA/ACK exchange: in worker processes (workers.py), or in a thread of this one (datapath.py).
+        self._plane = DataPlane(spin=settings.busy_poll)
+        self._pool = WorkerPool(settings.data_workers, settings.busy_poll) if settings.data_workers > 1 else None
         self.latency = {"transfer": Latency(TRANSFER_BUCKETS)}
 
     @property
@@ -174,6 +182,11 @@ class TftpService:
             raise RuntimeError("tftp: not started")
         host, port = self._transport.get_extra_info("sockname")[:2]
         return (host, port)
+
+    @property
+    def data_worker_pids(self) -> list[int]:
+        """The process ids of the data-plane worker processes running now (empty: transfers run in a thread)."""
+        return self._pool.pids if self._pool is not None else []
 
     async def start(self) -> None:
         """Bind the request socket on (settings.address, settings.port); raise BindError with the reason on failure."""
@@ -200,6 +213,8 @@ class TftpService:
         loop = asyncio.get_running_loop()
         transport, _ = await loop.create_datagram_endpoint(lambda: _RequestEndpoint(self), sock=sock)
         self._transport = transport
+        if self._pool is not None:
+            self._pool.start()
         log.info("tftp: serving %s on %s:%d (file descriptor limit %d)", self.settings.root, *self.address, limit)
 
     async def serve(self) -> None:
@@ -216,6 +231,8 @@ class TftpService:
         if tasks:
             await asyncio.gather(*tasks, return_exceptions=True)
         await asyncio.to_thread(self._plane.close)  # the data plane closes every transfer socket it still holds
+        if self._pool is not None:
+            await self._pool.close()  # and so does every worker process, which then exits
         if self._transport is not None:
             self._transport.close()
             self._transport = None
@@ -224,7 +241,7 @@ class TftpService:
         """Return counters: datagrams, drops, requests, transfers, retransmissions, cache."""
         cache = self.files.cache
         counters = dict(self._counters)
-        for transfer in list(self._transfers.values()):  # transfers in flight count too (their threads own them)
+        for transfer in list(self._transfers.values()):  # in flight in the thread count too (a worker process reports at the end)
             worker = transfer.worker
             if worker is not None and not transfer.closed:
                 seen = worker.counts
@@ -329,18 +346,26 @@ class TftpService:
             if transfer.closed:
                 return
             transfer.file = file
-            session = ReadSession(file.data, request.options, self.limits)
             sock = socket.socket(socket.AF_INET, socket.SOCK_DGRAM)
             try:
                 sock.bind((self._host, 0))
             except OSError:
                 sock.close()
                 raise
+            if self._pool is not None and self._pool.usable:
+                try:
+                    transfer.handoff = self._pool.add(sock, addr, file.data, dict(request.options), self.limits,
+                                                      lambda result: self._finish(transfer, result))
+                except BaseException:
+                    sock.close()
+                    raise
+                return
+            session = ReadSession(file.data, request.options, self.limits)
             loop = asyncio.get_running_loop()
 
             def done(worker: TransferWorker) -> None:
                 try:
-                    loop.call_soon_threadsafe(self._finish, transfer)
+                    loop.call_soon_threadsafe(self._finish, transfer, worker.result())
                 except RuntimeError:  # the loop is gone: the service was closed
                     pass
 
@@ -372,6 +397,8 @@ class TftpService:
                 self._per_host.pop(host, None)
         if transfer.worker is not None:
             self._plane.remove(transfer.worker)
+        if transfer.handoff is not None and self._pool is not None:
+            self._pool.remove(transfer.handoff)
 
     def _drop(self, transfer: _Transfer) -> None:
         """End a transfer without an outcome (superseded, or the service closes)."""
@@ -379,39 +406,36 @@ class TftpService:
             transfer.task.cancel()
         self._forget(transfer)
 
-    def _finish(self, transfer: _Transfer) -> None:
-        """Account for a transfer whose session ended, publish its outcome, release its socket."""
-        if transfer.closed or transfer.worker is None:
+    def _finish(self, transfer: _Transfer, result: TransferResult) -> None:
+        """Account for a transfer whose data path ended, publish its outcome, release its socket."""
+        if transfer.closed:
             return
-        worker = transfer.worker
-        session = worker.session
         self._forget(transfer)
         counters = self._counters
-        seen = worker.counts
-        counters["received"] += seen.received
-        counters["sent"] += seen.sent
-        counters["dropped_wrong_tid"] += seen.dropped_wrong_tid
-        counters["dropped_malformed"] += seen.dropped_malformed
-        counters["retransmitted"] += session.retransmitted
-        counters["duplicate_acks"] += session.duplicate_acks
+        counters["received"] += result.received
+        counters["sent"] += result.sent
+        counters["dropped_wrong_tid"] += result.dropped_wrong_tid
+        counters["dropped_malformed"] += result.dropped_malformed
+        counters["retransmitted"] += result.retransmitted
+        counters["duplicate_acks"] += result.duplicate_acks
         file = transfer.file
         path = file.name if file is not None else transfer.request.filename
-        if session.outcome is Outcome.SENT:
+        if result.outcome is Outcome.SENT:
             self.latency["transfer"].observe(time.perf_counter() - transfer.started)  # RRQ to the last ACK
             counters["transfers_sent"] += 1
-            counters["bytes_sent"] += session.size
-            counters["transfers_windowed"] += session.windowsize > 1  # RFC 7440 clients
-            counters["transfers_large_blocks"] += session.blksize > 512  # RFC 2348 clients
+            counters["bytes_sent"] += result.size
+            counters["transfers_windowed"] += result.windowsize > 1  # RFC 7440 clients
+            counters["transfers_large_blocks"] += result.blksize > 512  # RFC 2348 clients
             if file is not None and file.event is not None:
                 self._publish(transfer.mac, lambda mac: replace(file.event, mac=mac, ts=time.time()))  # type: ignore[type-var]
             elif file is not None and file.is_nbp:
                 self._publish(transfer.mac, lambda mac: NbpSent(mac, path, Via.TFTP))
             else:
                 self._publish(transfer.mac, lambda mac: FileSent(mac, path, Via.TFTP))
-        elif session.outcome is Outcome.ABORTED:
+        elif result.outcome is Outcome.ABORTED:
             counters["transfers_aborted"] += 1  # e.g. OVMF's tsize probe: not a failure
         else:
-            reason = session.reason or worker.error or "data path ended"
+            reason = result.reason or "data path ended"
             counters["transfers_failed"] += 1
             log.info("tftp: %s to %s:%d failed: %s", path, transfer.client[0], transfer.client[1], reason)
             self._publish(transfer.mac, lambda mac: TransferFailed(mac, path, Via.TFTP, reason))
