@@ -18,6 +18,8 @@ import select
 import threading
 from typing import Any
 
+from netboot.wakeup import epoll_with_wakeup
+
 SEND_CHUNK = 4 << 20  # the most one sendfile call may move (the socket buffer usually takes less)
 INLINE_LIMIT = 256 << 10  # what send() tries on the caller's thread first: a small file goes out at once, no hand-off
 
@@ -76,10 +78,7 @@ class _Lane:
     def _command(self, what: str, body: _Body) -> None:
         with self._lock:
             if self._thread is None:
-                self._epoll = select.epoll()
-                self._wake_r, self._wake_w = os.pipe()
-                os.set_blocking(self._wake_r, False)
-                self._epoll.register(self._wake_r, select.EPOLLIN)
+                self._epoll, self._wake_r, self._wake_w = epoll_with_wakeup()
                 self._thread = threading.Thread(target=self._run, args=(self._epoll, self._wake_r, self._wake_w),
                                                 name=self._name, daemon=True)
                 self._thread.start()

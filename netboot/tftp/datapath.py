@@ -27,6 +27,7 @@ from typing import Callable
 from domain.errors import MalformedPacket
 from netboot.tftp.codec import ErrorCode, decode, encode_error
 from netboot.tftp.session import Outcome, ReadSession
+from netboot.wakeup import epoll_with_wakeup
 
 Address = tuple[str, int]
 _RECV_SIZE = 65536
@@ -169,10 +170,7 @@ class DataPlane:
     def _command(self, what: str, worker: TransferWorker) -> None:
         with self._lock:
             if self._thread is None:
-                self._epoll = select.epoll()
-                self._wake_r, self._wake_w = os.pipe()
-                os.set_blocking(self._wake_r, False)
-                self._epoll.register(self._wake_r, select.EPOLLIN)
+                self._epoll, self._wake_r, self._wake_w = epoll_with_wakeup()
                 self._thread = threading.Thread(target=self._run, name="tftp data plane", daemon=True)
                 self._thread.start()
             self._commands.append((what, worker))
