@@ -303,6 +303,10 @@ class Relay(Feeder):
         low = self.low_water(self.sink_offset)
         chunks = self._chunks
         while self._head < len(chunks) and chunks[self._head][0] + len(chunks[self._head][1]) <= low:
+            # Free the bytes now; the list itself is compacted in batches (a deletion at its front copies it).
+            # Keeping them until the batch filled held up to 256 chunks (64 MiB at 256 KiB) past the window:
+            # every relay of a testbed held its whole image until the session ended.
+            chunks[self._head] = (chunks[self._head][0], b"")
             self._head += 1
         if self._head > 256:
             del chunks[: self._head]
@@ -311,6 +315,10 @@ class Relay(Feeder):
     def retained(self) -> int:
         """Bytes held for children."""
         return self.received - self.available_from()
+
+    def held_bytes(self) -> int:
+        """Bytes of stream data this relay keeps in memory (the retained chunks)."""
+        return sum(len(data) for _start, data in self._chunks)
 
     # -- upstream side
     async def attach(self, conn: LineSocket, hello: dict[str, Any]) -> None:

@@ -112,6 +112,30 @@ async def test_chain_all_nodes(tmp_path: Path, image: tuple[Path, str], payload:
     assert all(r.reported_by == r.name and r.durations["total"] >= 0 for r in result.nodes.values())
 
 
+async def test_relays_free_what_every_child_has_acknowledged(tmp_path: Path, image: tuple[Path, str], payload: bytes) -> None:
+    """A relay keeps in memory only what its disk writer and its children may still need, not the image so far."""
+    size = image[0].stat().st_size
+    held: dict[str, int] = {}
+    done = asyncio.Event()
+
+    async def sample() -> None:
+        while not done.is_set():
+            for r in c.receivers:
+                for relay in r.relays.values():
+                    held[r.name] = max(held.get(r.name, 0), relay.held_bytes())
+            await asyncio.sleep(0.005)
+
+    async with Cluster(tmp_path, 5) as c:
+        sampler = asyncio.create_task(sample())
+        result = await run_broadcast(job(image, source_rate=size), c.targets, "chain", c.arm)  # ~1 s of stream
+        done.set()
+        await sampler
+    check_survivors(result, c, payload, image, set())
+    assert len(held) == 5, held
+    # At `size` bytes/s with acknowledgements every 50 ms a relay needs a few hundred KiB; before, each held it all.
+    assert max(held.values()) < size // 3, held
+
+
 async def test_chain_node_killed_mid_stream_is_bypassed(tmp_path: Path, image: tuple[Path, str], payload: bytes) -> None:
     size = image[0].stat().st_size
     async with Cluster(tmp_path, 7) as c:
