@@ -14,6 +14,7 @@ from vmtestbed.control import Control, ControlError
 from vmtestbed.faults import assign_faults, parse_faults
 from vmtestbed.plan import default_daemons, make_plan
 from vmtestbed.shards import PLAN_FILE, control_socket, merge_replies, owners, shard_nodes, split_request
+from vmtestbed.testbed import neighbour_entries_needed, other_testbeds_nodes
 
 
 def test_the_default_is_one_daemon_per_500_namespace_nodes() -> None:
@@ -148,3 +149,19 @@ def test_an_unreachable_shard_is_a_control_error(sharded: tuple[Path, list[FakeS
     control_socket(state_dir, 1).unlink()
     with pytest.raises(ControlError, match="control-1.sock"):
         Control(state_dir)
+
+
+def test_other_testbeds_count_in_the_neighbour_table_even_from_another_version(tmp_path: Path) -> None:
+    """`up` sizes the shared neighbour table for every testbed: a plan with keys it does not know (another rackboot
+    version's) still counts by its nodes; an unreadable one is skipped and said, never fails `up`."""
+    plan = make_plan("tba", 6, 2, qemu=1)
+    for name, text in (("tba", json.dumps(plan.to_json())),
+                       ("tbb", json.dumps({**plan.to_json(), "name": "tbb", "nodes": 40, "a_future_key": 1})),
+                       ("tbc", "{not json"), ("tbd", json.dumps([1, 2]))):
+        (tmp_path / name).mkdir()
+        (tmp_path / name / PLAN_FILE).write_text(text)
+    (tmp_path / "tbe").mkdir()  # no plan yet: being built
+    said: list[str] = []
+    assert other_testbeds_nodes("tba", said.append, root=tmp_path) == [41]
+    assert len(said) == 2 and all("unreadable" in s for s in said), said
+    assert neighbour_entries_needed(1000) == 5256

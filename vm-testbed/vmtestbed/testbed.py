@@ -82,12 +82,28 @@ def load_plan(name: str) -> TestbedPlan:
         raise TestbedError(f"no testbed named {name!r} (no {state_dir(name) / PLAN_FILE})") from exc
 
 
-def neighbour_entries_needed(plan: TestbedPlan) -> int:
-    """ARP entries a deploying testbed holds: the appliance's for every node and BMC, each node's for the appliance and
-    for its two neighbours in a chain broadcast (a tree's parent and children: as many on average).
+def neighbour_entries_needed(nodes: int) -> int:
+    """ARP entries a deploying testbed of that many nodes holds: the appliance's for every node and BMC, each node's for
+    the appliance and for its two neighbours in a chain broadcast (a tree's parent and children: as many on average).
 
     3 per node (without the broadcast peers) overflowed at 1000 nodes reaching their post-install together."""
-    return 5 * (plan.nodes + plan.qemu) + 256
+    return 5 * nodes + 256
+
+
+def other_testbeds_nodes(this: str, say: Callable[[str], None] = lambda _m: None, root: Path = STATE_ROOT) -> list[int]:
+    """The node counts of the machine's other testbeds, read from their plans' counts only: a testbed of another
+    rackboot version (a plan with keys this one does not know) still counts; an unreadable plan is skipped, said."""
+    counts = []
+    for sd in sorted(root.iterdir()) if root.is_dir() else []:
+        name, path = sd.name, sd / PLAN_FILE
+        if name == this or not path.is_file():
+            continue
+        try:
+            raw = json.loads(path.read_text())
+            counts.append(int(raw.get("nodes", 0)) + int(raw.get("qemu", 0)))
+        except (OSError, ValueError, TypeError, AttributeError) as exc:
+            say(f"testbed {name}: its plan is unreadable ({exc.__class__.__name__}), not counted in the neighbour table")
+    return counts
 
 
 def ensure_neighbour_table(needed: int, say: Callable[[str], None] = lambda _m: None) -> None:
@@ -143,8 +159,8 @@ def up(plan: TestbedPlan, say: Callable[[str], None] = lambda _m: None, daemon_a
         plan.save(sd / PLAN_FILE)
         write_state(plan, phase="building")
         # The table is shared by every testbed on the machine: size it for all of them together.
-        others = [load_plan(t) for t in list_testbeds() if t != plan.name and (state_dir(t) / PLAN_FILE).exists()]
-        ensure_neighbour_table(sum(neighbour_entries_needed(p) for p in [plan, *others]), say)
+        nodes = [plan.nodes + plan.qemu, *other_testbeds_nodes(plan.name, say)]
+        ensure_neighbour_table(sum(neighbour_entries_needed(n) for n in nodes), say)
         network_s = build(plan, progress=say)
         say(f"network: {len(plan.namespaces)} namespaces in {network_s:.1f}s")
         if plan.wire_loss:
