@@ -17,6 +17,7 @@ import asyncssh
 from broadcast.disk import PartitionSpec
 from broadcast.errors import AgentError, AgentMissing
 from broadcast.image import SinkSpec
+from broadcast.loopfd import close_socket
 from broadcast.wire import SocketFactory
 
 AGENT_COMMAND = "rackboot-agent"
@@ -146,7 +147,7 @@ async def ssh_connect(host: str, port: int, key: asyncssh.SSHKey, *, username: s
         try:
             await asyncio.wait_for(asyncio.get_running_loop().sock_connect(sock, (host, port)), timeout)
         except BaseException:
-            sock.close()
+            close_socket(sock)
             raise
         return await asyncio.wait_for(asyncssh.connect(sock=sock, **kwargs), timeout)
     return await asyncio.wait_for(asyncssh.connect(host, port, **kwargs), timeout)

@@ -14,6 +14,7 @@ import socket
 from domain.errors import BindError, MalformedPacket
 from broadcast.errors import ProtocolError, describe_error
 from broadcast.image import SinkSpec
+from broadcast.loopfd import close_socket
 from broadcast.relay import Relay
 from broadcast.result import NodeResult
 from broadcast.session import ArmedSession
@@ -162,7 +163,7 @@ class Receiver:
         if self._accept_task is not None:
             self._accept_task.cancel()
         if self._sock is not None:
-            self._sock.close()
+            close_socket(self._sock)  # unregistered now: the cancelled accept's clean-up comes a loop turn later
 
     async def close(self) -> None:
         """Stop listening and end every session."""

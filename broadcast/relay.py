@@ -28,7 +28,8 @@ from broadcast.params import ChainParams
 from broadcast.report_channel import ReportClient
 from broadcast.result import NodeResult
 from broadcast.session import ArmedSession, StreamClock, node_result
-from broadcast.splice import SPLICE_UNSUPPORTED, KernelSplice, SplicePipe, fd_ready
+from broadcast.loopfd import fd_ready
+from broadcast.splice import SPLICE_UNSUPPORTED, KernelSplice, SplicePipe
 from broadcast.topology import Subtree
 from broadcast.wire import LineSocket, SocketFactory
 

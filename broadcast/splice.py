@@ -7,7 +7,6 @@ Python has os.splice but no os.tee: tee is called from libc through ctypes. Linu
 """
 from __future__ import annotations
 
-import asyncio
 import ctypes
 import errno
 import fcntl
@@ -15,6 +14,9 @@ import os
 import sys
 import termios
 from typing import Any
+
+from broadcast.loopfd import forget_fd
+
 
 # errno values by which splice(2) says an fd type cannot do it (the copy path takes over)
 SPLICE_UNSUPPORTED = frozenset({errno.EINVAL, errno.EOPNOTSUPP, errno.ENOSYS})
@@ -51,6 +53,7 @@ class SplicePipe:
         """Close both ends (idempotent)."""
         for fd in (self.r, self.w):
             if fd >= 0:
+                forget_fd(fd)
                 os.close(fd)
         self.r = self.w = -1
 
@@ -100,25 +103,4 @@ class KernelSplice:
             raise OSError(err, os.strerror(err))
         return n
 
-
-async def fd_ready(fd: int, write: bool) -> None:
-    """Wait until the event loop's selector says fd is readable (or writable)."""
-    loop = asyncio.get_running_loop()
-    fut: asyncio.Future[None] = loop.create_future()
-
-    def ready() -> None:
-        if not fut.done():
-            fut.set_result(None)
-
-    if write:
-        loop.add_writer(fd, ready)
-    else:
-        loop.add_reader(fd, ready)
-    try:
-        await fut
-    finally:
-        if write:
-            loop.remove_writer(fd)
-        else:
-            loop.remove_reader(fd)
 

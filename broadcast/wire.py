@@ -15,6 +15,7 @@ import struct
 from typing import Any, Callable
 
 from domain.errors import MalformedPacket
+from broadcast.loopfd import close_socket
 
 VERSION = 1
 SocketFactory = Callable[[tuple[Any, ...]], socket.socket]  # aiohappyeyeballs' signature: addr_info -> socket
@@ -152,7 +153,7 @@ class LineSocket:
                 self.sock.setsockopt(socket.SOL_SOCKET, socket.SO_LINGER, struct.pack("ii", 1, 0))
             except OSError:
                 pass
-        self.sock.close()
+        close_socket(self.sock)  # unregistered first: a reader or writer cancelled meanwhile cleans up a loop turn later
 
 
 async def open_connection(host: str, port: int, timeout: float,
@@ -167,6 +168,6 @@ async def open_connection(host: str, port: int, timeout: float,
         sock.setsockopt(socket.IPPROTO_TCP, socket.TCP_NODELAY, 1)
         await asyncio.wait_for(loop.sock_connect(sock, (host, port)), timeout)
     except BaseException:
-        sock.close()
+        close_socket(sock)
         raise
     return LineSocket(sock)
