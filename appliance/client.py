@@ -79,9 +79,20 @@ class Api:
         async with self.session.get(self.server + path) as resp:
             if resp.status >= 400:
                 raise ClientError(f"{resp.status}: {await resp.text()}")
-            async for line in resp.content:
-                if line.strip():
-                    yield json.loads(line)
+            # Lines split here, not by StreamReader's readline: it refuses a line longer than 512 KiB, and the
+            # result of a deployment of a few thousand nodes is one longer line.
+            pending = bytearray()
+            async for chunk in resp.content.iter_any():
+                pending += chunk
+                if b"\n" not in chunk:
+                    continue
+                *lines, rest = pending.split(b"\n")
+                pending = bytearray(rest)
+                for line in lines:
+                    if line.strip():
+                        yield json.loads(line)
+            if pending.strip():
+                yield json.loads(pending)
 
 
 def _print_report(result: dict[str, Any], args: argparse.Namespace) -> int:
