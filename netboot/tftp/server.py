@@ -1,7 +1,7 @@
 """The TFTP service: a thin asyncio transport around the codec, the file store and one ReadSession per transfer.
 
 Requests arrive on settings.port and are handled in the event loop; every transfer gets its own ephemeral
-socket (its TID, RFC 1350 sec. 4) whose per-block DATA/ACK exchange runs in the data plane (datapath.py): in
+socket (its TID, RFC 1350 sec. 4; connected to the client) whose per-block DATA/ACK exchange runs in the data plane (datapath.py): in
 data_workers worker processes (workers.py: the socket and a memfd of the file passed by SCM_RIGHTS, more than one
 core) when there are at least 2, else in a thread of this process.
 One node record per transfer that ends: `NbpSent`, `ScriptServed` (the per-MAC `boot.ipxe`, rendered by
@@ -46,7 +46,7 @@ from netboot.tftp.files import (
     TftpFileError,
     VirtualFile,
 )
-from netboot.tftp.datapath import DataPlane, TransferResult, TransferWorker
+from netboot.tftp.datapath import DataPlane, TransferResult, TransferWorker, open_transfer_socket
 from netboot.tftp.session import Outcome, ReadSession, SessionLimits
 from netboot.tftp.workers import WorkerPool
 
@@ -346,12 +346,8 @@ class TftpService:
             if transfer.closed:
                 return
             transfer.file = file
-            sock = socket.socket(socket.AF_INET, socket.SOCK_DGRAM)
-            try:
-                sock.bind((self._host, 0))
-            except OSError:
-                sock.close()
-                raise
+            sock, foreign = open_transfer_socket(self._host, addr)  # connected to the client: its TID only
+            self._counters["dropped_wrong_tid"] += foreign
             if self._pool is not None and self._pool.usable:
                 try:
                     transfer.handoff = self._pool.add(sock, addr, file.data, dict(request.options), self.limits,
