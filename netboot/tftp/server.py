@@ -47,7 +47,7 @@ from netboot.tftp.files import (
     VirtualFile,
 )
 from netboot.tftp.datapath import DataPlane, TransferResult, TransferWorker, open_transfer_socket
-from netboot.tftp.session import Outcome, ReadSession, SessionLimits
+from netboot.tftp.session import Datagrams, Outcome, ReadSession, SessionLimits
 from netboot.tftp.workers import WorkerPool
 
 log = logging.getLogger("rackboot.tftp")
@@ -116,6 +116,7 @@ class _Transfer:
     worker: TransferWorker | None = None     # run by the service's own data-plane thread
     handoff: int | None = None               # or by a worker process: its id in the WorkerPool
     file: TftpFile | None = None
+    shares_datagrams: bool = False           # holds a use of the thread's shared DATA datagrams of file.data
     closed: bool = field(default=False)
     started: float = field(default_factory=time.perf_counter)  # the RRQ
 
@@ -174,6 +175,9 @@ class TftpService:
         self._plane = DataPlane(spin=settings.busy_poll)
         self._pool = WorkerPool(settings.data_workers, settings.busy_poll) if settings.data_workers > 1 else None
         self.latency = {"transfer": Latency(TRANSFER_BUCKETS)}
+        # The thread's transfers: each file content's DATA datagrams, shared while transfers of it run (by id(data):
+        # the data, its users, the datagrams). Worker processes keep their own (sharedfiles.MappedFiles).
+        self._datagrams: dict[int, tuple[bytes, int, Datagrams]] = {}
 
     @property
     def address(self) -> Address:
@@ -356,7 +360,9 @@ class TftpService:
                     sock.close()
                     raise
                 return
-            session = ReadSession(file.data, request.options, self.limits)
+            shared = self._share_datagrams(file.data)
+            transfer.shares_datagrams = True
+            session = ReadSession(file.data, request.options, self.limits, shared)
             loop = asyncio.get_running_loop()
 
             def done(worker: TransferWorker) -> None:
@@ -381,6 +387,22 @@ class TftpService:
             reason = f"internal error: {exc}"
             self._publish(transfer.mac, lambda mac: TransferFailed(mac, request.filename, Via.TFTP, reason))
 
+    def _share_datagrams(self, data: bytes) -> Datagrams:
+        """The DATA datagrams shared by the thread's transfers of data; pair with _unshare_datagrams(data)."""
+        found = self._datagrams.get(id(data))
+        shared: Datagrams = found[2] if found is not None and found[0] is data else {}
+        self._datagrams[id(data)] = (data, (found[1] if found is not None and found[0] is data else 0) + 1, shared)
+        return shared
+
+    def _unshare_datagrams(self, data: bytes) -> None:
+        found = self._datagrams.get(id(data))
+        if found is None or found[0] is not data:
+            return
+        if found[1] > 1:
+            self._datagrams[id(data)] = (data, found[1] - 1, found[2])
+        else:
+            del self._datagrams[id(data)]
+
     def _forget(self, transfer: _Transfer) -> None:
         transfer.closed = True
         if self._transfers.get(transfer.client) is transfer:
@@ -393,6 +415,9 @@ class TftpService:
                 self._per_host.pop(host, None)
         if transfer.worker is not None:
             self._plane.remove(transfer.worker)
+        if transfer.shares_datagrams and transfer.file is not None:
+            transfer.shares_datagrams = False
+            self._unshare_datagrams(transfer.file.data)
         if transfer.handoff is not None and self._pool is not None:
             self._pool.remove(transfer.handoff)
 
