@@ -56,7 +56,7 @@ def open_transfer_socket(host: str, client: Address) -> tuple[socket.socket, int
         dropped = 0
         while True:
             try:
-                sock.recv(_RECV_SIZE)
+                sock.recv(1)  # a UDP datagram is read whole: the rest of it is discarded
             except (BlockingIOError, InterruptedError, ConnectionRefusedError):
                 return sock, dropped
             dropped += 1
@@ -125,25 +125,33 @@ class TransferWorker:
                     raise
             self.counts.sent += 1
 
-    def readable(self, now: Callable[[], float]) -> None:
-        """Handle one datagram from the socket (level-triggered epoll reports the next one again)."""
-        # The socket is connected to the client's TID (connect_transfer_socket): the kernel delivers only its
-        # datagrams, so no source check and no address object a block.
+    def readable(self, now: Callable[[], float], buf: bytearray) -> None:
+        """Handle one datagram from the socket into buf (the plane's); level-triggered epoll reports the next one again."""
+        # The socket is connected to the client's TID (open_transfer_socket): the kernel delivers only its
+        # datagrams, so no source check and no address object a block; recv_into allocates nothing either.
+        sock = self.sock
         try:
-            data = self.sock.recv(_RECV_SIZE)
+            n = sock.recv_into(buf)
         except (BlockingIOError, InterruptedError, ConnectionRefusedError):
             return
         counts = self.counts
         counts.received += 1
-        if len(data) == 4 and data[0] == 0 and data[1] == 4:  # ACK (RFC 1350 sec. 5): the common case, no objects
-            self.send(self.session.on_ack(data[2] << 8 | data[3], now()))
-            return
-        try:
-            packet = decode(data)
-        except MalformedPacket:
-            counts.dropped_malformed += 1  # dropped and counted; the transfer goes on
-            return
-        self.send(self.session.receive(packet, now()))
+        if n == 4 and buf[0] == 0 and buf[1] == 4:  # ACK (RFC 1350 sec. 5): the common case, no objects
+            out = self.session.on_ack(buf[2] << 8 | buf[3], now())
+        else:
+            try:
+                packet = decode(bytes(buf[:n]))
+            except MalformedPacket:
+                counts.dropped_malformed += 1  # dropped and counted; the transfer goes on
+                return
+            out = self.session.receive(packet, now())
+        for datagram in out:  # send(), inline: once per block
+            try:
+                sock.send(datagram)
+            except OSError as exc:
+                if exc.errno not in _TRANSIENT:
+                    raise
+            counts.sent += 1
 
 
 
@@ -166,6 +174,7 @@ class DataPlane:
         self._seq = itertools.count()
         self._thread: threading.Thread | None = None
         self._lock = threading.Lock()
+        self._buf = bytearray(_RECV_SIZE)  # every datagram is read into it by the plane's thread (an ACK: 4 bytes)
 
     def add(self, worker: TransferWorker) -> None:
         """Start running a transfer (from the event loop's thread); the plane sends its first datagrams."""
@@ -254,6 +263,7 @@ class DataPlane:
     def _run(self) -> None:
         assert self._epoll is not None
         epoll, workers, heap, clock, wake = self._epoll, self._workers, self._heap, time.monotonic, self._wake_r
+        buf = self._buf
         spin, spin_transfers, spin_until, spin_pause = self._spin, self._spin_transfers, 0.0, 0
         try:
             while True:
@@ -279,7 +289,7 @@ class DataPlane:
                     if worker is None:
                         continue
                     try:
-                        worker.readable(clock)
+                        worker.readable(clock, buf)
                     except Exception as exc:
                         self._fail(worker, exc)
                         continue

@@ -187,13 +187,20 @@ class ReadSession:
         # RFC 7440 sec. 4: a window of up to windowsize blocks goes out back to back; the OACK travels alone.
         # (Once per block in lock-step: written for speed, the single block without a comprehension.)
         base = self._base
-        end = 1 if base == 0 else min(base + self.windowsize, self.last_block + 1)
+        if base == 0:
+            end = 1
+        else:
+            end = base + self.windowsize
+            if end > self.last_block:
+                end = self.last_block + 1
         out = [self._block(base)] if end == base + 1 else [self._block(seq) for seq in range(base, end)]
         self._next = end
         self._sent_at = now
         # Never past the give-up time, so a dead client is given up when the fixed timer would have done it.
         progress = self._progress_at if self._progress_at is not None else now
-        deadline, limit = now + self._wait(), progress + self._budgets[base == self._first]  # _budget()
+        # _wait() and _budget(), inline; with no retry the wait is the RTO (never above the timeout, its cap).
+        wait = self.rtt.rto if self._retry == 0 else self._wait()
+        deadline, limit = now + wait, progress + self._budgets[base == self._first]
         self.deadline = deadline if deadline < limit else limit
         self.datagrams_sent += len(out)
         return out
