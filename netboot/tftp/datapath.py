@@ -154,7 +154,6 @@ class TransferWorker:
             counts.sent += 1
 
 
-
 class DataPlane:
     """A thread that runs the DATA/ACK exchange of every transfer handed to it, until it ends or is removed."""
 
