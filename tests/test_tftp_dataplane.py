@@ -7,7 +7,9 @@ import asyncio
 import ipaddress
 import os
 import signal
+import socket
 import threading
+import time
 from pathlib import Path
 from typing import AsyncIterator, Callable
 
@@ -16,10 +18,10 @@ import pytest
 from appliance.events import EventBus
 from domain.errors import MalformedPacket
 from domain.progress import TransferFailed
-from netboot.tftp.codec import Data, Error, OptionAck, encode_ack, encode_request
+from netboot.tftp.codec import Data, OptionAck, encode_ack, encode_request
 from netboot.tftp.server import TftpService, TftpSettings
 from netboot.tftp import handoff
-from netboot.tftp.datapath import TransferResult
+from netboot.tftp.datapath import TransferResult, open_transfer_socket
 from netboot.tftp.handoff import AddTransfer, RemoveTransfer, TransferDone
 from netboot.tftp.session import Outcome, SessionLimits
 from netboot.tftp.sharedfiles import MappedFiles, SharedFiles
@@ -152,9 +154,10 @@ async def test_malformed_and_foreign_datagrams_on_a_transfer_socket_do_not_end_i
         _, tid = await peer.recv()
         for junk in (b"", b"\x00", b"\x00\x09zz", b"\x00\x04\x00"):
             await peer.send(junk, tid)
+        other.sock.connect(tid)  # the transfer socket is connected to peer: the kernel refuses another TID (ICMP)
         await other.send(encode_ack(1), tid)
-        reply, _ = await other.recv()
-        assert isinstance(reply, Error) and reply.code == 5  # RFC 1350 sec. 4: a foreign TID gets ERROR 5
+        with pytest.raises(ConnectionRefusedError):
+            await other.recv()
         await peer.send(encode_ack(1), tid)
         assert (await peer.recv())[0] == Data(2, data[512:])
         await peer.send(encode_ack(2), tid)
@@ -162,7 +165,7 @@ async def test_malformed_and_foreign_datagrams_on_a_transfer_socket_do_not_end_i
         peer.close()
         other.close()
     stats = await settled(svc)
-    assert stats["dropped_malformed"] == 4 and stats["dropped_wrong_tid"] == 1 and stats["transfers_sent"] == 1
+    assert stats["dropped_malformed"] == 4 and stats["dropped_wrong_tid"] == 0 and stats["transfers_sent"] == 1
 
 
 async def fetch(peer: RawPeer, server: tuple[str, int], name: str, options: dict[str, str] | None = None) -> bytes:
@@ -293,3 +296,22 @@ def test_handoff_messages_round_trip_and_junk_is_refused() -> None:
     for junk in (b"", b"{}", b"[1]", b'{"op": "add", "id": 1}', b'{"op": "nope", "id": 1}', b"\xff"):
         with pytest.raises(MalformedPacket):
             handoff.decode(junk)
+
+
+def test_transfer_socket_is_connected_to_its_client_only() -> None:
+    client, other = socket.socket(socket.AF_INET, socket.SOCK_DGRAM), socket.socket(socket.AF_INET, socket.SOCK_DGRAM)
+    try:
+        client.bind((HOST, 0))
+        other.bind((HOST, 0))
+        sock, dropped = open_transfer_socket(HOST, client.getsockname())
+        with sock:
+            assert dropped == 0 and sock.getpeername() == client.getsockname() and not sock.getblocking()
+            other.sendto(b"\x00\x04\x00\x01", sock.getsockname())  # a foreign TID: not delivered (RFC 1350 sec. 4)
+            client.sendto(b"\x00\x04\x00\x02", sock.getsockname())
+            time.sleep(0.05)
+            assert sock.recv(16) == b"\x00\x04\x00\x02"
+            with pytest.raises(BlockingIOError):
+                sock.recv(16)
+    finally:
+        client.close()
+        other.close()

@@ -155,3 +155,31 @@ def test_unexpected_packets_are_ignored() -> None:
     assert s.receive(Data(1, b"x"), 0.1) == []
     assert s.receive(Ack(40000), 0.1) == []
     assert not s.finished
+
+
+def run_lock_step(session: ReadSession) -> list[bytes]:
+    """Every datagram a lock-step client that loses nothing is sent, in order."""
+    now = 0.0
+    out = session.start(now)
+    sent = list(out)
+    while session.outcome is None:
+        now += 0.001
+        pkt = decode(out[-1])
+        out = session.on_ack(pkt.block if isinstance(pkt, Data) else 0, now)
+        sent += out
+    return sent
+
+
+def test_shared_datagrams_are_encoded_once_per_block_size_and_reused() -> None:
+    data = payload(70000 * 8 + 3)  # past block 65535 at blksize 8: the shared datagrams carry rolled-over numbers
+    shared: dict[int, list[bytes | None]] = {}
+    first = run_lock_step(ReadSession(data, {"blksize": "8"}, LIMITS, shared))
+    again = run_lock_step(ReadSession(data, {"blksize": "8"}, LIMITS, shared))
+    plain = run_lock_step(ReadSession(data, {"blksize": "8"}, LIMITS))
+    assert first == again == plain and list(shared) == [8]
+    assert all(a is b for a, b in zip(first[1:], again[1:]))  # the same objects: encoded once (not the OACK)
+    assert blocks(first[1:])[65534:65537] == [65535, 0, 1]
+    run_lock_step(ReadSession(data[:1000], {}, LIMITS, {}))  # another content, its own dict: untouched here
+    assert sorted(shared) == [8]
+    small = run_lock_step(ReadSession(data, {}, LIMITS, shared))  # the file at 512: a list of its own
+    assert sorted(shared) == [8, 512] and b"".join(decode(d).payload for d in small) == data  # type: ignore[union-attr]

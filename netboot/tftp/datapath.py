@@ -4,8 +4,9 @@ The boot-protocol state (RRQ parsing, policy, option negotiation, access checks,
 loop (server.py); once a transfer's file and options are settled, its DATA/ACK exchange runs here, driven by
 the same sans-io ReadSession. Compared with the event loop's datagram endpoints, a block costs no callback
 handle, no transport layer and no timer re-arm: one epoll wake-up serves every socket that became readable
-(many transfers at once are batched), then recvfrom, the session, sendto. Timers are a heap with at most a
-few entries per transfer (an entry that fires early re-arms at the session's later deadline).
+(many transfers at once are batched), then recv, the session, send (each socket is connected to its client, so
+no address a block). Timers are a heap with at most a few entries per transfer (an entry that fires early
+re-arms at the session's later deadline).
 
 Measured steps (docs/benchmarks.md): a thread per transfer with a blocking socket was faster for one
 transfer alone but 1.5-2x slower for 200 at once (a GIL hand-off and a context switch per block per thread).
@@ -25,7 +26,7 @@ from dataclasses import dataclass
 from typing import Callable
 
 from domain.errors import MalformedPacket
-from netboot.tftp.codec import ErrorCode, decode, encode_error
+from netboot.tftp.codec import decode
 from netboot.tftp.session import Outcome, ReadSession
 from netboot.wakeup import epoll_with_wakeup
 
@@ -35,6 +36,33 @@ _INF = float("inf")
 SPIN_BACKOFF = 16  # wake-ups without busy polling after a busy poll that found nothing
 # Send errors that mean a lost datagram (the retransmission timer recovers it), not a broken transfer.
 _TRANSIENT = (errno.ENOBUFS, errno.EAGAIN, errno.ECONNREFUSED, errno.EHOSTUNREACH, errno.ENETUNREACH, errno.EPERM)
+
+
+def open_transfer_socket(host: str, client: Address) -> tuple[socket.socket, int]:
+    """Bind a transfer's socket (its TID) on host and connect it to the client; return it and the datagrams dropped.
+
+    RFC 1350 sec. 4 asks that a datagram from a wrong TID be answered with ERROR 5 without disturbing the
+    transfer. A connected UDP socket makes the kernel deliver only the client's datagrams and answer any other
+    source with ICMP port unreachable instead, as tftpd-hpa does (it connects its socket to the peer too); the
+    transfer is not disturbed either way. In exchange each block is a send()/recv() without a route lookup or an
+    address object. Datagrams that reached the socket between bind() and connect() came from no client (it
+    cannot know the port yet): they are read here, dropped and counted as wrong TIDs.
+    """
+    sock = socket.socket(socket.AF_INET, socket.SOCK_DGRAM)
+    try:
+        sock.bind((host, 0))
+        sock.connect(client)
+        sock.setblocking(False)
+        dropped = 0
+        while True:
+            try:
+                sock.recv(1)  # a UDP datagram is read whole: the rest of it is discarded
+            except (BlockingIOError, InterruptedError, ConnectionRefusedError):
+                return sock, dropped
+            dropped += 1
+    except BaseException:
+        sock.close()
+        raise
 
 
 class TransferCounts:
@@ -87,45 +115,43 @@ class TransferWorker:
         )
 
     def send(self, datagrams: list[bytes]) -> None:
-        """Send datagrams to the client; a transient error is a lost datagram."""
-        sendto, client = self.sock.sendto, self.client
+        """Send datagrams to the client (the socket is connected to it); a transient error is a lost datagram."""
+        send = self.sock.send
         for datagram in datagrams:
             try:
-                sendto(datagram, client)
+                send(datagram)
             except OSError as exc:
                 if exc.errno not in _TRANSIENT:
                     raise
             self.counts.sent += 1
 
-    def readable(self, now: Callable[[], float]) -> None:
-        """Handle one datagram from the socket (level-triggered epoll reports the next one again)."""
+    def readable(self, now: Callable[[], float], buf: bytearray) -> None:
+        """Handle one datagram from the socket into buf (the plane's); level-triggered epoll reports the next one again."""
+        # The socket is connected to the client's TID (open_transfer_socket): the kernel delivers only its
+        # datagrams, so no source check and no address object a block; recv_into allocates nothing either.
+        sock = self.sock
         try:
-            data, addr = self.sock.recvfrom(_RECV_SIZE)
+            n = sock.recv_into(buf)
         except (BlockingIOError, InterruptedError, ConnectionRefusedError):
             return
         counts = self.counts
         counts.received += 1
-        if addr != self.client:
-            # RFC 1350 sec. 4: a packet from a wrong TID gets ERROR 5 and does not disturb the transfer.
-            counts.dropped_wrong_tid += 1
-            self._reply_wrong_tid(addr)
-            return
-        if len(data) == 4 and data[0] == 0 and data[1] == 4:  # ACK (RFC 1350 sec. 5): the common case, no objects
-            self.send(self.session.on_ack(data[2] << 8 | data[3], now()))
-            return
-        try:
-            packet = decode(data)
-        except MalformedPacket:
-            counts.dropped_malformed += 1  # dropped and counted; the transfer goes on
-            return
-        self.send(self.session.receive(packet, now()))
-
-    def _reply_wrong_tid(self, addr: Address) -> None:
-        try:
-            self.sock.sendto(encode_error(ErrorCode.UNKNOWN_TID, "unknown transfer ID"), addr)
-            self.counts.sent += 1
-        except OSError:
-            pass
+        if n == 4 and buf[0] == 0 and buf[1] == 4:  # ACK (RFC 1350 sec. 5): the common case, no objects
+            out = self.session.on_ack(buf[2] << 8 | buf[3], now())
+        else:
+            try:
+                packet = decode(bytes(buf[:n]))
+            except MalformedPacket:
+                counts.dropped_malformed += 1  # dropped and counted; the transfer goes on
+                return
+            out = self.session.receive(packet, now())
+        for datagram in out:  # send(), inline: once per block
+            try:
+                sock.send(datagram)
+            except OSError as exc:
+                if exc.errno not in _TRANSIENT:
+                    raise
+            counts.sent += 1
 
 
 class DataPlane:
@@ -147,6 +173,7 @@ class DataPlane:
         self._seq = itertools.count()
         self._thread: threading.Thread | None = None
         self._lock = threading.Lock()
+        self._buf = bytearray(_RECV_SIZE)  # every datagram is read into it by the plane's thread (an ACK: 4 bytes)
 
     def add(self, worker: TransferWorker) -> None:
         """Start running a transfer (from the event loop's thread); the plane sends its first datagrams."""
@@ -235,6 +262,7 @@ class DataPlane:
     def _run(self) -> None:
         assert self._epoll is not None
         epoll, workers, heap, clock, wake = self._epoll, self._workers, self._heap, time.monotonic, self._wake_r
+        buf = self._buf
         spin, spin_transfers, spin_until, spin_pause = self._spin, self._spin_transfers, 0.0, 0
         try:
             while True:
@@ -260,7 +288,7 @@ class DataPlane:
                     if worker is None:
                         continue
                     try:
-                        worker.readable(clock)
+                        worker.readable(clock, buf)
                     except Exception as exc:
                         self._fail(worker, exc)
                         continue

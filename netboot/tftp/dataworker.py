@@ -65,8 +65,9 @@ class WorkerProcess:
         sock = socket.socket(fileno=fds[0])
         with self.lock:
             key, contents = self.files.open(fds[1])
+            shared = self.files.datagrams(key)
         try:
-            session = ReadSession(contents, message.options, message.limits)  # type: ignore[arg-type]
+            session = ReadSession(contents, message.options, message.limits, shared)  # type: ignore[arg-type]
         except Exception as exc:  # never lose a transfer silently
             sock.close()
             with self.lock:

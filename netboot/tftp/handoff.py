@@ -6,8 +6,9 @@ and `RemoveTransfer`. Worker -> service: `TransferDone`, the transfer's Transfer
 """
 from __future__ import annotations
 
+import functools
 import json
-from dataclasses import asdict, dataclass
+from dataclasses import asdict, dataclass, fields
 from typing import Union
 
 from domain.errors import MalformedPacket
@@ -46,15 +47,30 @@ class TransferDone:
 Message = Union[AddTransfer, RemoveTransfer, TransferDone]
 
 
+_RESULT_FIELDS = tuple(f.name for f in fields(TransferResult))
+
+
+@functools.lru_cache(maxsize=16)
+def _limits_body(limits: SessionLimits) -> dict[str, object]:
+    # The service's limits are one object for every transfer: converted once, not asdict() a transfer.
+    return asdict(limits)
+
+
+@functools.lru_cache(maxsize=16)
+def _limits(items: tuple[tuple[str, object], ...]) -> SessionLimits:
+    return SessionLimits(**dict(items))  # type: ignore[arg-type]
+
+
 def encode(message: Message) -> bytes:
     """One message as a datagram."""
     if isinstance(message, AddTransfer):
         body = {"op": "add", "id": message.transfer_id, "client": list(message.client), "options": message.options,
-                "limits": asdict(message.limits)}
+                "limits": _limits_body(message.limits)}
     elif isinstance(message, RemoveTransfer):
         body = {"op": "remove", "id": message.transfer_id}
     else:
-        result = asdict(message.result) | {"outcome": message.result.outcome.value if message.result.outcome else None}
+        result = {name: getattr(message.result, name) for name in _RESULT_FIELDS}  # flat: no asdict() deep copy
+        result["outcome"] = message.result.outcome.value if message.result.outcome else None
         body = {"op": "done", "id": message.transfer_id, "result": result}
     return json.dumps(body, separators=(",", ":")).encode()
 
@@ -67,7 +83,7 @@ def decode(data: bytes) -> Message:
         if op == "add":
             host, port = body["client"]
             return AddTransfer(transfer_id, (str(host), int(port)), {str(k): str(v) for k, v in body["options"].items()},
-                               SessionLimits(**body["limits"]))
+                               _limits(tuple(body["limits"].items())))
         if op == "remove":
             return RemoveTransfer(transfer_id)
         if op == "done":

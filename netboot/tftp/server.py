@@ -1,7 +1,7 @@
 """The TFTP service: a thin asyncio transport around the codec, the file store and one ReadSession per transfer.
 
 Requests arrive on settings.port and are handled in the event loop; every transfer gets its own ephemeral
-socket (its TID, RFC 1350 sec. 4) whose per-block DATA/ACK exchange runs in the data plane (datapath.py): in
+socket (its TID, RFC 1350 sec. 4; connected to the client) whose per-block DATA/ACK exchange runs in the data plane (datapath.py): in
 data_workers worker processes (workers.py: the socket and a memfd of the file passed by SCM_RIGHTS, more than one
 core) when there are at least 2, else in a thread of this process.
 One node record per transfer that ends: `NbpSent`, `ScriptServed` (the per-MAC `boot.ipxe`, rendered by
@@ -46,8 +46,8 @@ from netboot.tftp.files import (
     TftpFileError,
     VirtualFile,
 )
-from netboot.tftp.datapath import DataPlane, TransferResult, TransferWorker
-from netboot.tftp.session import Outcome, ReadSession, SessionLimits
+from netboot.tftp.datapath import DataPlane, TransferResult, TransferWorker, open_transfer_socket
+from netboot.tftp.session import Datagrams, Outcome, ReadSession, SessionLimits
 from netboot.tftp.workers import WorkerPool
 
 log = logging.getLogger("rackboot.tftp")
@@ -116,6 +116,7 @@ class _Transfer:
     worker: TransferWorker | None = None     # run by the service's own data-plane thread
     handoff: int | None = None               # or by a worker process: its id in the WorkerPool
     file: TftpFile | None = None
+    shares_datagrams: bool = False           # holds a use of the thread's shared DATA datagrams of file.data
     closed: bool = field(default=False)
     started: float = field(default_factory=time.perf_counter)  # the RRQ
 
@@ -174,6 +175,9 @@ class TftpService:
         self._plane = DataPlane(spin=settings.busy_poll)
         self._pool = WorkerPool(settings.data_workers, settings.busy_poll) if settings.data_workers > 1 else None
         self.latency = {"transfer": Latency(TRANSFER_BUCKETS)}
+        # The thread's transfers: each file content's DATA datagrams, shared while transfers of it run (by id(data):
+        # the data, its users, the datagrams). Worker processes keep their own (sharedfiles.MappedFiles).
+        self._datagrams: dict[int, tuple[bytes, int, Datagrams]] = {}
 
     @property
     def address(self) -> Address:
@@ -346,12 +350,8 @@ class TftpService:
             if transfer.closed:
                 return
             transfer.file = file
-            sock = socket.socket(socket.AF_INET, socket.SOCK_DGRAM)
-            try:
-                sock.bind((self._host, 0))
-            except OSError:
-                sock.close()
-                raise
+            sock, foreign = open_transfer_socket(self._host, addr)  # connected to the client: its TID only
+            self._counters["dropped_wrong_tid"] += foreign
             if self._pool is not None and self._pool.usable:
                 try:
                     transfer.handoff = self._pool.add(sock, addr, file.data, dict(request.options), self.limits,
@@ -360,7 +360,9 @@ class TftpService:
                     sock.close()
                     raise
                 return
-            session = ReadSession(file.data, request.options, self.limits)
+            shared = self._share_datagrams(file.data)
+            transfer.shares_datagrams = True
+            session = ReadSession(file.data, request.options, self.limits, shared)
             loop = asyncio.get_running_loop()
 
             def done(worker: TransferWorker) -> None:
@@ -385,6 +387,22 @@ class TftpService:
             reason = f"internal error: {exc}"
             self._publish(transfer.mac, lambda mac: TransferFailed(mac, request.filename, Via.TFTP, reason))
 
+    def _share_datagrams(self, data: bytes) -> Datagrams:
+        """The DATA datagrams shared by the thread's transfers of data; pair with _unshare_datagrams(data)."""
+        found = self._datagrams.get(id(data))
+        shared: Datagrams = found[2] if found is not None and found[0] is data else {}
+        self._datagrams[id(data)] = (data, (found[1] if found is not None and found[0] is data else 0) + 1, shared)
+        return shared
+
+    def _unshare_datagrams(self, data: bytes) -> None:
+        found = self._datagrams.get(id(data))
+        if found is None or found[0] is not data:
+            return
+        if found[1] > 1:
+            self._datagrams[id(data)] = (data, found[1] - 1, found[2])
+        else:
+            del self._datagrams[id(data)]
+
     def _forget(self, transfer: _Transfer) -> None:
         transfer.closed = True
         if self._transfers.get(transfer.client) is transfer:
@@ -397,6 +415,9 @@ class TftpService:
                 self._per_host.pop(host, None)
         if transfer.worker is not None:
             self._plane.remove(transfer.worker)
+        if transfer.shares_datagrams and transfer.file is not None:
+            transfer.shares_datagrams = False
+            self._unshare_datagrams(transfer.file.data)
         if transfer.handoff is not None and self._pool is not None:
             self._pool.remove(transfer.handoff)
 

@@ -18,6 +18,11 @@ WINDOWSIZE_RANGE = (1, 65535)
 TIMEOUT_RANGE = (1, 255)
 DEFAULT_BLKSIZE = 512  # RFC 1350
 BACKOFF_CAP = 8  # retransmission waits double per retry, up to this many times the configured timeout
+SHARE_DATAGRAMS_MAX = 64 << 20  # files up to this size keep their DATA datagrams encoded once (a copy per block size)
+
+# A file's DATA datagrams by block size, shared by every transfer of it: list index seq - 1 holds block seq's
+# datagram (its 16-bit number is seq's, so it never changes), None until a transfer first sends it.
+Datagrams = dict[int, list[bytes | None]]
 
 
 @dataclass(frozen=True)
@@ -102,7 +107,8 @@ class ReadSession:
     carries them modulo 2**16, so files larger than 65535 blocks roll over to block 0.
     """
 
-    def __init__(self, data: bytes, requested: Mapping[str, str], limits: SessionLimits) -> None:
+    def __init__(self, data: bytes, requested: Mapping[str, str], limits: SessionLimits,
+                 shared: Datagrams | None = None) -> None:
         self.data = memoryview(data)
         self.size = len(data)
         self.limits = limits
@@ -111,6 +117,11 @@ class ReadSession:
         self.windowsize = self.params.windowsize
         # The last block is short; when the size is a multiple of blksize it is empty (RFC 1350 sec. 6).
         self.last_block = self.size // self.blksize + 1
+        # DATA encoded once per file and block size and shared by its transfers (the caller's `shared`, one per
+        # file content): a block costs a list lookup instead of a slice, a header and a copy.
+        self._datagrams: list[bytes | None] | None = None
+        if shared is not None and self.size <= SHARE_DATAGRAMS_MAX:
+            self._datagrams = shared.setdefault(self.blksize, [None] * self.last_block)
         self._base = 0 if self.params.oack else 1  # lowest unacknowledged block
         self._next = self._base  # next block not yet sent in this window
         self._retry = 0
@@ -151,6 +162,13 @@ class ReadSession:
     def _block(self, seq: int) -> bytes:
         if seq == 0:
             return encode_oack(self.params.oack)
+        datagrams = self._datagrams
+        if datagrams is not None:
+            datagram = datagrams[seq - 1]
+            if datagram is None:
+                off = (seq - 1) * self.blksize
+                datagram = datagrams[seq - 1] = encode_data(seq, self.data[off : off + self.blksize])
+            return datagram
         off = (seq - 1) * self.blksize
         return encode_data(seq, self.data[off : off + self.blksize])
 
@@ -169,13 +187,20 @@ class ReadSession:
         # RFC 7440 sec. 4: a window of up to windowsize blocks goes out back to back; the OACK travels alone.
         # (Once per block in lock-step: written for speed, the single block without a comprehension.)
         base = self._base
-        end = 1 if base == 0 else min(base + self.windowsize, self.last_block + 1)
+        if base == 0:
+            end = 1
+        else:
+            end = base + self.windowsize
+            if end > self.last_block:
+                end = self.last_block + 1
         out = [self._block(base)] if end == base + 1 else [self._block(seq) for seq in range(base, end)]
         self._next = end
         self._sent_at = now
         # Never past the give-up time, so a dead client is given up when the fixed timer would have done it.
         progress = self._progress_at if self._progress_at is not None else now
-        deadline, limit = now + self._wait(), progress + self._budgets[base == self._first]  # _budget()
+        # _wait() and _budget(), inline; with no retry the wait is the RTO (never above the timeout, its cap).
+        wait = self.rtt.rto if self._retry == 0 else self._wait()
+        deadline, limit = now + wait, progress + self._budgets[base == self._first]
         self.deadline = deadline if deadline < limit else limit
         self.datagrams_sent += len(out)
         return out

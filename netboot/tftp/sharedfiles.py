@@ -13,6 +13,8 @@ import os
 from collections import OrderedDict
 from dataclasses import dataclass
 
+from netboot.tftp.session import Datagrams
+
 _SEALS = fcntl.F_SEAL_SEAL | fcntl.F_SEAL_SHRINK | fcntl.F_SEAL_GROW | fcntl.F_SEAL_WRITE
 
 
@@ -84,10 +86,14 @@ class SharedFiles:
 
 
 class MappedFiles:
-    """Worker side: each received memfd mapped read-only once (keyed by inode), unmapped when its last user ends."""
+    """Worker side: each received memfd mapped read-only once (keyed by inode), unmapped when its last user ends.
+
+    With each mapping go the file's DATA datagrams as its transfers encode them (session.Datagrams), shared by
+    every transfer of the file in this process and dropped with the mapping.
+    """
 
     def __init__(self) -> None:
-        self._maps: dict[int, tuple[mmap.mmap | bytes, int]] = {}  # inode -> (mapping, users)
+        self._maps: dict[int, tuple[mmap.mmap | bytes, int, Datagrams]] = {}  # inode -> (mapping, users, datagrams)
 
     def open(self, fd: int) -> tuple[int, mmap.mmap | bytes]:
         """Map the memfd fd (closed here in every case); return its key for release() and its contents."""
@@ -96,13 +102,17 @@ class MappedFiles:
             key = st.st_ino
             found = self._maps.get(key)
             if found is not None:
-                self._maps[key] = (found[0], found[1] + 1)
+                self._maps[key] = (found[0], found[1] + 1, found[2])
                 return key, found[0]
             contents: mmap.mmap | bytes = mmap.mmap(fd, st.st_size, prot=mmap.PROT_READ) if st.st_size else b""
-            self._maps[key] = (contents, 1)
+            self._maps[key] = (contents, 1, {})
             return key, contents
         finally:
             os.close(fd)
+
+    def datagrams(self, key: int) -> Datagrams:
+        """The shared DATA datagrams of an open file (see session.ReadSession)."""
+        return self._maps[key][2]
 
     def release(self, key: int) -> None:
         """One transfer of the file ended; the last one drops the mapping (unmapped once no view of it is left)."""
@@ -110,7 +120,7 @@ class MappedFiles:
         if found is None:
             return
         if found[1] > 1:
-            self._maps[key] = (found[0], found[1] - 1)
+            self._maps[key] = (found[0], found[1] - 1, found[2])
         else:
             del self._maps[key]
 
