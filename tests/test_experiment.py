@@ -14,7 +14,7 @@ import pytest
 
 from vmtestbed.appliance_files import dhcp_after_reset_s
 from vmtestbed.experiment import ExperimentError, RunResult, load_experiment
-from vmtestbed.experiment_report import physical_floor_s, write_report
+from vmtestbed.experiment_report import physical_floor_s, slowest_post_floor_s, write_report
 
 EXPERIMENTS = Path(__file__).resolve().parent.parent / "vm-testbed" / "experiments"
 
@@ -75,6 +75,9 @@ def test_the_report_directory(tmp_path: Path) -> None:
     assert "rackboot abc1234" in text and "| 20 | 2 | chain | 1 | 3.0 s | 18/20 (90.0 %) | 90.0 s |" in text
     floor = physical_floor_s(spec, 2**20)  # 2 x 15 s POST + 9 MiB at 125 MB/s
     assert abs(floor - (30 + 9 * 2**20 / 125e6)) < 1e-6 and f"{90.0 / floor:.2f}x" in text
+    # every node done: two of the slowest of 20 POSTs drawn from 10-20 s (expected 10 + 10 * 20/21 each)
+    slowest = slowest_post_floor_s(spec, 2**20, 20)
+    assert abs(slowest - floor - 2 * (10 * 20 / 21 - 5)) < 0.5 and f"{90.0 / slowest:.2f}x ({slowest:.0f} s)" in text
     assert "| 2 | BootNewEnv: no callback within Ns |" in text  # failures by reason, numbers folded
     assert "node-10 " in text  # the slowest node of N=10 (its SetDeploymentEnv took the longest)
     for svg in ("spans.svg", "failures.svg", "timeline-20-chain-1.svg"):
