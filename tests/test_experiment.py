@@ -14,7 +14,7 @@ import pytest
 
 from vmtestbed.appliance_files import dhcp_after_reset_s
 from vmtestbed.experiment import ExperimentError, RunResult, load_experiment
-from vmtestbed.experiment_report import physical_floor_s, slowest_post_floor_s, write_report
+from vmtestbed.experiment_report import firmware_reboots, physical_floor_s, slowest_post_floor_s, write_report
 
 EXPERIMENTS = Path(__file__).resolve().parent.parent / "vm-testbed" / "experiments"
 
@@ -51,12 +51,12 @@ def test_the_dhcp_deadline_follows_the_post_distribution() -> None:
     assert dhcp_after_reset_s("normal:60,20") == 60 + 80 + 15 and dhcp_after_reset_s("20-90") == 105
 
 
-def _run(nodes: int, repeat: int, deploy_s: float, failed: int = 0) -> RunResult:
+def _run(nodes: int, repeat: int, deploy_s: float, failed: int = 0, impl: str = "x") -> RunResult:
     steps = []
     for i in range(1, nodes + 1):
         t = 1000.0
         for step, took in (("SetDeploymentEnv", 20.0 + i), ("BroadcastEnv", 10.0), ("BootNewEnv", 5.0)):
-            steps.append({"node": f"node-{i}", "step": step, "impl": "x", "attempt": 1, "started": t, "ended": t + took,
+            steps.append({"node": f"node-{i}", "step": step, "impl": impl, "attempt": 1, "started": t, "ended": t + took,
                           "duration": took, "ok": 1, "reason": ""})
             t += took
     ko = [{"node": f"node-{nodes - j}", "step": "BootNewEnv", "reason": f"no callback within {100 + j}s"} for j in range(failed)]
@@ -75,9 +75,12 @@ def test_the_report_directory(tmp_path: Path) -> None:
     assert "rackboot abc1234" in text and "| 20 | 2 | chain | 1 | 3.0 s | 18/20 (90.0 %) | 90.0 s |" in text
     floor = physical_floor_s(spec, 2**20)  # 2 x 15 s POST + 9 MiB at 125 MB/s
     assert abs(floor - (30 + 9 * 2**20 / 125e6)) < 1e-6 and f"{90.0 / floor:.2f}x" in text
-    # every node done: two of the slowest of 20 POSTs drawn from 10-20 s (expected 10 + 10 * 20/21 each)
+    # every node done: two of the slowest of 20 POSTs drawn from 10-20 s (expected 10 + 10 * 20/21 each); one with kexec
     slowest = slowest_post_floor_s(spec, 2**20, 20)
     assert abs(slowest - floor - 2 * (10 * 20 / 21 - 5)) < 0.5 and f"{90.0 / slowest:.2f}x ({slowest:.0f} s)" in text
+    assert firmware_reboots(runs[0]) == 2 and firmware_reboots(_run(10, 1, 60.0, impl="kexec")) == 1
+    one = slowest_post_floor_s(spec, 2**20, 20, posts=1)
+    assert abs(one - (slowest - (slowest - 9 * 2**20 / 125e6) / 2)) < 1e-6
     assert "| 2 | BootNewEnv: no callback within Ns |" in text  # failures by reason, numbers folded
     assert "node-10 " in text  # the slowest node of N=10 (its SetDeploymentEnv took the longest)
     for svg in ("spans.svg", "failures.svg", "timeline-20-chain-1.svg"):
