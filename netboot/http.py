@@ -46,7 +46,8 @@ from domain.progress import (
 )
 from ipxe import callback_path, nbp_path, script_path
 from netboot.httplog import ACCESS_LOGGER, AccessLog
-from netboot.sendfile import SendfilePlane, socket_fd
+from netboot.fileresponse import PlaneFileResponse
+from netboot.sendfile import SendfilePlane
 from ipxe.script import ScriptRenderer
 
 log = logging.getLogger("rackboot.http")
@@ -54,7 +55,6 @@ log = logging.getLogger("rackboot.http")
 KEEPALIVE_TIMEOUT_S = 1.0
 SHUTDOWN_TIMEOUT_S = 2.0
 LISTEN_BACKLOG = 1024
-FILE_CHUNK_SIZE = 256 * 1024
 
 
 
@@ -99,42 +99,8 @@ class HttpSettings:
         return f"http://{self.address}:{self.port}"
 
 
-class _PlaneFileResponse(web.FileResponse):
-    """A FileResponse (sendfile, Range handled by aiohttp) whose body goes out from a SendfilePlane's thread.
-
-    Not from the event loop: netboot/sendfile.py says why. Without a plane, or on a transport without a
-    socket, aiohttp sends it.
-    """
-
-    def __init__(self, path: Path, plane: SendfilePlane | None) -> None:
-        super().__init__(path, chunk_size=FILE_CHUNK_SIZE)
-        self._plane = plane
-
-    async def _sendfile(self, request: web.BaseRequest, fobj: Any, offset: int, count: int) -> AbstractStreamWriter:
-        """Send the headers from the loop, then count bytes of the file from offset from the plane's thread."""
-        transport = request.transport
-        fd = socket_fd(transport)
-        if self._plane is None or fd < 0 or self.compression:
-            return await super()._sendfile(request, fobj, offset, count)
-        writer = await web.StreamResponse.prepare(self, request)  # the status line and headers, written now
-        assert writer is not None and transport is not None
-        while transport.get_write_buffer_size():  # rare: the headers did not fit the socket at once
-            if transport.is_closing():
-                raise ConnectionResetError("Connection lost")
-            await asyncio.sleep(0.001)
-        reading = transport.is_reading()
-        transport.pause_reading()
-        try:
-            await self._plane.send(fd, fobj.fileno(), offset, count)
-        finally:
-            if reading and not transport.is_closing():
-                transport.resume_reading()
-        await web.StreamResponse.write_eof(self)
-        return writer
-
-
-class _ReportingFileResponse(_PlaneFileResponse):
-    """A _PlaneFileResponse that reports once the whole body went out."""
+class _ReportingFileResponse(PlaneFileResponse):
+    """A PlaneFileResponse that reports once the whole body went out."""
 
     def __init__(self, path: Path, plane: SendfilePlane, on_sent: Callable[[web.StreamResponse], None],
                  on_aborted: Callable[[], None]) -> None:
@@ -362,7 +328,7 @@ class HttpService:
         relative = request.match_info["path"]
         path = self._safe_file(relative)
         if request.method != "GET":
-            return _PlaneFileResponse(path, self._sender)
+            return PlaneFileResponse(path, self._sender)
         return _ReportingFileResponse(path, self._sender, lambda response: self._publish_fetch(request, relative, response),
                                       self._aborted)
 
@@ -390,7 +356,7 @@ class HttpService:
         if path is None:
             raise web.HTTPForbidden(text="no image behind this token\n")
         self._counters["images"] += 1
-        return _PlaneFileResponse(path, self._sender)
+        return PlaneFileResponse(path, self._sender)
 
     # -- callbacks ----------------------------------------------------------------------------------
 
