@@ -21,7 +21,7 @@ from typing import Any
 from netboot.wakeup import epoll_with_wakeup
 
 SEND_CHUNK = 4 << 20  # the most one sendfile call may move (the socket buffer usually takes less)
-INLINE_LIMIT = 256 << 10  # what send() tries on the caller's thread first: a small file goes out at once, no hand-off
+INLINE_LIMIT = 256 << 10  # a body this small goes out from the caller's thread at once, no hand-off
 
 
 class _Body:
@@ -158,18 +158,21 @@ class SendfilePlane:
     async def send(self, sock_fd: int, file_fd: int, offset: int, count: int) -> int:
         """Send count bytes of the file from offset on the (non-blocking) socket; return the bytes sent.
 
-        Up to INLINE_LIMIT bytes go out at once from the caller (as asyncio's own sendfile starts); the rest
-        from the plane's thread.
+        A body of at most INLINE_LIMIT bytes is tried at once from the caller (small files such as iPXE binaries
+        need no hand-off); a larger one goes to a lane whole, so that 200 downloads starting together do not
+        each move INLINE_LIMIT bytes from the event loop.
         """
-        try:
-            sent = os.sendfile(sock_fd, file_fd, offset, min(count, INLINE_LIMIT))
-        except BlockingIOError:
-            sent = 0
-        else:
-            if sent == 0:
-                raise ConnectionResetError("the file ended before the body did")
-        if sent >= count:
-            return sent
+        sent = 0
+        if count <= INLINE_LIMIT:
+            try:
+                sent = os.sendfile(sock_fd, file_fd, offset, count)
+            except BlockingIOError:
+                pass
+            else:
+                if sent == 0:
+                    raise ConnectionResetError("the file ended before the body did")
+            if sent >= count:
+                return sent
         loop = asyncio.get_running_loop()
         future: asyncio.Future[int] = loop.create_future()
         body = _Body(os.dup(sock_fd), os.dup(file_fd), offset + sent, count - sent, loop, future)
