@@ -17,8 +17,10 @@ from __future__ import annotations
 
 import asyncio
 import os
+import socket
 import stat
 from pathlib import Path
+from typing import Any
 
 from aiohttp import hdrs, web
 from aiohttp.abc import AbstractStreamWriter
@@ -110,12 +112,32 @@ class PlaneFileResponse(web.StreamResponse):
         self.etag, self.last_modified = etag, mtime
         self.content_length = count
         self._headers[hdrs.ACCEPT_RANGES] = "bytes"
-        writer = await super().prepare(request)
-        if count and request.method != hdrs.METH_HEAD:
-            await self._body(request, fd, start, count)
+        # As nginx's tcp_nopush: the socket corked while the headers and a sendfile'd body go out, so the headers
+        # share the first full segment with the body and no partial segment leaves between two sendfile calls.
+        cork = self._corkable(request) if count and request.method != hdrs.METH_HEAD else None
+        if cork is not None:
+            cork.setsockopt(socket.IPPROTO_TCP, socket.TCP_CORK, 1)
+        try:
+            writer = await super().prepare(request)
+            if count and request.method != hdrs.METH_HEAD:
+                await self._body(request, fd, start, count)
+        finally:
+            if cork is not None and request.transport is not None and not request.transport.is_closing():
+                try:
+                    cork.setsockopt(socket.IPPROTO_TCP, socket.TCP_CORK, 0)  # out goes the last partial segment
+                except OSError:
+                    pass
         await super().write_eof()
         self.sent = True
         return writer
+
+    def _corkable(self, request: web.BaseRequest) -> Any:
+        """The socket a body will be sendfile'd to (plain TCP, a plane), or None."""
+        transport = request.transport
+        if self._plane is None or transport is None or transport.get_extra_info("sslcontext") is not None:
+            return None
+        sock = transport.get_extra_info("socket")
+        return sock if sock is not None and sock.family in (socket.AF_INET, socket.AF_INET6) else None
 
     @staticmethod
     def _range_applies(request: web.BaseRequest, etag: str, mtime: float) -> bool:
