@@ -7,7 +7,6 @@ import ipaddress
 import logging
 import os
 import signal
-import sys
 import time
 from dataclasses import replace
 from pathlib import Path
@@ -243,9 +242,6 @@ async def serve_forever(config: ApplianceConfig) -> None:
     # pausing the event loop for 100-200 ms (docs/benchmarks.md, "Where rackboot's DHCP time goes").
     gc.collect()
     gc.freeze()
-    # The HTTP sendfile lanes are threads: a thread waiting for the GIL forces a switch after this long (5 ms
-    # by default), and the event loop answering DHCP may be the one waiting.
-    sys.setswitchinterval(0.001)
     loop = asyncio.get_running_loop()
     for sig in (signal.SIGTERM, signal.SIGINT):
         loop.add_signal_handler(sig, app.stop)
