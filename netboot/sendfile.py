@@ -21,7 +21,6 @@ from typing import Any
 from netboot.wakeup import epoll_with_wakeup
 
 SEND_CHUNK = 4 << 20  # the most one sendfile call may move (the socket buffer usually takes less)
-LANE_NICE = 10  # lanes yield the CPU to the event loop (DHCP answers, request parsing) when both want it
 TURN_SHARE = 8 << 20  # the most one socket sends in a turn while other sockets wait theirs
 INLINE_LIMIT = 256 << 10  # a body this small goes out from the caller's thread at once, no hand-off
 
@@ -133,10 +132,6 @@ class _Lane:
                 return
 
     def _run(self, epoll: select.epoll, wake_r: int, wake_w: int) -> None:
-        try:  # this thread only (Linux: a thread's nice value is its own); raising it needs no privilege
-            os.setpriority(os.PRIO_PROCESS, threading.get_native_id(), max(os.getpriority(os.PRIO_PROCESS, 0), LANE_NICE))
-        except OSError:
-            pass
         running = True
         while running:
             again, self._again = self._again, []

@@ -4,12 +4,11 @@ from __future__ import annotations
 import asyncio
 import os
 import socket
-import threading
 from pathlib import Path
 
 import pytest
 
-from netboot.sendfile import INLINE_LIMIT, LANE_NICE, SendfilePlane
+from netboot.sendfile import INLINE_LIMIT, SendfilePlane
 
 
 async def read_all(sock: socket.socket, count: int) -> bytes:
@@ -67,22 +66,3 @@ async def test_a_peer_that_leaves_fails_the_send_and_the_plane_keeps_serving(tmp
     finally:
         plane.close()
         server.close()
-
-
-async def test_lanes_run_at_a_lower_priority_than_the_event_loop(tmp_path: Path) -> None:
-    (tmp_path / "f").write_bytes(os.urandom(4 << 20))
-    plane = SendfilePlane(name="nice test")
-    server, client = socket.socketpair()
-    server.setblocking(False)
-    client.setblocking(False)
-    try:
-        with open(tmp_path / "f", "rb") as fobj:
-            await asyncio.gather(plane.send(server.fileno(), fobj.fileno(), 0, 4 << 20), read_all(client, 4 << 20))
-        lanes = [t for t in threading.enumerate() if t.name.startswith("nice test") and t.native_id is not None]
-        assert lanes and all(os.getpriority(os.PRIO_PROCESS, t.native_id) >= LANE_NICE for t in lanes if t.native_id)
-        own = os.getpriority(os.PRIO_PROCESS, threading.get_native_id())
-        assert own < LANE_NICE or own == os.getpriority(os.PRIO_PROCESS, 0)  # the loop's thread is left as it was
-    finally:
-        plane.close()
-        server.close()
-        client.close()
