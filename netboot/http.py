@@ -59,7 +59,7 @@ LISTEN_BACKLOG = 1024
 # Connections asyncio accepts per wake-up of the listening socket (it takes its listen backlog as this count):
 # 200 at once made one loop iteration set up 200 connections and the next parse and answer 200 requests,
 # tens of milliseconds during which DHCP waited. The kernel's queue stays LISTEN_BACKLOG long.
-ACCEPT_BATCH = 4
+ACCEPT_BATCH = 16
 
 
 
