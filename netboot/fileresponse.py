@@ -53,6 +53,8 @@ class PlaneFileResponse(web.StreamResponse):
 
     async def prepare(self, request: web.BaseRequest) -> AbstractStreamWriter | None:
         """Answer the request: headers from the loop, the body from the plane."""
+        if self.prepared:  # answered already: never the body twice
+            return await super().prepare(request)
         try:
             fd = os.open(self._path, os.O_RDONLY | os.O_CLOEXEC)
         except PermissionError:

@@ -158,3 +158,38 @@ async def test_over_tls_the_body_is_encrypted_not_sendfiled(tmp_path: Path) -> N
     finally:
         await runner.cleanup()
         plane.close()
+
+
+async def test_a_second_prepare_sends_nothing_more(tmp_path: Path) -> None:
+    data = os.urandom(SIZE)
+    (tmp_path / "f.bin").write_bytes(data)
+    plane = SendfilePlane()
+
+    async def twice(request: web.Request) -> web.StreamResponse:
+        response = PlaneFileResponse(tmp_path / "f.bin", plane)
+        await response.prepare(request)
+        return response  # aiohttp prepares it once more
+
+    app = web.Application()
+    app.router.add_get("/twice", twice)
+    runner = web.AppRunner(app, handle_signals=False)
+    await runner.setup()
+    sock = socket.socket()
+    sock.bind(("127.0.0.1", 0))
+    port = sock.getsockname()[1]
+    sock.close()
+    await web.TCPSite(runner, "127.0.0.1", port).start()
+    try:
+        def raw() -> bytes:
+            with socket.create_connection(("127.0.0.1", port)) as client:
+                client.sendall(b"GET /twice HTTP/1.1\r\nHost: x\r\nConnection: close\r\n\r\n")
+                got = b""
+                while chunk := client.recv(1 << 20):
+                    got += chunk
+                return got
+
+        head, _, body = (await asyncio.to_thread(raw)).partition(b"\r\n\r\n")
+        assert head.startswith(b"HTTP/1.1 200 ") and body == data  # the body once, nothing after it
+    finally:
+        await runner.cleanup()
+        plane.close()
