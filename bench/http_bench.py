@@ -1,5 +1,5 @@
 #!/usr/bin/env python3
-"""HTTP benchmark: 200 concurrent downloads of a 64 MiB file, one 1 GiB file and 200 resumed (Range) downloads, rackboot vs nginx.
+"""HTTP benchmark: 200 concurrent downloads of a 64 MiB file, one 1 GiB file (8 times, one after another) and 200 resumed (Range) downloads, rackboot vs nginx.
 
 Topology (made with vmtestbed.netns.Lab through measure.NamespacePair, removed on success, failure, Ctrl-C, SIGTERM):
 
@@ -214,7 +214,22 @@ def fetch_in_namespace(args: argparse.Namespace) -> int:
     """(Runs inside the client namespace.) Download what the spec file lists, all at once; print JSON."""
     spec = json.loads(Path(args.spec).read_text())
     downloads = [Download(**d) for d in spec["downloads"]]
-    print(json.dumps(download_all(spec["host"], spec["port"], downloads, spec["timeout"])))
+    if not spec.get("sequential"):
+        print(json.dumps(download_all(spec["host"], spec["port"], downloads, spec["timeout"])))
+        return 0
+    # One after another (a new connection each), the times and bytes summed: a single download long enough to
+    # measure throughput rather than its start.
+    total: dict[str, Any] = {"seconds": 0.0, "bytes": 0, "ok": 0, "failed": 0, "errors": [], "each_median": None,
+                             "client_cpu_s": 0.0}
+    each = []
+    for d in downloads:
+        one = download_all(spec["host"], spec["port"], [d], spec["timeout"])
+        for key in ("seconds", "bytes", "ok", "failed", "client_cpu_s"):
+            total[key] += one[key] or 0
+        total["errors"] += one["errors"]
+        each.append(one["seconds"])
+    total["each_median"] = sorted(each)[len(each) // 2]
+    print(json.dumps(total))
     return 0
 
 
@@ -327,14 +342,15 @@ def make_files(root: Path, many_mib: int, big_mib: int) -> dict[str, tuple[int, 
     return out
 
 
-def test_downloads(test: str, files: dict[str, tuple[int, str]], concurrent: int) -> list[dict[str, Any]]:
-    """The downloads of one test: `many` (the small file N times), `big` (the big file once), `range` (N resumed downloads)."""
+def test_downloads(test: str, files: dict[str, tuple[int, str]], concurrent: int, big_times: int = 1) -> list[dict[str, Any]]:
+    """The downloads of one test: `many` (the small file N times), `big` (the big file, big_times times one after another),
+    `range` (N resumed downloads)."""
     many, big = list(files)
     size = files[many][0]
     if test == "many":
         return [{"path": f"/files/{many}", "length": size} for _ in range(concurrent)]
     if test == "big":
-        return [{"path": f"/files/{big}", "length": files[big][0]}]
+        return [{"path": f"/files/{big}", "length": files[big][0]} for _ in range(big_times)]
     # Resumed downloads: each asks for the rest of the small file from an offset, offsets spread evenly.
     starts = [size * i // concurrent for i in range(concurrent)]
     return [{"path": f"/files/{many}", "first": s, "length": size - s} for s in starts]
@@ -352,9 +368,11 @@ def check_downloads(root: Path, files: dict[str, tuple[int, str]]) -> list[dict[
     return out
 
 
-def run_downloads(lab: Lab, client_ns: str, downloads: list[dict[str, Any]], spec_file: Path, timeout: float) -> dict[str, Any]:
-    """Run the client in the client namespace on one download set; return its JSON result (or an error)."""
-    spec_file.write_text(json.dumps({"host": SERVER_IP, "port": PORT, "timeout": timeout, "downloads": downloads}))
+def run_downloads(lab: Lab, client_ns: str, downloads: list[dict[str, Any]], spec_file: Path, timeout: float,
+                  sequential: bool = False) -> dict[str, Any]:
+    """Run the client in the client namespace on one download set (all at once, or one after another); return its JSON result."""
+    spec_file.write_text(json.dumps({"host": SERVER_IP, "port": PORT, "timeout": timeout, "downloads": downloads,
+                                     "sequential": sequential}))
     argv = [sys.executable, str(Path(__file__).resolve()), "--fetch", "--spec", str(spec_file)]
     try:
         res = lab.run(client_ns, argv, timeout=timeout + 30)
@@ -407,7 +425,7 @@ def measure_one(pair: NamespacePair, server: HttpServer, test: str, repeat: int,
     lab = pair.ensure()
     load = machine_load(0.5)
     run = Run(server.kind, test, repeat, load1=load["load1"], busy_pct=load["busy_pct"])
-    downloads = test_downloads(test, files, args.concurrent)
+    downloads = test_downloads(test, files, args.concurrent, args.big_times)
     cpu0 = server.cpu_seconds()
     spy: subprocess.Popen[bytes] | None = None
     probe = DhcpProbe(lab, pair.client, args.dhcp_rate, tmp / "perfdhcp.log") if server.kind == "rackboot" and args.dhcp_rate else None
@@ -417,7 +435,7 @@ def measure_one(pair: NamespacePair, server: HttpServer, test: str, repeat: int,
         if profile is not None and (pyspy := pyspy_path()) and server.proc is not None:
             spy = subprocess.Popen([pyspy, "record", "-p", str(server.proc.pid), "-r", "200", "-f", "raw", "-o", str(profile),
                                     "--nonblocking"], stdout=subprocess.DEVNULL, stderr=subprocess.DEVNULL)
-        data = run_downloads(lab, pair.client, downloads, tmp / "spec.json", args.timeout)
+        data = run_downloads(lab, pair.client, downloads, tmp / "spec.json", args.timeout, sequential=test == "big")
         if spy is not None:
             spy.send_signal(signal.SIGINT)  # py-spy writes its recording on SIGINT
             spy.wait(timeout=30)
@@ -451,13 +469,13 @@ def idle_dhcp(pair: NamespacePair, tmp: Path, args: argparse.Namespace) -> dict[
         return probe.result()
 
 
-def test_label(test: str, files: dict[str, tuple[int, str]], concurrent: int) -> str:
+def test_label(test: str, files: dict[str, tuple[int, str]], concurrent: int, big_times: int = 1) -> str:
     """A row title for one test."""
     many, big = list(files)
     if test == "many":
         return f"{files[many][0] >> 20} MiB x {concurrent} at once"
     if test == "big":
-        return f"{files[big][0] >> 20} MiB x 1"
+        return f"{files[big][0] >> 20} MiB x 1" + (f", {big_times} times one after another" if big_times > 1 else "")
     return f"{files[many][0] >> 20} MiB resumed (Range: bytes=N-) x {concurrent} at once"
 
 
@@ -467,7 +485,7 @@ def report(runs: list[Run], idles: list[dict[str, Any]], args: argparse.Namespac
     rows = []
     for test in args.tests:
         med: dict[str, float | None] = {}
-        row = [test_label(test, files, args.concurrent)]
+        row = [test_label(test, files, args.concurrent, args.big_times)]
         for kind in SERVERS:
             mine = [r for r in runs if r.server == kind and r.test == test]
             med[kind] = median([r.mb_per_s for r in mine if r.mb_per_s is not None])
@@ -481,7 +499,7 @@ def report(runs: list[Run], idles: list[dict[str, Any]], args: argparse.Namespac
     headers = ["test", "nginx MB/s, median (runs)", "nginx CPU s", "rackboot MB/s, median (runs)", "rackboot CPU s",
                "rackboot / nginx", "client CPU % of a core"]
     dhcp_rows = []
-    for label, sets in [("idle (no download)", idles)] + [(test_label(t, files, args.concurrent),
+    for label, sets in [("idle (no download)", idles)] + [(test_label(t, files, args.concurrent, args.big_times),
                                                           [r.dhcp for r in runs if r.test == t and r.dhcp]) for t in args.tests]:
         def cell(key: str) -> str:
             vals = [s.get(key) for s in sets if s.get(key) is not None]
@@ -517,7 +535,10 @@ def main(argv: list[str] | None = None) -> int:
     ap.add_argument("--dhcp-rate", type=int, default=50, help="perfdhcp exchanges/s beside rackboot's downloads (0: none)")
     ap.add_argument("--idle-s", type=float, default=5.0, help="seconds of the idle DHCP probe per repeat")
     ap.add_argument("--timeout", type=float, default=600, help="give up on one download set after this many seconds")
-    ap.add_argument("--profile-out", help="py-spy rackboot during the first `many` run, raw stacks to this file")
+    ap.add_argument("--big-times", type=int, default=8,
+                    help="the big test fetches the big file this many times, one after another (times summed)")
+    ap.add_argument("--profile-out", help="py-spy rackboot during the first run of --profile-test, raw stacks to this file")
+    ap.add_argument("--profile-test", default="many", choices=TESTS, help="the test --profile-out profiles")
     ap.add_argument("--rackboot", default=None, help="rackboot executable (default: the one next to this Python)")
     ap.add_argument("--rackboot-commit", default=None,
                     help="measure this git commit of rackboot (exported to a temp dir) instead of the installed checkout")
@@ -567,13 +588,13 @@ def measure_and_report(args: argparse.Namespace, rackboot: list[str]) -> int:
                     if kind == "rackboot" and args.dhcp_rate:
                         idles.append(idle_dhcp(pair, tmp, args))
                     for test in args.tests:
-                        spy_here = profile if (kind == "rackboot" and test == "many" and repeat == 1) else None
+                        spy_here = profile if (kind == "rackboot" and test == args.profile_test and repeat == 1) else None
                         runs.append(measure_one(pair, server, test, repeat, files, tmp, args, spy_here))
             loads.append(dict(machine_load(), when=f"after repeat {repeat}"))
         rebuilt = pair.rebuilt
     text = report(runs, idles, args, loads, files)
     if profile is not None and profile.exists():
-        text += "\n\n" + pyspy_summary(profile, "py-spy on rackboot during the first `many` run")
+        text += "\n\n" + pyspy_summary(profile, f"py-spy on rackboot during the first `{args.profile_test}` run")
     if rebuilt:
         text += f"\n\nThe namespace pair vanished and was rebuilt {rebuilt} time(s) during the run (not by this script)."
     print(text)

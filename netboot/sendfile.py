@@ -21,7 +21,8 @@ from typing import Any
 from netboot.wakeup import epoll_with_wakeup
 
 SEND_CHUNK = 4 << 20  # the most one sendfile call may move (the socket buffer usually takes less)
-INLINE_LIMIT = 256 << 10  # what send() tries on the caller's thread first: a small file goes out at once, no hand-off
+TURN_SHARE = 8 << 20  # the most one socket sends in a turn while other sockets wait theirs
+INLINE_LIMIT = 256 << 10  # a body this small goes out from the caller's thread at once, no hand-off
 
 
 class _Body:
@@ -52,6 +53,7 @@ class _Lane:
         self._wake_r = self._wake_w = -1
         self._commands: collections.deque[tuple[str, _Body | None]] = collections.deque()
         self._bodies: dict[int, _Body] = {}
+        self._again: list[_Body] = []  # bodies whose socket took a whole turn's share: another turn, without an edge
         self._thread: threading.Thread | None = None
         self._lock = threading.Lock()
 
@@ -98,26 +100,45 @@ class _Lane:
                 pass
 
     def _step(self, epoll: select.epoll, body: _Body) -> None:
-        """Send what the socket takes now (one call: every writable socket gets its turn); finish when done or broken."""
-        try:
-            n = os.sendfile(body.sock_fd, body.file_fd, body.offset, min(body.left, SEND_CHUNK))
-            if n == 0:
-                raise ConnectionResetError("the file ended before the body did")
-        except BlockingIOError:
-            return
-        except OSError as exc:
-            self._finish(epoll, body, exc)
-            return
-        body.offset += n
-        body.left -= n
-        body.sent += n
-        if body.left <= 0:
-            self._finish(epoll, body, None)
+        """Send until the socket is full (then its next edge wakes us) or this turn's share is sent; finish when done or broken.
+
+        Sockets are watched edge-triggered, as nginx does: a level-triggered watch woke the lane again as soon as a
+        little room freed up, for one small sendfile each time. A socket that took this turn's share whole gets
+        another turn after the others (it may never fill, so no edge would come).
+        """
+        moved = 0
+        while True:
+            want = min(body.left, SEND_CHUNK)
+            try:
+                n = os.sendfile(body.sock_fd, body.file_fd, body.offset, want)
+                if n == 0:
+                    raise ConnectionResetError("the file ended before the body did")
+            except BlockingIOError:
+                return
+            except OSError as exc:
+                self._finish(epoll, body, exc)
+                return
+            body.offset += n
+            body.left -= n
+            body.sent += n
+            moved += n
+            if body.left <= 0:
+                self._finish(epoll, body, None)
+                return
+            if n < want:  # the socket is full: wait for its edge
+                return
+            if moved >= TURN_SHARE:
+                self._again.append(body)
+                return
 
     def _run(self, epoll: select.epoll, wake_r: int, wake_w: int) -> None:
         running = True
         while running:
-            for fd, _ in epoll.poll():
+            again, self._again = self._again, []
+            for body in again:
+                if self._bodies.get(body.sock_fd) is body:
+                    self._step(epoll, body)
+            for fd, _ in epoll.poll(0 if self._again else -1):
                 if fd != wake_r:
                     body = self._bodies.get(fd)
                     if body is not None:
@@ -137,7 +158,7 @@ class _Lane:
                     assert body is not None
                     if what == "add":
                         self._bodies[body.sock_fd] = body
-                        epoll.register(body.sock_fd, select.EPOLLOUT)
+                        epoll.register(body.sock_fd, select.EPOLLOUT | select.EPOLLET)
                         self._step(epoll, body)
                     elif self._bodies.get(body.sock_fd) is body:  # cancel
                         self._finish(epoll, body, None)
@@ -158,18 +179,21 @@ class SendfilePlane:
     async def send(self, sock_fd: int, file_fd: int, offset: int, count: int) -> int:
         """Send count bytes of the file from offset on the (non-blocking) socket; return the bytes sent.
 
-        Up to INLINE_LIMIT bytes go out at once from the caller (as asyncio's own sendfile starts); the rest
-        from the plane's thread.
+        A body of at most INLINE_LIMIT bytes is tried at once from the caller (small files such as iPXE binaries
+        need no hand-off); a larger one goes to a lane whole, so that 200 downloads starting together do not
+        each move INLINE_LIMIT bytes from the event loop.
         """
-        try:
-            sent = os.sendfile(sock_fd, file_fd, offset, min(count, INLINE_LIMIT))
-        except BlockingIOError:
-            sent = 0
-        else:
-            if sent == 0:
-                raise ConnectionResetError("the file ended before the body did")
-        if sent >= count:
-            return sent
+        sent = 0
+        if count <= INLINE_LIMIT:
+            try:
+                sent = os.sendfile(sock_fd, file_fd, offset, count)
+            except BlockingIOError:
+                pass
+            else:
+                if sent == 0:
+                    raise ConnectionResetError("the file ended before the body did")
+            if sent >= count:
+                return sent
         loop = asyncio.get_running_loop()
         future: asyncio.Future[int] = loop.create_future()
         body = _Body(os.dup(sock_fd), os.dup(file_fd), offset + sent, count - sent, loop, future)

@@ -26,7 +26,7 @@ from domain.progress import (
     AgentUp, BootFailed, FileSent, InitrdFetched, KernelFetched, NodeReport, OsUp, ScriptServed, Via,
 )
 from ipxe.script import ScriptRenderer
-from netboot.http import HttpService, HttpSettings
+from netboot.http import ACCEPT_BATCH, HttpService, HttpSettings
 
 NODE1 = Node("node-1", "52:54:00:77:00:01", ipaddress.IPv4Address("127.0.0.11"), rack="r1")
 NODE2 = Node("node-2", "52:54:00:77:00:02", ipaddress.IPv4Address("127.0.0.12"), rack="r1")
@@ -214,6 +214,33 @@ async def test_range_request_returns_206_and_the_right_bytes(appliance: Applianc
             assert r.headers["Content-Range"] == f"bytes {len(data) - 100}-{len(data) - 1}/{len(data)}"
         async with http.get(f"{appliance.base}/files/deploy/vmlinuz") as r:
             assert r.status == 200 and await r.read() == data
+
+
+async def test_more_connections_at_once_than_one_accept_batch_are_all_answered(appliance: Appliance) -> None:
+    """asyncio accepts ACCEPT_BATCH connections per wake-up; the rest wait in the kernel's queue, none is refused."""
+    data = (appliance.config.files / "deploy" / "vmlinuz").read_bytes()
+    count = ACCEPT_BATCH * 8
+    socks = [socket.socket() for _ in range(count)]
+    for sock in socks:  # every connection made and its request sent before any answer is read
+        sock.connect((str(appliance.config.address), appliance.config.port))
+        sock.sendall(b"GET /files/deploy/vmlinuz HTTP/1.1\r\nHost: x\r\nConnection: close\r\n\r\n")
+
+    def read_all(sock: socket.socket) -> bytes:
+        with sock:
+            got = b""
+            while chunk := sock.recv(1 << 20):
+                got += chunk
+            return got
+
+    answers = await asyncio.gather(*(asyncio.to_thread(read_all, s) for s in socks))
+    for answer in answers:
+        head, _, body = answer.partition(b"\r\n\r\n")
+        assert head.startswith(b"HTTP/1.1 200 ") and body == data
+    for _ in range(500):  # a file is counted once the server saw its last byte go
+        if appliance.http.stats()["files"] == count:
+            break
+        await asyncio.sleep(0.01)
+    assert appliance.http.stats()["files"] == count
 
 
 async def test_paths_cannot_escape_the_files_root(appliance: Appliance, tmp_path: Path) -> None:
