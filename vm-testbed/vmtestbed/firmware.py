@@ -29,7 +29,7 @@ from collections import deque
 from concurrent.futures import ThreadPoolExecutor
 from dataclasses import dataclass, field
 from pathlib import Path
-from typing import Any
+from typing import Any, Awaitable
 
 import aiohttp
 
@@ -188,20 +188,28 @@ class VirtualNode:
         self._release()
 
     def _release(self) -> None:
-        """Close what the running boot holds; the address goes away in the background."""
+        """Close what the running boot holds, in the background; the next boot waits for it (_run)."""
         if self._ssh is not None:
             self._ssh.close()
             self._ssh = None
+        closing: list[Awaitable[None]] = []
         if self._agent is not None:
             agent, self._agent = self._agent, None
-            asyncio.get_running_loop().create_task(agent.close())
+            closing.append(agent.close())
         if self._http is not None:
             http, self._http = self._http, None
-            asyncio.get_running_loop().create_task(http.close())
+            closing.append(http.close())
         self.ip = None
-        self._cleanup = asyncio.get_running_loop().create_task(self._clear_address())
+        self._cleanup = asyncio.get_running_loop().create_task(self._clean_up(closing))
 
-    async def _clear_address(self) -> None:
+    async def _clean_up(self, closing: list[Awaitable[None]]) -> None:
+        """Close the last boot's agent and HTTP client, then clear the address: a real machine's next boot finds none
+        of them (at 4000 nodes a new boot's agent bound its port while the old one still listened: "cannot listen")."""
+        for c in closing:
+            try:
+                await c
+            except Exception as exc:  # a half-closed agent must not keep the node from booting
+                log.debug("%s: closing the last boot: %s", self.name, exc)
         try:
             await self.net.clear_addresses()
         except Exception as exc:  # the namespace may be gone during teardown
