@@ -20,7 +20,18 @@ from vmtestbed.appliance_files import BMC_USER, bmc_password
 from vmtestbed.control import Control, ControlError
 from vmtestbed.netns import entered
 from vmtestbed.plan import make_plan
-from vmtestbed.testbed import admin_token, down, start_appliance, up
+from vmtestbed.testbed import (
+    BACKLOG_SAVED,
+    BACKLOG_SYSCTL,
+    admin_token,
+    backlog_needed,
+    down,
+    ensure_backlog,
+    list_testbeds,
+    restore_backlog,
+    start_appliance,
+    up,
+)
 from vmtestbed.topology import existing_namespaces
 
 pytestmark = pytest.mark.netns
@@ -204,3 +215,18 @@ def test_two_node_daemons_each_serve_their_racks_and_down_stops_both_after_one_w
     assert existing_namespaces(plan.prefix) == []
     assert not plan.state_dir.exists()
     assert _processes_mentioning(str(plan.state_dir)) == []
+
+
+def test_the_packet_backlog_is_raised_for_big_testbeds_never_lowered_and_put_back() -> None:
+    if list_testbeds():
+        pytest.skip("another testbed is up: the backlog is restored only by the last down")
+    before = int(BACKLOG_SYSCTL.read_text())
+    try:
+        ensure_backlog(before + 1000)
+        assert int(BACKLOG_SYSCTL.read_text()) == before + 1000 and BACKLOG_SAVED.exists()
+        ensure_backlog(before + 10)  # a smaller testbed never lowers it
+        assert int(BACKLOG_SYSCTL.read_text()) == before + 1000
+    finally:
+        restore_backlog()
+    assert int(BACKLOG_SYSCTL.read_text()) == before and not BACKLOG_SAVED.exists()
+    assert backlog_needed(20) == 1000 and backlog_needed(4000) == 80000
