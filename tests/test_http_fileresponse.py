@@ -34,6 +34,11 @@ async def served(tmp_path: Path, plane: SendfilePlane | None,
     app = web.Application()
     app.router.add_get("/ours/{name}", ours)
     app.router.add_get("/theirs/{name}", theirs)
+    return await started(app, ssl_context)
+
+
+async def started(app: web.Application, ssl_context: ssl.SSLContext | None = None) -> tuple[web.AppRunner, int]:
+    """Run app on a free loopback port; return its runner and the port."""
     runner = web.AppRunner(app, handle_signals=False)
     await runner.setup()
     sock = socket.socket()
@@ -172,13 +177,7 @@ async def test_a_second_prepare_sends_nothing_more(tmp_path: Path) -> None:
 
     app = web.Application()
     app.router.add_get("/twice", twice)
-    runner = web.AppRunner(app, handle_signals=False)
-    await runner.setup()
-    sock = socket.socket()
-    sock.bind(("127.0.0.1", 0))
-    port = sock.getsockname()[1]
-    sock.close()
-    await web.TCPSite(runner, "127.0.0.1", port).start()
+    runner, port = await started(app)
     try:
         def raw() -> bytes:
             with socket.create_connection(("127.0.0.1", port)) as client:
