@@ -27,7 +27,7 @@ from aiohttp.abc import AbstractStreamWriter
 from aiohttp.helpers import ETAG_ANY, ETag, parse_http_date
 from aiohttp.web_fileresponse import CONTENT_TYPES, FALLBACK_CONTENT_TYPE  # aiohttp's guesses: .gz is application/gzip
 
-from netboot.sendfile import SendfilePlane, socket_fd
+from netboot.sendfile import SendfilePlane
 
 FALLBACK_CHUNK = 256 * 1024  # what one read moves when the body cannot go through sendfile (TLS)
 
@@ -116,13 +116,15 @@ class PlaneFileResponse(web.StreamResponse):
         self._headers[hdrs.ACCEPT_RANGES] = "bytes"
         # As nginx's tcp_nopush: the socket corked while the headers and a sendfile'd body go out, so the headers
         # share the first full segment with the body and no partial segment leaves between two sendfile calls.
-        cork = self._corkable(request) if count and request.method != hdrs.METH_HEAD else None
+        target = self._sendfile_socket(request)
+        cork = target if count and request.method != hdrs.METH_HEAD and target is not None and \
+            target.family in (socket.AF_INET, socket.AF_INET6) else None
         if cork is not None:
             cork.setsockopt(socket.IPPROTO_TCP, socket.TCP_CORK, 1)
         try:
             writer = await super().prepare(request)
             if count and request.method != hdrs.METH_HEAD:
-                await self._body(request, fd, start, count)
+                await self._body(request, fd, start, count, target)
         finally:
             if cork is not None and request.transport is not None and not request.transport.is_closing():
                 try:
@@ -133,13 +135,12 @@ class PlaneFileResponse(web.StreamResponse):
         self.sent = True
         return writer
 
-    def _corkable(self, request: web.BaseRequest) -> Any:
-        """The socket a body will be sendfile'd to (plain TCP, a plane), or None."""
+    def _sendfile_socket(self, request: web.BaseRequest) -> Any:
+        """The socket the body will be sendfile'd to by the plane (a plane, a socket, no TLS), or None."""
         transport = request.transport
         if self._plane is None or transport is None or transport.get_extra_info("sslcontext") is not None:
             return None
-        sock = transport.get_extra_info("socket")
-        return sock if sock is not None and sock.family in (socket.AF_INET, socket.AF_INET6) else None
+        return transport.get_extra_info("socket")
 
     @staticmethod
     def _range_applies(request: web.BaseRequest, etag: str, mtime: float) -> bool:
@@ -156,13 +157,13 @@ class PlaneFileResponse(web.StreamResponse):
         self._headers[hdrs.CONTENT_RANGE] = f"bytes */{size}"
         return await self._empty(request, web.HTTPRequestRangeNotSatisfiable.status_code)
 
-    async def _body(self, request: web.BaseRequest, fd: int, offset: int, count: int) -> None:
-        """count bytes of the file from offset: sendfile from the plane, or reads and writes under TLS or without a plane."""
+    async def _body(self, request: web.BaseRequest, fd: int, offset: int, count: int, target: Any) -> None:
+        """count bytes of the file from offset: sendfile to target from the plane, or, without one (TLS, no plane),
+        reads and writes."""
         transport = request.transport
         if transport is None or transport.is_closing():
             raise ConnectionResetError("Connection lost")
-        sock = socket_fd(transport)
-        if self._plane is None or sock < 0 or transport.get_extra_info("sslcontext") is not None:
+        if target is None or self._plane is None or target.fileno() < 0:
             loop = asyncio.get_running_loop()
             while count > 0:
                 chunk = await loop.run_in_executor(None, _read_at, fd, offset, min(count, FALLBACK_CHUNK))
@@ -179,7 +180,7 @@ class PlaneFileResponse(web.StreamResponse):
         reading = transport.is_reading()
         transport.pause_reading()
         try:
-            await self._plane.send(sock, fd, offset, count)
+            await self._plane.send(target.fileno(), fd, offset, count)
         finally:
             if reading and not transport.is_closing():
                 transport.resume_reading()

@@ -16,7 +16,6 @@ import itertools
 import os
 import select
 import threading
-from typing import Any
 
 from netboot.wakeup import epoll_with_wakeup
 
@@ -208,9 +207,3 @@ class SendfilePlane:
     def started(self) -> bool:
         """True once some body went through a thread."""
         return any(lane._thread is not None for lane in self._lanes)
-
-
-def socket_fd(transport: Any) -> int:
-    """The file descriptor of a transport's socket (-1 when it has none)."""
-    sock = transport.get_extra_info("socket") if transport is not None else None
-    return sock.fileno() if sock is not None else -1
