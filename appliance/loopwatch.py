@@ -15,6 +15,7 @@ from typing import Any
 from domain.latency import REQUEST_BUCKETS, Latency
 
 LAG_PERIOD_S = 0.05
+STALL_S = 0.25  # a timer this late counts in stalled_s: the loop read no packet for that long
 
 
 class LoopWatch:
@@ -29,6 +30,7 @@ class LoopWatch:
         self._pauses = [self.latency["gc_pause_gen0"], self.latency["gc_pause_gen1"], self.latency["gc_pause_gen2"]]
         self.worst = {"gc_pause_gen0": 0.0, "gc_pause_gen1": 0.0, "gc_pause_gen2": 0.0, "lag": 0.0}
         self._gc_started = 0.0
+        self.stalled_s = 0.0  # the sum of the lateness of every timer at least STALL_S late
         self._installed = False
 
     def install(self) -> None:
@@ -63,8 +65,14 @@ class LoopWatch:
             await asyncio.sleep(self.period_s)
             late = max(0.0, loop.time() - expected)
             lag.observe(late)
+            if late >= STALL_S:
+                self.stalled_s += late
             if late > self.worst["lag"]:
                 self.worst["lag"] = late
+
+    def stalled_seconds(self) -> float:
+        """How long the loop has stalled so far (timers at least STALL_S late), for deadlines that skip the stalls."""
+        return self.stalled_s
 
     def stats(self) -> dict[str, int]:
         """The worst pause and lag seen, in microseconds, and the passes per generation."""

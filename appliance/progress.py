@@ -72,6 +72,8 @@ class DeployProgress:
                 self._line(f"{node} failed in {failure[1]}{'/' + failure[2] if failure[2] else ''}: {failure[3]}")
             if previous != what:
                 self._refresh()
+        elif what == "reboot_window" and not node:
+            self._line(f"reboot window {entry.get('was', '?')} -> {entry.get('limit', '?')} nodes: {entry.get('reason', '')}")
         elif what == "finished" and not self.live_view:
             self._line(f"deployment {entry.get('status', 'finished')}: {self._counts()}")
 

@@ -170,6 +170,8 @@ class FakeCluster:
         self.firmware_s = 0.0                 # time from the first DHCP to the script
         self.in_firmware = 0                  # nodes between power-on and their script, now and at most
         self.max_in_firmware = 0
+        self.overload_above: int | None = None  # more nodes than this in firmware at once: the newcomer's fetch fails
+        self.died_in_firmware = 0             # boots lost to that overload
 
     def on_power(self, node: Node, op: str) -> None:
         if op in ("on", "reset", "cycle", "soft", "kexec"):
@@ -185,6 +187,11 @@ class FakeCluster:
             self.in_firmware += 1
             self.max_in_firmware = max(self.max_in_firmware, self.in_firmware)
             ev.publish(DhcpFromFirmware(node.mac, FirmwareKind.BIOS_PXE, 0))
+            if self.overload_above is not None and self.in_firmware > self.overload_above:
+                self.died_in_firmware += 1  # its TFTP timed out: no script, the firmware gives up
+                await asyncio.sleep(self.firmware_s)
+                self.in_firmware -= 1
+                return
             await asyncio.sleep(self.firmware_s)
             self.in_firmware -= 1
             ev.publish(NbpSent(node.mac, "undionly.kpxe", Via.TFTP))

@@ -30,3 +30,17 @@ async def test_a_blocked_loop_and_a_full_collection_are_measured() -> None:
     gc.collect(2)  # uninstalled: no longer counted
     assert watch.stats()["gc_collections_gen2"] == before
     watch.uninstall()  # twice is fine
+
+
+async def test_a_stall_adds_up_in_stalled_seconds() -> None:
+    """What the deployments' boot deadlines skip: the loop held 0.4 s counts (timers STALL_S late or more)."""
+    watch = LoopWatch(period_s=0.01)
+    task = asyncio.create_task(watch.watch())
+    try:
+        await asyncio.sleep(0.03)
+        before = watch.stalled_seconds()
+        time.sleep(0.4)
+        await asyncio.sleep(0.03)
+    finally:
+        task.cancel()
+    assert watch.stalled_seconds() - before >= 0.35

@@ -147,6 +147,11 @@ class BootWatch:
         self._enter(nxt, now)
         return True
 
+    def postpone(self, seconds: float) -> None:
+        """Move the deadline later by seconds (time the appliance could not read the node's packets)."""
+        if not self.done:
+            self.deadline += seconds
+
     def on_tick(self, now: float) -> bool:
         """Check the deadline; return True when the node just became stuck."""
         if self.done or now < self.deadline:

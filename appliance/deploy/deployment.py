@@ -58,6 +58,7 @@ class Deployment:
         self.started = time.time()
         self.finished: float | None = None
         self.journal = Journal(dep_id, deps.store)
+        self._stalled_seen = deps.loop_stalled()
         self.rebooter = Rebooter(deps.power, deps.agent, self.clock, workflow.deadlines, workflow.reboot_window,
                                  deps.power_off_wait, self.journal.note,
                                  reached=lambda run, env: deps.events.publish(OsReachable(run.node.mac, dep_id, env)),
@@ -115,9 +116,16 @@ class Deployment:
             run.changed.set()
 
     def tick(self) -> None:
-        """Check every waiting node's deadline."""
+        """Check every waiting node's deadline, after moving them all by the time the appliance's loop stalled since
+        the last tick: a node is not late because the appliance did not read its packets."""
         now = self.clock.now()
+        stalled = self.deps.loop_stalled()
+        lag, self._stalled_seen = stalled - self._stalled_seen, stalled
+        if lag > 0:
+            log.info("%s: the appliance's loop stalled %.2f s: boot deadlines moved by as much", self.id, lag)
         for run in self.runs.values():
+            if run.watch is not None and lag > 0:
+                run.watch.postpone(lag)
             if run.watch is not None and run.watch.on_tick(now):
                 self.journal.note(run, "boot", stage=run.watch.stage.value, reason=run.watch.reason)
                 run.changed.set()

@@ -2,6 +2,7 @@
 from __future__ import annotations
 
 from dataclasses import dataclass, field
+from typing import Callable
 
 from appliance.auth import NodeTokens
 from appliance.catalog import Catalog
@@ -32,3 +33,6 @@ class ControllerDeps:
     power_off_wait: float = 2.0
     os_probe_interval: float = 5.0  # seconds between SSH probes of a node booting its installed system
     clock: Clock = field(default_factory=MonotonicClock)
+    # Seconds the appliance's event loop has stalled so far (appliance.loopwatch): boot deadlines skip that time, as no
+    # packet of a node was read during it.
+    loop_stalled: Callable[[], float] = field(default=lambda: 0.0)

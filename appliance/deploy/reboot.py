@@ -14,6 +14,7 @@ from appliance.deploy.clock import Clock
 from appliance.deploy.drivers import DeployDriver, DeployError
 from appliance.deploy.nodestate import NodeRun
 from appliance.deploy.power import BmcAuthRefused, BmcUnreachable, PowerDriver, PowerError
+from appliance.deploy.window import LOADING_STAGES, RebootWindow, Verdict, boot_verdict
 from appliance.deploy.workflow import BootDeadlines
 from domain.errors import RackbootError
 
@@ -52,7 +53,10 @@ class Rebooter:
         self.note = note
         self.reached = reached
         self.probe_interval = probe_interval
-        self._window = asyncio.Semaphore(window)
+        self.window = RebootWindow(window, on_change=self._window_cut)
+
+    def _window_cut(self, old: int, new: int, why: str) -> None:
+        self.note(None, "reboot_window", limit=new, was=old, reason=why)
 
     async def reboot(self, run: NodeRun, level: str) -> str | None:
         """Reboot one node at a level; return None when the reboot was issued, else why not.
@@ -120,11 +124,14 @@ class Rebooter:
         attempts = (("kexec",) if kexec_env is not None else ()) + levels
         for level in attempts:
             why: str | None = None
-            # A window slot is held from the reset until the node has its iPXE script (or is stuck): at most `window`
-            # nodes are in POST, DHCP, TFTP and iPXE at once, the unreliable part under load. A node waiting for a
-            # slot has no deadline running. Kexec'ing nodes take slots too, until the new kernel is on the network:
-            # hundreds of systems starting at once is a DHCP storm of its own.
-            async with self._window:
+            # A window slot is held from the reset until the node has its iPXE script and, for the deploy environment,
+            # its kernel and initrd (or is stuck): at most `window` nodes are in POST, DHCP, TFTP and HTTP at once, the
+            # unreliable part under load, and the window narrows when their boots show the services overloaded
+            # (appliance.deploy.window). A node waiting for a slot has no deadline running. Kexec'ing nodes take slots
+            # too, until the new kernel is on the network: hundreds of systems starting at once is a DHCP storm of its own.
+            ticket = await self.window.acquire()
+            verdict, slow = Verdict.SILENT, ""
+            try:
                 if level == "kexec":
                     assert kexec_env is not None
                     self._watch(run, target, "kexec")
@@ -140,7 +147,10 @@ class Rebooter:
                     why = await self.reboot(run, level)
                     if why is None:
                         self.note(run, "rebooting", level=level, target=target)
-                        await self._wait(run, lambda w: w.done or w.stage not in (Stage.RESETTING, Stage.FIRMWARE))
+                        await self._wait(run, lambda w: w.done or w.stage not in LOADING_STAGES)
+                        verdict, slow = boot_verdict(run.watch, self.deadlines)
+            finally:
+                self.window.release(ticket, verdict, run.node.name, slow)
             if why is not None:
                 run.watch = None
                 reasons.append(why)

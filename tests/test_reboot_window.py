@@ -1,0 +1,184 @@
+"""The adaptive reboot window: the verdict of each boot on the boot services' load, the AIMD limit, and a deployment
+whose retries are let in at the narrower width after a boot storm overloaded the (fake) services."""
+from __future__ import annotations
+
+import asyncio
+from dataclasses import replace
+from pathlib import Path
+
+import pytest
+
+from appliance.auth import NodeTokens
+from appliance.catalog import Catalog, Environment
+from appliance.deploy.bootwatch import DEPLOY, INSTALLED, BootWatch, Stage
+from appliance.deploy.controller import Controller, ControllerDeps
+from appliance.deploy.deployment import Deployment
+from appliance.deploy.store import DeploymentStore
+from appliance.deploy.window import RebootWindow, Verdict, boot_verdict
+from appliance.deploy.workflow import BootDeadlines, default_workflow
+from appliance.events import EventBus
+from appliance.profiles import ProfileStore
+from appliance.statedb import open_state_db
+from domain.profiles import BootProfile
+from domain.progress import DhcpFromFirmware, FirmwareKind, InitrdFetched, ScriptServed, Via
+from fakes import FAST, FakeClock, FakeCluster, FakeDeploy, FakePower, make_nodes
+
+DEADLINES = BootDeadlines(dhcp_after_reset=45, script_after_dhcp=40, kernel_after_script=60)
+MAC = "52:54:00:77:00:01"
+
+
+def watched(*moves: tuple[float, object], how: str = "reset", target: str = DEPLOY) -> BootWatch:
+    """A watch started at t=0 fed (time, record) pairs, each at its time."""
+    watch = BootWatch(target, DEADLINES)
+    watch.start(0.0, how=how)
+    for t, record in moves:
+        watch.on_event(record, t)  # type: ignore[arg-type]
+    return watch
+
+
+DHCP = DhcpFromFirmware(MAC, FirmwareKind.BIOS_PXE, 0)
+SCRIPT = ScriptServed(MAC, "deploy", Via.HTTP, "deploy")
+INITRD = InitrdFetched(MAC, "deploy/initrd.img")
+
+
+def test_a_boot_that_loaded_well_within_its_deadlines_is_on_time() -> None:
+    watch = watched((60, DHCP), (70, SCRIPT), (90, INITRD))  # 30 s of the 100 s allowed from DHCP to the initrd
+    assert watch.stage is Stage.STARTING
+    assert boot_verdict(watch, DEADLINES) == (Verdict.ON_TIME, "")
+
+
+def test_a_boot_that_used_over_half_its_deadlines_is_congested() -> None:
+    verdict, why = boot_verdict(watched((60, DHCP), (95, SCRIPT), (120, INITRD)), DEADLINES)  # 60 s of 100 s
+    assert verdict is Verdict.CONGESTED and why == "60 s from DHCP to its boot files, over half of 100 s"
+    # the installed system's boot has only the script to fetch: 25 s of 40 s is slow too
+    local = watched((60, DHCP), (85, ScriptServed(MAC, "local", Via.HTTP, "debian12:1")), target=INSTALLED)
+    assert local.stage is Stage.LOCAL_BOOT and boot_verdict(local, DEADLINES)[0] is Verdict.CONGESTED
+
+
+def test_stuck_after_its_dhcp_or_back_in_firmware_is_congested_but_silent_after_a_reset_is_not() -> None:
+    stuck = watched((60, DHCP))
+    stuck.on_tick(101)
+    assert stuck.stage is Stage.STUCK and boot_verdict(stuck, DEADLINES) == (Verdict.CONGESTED, stuck.reason)
+    again = watched((60, DHCP), (70, SCRIPT), (75, DHCP))  # the firmware came back by itself
+    assert boot_verdict(again, DEADLINES) == (Verdict.CONGESTED, "firmware started 2 times")
+    dead = watched()
+    dead.on_tick(46)  # no DHCP at all: a dead node or a long POST, nothing about load
+    assert dead.stage is Stage.STUCK and boot_verdict(dead, DEADLINES) == (Verdict.SILENT, "")
+    assert boot_verdict(watched(how="kexec"), DEADLINES)[0] is Verdict.SILENT
+    assert boot_verdict(None, DEADLINES)[0] is Verdict.SILENT
+
+
+async def test_the_window_admits_up_to_its_limit_first_come_first_served() -> None:
+    window = RebootWindow(3)
+    tickets = [await window.acquire() for _ in range(3)]
+    order: list[int] = []
+
+    async def wait(i: int) -> None:
+        await window.acquire()
+        order.append(i)
+
+    waiters = [asyncio.create_task(wait(i)) for i in range(3)]
+    await asyncio.sleep(0)
+    assert window.in_flight == 3 and order == []
+    window.release(tickets[0], Verdict.SILENT, "node-1")
+    window.release(tickets[1], Verdict.SILENT, "node-2")
+    await asyncio.sleep(0)
+    assert order == [0, 1] and window.in_flight == 3
+    waiters[2].cancel()
+    await asyncio.gather(*waiters, return_exceptions=True)
+    assert window.in_flight == 3 and not window._waiters
+
+
+async def test_a_congested_boot_halves_the_window_once_a_round_and_once_a_node() -> None:
+    cuts: list[tuple[int, int, str]] = []
+    window = RebootWindow(128, on_change=lambda old, new, why: cuts.append((old, new, why)))
+    first = [await window.acquire() for _ in range(100)]  # 100 in flight: the load that did it
+    window.release(first[0], Verdict.CONGESTED, "node-1", "stuck in firmware")
+    assert window.limit == 50 and cuts == [(128, 50, "node-1: stuck in firmware")]
+    window.release(first[1], Verdict.CONGESTED, "node-2", "slow")  # same round: admitted before the cut
+    assert window.limit == 50
+    for t in first[2:60]:
+        window.release(t, Verdict.SILENT, "node-x")
+    later = await window.acquire()  # 41 in flight now, a new round
+    window.release(later, Verdict.CONGESTED, "node-1", "again")  # node-1 cut once already: its own fault, maybe
+    assert window.limit == 50 and window.cuts == 1
+    later = await window.acquire()
+    window.release(later, Verdict.CONGESTED, "node-3", "slow")
+    assert window.limit == 25 and window.cuts == 2  # half the limit it had (fewer than the 99 in flight since the cut)
+    for t in first[60:]:
+        window.release(t, Verdict.SILENT, "node-x")
+    on_time = await window.acquire()
+    window.release(on_time, Verdict.ON_TIME, "node-4")
+    assert window.limit == pytest.approx(25 + 1 / 25)  # one slot a round
+
+
+async def test_the_window_never_closes_below_its_floor() -> None:
+    window = RebootWindow(256)  # floor: 1/64 of it
+    for i in range(10):
+        t = await window.acquire()
+        window.release(t, Verdict.CONGESTED, f"node-{i}", "slow")
+    assert window.limit == 4 == window.floor
+
+
+@pytest.fixture
+def world(tmp_path: Path):  # type: ignore[no-untyped-def]
+    db = open_state_db(tmp_path / "state.db")
+    power, agent = FakePower(), FakeDeploy()
+    catalog = Catalog(db, tmp_path / "images")
+    img = tmp_path / "img.tar"
+    img.write_bytes(b"x" * 1000)
+    env = catalog.add(Environment(name="debian12", version=1, owner="admin", visibility="public"), img)
+    stalled = [0.0]
+    deps = ControllerDeps(
+        inventory=make_nodes(8), profiles=ProfileStore(db, BootProfile()), events=EventBus(), tokens=NodeTokens(),
+        store=DeploymentStore(db), catalog=catalog, power=power, agent=agent, http_base="http://10.77.0.1:8080",
+        deploy_profile=BootProfile(kind="deploy", kernel="deploy/vmlinuz", initrds=("deploy/initrd.img",), cmdline=""),
+        power_off_wait=0.01, loop_stalled=lambda: stalled[0],
+    )
+    cluster = FakeCluster(deps)
+    cluster.agent = agent
+    power.on_change = cluster.on_power
+    agent.on_reboot = cluster.on_power
+    return deps, cluster, env, agent, stalled
+
+
+async def test_a_boot_storm_that_overloads_the_services_narrows_the_window_for_the_retries(world) -> None:  # type: ignore[no-untyped-def]
+    """8 nodes reset at once where the services keep up with 3 in firmware: 5 boots die, the window is cut to 4 (half
+    the 8 in flight), and the 5 retries go through 4 at a time: one dies, not 2 as with the fixed window of 8."""
+    deps, cluster, env, agent, stalled = world
+    agent.no_ssh = {n.name for n in deps.inventory.nodes}  # straight to IPMI resets
+    cluster.overload_above, cluster.firmware_s = 3, 0.05
+    controller = Controller(deps, lambda method, kexec: replace(default_workflow(method, kexec), deadlines=FAST, reboot_window=8))
+    serve = asyncio.create_task(controller.serve())
+    try:
+        dep = controller.start(list(deps.inventory.nodes), env, "admin")
+        result = await asyncio.wait_for(controller.tasks[dep.id], 30)
+    finally:
+        serve.cancel()
+    assert result["status"] == "done", result["ko"]
+    cuts = [e for e in dep.log if e["what"] == "reboot_window"]
+    assert [(c["was"], c["limit"]) for c in cuts][:1] == [(8, 4)]
+    assert "stuck in firmware" in cuts[0]["reason"]
+    assert cluster.died_in_firmware == 5 + 1
+
+
+async def test_boot_deadlines_skip_the_time_the_appliance_loop_stalled(world) -> None:  # type: ignore[no-untyped-def]
+    deps, cluster, env, agent, stalled = world
+    clock = FakeClock(0.0)
+    deps.clock = clock
+    dep = Deployment("d1", list(deps.inventory.nodes)[:2], env, "admin", replace(default_workflow(), deadlines=FAST), deps)
+    late, punctual = dep.runs["node-1"], dep.runs["node-2"]
+    for run in (late, punctual):
+        run.watch = BootWatch(DEPLOY, FAST)
+        run.watch.start(0.0)
+    clock.t = 0.3
+    stalled[0] = 0.5  # the loop read no packet for half a second: node-1's deadline moves by as much
+    dep.tick()
+    punctual.watch.deadline = 0.4  # type: ignore[union-attr]  # (node-2 stands for a watch started after the stall)
+    clock.t = 0.6
+    dep.tick()
+    assert late.watch.stage is Stage.RESETTING and late.watch.deadline == pytest.approx(0.9)  # type: ignore[union-attr]
+    assert punctual.watch.stage is Stage.STUCK  # type: ignore[union-attr]
+    clock.t = 0.95
+    dep.tick()
+    assert late.watch.stage is Stage.STUCK  # type: ignore[union-attr]
