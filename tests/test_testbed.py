@@ -21,14 +21,16 @@ from vmtestbed.control import Control, ControlError
 from vmtestbed.netns import entered
 from vmtestbed.plan import make_plan
 from vmtestbed.testbed import (
-    BACKLOG_SAVED,
     BACKLOG_SYSCTL,
+    NEIGH_SYSCTLS,
+    SYSCTLS_SAVED,
     admin_token,
     backlog_needed,
     down,
     ensure_backlog,
+    ensure_neighbour_table,
     list_testbeds,
-    restore_backlog,
+    restore_sysctls,
     start_appliance,
     up,
 )
@@ -217,16 +219,21 @@ def test_two_node_daemons_each_serve_their_racks_and_down_stops_both_after_one_w
     assert _processes_mentioning(str(plan.state_dir)) == []
 
 
-def test_the_packet_backlog_is_raised_for_big_testbeds_never_lowered_and_put_back() -> None:
+def test_the_kernel_settings_are_raised_for_big_testbeds_never_lowered_and_put_back() -> None:
     if list_testbeds():
-        pytest.skip("another testbed is up: the backlog is restored only by the last down")
-    before = int(BACKLOG_SYSCTL.read_text())
+        pytest.skip("another testbed is up: the settings are restored only by the last down")
+    thresholds = [NEIGH_SYSCTLS[0] / f"gc_thresh{i}" for i in (1, 2, 3)]
+    backlog, neigh = int(BACKLOG_SYSCTL.read_text()), [int(t.read_text()) for t in thresholds]
     try:
-        ensure_backlog(before + 1000)
-        assert int(BACKLOG_SYSCTL.read_text()) == before + 1000 and BACKLOG_SAVED.exists()
-        ensure_backlog(before + 10)  # a smaller testbed never lowers it
-        assert int(BACKLOG_SYSCTL.read_text()) == before + 1000
+        ensure_backlog(backlog + 1000)
+        ensure_neighbour_table(neigh[2] + 800)
+        assert int(BACKLOG_SYSCTL.read_text()) == backlog + 1000 and SYSCTLS_SAVED.exists()
+        assert int(thresholds[2].read_text()) == neigh[2] + 800
+        ensure_backlog(backlog + 10)  # a smaller testbed never lowers it
+        ensure_neighbour_table(neigh[2] + 8)
+        assert int(BACKLOG_SYSCTL.read_text()) == backlog + 1000 and int(thresholds[2].read_text()) == neigh[2] + 800
     finally:
-        restore_backlog()
-    assert int(BACKLOG_SYSCTL.read_text()) == before and not BACKLOG_SAVED.exists()
+        restore_sysctls()
+    assert int(BACKLOG_SYSCTL.read_text()) == backlog and not SYSCTLS_SAVED.exists()
+    assert [int(t.read_text()) for t in thresholds] == neigh
     assert backlog_needed(20) == 1000 and backlog_needed(4000) == 80000

@@ -28,7 +28,7 @@ from vmtestbed.appliance_files import SAMPLE_ENV, write_sample_environment
 from vmtestbed.control import Control
 from vmtestbed.demo import rackboot_cli
 from vmtestbed.faults import parse_faults, parse_post_delay
-from vmtestbed.plan import make_plan
+from vmtestbed.plan import TestbedPlan, make_plan
 from vmtestbed.testbed import TestbedError, daemon_pids, down, start_appliance, up
 
 BROADCASTS = ("chain", "tree", "star")
@@ -217,7 +217,7 @@ def _one_testbed(spec: ExperimentSpec, n: int, work: Path, say: Callable[[str], 
     return runs
 
 
-def _deploy(plan: Any, d: DeploymentSpec, run: RunResult, daemons: list[int], appliance: int, work: Path) -> None:
+def _deploy(plan: TestbedPlan, d: DeploymentSpec, run: RunResult, daemons: list[int], appliance: int, work: Path) -> None:
     """One deployment through the CLI; fills run."""
     run.load_before = os.getloadavg()
     cpu_daemons, cpu_appliance = [cpu_seconds(p) for p in daemons], cpu_seconds(appliance)

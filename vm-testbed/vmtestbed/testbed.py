@@ -26,9 +26,9 @@ from vmtestbed.wireloss import set_loss
 
 STATE_FILE = "state.json"
 NEIGH_SYSCTLS = (Path("/proc/sys/net/ipv4/neigh/default"), Path("/proc/sys/net/ipv6/neigh/default"))  # ARP, NDP
-NEIGH_SAVED = STATE_ROOT / "neigh-thresholds.json"
 BACKLOG_SYSCTL = Path("/proc/sys/net/core/netdev_max_backlog")
-BACKLOG_SAVED = STATE_ROOT / "netdev-backlog.json"
+SYSCTLS_SAVED = STATE_ROOT / "raised-sysctls.json"  # {path: first value} of every setting the testbeds raised
+LEGACY_SAVED = (STATE_ROOT / "neigh-thresholds.json", STATE_ROOT / "netdev-backlog.json")  # where older rackboots saved them
 NEIGH_KEYS = ("gc_thresh1", "gc_thresh2", "gc_thresh3")
 DISK_BYTES = 8 << 30  # sparse: nothing is allocated until written
 
@@ -108,6 +108,54 @@ def other_testbeds_nodes(this: str, say: Callable[[str], None] = lambda _m: None
     return counts
 
 
+def raise_sysctl(sysctl: Path, value: int) -> int | None:
+    """Raise one global kernel setting to at least value; its first value is saved for restore_sysctls.
+
+    Return the old value when it was raised, None when it was already high enough (it is never lowered here)."""
+    current = int(sysctl.read_text())
+    if current >= value:
+        return None
+    saved = _saved_sysctls()
+    if str(sysctl) not in saved:
+        STATE_ROOT.mkdir(parents=True, exist_ok=True)
+        saved[str(sysctl)] = current
+        SYSCTLS_SAVED.write_text(json.dumps(saved))
+    sysctl.write_text(str(value))
+    return current
+
+
+def restore_sysctls() -> None:
+    """Put back every setting raise_sysctl raised, once no testbed is left, last raised first (so the neighbour
+    limits go down thresh1, thresh2, thresh3 and thresh1 <= thresh2 <= thresh3 holds throughout)."""
+    if list_testbeds():
+        return
+    for path, value in reversed(list(_saved_sysctls().items())):
+        try:
+            Path(path).write_text(str(int(value)))
+        except (OSError, ValueError, TypeError):
+            pass
+    for saved in (SYSCTLS_SAVED, *LEGACY_SAVED):
+        saved.unlink(missing_ok=True)
+
+
+def _saved_sysctls() -> dict[str, int]:
+    """The saved first values, by sysctl path, in the order raised (with what older rackboots saved apart)."""
+    saved: dict[str, int] = {}
+    neigh, backlog = LEGACY_SAVED
+    try:
+        if neigh.exists():
+            old = json.loads(neigh.read_text())
+            for path, values in ({str(NEIGH_SYSCTLS[0]): old} if "gc_thresh3" in old else old).items():
+                saved |= {str(Path(path) / key): int(values[key]) for key in reversed(NEIGH_KEYS)}
+        if backlog.exists():
+            saved[str(BACKLOG_SYSCTL)] = int(json.loads(backlog.read_text())["netdev_max_backlog"])
+        if SYSCTLS_SAVED.exists():
+            saved |= {path: int(value) for path, value in json.loads(SYSCTLS_SAVED.read_text()).items()}
+    except (OSError, ValueError, KeyError, TypeError, AttributeError):
+        pass
+    return saved
+
+
 def ensure_neighbour_table(needed: int, say: Callable[[str], None] = lambda _m: None) -> None:
     """Raise the kernel's neighbour table limits (ARP and IPv6 NDP) when testbeds need more entries than they allow.
 
@@ -121,33 +169,9 @@ def ensure_neighbour_table(needed: int, say: Callable[[str], None] = lambda _m: 
         current = int((sysctl / "gc_thresh3").read_text())
         if current >= needed:
             continue
-        STATE_ROOT.mkdir(parents=True, exist_ok=True)
-        saved = json.loads(NEIGH_SAVED.read_text()) if NEIGH_SAVED.exists() else {}
-        if "gc_thresh3" in saved:  # written by an older rackboot: IPv4 only
-            saved = {str(NEIGH_SYSCTLS[0]): saved}
-        if str(sysctl) not in saved:
-            saved[str(sysctl)] = {k: int((sysctl / k).read_text()) for k in NEIGH_KEYS}
-            NEIGH_SAVED.write_text(json.dumps(saved))
         for key, value in (("gc_thresh3", needed), ("gc_thresh2", needed // 2), ("gc_thresh1", needed // 8)):
-            if int((sysctl / key).read_text()) < value:
-                (sysctl / key).write_text(str(value))
+            raise_sysctl(sysctl / key, value)
         say(f"kernel neighbour table limit raised from {current} to {needed} entries ({sysctl}/gc_thresh3; restored by the last down)")
-
-
-def restore_neighbour_table() -> None:
-    """Put back the neighbour table limits saved by ensure_neighbour_table (once no testbed is left)."""
-    if not NEIGH_SAVED.exists() or list_testbeds():
-        return
-    try:
-        saved = json.loads(NEIGH_SAVED.read_text())
-        if "gc_thresh3" in saved:  # written by an older rackboot: IPv4 only
-            saved = {str(NEIGH_SYSCTLS[0]): saved}
-        for path, values in saved.items():
-            for key in NEIGH_KEYS:  # lowest first: thresh1 <= thresh2 <= thresh3 holds throughout
-                (Path(path) / key).write_text(str(int(values[key])))
-    except (OSError, ValueError, KeyError, TypeError, AttributeError):
-        pass
-    NEIGH_SAVED.unlink(missing_ok=True)
 
 
 def backlog_needed(nodes: int) -> int:
@@ -161,27 +185,10 @@ def backlog_needed(nodes: int) -> int:
 
 
 def ensure_backlog(needed: int, say: Callable[[str], None] = lambda _m: None) -> None:
-    """Raise net.core.netdev_max_backlog (global, root namespace only) to needed; the old value is saved and put
-    back by `down` of the last testbed."""
-    current = int(BACKLOG_SYSCTL.read_text())
-    if current >= needed:
-        return
-    STATE_ROOT.mkdir(parents=True, exist_ok=True)
-    if not BACKLOG_SAVED.exists():
-        BACKLOG_SAVED.write_text(json.dumps({"netdev_max_backlog": current}))
-    BACKLOG_SYSCTL.write_text(str(needed))
-    say(f"kernel per-CPU packet backlog raised from {current} to {needed} ({BACKLOG_SYSCTL}; restored by the last down)")
-
-
-def restore_backlog() -> None:
-    """Put back the backlog saved by ensure_backlog (once no testbed is left)."""
-    if not BACKLOG_SAVED.exists() or list_testbeds():
-        return
-    try:
-        BACKLOG_SYSCTL.write_text(str(int(json.loads(BACKLOG_SAVED.read_text())["netdev_max_backlog"])))
-    except (OSError, ValueError, KeyError, TypeError):
-        pass
-    BACKLOG_SAVED.unlink(missing_ok=True)
+    """Raise net.core.netdev_max_backlog (global, root namespace only) to needed, put back by the last `down`."""
+    current = raise_sysctl(BACKLOG_SYSCTL, needed)
+    if current is not None:
+        say(f"kernel per-CPU packet backlog raised from {current} to {needed} ({BACKLOG_SYSCTL}; restored by the last down)")
 
 
 def up(plan: TestbedPlan, say: Callable[[str], None] = lambda _m: None, daemon_args: tuple[str, ...] = ()) -> UpResult:
@@ -359,8 +366,7 @@ def down(name: str) -> list[str]:
     removed = destroy(prefix)
     if sd.exists():
         shutil.rmtree(sd, ignore_errors=True)
-    restore_neighbour_table()
-    restore_backlog()
+    restore_sysctls()
     return removed
 
 
