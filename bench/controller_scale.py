@@ -25,18 +25,11 @@ from pathlib import Path
 
 ROOT = Path(__file__).resolve().parent.parent
 sys.path[:0] = [str(ROOT / "tests"), str(ROOT)]
-from appliance.auth import NodeTokens  # noqa: E402
-from appliance.catalog import Catalog, Environment  # noqa: E402
-from appliance.deploy.controller import Controller, ControllerDeps  # noqa: E402
-from appliance.deploy.store import DeploymentStore  # noqa: E402
+from appliance.deploy.controller import Controller  # noqa: E402
 from appliance.deploy.workflow import default_workflow  # noqa: E402
-from appliance.events import EventBus  # noqa: E402
 from appliance.inventory import Inventory  # noqa: E402
-from appliance.profiles import ProfileStore  # noqa: E402
-from appliance.statedb import open_state_db  # noqa: E402
 from domain.nodes import BmcSpec, Node  # noqa: E402
-from domain.profiles import BootProfile  # noqa: E402
-from fakes import FAST, FakeCluster, FakeDeploy, FakePower  # noqa: E402
+from fakes import FAST, fake_world  # noqa: E402
 
 
 def inventory(n: int) -> Inventory:
@@ -51,21 +44,7 @@ def inventory(n: int) -> Inventory:
 
 async def one_deployment(n: int, tmp: Path) -> tuple[float, float, int]:
     """Deploy N fake nodes at once; return (CPU seconds, wall seconds, events published)."""
-    db = open_state_db(tmp / "state.db")
-    power, agent = FakePower(), FakeDeploy()
-    catalog = Catalog(db, tmp / "images")
-    image = tmp / "img.tar"
-    image.write_bytes(b"x" * 1000)
-    env = catalog.add(Environment(name="debian12", version=1, owner="admin", visibility="public"), image)
-    deps = ControllerDeps(
-        inventory=inventory(n), profiles=ProfileStore(db, BootProfile()), events=EventBus(), tokens=NodeTokens(),
-        store=DeploymentStore(db), catalog=catalog, power=power, agent=agent, http_base="http://10.64.0.0:8080",
-        deploy_profile=BootProfile(kind="deploy", kernel="deploy/vmlinuz", initrds=("deploy/initrd.img",)),
-        power_off_wait=0.01)
-    cluster = FakeCluster(deps)
-    cluster.agent = agent
-    power.on_change = cluster.on_power
-    agent.on_reboot = cluster.on_power
+    deps, cluster, env, power, agent = fake_world(tmp, inventory(n), http_base="http://10.64.0.0:8080")
     deadlines = replace(FAST, dhcp_after_reset=30.0, script_after_dhcp=30.0, kernel_after_script=30.0,
                         agent_after_kernel=30.0, os_after_script=30.0, kexec_alive=30.0, callback_after_os_dhcp=30.0)
     controller = Controller(deps, lambda method, kexec: replace(default_workflow(method, kexec), deadlines=deadlines,
@@ -80,7 +59,6 @@ async def one_deployment(n: int, tmp: Path) -> tuple[float, float, int]:
     cpu, wall = time.process_time() - cpu0, time.perf_counter() - wall0
     if result["status"] != "done" or len(result["ok"]) != n:
         raise SystemExit(f"N={n}: deployment ended {result['status']} with {len(result['ok'])}/{n} nodes ok")
-    db.close()
     return cpu, wall, deps.events.published
 
 

@@ -4,15 +4,21 @@ from __future__ import annotations
 import asyncio
 import ipaddress
 from pathlib import Path
-from typing import Callable, Sequence
+from typing import Any, Callable, Sequence
 
-from appliance.catalog import Environment
+from appliance.auth import NodeTokens
+from appliance.catalog import Catalog, Environment
 from appliance.deploy.controller import ControllerDeps
 from appliance.deploy.drivers import BroadcastOutcome, DeployError
 from appliance.deploy.power import BmcUnreachable
+from appliance.deploy.store import DeploymentStore
 from appliance.deploy.workflow import BootDeadlines
+from appliance.events import EventBus
 from appliance.inventory import Inventory
+from appliance.profiles import ProfileStore
+from appliance.statedb import open_state_db
 from domain.nodes import BmcSpec, Node
+from domain.profiles import BootProfile
 from domain.progress import (
     AgentUp,
     DhcpFromFirmware,
@@ -236,3 +242,24 @@ def make_nodes(n: int, bmc: bool = True) -> Inventory:
              bmc=BmcSpec("fake", f"10.78.0.{10 + i}") if bmc else None)
         for i in range(1, n + 1)
     ))
+
+
+def fake_world(tmp: Path, inventory: Inventory, **deps: Any) -> tuple[ControllerDeps, "FakeCluster", Environment, FakePower, FakeDeploy]:
+    """A controller's dependencies on real stores (SQLite in tmp) and fake drivers, a FakeCluster playing the nodes,
+    and one environment (debian12:1) in the catalog; deps overrides ControllerDeps fields."""
+    db = open_state_db(tmp / "state.db")
+    power, agent = FakePower(), FakeDeploy()
+    catalog = Catalog(db, tmp / "images")
+    image = tmp / "img.tar"
+    image.write_bytes(b"x" * 1000)
+    env = catalog.add(Environment(name="debian12", version=1, owner="admin", visibility="public"), image)
+    built = ControllerDeps(**{
+        "inventory": inventory, "profiles": ProfileStore(db, BootProfile()), "events": EventBus(), "tokens": NodeTokens(),
+        "store": DeploymentStore(db), "catalog": catalog, "power": power, "agent": agent, "http_base": "http://10.77.0.1:8080",
+        "deploy_profile": BootProfile(kind="deploy", kernel="deploy/vmlinuz", initrds=("deploy/initrd.img",), cmdline="console=ttyS0"),
+        "power_off_wait": 0.01, **deps})
+    cluster = FakeCluster(built)
+    cluster.agent = agent
+    power.on_change = cluster.on_power
+    agent.on_reboot = cluster.on_power
+    return built, cluster, env, power, agent

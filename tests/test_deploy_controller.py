@@ -8,43 +8,20 @@ from pathlib import Path
 
 import pytest
 
-from appliance.auth import NodeTokens
-from appliance.catalog import Catalog, Environment
+from appliance.catalog import Environment
 from appliance.deploy.bootwatch import DEPLOY, INSTALLED, BootWatch, Stage
-from appliance.deploy.controller import Controller, ControllerDeps, OverlapError
+from appliance.deploy.controller import Controller, OverlapError
 from appliance.deploy.nodestate import FINAL, TRANSITIONS, IllegalTransition, NodeRun, NodeState, advance
-from appliance.deploy.store import DeploymentStore
 from appliance.deploy.workflow import BootDeadlines, default_workflow, parse_steps
-from appliance.events import EventBus
 from domain.progress import (
     AgentUp, DhcpFromFirmware, DhcpFromOs, FirmwareKind, InitrdFetched, KernelFetched, OsUp, ScriptServed, Via,
 )
 from domain.nodes import Node
-from domain.profiles import BootProfile
-from appliance.profiles import ProfileStore
-from appliance.statedb import open_state_db
-from fakes import FAST, FakeCluster, FakeDeploy, FakePower, make_nodes
+from fakes import FAST, fake_world, make_nodes
 
 @pytest.fixture
 def world(tmp_path: Path):  # type: ignore[no-untyped-def]
-    db = open_state_db(tmp_path / "state.db")
-    inventory = make_nodes(8)
-    power = FakePower()
-    agent = FakeDeploy()
-    catalog = Catalog(db, tmp_path / "images")
-    img = tmp_path / "img.tar"
-    img.write_bytes(b"x" * 1000)
-    env = catalog.add(Environment(name="debian12", version=1, owner="admin", visibility="public"), img)
-    deps = ControllerDeps(
-        inventory=inventory, profiles=ProfileStore(db, BootProfile()), events=EventBus(), tokens=NodeTokens(),
-        store=DeploymentStore(db), catalog=catalog, power=power, agent=agent, http_base="http://10.77.0.1:8080",
-        deploy_profile=BootProfile(kind="deploy", kernel="deploy/vmlinuz", initrds=("deploy/initrd.img",), cmdline="console=ttyS0"),
-        power_off_wait=0.01,
-    )
-    cluster = FakeCluster(deps)
-    cluster.agent = agent
-    power.on_change = cluster.on_power
-    agent.on_reboot = cluster.on_power
+    deps, cluster, env, power, agent = fake_world(tmp_path, make_nodes(8))
     controller = Controller(deps, lambda method, kexec: replace(default_workflow(method, kexec), deadlines=FAST))
     return controller, deps, cluster, env, power, agent
 

@@ -8,20 +8,13 @@ from pathlib import Path
 
 import pytest
 
-from appliance.auth import NodeTokens
-from appliance.catalog import Catalog, Environment
 from appliance.deploy.bootwatch import DEPLOY, INSTALLED, BootWatch, Stage
-from appliance.deploy.controller import Controller, ControllerDeps
+from appliance.deploy.controller import Controller
 from appliance.deploy.deployment import Deployment
-from appliance.deploy.store import DeploymentStore
 from appliance.deploy.window import RebootWindow, Verdict, boot_verdict
 from appliance.deploy.workflow import BootDeadlines, default_workflow
-from appliance.events import EventBus
-from appliance.profiles import ProfileStore
-from appliance.statedb import open_state_db
-from domain.profiles import BootProfile
 from domain.progress import DhcpFromFirmware, FirmwareKind, InitrdFetched, ScriptServed, Via
-from fakes import FAST, FakeClock, FakeCluster, FakeDeploy, FakePower, make_nodes
+from fakes import FAST, FakeClock, fake_world, make_nodes
 
 DEADLINES = BootDeadlines(dhcp_after_reset=45, script_after_dhcp=40, kernel_after_script=60)
 MAC = "52:54:00:77:00:01"
@@ -122,23 +115,8 @@ async def test_the_window_never_closes_below_its_floor() -> None:
 
 @pytest.fixture
 def world(tmp_path: Path):  # type: ignore[no-untyped-def]
-    db = open_state_db(tmp_path / "state.db")
-    power, agent = FakePower(), FakeDeploy()
-    catalog = Catalog(db, tmp_path / "images")
-    img = tmp_path / "img.tar"
-    img.write_bytes(b"x" * 1000)
-    env = catalog.add(Environment(name="debian12", version=1, owner="admin", visibility="public"), img)
     stalled = [0.0]
-    deps = ControllerDeps(
-        inventory=make_nodes(8), profiles=ProfileStore(db, BootProfile()), events=EventBus(), tokens=NodeTokens(),
-        store=DeploymentStore(db), catalog=catalog, power=power, agent=agent, http_base="http://10.77.0.1:8080",
-        deploy_profile=BootProfile(kind="deploy", kernel="deploy/vmlinuz", initrds=("deploy/initrd.img",), cmdline=""),
-        power_off_wait=0.01, loop_stalled=lambda: stalled[0],
-    )
-    cluster = FakeCluster(deps)
-    cluster.agent = agent
-    power.on_change = cluster.on_power
-    agent.on_reboot = cluster.on_power
+    deps, cluster, env, power, agent = fake_world(tmp_path, make_nodes(8), loop_stalled=lambda: stalled[0])
     return deps, cluster, env, agent, stalled
 
 
