@@ -76,14 +76,41 @@ EXPORT_ENV = "RACKBOOT_BENCH_EXPORT"  # set when this process runs an exported c
 # Shared with exec_bench.py: the lock, the exported commit, a booted testbed.
 
 
+def held_by_ancestor(path: Path) -> bool:
+    """True when a process this one descends from holds an flock on path (e.g. `flock /tmp/rackboot-bench.lock CMD`)."""
+    try:
+        st = os.stat(path)
+        lines = Path("/proc/locks").read_text().splitlines()
+    except OSError:
+        return False
+    inode = f"{os.major(st.st_dev):02x}:{os.minor(st.st_dev):02x}:{st.st_ino}"
+    # "1: FLOCK  ADVISORY  WRITE 775 fe:00:2146965 0 EOF" (a waiter's line has "->" in the second field)
+    holders = {int(f[4]) for f in (line.split() for line in lines) if len(f) > 5 and f[1] == "FLOCK" and f[5] == inode}
+    pid = os.getppid()
+    while pid > 1:
+        if pid in holders:
+            return True
+        try:
+            pid = int(Path(f"/proc/{pid}/stat").read_text().rsplit(")", 1)[1].split()[1])
+        except (OSError, ValueError, IndexError):
+            return False
+    return False
+
+
 class BenchLock:
-    """Exclusive flock on /tmp/rackboot-bench.lock: one benchmark at a time on this machine."""
+    """Exclusive flock on /tmp/rackboot-bench.lock: one benchmark at a time on this machine.
+
+    When an ancestor already holds it (the run was started as `flock /tmp/rackboot-bench.lock ...`), that lock
+    covers this run: taking it again on a new open file would wait for ourselves forever.
+    """
 
     def __init__(self, path: Path = LOCK_FILE) -> None:
         self.path = path
         self._fd: int | None = None
 
     def __enter__(self) -> "BenchLock":
+        if held_by_ancestor(self.path):
+            return self
         self._fd = os.open(self.path, os.O_RDWR | os.O_CREAT, 0o666)
         try:
             fcntl.flock(self._fd, fcntl.LOCK_EX | fcntl.LOCK_NB)
@@ -175,12 +202,14 @@ class DeployTestbed:
     """A testbed whose nodes all run the deploy agent: up, appliance, reboot --to deploy; down on exit."""
 
     def __init__(self, nodes: int, racks: int, link_mbit: int, uplink_mbit: int, seed: int = 0, boot_batch: int = 200,
-                 min_booted: float = 1.0) -> None:
+                 min_booted: float = 1.0, builtin_true: bool = False) -> None:
         from vmtestbed.plan import make_plan
 
         self.name = f"bb{secrets.token_hex(3)}"
-        self.plan = make_plan(self.name, nodes, racks, link_mbit=link_mbit, uplink_mbit=uplink_mbit, post_s="0.5-2", seed=seed)
-        self.daemon_pid = 0
+        self.plan = make_plan(self.name, nodes, racks, link_mbit=link_mbit, uplink_mbit=uplink_mbit, post_s="0.5-2", seed=seed,
+                              builtin_true=builtin_true)
+        self.daemon_pid = 0  # the first node daemon's
+        self.daemon_pids: tuple[int, ...] = ()  # every node daemon's (one per shard)
         self.files: Any = None
         self.procs: list[subprocess.Popen[Any]] = []  # everything this session started, stopped by close()
         self.boot_batch = boot_batch
@@ -213,6 +242,7 @@ class DeployTestbed:
         result = up(plan)
         self.up_s = time.monotonic() - t0
         self.daemon_pid = result.daemon_pid
+        self.daemon_pids = result.daemon_pids
         self.files = result.files
         # The testbed sizes the kernel's (global) ARP table for appliance<->node and BMC traffic (3N+256);
         # chains and exec trees add node<->node neighbours, and past gc_thresh3 new neighbours fail
@@ -295,6 +325,10 @@ class DeployTestbed:
     def python(self) -> list[str]:
         """argv prefix that re-runs this script with this Python."""
         return [sys.executable, str(Path(__file__).resolve())]
+
+    def daemon_cpu(self) -> float:
+        """CPU seconds used so far by every node daemon (each shard's process and its reaped children)."""
+        return sum(cpu_seconds(pid) for pid in self.daemon_pids)
 
     def daemon_status(self) -> dict[str, Any]:
         """The node daemon's status reply."""

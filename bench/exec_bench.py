@@ -19,14 +19,20 @@ The OpenSSH clients use the deploy key with `-o StrictHostKeyChecking=no -o User
 every boot) against the node IPs listed in a temporary host file; /etc/hosts is never touched. A run
 counts the nodes where `true` succeeded (rackboot: from its JSON; pdsh and clush: every node minus
 those named in their error lines). Reported: wall time, nodes ok, CPU time of the client side (the
-tool and its ssh processes, or the CLI plus the appliance process) and of the node daemon (every
-virtual node's SSH server and its `sh -c true` live in that one process and its children).
+tool and its ssh processes, or the CLI plus the appliance process) and of the node daemons (every
+virtual node's SSH server and its `sh -c true` live in those processes, one per shard, and their children).
 
-Each testbed session holds an exclusive lock on /tmp/rackboot-bench.lock; everything is removed on
-success, failure, Ctrl-C and SIGTERM.
+--node-side fork (the default) runs each `true` as a real node does, through the shell: the node daemon
+forks `ip netns exec NS /bin/sh -c true` (about 5.6 ms of CPU each), which bounds every tool at N=1000.
+--node-side builtin starts the testbed with plan.builtin_true: the agents answer exactly `true` in
+process, so a node costs its SSH session only and the comparison measures the tools.
+
+Each testbed session holds an exclusive lock on /tmp/rackboot-bench.lock (or runs under an ancestor's
+`flock` of it, as below); everything is removed on success, failure, Ctrl-C and SIGTERM.
 
 Run (as root, after ./setup.sh --bench):
-    .venv/bin/python bench/exec_bench.py --nodes 100 1000 --rackboot-commit HEAD
+    flock /tmp/rackboot-bench.lock .venv/bin/python bench/exec_bench.py --nodes 100 1000 --rackboot-commit HEAD
+    flock /tmp/rackboot-bench.lock .venv/bin/python bench/exec_bench.py --nodes 1000 --node-side builtin --rackboot-commit HEAD
 """
 from __future__ import annotations
 
@@ -51,6 +57,9 @@ from ClusterShell.NodeSet import NodeSet  # noqa: E402
 from measure import ScratchDir, code_description, cpu_seconds, fmt, machine_load, markdown_table, median, resolve_commit, say, write_json  # noqa: E402
 
 TOOLS = ("rackboot", "pdsh", "clush")
+NODE_SIDES = ("fork", "builtin")
+NODE_SIDE_TEXT = {"fork": "each `true` forked as `ip netns exec NS /bin/sh -c true`",
+                  "builtin": "the agents answer `true` in process"}
 IP_RE = re.compile(r"\b10\.78\.\d+\.\d+\b")
 
 
@@ -125,13 +134,13 @@ def run_variant(tb: DeployTestbed, v: Variant, hostfile: Path, ips: dict[str, st
                                           "--hostfile", str(hostfile), "-o", " ".join(ssh_options(tb.key)), "true"])
     load = machine_load(0.5)["uptime"]
     app = appliance_pid(tb)
-    cpu0, app0, daemon0, snap = _children_cpu(), cpu_seconds(app), cpu_seconds(tb.daemon_pid), busy_snapshot()
+    cpu0, app0, daemon0, snap = _children_cpu(), cpu_seconds(app), tb.daemon_cpu(), busy_snapshot()
     t0 = time.monotonic()
     out = subprocess.run(argv, capture_output=True, text=True, timeout=timeout, env=env, stdin=subprocess.DEVNULL)
     seconds = time.monotonic() - t0
     busy = busy_since(snap)
     client = _children_cpu() - cpu0 + (cpu_seconds(app) - app0 if v.tool == "rackboot" else 0.0)
-    daemon = cpu_seconds(tb.daemon_pid) - daemon0
+    daemon = tb.daemon_cpu() - daemon0
     failed: dict[str, str] = {}
     inner = None
     if v.tool == "rackboot":
@@ -162,10 +171,11 @@ def session(n: int, variants: list[Variant], args: argparse.Namespace, scratch: 
     """Boot a testbed of n nodes and run every variant args.repeats times (order rotated each repeat)."""
     racks = args.racks or max(2, -(-n // 500))
     tb = DeployTestbed(n, racks, args.link_mbit, args.link_mbit * 10, seed=args.seed, boot_batch=args.boot_batch,
-                       min_booted=args.min_booted)
+                       min_booted=args.min_booted, builtin_true=args.node_side == "builtin")
     names.append(tb.name)
     runs: list[ExecRun] = []
-    info: dict[str, Any] = {"nodes": n, "racks": racks, "link_mbit": args.link_mbit}
+    info: dict[str, Any] = {"nodes": n, "racks": racks, "link_mbit": args.link_mbit, "node_side": args.node_side,
+                            "daemons": tb.plan.daemons}
     with BenchLock(), tb:
         info.update(testbed=tb.name, boot_s=round(tb.boot_s, 1), up_s=round(tb.up_s, 1), load_start=machine_load()["uptime"])
         running = set(tb.running)
@@ -210,7 +220,7 @@ def report(sessions: list[dict[str, Any]]) -> str:
                 fmt(t / rb, 2) if (t and rb and not label.startswith("rackboot")) else "-",
             ])
     return markdown_table(["N", "tool", "wall time (median; runs)", "nodes ok", "rackboot: tree_exec inside the appliance",
-                           "client CPU s", "node daemon CPU s", "machine busy %", "time / rackboot"], rows)
+                           "client CPU s", "node daemons' CPU s", "machine busy %", "time / rackboot"], rows)
 
 
 def main(argv: list[str] | None = None) -> int:
@@ -223,6 +233,8 @@ def main(argv: list[str] | None = None) -> int:
     ap.add_argument("--pdsh-fanout", type=int, nargs="+", default=[32], help="pdsh -f values (default 32, pdsh's own)")
     ap.add_argument("--clush-fanout", type=int, nargs="+", default=[64], help="clush -f values (default 64, clush's own)")
     ap.add_argument("--repeats", type=int, default=3)
+    ap.add_argument("--node-side", choices=NODE_SIDES, default="fork",
+                    help="fork: every `true` is a shell the node daemon forks (default); builtin: the agents answer `true` in process")
     ap.add_argument("--link-mbit", type=int, default=1000)
     ap.add_argument("--racks", type=int, default=0, help="default: 2 (one per 500 nodes above 1000)")
     ap.add_argument("--timeout", type=float, default=900.0, help="seconds for one run of one tool")
@@ -248,7 +260,7 @@ def main(argv: list[str] | None = None) -> int:
     sessions: list[dict[str, Any]] = []
     testbeds: list[str] = []
     started = time.strftime("%Y-%m-%d %H:%M")
-    say(f"code: {commit_of_export()}; machine at start: {machine_load()['uptime']}")
+    say(f"code: {commit_of_export()}; node side: {args.node_side}; machine at start: {machine_load()['uptime']}")
     try:
         with ScratchDir(prefix="rackboot-bench-exec-") as scratch_name:
             for n in args.nodes:
@@ -262,10 +274,12 @@ def main(argv: list[str] | None = None) -> int:
         left = leftover_namespaces(testbeds)
         if left:
             say(f"WARNING: namespaces left: {left[:5]}...")
-    print(f"exec bench, {started} - {time.strftime('%H:%M')}, code: {commit_of_export()}, repeats {args.repeats}\n")
+    print(f"exec bench, {started} - {time.strftime('%H:%M')}, code: {commit_of_export()}, repeats {args.repeats}, "
+          f"node side: {args.node_side} ({NODE_SIDE_TEXT[args.node_side]})\n")
     for s in sessions:
         i = s["info"]
-        print(f"- N={i['nodes']} ({i['booted']} running the deploy agent): testbed {i['testbed']}, {i['racks']} racks, links {i['link_mbit']} Mbit/s; up {i['up_s']} s, "
+        print(f"- N={i['nodes']} ({i['booted']} running the deploy agent): testbed {i['testbed']}, {i['racks']} racks, "
+              f"{i['daemons']} node daemon(s), links {i['link_mbit']} Mbit/s; up {i['up_s']} s, "
               f"boot to the deploy agent {i['boot_s']} s; node daemon RSS after {i['daemon_rss_mb']} MB; "
               f"load at start `{i['load_start']}`, at end `{i['load_end']}`")
     print()

@@ -5,7 +5,8 @@ appliance's deploy key, are accepted) and a broadcast `Receiver`, both bound to 
 it is up it calls back to the appliance: `POST` to the callback URL its kernel command line names
 (`rackboot.callback=`, rendered by ipxe.script as BASE/callback/MAC), JSON {token, stage: agent_up, status,
 name, ip, ssh_port, data_port}.
-Over SSH it runs arbitrary shell commands (so pdsh and clush work against it) and a small set of agent
+Over SSH it runs arbitrary shell commands (so pdsh and clush work against it; an emulator may pass a `builtin` that
+answers some commands in process, see broadcast.builtin) and a small set of agent
 operations, each `rackboot-agent OP` with one JSON request on stdin and one JSON reply on stdout
 (exit status 0 when ok):
 
@@ -33,6 +34,7 @@ import asyncssh
 from domain.errors import BindError
 from broadcast.agent_client import AGENT_COMMAND
 from broadcast import bootloader
+from broadcast.builtin import Builtin
 from broadcast.disk import PartitionSpec, default_disk, format_partitions, is_block_device, partition_disk
 from broadcast.errors import AgentError, ImageError, describe_error
 from broadcast.image import SinkSpec, sha256_file
@@ -108,7 +110,8 @@ class DeployAgent:
     """One node's agent: SSH server, broadcast receiver, callback, disk and boot operations."""
 
     def __init__(self, config: AgentConfig, *, kexec_hook: KexecHook | None = None, reboot_hook: RebootHook | None = None,
-                 listen_factory: ListenFactory | None = None, socket_factory: SocketFactory | None = None) -> None:
+                 listen_factory: ListenFactory | None = None, socket_factory: SocketFactory | None = None,
+                 builtin: Builtin | None = None) -> None:
         self.config = config
         self.token = config.token  # claimed from the appliance at the first callback when empty
         self.kexec_hook = kexec_hook
@@ -116,6 +119,9 @@ class DeployAgent:
         self.reboot_hook = reboot_hook
         self.listen_factory = listen_factory
         self.socket_factory = socket_factory
+        # Answers some commands in process (a vm-testbed node answering `true`); None, as in a real deploy environment:
+        # every command runs through the shell.
+        self.builtin = builtin
         self.receiver = Receiver(config.name, config.host, config.data_port, listen_factory=listen_factory,
                                  socket_factory=socket_factory)
         self.state = "starting"
@@ -124,7 +130,7 @@ class DeployAgent:
         self._tasks: set[asyncio.Task[Any]] = set()
         self.layout: list[dict[str, Any]] = []
         self.disk = ""  # the disk the last partition operation wrote (config.disk, or the first fixed disk)
-        self.counters = {"ssh_sessions": 0, "agent_ops": 0, "shell_commands": 0, "op_errors": 0}
+        self.counters = {"ssh_sessions": 0, "agent_ops": 0, "shell_commands": 0, "builtin_commands": 0, "op_errors": 0}
 
     # -- lifecycle
     async def start(self) -> None:
@@ -238,6 +244,11 @@ class DeployAgent:
             argv = shlex.split(command)
             if argv and argv[0] == AGENT_COMMAND:
                 await self._agent_op(process, argv[1:])
+            elif (answer := self.builtin(command) if self.builtin is not None else None) is not None:
+                self.counters["builtin_commands"] += 1  # answered in process: no shell, no child
+                process.stdout.write(answer.stdout)
+                process.stderr.write(answer.stderr)
+                process.exit(answer.status)
             else:
                 status = await self._shell(process, command)
                 process.exit(status)
@@ -255,7 +266,8 @@ class DeployAgent:
         """What tree exec needs of this agent: name, tree key, how and where commands run."""
         cfg = self.config
         return ExecContext(name=cfg.name, tree_key=self.tree_key, env=self.command_env(), shell=cfg.shell,
-                           shell_prefix=cfg.shell_prefix, workdir=cfg.workdir, socket_factory=self.socket_factory)
+                           shell_prefix=cfg.shell_prefix, workdir=cfg.workdir, socket_factory=self.socket_factory,
+                           builtin=self.builtin)
 
     async def _shell(self, process: asyncssh.SSHServerProcess[bytes], command: str) -> int:
         """Run an arbitrary command through the shell, piping the SSH channel's stdin/stdout/stderr."""

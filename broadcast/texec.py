@@ -26,6 +26,7 @@ from ClusterShell.NodeSet import NodeSet
 
 from domain.errors import MalformedPacket
 from broadcast.agent_client import AGENT_COMMAND, ssh_connect
+from broadcast.builtin import Builtin, BuiltinAnswer
 from broadcast.errors import describe_error
 from broadcast.topology import Subtree, Target, build_forest, order_chain
 from broadcast.wire import VERSION, SocketFactory, decode, encode
@@ -45,6 +46,7 @@ class ExecContext:
     shell_prefix: Sequence[str] = ()  # e.g. ("ip", "netns", "exec", NS) in the vm-testbed
     workdir: str | None = None  # the command's working directory
     socket_factory: SocketFactory | None = None  # opens the next level's connections (inside the node's namespace)
+    builtin: Builtin | None = None  # answers some commands in process (the vm-testbed); None: every command runs the shell
 
 
 @dataclass
@@ -243,6 +245,12 @@ async def run_local(command: str, timeout: float, max_output: int, *, shell: Seq
             "duration": time.monotonic() - t0}
 
 
+def builtin_fields(answer: BuiltinAnswer, max_output: int) -> dict[str, Any]:
+    """The xresult fields of a command answered in process (no process, no duration)."""
+    return {"status": answer.status, "stdout": answer.stdout[:max_output].decode(errors="replace"),
+            "stderr": answer.stderr[:max_output].decode(errors="replace"), "timed_out": False, "error": None, "duration": 0.0}
+
+
 async def serve_texec(ctx: ExecContext, process: asyncssh.SSHServerProcess[bytes]) -> None:
     """Agent side of `rackboot-agent texec`: run locally, open the next level, stream results upward."""
     try:
@@ -263,6 +271,10 @@ async def serve_texec(ctx: ExecContext, process: asyncssh.SSHServerProcess[bytes
         process.stdout.write(encode(kind, **msg))
 
     async def local() -> None:
+        answer = ctx.builtin(req["command"]) if ctx.builtin is not None else None
+        if answer is not None:
+            emit(_xresult(ctx.name, ctx.name, **builtin_fields(answer, int(req["max_output"]))))
+            return
         fields = await run_local(req["command"], float(req["timeout"]), int(req["max_output"]), shell=ctx.shell,
                                  prefix=ctx.shell_prefix, env=ctx.env, cwd=ctx.workdir)
         emit(_xresult(ctx.name, ctx.name, **fields))

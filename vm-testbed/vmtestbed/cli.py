@@ -28,6 +28,8 @@ def register(sub: "argparse._SubParsersAction[argparse.ArgumentParser]") -> None
                    help="drop P (0-1) of the nodes' UDP and TCP frames on their bridge ports, both ways (nftables)")
     p.add_argument("--seed", type=int, default=0, help="seed of every random draw (faults, POST, xids)")
     p.add_argument("--firmware", default="bios", choices=("bios", "uefi", "mixed"))
+    p.add_argument("--builtin-true", action="store_true",
+                   help="the nodes' deploy agents answer `true` and `:` in process instead of forking a shell (exec benchmarks)")
     _daemons_option(p)
     _qemu_options(p)
     p.set_defaults(func=_cmd_up)
@@ -97,7 +99,8 @@ def _cmd_up(args: argparse.Namespace) -> int:
         parse_post_delay(args.post_s)
         plan = make_plan(args.name, args.nodes, args.racks, args.link_mbit, args.uplink_mbit, args.post_s, args.faults, args.seed, args.firmware,
                          qemu=args.qemu, qemu_firmware=args.qemu_firmware, qemu_disk_mb=args.qemu_disk_mb,
-                         qemu_accel=args.qemu_accel, wire_loss=args.wire_loss, daemons=args.daemons)
+                         qemu_accel=args.qemu_accel, wire_loss=args.wire_loss, daemons=args.daemons,
+                         builtin_true=args.builtin_true)
     except ValueError as exc:
         print(f"rackboot testbed up: {exc}", file=sys.stderr)
         return EXIT_USAGE

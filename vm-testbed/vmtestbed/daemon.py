@@ -93,7 +93,8 @@ class NodeDaemon:
         plan = self.plan
         # Over every node of the testbed, then this shard's: the same nodes are faulty whatever the number of shards.
         faults = assign_faults(parse_faults(plan.faults), [n.name for n in plan.netns_nodes], plan.seed)
-        settings = FirmwareSettings(appliance_url=plan.appliance_url, post=parse_post_delay(plan.post_s), seed=plan.seed)
+        settings = FirmwareSettings(appliance_url=plan.appliance_url, post=parse_post_delay(plan.post_s), seed=plan.seed,
+                                    builtin_true=plan.builtin_true)
         pool = ThreadPoolExecutor(max_workers=2, thread_name_prefix="netlink")
         mine = shard_nodes(plan)[self.shard]
         netns_nodes, vm_nodes = [n for n in mine if not n.is_vm], [n for n in mine if n.is_vm]

@@ -36,6 +36,7 @@ import aiohttp
 from domain.nodes import mac_slug
 from domain.errors import BindError
 from broadcast.agent import AgentConfig, DeployAgent
+from broadcast.builtin import BuiltinAnswer
 from broadcast.errors import AgentError
 from vmtestbed import wire
 from vmtestbed.deploy_env import DeployKeys, InitrdError, read_deploy_keys
@@ -75,6 +76,7 @@ class FirmwareSettings:
     nbp_attempts: int = 3
     boot_retry_s: float = 20.0   # 0: halt at "no bootable device", like a BIOS without boot retry
     seed: int = 0
+    builtin_true: bool = False  # the deploy agents answer `true` and `:` in process (builtin_true below)
 
 
 @dataclass(frozen=True)
@@ -88,6 +90,11 @@ class Lease:
     bootfile: str
     hostname: str
     router: str | None
+
+
+def builtin_true(command: str) -> BuiltinAnswer | None:
+    """A deploy agent's in-process answer to exactly `true` or `:` (status 0, no output); None for any other command."""
+    return BuiltinAnswer(0) if command in ("true", ":") else None
 
 
 def installed_identity(root: Path) -> dict[str, Any] | None:
@@ -560,7 +567,8 @@ class VirtualNode:
                              shell_prefix=("ip", "netns", "exec", self.plan.namespace))
         agent = DeployAgent(config, kexec_hook=self._kexec_hook, reboot_hook=self._reboot_hook,
                             listen_factory=lambda host, port: self.net.listen_socket(port, host),
-                            socket_factory=lambda ai: self.net.stream_socket(ai[0], ai[1], ai[2]))
+                            socket_factory=lambda ai: self.net.stream_socket(ai[0], ai[1], ai[2]),
+                            builtin=builtin_true if self.settings.builtin_true else None)
         # Held before it starts: a reset during start() (binding takes several awaits under load) must close it
         # too (_release). Assigned after, it leaked, its ports stayed bound, and every later boot of the node halted
         # with "cannot listen ... Address already in use" (105 of 2000 nodes).

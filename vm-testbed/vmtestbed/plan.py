@@ -70,6 +70,9 @@ class TestbedPlan:
     qemu_accel: str = "auto"
     wire_loss: float = 0.0
     daemons: int = 1  # node-daemon processes, each owning a shard of the nodes (vmtestbed.shards)
+    # The deploy agents answer `true` and `:` in process instead of forking a shell (exec benchmarks: the node side
+    # then costs the SSH session only, as on a real node where the command runs on its own CPU)
+    builtin_true: bool = False
     node_list: tuple[NodePlan, ...] = field(default=(), repr=False)
 
     @property
@@ -189,12 +192,14 @@ def make_plan(
     qemu_accel: str = "auto",
     wire_loss: float = 0.0,
     daemons: int = 0,
+    builtin_true: bool = False,
 ) -> TestbedPlan:
     """Compute the plan of a testbed: nodes spread evenly over racks, addresses and names assigned in order.
 
     The qemu QEMU VMs come after the nodes namespace nodes (node-(nodes+1)..., MACs, IPs and BMC addresses
     counting on), and the racks are filled in that order, so each rack holds a run of consecutive nodes.
-    daemons is the number of node-daemon processes (0: default_daemons).
+    daemons is the number of node-daemon processes (0: default_daemons). builtin_true: the deploy agents answer `true`
+    and `:` in process (vmtestbed.firmware.builtin_true).
     """
     validate_name(name)
     if nodes < 0 or qemu < 0:
@@ -251,5 +256,5 @@ def make_plan(
         name=name, nodes=nodes, racks=racks, link_mbit=link_mbit, uplink_mbit=uplink_mbit,
         post_s=post_s, faults=faults, seed=seed, firmware=firmware, qemu=qemu, qemu_firmware=qemu_firmware,
         qemu_disk_mb=qemu_disk_mb, qemu_memory_mb=qemu_memory_mb, qemu_accel=qemu_accel, wire_loss=wire_loss, daemons=daemons,
-        node_list=tuple(node_list),
+        builtin_true=builtin_true, node_list=tuple(node_list),
     )
