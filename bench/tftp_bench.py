@@ -242,14 +242,15 @@ def failure_causes(clients: list[dict[str, Any]], bad: set[int], out: Path, serv
 
     With keep, the failed clients' stderr and the server's failure lines of the set are copied there."""
     causes: collections.Counter[str] = collections.Counter()
-    if keep is not None and (bad or server_lines):
+    if keep is not None and (bad or server_lines or clients):
         keep.mkdir(parents=True, exist_ok=True)
     for c in clients:
         if c["i"] not in bad:
             continue
         err = out / f"{c['i']}.stderr"
         text = err.read_text(errors="replace") if err.exists() else ""
-        lines = [line.strip() for line in text.splitlines() if line.strip()]
+        # atftp ends every failure with "tftp: aborting": its line before that says why.
+        lines = [line.strip() for line in text.splitlines() if line.strip() and line.strip() != "tftp: aborting"]
         last = re.sub(r"\d+", "#", lines[-1])[:120] if lines else "(no stderr)"
         causes[f"client exit {c['exit']}: {last}" if c["exit"] else "client exit 0, file wrong (size or SHA-256)"] += 1
         if keep is not None:
@@ -261,6 +262,16 @@ def failure_causes(clients: list[dict[str, Any]], bad: set[int], out: Path, serv
         causes[f"server gave up: {reason}"] += 1
     if keep is not None and server_lines:
         (keep / "server-failures.log").write_text("".join(line + "\n" for line in server_lines))
+    if keep is not None and clients:
+        # Every client's exit status and end (seconds from the common start), slowest first; the slowest
+        # successful fetches' stderr too (what the wall time waited for).
+        keep.mkdir(parents=True, exist_ok=True)
+        slowest = sorted(clients, key=lambda c: -c["end_s"])
+        (keep / "clients.json").write_text("".join(json.dumps(c) + "\n" for c in slowest))
+        for c in [c for c in slowest if c["i"] not in bad][:3]:
+            err = out / f"{c['i']}.stderr"
+            text = err.read_text(errors="replace") if err.exists() else ""
+            (keep / f"slow-client-{c['i']}.stderr").write_text(f"exit {c['exit']} after {c['end_s']} s\n{text}")
     return dict(causes)
 
 
