@@ -24,6 +24,7 @@ Run (as root, after ./setup.sh --bench):  .venv/bin/python bench/tftp_bench.py
 from __future__ import annotations
 
 import argparse
+import collections
 import hashlib
 import json
 import os
@@ -100,6 +101,7 @@ class Timing:
     error: str = ""
     each_median: float | None = None  # the median fetch's own time (from the common start to its end)
     dropped: int = 0  # frames the loss rules dropped during this fetch set
+    causes: dict[str, int] | None = None  # why fetches failed: the clients' last stderr lines, rackboot's give-up reasons
 
 
 def client_argv(client: str, options: list[str], server: str, file: str, dest: Path) -> list[str]:
@@ -118,19 +120,24 @@ def fetch_in_namespace(args: argparse.Namespace) -> int:
     t0 = time.monotonic()
     procs = {}
     for i in range(args.count):
-        p = subprocess.Popen(client_argv(args.client, args.option, args.server, args.file, out / f"{i}"),
-                             stdout=subprocess.DEVNULL, stderr=subprocess.DEVNULL)
-        procs[p.pid] = p
-    each, failed = [], 0
+        with open(out / f"{i}.stderr", "wb") as err:  # kept as evidence when the fetch fails
+            p = subprocess.Popen(client_argv(args.client, args.option, args.server, args.file, out / f"{i}"),
+                                 stdout=subprocess.DEVNULL, stderr=err)
+        procs[p.pid] = (i, p)
+    each, failed, clients = [], 0, []
     while procs:
         pid, status = os.wait()  # reaps in the order they end: each fetch's own time
-        if procs.pop(pid, None) is None:
+        found = procs.pop(pid, None)
+        if found is None:
             continue
-        each.append(time.monotonic() - t0)
-        failed += os.waitstatus_to_exitcode(status) != 0
+        end = time.monotonic() - t0
+        each.append(end)
+        code = os.waitstatus_to_exitcode(status)
+        failed += code != 0
+        clients.append({"i": found[0], "exit": code, "end_s": round(end, 3)})
     elapsed = time.monotonic() - t0
     print(json.dumps({"seconds": elapsed, "failed": failed, "errors": [f"{failed} client(s) exited non-zero"] if failed else [],
-                      "each_median": sorted(each)[len(each) // 2] if each else None}))
+                      "each_median": sorted(each)[len(each) // 2] if each else None, "clients": clients}))
     return 0
 
 
@@ -164,16 +171,32 @@ def dropped(pair: NamespacePair) -> int:
 class TftpServer:
     """rackboot serve (DHCP off) or in.tftpd in the server namespace, serving ROOT."""
 
-    def __init__(self, kind: str, lab: Lab, ns: str, root: Path, rackboot: list[str], tftp_keys: tuple[str, ...] = ()) -> None:
+    def __init__(self, kind: str, lab: Lab, ns: str, root: Path, rackboot: list[str], tftp_keys: tuple[str, ...] = (),
+                 keep_log: Path | None = None) -> None:
         self.kind, self.lab, self.ns, self.root, self.rackboot = kind, lab, ns, root, rackboot
         self.tftp_keys = tftp_keys  # extra `key: value` lines of rackboot's tftp section
+        self.keep_log = keep_log  # where the server's log is copied when it stops
         self.proc: subprocess.Popen[bytes] | None = None
         self._tmp: ScratchDir | None = None
+        self.log: Path | None = None
+
+    def log_size(self) -> int:
+        """The server log's size now (an offset for failures_since)."""
+        return self.log.stat().st_size if self.log is not None and self.log.exists() else 0
+
+    def failures_since(self, offset: int) -> list[str]:
+        """rackboot's log lines for transfers that failed (with their reason), written after offset."""
+        if self.kind != "rackboot" or self.log is None or not self.log.exists():
+            return []
+        with open(self.log, "rb") as fh:
+            fh.seek(offset)
+            text = fh.read().decode(errors="replace")
+        return [line for line in text.splitlines() if "rackboot.tftp: " in line and " failed: " in line]
 
     def __enter__(self) -> "TftpServer":
         self._tmp = ScratchDir(prefix=f"rackboot-bench-{self.kind}-")
         tmp = Path(self._tmp.name)
-        log = tmp / "server.log"
+        log = self.log = tmp / "server.log"
         if self.kind == "rackboot":
             (tmp / "nodes.yaml").write_text('nodes:\n  - name: node-1\n    mac: "52:54:00:98:00:01"\n    ip: 10.98.0.11\n')
             (tmp / "files").mkdir()
@@ -197,6 +220,9 @@ class TftpServer:
     def __exit__(self, *exc: object) -> None:
         if self.proc is not None:
             stop(self.proc)
+        if self.keep_log is not None and self.log is not None and self.log.exists():
+            self.keep_log.parent.mkdir(parents=True, exist_ok=True)
+            shutil.copyfile(self.log, self.keep_log)
         if self._tmp is not None:
             self._tmp.cleanup()
 
@@ -210,9 +236,52 @@ def sha256(path: Path) -> str:
     return h.hexdigest()
 
 
+def failure_causes(clients: list[dict[str, Any]], bad: set[int], out: Path, server_lines: list[str],
+                   keep: Path | None) -> dict[str, int]:
+    """Why the fetches of one set failed, counted: each failed client's last stderr line, rackboot's give-up reasons.
+
+    With keep, the failed clients' stderr and the server's failure lines of the set are copied there."""
+    causes: collections.Counter[str] = collections.Counter()
+    if keep is not None and (bad or server_lines or clients):
+        keep.mkdir(parents=True, exist_ok=True)
+    for c in clients:
+        if c["i"] not in bad:
+            continue
+        err = out / f"{c['i']}.stderr"
+        text = err.read_text(errors="replace") if err.exists() else ""
+        # atftp ends every failure with "tftp: aborting": its line before that says why.
+        lines = [line.strip() for line in text.splitlines() if line.strip() and line.strip() != "tftp: aborting"]
+        last = re.sub(r"\d+", "#", lines[-1])[:120] if lines else "(no stderr)"
+        causes[f"client exit {c['exit']}: {last}" if c["exit"] else "client exit 0, file wrong (size or SHA-256)"] += 1
+        if keep is not None:
+            (keep / f"client-{c['i']}.stderr").write_text(f"exit {c['exit']} after {c['end_s']} s\n{text}")
+    for line in server_lines:
+        # "tftp: snponly.efi to 10.98.0.2:40000 failed: timeout: no ACK for 7 s (2 retransmissions) of block 1"
+        reason = line.split(" failed: ", 1)[1].strip()
+        reason = re.sub(r"of block (\d+)", lambda m: m.group(0) if int(m.group(1)) <= 1 else "of a later block", reason)
+        causes[f"server gave up: {reason}"] += 1
+    if keep is not None and server_lines:
+        (keep / "server-failures.log").write_text("".join(line + "\n" for line in server_lines))
+    if keep is not None and clients:
+        # Every client's exit status and end (seconds from the common start), slowest first; the slowest
+        # successful fetches' stderr too (what the wall time waited for).
+        keep.mkdir(parents=True, exist_ok=True)
+        slowest = sorted(clients, key=lambda c: -c["end_s"])
+        (keep / "clients.json").write_text("".join(json.dumps(c) + "\n" for c in slowest))
+        for c in [c for c in slowest if c["i"] not in bad][:3]:
+            err = out / f"{c['i']}.stderr"
+            text = err.read_text(errors="replace") if err.exists() else ""
+            (keep / f"slow-client-{c['i']}.stderr").write_text(f"exit {c['exit']} after {c['end_s']} s\n{text}")
+    return dict(causes)
+
+
 def timed_fetch(lab: Lab, client_ns: str, server: TftpServer, file: tuple[str, int], digest: str, count: int,
-                variant: Variant, out: Path, timeout: float) -> tuple[float | None, int, int, float | None, str, float | None]:
-    """Fetch a file count times at once from the client namespace; return seconds, ok, failed, server CPU s, error, median fetch."""
+                variant: Variant, out: Path, timeout: float, keep: Path | None = None,
+                ) -> tuple[float | None, int, int, float | None, str, float | None, dict[str, int]]:
+    """Fetch a file count times at once from the client namespace.
+
+    Return seconds, ok, failed, server CPU s, error, median fetch and the failures' causes (failure_causes())."""
+    log_at = server.log_size()
     shutil.rmtree(out, ignore_errors=True)
     out.mkdir(parents=True)
     argv = [sys.executable, str(Path(__file__).resolve()), "--fetch", "--server", SERVER_IP, "--file", file[0],
@@ -224,21 +293,23 @@ def timed_fetch(lab: Lab, client_ns: str, server: TftpServer, file: tuple[str, i
     try:
         res = lab.run(client_ns, argv, timeout=timeout)
     except subprocess.TimeoutExpired:
-        return None, 0, count, None, f"no result after {timeout:.0f} s", None
+        return None, 0, count, None, f"no result after {timeout:.0f} s", None, {}
     # in.tftpd forks a child per transfer and lets the kernel reap it (SIGCHLD SIG_IGN + SA_NOCLDWAIT),
     # so the children's CPU time is lost to /proc: only rackboot's (one process) is reported.
     cpu = tree_cpu_seconds(server.proc.pid) - cpu0 if server.proc.poll() is None and server.kind == "rackboot" else None
     try:
         data = json.loads(res.stdout.strip().splitlines()[-1])
     except (IndexError, json.JSONDecodeError):
-        return None, 0, count, cpu, f"fetcher failed: {res.stderr.strip()[-300:]}", None
-    ok = sum(1 for i in range(count) if (out / str(i)).exists() and (out / str(i)).stat().st_size == file[1]
-             and sha256(out / str(i)) == digest)
+        return None, 0, count, cpu, f"fetcher failed: {res.stderr.strip()[-300:]}", None, {}
+    good = {i for i in range(count) if (out / str(i)).exists() and (out / str(i)).stat().st_size == file[1]
+            and sha256(out / str(i)) == digest}
+    bad = {c["i"] for c in data.get("clients", []) if c["exit"] != 0} | (set(range(count)) - good)
+    causes = failure_causes(data.get("clients", []), bad, out, server.failures_since(log_at), keep)
     error = "; ".join(data["errors"][:2])
     if server.proc.poll() is not None:
         error = f"server exited with status {server.proc.returncode}; " + error
     shutil.rmtree(out, ignore_errors=True)
-    return data["seconds"], ok, count - ok, cpu, error, data.get("each_median")
+    return data["seconds"], len(good), count - len(good), cpu, error, data.get("each_median"), causes
 
 
 def test_label(test: str, args: argparse.Namespace, files: dict[str, tuple[str, int]]) -> str:
@@ -282,6 +353,14 @@ def report(timings: list[Timing], args: argparse.Namespace, loads: list[dict[str
     headers += [f"speed-up vs tftpd-hpa, {label}" for label, _ in tests]
     loads_txt = "; ".join(f"{l['when']}: load {l['load1']:.2f} {l['load5']:.2f} {l['load15']:.2f}, CPUs {l['busy_pct']} % busy" for l in loads)
     lost = sum(t.dropped for t in timings)
+    causes = []
+    for variant in args.variants:
+        counted: collections.Counter[str] = collections.Counter()
+        for t in timings:
+            if t.variant == variant:
+                counted.update(t.causes or {})
+        causes += [f"- {variant}: {n} x {cause}" for cause, n in counted.most_common()]
+    evidence = f"Evidence (server logs, failed clients' stderr): {args.evidence}." if getattr(args, "evidence", None) else ""
     return "\n".join([
         f"{args.repeats} repeats, server order alternating; speed-up = the tftpd-hpa peer's median time (same client, "
         "same blksize, no windowsize) / this variant's median time (>1: rackboot faster)."
@@ -290,6 +369,9 @@ def report(timings: list[Timing], args: argparse.Namespace, loads: list[dict[str
         f"rackboot: {code_description(args.rackboot_commit)}" + (f", tftp config: {'; '.join(args.rackboot_tftp)}" if args.rackboot_tftp else "") + ".",
         "",
         markdown_table(headers, rows),
+        *(["", "Why fetches failed (clients' last stderr line; rackboot's logged give-up reasons, which may be "
+           "transfers a client had already restarted):", *causes] if causes else []),
+        *(["", evidence] if evidence else []),
     ])
 
 
@@ -309,6 +391,9 @@ def main(argv: list[str] | None = None) -> int:
     ap.add_argument("--rackboot-tftp", action="append", default=[], metavar="KEY: VALUE",
                     help="a line for rackboot's tftp config section, e.g. 'data_workers: 0' (repeatable)")
     ap.add_argument("--json", help="also write every timing as JSON to this file")
+    ap.add_argument("--evidence", default=None, metavar="DIR",
+                    help="keep the servers' logs and the failed fetches' stderr here (default: a new "
+                         "/var/tmp/rackboot-tftp-bench-UTCTIME directory)")
     # Internal: what the script runs inside the client namespace.
     ap.add_argument("--fetch", action="store_true", help=argparse.SUPPRESS)
     ap.add_argument("--server", help=argparse.SUPPRESS)
@@ -340,6 +425,10 @@ def measure_and_report(args: argparse.Namespace, rackboot: list[str]) -> int:
     """Build the namespaces, run every measurement, print the report."""
     kinds = sorted({VARIANTS[v].server for v in args.variants}, reverse=True)
 
+    evidence = Path(args.evidence or time.strftime("/var/tmp/rackboot-tftp-bench-%Y%m%d-%H%M%S", time.gmtime()))
+    evidence.mkdir(parents=True, exist_ok=True)
+    args.evidence = str(evidence)
+    say(f"evidence (server logs, failed clients' stderr): {evidence}")
     loads = [dict(machine_load(), when="start")]
     say(f"machine at start: {loads[0]['uptime']} (CPUs {loads[0]['busy_pct']} % busy)")
     timings: list[Timing] = []
@@ -368,7 +457,8 @@ def measure_and_report(args: argparse.Namespace, rackboot: list[str]) -> int:
                 say(f"repeat {repeat}/{args.repeats}: {kind}")
                 lab = pair.ensure()
                 client_ns = pair.client
-                with TftpServer(kind, lab, pair.server, root, rackboot, tuple(args.rackboot_tftp)) as server:
+                with TftpServer(kind, lab, pair.server, root, rackboot, tuple(args.rackboot_tftp),
+                                keep_log=evidence / f"repeat{repeat}-{kind}-server.log") as server:
                     set_loss(pair, 0.0)
                     for test in args.tests:  # warm-up, untimed, without loss
                         name, size = files[test]
@@ -382,19 +472,23 @@ def measure_and_report(args: argparse.Namespace, rackboot: list[str]) -> int:
                             set_loss(pair, args.loss)
                             before = dropped(pair) if args.loss else 0
                             try:
-                                secs, ok, failed, cpu, error, each = timed_fetch(
-                                    lab, client_ns, server, file, digests[file[0]], count, VARIANTS[variant], out / "got", args.timeout)
+                                keep = evidence / f"repeat{repeat}-{variant.replace(' ', '-')}-{test}"
+                                secs, ok, failed, cpu, error, each, causes = timed_fetch(
+                                    lab, client_ns, server, file, digests[file[0]], count, VARIANTS[variant], out / "got", args.timeout,
+                                    keep)
                                 lost = dropped(pair) - before if args.loss else 0
                             finally:
                                 set_loss(pair, 0.0)
                             if not pair.intact():
                                 error = error or "the namespaces vanished during the fetch (removed by someone else?)"
-                            t = Timing(variant, test, repeat, secs, ok, failed, cpu, load["load1"], load["busy_pct"], error, each, lost)
+                            t = Timing(variant, test, repeat, secs, ok, failed, cpu, load["load1"], load["busy_pct"], error, each, lost,
+                                       causes)
                             timings.append(t)
                             say(f"  {variant:44s} {test:4s}: {fmt(secs, 2)} s (median fetch {fmt(each, 2)} s), {ok} ok, {failed} failed, "
                                 f"server CPU {fmt(cpu, 2)} s, load {t.load1} busy {t.busy_pct} %"
                                 + (f", {lost} frames dropped" if args.loss else "")
-                                + (f" [{error[:300]}]" if error else ""))
+                                + (f" [{error[:300]}]" if error else "")
+                                + "".join(f"\n    {n} x {cause}" for cause, n in sorted((causes or {}).items(), key=lambda kv: -kv[1])))
             loads.append(dict(machine_load(), when=f"after repeat {repeat}"))
         rebuilt = pair.rebuilt
     text = report(timings, args, loads, files)

@@ -413,6 +413,38 @@ async def test_one_host_cannot_fill_the_transfer_table(make_service, tmp_path: P
             s.close()
 
 
+async def test_a_client_whose_first_three_acks_are_lost_still_gets_its_file(make_service, tmp_path: Path) -> None:
+    """Issue 13 item 2: under 10 % loss, 3 lost exchanges of the first block in a row ended live transfers.
+
+    The first block's timer starts at a quarter of the timeout before any round trip is known, so the
+    first_retries budget (0.2 + 0.4 + 0.8 = 1.4 s here) holds 5 copies of it, not 3. The client answers only
+    the 4th copy (its first 3 ACKs lost) and never retransmits by itself, as tftp-hpa's client within 5 s.
+    """
+    svc = await make_service(timeout=0.2, first_retries=2, retries=5)
+    data = write(tmp_path / "tftp", "nbp.efi", os.urandom(3 * 512 + 100))
+    peer = RawPeer()
+    try:
+        await peer.send(encode_request("nbp.efi"), svc.address)
+        for _ in range(3):  # copies of DATA 1 whose ACKs the network lost
+            pkt, tid = await peer.recv(timeout=2.0)
+            assert pkt == Data(1, data[:512])
+        got, block = b"", 0
+        while True:
+            pkt, tid = await peer.recv(timeout=2.0)
+            assert isinstance(pkt, Data), pkt
+            if pkt.block == block + 1:
+                block += 1
+                got += pkt.payload
+            await peer.send(encode_ack(pkt.block), tid)
+            if block and pkt.block == block and len(pkt.payload) < 512:
+                break
+    finally:
+        peer.close()
+    assert got == data
+    stats = await settled(svc)
+    assert stats["transfers_sent"] == 1 and stats["transfers_failed"] == 0
+
+
 async def test_duplicate_rrq_does_not_start_a_second_transfer(make_service, tmp_path: Path) -> None:
     svc = await make_service(timeout=2.0)
     write(tmp_path / "tftp", "d.bin", b"d" * 10)
