@@ -25,6 +25,7 @@ import socket
 import time
 import urllib.parse
 import uuid as uuidlib
+import weakref
 from collections import deque
 from concurrent.futures import ThreadPoolExecutor
 from dataclasses import dataclass, field
@@ -145,6 +146,7 @@ class VirtualNode:
         self.history: deque[tuple[float, str, str]] = deque(maxlen=40)
         self.callback_replies: list[int] = []
         self._task: asyncio.Task[None] | None = None
+        self._boots: weakref.WeakSet[asyncio.Task[None]] = weakref.WeakSet()  # every boot task started, stale ones too
         self._http: aiohttp.ClientSession | None = None
         self._ssh: asyncio.AbstractServer | None = None
         self._agent: DeployAgent | None = None
@@ -187,6 +189,7 @@ class VirtualNode:
     def _start(self, kexec: bool = False) -> None:
         loop = asyncio.get_running_loop()
         self._task = loop.create_task(self._run(kexec), name=f"boot-{self.name}")
+        self._boots.add(self._task)
 
     def _stop(self) -> None:
         if self._task is not None:
@@ -225,6 +228,13 @@ class VirtualNode:
     # ---- observable state --------------------------------------------------------------------------
 
     def _set(self, stage: str, detail: str = "") -> None:
+        task = asyncio.current_task()
+        if task is not None and task is not self._task and task in self._boots:
+            # A boot that was reset or powered off but lived on: Python 3.11's asyncio.wait_for returns the result of
+            # a wait that completed in the same loop turn as the cancel and drops the cancel (gh-86296). Such a boot
+            # went on to start a second deploy agent beside the new boot's (2000 nodes: 3 halted, "cannot listen on
+            # ...:7070: Address already in use"). It goes no further than its next stage.
+            raise asyncio.CancelledError(f"{self.name}: a boot that was stopped")
         self.stage, self.detail, self.since = stage, detail, time.time()
         self.history.append((self.since, stage, detail))
         if self.faults.die_stage and self.faults.die_stage == stage and self.power == "on":
