@@ -306,3 +306,25 @@ async def test_a_stock_installed_system_is_known_up_by_ssh_without_a_callback(wo
     assert ("probe_installed", "node-1") in agent.calls
     kinds = [e.kind for e in deps.events.last(deps.inventory.by_name["node-1"].mac)]
     assert "os_reachable" in kinds and "os_up" not in kinds
+
+
+async def test_a_node_through_the_last_step_is_done_at_once_and_stays_done_when_the_deployment_is_cancelled(world) -> None:  # type: ignore[no-untyped-def]
+    """The slowest node does not hold the others' result: node-1 is done as soon as its installed system is up, and
+    cancelling the deployment while node-2 is still stuck fails node-2 only."""
+    controller, deps, cluster, env, power, agent = world
+    cluster.silent_os = {"node-2"}  # its installed system never calls back: BootNewEnv waits on it
+    serve = asyncio.create_task(controller.serve())
+    try:
+        dep = controller.start(list(deps.inventory.nodes)[:2], env, "admin")
+        for _ in range(200):
+            if dep.runs["node-1"].state is NodeState.DONE:
+                break
+            await asyncio.sleep(0.02)
+        assert dep.runs["node-1"].state is NodeState.DONE and dep.runs["node-2"].state is NodeState.BOOT_NEW_ENV
+        assert controller.cancel(dep.id)
+        await asyncio.wait({controller.tasks[dep.id]}, timeout=10)
+    finally:
+        serve.cancel()
+    result = dep.result()
+    assert result["status"] == "cancelled"
+    assert result["ok_nodeset"] == "node-1" and [k["node"] for k in result["ko"]] == ["node-2"]

@@ -152,7 +152,7 @@ class Deployment:
                 self.journal.note(None, "step", step=step.name, nodes=str(NodeSet.fromlist([r.node.name for r in alive])))
                 await RUNNERS[step.name](self, step, alive)
             for r in self.runs.values():
-                if not r.failed:
+                if not r.finished:
                     self.journal.move(r, NodeState.DONE, self.workflow.steps[-1].name, r.impl)
             n_ok = sum(1 for r in self.runs.values() if r.state is NodeState.DONE)
             self.status = "done" if n_ok == len(self.runs) else ("failed" if n_ok == 0 else "partial")

@@ -144,7 +144,11 @@ def per_node(body: NodeBody) -> StepRunner:
             attempts: dict[str, Attempt] = {}
 
             async def attempt(run: NodeRun) -> None:
-                attempts[run.node.name] = await _attempts(dep, step, impl, run, body, timeout, previous.get(run.node.name, ""))
+                attempts[run.node.name] = a = await _attempts(dep, step, impl, run, body, timeout, previous.get(run.node.name, ""))
+                if a.outcome is Outcome.OK and step is dep.workflow.steps[-1]:
+                    # Through the last step: the node is deployed now, not when the slowest node is (a cancel or a
+                    # crash later does not undo it, and its report time is its own).
+                    dep.journal.move(run, NodeState.DONE, step.name, impl.name)
 
             async with asyncio.TaskGroup() as tg:
                 for run in pending:
