@@ -62,7 +62,7 @@ def test_stuck_after_its_dhcp_or_back_in_firmware_is_congested_but_silent_after_
 
 
 async def test_the_window_admits_up_to_its_limit_first_come_first_served() -> None:
-    window = RebootWindow(3)
+    window = RebootWindow(3, pace_s=0)
     tickets = [await window.acquire() for _ in range(3)]
     order: list[int] = []
 
@@ -84,7 +84,7 @@ async def test_the_window_admits_up_to_its_limit_first_come_first_served() -> No
 
 async def test_a_congested_boot_halves_the_window_once_a_round_and_once_a_node() -> None:
     cuts: list[tuple[int, int, str]] = []
-    window = RebootWindow(128, on_change=lambda old, new, why: cuts.append((old, new, why)))
+    window = RebootWindow(128, on_change=lambda old, new, why: cuts.append((old, new, why)), pace_s=0)
     first = [await window.acquire() for _ in range(100)]  # 100 in flight: the load that did it
     window.release(first[0], Verdict.CONGESTED, "node-1", "stuck in firmware")
     assert window.limit == 50 and cuts == [(128, 50, "node-1: stuck in firmware")]
@@ -106,7 +106,7 @@ async def test_a_congested_boot_halves_the_window_once_a_round_and_once_a_node()
 
 
 async def test_the_window_never_closes_below_its_floor() -> None:
-    window = RebootWindow(256)  # floor: 1/64 of it
+    window = RebootWindow(256, pace_s=0)  # floor: 1/64 of it
     for i in range(10):
         t = await window.acquire()
         window.release(t, Verdict.CONGESTED, f"node-{i}", "slow")
@@ -160,3 +160,20 @@ async def test_boot_deadlines_skip_the_time_the_appliance_loop_stalled(world) ->
     clock.t = 0.95
     dep.tick()
     assert late.watch.stage is Stage.STUCK  # type: ignore[union-attr]
+
+
+async def test_admissions_are_paced_so_a_wide_window_does_not_hold_the_loop() -> None:
+    """20 nodes asking a window of 4000 at once are let in 10 ms apart, not in one loop turn."""
+    window = RebootWindow(4000, pace_s=0.01)
+    loop = asyncio.get_running_loop()
+    admitted: list[float] = []
+
+    async def node() -> None:
+        await window.acquire()
+        admitted.append(loop.time())
+
+    started = loop.time()
+    await asyncio.gather(*(node() for _ in range(20)))
+    assert window.in_flight == 20
+    assert admitted[-1] - started >= 19 * 0.01 * 0.9  # a limit on pacing, not a timing of the machine
+    assert all(b >= a for a, b in zip(admitted, admitted[1:]))

@@ -6,6 +6,7 @@ Reboots escalate soft (SSH) -> hard (IPMI reset) -> very hard (power off, then o
 from __future__ import annotations
 
 import asyncio
+import logging
 from typing import Callable
 
 from appliance.catalog import Environment
@@ -17,6 +18,8 @@ from appliance.deploy.power import BmcAuthRefused, BmcUnreachable, PowerDriver, 
 from appliance.deploy.window import LOADING_STAGES, RebootWindow, Verdict, boot_verdict
 from appliance.deploy.workflow import BootDeadlines
 from domain.errors import RackbootError
+
+log = logging.getLogger("rackboot.deploy")
 
 # Which reboot levels an implementation climbs, in order.
 LADDERS: dict[str, tuple[str, ...]] = {
@@ -56,6 +59,7 @@ class Rebooter:
         self.window = RebootWindow(window, on_change=self._window_cut)
 
     def _window_cut(self, old: int, new: int, why: str) -> None:
+        log.info("reboot window cut from %d to %d nodes: %s", old, new, why)
         self.note(None, "reboot_window", limit=new, was=old, reason=why)
 
     async def reboot(self, run: NodeRun, level: str) -> str | None:

@@ -26,6 +26,11 @@ from appliance.deploy.workflow import BootDeadlines
 
 # The window never shrinks below 1/FLOOR_SHARE of the operator's window, nor below 2 nodes.
 FLOOR_SHARE = 64
+# Admissions are paced this far apart: a node's first steps after its slot (its state and boot profile written, an
+# SSH or IPMI call started: a few milliseconds) run in a loop turn of their own. Unpaced, the 4000 nodes of a window of
+# 4000 took their slots in one turn and held the appliance's loop for 30 s, no DHCP answered meanwhile; paced,
+# 4000 nodes are admitted in 8 s, against a POST of a minute.
+ADMISSION_PACE_S = 0.002
 # The stages a slot covers: until the node has its script and its boot files.
 LOADING_STAGES = (Stage.RESETTING, Stage.FIRMWARE, Stage.LOADING)
 # The stages whose time is the boot services' doing: from the firmware's DHCP to the loaded files.
@@ -63,8 +68,11 @@ def boot_verdict(watch: BootWatch | None, deadlines: BootDeadlines) -> tuple[Ver
 class RebootWindow:
     """At most `limit` nodes hold a slot; the limit adapts to the verdicts of the boots that leave (AIMD)."""
 
-    def __init__(self, ceiling: int, on_change: Callable[[int, int, str], None] | None = None) -> None:
+    def __init__(self, ceiling: int, on_change: Callable[[int, int, str], None] | None = None,
+                 pace_s: float = ADMISSION_PACE_S) -> None:
         self.ceiling = max(1, ceiling)
+        self.pace_s = pace_s
+        self._next_admission = 0.0  # loop time before which no node is admitted
         self.floor = min(self.ceiling, max(2, self.ceiling // FLOOR_SHARE))
         self.limit = float(self.ceiling)
         self.in_flight = 0
@@ -78,7 +86,13 @@ class RebootWindow:
         self._cut_by: set[str] = set()  # the nodes whose boot cut the window once already
 
     async def acquire(self) -> int:
-        """Wait for a slot (first come, first served); return its ticket, for release."""
+        """Wait for a slot (first come, first served, pace_s apart); return its ticket, for release."""
+        loop = asyncio.get_running_loop()
+        now = loop.time()
+        at = max(now, self._next_admission)
+        self._next_admission = at + self.pace_s
+        if at > now:
+            await asyncio.sleep(at - now)
         if self.in_flight + self._granted >= int(self.limit) or self._waiters:
             fut: asyncio.Future[None] = asyncio.get_running_loop().create_future()
             self._waiters.append(fut)
