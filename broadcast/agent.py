@@ -32,6 +32,7 @@ import aiohttp
 import asyncssh
 
 from domain.errors import BindError
+from domain.aio import within
 from broadcast.agent_client import AGENT_COMMAND
 from broadcast import bootloader
 from broadcast.builtin import Builtin
@@ -410,7 +411,7 @@ class DeployAgent:
                                                         start_new_session=True)
             timed_out = False
             try:
-                out, err = await asyncio.wait_for(proc.communicate(), float(script.get("timeout", 600)))
+                out, err = await within(proc.communicate(), float(script.get("timeout", 600)))
             except asyncio.TimeoutError:
                 timed_out = True
                 _kill_group(proc)

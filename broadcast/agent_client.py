@@ -19,6 +19,7 @@ from broadcast.errors import AgentError, AgentMissing
 from broadcast.image import SinkSpec
 from broadcast.loopfd import close_socket
 from broadcast.wire import SocketFactory
+from domain.aio import within
 
 AGENT_COMMAND = "rackboot-agent"
 # POSIX shells exit 127 when the command is not found (XCU 2.8.2): the node runs no agent.
@@ -145,12 +146,12 @@ async def ssh_connect(host: str, port: int, key: asyncssh.SSHKey, *, username: s
         sock = socket_factory((socket.AF_INET, socket.SOCK_STREAM, socket.IPPROTO_TCP, "", (host, port)))
         sock.setblocking(False)
         try:
-            await asyncio.wait_for(asyncio.get_running_loop().sock_connect(sock, (host, port)), timeout)
+            await within(asyncio.get_running_loop().sock_connect(sock, (host, port)), timeout)
         except BaseException:
             close_socket(sock)
             raise
-        return await asyncio.wait_for(asyncssh.connect(sock=sock, **kwargs), timeout)
-    return await asyncio.wait_for(asyncssh.connect(host, port, **kwargs), timeout)
+        return await within(asyncssh.connect(sock=sock, **kwargs), timeout)
+    return await within(asyncssh.connect(host, port, **kwargs), timeout)
 
 
 def ssh_arm(client_key: asyncssh.SSHKey | str, ssh_port: int | Callable[[Any], int],

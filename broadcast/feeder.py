@@ -26,6 +26,7 @@ import time
 from typing import Any, Callable
 
 from domain.errors import MalformedPacket
+from domain.aio import within
 from broadcast.errors import describe_error
 from broadcast.params import ChainParams
 from broadcast.splice import SplicePipe
@@ -87,7 +88,7 @@ class ChildLink:
             await self.conn.send("hello", v=VERSION, session=f.session, token=f.token, **{"from": f.name},
                                  ancestors=f.ancestors + [f.name], tree=self.subtree.to_json(), size=f.size,
                                  sha256=f.sha256, report=list(f.report_addr), params=p.to_json())
-            msg = await asyncio.wait_for(self.conn.recv(), p.connect_timeout + p.stall_timeout)
+            msg = await within(self.conn.recv(), p.connect_timeout + p.stall_timeout)
         except (OSError, asyncio.TimeoutError, MalformedPacket) as exc:
             self._finish("failed", f"handshake failed: {describe_error(exc)}")
             return

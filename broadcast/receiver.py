@@ -12,6 +12,7 @@ import logging
 import socket
 
 from domain.errors import BindError, MalformedPacket
+from domain.aio import within
 from broadcast.errors import ProtocolError, describe_error
 from broadcast.image import SinkSpec
 from broadcast.loopfd import close_socket
@@ -77,7 +78,7 @@ class Receiver:
         fut = self._results.get(session)
         if fut is None:
             raise ProtocolError(f"session {session} is not armed on {self.name}")
-        return await asyncio.wait_for(asyncio.shield(fut), timeout)
+        return await within(asyncio.shield(fut), timeout)
 
     def session_result(self, session: str, result: NodeResult) -> None:
         """Record this node's result (called by the relay or the star client)."""
@@ -111,7 +112,7 @@ class Receiver:
 
     async def _handle(self, conn: LineSocket) -> None:
         try:
-            msg = await asyncio.wait_for(conn.recv(), 30.0)
+            msg = await within(conn.recv(), 30.0)
         except MalformedPacket:
             self.counters["dropped_malformed"] += 1
             conn.close()

@@ -21,6 +21,7 @@ import logging
 from typing import Any, Callable
 
 from domain.errors import MalformedPacket
+from domain.aio import within
 from broadcast.errors import ProtocolError, describe_error
 from broadcast.feeder import ChildLink, Feeder
 from broadcast.image import AsyncImageSink, WriteReport
@@ -335,7 +336,7 @@ class Relay(Feeder):
             old_reader.cancel()
         if old is not None:
             try:
-                await asyncio.wait_for(old.send("superseded", by=sender), 1.0)
+                await within(old.send("superseded", by=sender), 1.0)
             except (OSError, asyncio.TimeoutError):
                 pass
             old.close()

@@ -15,6 +15,7 @@ from pathlib import Path
 from typing import Any
 
 from domain.errors import MalformedPacket
+from domain.aio import within
 from broadcast.feeder import ChildLink, Feeder
 from broadcast.params import ChainParams
 from broadcast.result import SOURCE_NAME, BroadcastResult, NodeResult
@@ -102,7 +103,7 @@ class Source(Feeder):
     async def _serve_reports(self, reader: asyncio.StreamReader, writer: asyncio.StreamWriter) -> None:
         self._report_writers.add(writer)
         try:
-            first = decode((await asyncio.wait_for(reader.readline(), 30.0)).rstrip(b"\n"))
+            first = decode((await within(reader.readline(), 30.0)).rstrip(b"\n"))
             if first["type"] != "report_hello" or first["session"] != self.session or not hmac.compare_digest(first["token"], self.token):
                 self.counters["dropped_malformed"] += 1
                 return
@@ -144,7 +145,7 @@ class Source(Feeder):
             for tree in self.forest:
                 self.add_link(tree, [0])
             try:
-                await asyncio.wait_for(self.wait_until(self._finished), deadline)
+                await within(self.wait_until(self._finished), deadline)
             except asyncio.TimeoutError:
                 pass
         finally:

@@ -16,6 +16,7 @@ from typing import Any, Callable, Sequence
 import aiohttp
 
 from domain.errors import MalformedPacket
+from domain.aio import within
 from broadcast.errors import describe_error
 from broadcast.image import AsyncImageSink
 from broadcast.params import ChainParams
@@ -121,7 +122,7 @@ async def _fetch_one(target: Target, url: str, size: int | None, sha256: str | N
         await conn.send("fetch", v=VERSION, session=session, token=token, url=url, size=size, sha256=sha256,
                         params=params.to_json())
         while True:
-            msg = await asyncio.wait_for(conn.recv(), params.stall_timeout)
+            msg = await within(conn.recv(), params.stall_timeout)
             if msg is None:
                 return NodeResult(name=target.name, reason=f"connection lost at offset {offset}", reported_by=SOURCE_NAME)
             if msg["type"] == "progress":

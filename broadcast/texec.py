@@ -25,6 +25,7 @@ import asyncssh
 from ClusterShell.NodeSet import NodeSet
 
 from domain.errors import MalformedPacket
+from domain.aio import within
 from broadcast.agent_client import AGENT_COMMAND, ssh_connect
 from broadcast.builtin import Builtin, BuiltinAnswer
 from broadcast.errors import describe_error
@@ -179,7 +180,7 @@ class Level:
                 proc.stdin.write_eof()
                 deadline = subtree_deadline(self.req, st.depth())
                 try:
-                    await asyncio.wait_for(self._forward(proc, names, reported, st.name, adopted), deadline)
+                    await within(self._forward(proc, names, reported, st.name, adopted), deadline)
                     if st.name not in reported or reported != names:
                         problem = f"lost: {st.name} closed the connection before reporting"
                 except asyncio.TimeoutError:
@@ -232,7 +233,7 @@ async def run_local(command: str, timeout: float, max_output: int, *, shell: Seq
                 "duration": time.monotonic() - t0}
     timed_out = False
     try:
-        out, err = await asyncio.wait_for(proc.communicate(), timeout)
+        out, err = await within(proc.communicate(), timeout)
     except asyncio.TimeoutError:
         timed_out = True
         try:
@@ -254,7 +255,7 @@ def builtin_fields(answer: BuiltinAnswer, max_output: int) -> dict[str, Any]:
 async def serve_texec(ctx: ExecContext, process: asyncssh.SSHServerProcess[bytes]) -> None:
     """Agent side of `rackboot-agent texec`: run locally, open the next level, stream results upward."""
     try:
-        line = await asyncio.wait_for(process.stdin.readline(), 30)
+        line = await within(process.stdin.readline(), 30)
         req = decode(line.rstrip(b"\n"))
         if req["type"] != "texec":
             raise MalformedPacket("expected a texec request")

@@ -5,6 +5,7 @@ import asyncio
 from typing import Sequence
 
 from broadcast.errors import AgentError
+from domain.aio import within
 
 
 async def run_tool(argv: Sequence[str], stdin: bytes | None = None, timeout: float = 120.0) -> str:
@@ -14,7 +15,7 @@ async def run_tool(argv: Sequence[str], stdin: bytes | None = None, timeout: flo
         *argv, stdin=asyncio.subprocess.DEVNULL if stdin is None else asyncio.subprocess.PIPE,
         stdout=asyncio.subprocess.PIPE, stderr=asyncio.subprocess.PIPE)
     try:
-        out, err = await asyncio.wait_for(proc.communicate(stdin), timeout)
+        out, err = await within(proc.communicate(stdin), timeout)
     except asyncio.TimeoutError:
         proc.kill()
         await proc.wait()

@@ -15,6 +15,7 @@ import struct
 from typing import Any, Callable
 
 from domain.errors import MalformedPacket
+from domain.aio import within
 from broadcast.loopfd import close_socket
 
 VERSION = 1
@@ -166,7 +167,7 @@ async def open_connection(host: str, port: int, timeout: float,
     try:
         sock.setblocking(False)
         sock.setsockopt(socket.IPPROTO_TCP, socket.TCP_NODELAY, 1)
-        await asyncio.wait_for(loop.sock_connect(sock, (host, port)), timeout)
+        await within(loop.sock_connect(sock, (host, port)), timeout)
     except BaseException:
         close_socket(sock)
         raise

@@ -19,6 +19,7 @@ from dnslib import EDNS0, NS, OPCODE, PTR, QTYPE, RCODE, RR, SOA, A, DNSRecord
 
 from domain.latency import Latency
 from domain.errors import BindError, MalformedPacket
+from domain.aio import within
 
 log = logging.getLogger("rackboot.dns")
 
@@ -439,8 +440,8 @@ class DnsService:
 
         try:
             while True:
-                prefix = await asyncio.wait_for(reader.readexactly(2), TCP_IDLE_TIMEOUT_S)
-                data = await asyncio.wait_for(reader.readexactly(struct.unpack("!H", prefix)[0]), TCP_IDLE_TIMEOUT_S)
+                prefix = await within(reader.readexactly(2), TCP_IDLE_TIMEOUT_S)
+                data = await within(reader.readexactly(struct.unpack("!H", prefix)[0]), TCP_IDLE_TIMEOUT_S)
                 self._handle(data, reply_to, False)
                 await writer.drain()
         except (asyncio.IncompleteReadError, asyncio.TimeoutError, ConnectionError):
@@ -454,14 +455,14 @@ class DnsService:
         self._counters["forwarded"] += 1
         for host, port in self._settings.upstream:
             try:
-                reader, writer = await asyncio.wait_for(asyncio.open_connection(host, port), self._forward_timeout_s)
+                reader, writer = await within(asyncio.open_connection(host, port), self._forward_timeout_s)
             except (OSError, asyncio.TimeoutError):
                 self._counters["forward_timeouts"] += 1
                 continue
             try:
                 writer.write(struct.pack("!H", len(data)) + data)
-                prefix = await asyncio.wait_for(reader.readexactly(2), self._forward_timeout_s)
-                answer = await asyncio.wait_for(reader.readexactly(struct.unpack("!H", prefix)[0]), self._forward_timeout_s)
+                prefix = await within(reader.readexactly(2), self._forward_timeout_s)
+                answer = await within(reader.readexactly(struct.unpack("!H", prefix)[0]), self._forward_timeout_s)
             except (OSError, asyncio.IncompleteReadError, asyncio.TimeoutError):
                 self._counters["forward_timeouts"] += 1
                 continue

@@ -23,6 +23,7 @@ from appliance.api.base import Call
 from appliance.api.deps import ApiDeps, EventFeed
 from appliance.api.nodes import event_view
 from domain.progress import NodeEvent
+from domain.aio import within
 
 STREAM_KEEPALIVE_S = 15.0
 POLL_S = 0.25  # how often the deployments' logs are looked at when no boot record arrives
@@ -87,7 +88,7 @@ async def live(deps: ApiDeps, call: Call) -> web.StreamResponse:
 async def _next_records(sub: EventFeed) -> list[NodeEvent]:
     """The boot records queued now, waiting up to POLL_S for the first one."""
     try:
-        first = await asyncio.wait_for(sub.get(), POLL_S)
+        first = await within(sub.get(), POLL_S)
     except asyncio.TimeoutError:
         return []
     records = [first]

@@ -33,6 +33,7 @@ from appliance.deploy.power import (
     RetriedBmcCalls,
 )
 from domain.nodes import BmcSpec, Node
+from domain.aio import within
 
 IPMITOOL = "ipmitool"
 PROCESSES = 32  # ipmitool processes at once: each waits on the network nearly all its life
@@ -102,7 +103,7 @@ class IpmitoolPower(RetriedBmcCalls[list[str]]):
             except FileNotFoundError as exc:
                 raise BmcClientMissing(f"{self._binary} is not installed (apt-get install ipmitool)") from exc
             try:
-                out, err = await asyncio.wait_for(proc.communicate(), self._kill_after_s)
+                out, err = await within(proc.communicate(), self._kill_after_s)
             except (TimeoutError, asyncio.CancelledError) as exc:
                 # Killed, so that nothing more reaches the BMC after the call is given up (a late reset would land
                 # in the middle of the deployment).

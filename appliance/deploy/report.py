@@ -14,6 +14,7 @@ from appliance.deploy.store import DeploymentStore
 
 log = logging.getLogger("rackboot.deploy")
 from domain.logfields import fields
+from domain.aio import within
 
 
 class Journal:
@@ -35,7 +36,7 @@ class Journal:
         """Return the entries after index `after`, waiting up to timeout for new ones while running() holds."""
         if len(self.entries) <= after and running():
             try:
-                await asyncio.wait_for(self._changed.wait(), timeout)
+                await within(self._changed.wait(), timeout)
             except asyncio.TimeoutError:
                 pass
         return self.entries[after:]

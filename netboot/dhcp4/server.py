@@ -27,6 +27,7 @@ from typing import Mapping
 from domain.errors import BindError, MalformedPacket
 from domain.progress import EventSink
 from domain.latency import Latency
+from domain.aio import within
 from netboot.dhcp4 import options as o
 from netboot.dhcp4.codec import decode, ipv4_udp_packet
 from netboot.dhcp4.leases import LeaseBatch, LeaseTable, write_batch
@@ -202,7 +203,7 @@ class DhcpService:
         try:
             while True:
                 try:
-                    await asyncio.wait_for(self._flush_now.wait(), FLUSH_INTERVAL_S)
+                    await within(self._flush_now.wait(), FLUSH_INTERVAL_S)
                 except TimeoutError:
                     pass
                 self._flush_now.clear()
