@@ -177,3 +177,20 @@ async def test_admissions_are_paced_so_a_wide_window_does_not_hold_the_loop() ->
     assert window.in_flight == 20
     assert admitted[-1] - started >= 19 * 0.01 * 0.9  # a limit on pacing, not a timing of the machine
     assert all(b >= a for a, b in zip(admitted, admitted[1:]))
+
+
+async def test_waiters_cancelled_together_while_slots_are_released() -> None:
+    """A deployment's cancel (or a step's timeout) cancels every waiting node at once; the slots their holders give
+    back in the same loop turn must neither raise nor be lost (seen as InvalidStateError failing 4000 nodes)."""
+    window = RebootWindow(4, pace_s=0)
+    held = [await window.acquire() for _ in range(4)]
+    waiters = [asyncio.create_task(window.acquire()) for _ in range(8)]
+    await asyncio.sleep(0)
+    for w in waiters:
+        w.cancel()
+    for i, t in enumerate(held):  # the holders' finally blocks, before the cancelled waiters have run
+        window.release(t, Verdict.SILENT, f"node-{i}")
+    await asyncio.gather(*waiters, return_exceptions=True)
+    assert all(w.cancelled() for w in waiters)
+    assert window.in_flight == 0 and window._granted == 0 and not window._waiters
+    assert [await window.acquire() for _ in range(4)] and window.in_flight == 4

@@ -102,7 +102,7 @@ class RebootWindow:
                 if fut.done() and not fut.cancelled():  # granted, then cancelled: the slot goes to the next
                     self._granted -= 1
                     self._wake()
-                else:
+                elif fut in self._waiters:  # (a release may have dropped it already: _wake)
                     self._waiters.remove(fut)
                 raise
             self._granted -= 1
@@ -129,5 +129,8 @@ class RebootWindow:
 
     def _wake(self) -> None:
         while self._waiters and self.in_flight + self._granted < int(self.limit):
-            self._waiters.popleft().set_result(None)
+            fut = self._waiters.popleft()
+            if fut.done():  # its task was cancelled (a timeout, the deployment's cancel) and has not run since
+                continue
+            fut.set_result(None)
             self._granted += 1
