@@ -167,3 +167,38 @@ async def test_soft_reboot_of_a_stock_installed_system_goes_through_its_init(tmp
     finally:
         server.close()
         await server.wait_closed()
+
+
+async def test_handshakes_to_agents_are_bounded(tmp_path: Path) -> None:
+    """With one handshake at a time, the second node's connection starts only once the first one's handshake has
+    ended (here: timed out against a listener that never speaks SSH), in that order, not both at once."""
+    key_path = tmp_path / "state" / "deploy_key"
+    load_or_create_key(key_path)
+    nodes = [Node(name=f"node-{i}", mac=f"52:54:00:77:01:0{i}", ip=ipaddress.IPv4Address(f"127.0.0.{20 + i}"), rack="r1")
+             for i in (1, 2)]
+    config = ApplianceConfig(interface="lo", address=ipaddress.IPv4Interface("127.0.0.1/8"), state_dir=tmp_path / "state",
+                             inventory=Inventory(tuple(nodes)), deploy=DeployConfig(ssh_key=key_path))
+    driver = AgentDeployDriver(config, NodeTokens(), connect_timeout=0.5, handshakes=1)
+    seen: list[str] = []
+    servers = []
+    for n in nodes:
+        async def silent(reader: asyncio.StreamReader, writer: asyncio.StreamWriter, name: str = n.name) -> None:
+            seen.append(f"{name} connected")
+            await reader.read()  # never a word of SSH: the client's handshake times out and closes
+            seen.append(f"{name} closed")
+            writer.close()
+
+        server = await asyncio.start_server(silent, str(n.ip), 0)
+        servers.append(server)
+        driver.agent_up(n, {"ssh_port": str(server.sockets[0].getsockname()[1]), "data_port": "7070"})
+    try:
+        results = await asyncio.gather(*(driver.soft_reboot(n) for n in nodes), return_exceptions=True)
+        assert all(isinstance(r, DeployError) for r in results), results
+        for _ in range(100):
+            if len(seen) == 4:
+                break
+            await asyncio.sleep(0.01)
+        assert seen == ["node-1 connected", "node-1 closed", "node-2 connected", "node-2 closed"]
+    finally:
+        for server in servers:
+            server.close()
