@@ -87,6 +87,9 @@ def test_testbed_boots_every_node_to_its_script_and_leaves_nothing_behind() -> N
         assert {n.rack for n in config.inventory.nodes} == {"r1", "r2"}
         assert all(n.bmc is not None and read_bmc_credentials(n.bmc) == (BMC_USER, bmc_password(plan)) for n in config.inventory.nodes)
         assert len(existing_namespaces(plan.prefix)) == NODES + 3
+        for ns in (plan.node_list[0].namespace, plan.fabric_ns):  # IPv4 only: no multicast the rack bridges flood
+            with entered(ns):
+                assert Path("/proc/sys/net/ipv6/conf/all/disable_ipv6").read_text().strip() == "1"
 
         start_appliance(plan, result.files)
         password = bmc_password(plan)
