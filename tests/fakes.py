@@ -174,6 +174,7 @@ class FakeCluster:
         self.agent: FakeDeploy | None = None  # where a silent installed system can be reached over SSH
         self.tasks: list[asyncio.Task[None]] = []
         self.firmware_s = 0.0                 # time from the first DHCP to the script
+        self.firmware_s_of: dict[str, float] = {}  # the same, for some nodes
         self.in_firmware = 0                  # nodes between power-on and their script, now and at most
         self.max_in_firmware = 0
         self.overload_above: int | None = None  # more nodes than this in firmware at once: the newcomer's fetch fails
@@ -198,7 +199,7 @@ class FakeCluster:
                 await asyncio.sleep(self.firmware_s)
                 self.in_firmware -= 1
                 return
-            await asyncio.sleep(self.firmware_s)
+            await asyncio.sleep(self.firmware_s_of.get(node.name, self.firmware_s))
             self.in_firmware -= 1
             ev.publish(NbpSent(node.mac, "undionly.kpxe", Via.TFTP))
             if node.name in self.nbp_loop:

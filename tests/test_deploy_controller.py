@@ -328,3 +328,18 @@ async def test_a_node_through_the_last_step_is_done_at_once_and_stays_done_when_
     result = dep.result()
     assert result["status"] == "cancelled"
     assert result["ok_nodeset"] == "node-1" and [k["node"] for k in result["ko"]] == ["node-2"]
+
+
+async def test_a_node_that_calls_back_while_waiting_to_be_reset_again_is_up(world) -> None:  # type: ignore[no-untyped-def]
+    """node-1 gets its script after its deadline (stuck in firmware) and its agent calls back while it waits for a
+    window slot to be reset again: it is up, and is not reset a second time."""
+    controller, deps, cluster, env, power, agent = world
+    controller.workflow_factory = lambda method, kexec: replace(default_workflow(method, kexec), deadlines=FAST, reboot_window=1)
+    cluster.firmware_s_of = {"node-1": 0.6}  # over FAST's 0.4 s from DHCP to the script
+    cluster.firmware_s = 0.3                 # node-2 holds the one slot meanwhile
+    agent.no_ssh = {"node-1"}                # node-1 straight to an IPMI reset; node-2 reboots over SSH, in its slot
+    result = await run_deployment(controller, list(deps.inventory.nodes)[:2], env)
+    assert result["status"] == "done", result["ko"]
+    assert [op for name, op in power.calls if name == "node-1" and op in ("reset", "on", "off")] == ["on"]
+    dep = controller.deployments[result["id"]]
+    assert any(e["what"] == "boot" and e.get("late") for e in dep.log if e["node"] == "node-1")

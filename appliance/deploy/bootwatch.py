@@ -63,6 +63,11 @@ TRANSITIONS: dict[tuple[Stage, type], Stage | dict[str, Stage]] = {
 for _stage in (Stage.RESETTING, Stage.FIRMWARE, Stage.LOADING, Stage.STARTING, Stage.LOCAL_BOOT, Stage.KEXECING, Stage.OS_STARTING):
     TRANSITIONS[(_stage, AgentUp)] = {DEPLOY: Stage.UP}
     TRANSITIONS[(_stage, OsUp)] = {INSTALLED: Stage.UP}
+# A callback after a deadline: the node was slow, not stuck. It counts as long as no other reset was issued (the
+# Rebooter looks before each level): under a boot storm a node stuck by a few seconds waits minutes for a window
+# slot to be reset, and its agent calls back meanwhile (4000 nodes: hundreds were reset again for nothing).
+TRANSITIONS[(Stage.STUCK, AgentUp)] = {DEPLOY: Stage.UP}
+TRANSITIONS[(Stage.STUCK, OsUp)] = {INSTALLED: Stage.UP}
 # Or the installed system answers SSH with the environment stamped in it (checked once it has left the firmware).
 for _stage in (Stage.LOCAL_BOOT, Stage.KEXECING, Stage.OS_STARTING):
     TRANSITIONS[(_stage, OsReachable)] = {INSTALLED: Stage.UP}
@@ -127,10 +132,10 @@ class BootWatch:
 
     def on_event(self, event: NodeEvent, now: float) -> bool:
         """Apply one of the node's records; return True when the stage changed."""
-        if self.done:
+        if self.stage is Stage.UP:
             return False
         kind = type(event)
-        if kind is NbpSent:
+        if kind is NbpSent and self.stage is not Stage.STUCK:
             self.nbp_count += 1
             if self.nbp_count >= self.deadlines.nbp_loop_limit and self.stage in (Stage.RESETTING, Stage.FIRMWARE):
                 self.reason = f"loops fetching its boot file: NBP sent {self.nbp_count} times without the iPXE script"

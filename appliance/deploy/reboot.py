@@ -126,6 +126,7 @@ class Rebooter:
     async def _climb(self, run: NodeRun, target: str, levels: tuple[str, ...], kexec_env: Environment | None,
                      reasons: list[str]) -> str | None:
         attempts = (("kexec",) if kexec_env is not None else ()) + levels
+        last: BootWatch | None = None  # the watch of this climb's last boot
         for level in attempts:
             why: str | None = None
             # A window slot is held from the reset until the node has its iPXE script and, for the deploy environment,
@@ -134,6 +135,11 @@ class Rebooter:
             # (appliance.deploy.window). A node waiting for a slot has no deadline running. Kexec'ing nodes take slots
             # too, until the new kernel is on the network: hundreds of systems starting at once is a DHCP storm of its own.
             ticket = await self.window.acquire()
+            if last is not None and last.stage is Stage.UP:  # it called back late, while waiting for this slot
+                self.window.release(ticket, Verdict.SILENT, run.node.name)
+                run.watch = last
+                self.note(run, "boot", stage=Stage.UP.value, late=True)
+                return None
             verdict, slow = Verdict.SILENT, ""
             try:
                 if level == "kexec":
@@ -169,7 +175,7 @@ class Rebooter:
             finally:
                 if probe is not None:
                     probe.cancel()
-            watch = run.watch
+            watch = last = run.watch
             assert watch is not None
             if watch.stage is Stage.UP:
                 return None
