@@ -7,6 +7,7 @@ import subprocess
 from pathlib import Path
 from typing import Callable, Iterator
 
+import asyncssh
 import pytest
 
 from fakes import FakeClock
@@ -50,3 +51,13 @@ def loop_device(tmp_path: Path) -> Iterator[Callable[[int], str]]:
                 if line.split()[0].startswith(device):
                     subprocess.run(["umount", line.split()[1]], capture_output=True)
             subprocess.run(["losetup", "-d", device], capture_output=True)
+
+
+@pytest.fixture(scope="module")
+def keys(tmp_path_factory: pytest.TempPathFactory) -> tuple[asyncssh.SSHKey, str]:
+    """The appliance's deploy key, and the tree key file the agents use between themselves."""
+    deploy = asyncssh.generate_private_key("ssh-ed25519")
+    tree = asyncssh.generate_private_key("ssh-ed25519")
+    path = tmp_path_factory.mktemp("keys") / "tree_key"
+    tree.write_private_key(str(path))
+    return deploy, str(path)

@@ -24,16 +24,6 @@ def answers(command: str) -> BuiltinAnswer | None:
     return builtin_true(command)
 
 
-@pytest.fixture(scope="module")
-def keys(tmp_path_factory: pytest.TempPathFactory) -> tuple[asyncssh.SSHKey, str]:
-    """The appliance's deploy key, and the tree key file the agents use between themselves."""
-    deploy = asyncssh.generate_private_key("ssh-ed25519")
-    tree = asyncssh.generate_private_key("ssh-ed25519")
-    path = tmp_path_factory.mktemp("keys") / "tree_key"
-    tree.write_private_key(str(path))
-    return deploy, str(path)
-
-
 @pytest.fixture
 def spawn_log(tmp_path: Path) -> Path:
     """A shell prefix that records every process the agents spawn (one line each), then runs the command."""

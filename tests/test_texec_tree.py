@@ -17,16 +17,6 @@ from broadcast.wire import VERSION, decode, encode
 pytestmark = pytest.mark.timeout(90)
 
 
-@pytest.fixture(scope="module")
-def keys(tmp_path_factory: pytest.TempPathFactory) -> tuple[asyncssh.SSHKey, str]:
-    """The appliance's deploy key, and the tree key file the agents use between themselves."""
-    deploy = asyncssh.generate_private_key("ssh-ed25519")
-    tree = asyncssh.generate_private_key("ssh-ed25519")
-    path = tmp_path_factory.mktemp("keys") / "tree_key"
-    tree.write_private_key(str(path))
-    return deploy, str(path)
-
-
 def free_port(host: str) -> int:
     with socket.socket() as s:
         s.bind((host, 0))
