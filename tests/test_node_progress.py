@@ -126,7 +126,14 @@ class Wired:
         with socket.socket(socket.AF_INET, socket.SOCK_DGRAM) as s:  # the PXE ROM's DISCOVER
             s.sendto(request_bytes(node.mac, "discover", xid=self.xid, options=pxe_options(0, BIOS_VC)),
                      ("127.0.0.1", self.dhcp_setup.settings.port))
+        served = sum(1 for e in self.events.last(node.mac, None) if isinstance(e, ScriptServed))
         script = await self.tftp_get("boot.ipxe")  # iPXE fetches its script over TFTP
+        # A real node spends seconds booting what the script names; the TFTP data plane reports the transfer from its
+        # worker process, which under load can come after a callback sent at once (seen in CI: no local_boot stage).
+        for _ in range(500):
+            if sum(1 for e in self.events.last(node.mac, None) if isinstance(e, ScriptServed)) > served:
+                break
+            await asyncio.sleep(0.01)
         base = self.http_settings.base_url
         async with aiohttp.ClientSession(connector=aiohttp.TCPConnector(local_addr=(str(node.ip), 0))) as http:
             if "kernel " in script:  # the deploy environment
