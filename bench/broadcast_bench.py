@@ -208,7 +208,6 @@ class DeployTestbed:
         self.name = f"bb{secrets.token_hex(3)}"
         self.plan = make_plan(self.name, nodes, racks, link_mbit=link_mbit, uplink_mbit=uplink_mbit, post_s="0.5-2", seed=seed,
                               builtin_true=builtin_true)
-        self.daemon_pid = 0  # the first node daemon's
         self.daemon_pids: tuple[int, ...] = ()  # every node daemon's (one per shard)
         self.files: Any = None
         self.procs: list[subprocess.Popen[Any]] = []  # everything this session started, stopped by close()
@@ -241,7 +240,6 @@ class DeployTestbed:
         t0 = time.monotonic()
         result = up(plan)
         self.up_s = time.monotonic() - t0
-        self.daemon_pid = result.daemon_pid
         self.daemon_pids = result.daemon_pids
         self.files = result.files
         # The testbed sizes the kernel's (global) ARP table for appliance<->node and BMC traffic (3N+256);
@@ -325,6 +323,11 @@ class DeployTestbed:
     def python(self) -> list[str]:
         """argv prefix that re-runs this script with this Python."""
         return [sys.executable, str(Path(__file__).resolve())]
+
+    @property
+    def daemon_pid(self) -> int:
+        """The first node daemon's pid (0 before up), as UpResult.daemon_pid."""
+        return self.daemon_pids[0] if self.daemon_pids else 0
 
     def daemon_cpu(self) -> float:
         """CPU seconds used so far by every node daemon (each shard's process and its reaped children)."""
