@@ -38,6 +38,8 @@ def test_a_boot_that_loaded_well_within_its_deadlines_is_on_time() -> None:
     watch = watched((60, DHCP), (70, SCRIPT), (90, INITRD))  # 30 s of the 100 s allowed from DHCP to the initrd
     assert watch.stage is Stage.STARTING
     assert boot_verdict(watch, DEADLINES) == (Verdict.ON_TIME, "")
+    fast = watched((60, DHCP), (61, SCRIPT), (72, INITRD))  # 12 s of 100 s: the services have room
+    assert boot_verdict(fast, DEADLINES) == (Verdict.FAST, "")
 
 
 def test_a_boot_that_used_over_half_its_deadlines_is_congested() -> None:
@@ -103,6 +105,27 @@ async def test_a_congested_boot_halves_the_window_once_a_round_and_once_a_node()
     on_time = await window.acquire()
     window.release(on_time, Verdict.ON_TIME, "node-4")
     assert window.limit == pytest.approx(25 + 1 / 25)  # one slot a round
+
+
+async def test_fast_boots_admitted_after_a_cut_grow_the_window_a_slot_each() -> None:
+    window = RebootWindow(1000, pace_s=0)
+    storm = [await window.acquire() for _ in range(1000)]
+    window.release(storm[0], Verdict.CONGESTED, "node-0", "stuck in firmware")
+    assert window.limit == 500
+    window.release(storm[1], Verdict.FAST, "node-1")  # of the round that was cut: one slot a round, as ON_TIME
+    assert window.limit == pytest.approx(500 + 1 / 500)
+    for t in storm[2:600]:
+        window.release(t, Verdict.SILENT, "node-x")
+    after = [await window.acquire() for _ in range(100)]
+    for i, t in enumerate(after):
+        window.release(t, Verdict.FAST, f"node-{1000 + i}")  # admitted after the cut, loaded in seconds
+    assert window.limit == pytest.approx(600 + 1 / 500)  # a whole slot each: the window doubles in a round
+    for t in storm[600:]:
+        window.release(t, Verdict.SILENT, "node-x")
+    more = [await window.acquire() for _ in range(550)]
+    for i, t in enumerate(more):
+        window.release(t, Verdict.FAST, f"node-{2000 + i}")
+    assert window.limit == 1000  # never above the operator's window
 
 
 async def test_the_window_never_closes_below_its_floor() -> None:
