@@ -14,7 +14,8 @@ import pytest
 
 from vmtestbed.appliance_files import dhcp_after_reset_s
 from vmtestbed.experiment import ExperimentError, RunResult, load_experiment
-from vmtestbed.experiment_report import firmware_reboots, physical_floor_s, slowest_post_floor_s, write_report
+from vmtestbed.experiment_report import fault_outcomes, firmware_reboots, healthy_done_s, physical_floor_s, slowest_post_floor_s, write_report
+from vmtestbed.faults import assign_faults, parse_faults
 
 EXPERIMENTS = Path(__file__).resolve().parent.parent / "vm-testbed" / "experiments"
 
@@ -91,6 +92,31 @@ def test_the_report_directory(tmp_path: Path) -> None:
     assert len(rows) == 3 * (10 + 10 + 20) and rows[0]["nodes"] == "10" and rows[0]["step"] == "SetDeploymentEnv"
     data = json.loads((tmp_path / "out" / "runs.json").read_text())
     assert data["commit"] == "abc1234" and len(data["runs"]) == 3 and data["machine"]["cpus"]
+
+
+def test_the_report_says_what_became_of_each_injected_fault(tmp_path: Path) -> None:
+    path = tmp_path / "f.yaml"
+    path.write_text("name: faulty\nnodes: 20\nfaults: noreturn=0.1,bmcdead=0.05\nseed: 4\n")
+    spec = load_experiment(path)
+    faults = assign_faults(parse_faults(spec.faults), [f"node-{i}" for i in range(1, 21)], 4)
+    noreturn = sorted(n for n, f in faults.items() if f.noreturn and not f.bmc_dead)
+    bmcdead = sorted(n for n, f in faults.items() if f.bmc_dead and not f.noreturn)
+    assert len(noreturn) == 2 and len(bmcdead) == 1
+    run = _run(20, 1, 90.0)
+    healthy_node = next(f"node-{i}" for i in range(1, 21) if not faults[f"node-{i}"].any)
+    run.ko = ([{"node": n, "step": "BootNewEnv", "reason": "no DHCP within 240 s"} for n in noreturn]
+              + [{"node": bmcdead[0], "step": "SetDeploymentEnv", "reason": "hard reboot failed: BMC 10.79.1.4 unreachable"},
+                 {"node": healthy_node, "step": "BroadcastEnv", "reason": "chain timed out"}])
+    rows = {g: (count, failed, dict(why)) for g, count, failed, why in fault_outcomes(spec, run)}
+    assert list(rows)[-1] == "healthy"
+    assert rows["noreturn"] == (2, 2, {"BootNewEnv: no DHCP within N s": 2})
+    assert rows["bmcdead"] == (1, 1, {"SetDeploymentEnv: hard reboot failed: BMC N unreachable": 1})
+    assert rows["healthy"] == (17, 1, {"BroadcastEnv: chain timed out": 1})
+    # the last healthy node's BootNewEnv ended at 1000 + (20 + i) + 10 + 5 for the highest healthy i; t0 = 1000
+    last = max(i for i in range(1, 21) if not faults[f"node-{i}"].any)
+    assert healthy_done_s(spec, run) == 20 + last + 10 + 5
+    text = write_report(spec, [run], tmp_path / "out", "abc1234").read_text()
+    assert "## Injected faults" in text and "| 2 | noreturn | 2 | 2 x BootNewEnv: no DHCP within N s |" in text
 
 
 @pytest.mark.netns

@@ -23,10 +23,11 @@ from typing import Any, Sequence
 
 from vmtestbed.demo import step_spans
 from vmtestbed.experiment import ExperimentSpec, RunResult
-from vmtestbed.faults import draw_post_delay, parse_post_delay
+from vmtestbed.faults import NodeFaults, assign_faults, draw_post_delay, parse_faults, parse_post_delay
 
 MACRO_STEPS = ("SetDeploymentEnv", "BroadcastEnv", "BootNewEnv")
 CSV_FIELDS = ("nodes", "broadcast", "repeat", "node", "step", "impl", "attempt", "started", "ended", "duration", "ok", "reason")
+NO_FAULT = NodeFaults()
 COLOURS = ("#1f77b4", "#ff7f0e", "#2ca02c", "#d62728", "#9467bd", "#8c564b")
 
 
@@ -60,9 +61,40 @@ def firmware_reboots(run: RunResult) -> int:
     return 1 if impls == {"kexec"} else 2
 
 
+def _folded(ko: dict[str, str]) -> str:
+    """A failure as "step: reason", numbers folded ("no DHCP within N s after ...")."""
+    return f"{ko['step']}: " + re.sub(r"\d+(\.\d+)*", "N", ko["reason"])[:100]
+
+
 def failure_reasons(runs: Sequence[RunResult]) -> Counter[str]:
-    """Failed nodes by step and reason, numbers folded ("no DHCP within N s after ...")."""
-    return Counter(f"{k['step']}: " + re.sub(r"\d+(\.\d+)*", "N", k["reason"])[:100] for r in runs for k in r.ko)
+    """Failed nodes by step and reason, numbers folded."""
+    return Counter(_folded(k) for r in runs for k in r.ko)
+
+
+def fault_outcomes(spec: ExperimentSpec, run: RunResult) -> list[tuple[str, int, int, Counter[str]]]:
+    """What became of the nodes each injected fault hit, and of the healthy ones: (fault, nodes, failed, failures
+    by reason) per kind of faulty node (as the testbed describes it, e.g. "die@broadcast"), "healthy" last."""
+    names = [f"node-{i}" for i in range(1, run.nodes + 1)]  # as vmtestbed.plan names them
+    faults = assign_faults(parse_faults(spec.faults), names, spec.seed)
+    ko = {k["node"]: k for k in run.ko}
+    groups: dict[str, list[str]] = {}
+    for name in names:
+        groups.setdefault(faults[name].describe() or "healthy", []).append(name)
+    order = sorted(groups, key=lambda g: (g == "healthy", g))
+    return [(g, len(groups[g]), sum(n in ko for n in groups[g]), Counter(_folded(ko[n]) for n in groups[g] if n in ko))
+            for g in order]
+
+
+def healthy_done_s(spec: ExperimentSpec, run: RunResult) -> float:
+    """When the last node without an injected fault was through its last step (s from the deployment's start)."""
+    names = [f"node-{i}" for i in range(1, run.nodes + 1)]
+    faults = assign_faults(parse_faults(spec.faults), names, spec.seed)
+    if not run.steps:
+        return 0.0
+    t0 = min(r["started"] for r in run.steps)
+    ends = [r["ended"] - t0 for r in run.steps
+            if r["ok"] and r["step"] == MACRO_STEPS[-1] and not faults.get(r["node"], NO_FAULT).any]
+    return max(ends, default=0.0)
 
 
 def machine() -> dict[str, Any]:
@@ -150,6 +182,16 @@ def _markdown(spec: ExperimentSpec, runs: Sequence[RunResult], code: str, deploy
         lines += ["", "![failures by reason](failures.svg)"]
     else:
         lines.append("None: every node of every run was deployed.")
+    if spec.faults:
+        lines += ["", "## Injected faults", "",
+                  "Per run, what became of the nodes each fault hit (the seed picks them), and of the healthy nodes.", ""]
+        for r in runs:
+            lines += [f"N={r.nodes} {r.broadcast} #{r.repeat}: the last healthy node was deployed at "
+                      f"{healthy_done_s(spec, r):.0f} s.", "", "| nodes | fault | failed | step: reason |", "| ---: | --- | ---: | --- |"]
+            for group, count, failed, why in fault_outcomes(spec, r):
+                text = "; ".join(f"{n} x {w}" for w, n in why.most_common(3)) or "-"
+                lines.append(f"| {count} | {group} | {failed} | {text} |")
+            lines.append("")
     errors = [f"- N={r.nodes} {r.broadcast} #{r.repeat}: {r.error}" for r in runs if r.error]
     if errors:
         lines += ["", "Runs that did not complete:", *errors]

@@ -7,7 +7,8 @@ SPEC is a comma-separated list (fractions are of the testbed's nodes; counts are
   bmcslow=F[:S]     F of the BMCs answer every command S seconds late (default 3)
   loss=P[:F]        the firmware of F of the nodes (default all) loses P of its DHCP/TFTP packets
   die=F@WHEN        F of the nodes die (hang, powered on, silent) when they reach a boot stage
-                    (dhcp, tftp, ipxe, script, kernel, initrd, os, callback) or WHEN seconds after power-on
+                    (dhcp, tftp, ipxe, script, kernel, initrd, os, callback), once their deploy agent has
+                    received the first MiB of a broadcast (broadcast), or WHEN seconds after power-on
 Example: --faults "loss=0.05,posthang=0.1,bmcdead=0.02,die=0.05@tftp" --seed 7
 """
 from __future__ import annotations
@@ -15,7 +16,7 @@ from __future__ import annotations
 import random
 from dataclasses import dataclass, field
 
-STAGES = ("dhcp", "tftp", "ipxe", "script", "kernel", "initrd", "os", "callback")
+STAGES = ("dhcp", "tftp", "ipxe", "script", "kernel", "initrd", "os", "callback", "broadcast")
 
 
 @dataclass(frozen=True)

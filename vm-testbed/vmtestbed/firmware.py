@@ -60,6 +60,9 @@ IPXE_DHCP_TIMEOUTS = (1.0, 2.0, 4.0, 8.0)    # iPXE's DHCP backs off from 1 s an
 OS_DHCP_TIMEOUTS = (3.0, 6.0, 12.0, 24.0)
 
 
+DIE_AFTER_BYTES = 1 << 20  # die@broadcast: the node dies after this much of the stream
+
+
 class _Died(Exception):
     """The node hit a fault that kills it: it stays powered on and silent."""
 
@@ -596,7 +599,19 @@ class VirtualNode:
         else:
             self.history.append((time.time(), "callback-failed", f"{stage}: refused or unreachable"))
         self._set("running", what)
+        if self.faults.die_stage == "broadcast" and stage == "agent_up":
+            await self._die_mid_broadcast(agent)
         await asyncio.Event().wait()
+
+    async def _die_mid_broadcast(self, agent: DeployAgent) -> None:
+        """The die@broadcast fault: once the agent has received DIE_AFTER_BYTES of a broadcast, the node hangs."""
+        receiver = agent.receiver
+        while not any(receiver.progress(s) >= DIE_AFTER_BYTES for s in [*receiver.relays, *receiver.downloads]):
+            await asyncio.sleep(0.2)
+        # Its address goes first, so its peers get no reset or FIN: a hung kernel answers nothing, and the chain
+        # before it finds out by its own timeouts. Its sockets stay open, as the powered-on machine's would.
+        await self.net.clear_addresses()
+        raise _Died("fault: dies mid-broadcast")
 
     async def _kexec_hook(self, kernel: str, initrd: str | None, cmdline: str) -> None:
         """The agent's kexec: this node jumps into the installed system without going through its firmware."""
