@@ -324,11 +324,6 @@ class DeployTestbed:
         """argv prefix that re-runs this script with this Python."""
         return [sys.executable, str(Path(__file__).resolve())]
 
-    @property
-    def daemon_pid(self) -> int:
-        """The first node daemon's pid (0 before up), as UpResult.daemon_pid."""
-        return self.daemon_pids[0] if self.daemon_pids else 0
-
     def daemon_cpu(self) -> float:
         """CPU seconds used so far by every node daemon (each shard's process and its reaped children)."""
         return sum(cpu_seconds(pid) for pid in self.daemon_pids)
@@ -405,7 +400,7 @@ def inner_broadcast(spec: dict[str, Any]) -> dict[str, Any]:
                 armed["n"] += 1
                 if armed["n"] == len(targets):
                     marks["t_armed"] = time.monotonic()
-                    marks["daemon_cpu0"] = cpu_seconds(spec["daemon_pid"])
+                    marks["daemon_cpu0"] = sum(cpu_seconds(pid) for pid in spec["daemon_pids"])
                     marks["self_cpu0"] = _self_cpu()
                     marks["busy0"] = busy_snapshot()
                     all_armed.set()
@@ -434,7 +429,7 @@ def inner_broadcast(spec: dict[str, Any]) -> dict[str, Any]:
         t_end = time.monotonic()
         if kill_task is not None:
             kill_task.cancel()
-        daemon_cpu = cpu_seconds(spec["daemon_pid"]) - marks.get("daemon_cpu0", 0.0)
+        daemon_cpu = sum(cpu_seconds(pid) for pid in spec["daemon_pids"]) - marks.get("daemon_cpu0", 0.0)
         ordered = [t.name for t in order_chain(targets)]
         verified = [n for n, r in result.nodes.items() if r.ok and r.sha256 == spec["sha256"] and r.bytes_received == spec["size"]]
         last = result.nodes[ordered[-1]]
@@ -563,7 +558,7 @@ def run_rackboot(tb: DeployTestbed, method: str, image: Path, sha: str, url: str
         params["relay_path"] = args.relay_path
     spec = {
         "method": method, "image": str(image), "sha256": sha, "size": size, "url": url, "fanout": args.fanout,
-        "key": str(tb.key), "targets": [[n.name, n.ip, n.rack] for n in plan.node_list], "daemon_pid": tb.daemon_pid,
+        "key": str(tb.key), "targets": [[n.name, n.ip, n.rack] for n in plan.node_list], "daemon_pids": list(tb.daemon_pids),
         "report_host": "10.78.0.1", "deadline": args.deadline, "params": params, "state_dir": str(plan.state_dir),
         "kill": kill or [], "kill_after": args.kill_after,
     }
@@ -601,7 +596,7 @@ def run_udpcast(tb: DeployTestbed, image: Path, sha: str, args: argparse.Namespa
     out_dir.mkdir()
     load = machine_load(0.5)["uptime"]
     cpu0 = _children_cpu()
-    daemon0 = cpu_seconds(tb.daemon_pid)
+    daemon0 = tb.daemon_cpu()
     receivers: dict[str, subprocess.Popen[Any]] = {}
     for n in plan.node_list:
         log = (out_dir / f"{n.name}.log").open("wb")
@@ -671,7 +666,7 @@ def run_udpcast(tb: DeployTestbed, image: Path, sha: str, args: argparse.Namespa
     t_start = started[0] if started else t0
     return Run(nodes=plan.nodes, link_mbit=plan.link_mbit, method="udpcast", repeat=repeat,
                seconds=(t_end - t_start) if sender.returncode == 0 else None, ok=verified, verified=verified,
-               arm_s=t_start - t0, daemon_cpu_s=cpu_seconds(tb.daemon_pid) - daemon0, peer_cpu_s=peer_cpu, busy_pct=busy,
+               arm_s=t_start - t0, daemon_cpu_s=tb.daemon_cpu() - daemon0, peer_cpu_s=peer_cpu, busy_pct=busy,
                failed=failed, load=load, extra={"sender_exit": sender.returncode, "sender_tail": lines[-4:], "rate": rate})
 
 
