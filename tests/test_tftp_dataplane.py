@@ -279,8 +279,11 @@ def test_shared_files_share_one_memfd_per_content_and_bound_the_idle_ones() -> N
         shared.release(script)
     assert shared.open_descriptors == 2  # idle ones beyond keep_count closed, the oldest first (the NBP's too)
     mapped = MappedFiles()
-    key, contents = mapped.open(os.dup(shared.acquire(scripts[-1])))
-    assert bytes(contents) == scripts[-1] and len(mapped) == 1
+    key, contents, datagrams = mapped.open(os.dup(shared.acquire(scripts[-1])))
+    again = mapped.open(os.dup(shared.acquire(scripts[-1])))  # a second transfer of it: the same mapping and datagrams
+    assert bytes(contents) == scripts[-1] and len(mapped) == 1 and again[0] == key and again[2] is datagrams
+    mapped.release(key)
+    assert len(mapped) == 1
     mapped.release(key)
     assert len(mapped) == 0
     shared.close()

@@ -64,8 +64,7 @@ class WorkerProcess:
         """Start one transfer from its message and its two descriptors (taken over here)."""
         sock = socket.socket(fileno=fds[0])
         with self.lock:
-            key, contents = self.files.open(fds[1])
-            shared = self.files.datagrams(key)
+            key, contents, shared = self.files.open(fds[1])
         try:
             session = ReadSession(contents, message.options, message.limits, shared)  # type: ignore[arg-type]
         except Exception as exc:  # never lose a transfer silently

@@ -48,6 +48,7 @@ from netboot.tftp.files import (
 )
 from netboot.tftp.datapath import DataPlane, TransferResult, TransferWorker, open_transfer_socket
 from netboot.tftp.session import Datagrams, Outcome, ReadSession, SessionLimits
+from netboot.tftp.sharedfiles import HeldContents
 from netboot.tftp.workers import WorkerPool
 
 log = logging.getLogger("rackboot.tftp")
@@ -177,7 +178,7 @@ class TftpService:
         self.latency = {"transfer": Latency(TRANSFER_BUCKETS)}
         # The thread's transfers: each file content's DATA datagrams, shared while transfers of it run (by id(data):
         # the data, its users, the datagrams). Worker processes keep their own (sharedfiles.MappedFiles).
-        self._datagrams: dict[int, tuple[bytes, int, Datagrams]] = {}
+        self._datagrams: HeldContents[int, bytes] = HeldContents()
 
     @property
     def address(self) -> Address:
@@ -388,20 +389,12 @@ class TftpService:
             self._publish(transfer.mac, lambda mac: TransferFailed(mac, request.filename, Via.TFTP, reason))
 
     def _share_datagrams(self, data: bytes) -> Datagrams:
-        """The DATA datagrams shared by the thread's transfers of data; pair with _unshare_datagrams(data)."""
-        found = self._datagrams.get(id(data))
-        shared: Datagrams = found[2] if found is not None and found[0] is data else {}
-        self._datagrams[id(data)] = (data, (found[1] if found is not None and found[0] is data else 0) + 1, shared)
-        return shared
+        """The DATA datagrams shared by the thread's transfers of data (held by id, with data itself, so the id
+        names it while held); pair with _unshare_datagrams(data)."""
+        return self._datagrams.hold(id(data), lambda: data)[1]
 
     def _unshare_datagrams(self, data: bytes) -> None:
-        found = self._datagrams.get(id(data))
-        if found is None or found[0] is not data:
-            return
-        if found[1] > 1:
-            self._datagrams[id(data)] = (data, found[1] - 1, found[2])
-        else:
-            del self._datagrams[id(data)]
+        self._datagrams.release(id(data))
 
     def _forget(self, transfer: _Transfer) -> None:
         transfer.closed = True

@@ -12,9 +12,12 @@ import mmap
 import os
 from collections import OrderedDict
 from dataclasses import dataclass
+from typing import Callable, Generic, TypeVar
 
 from netboot.tftp.session import Datagrams
 
+K = TypeVar("K")
+V = TypeVar("V")
 _SEALS = fcntl.F_SEAL_SEAL | fcntl.F_SEAL_SHRINK | fcntl.F_SEAL_GROW | fcntl.F_SEAL_WRITE
 
 
@@ -85,44 +88,54 @@ class SharedFiles:
         self._idle_bytes = 0
 
 
-class MappedFiles:
-    """Worker side: each received memfd mapped read-only once (keyed by inode), unmapped when its last user ends.
-
-    With each mapping go the file's DATA datagrams as its transfers encode them (session.Datagrams), shared by
-    every transfer of the file in this process and dropped with the mapping.
-    """
+class HeldContents(Generic[K, V]):
+    """Contents held while transfers use them (counted), each with the DATA datagrams its transfers encode
+    (session.Datagrams), shared by every transfer of it in this process and dropped with it."""
 
     def __init__(self) -> None:
-        self._maps: dict[int, tuple[mmap.mmap | bytes, int, Datagrams]] = {}  # inode -> (mapping, users, datagrams)
+        self._held: dict[K, tuple[V, int, Datagrams]] = {}  # key -> (contents, users, datagrams)
 
-    def open(self, fd: int) -> tuple[int, mmap.mmap | bytes]:
-        """Map the memfd fd (closed here in every case); return its key for release() and its contents."""
-        try:
-            st = os.fstat(fd)
-            key = st.st_ino
-            found = self._maps.get(key)
-            if found is not None:
-                self._maps[key] = (found[0], found[1] + 1, found[2])
-                return key, found[0]
-            contents: mmap.mmap | bytes = mmap.mmap(fd, st.st_size, prot=mmap.PROT_READ) if st.st_size else b""
-            self._maps[key] = (contents, 1, {})
-            return key, contents
-        finally:
-            os.close(fd)
+    def hold(self, key: K, make: Callable[[], V]) -> tuple[V, Datagrams]:
+        """One more user of key's contents (made by make() for the first); return them and their datagrams."""
+        found = self._held.get(key)
+        contents, users, datagrams = found if found is not None else (make(), 0, {})
+        self._held[key] = (contents, users + 1, datagrams)
+        return contents, datagrams
 
-    def datagrams(self, key: int) -> Datagrams:
-        """The shared DATA datagrams of an open file (see session.ReadSession)."""
-        return self._maps[key][2]
-
-    def release(self, key: int) -> None:
-        """One transfer of the file ended; the last one drops the mapping (unmapped once no view of it is left)."""
-        found = self._maps.get(key)
+    def release(self, key: K) -> None:
+        """One user of key's contents ended; the last one drops them."""
+        found = self._held.get(key)
         if found is None:
             return
         if found[1] > 1:
-            self._maps[key] = (found[0], found[1] - 1, found[2])
+            self._held[key] = (found[0], found[1] - 1, found[2])
         else:
-            del self._maps[key]
+            del self._held[key]
+
+    def __len__(self) -> int:
+        return len(self._held)
+
+
+class MappedFiles:
+    """Worker side: each received memfd mapped read-only once (keyed by inode), unmapped when its last user ends,
+    with the DATA datagrams of its transfers (HeldContents)."""
+
+    def __init__(self) -> None:
+        self._maps: HeldContents[int, mmap.mmap | bytes] = HeldContents()
+
+    def open(self, fd: int) -> tuple[int, mmap.mmap | bytes, Datagrams]:
+        """Map the memfd fd (closed here in every case); return its key for release(), its contents and datagrams."""
+        try:
+            st = os.fstat(fd)
+            contents, datagrams = self._maps.hold(
+                st.st_ino, lambda: mmap.mmap(fd, st.st_size, prot=mmap.PROT_READ) if st.st_size else b"")
+            return st.st_ino, contents, datagrams
+        finally:
+            os.close(fd)
+
+    def release(self, key: int) -> None:
+        """One transfer of the file ended; the last one drops the mapping (unmapped once no view of it is left)."""
+        self._maps.release(key)
 
     def __len__(self) -> int:
         return len(self._maps)
