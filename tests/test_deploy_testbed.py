@@ -208,3 +208,28 @@ def test_broadcast_with_a_node_killed_midway(tmp_path: Path, method: str) -> Non
         assert sorted(report["ok"]) == sorted(n.name for n in plan.node_list if n.name != victim)
     finally:
         down(name)
+
+
+def test_broadcast_with_a_node_that_hangs_midway(tmp_path: Path) -> None:
+    """The die@broadcast fault: a node's kernel hangs with the image half received. Unlike a power cut, nothing
+    resets its connections: the node before it in the chain finds out by its own timeouts, and goes on past it."""
+    name = f"cd{secrets.token_hex(3)}"
+    spec = "die=0.17@broadcast"  # one node of 6
+    plan = make_plan(name, 6, 2, post_s="0.2", link_mbit=100, faults=spec, seed=1)
+    victim = next(n for n, f in assign_faults(parse_faults(spec), [n.name for n in plan.node_list], plan.seed).items() if f.die_stage)
+    try:
+        result = up(plan)
+        start_appliance(plan, result.files)
+        assert cli(plan, "env", "add", str(write_sample_environment(tmp_path / "env", size_mib=24))).returncode == 0
+        out = cli(plan, "deploy", "-m", "node-[1-6]", "-e", "sample", "--broadcast", "chain", "--json")
+        report = json.loads(out.stdout)
+        ko = {k["node"]: k for k in report["ko"]}
+        assert set(ko) == {victim}, report["ko"]
+        assert ko[victim]["step"] == "BroadcastEnv", ko[victim]
+        with Control(plan.state_dir) as ctl:
+            dead = ctl.call("status", nodes=[victim])["nodes"][0]
+        assert dead["stage"] == "dead" and "mid-broadcast" in dead["detail"], dead
+        for n in report["ok"]:
+            assert (plan.state_dir / "nodes" / n / "root/usr/share/rackboot-sample/payload.bin").stat().st_size == 24 << 20
+    finally:
+        down(name)
