@@ -51,10 +51,12 @@ class AgentClient:
         self.socket_factory = socket_factory
         self._conn: asyncssh.SSHClientConnection | None = None
 
-    async def connect(self) -> "AgentClient":
-        """Open the SSH connection (raise OSError / asyncssh.Error / TimeoutError on failure)."""
+    async def connect(self, handshakes: asyncio.Semaphore | None = None) -> "AgentClient":
+        """Open the SSH connection, its handshake inside handshakes when given (raise OSError / asyncssh.Error /
+        TimeoutError on failure)."""
         self._conn = await ssh_connect(self.host, self.port, self.client_key, username=self.username,
-                                       timeout=self.connect_timeout, socket_factory=self.socket_factory)
+                                       timeout=self.connect_timeout, socket_factory=self.socket_factory,
+                                       handshakes=handshakes)
         return self
 
     async def __aenter__(self) -> "AgentClient":
@@ -137,21 +139,34 @@ class AgentClient:
 
 
 async def ssh_connect(host: str, port: int, key: asyncssh.SSHKey, *, username: str = "root", timeout: float = 10.0,
-                      socket_factory: SocketFactory | None = None) -> asyncssh.SSHClientConnection:
+                      socket_factory: SocketFactory | None = None,
+                      handshakes: asyncio.Semaphore | None = None) -> asyncssh.SSHClientConnection:
     """Open an SSH connection to an agent with a private key (host keys are not checked: deploy environments
-    generate theirs at boot; the deploy key authenticates the appliance, the network is the cluster's)."""
+    generate theirs at boot; the deploy key authenticates the appliance, the network is the cluster's).
+
+    With handshakes, only the SSH handshake (the key exchange: CPU) waits for the semaphore, not the TCP connect:
+    4000 soft reboots of powered-off nodes each wait about 3 s for an ARP answer that never comes, and through 64
+    places they took 3 minutes to fail, holding their reboot window slots meanwhile.
+    """
     kwargs: dict[str, Any] = dict(username=username, client_keys=[key], known_hosts=None, agent_path=None,
                                   connect_timeout=timeout, login_timeout=timeout, preferred_auth="publickey", config=None)
+    if socket_factory is None and handshakes is None:
+        return await within(asyncssh.connect(host, port, **kwargs), timeout)
+    family = socket.AF_INET6 if ":" in host else socket.AF_INET
     if socket_factory is not None:
-        sock = socket_factory((socket.AF_INET, socket.SOCK_STREAM, socket.IPPROTO_TCP, "", (host, port)))
-        sock.setblocking(False)
-        try:
-            await within(asyncio.get_running_loop().sock_connect(sock, (host, port)), timeout)
-        except BaseException:
-            close_socket(sock)
-            raise
-        return await within(asyncssh.connect(sock=sock, **kwargs), timeout)
-    return await within(asyncssh.connect(host, port, **kwargs), timeout)
+        sock = socket_factory((family, socket.SOCK_STREAM, socket.IPPROTO_TCP, "", (host, port)))
+    else:
+        sock = socket.socket(family, socket.SOCK_STREAM, socket.IPPROTO_TCP)
+    sock.setblocking(False)
+    try:
+        await within(asyncio.get_running_loop().sock_connect(sock, (host, port)), timeout)
+        if handshakes is None:
+            return await within(asyncssh.connect(sock=sock, **kwargs), timeout)
+        async with handshakes:
+            return await within(asyncssh.connect(sock=sock, **kwargs), timeout)
+    except BaseException:
+        close_socket(sock)
+        raise
 
 
 def ssh_arm(client_key: asyncssh.SSHKey | str, ssh_port: int | Callable[[Any], int],

@@ -38,8 +38,8 @@ STAMP_PATH = "/etc/rackboot/deployed.json"  # written by the post-install into t
 PROBE_CONNECT_TIMEOUT_S = 3.0
 # SSH handshakes to agents at once. Each costs the appliance a key exchange and a signature on its one loop, and the
 # node an answer: unbounded, thousands start together (the disk preparations of a 4000-node deployment) and the
-# connect timeout measures the queue rather than the handshake. Bounded, new connections (their ARP, their SYN) go
-# out as handshakes end.
+# connect timeout measures the queue rather than the handshake. The TCP connections (their ARP, their SYN) are not
+# bounded: a node that is off fails its ARP in seconds without holding a place (broadcast.agent_client.ssh_connect).
 HANDSHAKES = 64
 # Connections to an agent that called back are tried this often (1, 2, 4, 8 s apart): the node is up, and a failure
 # to connect is the network under load. In the first 4000-node run, 1151 disk preparations failed with EHOSTUNREACH
@@ -125,8 +125,7 @@ class AgentDeployDriver:
         try:
             for attempt in range(connect_tries):
                 try:
-                    async with self._handshakes:
-                        await client.connect()
+                    await client.connect(self._handshakes)
                     break
                 except (OSError, asyncio.TimeoutError) as exc:
                     if attempt == connect_tries - 1:
@@ -295,8 +294,8 @@ class AgentDeployDriver:
         client = AgentClient(str(node.ip), self.config.deploy.ssh_port, self.key,
                              connect_timeout=min(self.connect_timeout, PROBE_CONNECT_TIMEOUT_S))
         try:
-            async with self._handshakes, asyncio.timeout(PROBE_TOTAL_S):
-                await client.connect()
+            async with asyncio.timeout(PROBE_TOTAL_S):
+                await client.connect(self._handshakes)
                 try:
                     result = await client.run(f"cat {STAMP_PATH}", timeout=PROBE_CONNECT_TIMEOUT_S)
                 finally:
