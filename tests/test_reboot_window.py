@@ -217,3 +217,25 @@ async def test_waiters_cancelled_together_while_slots_are_released() -> None:
     assert all(w.cancelled() for w in waiters)
     assert window.in_flight == 0 and window._granted == 0 and not window._waiters
     assert [await window.acquire() for _ in range(4)] and window.in_flight == 4
+
+
+async def test_a_stuck_node_that_calls_back_late_does_not_wait_for_a_slot(world) -> None:  # type: ignore[no-untyped-def]
+    """Window of one: node-1 is stuck by its deadline, then its agent calls back while node-2 holds the only slot.
+    node-1 is up at once, not when node-2 gives the slot back (under a storm, minutes behind thousands of nodes)."""
+    deps, cluster, env, agent, stalled = world
+    agent.no_ssh = {n.name for n in deps.inventory.nodes}  # straight to IPMI resets
+    cluster.firmware_s_of = {"node-1": 0.6, "node-2": 3.0}  # node-1: 0.2 s late; node-2 holds its slot for seconds
+    nodes = [n for n in deps.inventory.nodes if n.name in ("node-1", "node-2")]
+    controller = Controller(deps, lambda method, kexec: replace(default_workflow(method, kexec), deadlines=FAST, reboot_window=1))
+    serve = asyncio.create_task(controller.serve())
+    try:
+        dep = controller.start(nodes, env, "admin")
+        await asyncio.wait_for(controller.tasks[dep.id], 60)
+    finally:
+        serve.cancel()
+    log = [(e["node"], e["what"], e.get("late"), e.get("level")) for e in dep.log if e.get("node") in ("node-1", "node-2")]
+    late_up = log.index(("node-1", "boot", True, None))
+    node2_reset = log.index(("node-2", "rebooting", None, "hard"))
+    node2_stuck = next(i for i, e in enumerate(log) if e[0] == "node-2" and e[1] == "escalate" and e[3] == "hard")
+    assert node2_reset < late_up < node2_stuck, log
+    assert dep.runs["node-1"].state.value == "done"
