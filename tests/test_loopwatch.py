@@ -44,3 +44,23 @@ async def test_a_stall_adds_up_in_stalled_seconds() -> None:
     finally:
         task.cancel()
     assert watch.stalled_seconds() - before >= 0.35
+
+
+def _hold_the_loop_a_while() -> None:
+    time.sleep(0.6)
+
+
+async def test_a_held_loop_logs_where_its_thread_is(caplog) -> None:  # type: ignore[no-untyped-def]
+    """Held past held_s, the loop's stack goes to the log, once for the stall (not every look of the thread)."""
+    watch = LoopWatch(period_s=0.01, held_s=0.2)
+    task = asyncio.create_task(watch.watch())
+    with caplog.at_level("WARNING", logger="rackboot.loop"):
+        try:
+            await asyncio.sleep(0.05)
+            _hold_the_loop_a_while()
+            await asyncio.sleep(0.1)
+        finally:
+            task.cancel()
+    held = [r for r in caplog.records if "has been held" in r.getMessage()]
+    assert len(held) == 1 and watch.held_reports == 1
+    assert "_hold_the_loop_a_while" in held[0].getMessage()
