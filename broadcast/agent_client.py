@@ -6,6 +6,7 @@ Each agent operation is `rackboot-agent OP` with one JSON request on stdin and o
 from __future__ import annotations
 
 import asyncio
+import contextlib
 import json
 import socket
 from dataclasses import dataclass
@@ -51,12 +52,13 @@ class AgentClient:
         self.socket_factory = socket_factory
         self._conn: asyncssh.SSHClientConnection | None = None
 
-    async def connect(self, handshakes: asyncio.Semaphore | None = None) -> "AgentClient":
-        """Open the SSH connection, its handshake inside handshakes when given (raise OSError / asyncssh.Error /
-        TimeoutError on failure)."""
+    async def connect(self, connects: asyncio.Semaphore | None = None,
+                      handshakes: asyncio.Semaphore | None = None) -> "AgentClient":
+        """Open the SSH connection, its TCP connect inside connects and its handshake inside handshakes when given
+        (raise OSError / asyncssh.Error / TimeoutError on failure)."""
         self._conn = await ssh_connect(self.host, self.port, self.client_key, username=self.username,
                                        timeout=self.connect_timeout, socket_factory=self.socket_factory,
-                                       handshakes=handshakes)
+                                       connects=connects, handshakes=handshakes)
         return self
 
     async def __aenter__(self) -> "AgentClient":
@@ -138,19 +140,25 @@ class AgentClient:
             return {"rebooting": True, "by": "os"}
 
 
+_NO_BOUND = contextlib.nullcontext()
+
+
 async def ssh_connect(host: str, port: int, key: asyncssh.SSHKey, *, username: str = "root", timeout: float = 10.0,
-                      socket_factory: SocketFactory | None = None,
+                      socket_factory: SocketFactory | None = None, connects: asyncio.Semaphore | None = None,
                       handshakes: asyncio.Semaphore | None = None) -> asyncssh.SSHClientConnection:
     """Open an SSH connection to an agent with a private key (host keys are not checked: deploy environments
     generate theirs at boot; the deploy key authenticates the appliance, the network is the cluster's).
 
-    With handshakes, only the SSH handshake (the key exchange: CPU) waits for the semaphore, not the TCP connect:
-    4000 soft reboots of powered-off nodes each wait about 3 s for an ARP answer that never comes, and through 64
-    places they took 3 minutes to fail, holding their reboot window slots meanwhile.
+    The TCP connect and the SSH handshake wait for places of their own (connects, handshakes), so a connect that
+    fails slowly does not hold a handshake's place: 4000 soft reboots of powered-off nodes each wait about 3 s for
+    an ARP answer that never comes, and through the 64 places of the handshakes they took 3 minutes to fail,
+    holding their reboot window slots meanwhile. Connects have their own bound: unbounded, 1000 of them to
+    powered-off nodes held the appliance's loop 36 s (each ARP request a Linux bridge floods to its ports on the
+    sender's CPU, in the vm-testbed; a real cluster's ARP misses cost the kernel's timers).
     """
     kwargs: dict[str, Any] = dict(username=username, client_keys=[key], known_hosts=None, agent_path=None,
                                   connect_timeout=timeout, login_timeout=timeout, preferred_auth="publickey", config=None)
-    if socket_factory is None and handshakes is None:
+    if socket_factory is None and connects is None and handshakes is None:
         return await within(asyncssh.connect(host, port, **kwargs), timeout)
     family = socket.AF_INET6 if ":" in host else socket.AF_INET
     if socket_factory is not None:
@@ -159,7 +167,8 @@ async def ssh_connect(host: str, port: int, key: asyncssh.SSHKey, *, username: s
         sock = socket.socket(family, socket.SOCK_STREAM, socket.IPPROTO_TCP)
     sock.setblocking(False)
     try:
-        await within(asyncio.get_running_loop().sock_connect(sock, (host, port)), timeout)
+        async with connects or _NO_BOUND:
+            await within(asyncio.get_running_loop().sock_connect(sock, (host, port)), timeout)
         if handshakes is None:
             return await within(asyncssh.connect(sock=sock, **kwargs), timeout)
         async with handshakes:

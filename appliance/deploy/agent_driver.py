@@ -38,9 +38,12 @@ STAMP_PATH = "/etc/rackboot/deployed.json"  # written by the post-install into t
 PROBE_CONNECT_TIMEOUT_S = 3.0
 # SSH handshakes to agents at once. Each costs the appliance a key exchange and a signature on its one loop, and the
 # node an answer: unbounded, thousands start together (the disk preparations of a 4000-node deployment) and the
-# connect timeout measures the queue rather than the handshake. The TCP connections (their ARP, their SYN) are not
-# bounded: a node that is off fails its ARP in seconds without holding a place (broadcast.agent_client.ssh_connect).
+# connect timeout measures the queue rather than the handshake. The TCP connections (their ARP, their SYN) have
+# places of their own (CONNECTS): a node that is off fails its ARP in seconds without holding a handshake's place.
 HANDSHAKES = 64
+# TCP connections being opened to agents at once, apart from the handshakes: an ARP miss takes seconds to fail, and
+# each costs the sender an ARP request (broadcast.agent_client.ssh_connect).
+CONNECTS = 128
 # Connections to an agent that called back are tried this often (1, 2, 4, 8 s apart): the node is up, and a failure
 # to connect is the network under load. In the first 4000-node run, 1151 disk preparations failed with EHOSTUNREACH
 # (no ARP answer, while the kernel dropped frames) after 3 tries in about 3 s, and those nodes were booted again.
@@ -100,6 +103,7 @@ class AgentDeployDriver:
         self.params = params or ChainParams()
         self.connect_timeout = connect_timeout
         self._handshakes = asyncio.Semaphore(handshakes)
+        self._connects = asyncio.Semaphore(CONNECTS)
         self.shares = ImageShares()
         self._ports: dict[str, tuple[int, int]] = {}   # mac -> (ssh port, data port), from callbacks
         self._roots: dict[str, str] = {}               # mac -> where the deploy partition is mounted on the node
@@ -125,7 +129,7 @@ class AgentDeployDriver:
         try:
             for attempt in range(connect_tries):
                 try:
-                    await client.connect(self._handshakes)
+                    await client.connect(self._connects, self._handshakes)
                     break
                 except (OSError, asyncio.TimeoutError) as exc:
                     if attempt == connect_tries - 1:
@@ -295,7 +299,7 @@ class AgentDeployDriver:
                              connect_timeout=min(self.connect_timeout, PROBE_CONNECT_TIMEOUT_S))
         try:
             async with asyncio.timeout(PROBE_TOTAL_S):
-                await client.connect(self._handshakes)
+                await client.connect(self._connects, self._handshakes)
                 try:
                     result = await client.run(f"cat {STAMP_PATH}", timeout=PROBE_CONNECT_TIMEOUT_S)
                 finally:
