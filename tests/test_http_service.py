@@ -396,3 +396,16 @@ async def test_one_connection_serves_kernel_then_initrd_then_is_closed_when_idle
     finally:
         writer.close()
     assert appliance.http.stats()["files"] == 2 and appliance.http.stats()["files_aborted"] == 0
+
+
+async def test_a_client_slow_to_send_its_first_request_is_still_answered(appliance: Appliance) -> None:
+    """aiohttp arms its keep-alive timer at the connect: a client whose request comes 2 s after it (a node busy
+    between the two) gets its answer, not a closed connection."""
+    reader, writer = await asyncio.open_connection("127.0.0.1", appliance.config.port)
+    try:
+        await asyncio.sleep(2.0)
+        writer.write(b"GET /files/deploy/vmlinuz HTTP/1.1\r\nHost: x\r\n\r\n")
+        status, _, body = await read_response(reader)
+        assert status == 200 and body == (appliance.config.files / "deploy/vmlinuz").read_bytes()
+    finally:
+        writer.close()
