@@ -207,3 +207,31 @@ async def test_handshakes_to_agents_are_bounded(tmp_path: Path) -> None:
     finally:
         for server in servers:
             server.close()
+
+
+async def test_a_connection_lost_in_the_handshake_is_tried_again(tmp_path: Path) -> None:
+    """An agent whose TCP connection closes in the middle of the SSH handshake (a node under load) is connected to
+    again, as one whose connect failed: the post-install tries 5 times before it fails the node."""
+    key_path = tmp_path / "state" / "deploy_key"
+    load_or_create_key(key_path)
+    node = Node(name="node-1", mac="52:54:00:77:01:01", ip=ipaddress.IPv4Address("127.0.0.31"), rack="r1")
+    config = ApplianceConfig(interface="lo", address=ipaddress.IPv4Interface("127.0.0.1/8"), state_dir=tmp_path / "state",
+                             inventory=Inventory((node,)), deploy=DeployConfig(ssh_key=key_path))
+    driver = AgentDeployDriver(config, NodeTokens(), connect_timeout=2.0, connect_backoff_s=0.01)
+    connections = 0
+
+    async def hang_up(reader: asyncio.StreamReader, writer: asyncio.StreamWriter) -> None:
+        nonlocal connections
+        connections += 1
+        await reader.read(1)  # the client's SSH version line has begun: close in the middle of the handshake
+        writer.close()
+
+    server = await asyncio.start_server(hang_up, str(node.ip), 0)
+    driver.agent_up(node, {"ssh_port": str(server.sockets[0].getsockname()[1]), "data_port": "7070"})
+    env = Environment(name="tiny", version=1, owner="admin")
+    try:
+        with pytest.raises(DeployError, match="post-install: cannot reach the agent"):
+            await driver.post_install(node, env)
+    finally:
+        server.close()
+    assert connections == 5

@@ -96,8 +96,10 @@ class AgentDeployDriver:
     """DeployDriver over SSH to broadcast.agent.DeployAgent on every node."""
 
     def __init__(self, config: Any, tokens: Any, *, key: asyncssh.SSHKey | None = None,
-                 params: ChainParams | None = None, connect_timeout: float = 10.0, handshakes: int = HANDSHAKES) -> None:
+                 params: ChainParams | None = None, connect_timeout: float = 10.0, handshakes: int = HANDSHAKES,
+                 connect_backoff_s: float = 1.0) -> None:
         self.config = config
+        self.connect_backoff_s = connect_backoff_s  # the first pause between connection tries (then doubled)
         self.tokens = tokens
         self.key = key or load_or_create_key(config.deploy.ssh_key)
         self.params = params or ChainParams()
@@ -131,12 +133,14 @@ class AgentDeployDriver:
                 try:
                     await client.connect(self._connects, self._handshakes)
                     break
-                except (OSError, asyncio.TimeoutError) as exc:
+                except (OSError, asyncio.TimeoutError, asyncssh.ConnectionLost) as exc:
+                    # ConnectionLost: the TCP connection closed in the middle of the SSH handshake (4000 nodes: 8
+                    # post-installs failed so on the first try, on healthy nodes under load).
                     if attempt == connect_tries - 1:
                         raise
                     log.info("%s: %s: connecting to the agent failed (%s), retrying", node.name, what, str(exc) or type(exc).__name__,
                              extra=fields(node=node.name, mac=node.mac))
-                    await asyncio.sleep(1.0 * 2**attempt)
+                    await asyncio.sleep(self.connect_backoff_s * 2**attempt)
             try:
                 return await fn(client)
             finally:
