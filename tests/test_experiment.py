@@ -105,7 +105,8 @@ def test_the_report_says_what_became_of_each_injected_fault(tmp_path: Path) -> N
     run = _run(20, 1, 90.0)
     healthy_node = next(f"node-{i}" for i in range(1, 21) if not faults[f"node-{i}"].any)
     run.ko = ([{"node": n, "step": "BootNewEnv", "reason": "no DHCP within 240 s"} for n in noreturn]
-              + [{"node": bmcdead[0], "step": "SetDeploymentEnv", "reason": "hard reboot failed: BMC 10.79.1.4 unreachable"},
+              + [{"node": bmcdead[0], "step": "SetDeploymentEnv",
+                  "reason": "soft reboot impossible: no agent at 10.78.1.4; hard reboot failed: BMC 10.79.1.4 unreachable"},
                  {"node": healthy_node, "step": "BroadcastEnv", "reason": "chain timed out"}])
     rows = {g: (count, failed, dict(why)) for g, count, failed, why in fault_outcomes(spec, run)}
     assert list(rows)[-1] == "healthy"

@@ -62,8 +62,11 @@ def firmware_reboots(run: RunResult) -> int:
 
 
 def _folded(ko: dict[str, str]) -> str:
-    """A failure as "step: reason", numbers folded ("no DHCP within N s after ...")."""
-    return f"{ko['step']}: " + re.sub(r"\d+(\.\d+)*", "N", ko["reason"])[:100]
+    """A failure as "step: reason", numbers folded ("no DHCP within N s after ..."); of a reason that lists every
+    level of a reboot ladder ("soft reboot impossible: ...; no DHCP within 155s after the very hard reboot"), the
+    last, which says why the node failed."""
+    last = ko["reason"].split("; ")[-1]
+    return f"{ko['step']}: " + re.sub(r"\d+(\.\d+)*", "N", last)[:100]
 
 
 def failure_reasons(runs: Sequence[RunResult]) -> Counter[str]:
