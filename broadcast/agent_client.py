@@ -153,8 +153,8 @@ async def ssh_connect(host: str, port: int, key: asyncssh.SSHKey, *, username: s
     fails slowly does not hold a handshake's place: 4000 soft reboots of powered-off nodes each wait about 3 s for
     an ARP answer that never comes, and through the 64 places of the handshakes they took 3 minutes to fail,
     holding their reboot window slots meanwhile. Connects have their own bound: unbounded, 1000 of them to
-    powered-off nodes held the appliance's loop 36 s (each ARP request a Linux bridge floods to its ports on the
-    sender's CPU, in the vm-testbed; a real cluster's ARP misses cost the kernel's timers).
+    powered-off nodes held the appliance's loop 36 s, in `connect()` itself (likely the ARP requests, which the
+    vm-testbed's rack bridges flood to their 500 ports on the sender's CPU).
     """
     kwargs: dict[str, Any] = dict(username=username, client_keys=[key], known_hosts=None, agent_path=None,
                                   connect_timeout=timeout, login_timeout=timeout, preferred_auth="publickey", config=None)
