@@ -585,6 +585,10 @@ class VirtualNode:
         # Held before it starts: a reset during start() (binding takes several awaits under load) must close it
         # too (_release). Assigned after, it leaked, its ports stayed bound, and every later boot of the node halted
         # with "cannot listen ... Address already in use" (105 of 2000 nodes).
+        # A boot that was stopped must not hold it: assigned by such a boot after the reset's _release, it replaced
+        # nothing that would close it, and the node's next boot halted with "Address already in use" (5 of 4000).
+        if asyncio.current_task() is not self._task:
+            raise asyncio.CancelledError(f"{self.name}: a boot that was stopped")
         self._agent = agent
         try:
             await agent.start()
@@ -593,6 +597,11 @@ class VirtualNode:
             await agent.close()
             self._set("halted", f"{what}: {exc}")
             await asyncio.Event().wait()
+        if asyncio.current_task() is not self._task:  # stopped while it bound its ports
+            if self._agent is agent:
+                self._agent = None
+            await agent.close()
+            raise asyncio.CancelledError(f"{self.name}: a boot that was stopped")
         self._set("callback", callback)
         if await agent.callback(stage, **detail):
             self.counters["callbacks"] += 1
