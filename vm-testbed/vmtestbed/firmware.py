@@ -230,7 +230,8 @@ class VirtualNode:
 
     # ---- observable state --------------------------------------------------------------------------
 
-    def _set(self, stage: str, detail: str = "") -> None:
+    def _stop_if_stale(self) -> None:
+        """Raise CancelledError in a boot that is no longer the node's."""
         task = asyncio.current_task()
         if task is not None and task is not self._task and task in self._boots:
             # A boot that was reset or powered off but lived on: Python 3.11's asyncio.wait_for returns the result of
@@ -238,6 +239,9 @@ class VirtualNode:
             # went on to start a second deploy agent beside the new boot's (2000 nodes: 3 halted, "cannot listen on
             # ...:7070: Address already in use"). It goes no further than its next stage.
             raise asyncio.CancelledError(f"{self.name}: a boot that was stopped")
+
+    def _set(self, stage: str, detail: str = "") -> None:
+        self._stop_if_stale()
         self.stage, self.detail, self.since = stage, detail, time.time()
         self.history.append((self.since, stage, detail))
         if self.faults.die_stage and self.faults.die_stage == stage and self.power == "on":
@@ -587,8 +591,7 @@ class VirtualNode:
         # with "cannot listen ... Address already in use" (105 of 2000 nodes).
         # A boot that was stopped must not hold it: assigned by such a boot after the reset's _release, it replaced
         # nothing that would close it, and the node's next boot halted with "Address already in use" (5 of 4000).
-        if asyncio.current_task() is not self._task:
-            raise asyncio.CancelledError(f"{self.name}: a boot that was stopped")
+        self._stop_if_stale()
         self._agent = agent
         try:
             await agent.start()
@@ -597,11 +600,13 @@ class VirtualNode:
             await agent.close()
             self._set("halted", f"{what}: {exc}")
             await asyncio.Event().wait()
-        if asyncio.current_task() is not self._task:  # stopped while it bound its ports
+        try:
+            self._stop_if_stale()  # stopped while it bound its ports
+        except asyncio.CancelledError:
             if self._agent is agent:
                 self._agent = None
             await agent.close()
-            raise asyncio.CancelledError(f"{self.name}: a boot that was stopped")
+            raise
         self._set("callback", callback)
         if await agent.callback(stage, **detail):
             self.counters["callbacks"] += 1
