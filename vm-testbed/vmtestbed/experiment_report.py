@@ -74,15 +74,19 @@ def failure_reasons(runs: Sequence[RunResult]) -> Counter[str]:
     return Counter(_folded(k) for r in runs for k in r.ko)
 
 
+def _faults_of(spec: ExperimentSpec, run: RunResult) -> dict[str, NodeFaults]:
+    """The faults the seed gave each node of the run's testbed."""
+    names = [f"node-{i}" for i in range(1, run.nodes + 1)]  # as vmtestbed.plan names them
+    return assign_faults(parse_faults(spec.faults), names, spec.seed)
+
+
 def fault_outcomes(spec: ExperimentSpec, run: RunResult) -> list[tuple[str, int, int, Counter[str]]]:
     """What became of the nodes each injected fault hit, and of the healthy ones: (fault, nodes, failed, failures
     by reason) per kind of faulty node (as the testbed describes it, e.g. "die@broadcast"), "healthy" last."""
-    names = [f"node-{i}" for i in range(1, run.nodes + 1)]  # as vmtestbed.plan names them
-    faults = assign_faults(parse_faults(spec.faults), names, spec.seed)
     ko = {k["node"]: k for k in run.ko}
     groups: dict[str, list[str]] = {}
-    for name in names:
-        groups.setdefault(faults[name].describe() or "healthy", []).append(name)
+    for name, faults in _faults_of(spec, run).items():
+        groups.setdefault(faults.describe() or "healthy", []).append(name)
     order = sorted(groups, key=lambda g: (g == "healthy", g))
     return [(g, len(groups[g]), sum(n in ko for n in groups[g]), Counter(_folded(ko[n]) for n in groups[g] if n in ko))
             for g in order]
@@ -90,10 +94,9 @@ def fault_outcomes(spec: ExperimentSpec, run: RunResult) -> list[tuple[str, int,
 
 def healthy_done_s(spec: ExperimentSpec, run: RunResult) -> float:
     """When the last node without an injected fault was through its last step (s from the deployment's start)."""
-    names = [f"node-{i}" for i in range(1, run.nodes + 1)]
-    faults = assign_faults(parse_faults(spec.faults), names, spec.seed)
     if not run.steps:
         return 0.0
+    faults = _faults_of(spec, run)
     t0 = min(r["started"] for r in run.steps)
     ends = [r["ended"] - t0 for r in run.steps
             if r["ok"] and r["step"] == MACRO_STEPS[-1] and not faults.get(r["node"], NO_FAULT).any]
