@@ -12,8 +12,9 @@ widens it by 1/window (one slot per round). A node admitted after the last cut t
 those deadlines says the services have room: it widens the window by a whole slot (the window doubles each round,
 as TCP's slow start, RFC 5681 sec. 3.1, with the boot's own time as the delay signal, as TCP Vegas). Without it a
 window cut to 251 by the first seconds of a 4000-node storm grew back one slot a round (a POST of a minute): 18
-minutes for the first reboot of nodes whose later boots each loaded in seconds. A node that never sends DHCP after its reset says nothing about load (a
-dead node, a long POST), and neither does a kexec: they leave the window as it is. A node cuts the window at most
+minutes for the first reboot of nodes whose later boots each loaded in seconds. A node that never sends DHCP after
+its reset says nothing about load (a dead node, a long POST), and neither does a kexec: they leave the window as
+it is. A node cuts the window at most
 once in a deployment, so a few nodes whose own fault looks like load (a bad cable in the middle of TFTP) cannot
 narrow it round after round. So a boot storm that misses its deadlines is not started again at the same width by
 the retries.
