@@ -9,6 +9,7 @@ import sys
 import time
 import urllib.error
 import urllib.request
+import warnings
 from pathlib import Path
 from importlib.metadata import PackageNotFoundError, entry_points, version
 from typing import NoReturn
@@ -180,6 +181,9 @@ def build_parser() -> argparse.ArgumentParser:
 
 def main(argv: list[str] | None = None) -> int:
     """Entry point of the rackboot console script."""
+    # asyncssh 2.24 names cryptography's DSA classes, which cryptography 48+ deprecates when they are touched: five
+    # warnings at each start, for asyncssh's maintainers, not for an operator (the keys rackboot makes are ed25519).
+    warnings.filterwarnings("ignore", message="DSA is deprecated", module="asyncssh")
     args = build_parser().parse_args(argv)
     level = logging.WARNING - 10 * args.verbose if args.verbose else logging.WARNING
     if args.command == "serve":

@@ -6,9 +6,6 @@ import os
 import sys
 from pathlib import Path
 
-import asyncssh
-
-from broadcast.agent_client import load_or_create_key
 from deployenv import image
 from deployenv.build import DEFAULT_CACHE, build
 from deployenv.debian import BuildError
@@ -53,9 +50,13 @@ def _keys(args: argparse.Namespace) -> tuple[str, bytes | None]:
         key_path = read_target(args.config).deploy_key
         pub = Path(str(key_path) + ".pub")
         # The appliance makes its deploy key at first start; making it here first is the same key file.
+        from broadcast.agent_client import load_or_create_key
+
         keys = pub.read_text() if pub.is_file() else load_or_create_key(key_path).export_public_key().decode()
     else:
         raise RegisterError("say which key the agent accepts: --authorized-keys FILE, or --config rackboot.yaml")
+    import asyncssh  # here, not at the top: every `rackboot` command loads this module to register `build`
+
     tree: bytes | None = None
     if args.tree_key is not None:
         tree = args.tree_key.read_bytes()
@@ -64,6 +65,8 @@ def _keys(args: argparse.Namespace) -> tuple[str, bytes | None]:
 
 
 def _cmd_deploy_env(args: argparse.Namespace) -> int:
+    import asyncssh
+
     try:
         keys, tree = _keys(args)
         inputs = collect(keys, tree)
