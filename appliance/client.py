@@ -11,6 +11,7 @@ import asyncio
 import contextlib
 import json
 import os
+import signal
 import sys
 from pathlib import Path
 from typing import Any
@@ -19,7 +20,7 @@ import aiohttp
 import yaml
 from ClusterShell.NodeSet import NodeSet, NodeSetParseError
 
-EXIT_OK, EXIT_ERROR, EXIT_SOME_FAILED = 0, 1, 2
+EXIT_OK, EXIT_ERROR, EXIT_SOME_FAILED, EXIT_INTERRUPTED = 0, 1, 2, 130
 
 
 class ClientError(Exception):
@@ -155,23 +156,84 @@ async def _deploy(args: argparse.Namespace, api: Api) -> int:
     if args.no_wait:
         print(dep["id"])
         return EXIT_OK
-    result = None
     from appliance.progress import DeployProgress
 
     # Progress goes to stderr (stdout keeps the report, or the JSON): live on a terminal, plain lines elsewhere.
     view = DeployProgress([n["node"] for n in dep["nodes"]], sys.stderr, live=None if not args.verbose else False)
     with contextlib.nullcontext() if args.json else view:
-        async for entry in api.stream(f"/api/v1/deployments/{dep['id']}/events"):
-            if entry.get("what") == "result":
-                result = entry["result"]
-            elif args.verbose and not args.json:
-                detail = " ".join(f"{k}={v}" for k, v in entry.items() if k not in ("ts", "node", "what") and v)
-                print(f"  {entry.get('node') or '*':12} {entry['what']:14} {detail}", file=sys.stderr)
-            elif not args.json:
-                view.feed(entry)
+        follow = asyncio.ensure_future(_follow(args, api, dep["id"], view))
+        ctrl_c = _CtrlC(api, dep["id"], follow, view if not args.json else None)
+        with ctrl_c.installed():
+            try:
+                result = await follow
+            except asyncio.CancelledError:
+                if not ctrl_c.pressed:
+                    raise
+                result = None
+    if result is None and ctrl_c.pressed > 1:
+        print(f"rackboot: stopped following deployment {dep['id']}; `rackboot deployments {dep['id']}` shows it",
+              file=sys.stderr)
+        return EXIT_INTERRUPTED
     if result is None:
         result = await api.call("GET", f"/api/v1/deployments/{dep['id']}")
     return _print_report(result, args)
+
+
+async def _follow(args: argparse.Namespace, api: Api, dep_id: str, view: Any) -> dict[str, Any] | None:
+    """Show a deployment's events until its result; return the result (None if the stream ended without one)."""
+    async for entry in api.stream(f"/api/v1/deployments/{dep_id}/events"):
+        if entry.get("what") == "result":
+            return dict(entry["result"])
+        if args.verbose and not args.json:
+            detail = " ".join(f"{k}={v}" for k, v in entry.items() if k not in ("ts", "node", "what") and v)
+            print(f"  {entry.get('node') or '*':12} {entry['what']:14} {detail}", file=sys.stderr)
+        elif not args.json:
+            view.feed(entry)
+    return None
+
+
+class _CtrlC:
+    """Ctrl-C while `rackboot deploy` follows a deployment: the first cancels it, and its report follows (as the
+    operator of kadeploy3 expects); a second stops following at once and leaves the cancel to the appliance."""
+
+    def __init__(self, api: Api, dep_id: str, follow: asyncio.Future[Any], view: Any) -> None:
+        self.api, self.dep_id, self.follow, self.view = api, dep_id, follow, view
+        self.pressed = 0
+        self._cancel: asyncio.Task[None] | None = None
+
+    @contextlib.contextmanager
+    def installed(self) -> Any:
+        """SIGINT goes to this object while the block runs (where the loop can take signals)."""
+        loop = asyncio.get_running_loop()
+        try:
+            loop.add_signal_handler(signal.SIGINT, self._pressed)
+        except (NotImplementedError, RuntimeError):  # no signals on this loop: Ctrl-C quits as before
+            yield self
+            return
+        try:
+            yield self
+        finally:
+            loop.remove_signal_handler(signal.SIGINT)
+
+    def _say(self, text: str) -> None:
+        if self.view is not None:
+            self.view.note(text)
+        else:
+            print(f"rackboot: {text}", file=sys.stderr, flush=True)
+
+    def _pressed(self) -> None:
+        self.pressed += 1
+        if self.pressed == 1:
+            self._say(f"Ctrl-C: cancelling deployment {self.dep_id}; its report follows (Ctrl-C again to stop waiting)")
+            self._cancel = asyncio.ensure_future(self._cancel_deployment())
+        else:
+            self.follow.cancel()
+
+    async def _cancel_deployment(self) -> None:
+        try:
+            await self.api.call("DELETE", f"/api/v1/deployments/{self.dep_id}")
+        except ClientError as exc:  # it finished meanwhile (409), or the appliance is gone: the stream tells
+            self._say(f"cancelling {self.dep_id}: {exc}")
 
 
 async def _reboot(args: argparse.Namespace, api: Api) -> int:

@@ -77,6 +77,10 @@ class DeployProgress:
         elif what == "finished" and not self.live_view:
             self._line(f"deployment {entry.get('status', 'finished')}: {self._counts()}")
 
+    def note(self, text: str) -> None:
+        """Show one line of the client's own among the deployment's (e.g. what Ctrl-C did)."""
+        self._line(text)
+
     def _counts(self) -> str:
         """Nodes per state, in workflow order: '3 BroadcastEnv, 12 done, 1 failed'."""
         order = ["pending", *self.steps, "done", "failed"]

@@ -37,6 +37,7 @@ class FakePower:
     """An in-memory BMC per node for unit tests: records calls and runs a hook on every power change."""
 
     def __init__(self, on_change: Callable[[Node, str], None] | None = None, dead: set[str] | None = None) -> None:
+        self.hang: set[str] = set()  # nodes whose BMC takes the call and never answers (until the caller gives up)
         self.state: dict[str, str] = {}
         self.boot_device: dict[str, tuple[str, bool]] = {}
         self.calls: list[tuple[str, str]] = []
@@ -48,6 +49,8 @@ class FakePower:
         self.calls.append((node.name, op))
         if node.name in self.dead:
             raise BmcUnreachable(f"{node.name}: BMC does not answer")
+        if node.name in self.hang:
+            await asyncio.Event().wait()
         if op == "status":
             return self.state.get(node.name, "off")
         new = "off" if op == "off" else "on"

@@ -4,7 +4,10 @@ from __future__ import annotations
 import asyncio
 import io
 import ipaddress
+import os
 import re
+import signal
+import sys
 import tarfile
 from dataclasses import dataclass, replace
 from pathlib import Path
@@ -246,6 +249,34 @@ async def test_deployment_lifecycle_events_stats_and_node_tokens(world: World) -
     # after the deployment, the node tokens are revoked: a late callback is refused
     assert tokens.token_of(deps.inventory.by_name["node-1"].mac) is None
     assert (await client.call("DELETE", f"/api/v1/deployments/{dep['id']}", admin))[0] == 409
+
+
+async def test_ctrl_c_on_rackboot_deploy_cancels_the_deployment_and_prints_its_report(world: World) -> None:
+    client, admin = world.client, world.admin
+    assert (await add_env(client, admin, "deb", "public"))[0] == 201
+    world.cluster.never_boot = {"node-2"}
+    world.deps.power.hang = {"node-2"}  # type: ignore[attr-defined]  # past its soft reboot, its BMC never answers
+    env = {k: v for k, v in os.environ.items() if not k.startswith("RACKBOOT_")}
+    env |= {"RACKBOOT_SERVER": client.base, "RACKBOOT_TOKEN": admin, "RACKBOOT_CLIENT_CONFIG": "/nonexistent"}
+    proc = await asyncio.create_subprocess_exec(sys.executable, "-m", "appliance.cli", "deploy", "-m", "node-[1-2]", "-e", "deb",
+                                                env=env, stdout=asyncio.subprocess.PIPE, stderr=asyncio.subprocess.PIPE)
+    assert proc.stdout is not None and proc.stderr is not None
+    started = (await asyncio.wait_for(proc.stderr.readline(), 30)).decode()
+    dep_id = started.split()[1].rstrip(":")
+    assert started.startswith("deployment ") and dep_id.startswith("d")
+    for _ in range(300):  # node-2's BMC holds the deployment in SetDeploymentEnv until it is cancelled
+        if ("node-2", "status") in world.deps.power.calls:  # type: ignore[attr-defined]
+            break
+        await asyncio.sleep(0.05)
+    _, stored = await client.call("GET", f"/api/v1/deployments/{dep_id}", admin)
+    assert stored["status"] == "running"
+    proc.send_signal(signal.SIGINT)
+    out, err = await asyncio.wait_for(proc.communicate(), 30)
+    _, stored = await client.call("GET", f"/api/v1/deployments/{dep_id}", admin)
+    assert stored["status"] == "cancelled", (out, err)
+    assert f"Ctrl-C: cancelling deployment {dep_id}" in err.decode()
+    assert "deployed 0/2 nodes (deb:1, cancelled)" in out.decode() and "deployment cancelled" in out.decode()
+    assert proc.returncode == 2  # some nodes failed: the report's own exit status
 
 
 # -- nodes ----------------------------------------------------------------------------------------------
