@@ -150,20 +150,24 @@ async def _deploy(args: argparse.Namespace, api: Api) -> int:
         body["steps"] = args.steps
     if args.key is not None:
         body["ssh_keys"] = read_public_keys(args.key)
-    dep = await api.call("POST", "/api/v1/deployments", json=body)
-    if not args.json:
-        print(f"deployment {dep['id']}: {dep['env']} on {len(dep['nodes'])} nodes", file=sys.stderr)
     if args.no_wait:
+        dep = await api.call("POST", "/api/v1/deployments", json=body)
+        if not args.json:
+            print(f"deployment {dep['id']}: {dep['env']} on {len(dep['nodes'])} nodes", file=sys.stderr)
         print(dep["id"])
         return EXIT_OK
     from appliance.progress import DeployProgress
 
-    # Progress goes to stderr (stdout keeps the report, or the JSON): live on a terminal, plain lines elsewhere.
-    view = DeployProgress([n["node"] for n in dep["nodes"]], sys.stderr, live=None if not args.verbose else False)
-    with contextlib.nullcontext() if args.json else view:
-        follow = asyncio.ensure_future(_follow(args, api, dep["id"], view))
-        ctrl_c = _CtrlC(api, dep["id"], follow, view if not args.json else None)
-        with ctrl_c.installed():
+    ctrl_c = _CtrlC(api)
+    with ctrl_c.installed():  # from before the request: a Ctrl-C while it is made cancels the deployment it makes
+        dep = await api.call("POST", "/api/v1/deployments", json=body)
+        if not args.json:
+            print(f"deployment {dep['id']}: {dep['env']} on {len(dep['nodes'])} nodes", file=sys.stderr)
+        # Progress goes to stderr (stdout keeps the report, or the JSON): live on a terminal, plain lines elsewhere.
+        view = DeployProgress([n["node"] for n in dep["nodes"]], sys.stderr, live=None if not args.verbose else False)
+        with contextlib.nullcontext() if args.json else view:
+            follow = asyncio.ensure_future(_follow(args, api, dep["id"], view))
+            ctrl_c.following(dep["id"], follow, view if not args.json else None)
             try:
                 result = await follow
             except asyncio.CancelledError:
@@ -196,10 +200,19 @@ class _CtrlC:
     """Ctrl-C while `rackboot deploy` follows a deployment: the first cancels it, and its report follows (as the
     operator of kadeploy3 expects); a second stops following at once and leaves the cancel to the appliance."""
 
-    def __init__(self, api: Api, dep_id: str, follow: asyncio.Future[Any], view: Any) -> None:
-        self.api, self.dep_id, self.follow, self.view = api, dep_id, follow, view
+    def __init__(self, api: Api) -> None:
+        self.api = api
         self.pressed = 0
+        self.dep_id = ""
+        self.follow: asyncio.Future[Any] | None = None
+        self.view: Any = None
         self._cancel: asyncio.Task[None] | None = None
+
+    def following(self, dep_id: str, follow: asyncio.Future[Any], view: Any) -> None:
+        """The deployment is made and followed by `follow`: a Ctrl-C pressed before now cancels it now."""
+        self.dep_id, self.follow, self.view = dep_id, follow, view
+        if self.pressed:
+            self._cancel_now()
 
     @contextlib.contextmanager
     def installed(self) -> Any:
@@ -223,11 +236,16 @@ class _CtrlC:
 
     def _pressed(self) -> None:
         self.pressed += 1
+        if not self.dep_id:  # the request is on its way: cancelled once the appliance has made it
+            return
         if self.pressed == 1:
-            self._say(f"Ctrl-C: cancelling deployment {self.dep_id}; its report follows (Ctrl-C again to stop waiting)")
-            self._cancel = asyncio.ensure_future(self._cancel_deployment())
-        else:
+            self._cancel_now()
+        elif self.follow is not None:
             self.follow.cancel()
+
+    def _cancel_now(self) -> None:
+        self._say(f"Ctrl-C: cancelling deployment {self.dep_id}; its report follows (Ctrl-C again to stop waiting)")
+        self._cancel = asyncio.ensure_future(self._cancel_deployment())
 
     async def _cancel_deployment(self) -> None:
         try:

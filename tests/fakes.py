@@ -52,7 +52,7 @@ class FakePower:
         if node.name in self.hang:
             await asyncio.Event().wait()
         if op == "status":
-            return self.state.get(node.name, "off")
+            return self.state.get(node.name, "on")  # a node runs its current system until its power is cut
         new = "off" if op == "off" else "on"
         self.state[node.name] = new
         if self.on_change is not None:

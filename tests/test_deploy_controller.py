@@ -55,12 +55,16 @@ async def test_unreachable_node_escalates_to_hard_then_very_hard(world) -> None:
     controller, deps, cluster, env, power, agent = world
     agent.no_ssh = {"node-2"}               # no SSH: soft reboot impossible, go to IPMI
     cluster.never_boot = {"node-3"}         # never comes back from any reboot
+    power.state["node-4"] = "off"           # off: no soft reboot tried (no SSH to it, and an ARP timeout in a window slot)
     nodes = list(deps.inventory.nodes)[:4]
     result = await run_deployment(controller, nodes, env)
     ko = {k["node"]: k for k in result["ko"]}
     assert set(result["ok"]) == {"node-1", "node-2", "node-4"}
     assert ("soft_reboot", "node-2") in agent.calls and ("node-2", "bootdev network") in power.calls
-    assert ("node-2", "on") in power.calls  # it was off: a hard reboot powers it on
+    assert ("node-2", "reset") in power.calls  # it was on: a hard reboot resets it
+    assert ("soft_reboot", "node-4") not in agent.calls and ("node-4", "on") in power.calls  # it was off: powered on
+    skipped = [e for e in controller.deployments[result["id"]].log if e["node"] == "node-4" and e["what"] == "escalate"]
+    assert [e["reason"] for e in skipped] == ["soft reboot skipped: the BMC reports the node off"]
     assert ko["node-3"]["step"] == "SetDeploymentEnv"
     # Silent even after its power was cut and restored: failed at once, without the next implementation
     # (hard_reboot) that could only do the same again, so the healthy nodes do not wait for it.
@@ -340,6 +344,6 @@ async def test_a_node_that_calls_back_while_waiting_to_be_reset_again_is_up(worl
     agent.no_ssh = {"node-1"}                # node-1 straight to an IPMI reset; node-2 reboots over SSH, in its slot
     result = await run_deployment(controller, list(deps.inventory.nodes)[:2], env)
     assert result["status"] == "done", result["ko"]
-    assert [op for name, op in power.calls if name == "node-1" and op in ("reset", "on", "off")] == ["on"]
+    assert [op for name, op in power.calls if name == "node-1" and op in ("reset", "on", "off")] == ["reset"]  # once (it was on)
     dep = controller.deployments[result["id"]]
     assert any(e["what"] == "boot" and e.get("late") for e in dep.log if e["node"] == "node-1")

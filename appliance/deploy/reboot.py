@@ -128,6 +128,11 @@ class Rebooter:
         attempts = (("kexec",) if kexec_env is not None else ()) + levels
         last: BootWatch | None = None  # the watch of this climb's last boot
         for level in attempts:
+            if level == "soft" and await self._powered_off(run):
+                why = "soft reboot skipped: the BMC reports the node off"
+                reasons.append(why)
+                self.note(run, "escalate", level=level, reason=why)
+                continue
             why: str | None = None
             # A window slot is held from the reset until the node has its iPXE script and, for the deploy environment,
             # its kernel and initrd (or is stuck): at most `window` nodes are in POST, DHCP, TFTP and HTTP at once, the
@@ -185,6 +190,18 @@ class Rebooter:
             self.note(run, "escalate", level=level, reason=watch.reason)
         return "; ".join(reasons) if reasons else "no way to reboot"
 
+
+    async def _powered_off(self, run: NodeRun) -> bool:
+        """Whether the node's BMC reports it off, asked before a soft reboot and outside the window: a node that is off
+        has no system to take SSH, and each try would hold a slot through an ARP timeout (3 s; 4000 nodes off, as a
+        new rack or a testbed starts, queued minutes behind those tries). Unknown (no BMC, an error) is not off."""
+        node = run.node
+        if node.bmc is None or node.bmc.driver == "none":
+            return False
+        try:
+            return await self.power.power(node, "status") == "off"
+        except PowerError:  # the soft reboot is tried; the hard one says what the BMC does
+            return False
 
     async def _slot(self, run: NodeRun, last: BootWatch | None) -> int | None:
         """A window slot for the next level; None, without waiting for one, as soon as the last boot (stuck) calls
