@@ -477,7 +477,7 @@ def register(sub: Any) -> None:
     p.add_argument("--steps", help="override implementations, e.g. 'BroadcastEnv|star:1:900'")
     p.add_argument("-k", "--key", nargs="?", const="", metavar="FILE",
                    help="install public SSH keys for root on the deployed nodes: FILE, or ~/.ssh/id_*.pub without FILE")
-    p.add_argument("--no-wait", action="store_true", help="print the deployment id and return")
+    p.add_argument("--no-wait", action="store_true", help="print the deployment id and return (without it, the deployment is followed, and Ctrl-C cancels it)")
     p.set_defaults(func=_run(_deploy))
 
     p = common(sub.add_parser("reboot", help="reboot nodes, optionally into deploy, local or an environment"))
