@@ -77,6 +77,7 @@ class FakeDeploy:
         self.no_ssh = no_ssh or set()  # nodes whose current system cannot be reached for a soft reboot
         self.calls: list[tuple[str, str]] = []
         self.on_reboot = on_reboot
+        self.delivery_s: dict[tuple[str, str], float] = {}  # (op, node) -> seconds before the command gets there
         self.installed: dict[str, str] = {}  # node -> the environment its running installed system answers SSH with
         self.keys: dict[str, tuple[str, ...]] = {}  # node -> the user keys its post-install installed
 
@@ -113,6 +114,7 @@ class FakeDeploy:
     async def kexec(self, node: Node, env: Environment) -> None:
         """Pretend to kexec; the test's hook plays the node."""
         self._maybe_fail("kexec", node)
+        await asyncio.sleep(self.delivery_s.get(("kexec", node.name), 0.0))  # e.g. queued for an SSH connection
         if self.on_reboot:
             self.on_reboot(node, "kexec")
 
@@ -174,6 +176,7 @@ class FakeCluster:
         self.nbp_loop: set[str] = set()       # nodes that loop fetching their NBP
         self.wrong_env: set[str] = set()      # nodes whose installed system is something else
         self.silent_os: set[str] = set()      # nodes whose installed system never calls back (a stock image)
+        self.os_callback_s_of: dict[str, float] = {}  # seconds an installed system takes to call back, for some nodes
         self.agent: FakeDeploy | None = None  # where a silent installed system can be reached over SSH
         self.tasks: list[asyncio.Task[None]] = []
         self.firmware_s = 0.0                 # time from the first DHCP to the script
@@ -226,7 +229,9 @@ class FakeCluster:
                 if self.agent is not None:
                     self.agent.installed[node.name] = env
                 return
-            self.callback(node, "installed", self.deps.tokens.token_of(node.mac), env)
+            token = self.deps.tokens.token_of(node.mac)  # what the post-install wrote into it
+            await asyncio.sleep(self.os_callback_s_of.get(node.name, 0.0))
+            self.callback(node, "installed", token, env)
 
     def callback(self, node: Node, stage: str, token: str | None, env: str = "") -> None:
         """What the HTTP service does with a node's callback from its own address: the agent claims the node's

@@ -347,3 +347,30 @@ async def test_a_node_that_calls_back_while_waiting_to_be_reset_again_is_up(worl
     assert [op for name, op in power.calls if name == "node-1" and op in ("reset", "on", "off")] == ["reset"]  # once (it was on)
     dep = controller.deployments[result["id"]]
     assert any(e["what"] == "boot" and e.get("late") for e in dep.log if e["node"] == "node-1")
+
+
+async def test_the_kexec_deadline_counts_from_when_the_kexec_got_to_the_node(world) -> None:  # type: ignore[no-untyped-def]
+    """node-1's kexec waits 0.6 s for its SSH connection, over FAST's 0.4 s from the kexec to the new kernel: the
+    deadline starts when the kexec is delivered, so it comes up by kexec and is not rebooted."""
+    controller, deps, cluster, env, power, agent = world
+    agent.delivery_s[("kexec", "node-1")] = 0.6
+    result = await run_deployment(controller, list(deps.inventory.nodes)[:2], env)
+    assert result["status"] == "done", result["ko"]
+    dep = controller.deployments[result["id"]]
+    assert not [e for e in dep.log if e["node"] == "node-1" and e["what"] == "impl_failed"]
+    assert [name for op, name in agent.calls if op == "soft_reboot"].count("node-1") == 1  # the first reboot only
+
+
+async def test_an_installed_system_calling_back_after_its_kexec_deadline_is_up_without_a_reboot(world) -> None:  # type: ignore[no-untyped-def]
+    """node-1's installed system calls back 0.6 s after its kexec, past FAST's 0.4 s: its kexec implementation failed,
+    and its callback (which spends its token) arrives while node-2's slow kexec holds the next implementation back.
+    It is up: not rebooted again (the reboot would call back with a spent token, and be refused, at every level)."""
+    controller, deps, cluster, env, power, agent = world
+    cluster.os_callback_s_of = {"node-1": 0.6}
+    agent.delivery_s[("kexec", "node-2")] = 1.0
+    result = await run_deployment(controller, list(deps.inventory.nodes)[:2], env)
+    assert result["status"] == "done", result["ko"]
+    dep = controller.deployments[result["id"]]
+    assert [e["impl"] for e in dep.log if e["node"] == "node-1" and e["what"] == "impl_failed"] == ["kexec"]
+    assert [name for op, name in agent.calls if op == "soft_reboot"].count("node-1") == 1  # the first reboot only
+    assert any(e["what"] == "boot" and e.get("late") for e in dep.log if e["node"] == "node-1")

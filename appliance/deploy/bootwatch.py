@@ -109,12 +109,24 @@ class BootWatch:
     reason: str = ""
     history: list[tuple[str, float]] = field(default_factory=list)
 
-    def start(self, now: float, how: str = "reset") -> None:
-        """Begin watching: after a reset (firmware boot) or a kexec (straight to the callback)."""
+    def start(self, now: float, how: str = "reset", delivered: bool = True) -> None:
+        """Begin watching: after a reset (firmware boot) or a kexec (straight to the callback). Not yet delivered,
+        the first deadline waits for issued()."""
         self.how = how
         self.nbp_count = 0
         self.reason = ""
         self._enter(Stage.KEXECING if how == "kexec" else Stage.RESETTING, now)
+        if not delivered:
+            self.deadline = float("inf")
+
+    def issued(self, now: float) -> None:
+        """The reset or kexec was delivered now: the first deadline counts from here. The command may have waited
+        for its BMC or for an SSH connection to the agent (4000 nodes: kexecs queued 26 s behind the SSH bound, and
+        their 30 s after the kexec ran out 4 s after it), and the node cannot have started before it got it."""
+        if self.stage in (Stage.RESETTING, Stage.KEXECING):
+            key = DEADLINE_OF[self.stage]
+            self.since = now
+            self.deadline = now + getattr(self.deadlines, key)
 
     def _enter(self, stage: Stage, now: float) -> None:
         if stage is Stage.FIRMWARE and self.stage is not Stage.FIRMWARE:

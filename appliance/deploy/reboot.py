@@ -120,13 +120,16 @@ class Rebooter:
     def _watch(self, run: NodeRun, target: str, how: str) -> BootWatch:
         watch = BootWatch(target, self.deadlines)
         run.watch = watch
-        watch.start(self.clock.now(), how=how)
+        watch.start(self.clock.now(), how=how, delivered=False)  # the first deadline starts at watch.issued()
         return watch
 
     async def _climb(self, run: NodeRun, target: str, levels: tuple[str, ...], kexec_env: Environment | None,
                      reasons: list[str]) -> str | None:
         attempts = (("kexec",) if kexec_env is not None else ()) + levels
-        last: BootWatch | None = None  # the watch of this climb's last boot
+        # The watch of the node's last boot to this target: a stuck boot of the installed system kept from the last
+        # implementation (steps._attempts), whose system may still call back while this one waits for a slot.
+        kept = run.watch
+        last = kept if target == INSTALLED and kept is not None and kept.target == target and kept.done else None
         for level in attempts:
             if level == "soft" and await self._powered_off(run):
                 why = "soft reboot skipped: the BMC reports the node off"
@@ -148,18 +151,20 @@ class Rebooter:
             try:
                 if level == "kexec":
                     assert kexec_env is not None
-                    self._watch(run, target, "kexec")
+                    watch = self._watch(run, target, "kexec")
                     try:
                         await self.agent.kexec(run.node, kexec_env)
                     except DeployError as exc:
                         why = f"kexec failed: {exc}"
                     else:
+                        watch.issued(self.clock.now())
                         self.note(run, "rebooting", level=level, target=target)
                         await self._wait(run, lambda w: w.done or w.stage is not Stage.KEXECING)
                 else:
-                    self._watch(run, target, f"{level.replace('_', ' ')} reboot")
+                    watch = self._watch(run, target, f"{level.replace('_', ' ')} reboot")
                     why = await self.reboot(run, level)
                     if why is None:
+                        watch.issued(self.clock.now())
                         self.note(run, "rebooting", level=level, target=target)
                         await self._wait(run, lambda w: w.done or w.stage not in LOADING_STAGES)
                         verdict, slow = boot_verdict(run.watch, self.deadlines)

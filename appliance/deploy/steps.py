@@ -12,7 +12,7 @@ from typing import Awaitable, Callable, Protocol
 
 from appliance.catalog import Environment
 from appliance.deploy.bootprofiles import deploy_profile, installed_profile
-from appliance.deploy.bootwatch import DEPLOY, INSTALLED, NETBOOT
+from appliance.deploy.bootwatch import DEPLOY, INSTALLED, NETBOOT, Stage
 from appliance.deploy.deps import ControllerDeps
 from appliance.deploy.drivers import DeployError
 from appliance.deploy.nodestate import Attempt, NodeRun, NodeState, Outcome
@@ -120,7 +120,9 @@ async def _attempts(dep: Deployment, step: MacroStep, impl: Implementation, run:
             outcome, why = Outcome.HOPELESS, str(exc)
         except TimeoutError:
             why = f"{step.name}/{impl.name} timed out after {timeout:.0f}s{describe_watch(run)}"
-        run.end_watch()
+        if not (outcome is Outcome.FAILED and run.watch is not None and run.watch.stage is Stage.STUCK
+                and run.watch.target == INSTALLED):
+            run.end_watch()  # else kept: the installed system may call back late, while the next implementation waits
         dep.deps.store.log_step(dep.id, run.node.name, step.name, impl.name, n, started, outcome is Outcome.OK, why)
         run.step_times[step.name] = run.step_times.get(step.name, 0.0) + time.time() - started
         if outcome is not Outcome.FAILED:
