@@ -106,12 +106,13 @@ def test_the_report_says_what_became_of_each_injected_fault(tmp_path: Path) -> N
     healthy_node = next(f"node-{i}" for i in range(1, 21) if not faults[f"node-{i}"].any)
     run.ko = ([{"node": n, "step": "BootNewEnv", "reason": "no DHCP within 240 s"} for n in noreturn]
               + [{"node": bmcdead[0], "step": "SetDeploymentEnv",
-                  "reason": "soft reboot impossible: no agent at 10.78.1.4; hard reboot failed: BMC 10.79.1.4 unreachable"},
+                  "reason": "soft reboot impossible: no agent at 10.78.1.4; hard reboot failed: BMC 10.79.1.4 unreachable "
+                            "(Get Auth Capabilities error; 2 tries)"},
                  {"node": healthy_node, "step": "BroadcastEnv", "reason": "chain timed out"}])
     rows = {g: (count, failed, dict(why)) for g, count, failed, why in fault_outcomes(spec, run)}
     assert list(rows)[-1] == "healthy"
     assert rows["noreturn"] == (2, 2, {"BootNewEnv: no DHCP within N s": 2})
-    assert rows["bmcdead"] == (1, 1, {"SetDeploymentEnv: hard reboot failed: BMC N unreachable": 1})
+    assert rows["bmcdead"] == (1, 1, {"SetDeploymentEnv: hard reboot failed: BMC N unreachable (Get Auth Capabilities error; N tries)": 1})
     assert rows["healthy"] == (17, 1, {"BroadcastEnv: chain timed out": 1})
     # the last healthy node's BootNewEnv ended at 1000 + (20 + i) + 10 + 5 for the highest healthy i; t0 = 1000
     last = max(i for i in range(1, 21) if not faults[f"node-{i}"].any)

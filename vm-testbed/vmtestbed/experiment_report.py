@@ -65,8 +65,19 @@ def _folded(ko: dict[str, str]) -> str:
     """A failure as "step: reason", numbers folded ("no DHCP within N s after ..."); of a reason that lists every
     level of a reboot ladder ("soft reboot impossible: ...; no DHCP within 155s after the very hard reboot"), the
     last, which says why the node failed."""
-    last = ko["reason"].split("; ")[-1]
+    last = _clauses(ko["reason"])[-1]
     return f"{ko['step']}: " + re.sub(r"\d+(\.\d+)*", "N", last)[:100]
+
+
+def _clauses(reason: str) -> list[str]:
+    """A reason's "; "-separated clauses, not split inside brackets (ipmitool's own "(...; 2 tries)")."""
+    clauses, depth, start = [], 0, 0
+    for i, ch in enumerate(reason):
+        depth += (ch == "(") - (ch == ")")
+        if depth == 0 and reason.startswith("; ", i):
+            clauses.append(reason[start:i])
+            start = i + 2
+    return [*clauses, reason[start:]]
 
 
 def failure_reasons(runs: Sequence[RunResult]) -> Counter[str]:
