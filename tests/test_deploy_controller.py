@@ -149,6 +149,18 @@ def test_bootwatch_kexec_is_watched_by_the_new_kernels_own_dhcp_then_its_callbac
     assert w.on_event(OsUp(MAC1, "d1", "debian12:1"), 0.3) and w.stage is Stage.UP
 
 
+def test_bootwatch_counts_a_boot_from_its_delivery_and_not_the_last_boots_records() -> None:
+    """The very hard reset of a node stuck in firmware is on its way (power off, wait, on) when that stuck boot gets its
+    script: not the new boot's progress. Once the reset is delivered, the first deadline runs from then."""
+    w = BootWatch(DEPLOY, FAST)
+    w.start(10.0, how="very hard reboot", delivered=False)
+    assert not w.on_event(ScriptServed(MAC1, "deploy", Via.HTTP), 11.0) and w.stage is Stage.RESETTING
+    assert not w.on_tick(100.0)  # no deadline before the delivery
+    w.issued(101.0)
+    assert w.deadline == pytest.approx(101.0 + FAST.dhcp_after_reset)
+    assert w.on_event(DhcpFromFirmware(MAC1, FirmwareKind.BIOS_PXE, 0), 101.1) and w.stage is Stage.FIRMWARE
+
+
 def test_parse_steps() -> None:
     wf = parse_steps("BroadcastEnv|star:1:900,chain:0:60&BootNewEnv|hard_reboot")
     assert [i.name for i in wf.steps[1].implementations] == ["star", "chain"]

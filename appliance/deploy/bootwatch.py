@@ -108,14 +108,16 @@ class BootWatch:
     boots: int = 0
     reason: str = ""
     history: list[tuple[str, float]] = field(default_factory=list)
+    delivered: bool = True  # the reset or kexec reached the node: its records are this boot's from now on
 
     def start(self, now: float, how: str = "reset", delivered: bool = True) -> None:
         """Begin watching: after a reset (firmware boot) or a kexec (straight to the callback). Not yet delivered,
-        the first deadline waits for issued()."""
+        the first deadline and the node's records wait for issued()."""
         self.how = how
         self.nbp_count = 0
         self.reason = ""
         self._enter(Stage.KEXECING if how == "kexec" else Stage.RESETTING, now)
+        self.delivered = delivered
         if not delivered:
             self.deadline = float("inf")
 
@@ -123,6 +125,7 @@ class BootWatch:
         """The reset or kexec was delivered now: the first deadline counts from here. The command may have waited
         for its BMC or for an SSH connection to the agent (4000 nodes: kexecs queued 26 s behind the SSH bound, and
         their 30 s after the kexec ran out 4 s after it), and the node cannot have started before it got it."""
+        self.delivered = True
         if self.stage in (Stage.RESETTING, Stage.KEXECING):
             key = DEADLINE_OF[self.stage]
             self.since = now
@@ -144,7 +147,10 @@ class BootWatch:
 
     def on_event(self, event: NodeEvent, now: float) -> bool:
         """Apply one of the node's records; return True when the stage changed."""
-        if self.stage is Stage.UP:
+        if self.stage is Stage.UP or not self.delivered:
+            # Before the reset or kexec reached the node, its records are the last boot's: a boot stuck in firmware
+            # that got its script while its very hard reset was on its way moved the new watch to LOADING, and the
+            # power cycle then left it "stuck" 60 s later, failing a healthy node (4000 nodes, 5 of them).
             return False
         kind = type(event)
         if kind is NbpSent and self.stage is not Stage.STUCK:
