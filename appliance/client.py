@@ -393,6 +393,12 @@ async def _exec(args: argparse.Namespace, api: Api) -> int:
 
 
 async def _deployments(args: argparse.Namespace, api: Api) -> int:
+    if args.events:
+        if not args.id:
+            raise ClientError("--events needs a deployment ID")
+        async for entry in api.stream(f"/api/v1/deployments/{args.id}/events"):
+            print(json.dumps(entry))
+        return EXIT_OK
     if args.id:
         dep = await api.call("GET", f"/api/v1/deployments/{args.id}")
         _emit(args, dep, _human(dep))
@@ -535,6 +541,8 @@ def register(sub: Any) -> None:
 
     p = common(sub.add_parser("deployments", help="list deployments, or show one"))
     p.add_argument("id", nargs="?")
+    p.add_argument("--events", action="store_true",
+                   help="with ID: its log, a JSON object a line (every boot stage, escalation, window change), to its result")
     p.set_defaults(func=_run(_deployments))
 
     p = common(sub.add_parser("cancel", help="cancel a running deployment"))

@@ -4,6 +4,7 @@ from __future__ import annotations
 import asyncio
 import io
 import ipaddress
+import json
 import os
 import re
 import signal
@@ -276,6 +277,14 @@ async def test_ctrl_c_on_rackboot_deploy_cancels_the_deployment_and_prints_its_r
     assert f"Ctrl-C: cancelling deployment {dep_id}" in err.decode()
     assert "deployed 0/2 nodes (deb:1, cancelled)" in out.decode() and "deployment cancelled" in out.decode()
     assert proc.returncode == 2  # some nodes failed: the report's own exit status
+    # its log, a JSON object a line, to its result
+    log = await asyncio.create_subprocess_exec(sys.executable, "-m", "appliance.cli", "deployments", dep_id, "--events", env=env,
+                                               stdout=asyncio.subprocess.PIPE, stderr=asyncio.subprocess.PIPE)
+    out, err = await asyncio.wait_for(log.communicate(), 30)
+    entries = [json.loads(line) for line in out.decode().splitlines()]
+    assert log.returncode == 0, err
+    assert entries[-1]["what"] == "result" and entries[-1]["result"]["status"] == "cancelled"
+    assert {"node": "node-2", "what": "failed"}.items() <= next(e for e in entries if e.get("what") == "failed" and e.get("node") == "node-2").items()
 
 
 # -- nodes ----------------------------------------------------------------------------------------------

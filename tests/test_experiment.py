@@ -4,6 +4,7 @@ vm-testbed (4 nodes, about a minute)."""
 from __future__ import annotations
 
 import csv
+import gzip
 import json
 import subprocess
 import sys
@@ -14,7 +15,7 @@ import pytest
 
 from vmtestbed.appliance_files import dhcp_after_reset_s
 from vmtestbed.experiment import ExperimentError, RunResult, load_experiment
-from vmtestbed.experiment_report import fault_outcomes, firmware_reboots, healthy_done_s, physical_floor_s, slowest_post_floor_s, write_report
+from vmtestbed.experiment_report import boot_summary, fault_outcomes, firmware_reboots, healthy_done_s, physical_floor_s, slowest_post_floor_s, write_report
 from vmtestbed.faults import assign_faults, parse_faults
 
 EXPERIMENTS = Path(__file__).resolve().parent.parent / "vm-testbed" / "experiments"
@@ -119,6 +120,31 @@ def test_the_report_says_what_became_of_each_injected_fault(tmp_path: Path) -> N
     assert healthy_done_s(spec, run) == 20 + last + 10 + 5
     text = write_report(spec, [run], tmp_path / "out", "abc1234").read_text()
     assert "## Injected faults" in text and "| 2 | noreturn | 2 | 2 x BootNewEnv: no DHCP within N s |" in text
+
+
+def test_the_boots_section_reads_the_deployments_log(tmp_path: Path) -> None:
+    log = [{"ts": 100.0, "node": None, "what": "step", "step": "SetDeploymentEnv"},
+           {"ts": 101.0, "node": "node-1", "what": "escalate", "level": "soft", "reason": "soft reboot skipped: the BMC reports the node off"},
+           {"ts": 101.0, "node": "node-2", "what": "escalate", "level": "soft", "reason": "soft reboot skipped: the BMC reports the node off"},
+           {"ts": 150.0, "node": None, "what": "reboot_window", "was": 1000, "limit": 500, "reason": "node-2: stuck"},
+           {"ts": 150.0, "node": "node-2", "what": "escalate", "level": "hard", "reason": "stuck in firmware: DHCP seen but no iPXE script within 40s"},
+           {"ts": 160.0, "node": "node-1", "what": "boot", "stage": "up"},
+           {"ts": 230.0, "node": "node-2", "what": "boot", "stage": "up", "late": True},
+           {"ts": 400.0, "node": "node-1", "what": "boot", "stage": "up"},  # its second boot: not the first
+           {"what": "result", "result": {"ok": ["node-1", "node-2"]}}]
+    run = _run(2, 1, 300.0)
+    run.events_gz = gzip.compress("".join(json.dumps(e) + "\n" for e in log).encode())
+    summary = boot_summary(run.events_gz)
+    assert summary["first_up_nodes"] == 2 and summary["first_up_s"] == {"p50": 60, "p90": 60, "p99": 60, "max": 130}
+    assert summary["late_callbacks"] == 1
+    assert summary["window"] == [{"at_s": 50, "was": 1000, "limit": 500, "reason": "node-2: stuck"}]
+    assert summary["escalations"] == {"soft: soft reboot skipped: the BMC reports the node off": 2,
+                                      "hard: stuck in firmware: DHCP seen but no iPXE script within Ns": 1}
+    spec = load_experiment(EXPERIMENTS / "tiny.yaml")
+    text = write_report(spec, [run], tmp_path / "out", "abc1234").read_text()
+    assert "reboot window changes: 1000 -> 500 at 50 s." in text and "  - 2 x soft: soft reboot skipped" in text
+    assert (tmp_path / "out/events-2-chain-1.jsonl.gz").read_bytes() == run.events_gz
+    assert json.loads((tmp_path / "out/runs.json").read_text())["runs"][0]["boots"] == summary
 
 
 @pytest.mark.netns

@@ -10,6 +10,7 @@ from the seed, so the same file reruns the same experiment.
 """
 from __future__ import annotations
 
+import gzip
 import json
 import os
 import re
@@ -157,6 +158,7 @@ class RunResult:
     load_after: tuple[float, float, float] = (0.0, 0.0, 0.0)
     error: str = ""
     timeline_svg: str = ""  # the appliance's per-node timeline of the deployment (`rackboot stats --svg`)
+    events_gz: bytes = b""  # the deployment's log, a JSON object a line, gzipped (`rackboot deployments ID --events`)
 
     def to_json(self) -> dict[str, Any]:
         """The run as JSON-ready data (the step records included)."""
@@ -248,6 +250,9 @@ def _deploy(plan: TestbedPlan, d: DeploymentSpec, run: RunResult, daemons: list[
                            text=True, timeout=600)
     if drawn.returncode == 0 and svg.is_file():
         run.timeline_svg = svg.read_text()
+    log = subprocess.run(rackboot_cli(plan, "deployments", report["id"], "--events"), capture_output=True, timeout=600)
+    if log.returncode == 0:
+        run.events_gz = gzip.compress(log.stdout)
     with Control(plan.state_dir) as ctl:  # boots per node: 2 when nothing went wrong (deploy env, installed system)
         status = ctl.call("status")
     boots = Counter(str(node["boots"]) for node in status["nodes"])

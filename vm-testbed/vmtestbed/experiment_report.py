@@ -5,11 +5,14 @@
     spans.svg       per macro-step span and the whole deployment against N (medians over repeats)
     failures.svg    failed nodes by reason, over every run
     timeline-*.svg  the appliance's per-node timeline of each deployment (`rackboot stats --svg`)
+    events-*.jsonl.gz  each deployment's log (`rackboot deployments ID --events`): every boot stage, escalation and
+                    window change, summed in report.md's "Boots"
     steps.csv       the raw per-node step records of every run; runs.json every run whole
 """
 from __future__ import annotations
 
 import csv
+import gzip
 import json
 import os
 import random
@@ -138,13 +141,18 @@ def write_report(spec: ExperimentSpec, runs: Sequence[RunResult], out: Path, cod
     deploy_env_bytes = max((r.deploy_env_bytes for r in runs), default=0)
     out.mkdir(parents=True, exist_ok=True)
     (out / "runs.json").write_text(json.dumps({"experiment": spec.source, "commit": code, "machine": machine(),
-                                               "runs": [r.to_json() | {"timeline_svg": None} for r in runs]}, indent=1))
+                                               "runs": [r.to_json() | {"timeline_svg": None, "events_gz": None,
+                                                                       "boots": boot_summary(r.events_gz)} for r in runs]},
+                                              indent=1))
     with (out / "steps.csv").open("w", newline="") as f:
         w = csv.DictWriter(f, fieldnames=CSV_FIELDS, extrasaction="ignore")
         w.writeheader()
         for r in runs:
             for row in r.steps:
                 w.writerow({**row, "nodes": r.nodes, "broadcast": r.broadcast, "repeat": r.repeat})
+    for r in runs:
+        if r.events_gz:
+            (out / f"events-{r.nodes}-{r.broadcast}-{r.repeat}.jsonl.gz").write_bytes(r.events_gz)
     timelines = []
     for r in runs:
         if r.timeline_svg:
@@ -212,6 +220,7 @@ def _markdown(spec: ExperimentSpec, runs: Sequence[RunResult], code: str, deploy
     errors = [f"- N={r.nodes} {r.broadcast} #{r.repeat}: {r.error}" for r in runs if r.error]
     if errors:
         lines += ["", "Runs that did not complete:", *errors]
+    lines += _boots_markdown(runs)
     lines += ["", "## The slowest nodes", "", "Per run, the five nodes that finished last: when each macro-step ended (s from the deployment's start).", ""]
     for r in runs:
         slow = _slowest(r.steps, 5)
@@ -222,6 +231,51 @@ def _markdown(spec: ExperimentSpec, runs: Sequence[RunResult], code: str, deploy
         lines += ["", "Per-node timelines of each deployment: " + ", ".join(f"[{t}]({t})" for t in timelines) + "."]
     lines += ["", "Raw per-node step records: [steps.csv](steps.csv); every run: [runs.json](runs.json).", ""]
     return "\n".join(lines)
+
+
+def boot_summary(events_gz: bytes) -> dict[str, Any]:
+    """What a deployment's log says of its boots: when each node's first boot was up (quantiles, s from the first
+    entry), how many of those were late callbacks, every change of the reboot window, escalations by level and
+    reason (numbers folded). Empty without a log."""
+    if not events_gz:
+        return {}
+    entries = [json.loads(line) for line in gzip.decompress(events_gz).splitlines() if line.strip()]
+    stamped = [e for e in entries if "ts" in e]
+    if not stamped:
+        return {}
+    t0 = min(e["ts"] for e in stamped)
+    up: dict[str, float] = {}
+    late, window, escalations = 0, [], Counter()
+    for e in stamped:
+        what = e.get("what")
+        if what == "boot" and e.get("stage") == "up" and e.get("node") not in up:
+            up[e["node"]] = e["ts"] - t0
+            late += bool(e.get("late"))
+        elif what == "reboot_window":
+            window.append({"at_s": round(e["ts"] - t0), "was": e.get("was"), "limit": e.get("limit"), "reason": e.get("reason", "")})
+        elif what == "escalate":
+            escalations[f"{e.get('level')}: " + re.sub(r"\d+(\.\d+)*", "N", str(e.get("reason", "")))[:100]] += 1
+    times = sorted(up.values())
+    quantiles = {f"p{int(q * 100)}": round(times[int(q * (len(times) - 1))]) for q in (0.5, 0.9, 0.99)} if times else {}
+    return {"first_up_nodes": len(times), "first_up_s": quantiles | ({"max": round(times[-1])} if times else {}),
+            "late_callbacks": late, "window": window, "escalations": dict(escalations.most_common())}
+
+
+def _boots_markdown(runs: Sequence[RunResult]) -> list[str]:
+    """The "Boots" section: each run's boot summary, from its log."""
+    lines = ["", "## Boots", "", "Per run, from the deployment's log: when each node's first boot was up (s from the "
+             "deployment's start), the reboot window's changes, and why boots were escalated to the next level.", ""]
+    for r in runs:
+        b = boot_summary(r.events_gz)
+        if not b:
+            continue
+        q = ", ".join(f"{k} {v} s" for k, v in b["first_up_s"].items())
+        changes = "; ".join(f"{w['was']} -> {w['limit']} at {w['at_s']} s" for w in b["window"]) or "none"
+        lines += [f"- N={r.nodes} {r.broadcast} #{r.repeat} ([log](events-{r.nodes}-{r.broadcast}-{r.repeat}.jsonl.gz)): "
+                  f"first boot up for {b['first_up_nodes']} nodes: {q}; {b['late_callbacks']} late callbacks; "
+                  f"reboot window changes: {changes}."]
+        lines += [f"  - {n} x {why}" for why, n in list(b["escalations"].items())[:6]]
+    return lines if len(lines) > 5 else []
 
 
 def _slowest(rows: Sequence[dict[str, Any]], k: int) -> list[tuple[str, list[tuple[str, float]]]]:
