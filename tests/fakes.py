@@ -177,6 +177,8 @@ class FakeCluster:
         self.wrong_env: set[str] = set()      # nodes whose installed system is something else
         self.silent_os: set[str] = set()      # nodes whose installed system never calls back (a stock image)
         self.os_callback_s_of: dict[str, float] = {}  # seconds an installed system takes to call back, for some nodes
+        self.files_s_of: dict[str, float] = {}  # seconds from the deploy script to its kernel and initrd, for some nodes
+        self.agent_s_of: dict[str, float] = {}  # seconds from the initrd to the deploy agent's callback, for some nodes
         self.agent: FakeDeploy | None = None  # where a silent installed system can be reached over SSH
         self.tasks: list[asyncio.Task[None]] = []
         self.firmware_s = 0.0                 # time from the first DHCP to the script
@@ -216,11 +218,13 @@ class FakeCluster:
             ev.publish(DhcpFromFirmware(node.mac, FirmwareKind.IPXE, 0))
             ev.publish(ScriptServed(node.mac, profile.kind, Via.HTTP, profile.env))
         if profile.kind == "deploy":
+            await asyncio.sleep(self.files_s_of.get(node.name, 0.0))
             ev.publish(KernelFetched(node.mac, "deploy/vmlinuz"))
             ev.publish(InitrdFetched(node.mac, "deploy/initrd.img"))
             # The deploy environment's own DHCP client: not firmware, must not restart the boot watch.
             ev.publish(DhcpFromOs(node.mac, "rackboot-deploy"))
             assert "rackboot.token" not in profile.cmdline  # no secret in what any host can fetch
+            await asyncio.sleep(self.agent_s_of.get(node.name, 0.0))
             self.callback(node, "agent_up", None)
         else:
             env = "other:1" if node.name in self.wrong_env else profile.env

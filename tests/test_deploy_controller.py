@@ -386,3 +386,23 @@ async def test_an_installed_system_calling_back_after_its_kexec_deadline_is_up_w
     assert [e["impl"] for e in dep.log if e["node"] == "node-1" and e["what"] == "impl_failed"] == ["kexec"]
     assert [name for op, name in agent.calls if op == "soft_reboot"].count("node-1") == 1  # the first reboot only
     assert any(e["what"] == "boot" and e.get("late") for e in dep.log if e["node"] == "node-1")
+
+
+async def test_a_boot_stuck_in_firmware_that_gets_its_script_while_waiting_to_be_reset_again_goes_on(world) -> None:  # type: ignore[no-untyped-def]
+    """node-1 gets its script after its deadline (stuck in firmware) while node-2, loading its files, holds the one
+    window slot; node-1's agent calls back only after node-2 lets the slot go. The late script is a sign its boot goes
+    on: it is watched again, not power-cycled for a slot it does not need."""
+    controller, deps, cluster, env, power, agent = world
+    deadlines = replace(FAST, kernel_after_script=2.0, agent_after_kernel=2.0)
+    controller.workflow_factory = lambda method, kexec: replace(default_workflow(method, kexec), deadlines=deadlines, reboot_window=1)
+    power.state.update({"node-1": "off", "node-2": "off"})  # no soft reboot: node-1 reset first, then node-2
+    cluster.firmware_s_of = {"node-1": 0.6}   # over FAST's 0.4 s from DHCP to the script
+    cluster.firmware_s = 0.1
+    cluster.files_s_of = {"node-2": 0.9}      # node-2 holds the slot from about 0.4 s to its initrd, about 1.4 s
+    cluster.agent_s_of = {"node-1": 1.0}      # node-1's agent calls back about 1.6 s in, after that
+    result = await run_deployment(controller, list(deps.inventory.nodes)[:2], env)
+    assert result["status"] == "done", result["ko"]
+    assert [op for name, op in power.calls if name == "node-1" and op in ("reset", "on", "off")] == ["on"]
+    dep = controller.deployments[result["id"]]
+    stages = [e["stage"] for e in dep.log if e["node"] == "node-1" and e["what"] == "boot"]
+    assert stages[:5] == ["firmware", "stuck", "loading", "starting", "up"]  # then BootNewEnv's

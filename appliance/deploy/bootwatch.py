@@ -68,6 +68,11 @@ for _stage in (Stage.RESETTING, Stage.FIRMWARE, Stage.LOADING, Stage.STARTING, S
 # slot to be reset, and its agent calls back meanwhile (4000 nodes: hundreds were reset again for nothing).
 TRANSITIONS[(Stage.STUCK, AgentUp)] = {DEPLOY: Stage.UP}
 TRANSITIONS[(Stage.STUCK, OsUp)] = {INSTALLED: Stage.UP}
+# So does a sign that the boot went on (its script, its files, its system's own DHCP): the Rebooter watches it again
+# instead of resetting it, with the next stage's deadline. DHCP from firmware is not one (a node that loops).
+TRANSITIONS[(Stage.STUCK, ScriptServed)] = {DEPLOY: Stage.LOADING, INSTALLED: Stage.LOCAL_BOOT, NETBOOT: Stage.UP}
+TRANSITIONS[(Stage.STUCK, InitrdFetched)] = {DEPLOY: Stage.STARTING}
+TRANSITIONS[(Stage.STUCK, DhcpFromOs)] = {INSTALLED: Stage.OS_STARTING}
 # Or the installed system answers SSH with the environment stamped in it (checked once it has left the firmware).
 for _stage in (Stage.LOCAL_BOOT, Stage.KEXECING, Stage.OS_STARTING):
     TRANSITIONS[(_stage, OsReachable)] = {INSTALLED: Stage.UP}

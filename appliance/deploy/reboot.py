@@ -142,7 +142,7 @@ class Rebooter:
             # unreliable part under load, and the window narrows when their boots show the services overloaded
             # (appliance.deploy.window). A node waiting for a slot has no deadline running. Kexec'ing nodes take slots
             # too, until the new kernel is on the network: hundreds of systems starting at once is a DHCP storm of its own.
-            ticket = await self._slot(run, last)
+            ticket = await self._next_slot(run, last, reasons)
             if ticket is None:  # it called back late, while waiting for this slot
                 run.watch = last
                 self.note(run, "boot", stage=Stage.UP.value, late=True)
@@ -208,15 +208,29 @@ class Rebooter:
         except PowerError:  # the soft reboot is tried; the hard one says what the BMC does
             return False
 
+    async def _next_slot(self, run: NodeRun, last: BootWatch | None, reasons: list[str]) -> int | None:
+        """A window slot for the next level; None when the last boot (stuck) came up meanwhile. A stuck boot that goes
+        on while it waits (its script, its files or its system came late) is watched again, no reset sent: slow, not
+        stuck (4000 nodes: 1267 first boots stuck in firmware by their starved TFTP were power-cycled, a POST more)."""
+        while True:
+            ticket = await self._slot(run, last)
+            if ticket is not None or last is None or last.stage is Stage.UP:
+                return ticket
+            await self._wait(run, lambda w: w.done)  # its stages are in the log as they come (Deployment.on_event)
+            if last.stage is Stage.UP:
+                return None
+            reasons.append(last.reason)
+            self.note(run, "escalate", level="late", reason=last.reason)
+
     async def _slot(self, run: NodeRun, last: BootWatch | None) -> int | None:
-        """A window slot for the next level; None, without waiting for one, as soon as the last boot (stuck) calls
-        back late. Under a boot storm the wait is minutes (4000 nodes: 485 late callbacks waited for a slot they did
-        not need, behind thousands of nodes not yet reset)."""
+        """A window slot for the next level; None, without waiting for one, as soon as the last boot (stuck) is not
+        stuck any more: it called back late, or went on. Under a boot storm the wait is minutes (4000 nodes: 485
+        late callbacks waited for a slot they did not need, behind thousands of nodes not yet reset)."""
         if last is None:
             return await self.window.acquire()
         acquiring = asyncio.ensure_future(self.window.acquire())
         try:
-            while last.stage is not Stage.UP and not acquiring.done():
+            while last.stage is Stage.STUCK and not acquiring.done():
                 changed = asyncio.ensure_future(run.changed.wait())
                 try:
                     await asyncio.wait((acquiring, changed), return_when=asyncio.FIRST_COMPLETED)
@@ -227,7 +241,7 @@ class Rebooter:
         except BaseException:  # cancelled (a timeout, the deployment's cancel): a slot granted meanwhile goes back
             self._drop_slot(acquiring, run)
             raise
-        if last.stage is Stage.UP:
+        if last.stage is not Stage.STUCK:
             self._drop_slot(acquiring, run)
             return None
         return acquiring.result()
