@@ -151,18 +151,14 @@ async def _deploy(args: argparse.Namespace, api: Api) -> int:
     if args.key is not None:
         body["ssh_keys"] = read_public_keys(args.key)
     if args.no_wait:
-        dep = await api.call("POST", "/api/v1/deployments", json=body)
-        if not args.json:
-            print(f"deployment {dep['id']}: {dep['env']} on {len(dep['nodes'])} nodes", file=sys.stderr)
+        dep = await _start_deployment(args, api, body)
         print(dep["id"])
         return EXIT_OK
     from appliance.progress import DeployProgress
 
     ctrl_c = _CtrlC(api)
     with ctrl_c.installed():  # from before the request: a Ctrl-C while it is made cancels the deployment it makes
-        dep = await api.call("POST", "/api/v1/deployments", json=body)
-        if not args.json:
-            print(f"deployment {dep['id']}: {dep['env']} on {len(dep['nodes'])} nodes", file=sys.stderr)
+        dep = await _start_deployment(args, api, body)
         # Progress goes to stderr (stdout keeps the report, or the JSON): live on a terminal, plain lines elsewhere.
         view = DeployProgress([n["node"] for n in dep["nodes"]], sys.stderr, live=None if not args.verbose else False)
         with contextlib.nullcontext() if args.json else view:
@@ -181,6 +177,14 @@ async def _deploy(args: argparse.Namespace, api: Api) -> int:
     if result is None:
         result = await api.call("GET", f"/api/v1/deployments/{dep['id']}")
     return _print_report(result, args)
+
+
+async def _start_deployment(args: argparse.Namespace, api: Api, body: dict[str, Any]) -> dict[str, Any]:
+    """Ask the appliance for the deployment; say which on stderr (not with --json)."""
+    dep: dict[str, Any] = await api.call("POST", "/api/v1/deployments", json=body)
+    if not args.json:
+        print(f"deployment {dep['id']}: {dep['env']} on {len(dep['nodes'])} nodes", file=sys.stderr)
+    return dep
 
 
 async def _follow(args: argparse.Namespace, api: Api, dep_id: str, view: Any) -> dict[str, Any] | None:
