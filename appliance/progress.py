@@ -74,6 +74,10 @@ class DeployProgress:
                 self._refresh()
         elif what == "reboot_window" and not node:
             self._line(f"reboot window {entry.get('was', '?')} -> {entry.get('limit', '?')} nodes: {entry.get('reason', '')}")
+        elif what == "broadcast" and not node:
+            bypassed = f", {entry['bypassed']} suspects bypassed" if entry.get("bypassed") else ""
+            self._line(f"{entry.get('impl', '')} broadcast: {entry.get('ok', '?')}/{entry.get('nodes', '?')} nodes "
+                       f"(arming {entry.get('arm_s', '?')} s, stream {entry.get('stream_s', '?')} s{bypassed})")
         elif what == "finished" and not self.live_view:
             self._line(f"deployment {entry.get('status', 'finished')}: {self._counts()}")
 

@@ -17,6 +17,15 @@ Faults: a child that closes, resets, stops acknowledging, or makes no progress f
 while it is not itself blocked downstream is reported failed with the reason, and its parent adopts its
 children: it connects to each, learns its offset from `ready` and resumes from there. A child whose
 resume point left the window is handed to the source (which has the whole file).
+
+A child silent (or stuck with data pending) for `suspect_delay`, a fraction of the stall timeout, is suspect:
+its parent adopts its children at once and holds nothing back for it (it is no longer in the window, the
+offsets sent upstream, or a relay's pipes). Without this every node that hangs in a chain held everything
+below it for a whole stall timeout, and those added up along the chain (the seed's fault model: nodes that
+hang at one point of the stream hang one after the other). A suspect that fails its stall timeout is
+reported failed as before; one that acknowledges again was only slow: a relay hands it to the source, which
+feeds it from its offset as a leaf, so no relay ends up feeding two children of a chain. The watchdog does not
+count time its own event loop was held (a lagging process) against its children.
 """
 from __future__ import annotations
 
@@ -47,6 +56,7 @@ class ChildLink:
         self.vec = (list(lower) + [lower[-1] if lower else 0] * levels)[:levels]  # lower bounds until acks arrive
         self.cursor = 0  # what was sent so far; advanced by the feeder (a relay's reader may push it too)
         self.blocked = False
+        self.suspect = ""  # why the child is suspect (its children then fed by this feeder); "" while it is not
         self.state = "connecting"
         self.conn: LineSocket | None = None
         # relay kernel path: the pipe holds the stream's bytes [cursor, pipe_end) (empty when pipe_end <= cursor)
@@ -62,6 +72,11 @@ class ChildLink:
     def active(self) -> bool:
         """True while the link still holds data back for its child."""
         return self.state in ("connecting", "streaming", "draining")
+
+    @property
+    def counted(self) -> bool:
+        """True while the feeder holds data back for this child: active and not suspect."""
+        return self.active and not self.suspect
 
     def needed(self) -> int:
         """The lowest offset this child (or the nodes it reports for) may still ask for."""
@@ -115,6 +130,8 @@ class ChildLink:
                        asyncio.create_task(self._watchdog(), name=f"watch:{self.name}")]
         try:
             while self.cursor < f.size:
+                if self.suspect and not f.feeds_suspects:
+                    await f.wait_until(lambda: not self.suspect)  # until it is handed over or fails
                 await f.send_more(self)
             self.close_pipe()
             self.state = "draining"
@@ -139,10 +156,15 @@ class ChildLink:
                         raise MalformedPacket("ack: bad offsets")
                     now = time.monotonic()
                     self.last_ack = now
-                    if offs[0] > self.vec[0]:
+                    moved = offs[0] > self.vec[0]
+                    if moved:
                         self.last_progress = now
                     self.blocked = bool(msg["blocked"])
                     self.vec = list(offs[: f.params.resume_depth])
+                    if self.suspect and (moved or offs[0] >= self.cursor):
+                        f.recovered(self)  # it was only slow
+                        if not self.active:
+                            return
                     f.window_changed()
                 elif msg["type"] == "superseded":
                     self._finish("superseded", msg["by"])
@@ -155,17 +177,30 @@ class ChildLink:
 
     async def _watchdog(self) -> None:
         p = self.feeder.params
-        tick = min(1.0, p.stall_timeout / 4)
+        tick = min(1.0, p.suspect_delay / 4)
+        woke = time.monotonic()
         while self.active:
             await asyncio.sleep(tick)
             now = time.monotonic()
+            held = now - woke - tick
+            woke = now
+            if held > tick:
+                # this process's loop was held (a lagging node, or a testbed daemon hosting hundreds): the child's
+                # acknowledgements may be waiting unread in the socket, so that time is not held against it
+                self.last_ack += held
+                self.last_progress += held
             if self.blocked or self.vec[0] >= self.cursor:
                 # nothing pending, or it waits on its own children (which it watches): the stall clock restarts
                 self.last_progress = now
-            if now - self.last_ack > p.stall_timeout:
+            silent, stuck = now - self.last_ack, now - self.last_progress
+            if silent > p.stall_timeout:
                 self._finish("failed", f"stalled: no acknowledgement for {p.stall_timeout:g} s (at offset {self.vec[0]})")
-            elif self.vec[0] < self.cursor and not self.blocked and now - self.last_progress > p.stall_timeout:
+            elif stuck > p.stall_timeout:
                 self._finish("failed", f"stalled: no progress for {p.stall_timeout:g} s at offset {self.vec[0]}")
+            elif not self.suspect and silent > p.suspect_delay:
+                self.feeder.suspect(self, f"no acknowledgement for {p.suspect_delay:g} s (at offset {self.vec[0]})")
+            elif not self.suspect and stuck > p.suspect_delay:
+                self.feeder.suspect(self, f"no progress for {p.suspect_delay:g} s at offset {self.vec[0]}")
 
     def close_pipe(self) -> None:
         """Release the kernel pipe (what it still held is retained by the relay and can be sent again)."""
@@ -234,6 +269,14 @@ class Feeder:
         """Ask the source to feed a child we cannot resume."""
         self.report("orphan", node=link.name, offset=offset)
 
+    feeds_suspects = False  # a relay stops sending to a suspect child (the source, which has the whole image, goes on)
+
+    def recovered(self, link: ChildLink) -> None:
+        """A suspect child acknowledged again: a relay hands it to the source, which feeds it as a leaf."""
+        log.info("%s: %s answers again: handed to the source at offset %d", self.name, link.name, link.vec[0])
+        self.hand_to_source(link, link.vec[0])
+        link._finish("handed", "")
+
     # -- shared logic
     def add_link(self, subtree: Subtree, lower: list[int]) -> ChildLink:
         """Start feeding a subtree."""
@@ -258,17 +301,34 @@ class Feeder:
         if link.state == "failed":
             log.info("%s: %s failed: %s", self.name, link.name, reason)
             self.report("failed", node=link.name, reason=reason, by=self.name)
-            below = link.vec[1:] or [min(link.vec)]
-            for child in link.subtree.children():
-                self.add_link(child, below)
+            self._adopt_children(link)
         self.links = [lk for lk in self.links if lk.active]
         self.window_changed()
+
+    def suspect(self, link: ChildLink, reason: str) -> None:
+        """Bypass a child that went silent or stuck: feed its children ourselves, hold nothing back for it."""
+        link.suspect = reason
+        log.info("%s: %s is suspect (%s): its children are fed from here", self.name, link.name, reason)
+        self.report("bypassed", node=link.name, reason=reason, by=self.name)
+        self._adopt_children(link)
+        if not self.feeds_suspects:
+            link.close_pipe()
+        self.window_changed()
+
+    def _adopt_children(self, link: ChildLink) -> None:
+        """Feed the children of link's node from here, each from the offset link last reported for it; the node
+        is then a leaf (a later failure of it adopts nothing again)."""
+        below = link.vec[1:] or [min(link.vec)]
+        children = link.subtree.children()
+        link.subtree = link.subtree.leaf()
+        for child in children:
+            self.add_link(child, below)
 
     def vector(self, own: int) -> list[int]:
         """Offsets by depth below and including this node, up to resume_depth levels (sent upstream)."""
         vec = [own]
         for level in range(1, self.params.resume_depth):
-            vals = [lk.vec[level - 1] for lk in self.links if lk.active and len(lk.vec) >= level]
+            vals = [lk.vec[level - 1] for lk in self.links if lk.counted and len(lk.vec) >= level]
             if not vals:
                 break
             vec.append(min(vals))
@@ -276,7 +336,7 @@ class Feeder:
 
     def low_water(self, own: int) -> int:
         """The lowest offset any active child may still need."""
-        return min([own] + [lk.needed() for lk in self.links if lk.active])
+        return min([own] + [lk.needed() for lk in self.links if lk.counted])
 
     def links_active(self) -> bool:
         """True while some child is still being fed."""

@@ -11,6 +11,7 @@ the stream of a failed attempt.
 from __future__ import annotations
 
 import asyncio
+import time
 from dataclasses import dataclass
 from pathlib import Path
 from typing import Awaitable, Callable, Sequence
@@ -51,6 +52,7 @@ async def run_broadcast(job: BroadcastJob, targets: Sequence[Target], method: st
     session, token = new_session()
     failed: dict[str, NodeResult] = {}
     ready = list(targets)
+    arming = time.monotonic()
     if arm is not None:
         sem = asyncio.Semaphore(arm_concurrency)
 
@@ -66,6 +68,7 @@ async def run_broadcast(job: BroadcastJob, targets: Sequence[Target], method: st
         ready = [t for t, e in zip(targets, errors) if e is None]
         failed = {t.name: NodeResult(name=t.name, reason=f"arm failed: {e}", reported_by=SOURCE_NAME)
                   for t, e in zip(targets, errors) if e is not None}
+    arm_seconds = time.monotonic() - arming
     if method == "star":
         if not job.url:
             raise ValueError("star needs job.url")
@@ -80,6 +83,7 @@ async def run_broadcast(job: BroadcastJob, targets: Sequence[Target], method: st
     else:
         result = BroadcastResult(method=method, size=job.image.stat().st_size, sha256=job.sha256, nodes={})
     result.nodes.update(failed)
+    result.arm_seconds = arm_seconds
     return result
 
 

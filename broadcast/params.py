@@ -17,6 +17,9 @@ class ChainParams:
     window: int = 32 << 20  # retention window per relay (bytes kept for resuming children)
     ack_interval: float = 0.2  # seconds between acks (also the liveness heartbeat)
     stall_timeout: float = 10.0  # no ack, or no progress while data is pending, for this long: failed
+    # ... for this long: suspect, and its children are fed by its parent meanwhile (0: 10 ack intervals, at least
+    # 2 s, at most half the stall timeout); see broadcast.feeder
+    suspect_after: float = 0.0
     connect_timeout: float = 5.0
     resume_depth: int = 2  # levels below a child whose offsets its parent tracks (2: survives any single failure locally)
     orphan_after: float = 0.0  # relay without upstream asks the source after this (0: 2 x stall_timeout)
@@ -54,6 +57,11 @@ class ChainParams:
         if p.chunk < 1 or p.window < p.chunk or p.resume_depth < 1 or p.stall_timeout <= 0:
             raise MalformedPacket("params: out of range")
         return p
+
+    @property
+    def suspect_delay(self) -> float:
+        """Seconds of silence (or of no progress with data pending) before a child is bypassed."""
+        return min(self.suspect_after or max(2.0, 10 * self.ack_interval), self.stall_timeout / 2)
 
     @property
     def orphan_delay(self) -> float:

@@ -105,6 +105,8 @@ class Relay(Feeder):
         await self.wait_until(lambda: self.received > link.cursor or link.cursor >= self.size or self.failed_reason is not None)
         if self.failed_reason is not None:
             raise ConnectionError(f"relay failed: {self.failed_reason}")
+        if link.suspect:
+            return  # nothing is held back for it any more (ChildLink waits until it is handed over or fails)
         if link.cursor >= self.size:
             return  # the reader forwarded the end through the link's pipe
         if link.pipe is not None and link.pipe_end > link.cursor:
@@ -172,7 +174,7 @@ class Relay(Feeder):
         pipe is its backpressure (a full window would leave it copying for good whenever it is the slower).
         """
         for lk in self.links:
-            if lk.state != "streaming" or lk.copy_only:
+            if lk.state != "streaming" or lk.copy_only or lk.suspect:
                 continue
             end = max(lk.pipe_end, lk.cursor)
             if end < self.received:
@@ -190,7 +192,7 @@ class Relay(Feeder):
         """Children whose pipe ends where the stream ends: the next bytes from upstream can be tee'd to them."""
         live = []
         for lk in self.links:
-            if lk.state != "streaming" or lk.copy_only or max(lk.pipe_end, lk.cursor) != self.received:
+            if lk.state != "streaming" or lk.copy_only or lk.suspect or max(lk.pipe_end, lk.cursor) != self.received:
                 continue
             if lk.pipe is None:
                 try:

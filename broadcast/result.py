@@ -49,6 +49,8 @@ class BroadcastResult:
     sha256: str | None
     nodes: dict[str, NodeResult]
     seconds: float = 0.0
+    arm_seconds: float = 0.0  # spent arming the nodes, before `seconds` (the broadcast itself) began
+    counters: dict[str, int] = field(default_factory=dict)  # e.g. bypassed (suspects), orphans (fed by the source)
 
     @property
     def ok(self) -> list[str]:
@@ -68,10 +70,14 @@ class BroadcastResult:
             if before is not None and not before.ok:
                 r.notes = [f"{self.method}: {before.reason}"] + r.notes
             nodes[name] = r
+        counters = dict(self.counters)
+        for k, v in later.counters.items():
+            counters[k] = counters.get(k, 0) + v
         return BroadcastResult(method=f"{self.method}+{later.method}", size=self.size, sha256=self.sha256,
-                               nodes=nodes, seconds=self.seconds + later.seconds)
+                               nodes=nodes, seconds=self.seconds + later.seconds,
+                               arm_seconds=self.arm_seconds + later.arm_seconds, counters=counters)
 
     def to_json(self) -> dict[str, Any]:
         """Return a JSON-ready dict."""
         return {"method": self.method, "size": self.size, "sha256": self.sha256, "seconds": self.seconds,
-                "ok": self.ok, "failed": self.failed, "nodes": {n: r.to_json() for n, r in self.nodes.items()}}
+                "arm_seconds": self.arm_seconds, "counters": self.counters, "ok": self.ok, "failed": self.failed, "nodes": {n: r.to_json() for n, r in self.nodes.items()}}

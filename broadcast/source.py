@@ -44,7 +44,8 @@ class Source(Feeder):
         self._report_server: asyncio.base_events.Server | None = None
         self._files: dict[int, Any] = {}
         self._report_writers: set[asyncio.StreamWriter] = set()
-        self.counters = {"reports": 0, "dropped_malformed": 0, "orphans": 0}
+        self.counters = {"reports": 0, "dropped_malformed": 0, "orphans": 0, "bypassed": 0}
+        self.bypassed: dict[str, list[str]] = {}  # node -> "by: reason" of each time it was bypassed as a suspect
 
     def available_from(self) -> int:
         """The source has the whole image: any offset can be sent."""
@@ -77,6 +78,12 @@ class Source(Feeder):
         """Never called: the source has the whole image."""
         raise AssertionError("the source has the whole image")
 
+    feeds_suspects = True  # it has the whole image: a suspect root is fed on (as a leaf) until it answers or fails
+
+    def recovered(self, link: ChildLink) -> None:
+        """A suspect root acknowledged again: it was only slow, and is a leaf of the source from now on."""
+        link.suspect = ""
+
     def _on_report(self, msg: dict[str, Any]) -> None:
         self.counters["reports"] += 1
         name = msg.get("node", "")
@@ -98,7 +105,12 @@ class Source(Feeder):
             own = self.results.get(name)
             if (own is None or own.reported_by != name) and not any(lk.active and lk.name == name for lk in self.links):
                 self.counters["orphans"] += 1
-                self.add_link(self.subtrees[name], [msg["offset"]])
+                tree = self.subtrees[name]
+                # a bypassed node's children are fed by the parent that bypassed it: it is fed alone
+                self.add_link(tree.leaf() if name in self.bypassed else tree, [msg["offset"]])
+        elif msg["type"] == "bypassed":
+            self.counters["bypassed"] += 1
+            self.bypassed.setdefault(name, []).append(f"bypassed by {msg['by']}: {msg['reason']}")
         self.window_changed()
 
     async def _serve_reports(self, reader: asyncio.StreamReader, writer: asyncio.StreamWriter) -> None:
@@ -114,7 +126,7 @@ class Source(Feeder):
                 except MalformedPacket:
                     self.counters["dropped_malformed"] += 1
                     continue
-                if msg["type"] in ("result", "failed", "orphan"):
+                if msg["type"] in ("result", "failed", "orphan", "bypassed"):
                     self._on_report(msg)
                 else:
                     self.counters["dropped_malformed"] += 1
@@ -167,9 +179,11 @@ class Source(Feeder):
                 r = NodeResult(name=name, ok=False, reason=f"no report within {deadline:g} s", reported_by=SOURCE_NAME)
             elif r.ok and self.sha256 and r.sha256 != self.sha256:
                 r.ok, r.reason = False, f"sha256 mismatch: {r.sha256} != {self.sha256}"
+            r.notes = self.bypassed.get(name, []) + r.notes
             nodes[name] = r
         return BroadcastResult(method=self.method, size=self.size, sha256=self.sha256, nodes=nodes,
-                               seconds=time.monotonic() - t0)
+                               seconds=time.monotonic() - t0,
+                               counters={k: self.counters[k] for k in ("bypassed", "orphans", "dropped_malformed")})
 
 
 # Report connections closed per loop turn at the end of a session. Each close sends its FIN through the host's stack

@@ -70,6 +70,11 @@ class Subtree:
             j += size
         return out
 
+    def leaf(self) -> "Subtree":
+        """The root alone, without the nodes below it."""
+        name, host, port, _ = self.entries[0]
+        return Subtree([[name, host, port, 1]])
+
     def names(self) -> list[str]:
         """Every node name in this subtree, preorder."""
         return [e[0] for e in self.entries]

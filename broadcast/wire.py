@@ -48,6 +48,7 @@ SCHEMA: dict[str, dict[str, tuple[type, ...]]] = {
                "sha256": _STR, "written_sha256": _STR, "durations": _DICT},
     "failed": {"node": _STR, "reason": _STR, "by": _STR},
     "orphan": {"node": _STR, "offset": _INT},
+    "bypassed": {"node": _STR, "reason": _STR, "by": _STR},  # a suspect whose children its parent took over
     # coordinator -> node (star): fetch the image over HTTP into the armed sink
     "fetch": {"v": _INT, "session": _STR, "token": _STR, "url": _STR, "size": _OPT_INT, "sha256": _OPT_STR,
               "params": _DICT},

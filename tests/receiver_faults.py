@@ -1,7 +1,10 @@
 """A broadcast Receiver that can fail like a real node: power off (kill) or hang (freeze). Test helper, not a test."""
 from __future__ import annotations
 
+import asyncio
+
 from broadcast.receiver import Receiver
+from broadcast.relay import Relay
 
 
 class FaultyReceiver(Receiver):
@@ -32,3 +35,16 @@ class FaultyReceiver(Receiver):
             for t in relay.tasks() + [t for lk in relay.links for t in lk.tasks()]:
                 t.cancel()
             relay.reports.close()
+
+    def mute(self, seconds: float) -> None:
+        """Stop acknowledging upstream for a while, as a node whose process is held (it goes on receiving)."""
+        for relay in self.relays.values():
+            if relay._acker is not None:
+                relay._acker.cancel()
+            relay._acker = asyncio.get_running_loop().create_task(_ack_later(relay, seconds))
+
+
+async def _ack_later(relay: Relay, seconds: float) -> None:
+    """The relay's acknowledger, started after a pause."""
+    await asyncio.sleep(seconds)
+    await relay._ack_loop()

@@ -130,6 +130,8 @@ def test_the_boots_section_reads_the_deployments_log(tmp_path: Path) -> None:
            {"ts": 150.0, "node": "node-2", "what": "escalate", "level": "hard", "reason": "stuck in firmware: DHCP seen but no iPXE script within 40s"},
            {"ts": 160.0, "node": "node-1", "what": "boot", "stage": "up"},
            {"ts": 230.0, "node": "node-2", "what": "boot", "stage": "up", "late": True},
+           {"ts": 300.0, "node": "", "what": "broadcast", "step": "BroadcastEnv", "impl": "chain", "nodes": 2, "ok": 2,
+            "arm_s": 3.5, "stream_s": 20.1, "bypassed": 1, "orphans": 1, "dropped_malformed": 0},
            {"ts": 400.0, "node": "node-1", "what": "boot", "stage": "up"},  # its second boot: not the first
            {"what": "result", "result": {"ok": ["node-1", "node-2"]}}]
     run = _run(2, 1, 300.0)
@@ -142,7 +144,9 @@ def test_the_boots_section_reads_the_deployments_log(tmp_path: Path) -> None:
                                       "hard: stuck in firmware: DHCP seen but no iPXE script within Ns": 1}
     spec = load_experiment(EXPERIMENTS / "tiny.yaml")
     text = write_report(spec, [run], tmp_path / "out", "abc1234").read_text()
+    assert summary["broadcasts"] == [{"impl": "chain", "nodes": 2, "ok": 2, "arm_s": 3.5, "stream_s": 20.1, "bypassed": 1, "orphans": 1}]
     assert "reboot window changes: 1000 -> 500 at 50 s." in text and "  - 2 x soft: soft reboot skipped" in text
+    assert "  - broadcast (chain): 2/2 nodes; arming 3.5 s, then 20.1 s; 1 suspects bypassed, 1 nodes fed by the source" in text
     assert (tmp_path / "out/events-2-chain-1.jsonl.gz").read_bytes() == run.events_gz
     assert json.loads((tmp_path / "out/runs.json").read_text())["runs"][0]["boots"] == summary
 

@@ -14,6 +14,8 @@ ENTRIES = [
     {"node": "node-3", "what": "failed", "step": "SetDeploymentEnv", "impl": "reboot", "reason": "no DHCP within 30s after the hard reboot"},
     {"node": "", "what": "step", "step": "BroadcastEnv", "nodes": "node-[1-2]"},
     *({"node": n, "what": "BroadcastEnv", "step": "BroadcastEnv", "impl": "chain", "reason": ""} for n in NODES[:2]),
+    {"node": "", "what": "broadcast", "step": "BroadcastEnv", "impl": "chain", "nodes": 2, "ok": 2, "arm_s": 0.4,
+     "stream_s": 3.2, "bypassed": 1, "orphans": 1, "dropped_malformed": 0},
     {"node": "", "what": "step", "step": "BootNewEnv", "nodes": "node-[1-2]"},
     *({"node": n, "what": "BootNewEnv", "step": "BootNewEnv", "impl": "kexec", "reason": ""} for n in NODES[:2]),
     *({"node": n, "what": "done", "step": "BootNewEnv", "impl": "kexec", "reason": ""} for n in NODES[:2]),
@@ -31,6 +33,7 @@ def test_plain_lines_when_not_on_a_terminal() -> None:
         "SetDeploymentEnv: node-[1-3]",
         "node-3 failed in SetDeploymentEnv/reboot: no DHCP within 30s after the hard reboot",
         "BroadcastEnv: node-[1-2]",
+        "chain broadcast: 2/2 nodes (arming 0.4 s, stream 3.2 s, 1 suspects bypassed)",
         "BootNewEnv: node-[1-2]",
         "deployment done: 2 done, 1 failed",
     ]

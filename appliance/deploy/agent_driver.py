@@ -218,7 +218,7 @@ class AgentDeployDriver:
         finally:
             self.shares.remove(share)
         return BroadcastOutcome(method, {name: (r.ok, r.reason) for name, r in result.nodes.items()}, result.seconds,
-                                {"result": result.to_json()})
+                                {"result": result.to_json()}, result.arm_seconds, dict(result.counters))
 
     async def post_install(self, node: Node, env: Environment, ssh_keys: Sequence[str] = ()) -> None:
         """Run the environment's post-install scripts, then stamp the installed system with its identity, its

@@ -22,6 +22,8 @@ class BroadcastOutcome:
     nodes: dict[str, tuple[bool, str]]
     seconds: float = 0.0
     detail: dict[str, object] = field(default_factory=dict)
+    arm_seconds: float = 0.0  # arming the nodes, before `seconds`
+    counters: dict[str, int] = field(default_factory=dict)  # e.g. bypassed: suspects whose parent fed their children
 
 
 class DeployDriver(Protocol):

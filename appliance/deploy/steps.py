@@ -188,6 +188,9 @@ async def broadcast_env(dep: Deployment, step: MacroStep, runs: list[NodeRun]) -
             async with asyncio.timeout(timeout):
                 outcome = await dep.deps.agent.broadcast(impl.name, [r.node for r in pending], dep.env, image)
             results = outcome.nodes
+            dep.journal.note(None, "broadcast", step=step.name, impl=impl.name, nodes=len(pending),
+                             ok=sum(1 for ok, _ in results.values() if ok), arm_s=round(outcome.arm_seconds, 1),
+                             stream_s=round(outcome.seconds, 1), **outcome.counters)
         except TimeoutError:
             results = {r.node.name: (False, f"{impl.name} broadcast timed out after {timeout:.0f}s") for r in pending}
         except DeployError as exc:

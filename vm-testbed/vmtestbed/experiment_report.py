@@ -242,7 +242,7 @@ def _markdown(spec: ExperimentSpec, runs: Sequence[RunResult], boots: Sequence[d
 def boot_summary(events_gz: bytes) -> dict[str, Any]:
     """What a deployment's log says of its boots: when each node's first boot was up (quantiles, s from the first
     entry), how many of those were late callbacks, every change of the reboot window, escalations by level and
-    reason (numbers folded). Empty without a log."""
+    reason (numbers folded), and each broadcast's figures. Empty without a log."""
     if not events_gz:
         return {}
     entries = [json.loads(line) for line in gzip.decompress(events_gz).splitlines() if line.strip()]
@@ -251,10 +251,12 @@ def boot_summary(events_gz: bytes) -> dict[str, Any]:
         return {}
     t0 = min(e["ts"] for e in stamped)
     up: dict[str, float] = {}
-    late, window, escalations = 0, [], Counter()
+    late, window, escalations, broadcasts = 0, [], Counter(), []
     for e in stamped:
         what = e.get("what")
-        if what == "boot" and e.get("stage") == "up" and e.get("node") not in up:
+        if what == "broadcast" and not e.get("node"):
+            broadcasts.append({k: e.get(k, 0) for k in ("impl", "nodes", "ok", "arm_s", "stream_s", "bypassed", "orphans")})
+        elif what == "boot" and e.get("stage") == "up" and e.get("node") not in up:
             up[e["node"]] = e["ts"] - t0
             late += bool(e.get("late"))
         elif what == "reboot_window":
@@ -264,7 +266,7 @@ def boot_summary(events_gz: bytes) -> dict[str, Any]:
     times = sorted(up.values())
     quantiles = {f"p{int(q * 100)}": round(times[int(q * (len(times) - 1))]) for q in (0.5, 0.9, 0.99)} if times else {}
     return {"first_up_nodes": len(times), "first_up_s": quantiles | ({"max": round(times[-1])} if times else {}),
-            "late_callbacks": late, "window": window, "escalations": dict(escalations.most_common())}
+            "late_callbacks": late, "window": window, "escalations": dict(escalations.most_common()), "broadcasts": broadcasts}
 
 
 def _boots_markdown(runs: Sequence[RunResult], boots: Sequence[dict[str, Any]]) -> list[str]:
@@ -279,10 +281,13 @@ def _boots_markdown(runs: Sequence[RunResult], boots: Sequence[dict[str, Any]]) 
                   f"first boot up for {b['first_up_nodes']} nodes: {q}; {b['late_callbacks']} late callbacks; "
                   f"reboot window changes: {changes}."]
         items += [f"  - {n} x {why}" for why, n in list(b["escalations"].items())[:6]]
+        items += [f"  - broadcast ({c['impl']}): {c['ok']}/{c['nodes']} nodes; arming {c['arm_s']} s, then {c['stream_s']} s; "
+                  f"{c['bypassed']} suspects bypassed, {c['orphans']} nodes fed by the source" for c in b.get("broadcasts", [])]
     if not items:
         return []
     return ["", "## Boots", "", "Per run, from the deployment's log: when each node's first boot was up (s from the "
-            "deployment's start), the reboot window's changes, and why boots were escalated to the next level.", "", *items]
+            "deployment's start), the reboot window's changes, why boots were escalated to the next level, and each "
+            "broadcast: its arming, its stream, the suspects it bypassed.", "", *items]
 
 
 def _slowest(rows: Sequence[dict[str, Any]], k: int) -> list[tuple[str, list[tuple[str, float]]]]:
