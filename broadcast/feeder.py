@@ -56,6 +56,7 @@ class ChildLink:
         self.vec = (list(lower) + [lower[-1] if lower else 0] * levels)[:levels]  # lower bounds until acks arrive
         self.cursor = 0  # what was sent so far; advanced by the feeder (a relay's reader may push it too)
         self.blocked = False
+        self.reported = False  # the child says its own result is on its way to the source
         self.suspect = ""  # why the child is suspect (its children then fed by this feeder); "" while it is not
         self.state = "connecting"
         self.conn: LineSocket | None = None
@@ -77,6 +78,11 @@ class ChildLink:
     def counted(self) -> bool:
         """True while the feeder holds data back for this child: active and not suspect."""
         return self.active and not self.suspect
+
+    def complete(self) -> bool:
+        """The child and the levels below it that it reports for have the whole stream, and it has sent its result
+        (until then it is watched: a node that dies before its report is reported failed by its parent)."""
+        return self.reported and all(v >= self.feeder.size for v in self.vec)
 
     def needed(self) -> int:
         """The lowest offset this child (or the nodes it reports for) may still ask for."""
@@ -135,7 +141,7 @@ class ChildLink:
                 await f.send_more(self)
             self.close_pipe()
             self.state = "draining"
-            await f.wait_until(lambda: not self.active or all(v >= f.size for v in self.vec))
+            await f.wait_until(lambda: not self.active or self.complete())
         except (OSError, ConnectionError) as exc:
             self._finish("failed", f"connection lost at offset {self.vec[0]}: {describe_error(exc)}")
             return
@@ -160,6 +166,7 @@ class ChildLink:
                     if moved:
                         self.last_progress = now
                     self.blocked = bool(msg["blocked"])
+                    self.reported = bool(msg["reported"])
                     self.vec = list(offs[: f.params.resume_depth])
                     if self.suspect and (moved or offs[0] >= self.cursor):
                         f.recovered(self)  # it was only slow
@@ -172,7 +179,7 @@ class ChildLink:
                 else:
                     raise MalformedPacket(f"unexpected {msg['type']} from child")
         except (OSError, ConnectionError, MalformedPacket) as exc:
-            if self.active and not (self.state == "draining" and all(v >= f.size for v in self.vec)):
+            if self.active and not (self.state == "draining" and self.complete()):
                 self._finish("failed", f"connection lost at offset {self.vec[0]}: {describe_error(exc)}")
 
     async def _watchdog(self) -> None:

@@ -23,6 +23,10 @@ class ChainParams:
     connect_timeout: float = 5.0
     resume_depth: int = 2  # levels below a child whose offsets its parent tracks (2: survives any single failure locally)
     orphan_after: float = 0.0  # relay without upstream asks the source after this (0: 2 x stall_timeout)
+    # the source stops waiting for the reports still missing once it has heard none for this long and feeds nobody
+    # (0: 6 x stall_timeout); a safety net: a node is watched by its parent until its report is sent, so only a node
+    # and its parent both dying between their reports and their children's goes unreported
+    quiet_after: float = 0.0
     give_up_after: float = 0.0  # ... and fails after this (0: 6 x stall_timeout)
     source_rate: float = 0.0  # bytes/s cap per source link (0: none); for tests and shaped demos
     sink_queue: int = 8  # chunks queued for the disk writer
@@ -62,6 +66,11 @@ class ChainParams:
     def suspect_delay(self) -> float:
         """Seconds of silence (or of no progress with data pending) before a child is bypassed."""
         return min(self.suspect_after or max(2.0, 10 * self.ack_interval), self.stall_timeout / 2)
+
+    @property
+    def quiet_delay(self) -> float:
+        """Seconds without any report after which the source gives up on the missing ones."""
+        return self.quiet_after or 6 * self.stall_timeout
 
     @property
     def orphan_delay(self) -> float:

@@ -83,6 +83,7 @@ class Relay(Feeder):
         self.reports = ReportClient(name, self.session, self.token, self.report_addr, params.connect_timeout, socket_factory)
         self.clock = StreamClock()
         self.result: NodeResult | None = None
+        self.reported = False  # our result is written to the report channel: our parent may let us go
         self.done = asyncio.Event()
         self.failed_reason: str | None = None
 
@@ -410,7 +411,7 @@ class Relay(Feeder):
         if conn is None:
             return
         try:
-            await conn.send("ack", offsets=self.vector(self.received), blocked=self.blocked)
+            await conn.send("ack", offsets=self.vector(self.received), blocked=self.blocked, reported=self.reported)
         except OSError:
             pass  # the reader sees the loss too
 
@@ -424,6 +425,7 @@ class Relay(Feeder):
         if self.failed_reason is None:
             report = await self.sink.close()
             self._set_result(report)
+        await self._reported()
         await self.wait_until(lambda: not self.links_active())
         await self._send_ack()
         await self.reports.flush(self.params.connect_timeout)
@@ -431,6 +433,13 @@ class Relay(Feeder):
         # keep acking until our parent closes the connection (it does once our vector is complete)
         await asyncio.sleep(self.params.stall_timeout)
         self.stop()
+
+    async def _reported(self) -> None:
+        """Once our result is written to the report channel, say so upstream: until then our parent watches us (a
+        node that died between its last byte and its report was reported by nobody, and the session waited)."""
+        await self.reports.flush(self.params.connect_timeout)
+        self.reported = True
+        await self._send_ack()
 
     def _set_result(self, report: WriteReport) -> None:
         self.result = node_result(self.name, report, self.clock)
@@ -450,6 +459,7 @@ class Relay(Feeder):
         for lk in self.links:
             lk.cancel()
         self.done.set()
+        await self._reported()
 
     def tasks(self) -> list[asyncio.Task[None]]:
         """The session's own tasks: upstream reader, acknowledger, orphan timer, finisher, disk feeder."""

@@ -32,7 +32,9 @@ class ReportClient:
         self.closed = False
 
     def send(self, kind: str, **fields: Any) -> None:
-        """Queue one report."""
+        """Queue one report (none once the channel is closed)."""
+        if self.closed:
+            return
         self._queue.put_nowait(encode(kind, **fields))
         if self._task is None:
             self._task = asyncio.create_task(self._run(), name=f"report:{self.node}")

@@ -41,6 +41,7 @@ class Source(Feeder):
             for i, e in enumerate(tree.entries):
                 self.subtrees[e[0]] = Subtree(tree.entries[i : i + e[3]])
         self.results: dict[str, NodeResult] = {}
+        self._last_report = time.monotonic()
         self._report_server: asyncio.base_events.Server | None = None
         self._files: dict[int, Any] = {}
         self._report_writers: set[asyncio.StreamWriter] = set()
@@ -86,6 +87,7 @@ class Source(Feeder):
 
     def _on_report(self, msg: dict[str, Any]) -> None:
         self.counters["reports"] += 1
+        self._last_report = time.monotonic()
         name = msg.get("node", "")
         if name not in self.subtrees:
             self.counters["dropped_malformed"] += 1
@@ -149,9 +151,23 @@ class Source(Feeder):
                 return False  # being rescued
         return True
 
+    async def _wait_for_reports(self) -> None:
+        """Until every node has a result, or nothing is fed from here and no report came for quiet_delay. A safety
+        net: each node is watched by its parent until it says its report is sent, so only a report lost on its way
+        (a node and its parent both dying then) leaves a node unreported."""
+        quiet = self.params.quiet_delay
+        while not self._finished():
+            left = self._last_report + quiet - time.monotonic()
+            if left <= 0 and not self.links_active():
+                return
+            try:
+                await within(self.wait_until(self._finished), max(left, 1.0))
+            except asyncio.TimeoutError:
+                pass
+
     async def run(self, deadline: float | None = None) -> BroadcastResult:
         """Broadcast to every node; return when each has a result (or at the deadline, in seconds)."""
-        t0 = time.monotonic()
+        t0 = self._last_report = time.monotonic()
         if self.listen_factory is not None:
             lsock = self.listen_factory(self.report_addr[0], 0)
             self._report_server = await asyncio.start_server(self._serve_reports, sock=lsock, limit=1 << 20)
@@ -162,7 +178,7 @@ class Source(Feeder):
             for tree in self.forest:
                 self.add_link(tree, [0])
             try:
-                await within(self.wait_until(self._finished), deadline)
+                await within(self._wait_for_reports(), deadline)
             except asyncio.TimeoutError:
                 pass
         finally:
@@ -173,10 +189,13 @@ class Source(Feeder):
             for f in self._files.values():
                 f.close()
         nodes: dict[str, NodeResult] = {}
+        quiet = self.params.quiet_delay
         for name in self.subtrees:
             r = self.results.get(name)
             if r is None:
-                r = NodeResult(name=name, ok=False, reason=f"no report within {deadline:g} s", reported_by=SOURCE_NAME)
+                why = f"within {deadline:g} s" if deadline is not None and time.monotonic() - t0 >= deadline else \
+                    f"(and none from any node for {quiet:g} s)"
+                r = NodeResult(name=name, ok=False, reason=f"no report {why}", reported_by=SOURCE_NAME)
             elif r.ok and self.sha256 and r.sha256 != self.sha256:
                 r.ok, r.reason = False, f"sha256 mismatch: {r.sha256} != {self.sha256}"
             r.notes = self.bypassed.get(name, []) + r.notes

@@ -39,7 +39,7 @@ SCHEMA: dict[str, dict[str, tuple[type, ...]]] = {
               "size": _INT, "sha256": _OPT_STR, "report": _LIST, "params": _DICT},
     # child -> parent
     "ready": {"offset": _INT},
-    "ack": {"offsets": _LIST, "blocked": _BOOL},
+    "ack": {"offsets": _LIST, "blocked": _BOOL, "reported": _BOOL},  # reported: its own result is on its way to the source
     "superseded": {"by": _STR},
     "error": {"reason": _STR},
     # relay -> source, on the report channel

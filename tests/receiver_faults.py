@@ -4,11 +4,20 @@ from __future__ import annotations
 import asyncio
 
 from broadcast.receiver import Receiver
+from broadcast.result import NodeResult
 from broadcast.relay import Relay
 
 
 class FaultyReceiver(Receiver):
     """A Receiver whose node can die mid-session (kill) or wedge (freeze), for fault tests."""
+
+    freeze_at_result = False  # wedge once the node has its result, before its report leaves
+
+    def session_result(self, session: str, result: NodeResult) -> None:
+        """Take the node's result; wedge right then if asked to (its report is queued, not yet written)."""
+        super().session_result(session, result)
+        if self.freeze_at_result:
+            self.freeze()
 
     def kill(self) -> None:
         """Die like a powered-off node: the listening socket and every connection reset, nothing reported."""
@@ -34,6 +43,11 @@ class FaultyReceiver(Receiver):
         for relay in self.relays.values():
             for t in relay.tasks() + [t for lk in relay.links for t in lk.tasks()]:
                 t.cancel()
+            relay.reports.close()
+
+    def lose_reports(self) -> None:
+        """Its reports to the source are lost from now on (the node went on acknowledging, then died)."""
+        for relay in self.relays.values():
             relay.reports.close()
 
     def mute(self, seconds: float) -> None:

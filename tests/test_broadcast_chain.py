@@ -2,6 +2,7 @@
 from __future__ import annotations
 
 import asyncio
+import dataclasses
 import errno
 import hashlib
 import os
@@ -190,6 +191,36 @@ async def test_a_suspect_that_answers_again_is_fed_by_the_source_and_deployed(
     check_survivors(result, c, payload, image, set())
     assert result.counters == {"bypassed": 1, "orphans": 1, "dropped_malformed": 0}, result.counters
     assert result.nodes["node-3"].notes[0].startswith("bypassed by node-2: no acknowledgement"), result.nodes["node-3"].notes
+
+
+async def test_a_node_that_dies_between_its_last_byte_and_its_report_is_reported_by_its_parent(
+        tmp_path: Path, image: tuple[Path, str], payload: bytes) -> None:
+    """A node that has the whole stream (its acknowledgements say so) hangs before its report leaves: its parent
+    watches it until it says its report is sent, so it is reported stalled. Before, the parent let it go at its
+    last byte, nobody reported it, and the session waited for its deadline (4000 nodes: 76 minutes)."""
+    async with Cluster(tmp_path, 3) as c:  # the last node: its acknowledgements say all below it has the stream
+        c["node-3"].freeze_at_result = True
+        result = await run_broadcast(job(image), c.targets, "chain", c.arm)
+    check_survivors(result, c, payload, image, {"node-3"})
+    hung = result.nodes["node-3"]
+    assert hung.reported_by == "node-2" and hung.reason == f"stalled: no acknowledgement for 1 s (at offset {image[0].stat().st_size})"
+
+
+async def test_a_node_whose_report_is_lost_does_not_hold_the_session(tmp_path: Path, image: tuple[Path, str],
+                                                                     payload: bytes) -> None:
+    """The safety net: a node's report is lost although it said it was sent (a node and its parent both dying
+    between their reports). The source, hearing no report for quiet_after and feeding nobody, ends the session
+    without a deadline and says why."""
+    size = image[0].stat().st_size
+    async with Cluster(tmp_path, 4) as c:
+        lose = asyncio.create_task(c.when_progress("node-4", size // 2, FaultyReceiver.lose_reports))
+        # no deadline: without the quiet rule the session waited for ever (until the test's own timeout)
+        session = dataclasses.replace(job(image, source_rate=size), deadline=None)
+        result = await run_broadcast(session, c.targets, "chain", c.arm)
+        await lose
+    assert result.ok == ["node-1", "node-2", "node-3"] and c.disk("node-4") == payload, {n: r.reason for n, r in result.nodes.items()}
+    lost = result.nodes["node-4"]
+    assert lost.reported_by == "@source" and lost.reason == "no report (and none from any node for 6 s)"
 
 
 async def test_a_held_event_loop_does_not_make_children_suspect(tmp_path: Path, image: tuple[Path, str], payload: bytes) -> None:
