@@ -30,6 +30,7 @@ count time its own event loop was held (a lagging process) against its children.
 from __future__ import annotations
 
 import asyncio
+import errno
 import logging
 import time
 from typing import Any, Callable
@@ -57,6 +58,7 @@ class ChildLink:
         self.cursor = 0  # what was sent so far; advanced by the feeder (a relay's reader may push it too)
         self.blocked = False
         self.reported = False  # the child says its own result is on its way to the source
+        self.no_route = False  # the connect failed for want of any route from this node (ENETUNREACH)
         self.suspect = ""  # why the child is suspect (its children then fed by this feeder); "" while it is not
         self.state = "connecting"
         self.conn: LineSocket | None = None
@@ -103,6 +105,9 @@ class ChildLink:
         try:
             self.conn = await open_connection(target.host, target.port, p.connect_timeout, socket_factory=f.socket_factory)
         except (OSError, asyncio.TimeoutError) as exc:
+            # no route from here at all (this node lost its address or its route): its children are not adopted from
+            # here, they are handed to the source with it
+            self.no_route = isinstance(exc, OSError) and exc.errno == errno.ENETUNREACH
             self._finish("failed", f"unreachable: {describe_error(exc)}")
             return
         try:
@@ -277,6 +282,7 @@ class Feeder:
         self.report("orphan", node=link.name, offset=offset)
 
     feeds_suspects = False  # a relay stops sending to a suspect child (the source, which has the whole image, goes on)
+    hands_off = True  # a relay can hand a child to the source (the source cannot)
 
     def recovered(self, link: ChildLink) -> None:
         """A suspect child acknowledged again: a relay hands it to the source, which feeds it as a leaf."""
@@ -308,7 +314,13 @@ class Feeder:
         if link.state == "failed":
             log.info("%s: %s failed: %s", self.name, link.name, reason)
             self.report("failed", node=link.name, reason=reason, by=self.name)
-            self._adopt_children(link)
+            if link.no_route and self.hands_off:
+                # Adopting its children would fail the same way, one after the other: a node of the vm-testbed whose
+                # address was gone (a node that hangs mid-broadcast) went down the whole rest of its chain, 4000
+                # connects in its daemon's loop, and the stream stalled there for 25 s each time. The source tries it.
+                self.hand_to_source(link, min(link.vec))
+            else:
+                self._adopt_children(link)
         self.links = [lk for lk in self.links if lk.active]
         self.window_changed()
 

@@ -2,6 +2,10 @@
 from __future__ import annotations
 
 import asyncio
+import errno
+import os
+import socket
+from typing import Any
 
 from broadcast.receiver import Receiver
 from broadcast.result import NodeResult
@@ -49,6 +53,25 @@ class FaultyReceiver(Receiver):
         """Its reports to the source are lost from now on (the node went on acknowledging, then died)."""
         for relay in self.relays.values():
             relay.reports.close()
+
+    def lose_network(self) -> list[tuple[str, int]]:
+        """Lose its address, as the vm-testbed's nodes that hang mid-broadcast do, while its code runs on: it sends
+        nothing, hears nothing from its children, and every connect it tries fails for want of a route. Returns the
+        list its connect attempts go to."""
+        tried: list[tuple[str, int]] = []
+
+        def no_route(addr_info: Any) -> socket.socket:
+            tried.append(addr_info[4])
+            raise OSError(errno.ENETUNREACH, os.strerror(errno.ENETUNREACH))
+
+        self.socket_factory = no_route
+        for relay in self.relays.values():
+            relay.socket_factory = no_route
+            relay.reports.close()
+            for t in [relay._acker] + [lk._tasks[0] for lk in relay.links if lk._tasks]:  # its acks, its children's
+                if t is not None:
+                    t.cancel()
+        return tried
 
     def mute(self, seconds: float) -> None:
         """Stop acknowledging upstream for a while, as a node whose process is held (it goes on receiving)."""

@@ -223,6 +223,21 @@ async def test_a_node_whose_report_is_lost_does_not_hold_the_session(tmp_path: P
     assert lost.reported_by == "@source" and lost.reason == "no report (and none from any node for 6 s)"
 
 
+async def test_a_relay_that_lost_its_route_hands_its_orphans_to_the_source_instead_of_walking_the_chain(
+        tmp_path: Path, image: tuple[Path, str], payload: bytes) -> None:
+    """node-3 loses its address mid-stream with its code running: it stops hearing node-4, suspects it and tries
+    its child, which fails for want of any route. It hands that node to the source once, where it used to adopt
+    the next one, and the next, down the whole chain (4000 connects in a testbed daemon's loop)."""
+    size = image[0].stat().st_size
+    attempts: list[list[tuple[str, int]]] = []
+    async with Cluster(tmp_path, 8) as c:
+        lose = asyncio.create_task(c.when_progress("node-3", size // 4, lambda r: attempts.append(r.lose_network())))
+        result = await run_broadcast(job(image, source_rate=size, stall_timeout=3.0), c.targets, "chain", c.arm)
+        await lose
+    check_survivors(result, c, payload, image, {"node-3"})
+    assert attempts[0] == [(c["node-5"].host, c["node-5"].port)], attempts  # node-3 suspected node-4, tried node-5
+
+
 async def test_a_held_event_loop_does_not_make_children_suspect(tmp_path: Path, image: tuple[Path, str], payload: bytes) -> None:
     """Every relay and the source share this loop; holding it past the stall timeout (a lagging testbed daemon,
     a node's process descheduled) is not the children's silence: nobody is bypassed or failed."""
