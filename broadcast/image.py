@@ -448,11 +448,11 @@ class AsyncImageSink:
         self.open_error: str | None = None
 
     async def start(self) -> None:
-        """Open the target in a thread and start the writer task."""
-        try:
-            self._sink = await asyncio.to_thread(self._opener, self.spec)
-        except ImageError as exc:
-            self.open_error = str(exc)
+        """Start the writer task, which opens the target in a thread first: the caller does not wait for the open
+        (chunks queue meanwhile). A relay opened its disk before it answered its upstream and greeted its children,
+        so every hop of a chain waited for a thread of its process's pool; in the vm-testbed, where 500 nodes share
+        a daemon's 6 threads with their disk writes, the stream's head went down a 4000-node chain at about 14
+        nodes a second (2026-12-06), likely for that."""
         self._task = asyncio.create_task(self._run(), name="image-sink")
 
     async def put(self, chunk: bytes) -> None:
@@ -481,6 +481,10 @@ class AsyncImageSink:
         return await self._task
 
     async def _run(self) -> WriteReport:
+        try:
+            self._sink = await asyncio.to_thread(self._opener, self.spec)
+        except ImageError as exc:
+            self.open_error = str(exc)
         sink = self._sink
         received = 0
         hasher = hashlib.sha256()

@@ -7,6 +7,7 @@ import errno
 import hashlib
 import os
 import stat
+import threading
 import time
 from pathlib import Path
 from typing import AsyncIterator, Callable
@@ -236,6 +237,28 @@ async def test_a_relay_that_lost_its_route_hands_its_orphans_to_the_source_inste
         await lose
     check_survivors(result, c, payload, image, {"node-3"})
     assert attempts[0] == [(c["node-5"].host, c["node-5"].port)], attempts  # node-3 suspected node-4, tried node-5
+
+
+async def test_the_hellos_go_down_the_chain_while_the_disks_are_still_opening(tmp_path: Path, image: tuple[Path, str],
+                                                                              payload: bytes) -> None:
+    """Every thread of the process's pool is busy (500 testbed nodes share a daemon's 6 with their disk writes):
+    the chain is still set up to its end, the disks opened once threads free up. Before, each relay opened its disk
+    before it answered its upstream and greeted its children, so each hop waited for a thread."""
+    gate = threading.Event()
+    loop = asyncio.get_running_loop()
+    busy = [loop.run_in_executor(None, gate.wait) for _ in range(min(32, (os.cpu_count() or 1) + 4))]
+    try:
+        async with Cluster(tmp_path, 5) as c:
+            broadcast = asyncio.create_task(run_broadcast(job(image), c.targets, "chain", c.arm))
+            async with asyncio.timeout(10):
+                while not all(r.relays for r in c.receivers):
+                    await asyncio.sleep(0.01)
+            gate.set()
+            result = await broadcast
+    finally:
+        gate.set()
+        await asyncio.gather(*busy)
+    check_survivors(result, c, payload, image, set())
 
 
 async def test_a_held_event_loop_does_not_make_children_suspect(tmp_path: Path, image: tuple[Path, str], payload: bytes) -> None:
