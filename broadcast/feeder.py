@@ -141,7 +141,7 @@ class ChildLink:
                        asyncio.create_task(self._watchdog(), name=f"watch:{self.name}")]
         try:
             while self.cursor < f.size:
-                if self.suspect and not f.feeds_suspects:
+                if self.suspect and not f.whole_image:
                     await f.wait_until(lambda: not self.suspect)  # until it is handed over or fails
                 await f.send_more(self)
             self.close_pipe()
@@ -281,8 +281,9 @@ class Feeder:
         """Ask the source to feed a child we cannot resume."""
         self.report("orphan", node=link.name, offset=offset)
 
-    feeds_suspects = False  # a relay stops sending to a suspect child (the source, which has the whole image, goes on)
-    hands_off = True  # a relay can hand a child to the source (the source cannot)
+    # The source has the whole image: it feeds a suspect child on and cannot hand a child to anyone. A relay stops
+    # sending to a suspect child and hands to the source what it cannot feed.
+    whole_image = False
 
     def recovered(self, link: ChildLink) -> None:
         """A suspect child acknowledged again: a relay hands it to the source, which feeds it as a leaf."""
@@ -314,7 +315,7 @@ class Feeder:
         if link.state == "failed":
             log.info("%s: %s failed: %s", self.name, link.name, reason)
             self.report("failed", node=link.name, reason=reason, by=self.name)
-            if link.no_route and self.hands_off:
+            if link.no_route and not self.whole_image:
                 # Adopting its children would fail the same way, one after the other: a node of the vm-testbed whose
                 # address was gone (a node that hangs mid-broadcast) went down the whole rest of its chain, 4000
                 # connects in its daemon's loop, and the stream stalled there for 25 s each time. The source tries it.
@@ -330,7 +331,7 @@ class Feeder:
         log.info("%s: %s is suspect (%s): its children are fed from here", self.name, link.name, reason)
         self.report("bypassed", node=link.name, reason=reason, by=self.name)
         self._adopt_children(link)
-        if not self.feeds_suspects:
+        if not self.whole_image:
             link.close_pipe()
         self.window_changed()
 

@@ -79,8 +79,7 @@ class Source(Feeder):
         """Never called: the source has the whole image."""
         raise AssertionError("the source has the whole image")
 
-    feeds_suspects = True  # it has the whole image: a suspect root is fed on (as a leaf) until it answers or fails
-    hands_off = False
+    whole_image = True  # a suspect root is fed on (as a leaf) until it answers or fails
 
     def recovered(self, link: ChildLink) -> None:
         """A suspect root acknowledged again: it was only slow, and is a leaf of the source from now on."""
