@@ -21,7 +21,7 @@ from broadcast.feeder import ChildLink, Feeder
 from broadcast.params import ChainParams
 from broadcast.result import SOURCE_NAME, BroadcastResult, NodeResult
 from broadcast.topology import Subtree
-from broadcast.wire import ListenFactory, SocketFactory, decode
+from broadcast.wire import REPORT_KINDS, ListenFactory, SocketFactory, decode
 
 
 class Source(Feeder):
@@ -45,7 +45,7 @@ class Source(Feeder):
         self._report_server: asyncio.base_events.Server | None = None
         self._files: dict[int, Any] = {}
         self._report_writers: set[asyncio.StreamWriter] = set()
-        self.counters = {"reports": 0, "dropped_malformed": 0, "orphans": 0, "bypassed": 0}
+        self.counters = {"reports": 0, "dropped_malformed": 0, "orphans": 0}
         self.bypassed: dict[str, list[str]] = {}  # node -> "by: reason" of each time it was bypassed as a suspect
 
     def available_from(self) -> int:
@@ -111,7 +111,6 @@ class Source(Feeder):
                 # a bypassed node's children are fed by the parent that bypassed it: it is fed alone
                 self.add_link(tree.leaf() if name in self.bypassed else tree, [msg["offset"]])
         elif msg["type"] == "bypassed":
-            self.counters["bypassed"] += 1
             self.bypassed.setdefault(name, []).append(f"bypassed by {msg['by']}: {msg['reason']}")
         self.window_changed()
 
@@ -128,7 +127,7 @@ class Source(Feeder):
                 except MalformedPacket:
                     self.counters["dropped_malformed"] += 1
                     continue
-                if msg["type"] in ("result", "failed", "orphan", "bypassed"):
+                if msg["type"] in REPORT_KINDS:
                     self._on_report(msg)
                 else:
                     self.counters["dropped_malformed"] += 1
@@ -202,7 +201,8 @@ class Source(Feeder):
             nodes[name] = r
         return BroadcastResult(method=self.method, size=self.size, sha256=self.sha256, nodes=nodes,
                                seconds=time.monotonic() - t0,
-                               counters={k: self.counters[k] for k in ("bypassed", "orphans", "dropped_malformed")})
+                               counters={"bypassed": sum(map(len, self.bypassed.values())), "orphans": self.counters["orphans"],
+                                         "dropped_malformed": self.counters["dropped_malformed"]})
 
 
 # Report connections closed per loop turn at the end of a session. Each close sends its FIN through the host's stack

@@ -63,6 +63,9 @@ SCHEMA: dict[str, dict[str, tuple[type, ...]]] = {
     "xadopt": {"node": _STR, "trees": _LIST},
 }
 
+# The kinds a relay sends the source on the report channel (everything after its report_hello).
+REPORT_KINDS = frozenset({"result", "failed", "orphan", "bypassed"})
+
 
 def encode(kind: str, **fields: Any) -> bytes:
     """Return one JSON line for a message of the given type; raise ValueError when it breaks the schema."""

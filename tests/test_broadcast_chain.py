@@ -6,6 +6,7 @@ import dataclasses
 import errno
 import hashlib
 import os
+import re
 import stat
 import threading
 import time
@@ -191,7 +192,9 @@ async def test_a_suspect_that_answers_again_is_fed_by_the_source_and_deployed(
         await pause
     check_survivors(result, c, payload, image, set())
     assert result.counters == {"bypassed": 1, "orphans": 1, "dropped_malformed": 0}, result.counters
-    assert result.nodes["node-3"].notes[0].startswith("bypassed by node-2: no acknowledgement"), result.nodes["node-3"].notes
+    # silent (no acknowledgement) or, when the held node's last ack came just before, stuck with data pending
+    assert re.match(r"bypassed by node-2: no (acknowledgement|progress) for 0\.3 s", result.nodes["node-3"].notes[0]), \
+        result.nodes["node-3"].notes
 
 
 async def test_a_node_that_dies_between_its_last_byte_and_its_report_is_reported_by_its_parent(
