@@ -450,9 +450,9 @@ class AsyncImageSink:
     async def start(self) -> None:
         """Start the writer task, which opens the target in a thread first: the caller does not wait for the open
         (chunks queue meanwhile). A relay opened its disk before it answered its upstream and greeted its children,
-        so every hop of a chain waited for a thread of its process's pool; in the vm-testbed, where 500 nodes share
-        a daemon's 6 threads with their disk writes, the stream's head went down a 4000-node chain at about 14
-        nodes a second (2026-12-06), likely for that."""
+        so every hop of a chain waited for a thread of its process's pool (in the vm-testbed 500 nodes share a
+        daemon's 6 threads with their disk writes). The stream's head still goes down a 4000-node testbed chain at
+        about 14 nodes a second with this (2026-12-06): that pace is the two cores' copying, not the opens."""
         self._task = asyncio.create_task(self._run(), name="image-sink")
 
     async def put(self, chunk: bytes) -> None:
